@@ -1,0 +1,92 @@
+"""`autonorm.rms_norm` and `autonorm.layer_norm`: torch.nn.functional's signatures, autonorm's kernels.
+
+Inputs are checked here, once, with errors that name the problem; kernels only
+ever see 2-D `(M, N)` views with a unit last stride.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .ops import norm_fwd, unit_last_stride
+from .spec import DTYPE_NAMES
+
+
+def _normalized_size(x: Tensor, normalized_shape, name: str) -> int:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"{name}: normalized_shape {list(shape)} does not match the trailing "
+                         f"dimensions of input of shape {list(x.shape)}")
+    return math.prod(shape)
+
+
+def _check_param(param: Tensor | None, what: str, x: Tensor, n: int, normalized_shape, name: str) -> Tensor | None:
+    if param is None:
+        return None
+    if not isinstance(param, Tensor):
+        raise TypeError(f"{name}: {what} must be a tensor or None, got {type(param).__name__}")
+    if param.numel() != n or param.dim() == 0:
+        raise ValueError(f"{name}: {what} has shape {list(param.shape)}, expected normalized_shape {normalized_shape}")
+    if param.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name}: {what} dtype {param.dtype} must be float32 or the input dtype {x.dtype}")
+    if param.device != x.device:
+        raise ValueError(f"{name}: {what} is on {param.device} but input is on {x.device}")
+    return param.reshape(n) if param.is_contiguous() else param.contiguous().reshape(n)
+
+
+def _prepare(name, input, normalized_shape, weight, bias, residual):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: input must be a tensor, got {type(input).__name__}")
+    if input.dtype not in DTYPE_NAMES:
+        raise TypeError(f"{name}: input dtype {input.dtype} is not supported; use float32, float16 or bfloat16")
+    n = _normalized_size(input, normalized_shape, name)
+    weight = _check_param(weight, "weight", input, n, normalized_shape, name)
+    bias = _check_param(bias, "bias", input, n, normalized_shape, name)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"{name}: weight dtype {weight.dtype} and bias dtype {bias.dtype} differ")
+    x2d = unit_last_stride(input).reshape(-1, n) if n > 0 else input.reshape(-1, 0)
+    r2d = None
+    if residual is not None:
+        if not isinstance(residual, Tensor) or residual.shape != input.shape:
+            raise ValueError(f"{name}: residual must have the input's shape {list(input.shape)}, "
+                             f"got {list(getattr(residual, 'shape', []))}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"{name}: residual dtype {residual.dtype} differs from input dtype {input.dtype}")
+        if residual.device != input.device:
+            raise ValueError(f"{name}: residual is on {residual.device} but input is on {input.device}")
+        r2d = unit_last_stride(residual).reshape(-1, n)
+    return n, x2d, weight, bias, r2d
+
+
+def _call(name, op, input, normalized_shape, weight, bias, eps, offset, residual):
+    n, x2d, weight, bias, r2d = _prepare(name, input, normalized_shape, weight, bias, residual)
+    if offset != 0.0 and weight is None:
+        raise ValueError(f"{name}: offset={offset} needs a weight (y = x_hat * (offset + weight))")
+    if n == 0:
+        raise ValueError(f"{name}: cannot normalize over an empty dimension")
+    y, h, _, _ = norm_fwd(x2d, weight, bias, r2d, op, float(eps), float(offset))
+    y = y.view(input.shape)
+    return (y, h.view(input.shape)) if residual is not None else y
+
+
+def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None, *, offset: float = 0.0, residual: Tensor | None = None):
+    """RMSNorm over the trailing `normalized_shape` dims: `x / rms(x) * (offset + weight)`.
+
+    With `residual`, normalizes `h = input + residual` and returns `(y, h)`.
+    `eps=None` uses `torch.finfo(input.dtype).eps`, as `torch.nn.functional.rms_norm` does.
+    """
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
+    return _call("rms_norm", "rmsnorm", input, normalized_shape, weight, None, eps, offset, residual)
+
+
+def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5, *, residual: Tensor | None = None):
+    """LayerNorm over the trailing `normalized_shape` dims; with `residual`, returns `(y, h)`."""
+    if bias is not None and weight is None and isinstance(bias, Tensor):
+        weight = torch.ones_like(bias)  # kernels take bias only with a weight; 1 is exact
+    return _call("layer_norm", "layernorm", input, normalized_shape, weight, bias, eps, 0.0, residual)

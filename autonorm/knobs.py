@@ -1,0 +1,68 @@
+"""Every environment knob autonorm reads, in one place, all prefixed `AUTONORM_`.
+
+Values are read when asked for (not cached at import), so a test or a user can
+change them at run time; the dispatcher reads them only when it resolves a new
+key, never on the steady-state call path, and `autonorm.reset()` forgets what it
+resolved so that new values take effect.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def backend() -> str | None:
+    """AUTONORM_BACKEND: force one backend by name (e.g. `triton`, `numba-cpu`, `torch`)."""
+    value = os.environ.get("AUTONORM_BACKEND", "").strip()
+    return value or None
+
+
+def db_paths() -> list[Path]:
+    """AUTONORM_DB_PATH: extra database files or folders (os.pathsep separated); later ones win."""
+    raw = os.environ.get("AUTONORM_DB_PATH", "")
+    return [Path(p) for p in raw.split(os.pathsep) if p.strip()]
+
+
+def disabled() -> bool:
+    """AUTONORM_DISABLE=1: every call goes to torch eager (a kill switch for debugging)."""
+    return _flag("AUTONORM_DISABLE")
+
+
+def log_choices() -> bool:
+    """AUTONORM_LOG=1: log each new (key -> backend, config, rung) resolution once."""
+    return _flag("AUTONORM_LOG")
+
+
+def tune_on_miss() -> bool:
+    """AUTONORM_TUNE_ON_MISS=1: tune a key that no database covers, at first use."""
+    return _flag("AUTONORM_TUNE_ON_MISS")
+
+
+def cache_dir() -> Path:
+    """AUTONORM_CACHE_DIR: where compiled kernels and scratch files are kept."""
+    raw = os.environ.get("AUTONORM_CACHE_DIR")
+    if raw:
+        return Path(raw)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "autonorm"
+
+
+def verify_db() -> bool:
+    """AUTONORM_VERIFY_DB=1: check a database's kernel against the reference once per key before use."""
+    return _flag("AUTONORM_VERIFY_DB")
+
+
+ALL = {
+    "AUTONORM_BACKEND": backend,
+    "AUTONORM_DB_PATH": db_paths,
+    "AUTONORM_DISABLE": disabled,
+    "AUTONORM_LOG": log_choices,
+    "AUTONORM_TUNE_ON_MISS": tune_on_miss,
+    "AUTONORM_CACHE_DIR": cache_dir,
+    "AUTONORM_VERIFY_DB": verify_db,
+}

@@ -1,0 +1,79 @@
+"""The reference every kernel is judged against: tests, the tuner's verifier, benchmarks.
+
+Computed in fp64 by default (fp32 on request) from upcast inputs, with the
+semantics of `torch.nn.functional.rms_norm` / `layer_norm` plus the features of
+DESIGN §3 (Gemma offset, fused residual). Errors are relative L2 norms, with
+tolerances keyed by the dtype of the kernel's inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+# Relative L2 error allowed per input dtype: a few ulps of the storage type, so a
+# kernel that drops an element, forgets a feature or reduces in low precision fails.
+TOLERANCES = {
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.5e-2,
+}
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCES[dtype]
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / max(||expected||, 0.01 * sqrt(numel)), in fp64; NaN anywhere gives inf.
+
+    The floor keeps outputs that are mathematically ~0 (dx of RMSNorm at N=1 is
+    O(eps)) from turning fp32 cancellation noise into a huge relative error;
+    the inputs' elements are O(1), so any real output norm is far above it.
+    """
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.shape != e.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(e.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - e).norm() / e.norm().clamp_min(0.01 * a.numel() ** 0.5))
+
+
+def forward(op: str, x, weight=None, bias=None, residual=None, eps: float = 1e-6,
+            offset: float = 0.0, dtype: torch.dtype = torch.float64):
+    """(y, h, mean, rstd) in `dtype`; h is None without residual, mean None for RMSNorm."""
+    h = x.to(dtype)
+    if residual is not None:
+        h = h + residual.to(dtype)
+    if op == "layernorm":
+        mean = h.mean(-1)
+        centered = h - mean.unsqueeze(-1)
+    else:
+        mean = None
+        centered = h
+    rstd = torch.rsqrt(centered.square().mean(-1) + eps)
+    y = centered * rstd.unsqueeze(-1)
+    if weight is not None:
+        y = y * (weight.to(dtype) + offset)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y, (h if residual is not None else None), mean, rstd
+
+
+def backward(op: str, dy, x, weight=None, bias=None, dh=None, eps: float = 1e-6,
+             offset: float = 0.0, dtype: torch.dtype = torch.float64):
+    """(dx, dweight, dbias) in `dtype` for the normalized input `x` (h when fused)."""
+    xr = x.detach().to(dtype).requires_grad_(True)
+    wr = weight.detach().to(dtype).requires_grad_(True) if weight is not None else None
+    br = bias.detach().to(dtype).requires_grad_(True) if bias is not None else None
+    with torch.enable_grad():
+        y, _, _, _ = forward(op, xr, wr, br, None, eps, offset, dtype)
+        inputs = [t for t in (xr, wr, br) if t is not None]
+        grads = torch.autograd.grad(y, inputs, dy.to(dtype))
+    grads = list(grads)
+    dx = grads.pop(0)
+    if dh is not None:
+        dx = dx + dh.to(dtype)
+    dw = grads.pop(0) if weight is not None else None
+    db = grads.pop(0) if bias is not None else None
+    return dx, dw, db

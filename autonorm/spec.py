@@ -1,0 +1,132 @@
+"""What a kernel computes: `NormSpec`, and the dtype names shared by every layer.
+
+A spec is pure data: it names the op, the direction, the dtypes, the hidden size
+and the optional features. Everything that changes which kernel is valid is in
+it (rows are not: the row count is a runtime argument, bucketed only for the
+tuning database and the dispatcher).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+OPS = ("rmsnorm", "layernorm")
+DIRECTIONS = ("fwd", "bwd")
+
+# dtype names as they appear in specs, databases and CLI flags.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
+                 "f32": "float32", "f16": "float16", "half": "float16", "float": "float32"}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# The contract of DESIGN §3 promises at least this hidden size.
+MAX_HIDDEN = 1 << 20
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """Canonical name of a dtype given as a torch dtype or a (short) string."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise TypeError(f"unsupported dtype {dtype}: autonorm supports {', '.join(DTYPES)}")
+        return DTYPE_NAMES[dtype]
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return name
+
+
+def rows_bucket(rows: int) -> int:
+    """Power-of-two bucket of a row count (0 and 1 share bucket 1)."""
+    return 1 if rows <= 1 else 1 << (rows - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """One kernel's job: op, direction, dtypes, hidden size and features.
+
+    `w_dtype` is the weight (and bias) dtype: fp32 or the input dtype. Without a
+    weight it equals `x_dtype` so that equal problems have equal specs.
+    `offset` is True when a Gemma-style offset is added to the weight (its value
+    is a runtime scalar, not part of the spec).
+    """
+
+    op: str
+    direction: str
+    x_dtype: str
+    w_dtype: str
+    hidden: int
+    weight: bool = True
+    bias: bool = False
+    residual: bool = False
+    offset: bool = False
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}: expected one of {OPS}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {self.direction!r}: expected one of {DIRECTIONS}")
+        for field in ("x_dtype", "w_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{field}={getattr(self, field)!r}: expected one of {list(DTYPES)}")
+        if self.w_dtype not in ("float32", self.x_dtype):
+            raise ValueError(f"weight dtype {self.w_dtype} must be float32 or the input dtype {self.x_dtype}")
+        if not isinstance(self.hidden, int) or isinstance(self.hidden, bool) or not 1 <= self.hidden <= MAX_HIDDEN:
+            raise ValueError(f"hidden size {self.hidden!r} must be an int in [1, {MAX_HIDDEN}]")
+        if self.bias and self.op != "layernorm":
+            raise ValueError("bias is a LayerNorm feature; RMSNorm has none")
+        if (self.bias or self.offset) and not self.weight:
+            raise ValueError("bias and offset need a weight")
+        if self.offset and self.op != "rmsnorm":
+            raise ValueError("offset (Gemma 1 + w) is an RMSNorm feature")
+
+    # Properties templates and launchers read, so that they never re-derive them.
+    @property
+    def is_layernorm(self) -> bool:
+        return self.op == "layernorm"
+
+    @property
+    def x_itemsize(self) -> int:
+        return ITEMSIZE[self.x_dtype]
+
+    @property
+    def torch_x_dtype(self) -> torch.dtype:
+        return DTYPES[self.x_dtype]
+
+    @property
+    def torch_w_dtype(self) -> torch.dtype:
+        return DTYPES[self.w_dtype]
+
+    @property
+    def features(self) -> str:
+        """Short stable tag of the feature flags, used in database keys."""
+        flags = [name for name in ("weight", "bias", "residual", "offset") if getattr(self, name)]
+        return "+".join(flags) or "none"
+
+    def with_direction(self, direction: str) -> "NormSpec":
+        return NormSpec(**{**asdict(self), "direction": direction})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def short(self) -> str:
+        return f"{self.op}.{self.direction} x={self.x_dtype} w={self.w_dtype} N={self.hidden} [{self.features}]"
+
+    def bytes_moved(self, rows: int) -> int:
+        """Minimum DRAM traffic of one call (DESIGN anchors §c), for GB/s reports."""
+        xb, wb, n = self.x_itemsize, ITEMSIZE[self.w_dtype], self.hidden
+        stats = 4 * rows * (2 if self.is_layernorm else 1)
+        params = n * wb * (int(self.weight) + int(self.bias))
+        if self.direction == "fwd":
+            # read x, write y (+ read residual, write h)
+            tensors = 2 + 2 * int(self.residual)
+        else:
+            # read x (or h), read dy, write dx (+ read dh)
+            tensors = 3 + int(self.residual)
+            params *= 2  # read weight, write dweight/dbias
+        return tensors * rows * n * xb + stats + params

@@ -1,0 +1,139 @@
+"""The one interface every backend implements (DESIGN §2).
+
+A backend knows how to render, compile and launch its kernels, and declares its
+tunables (`config_cls`). Measuring, verifying, tuning and storing live outside
+backends, in `autonorm/`.
+
+Kernel calling convention (both ops, every backend). A compiled kernel is a
+plain callable on torch tensors; `x`-like inputs are 2-D `(M, N)` with a unit
+last stride and any row stride; `weight`/`bias` are contiguous `(N,)`.
+
+  fwd: kernel(x, weight, bias, residual, eps, offset) -> (y, h, mean, rstd)
+       y: (M, N) contiguous, x dtype.   h: x + residual, (M, N) contiguous, or None.
+       mean: (M,) fp32 for LayerNorm, else None.   rstd: (M,) fp32.
+  bwd: kernel(dy, x, weight, mean, rstd, dh, offset) -> (dx, dweight, dbias)
+       x is the normalized input (h when the residual was fused); dh is the
+       gradient flowing into h (or None). dx: (M, N) contiguous, x dtype (it is
+       also the residual's gradient). dweight/dbias: (N,) in the weight dtype, or
+       None; reduced deterministically (fp32 partials, then a fixed-order sum).
+
+Scalars `eps` and `offset` are Python floats, used in fp32 inside kernels.
+"""
+from __future__ import annotations
+
+import abc
+import threading
+from typing import Callable, ClassVar
+
+import torch
+
+from autonorm.config import Config
+from autonorm.device import device_key
+from autonorm.errors import BackendUnavailableError, InvalidConfigError
+from autonorm.render import Source, render, template_hash
+from autonorm.spec import NormSpec
+
+Kernel = Callable[..., tuple]
+
+# When set (tests, `autonorm check`), every output buffer a kernel allocates is
+# filled with NaN first, so an element a kernel forgets to write fails the check.
+_poison_outputs = False
+
+
+def poison_outputs(enabled: bool) -> None:
+    global _poison_outputs
+    _poison_outputs = enabled
+
+
+def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a kernel output (NaN-filled when poisoning is on)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
+class Backend(abc.ABC):
+    """A code generator + compiler + launcher for one kernel language."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[Config]]
+    # Folder under templates/ holding this backend's Jinja sources (None: no templates).
+    template_dir: ClassVar[str | None] = None
+
+    def __init__(self):
+        self._cache: dict[tuple, Kernel] = {}
+        self._lock = threading.Lock()
+
+    # --- what each backend provides ---------------------------------------------
+    @abc.abstractmethod
+    def unavailable_reason(self) -> str | None:
+        """None when this backend can run here, else why not (with an install hint)."""
+
+    @abc.abstractmethod
+    def version(self) -> str:
+        """Versions of the compiler stack, part of every compile-cache key."""
+
+    @abc.abstractmethod
+    def supports_device(self, device: torch.device) -> bool:
+        """Whether kernels of this backend launch on tensors of `device`."""
+
+    @abc.abstractmethod
+    def template_name(self, spec: NormSpec) -> str:
+        """Path under templates/ of the template that renders `spec`."""
+
+    @abc.abstractmethod
+    def build(self, source: Source, spec: NormSpec, config: Config, device: torch.device) -> Kernel:
+        """Compile rendered source into a kernel callable (called once per cache key)."""
+
+    def render_context(self, spec: NormSpec, config: Config) -> dict:
+        """Extra names a template sees besides `spec` and `config`."""
+        return {}
+
+    # --- shared mechanics --------------------------------------------------------
+    def is_available(self) -> bool:
+        return self.unavailable_reason() is None
+
+    def check_available(self) -> None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {self.name!r} is unavailable: {reason}")
+
+    def heuristic(self, spec: NormSpec) -> Config:
+        return self.config_cls.heuristic(spec)
+
+    def space(self, spec: NormSpec) -> list[Config]:
+        return self.config_cls.space(spec)
+
+    def validate(self, spec: NormSpec, config: Config) -> None:
+        """Raise InvalidConfigError unless `config` is this backend's and valid for `spec`."""
+        if type(config) is not self.config_cls:
+            raise InvalidConfigError(f"{self.name} expects a {self.config_cls.__name__}, got {type(config).__name__}")
+        reason = self.config_cls.is_valid(spec, config)
+        if reason is not None:
+            raise InvalidConfigError(f"{self.name} config {config.short()} is invalid for {spec.short()}: {reason}")
+
+    def render(self, spec: NormSpec, config: Config) -> Source:
+        self.validate(spec, config)
+        return render(self.template_name(spec), spec, config, **self.render_context(spec, config))
+
+    def template_hash(self) -> str:
+        """Identity of the code this backend generates (databases record it)."""
+        if self.template_dir is None:
+            return f"{self.name}-{self.version()}"
+        return template_hash(self.template_dir)
+
+    def compile(self, spec: NormSpec, config: Config, device: torch.device | str = "cpu") -> Kernel:
+        """Render and compile, memoized by source hash, backend version and device."""
+        device = torch.device(device)
+        self.check_available()
+        source = self.render(spec, config)
+        key = (source.sha256, self.version(), device_key(device))
+        kernel = self._cache.get(key)
+        if kernel is None:
+            with self._lock:  # the tuner compiles candidates from several threads
+                kernel = self._cache.get(key)
+                if kernel is None:
+                    kernel = self.build(source, spec, config, device)
+                    self._cache[key] = kernel
+        return kernel

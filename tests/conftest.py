@@ -1,0 +1,55 @@
+"""One place for the test tier's environment and skips.
+
+Without a CUDA GPU the CPU tier runs Triton kernels in Triton's interpreter and
+Numba CUDA kernels in Numba's simulator. Both must be switched on before those
+libraries are imported, hence here, before any test module loads.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# Keep compiled-kernel caches inside the test session, never in the user's home.
+os.environ.setdefault("AUTONORM_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
+
+from autonorm.backends import base  # noqa: E402  (after the environment above)
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_tests.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    """Every kernel output starts as NaN, so an unwritten element fails its check."""
+    base.poison_outputs(True)
+    yield
+    base.poison_outputs(False)
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """Force AUTONORM_BACKEND for one test, and forget earlier resolutions both ways."""
+    import autonorm
+
+    def force(name):
+        monkeypatch.setenv("AUTONORM_BACKEND", name)
+        autonorm.reset()
+
+    yield force
+    monkeypatch.delenv("AUTONORM_BACKEND", raising=False)
+    autonorm.reset()
+
+
+@pytest.fixture
+def device():
+    return DEVICE
