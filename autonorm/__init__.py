@@ -8,17 +8,19 @@
 Importing needs only torch, numpy and jinja2; backends load when first used.
 """
 from .config import Config
-from .dispatch import reset
+from .dbload import load_db
+from .dispatch import explain, reset
 from .errors import (AutonormError, BackendUnavailableError, DatabaseError, InvalidConfigError, KernelError,
                      UnknownBackendError)
 from .functional import layer_norm, rms_norm
 from .modules import LayerNorm, RMSNorm
+from .patch import patch
 from .spec import NormSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "rms_norm", "layer_norm", "RMSNorm", "LayerNorm", "NormSpec", "Config", "reset",
+    "rms_norm", "layer_norm", "RMSNorm", "LayerNorm", "NormSpec", "Config", "reset", "patch", "explain", "load_db",
     "AutonormError", "BackendUnavailableError", "DatabaseError", "InvalidConfigError", "KernelError",
     "UnknownBackendError", "__version__",
 ]

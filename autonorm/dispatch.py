@@ -4,22 +4,34 @@ A key is built from cheap attributes of the call's tensors (no NormSpec is built
 on the steady-state path); a miss resolves it into a `Choice` holding the
 compiled kernel, and every later call with that key costs one dict lookup.
 
-Resolution order today: AUTONORM_DISABLE -> torch; AUTONORM_BACKEND -> that
-backend's heuristic config; else the first available backend of the device's
-default order with its heuristic config. (The database ladder of DESIGN §7
-slots in before the heuristic rung.)
+Resolution (the ladder of DESIGN §7), first rung that yields a kernel wins:
+
+  disabled       AUTONORM_DISABLE=1: torch eager
+  forced         AUTONORM_BACKEND=<name>: that backend's heuristic config
+  exact          this device's databases hold the key
+  nearest-rows   same hidden, nearest rows bucket (log distance)
+  nearest-hidden nearest hidden (then rows) whose config is valid for this spec
+  same-arch      another GPU of the same compute capability, nearest valid record
+  tuned          AUTONORM_TUNE_ON_MISS=1: tuned now by autonorm.tuner (when installed)
+  heuristic      the first available backend of DEFAULT_ORDER, its heuristic config
+  torch          torch eager
+
+A database record whose kernel fails to compile is reported with a warning and
+the ladder goes on; it is never used silently.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from . import knobs
 from .config import Config
-from .errors import BackendUnavailableError
+from .errors import AutonormError, BackendUnavailableError
 from .spec import DTYPE_NAMES, NormSpec, rows_bucket
 
 log = logging.getLogger("autonorm")
@@ -31,35 +43,52 @@ DEFAULT_ORDER = {
     "cpu": ("numba-cpu", "torch"),
 }
 
+RUNGS = ("disabled", "forced", "exact", "nearest-rows", "nearest-hidden", "same-arch", "tuned", "heuristic",
+         "torch")
+
 
 @dataclass(frozen=True)
 class Choice:
-    """What a key resolved to, and why (`rung`)."""
+    """What a key resolved to, and why (`rung`; `source` names the database record used, if any)."""
 
     spec: NormSpec
     backend: str
     config: Config
     rung: str
     kernel: object
+    source: str = ""
 
     def describe(self) -> str:
-        return f"{self.spec.short()} -> {self.backend} [{self.config.short()}] (rung: {self.rung})"
+        text = f"{self.spec.short()} -> {self.backend} [{self.config.short()}] (rung: {self.rung})"
+        return text + (f" from {self.source}" if self.source else "")
+
+    __str__ = describe
 
 
 _choices: dict[tuple, Choice] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
-def reset() -> None:
-    """Forget every resolution (after changing knobs or loading a database)."""
+def reset(*, keep_databases: bool = False) -> None:
+    """Forget every resolution (after changing knobs or loading a database).
+
+    Databases are re-read at the next resolution too (so a changed
+    AUTONORM_DB_PATH takes effect); files given to `autonorm.load_db` stay.
+    """
     with _lock:
         _choices.clear()
+    if not keep_databases:
+        from . import dbload
+
+        dbload.forget()
 
 
 def make_key(op, direction, x, weight, bias, residual, offset):
     w_dtype = weight.dtype if weight is not None else x.dtype
-    return (op, direction, x.dtype, w_dtype, x.shape[-1], weight is not None, bias is not None,
-            residual is not None, offset != 0.0, x.device, rows_bucket(x.numel() // max(x.shape[-1], 1)))
+    shape = x.shape
+    n = shape[-1]
+    return (op, direction, x.dtype, w_dtype, n, weight is not None, bias is not None,
+            residual is not None, offset != 0.0, x.device, rows_bucket(x.numel() // n if n else 0))
 
 
 def spec_from_key(key) -> NormSpec:
@@ -78,16 +107,142 @@ def choice_for(key) -> Choice:
                 choice = _resolve(spec_from_key(key), key[9], key[10])
                 _choices[key] = choice
                 if knobs.log_choices():
-                    log.warning("autonorm: %s", choice.describe())
+                    log.warning("autonorm: %s (device %s, rows<=%d)", choice.describe(), key[9], key[10])
     return choice
 
 
-def _make_choice(backend_name: str, spec: NormSpec, config: Config | None, device, rung: str) -> Choice:
+def _make_choice(backend_name: str, spec: NormSpec, config: Config | None, device, rung: str,
+                 source: str = "") -> Choice:
     from .backends import get_backend
 
     backend = get_backend(backend_name)
     config = config if config is not None else backend.heuristic(spec)
-    return Choice(spec, backend_name, config, rung, backend.compile(spec, config, device))
+    return Choice(spec, backend_name, config, rung, backend.compile(spec, config, device), source)
+
+
+# --- the database rungs -------------------------------------------------------------------
+def _log_distance(a: int, b: int) -> float:
+    return abs(math.log2(a) - math.log2(b))
+
+
+def _fits(record, spec: NormSpec, device) -> bool:
+    """Whether a record's winner can run `spec` on `device` (its config valid for this hidden size)."""
+    from .backends import get_backend
+
+    winner = record.winner
+    try:
+        backend = get_backend(winner.backend)
+    except AutonormError:
+        return False
+    return (backend.supports_device(device) and type(winner.config) is backend.config_cls
+            and backend.config_cls.is_valid(spec, winner.config) is None)
+
+
+def _nearest(table, key, spec, device, bucket, *, same_hidden: bool):
+    """Records of `table` for `key`'s problem ordered by (hidden distance, rows distance), fitting `spec`."""
+    found = []
+    for k, record in table.by_problem(key):
+        if same_hidden and k.hidden != key.hidden:
+            continue
+        if _fits(record, spec, device):
+            # Ties go to the larger size: a config tuned for more work rarely under-fills the device.
+            found.append(((_log_distance(k.hidden, key.hidden), _log_distance(k.rows_bucket, bucket),
+                           -k.hidden, -k.rows_bucket), k, record))
+    found.sort(key=lambda t: t[0])
+    return [(k, r) for _, k, r in found]
+
+
+def _database_candidates(spec: NormSpec, device, bucket):
+    """(rung, record key, record, table) in ladder order, lazily (only as far as needed)."""
+    from . import dbload
+    from .db import RecordKey
+    from .device import identity
+
+    ident = identity(device)
+    key = RecordKey.of(spec, bucket)
+    own = dbload.table(ident["slug"])
+    if own is not None and own.records:
+        record = own.records.get(key)
+        if record is not None:
+            yield "exact", key, record, own
+        for k, r in _nearest(own, key, spec, device, bucket, same_hidden=True):
+            if k != key:
+                yield "nearest-rows", k, r, own
+        for k, r in _nearest(own, key, spec, device, bucket, same_hidden=False):
+            if k.hidden != key.hidden:
+                yield "nearest-hidden", k, r, own
+    for other in dbload.same_architecture(ident):
+        for k, r in _nearest(other, key, spec, device, bucket, same_hidden=False):
+            yield "same-arch", k, r, other
+
+
+def _from_databases(spec: NormSpec, device, bucket) -> Choice | None:
+    for rung, k, record, table in _database_candidates(spec, device, bucket):
+        winner = record.winner
+        source = f"{table.device.get('slug')} record {k.short()}"
+        try:
+            choice = _make_choice(winner.backend, spec, winner.config, device, rung, source)
+        except AutonormError as exc:
+            warnings.warn(f"autonorm: skipping {source} ({winner.backend} [{winner.config.short()}]): {exc}",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        if knobs.verify_db() and not _verified(choice, device, bucket):
+            continue
+        return choice
+    return None
+
+
+def _verified(choice: Choice, device, bucket) -> bool:
+    """AUTONORM_VERIFY_DB=1: check a database kernel against the reference once before using it."""
+    from .verify import check_kernel
+
+    result = check_kernel(choice.spec, choice.kernel, min(bucket, 64), device)
+    if not result.ok:
+        warnings.warn(f"autonorm: {choice.describe()} failed verification (errors {result.errors}); not used",
+                      RuntimeWarning, stacklevel=3)
+    return result.ok
+
+
+def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
+    """AUTONORM_TUNE_ON_MISS=1: a quick study now (autonorm.tuner, needs optuna), saved for next time.
+
+    The record goes to `dbload.tuned_path(slug)` under AUTONORM_CACHE_DIR, which
+    is read as a database (after the shipped ones) whenever the knob is set.
+    Skipped when the tuner or Optuna is not installed, or nothing native can run.
+    """
+    try:
+        import optuna  # noqa: F401  (the tuner's search)
+
+        from . import dbload, measure, tuner
+    except ImportError:
+        return None
+    from .db import TuningDB
+    from .device import identity
+
+    candidates = tuner.native_backends(device, None)
+    if not candidates:
+        return None
+    ident = identity(device)
+    path = dbload.tuned_path(ident["slug"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timer = measure.timer_for(device)
+    runner = tuner.StudyRunner(
+        spec, bucket, candidates, timer, device,
+        storage=tuner.make_storage(None, path.with_suffix(".optuna.journal")),
+        name=tuner.study_name(ident["slug"], spec, bucket, candidates),
+        n_trials=tuner.QUICK["trials"], time_budget=tuner.QUICK["time_budget"],
+        seeds=[tuner.Candidate(n, b.heuristic(spec)) for n, b in candidates.items()], compile_baseline=False)
+    log.warning("autonorm: AUTONORM_TUNE_ON_MISS: tuning %s rows<=%d on %s", spec.short(), bucket, ident["name"])
+    record = runner.run().record
+    if record is None:
+        return None
+    device_info = {k: ident[k] for k in ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")}
+    db = TuningDB({**device_info, "copy_gbps": None}, tuner.software_versions(), timer.describe(),
+                  {record.key: record})
+    db.save(path)  # merges with the file on disk
+    dbload.forget()  # the next key sees the new record through the ladder
+    winner = record.winner
+    return _make_choice(winner.backend, spec, winner.config, device, "tuned", f"tuned now, saved to {path}")
 
 
 def _resolve(spec: NormSpec, device: torch.device, bucket: int) -> Choice:
@@ -105,6 +260,11 @@ def _resolve(spec: NormSpec, device: torch.device, bucket: int) -> Choice:
                 + (" (set TRITON_INTERPRET=1 before importing autonorm to run Triton on CPU)"
                    if forced == "triton" and device.type == "cpu" else ""))
         return _make_choice(forced, spec, None, device, "forced")
+    choice = _from_databases(spec, device, bucket)
+    if choice is None and knobs.tune_on_miss():
+        choice = _tuned(spec, device, bucket)
+    if choice is not None:
+        return choice
     for name in DEFAULT_ORDER.get(device.type, ("torch",)):
         try:
             backend = get_backend(name)
@@ -115,6 +275,40 @@ def _resolve(spec: NormSpec, device: torch.device, bucket: int) -> Choice:
     return _make_choice("torch", spec, None, device, "torch")
 
 
-def explain(op, direction, x, weight=None, bias=None, residual=None, offset=0.0) -> Choice:
-    """The choice a call with these tensors would use."""
+def choice_for_tensors(op, direction, x, weight=None, bias=None, residual=None, offset=0.0) -> Choice:
+    """The choice a kernel call on these 2-D tensors would use (low level: kernel arguments)."""
     return choice_for(make_key(op, direction, x, weight, bias, residual, offset))
+
+
+def explain(fn, input, *args, direction: str = "fwd", **kwargs) -> Choice:
+    """Which backend, config and ladder rung a call would use, without running it.
+
+    `fn` is `"rms_norm"`, `"layer_norm"`, the function itself, or an autonorm
+    `RMSNorm` / `LayerNorm` module (then pass only the input, and `residual=`);
+    the other arguments are that call's. `direction="bwd"` explains its backward.
+
+        print(autonorm.explain("rms_norm", x, (4096,), w))
+        print(autonorm.explain(model.norm, x, direction="bwd"))
+    """
+    from . import functional, modules
+
+    if direction not in ("fwd", "bwd"):
+        raise ValueError(f"explain: direction must be 'fwd' or 'bwd', got {direction!r}")
+    if isinstance(fn, modules.RMSNorm):
+        fn, args, kwargs = "rms_norm", (fn.normalized_shape, fn.weight, fn.eps), {"offset": fn.offset, **kwargs}
+    elif isinstance(fn, modules.LayerNorm):
+        fn, args = "layer_norm", (fn.normalized_shape, fn.weight, fn.bias, fn.eps)
+    name = getattr(fn, "__name__", fn)
+    if name not in ("rms_norm", "layer_norm"):
+        raise ValueError(f"explain: expected 'rms_norm', 'layer_norm' or an autonorm norm module, got {fn!r}")
+    if name == "rms_norm":
+        params = dict(zip(("normalized_shape", "weight", "eps"), args), **kwargs)
+        offset, bias, op = float(params.get("offset", 0.0)), None, "rmsnorm"
+    else:
+        params = dict(zip(("normalized_shape", "weight", "bias", "eps"), args), **kwargs)
+        offset, bias, op = 0.0, params.get("bias"), "layernorm"
+        if bias is not None and params.get("weight") is None:
+            params["weight"] = torch.ones_like(bias)
+    _, x2d, weight, bias, r2d = functional._prepare(name, input, params["normalized_shape"], params.get("weight"),
+                                                   bias, params.get("residual"))
+    return choice_for_tensors(op, direction, x2d, weight, bias, r2d, offset)

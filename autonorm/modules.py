@@ -56,11 +56,11 @@ class LayerNorm(nn.Module):
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype)) if bias else None
         else:
             self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if self.bias is None:
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:  # a registered None parameter (a plain `self.bias = None` would block registration)
             self.register_parameter("bias", None)
         self.reset_parameters()
 

@@ -1,4 +1,4 @@
-"""The torch operators: `autonorm::norm_fwd` and `autonorm::norm_bwd`.
+"""The torch operators: `autonorm::norm_fwd` and `autonorm::norm_bwd`, and the eager fast path.
 
 Registered with `torch.library.custom_op` (fake implementations + autograd) so
 that torch.compile traces them as opaque ops without graph breaks. Tensors are
@@ -6,6 +6,13 @@ that torch.compile traces them as opaque ops without graph breaks. Tensors are
 Optional outputs that do not exist (h without residual, mean for RMSNorm,
 dweight without weight) are returned as empty tensors, since custom ops cannot
 return None.
+
+`norm_fwd` (what functional.py calls) takes the custom op only when tracing
+(torch.compile, export, fake or functional tensors). In plain eager mode the
+custom op's Python dispatch costs more than a small norm itself (measured with
+scripts/overhead.py), so eager calls the resolved kernel directly: through a
+`torch.autograd.Function` when a gradient is needed, bare otherwise. Both paths
+use the same dispatcher choice and kernels, so they compute the same values.
 """
 from __future__ import annotations
 
@@ -24,14 +31,14 @@ def _empty(like: Tensor, dtype=None) -> Tensor:
 
 
 @torch.library.custom_op("autonorm::norm_fwd", mutates_args=())
-def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+def norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
              op: str, eps: float, offset: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     choice = dispatch.choice_for(dispatch.make_key(op, "fwd", x, weight, bias, residual, offset))
     y, h, mean, rstd = choice.kernel(x, weight, bias, residual, eps, offset)
     return (y, _empty(x) if h is None else h, _empty(x, torch.float32) if mean is None else mean, rstd)
 
 
-@norm_fwd.register_fake
+@norm_fwd_op.register_fake
 def _(x, weight, bias, residual, op, eps, offset):
     m, n = x.shape
     y = x.new_empty((m, n))
@@ -84,4 +91,46 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
             None, None, None)
 
 
-norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- eager mode: the same kernels without the custom op's dispatch ---------------------------
+class _NormFunction(torch.autograd.Function):
+    """Autograd for eager calls: outputs `y` (and `h` with a residual)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, op, eps, offset):
+        kernel = dispatch.choice_for(dispatch.make_key(op, "fwd", x, weight, bias, residual, offset)).kernel
+        y, h, mean, rstd = kernel(x, weight, bias, residual, eps, offset)
+        ctx.op, ctx.offset, ctx.has_bias, ctx.has_residual = op, offset, bias is not None, residual is not None
+        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+        return (y, h) if residual is not None else y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dy = unit_last_stride(dy)
+        if ctx.has_residual:
+            dh = torch.zeros_like(x) if dh is None else unit_last_stride(dh)
+        key = dispatch.make_key(ctx.op, "bwd", x, weight, weight if ctx.has_bias else None, dh, ctx.offset)
+        dx, dw, db = dispatch.choice_for(key).kernel(dy, x, weight, mean, rstd, dh, ctx.offset)
+        return dx, dw, db, (dx if ctx.has_residual else None), None, None, None
+
+
+_is_compiling = torch.compiler.is_compiling
+_Tensor = torch.Tensor
+
+
+def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+             op: str, eps: float, offset: float):
+    """Forward of a norm on 2-D tensors -> (y, h, mean, rstd); h, mean, rstd may be None in eager mode."""
+    if _is_compiling() or type(x) is not _Tensor:
+        # Tracing (dynamo, export, fake/functional tensors): the opaque custom op.
+        return norm_fwd_op(x, weight, bias, residual, op, eps, offset)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)
+                                    or (residual is not None and residual.requires_grad)):
+        out = _NormFunction.apply(x, weight, bias, residual, op, eps, offset)
+        return (out[0], out[1], None, None) if residual is not None else (out, None, None, None)
+    kernel = dispatch.choice_for(dispatch.make_key(op, "fwd", x, weight, bias, residual, offset)).kernel
+    return kernel(x, weight, bias, residual, eps, offset)

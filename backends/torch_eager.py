@@ -15,10 +15,46 @@ from autonorm.render import Source
 from .base import Backend
 
 
+_F32 = torch.float32
+
+
+def _fused_rms_norm_op():
+    """torch's fused RMSNorm op returning (y, rstd) (torch >= 2.8), or None on older torch."""
+    try:
+        return torch.ops.aten._fused_rms_norm.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _forward(op):
-    def kernel(x, weight, bias, residual, eps, offset):
-        y, h, mean, rstd = reference.forward(op, x, weight, bias, residual, eps, offset, torch.float32)
+    """Torch's fused ops (one native call instead of ~8 elementwise ops; 1x64 fp32: 2.3 us for
+    native_layer_norm vs ~20 us through the fp32 reference) with the kernel contract kept:
+    fp32 mean/rstd (fp32 parameters put torch in its mixed-precision mode, whose stats are fp32),
+    the offset folded into the weight in fp32, the residual added first (h in x's dtype)."""
+    fused_rms = _fused_rms_norm_op() if op == "rmsnorm" else None
+
+    def reference_kernel(x, weight, bias, residual, eps, offset):
+        y, h, mean, rstd = reference.forward(op, x, weight, bias, residual, eps, offset, _F32)
         return (y.to(x.dtype), None if h is None else h.to(x.dtype), mean, rstd)
+
+    def kernel(x, weight, bias, residual, eps, offset):
+        m, n = x.shape
+        if m == 0 or n == 0:
+            return reference_kernel(x, weight, bias, residual, eps, offset)
+        h = x if residual is None else x + residual
+        low = x.dtype is not _F32
+        if weight is not None and (offset != 0.0 or (low and weight.dtype is not _F32)):
+            weight = weight.float() + offset if offset != 0.0 else weight.float()
+        if op == "layernorm":
+            if low:  # fp32 parameters (ones when absent) select fp32 statistics
+                weight = weight if weight is not None else torch.ones(n, dtype=_F32, device=x.device)
+                bias = bias.float() if bias is not None else None
+            y, mean, rstd = torch.native_layer_norm(h, (n,), weight, bias, eps)
+            return y, (None if residual is None else h), mean.view(m), rstd.view(m)
+        if fused_rms is None:
+            return reference_kernel(x, weight, None, residual, eps, 0.0)
+        y, rstd = fused_rms(h, (n,), weight, eps)
+        return y, (None if residual is None else h), None, rstd.view(m)
     return kernel
 
 

@@ -1,0 +1,186 @@
+"""Tuning databases at run time: which files, in which order, and which records may be used.
+
+Sources, earliest first (a later record with the same device and key overrides
+an earlier one):
+
+1. the shipped databases, `*.json` in the package `autonorm.tuning_db`;
+2. with AUTONORM_TUNE_ON_MISS=1 only: the records tuned at first use, kept in
+   `<AUTONORM_CACHE_DIR>/tuned/<device-slug>.json`;
+3. files and folders (every `*.json` inside, by name) from `AUTONORM_DB_PATH`;
+4. files given to `autonorm.load_db(path)`, in call order.
+
+Nothing is read at import: files are parsed and validated (`TuningDB.load`) at
+the first resolution that needs them, and again after `autonorm.reset()`. A
+record is usable only when its backend is known and available here and its
+template hash equals the backend's current one; any other record is skipped,
+with one warning per file that counts the skipped records and says why.
+Records are checked per device table, only when a resolution for that device
+consults them, so GPU databases never warn on a CPU-only machine.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from . import knobs
+from .errors import AutonormError, DatabaseError
+
+
+@dataclass
+class DeviceTable:
+    """Every usable record for one device (by slug), merged over all sources."""
+
+    device: dict
+    records: dict = field(default_factory=dict)  # RecordKey -> Record
+    sources: list = field(default_factory=list)  # paths, earliest first
+
+    def by_problem(self, key) -> list:
+        """Records for the same op, direction, dtypes and features as `key` (any hidden, any rows)."""
+        return [(k, r) for k, r in self.records.items()
+                if (k.op, k.direction, k.x_dtype, k.w_dtype, k.features)
+                == (key.op, key.direction, key.x_dtype, key.w_dtype, key.features)]
+
+
+_lock = threading.RLock()
+_user_paths: list[Path] = []          # from autonorm.load_db, kept across reset()
+_files: list | None = None            # [(path, TuningDB)] in override order, parsed lazily
+_tables: dict[str, DeviceTable] = {}  # slug -> usable records, built when first consulted
+
+
+def _shipped() -> list[Path]:
+    root = resources.files("autonorm.tuning_db")
+    return sorted((Path(str(e)) for e in root.iterdir() if e.name.endswith(".json")), key=lambda p: p.name)
+
+
+def tuned_path(slug: str) -> Path:
+    """Where AUTONORM_TUNE_ON_MISS=1 keeps the records it tuned for device `slug`."""
+    return knobs.cache_dir() / "tuned" / f"{slug}.json"
+
+
+def _expand(path: Path, origin: str) -> list[Path]:
+    if path.is_dir():
+        return sorted(path.glob("*.json"))
+    if not path.is_file():
+        raise DatabaseError(f"{origin}: tuning database {str(path)!r} does not exist")
+    return [path]
+
+
+def _read(path: Path):
+    from .db import TuningDB
+
+    try:
+        return TuningDB.load(path)
+    except DatabaseError as exc:
+        if str(path) in str(exc):
+            raise
+        raise DatabaseError(f"tuning database {str(path)!r}: {exc}") from exc
+
+
+def load_db(path) -> object:
+    """Add a tuning database file (or a folder of them) on top of the others; returns the last one read.
+
+    The file is validated now (a `DatabaseError` names the problem) and every
+    earlier resolution is forgotten, so the next call sees the new records.
+    """
+    path = Path(path)
+    dbs = [(p, _read(p)) for p in _expand(path, "autonorm.load_db")]
+    if not dbs:
+        raise DatabaseError(f"autonorm.load_db: folder {str(path)!r} holds no *.json tuning database")
+    from . import dispatch
+
+    with _lock:
+        _user_paths.append(path)
+        if _files is not None:
+            _files.extend(dbs)
+        _tables.clear()
+    dispatch.reset(keep_databases=True)
+    return dbs[-1][1]
+
+
+def forget(*, user_paths: bool = False) -> None:
+    """Drop parsed files and tables (re-read at the next resolution); `user_paths` also forgets load_db()."""
+    global _files
+    with _lock:
+        _files = None
+        _tables.clear()
+        if user_paths:
+            _user_paths.clear()
+
+
+def files() -> list:
+    """[(path, TuningDB)] of every source, earliest first (parsed on first call)."""
+    global _files
+    with _lock:
+        if _files is None:
+            loaded = [(p, _read(p)) for p in _shipped()]
+            if knobs.tune_on_miss():
+                loaded += [(p, _read(p)) for p in sorted((knobs.cache_dir() / "tuned").glob("*.json"))]
+            for path in knobs.db_paths():
+                loaded += [(p, _read(p)) for p in _expand(path, "AUTONORM_DB_PATH")]
+            for path in _user_paths:
+                loaded += [(p, _read(p)) for p in _expand(path, "autonorm.load_db")]
+            _files = loaded
+        return _files
+
+
+def _usable(record, backend_checks: dict) -> str | None:
+    """None when a record may be used here, else why not (one short phrase)."""
+    from .backends import get_backend
+
+    name = record.winner.backend
+    if name not in backend_checks:
+        try:
+            backend = get_backend(name)
+            reason = backend.unavailable_reason()
+            backend_checks[name] = (f"backend {name} unavailable", None) if reason else (None, backend.template_hash())
+        except AutonormError:
+            backend_checks[name] = (f"backend {name} unknown or failed to import", None)
+    problem, current_hash = backend_checks[name]
+    if problem:
+        return problem
+    if record.template_hash != current_hash:
+        return f"stale template hash for {name} (kernels changed since tuning; re-tune)"
+    return None
+
+
+def table(slug: str) -> DeviceTable | None:
+    """The usable records of the device `slug` (None when no database covers it)."""
+    with _lock:
+        if slug in _tables:
+            return _tables[slug]
+        tbl = None
+        checks: dict = {}
+        for path, db in files():
+            if db.device.get("slug") != slug:
+                continue
+            tbl = tbl or DeviceTable(dict(db.device))
+            tbl.device = dict(db.device)
+            tbl.sources.append(path)
+            skipped = Counter()
+            for key, record in db.records.items():
+                problem = _usable(record, checks)
+                if problem is None:
+                    tbl.records[key] = record
+                else:
+                    skipped[problem] += 1
+            if skipped:
+                why = "; ".join(f"{n} x {p}" for p, n in skipped.items())
+                warnings.warn(f"autonorm: skipped {sum(skipped.values())} of {len(db.records)} records "
+                              f"of tuning database {str(path)!r}: {why}", RuntimeWarning, stacklevel=2)
+        _tables[slug] = tbl
+        return tbl
+
+
+def same_architecture(device: dict) -> list[DeviceTable]:
+    """Tables of other GPUs with the compute capability of `device` (by slug, for a stable order)."""
+    cc = device.get("compute_capability")
+    if device.get("kind") != "cuda" or not cc:
+        return []
+    slugs = sorted({db.device.get("slug") for _, db in files()
+                    if db.device.get("kind") == "cuda" and db.device.get("compute_capability") == cc
+                    and db.device.get("slug") != device.get("slug")})
+    return [t for t in (table(s) for s in slugs) if t is not None and t.records]

@@ -1,0 +1,133 @@
+"""The benchmark and tuning grids of issue 7, as data: `standard` and its `quick` subset.
+
+The tuner, `autonorm bench --grid` and scripts/gpu_run.sh all read these, so a
+grid is defined once. A grid names ops, directions, dtypes and hidden sizes;
+rows are derived per hidden size:
+
+- tuning rows: `tune_rows` (power-of-two buckets from 1 up), each capped so that
+  one (rows, N) tensor holds at most `max_elements` elements (the backward pass
+  keeps x, dy, dx and fp64 reference copies alive: 2^28 elements is 1 GiB in
+  fp32 per tensor, which fits an 80 GB H100 with room to spare). When the cap
+  cuts the list, the cap itself is added, so every N is tuned at its largest
+  row count.
+- bench rows: one "large" row count per N, `min(max_bench_rows, max_elements // N)`,
+  the cells the performance goals speak of (quack's plots use the same shape of
+  sweep: 32K x 256 ... 1K x 262K).
+
+Run `python -m autonorm.grids tune-batches --grid standard` to print the
+`autonorm tune` argument lists scripts/gpu_run.sh runs one at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from .spec import NormSpec
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    ops: tuple[str, ...]
+    directions: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    hidden: tuple[int, ...]
+    tune_rows: tuple[int, ...]
+    max_elements: int = 1 << 28
+    max_bench_rows: int = 32768
+
+    def row_cap(self, n: int) -> int:
+        return max(1, self.max_elements // n)
+
+    def tune_rows_for(self, n: int) -> tuple[int, ...]:
+        cap = self.row_cap(n)
+        rows = [r for r in self.tune_rows if r <= cap]
+        if cap < max(self.tune_rows) and cap not in rows:
+            rows.append(cap)
+        return tuple(rows)
+
+    def bench_rows_for(self, n: int) -> int:
+        return min(self.max_bench_rows, self.row_cap(n))
+
+    def specs(self) -> list[NormSpec]:
+        return [NormSpec(op, d, dt, dt, n) for op in self.ops for d in self.directions for dt in self.dtypes
+                for n in self.hidden]
+
+    def bench_cases(self) -> list[tuple[NormSpec, int]]:
+        """(spec, rows) for every bench cell, in a stable order."""
+        return [(s, self.bench_rows_for(s.hidden)) for s in self.specs()]
+
+    def tune_batches(self) -> list[dict]:
+        """One `autonorm tune` invocation per (op, direction, dtype, row list): hidden sizes that share
+        a row list are tuned by one process (process start and the copy-bandwidth probe cost seconds)."""
+        batches = []
+        for op in self.ops:
+            for d in self.directions:
+                for dt in self.dtypes:
+                    groups: dict[tuple, list[int]] = {}
+                    for n in self.hidden:
+                        groups.setdefault(self.tune_rows_for(n), []).append(n)
+                    for rows, ns in groups.items():
+                        bid = f"{op}-{d}-{dt}-N{ns[0]}" + (f"-{ns[-1]}" if len(ns) > 1 else "")
+                        batches.append({"id": bid, "ops": op, "directions": d, "dtypes": dt,
+                                        "hidden": ",".join(map(str, ns)), "rows": ",".join(map(str, rows)),
+                                        "studies": len(ns) * len(rows)})
+        return batches
+
+
+STANDARD = Grid(
+    name="standard",
+    ops=("rmsnorm", "layernorm"),
+    directions=("fwd", "bwd"),
+    dtypes=("bfloat16", "float16", "float32"),
+    hidden=(256, 512, 768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536, 131072, 262144),
+    # Buckets 1 ... 32768, every fourth power of two (1, 16, 256, 4096) plus the top two: the dispatcher
+    # takes the nearest bucket (log distance) for the buckets in between.
+    tune_rows=(1, 16, 256, 4096, 16384, 32768),
+)
+
+# A smoke subset: one dtype, three hidden sizes (a small N, the usual LLM size, one past Liger's limit),
+# two row counts; minutes, not hours, on a GPU.
+QUICK = Grid(
+    name="quick",
+    ops=("rmsnorm", "layernorm"),
+    directions=("fwd", "bwd"),
+    dtypes=("bfloat16",),
+    hidden=(1024, 4096, 65536),
+    tune_rows=(1, 4096),
+)
+
+GRIDS = {g.name: g for g in (STANDARD, QUICK)}
+
+
+def get(name: str) -> Grid:
+    try:
+        return GRIDS[name]
+    except KeyError:
+        raise ValueError(f"unknown grid {name!r}; known: {', '.join(GRIDS)}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m autonorm.grids", description="print a grid as data")
+    p.add_argument("what", choices=("tune-batches", "bench-cases", "summary"))
+    p.add_argument("--grid", default="standard", choices=sorted(GRIDS))
+    args = p.parse_args(argv)
+    grid = get(args.grid)
+    if args.what == "tune-batches":
+        # One JSON object per line: shell loops read it with a small python one-liner or jq.
+        for b in grid.tune_batches():
+            print(json.dumps(b))
+    elif args.what == "bench-cases":
+        for spec, rows in grid.bench_cases():
+            print(f"{spec.op} {spec.direction} {spec.x_dtype} {rows}x{spec.hidden}")
+    else:
+        batches = grid.tune_batches()
+        print(f"grid {grid.name}: {len(grid.specs())} specs, {sum(b['studies'] for b in batches)} tuning studies "
+              f"in {len(batches)} batches, {len(grid.bench_cases())} bench cases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

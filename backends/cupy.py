@@ -1,0 +1,267 @@
+"""CuPy backend: raw CUDA C++ rendered from templates/cupy, compiled by NVRTC via cupy.RawModule.
+
+Kernels launch on torch's current stream with torch's raw device pointers: no DLPack
+conversion per call. The geometry (threads, rows per block, vector width, row cache)
+is rendered into the source as constants; row counts, strides, eps and offset stay
+runtime arguments, so one compiled module serves every batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from autonorm.config import Config, knob
+from autonorm.spec import ITEMSIZE, NormSpec
+
+from .base import Backend, new_empty
+
+# Per-thread fp32 elements a row cached in registers may take. The forward keeps h
+# (1 array); the backward keeps xhat, dy and the dW/dB accumulators (4 arrays), so its
+# budget per array is a quarter of the forward's. 64 fp32 registers of row data leaves
+# room for addresses and temporaries below the 255-register cap without spilling.
+MAX_REG_ELEMS = {"fwd": 64, "bwd": 16}
+# Shared memory a block may use without cudaFuncSetAttribute opt-in (48 KiB on every arch),
+# less 1 KiB for the static reduction slots (THREADS / 32 floats) beside the row cache.
+SMEM_BUDGET = 47 * 1024
+C_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class CupyConfig(Config):
+    """Launch geometry of the raw CUDA kernels."""
+
+    backend: ClassVar[str] = "cupy"
+
+    threads: int = knob((32, 64, 128, 256, 512, 1024), "threads per block")
+    vec: int = knob((1, 2, 4, 8), "elements per vector access (16 bytes = 4 fp32 / 8 bf16)")
+    rows: int = knob((1, 2, 4, 8, 16), "rows per block (threads / rows threads per row)")
+    unroll: int = knob((1, 2, 4), "unroll of the chunk loops (shared / none row cache)")
+    row_cache: str = knob(("registers", "shared", "none"), "where the row lives between passes")
+    partials_per_sm: int = knob((1, 2, 4, 8, 16), "bwd: persistent blocks (dW partial groups) per SM")
+
+    @classmethod
+    def is_valid(cls, spec: NormSpec, c: CupyConfig) -> str | None:
+        n, isz = spec.hidden, spec.x_itemsize
+        if c.vec * isz > 16:
+            return f"vec={c.vec} x {spec.x_dtype} exceeds a 16-byte access"
+        if n % c.vec:
+            return f"vec={c.vec} does not divide N={n}"
+        if c.rows > c.threads // 2:
+            return f"rows={c.rows} leaves fewer than 2 threads per row of a {c.threads}-thread block"
+        tpr = c.threads // c.rows
+        if tpr > 2 and (tpr // 2) * c.vec >= n:
+            return f"{tpr} threads per row: half of them would have no element of an N={n} row"
+        items = _cdiv(n, tpr * c.vec)
+        if c.row_cache == "registers":
+            if items * c.vec > MAX_REG_ELEMS[spec.direction]:
+                return (f"registers row cache needs {items * c.vec} elements per thread "
+                        f"(max {MAX_REG_ELEMS[spec.direction]})")
+            if c.unroll != 1:
+                return "unroll applies to the chunk loops; the registers cache is fully unrolled"
+        elif c.row_cache == "shared":
+            need = c.rows * n * 4 * (2 if spec.direction == "bwd" else 1)
+            if need > SMEM_BUDGET:
+                return f"shared row cache needs {need} bytes > {SMEM_BUDGET}"
+        if spec.direction == "fwd" and c.partials_per_sm != 1:
+            return "partials_per_sm is a backward knob (fwd takes 1)"
+        return None
+
+    @classmethod
+    def heuristic(cls, spec: NormSpec) -> CupyConfig:
+        n = spec.hidden
+        # quack: vecsize = gcd(N, 128 / bits) (anchors §e.2).
+        vec = max(v for v in (1, 2, 4, 8) if v * spec.x_itemsize <= 16 and n % v == 0)
+        # quack's threads per row by N (anchors §e.3), capped so that no thread idles.
+        tpr = 8 if n <= 64 else 32 if n <= 3072 else 64 if n <= 6144 else 128 if n <= 16384 else 256
+        tpr = max(2, min(tpr, 1 << (_cdiv(n, vec) - 1).bit_length()))
+        # Persistent bwd: quack uses SMs x 16 blocks for N <= 256 down to SMs / 2 at 16K (§e.7).
+        pps = 1
+        if spec.direction == "bwd":
+            pps = 16 if n <= 256 else 8 if n <= 1024 else 4 if n <= 4096 else 2 if n <= 16384 else 1
+        # Registers first (quack keeps the row in registers, anchors §e.1): widen the row's
+        # thread group until the row fits the register budget; then the shared-memory cache,
+        # then chunked re-reads from global memory, which fit any N.
+        reg_tpr = tpr
+        while _cdiv(n, reg_tpr * vec) * vec > MAX_REG_ELEMS[spec.direction] and reg_tpr < 1024:
+            reg_tpr *= 2
+        # Several rows per block for small N (anchors §e.4): 128-thread blocks.
+        candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1),
+                      (tpr, 1, "shared", 2), (tpr, 1, "none", 2)]
+        for t, r, cache, unroll in candidates:
+            config = cls(threads=t * r, vec=vec, rows=r, unroll=unroll, row_cache=cache, partials_per_sm=pps)
+            if cls.is_valid(spec, config) is None:
+                return config
+        raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
+
+
+def geometry(spec: NormSpec, config: CupyConfig) -> dict:
+    """Constants rendered into the kernels (templates read them as `geo.*`)."""
+    tpr = config.threads // config.rows
+    return {"threads": config.threads, "rows": config.rows, "vec": config.vec,
+            "items_per_thread": _cdiv(spec.hidden, tpr * config.vec)}
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    config_cls = CupyConfig
+    template_dir = "cupy"
+    _version: str | None = None  # computed once: it keys every compile-cache lookup
+
+    def unavailable_reason(self):
+        try:
+            import cupy
+        except ImportError:
+            return "cupy is not installed: pip install autonorm[cupy] (cupy-cuda13x; cupy-cuda12x on CUDA 12)"
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except RuntimeError as exc:  # cupy's CUDARuntimeError: no driver, old driver, no device
+            return f"no CUDA device visible to cupy ({exc})"
+        if count == 0:
+            return "no CUDA device visible to cupy"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device (kernels run on torch tensors)"
+        return None
+
+    def version(self):
+        if self._version is None:
+            import cupy
+            try:
+                major, minor = cupy.cuda.nvrtc.getVersion()
+                self._version = f"cupy-{cupy.__version__}+nvrtc-{major}.{minor}"
+            except RuntimeError:  # libnvrtc not found: compiling will say so itself
+                self._version = f"cupy-{cupy.__version__}"
+        return self._version
+
+    def supports_device(self, device):
+        return torch.device(device).type == "cuda"
+
+    def template_name(self, spec):
+        return f"cupy/{spec.direction}.cu.j2"
+
+    def render_context(self, spec, config):
+        return {"geo": geometry(spec, config), "T": C_TYPES[spec.x_dtype], "W": C_TYPES[spec.w_dtype],
+                "suffix": "", "headers": True}
+
+    def build(self, source, spec, config, device):
+        import cupy
+
+        if device.type != "cuda":
+            raise ValueError(f"cupy kernels run on CUDA tensors, not {device}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with cupy.cuda.Device(index):
+            # No -arch here: CuPy appends `-arch=sm_<cc>` of the current device itself, capped at
+            # what its NVRTC supports (cupy/cuda/compiler.py, _get_arch_for_options_for_nvrtc),
+            # and caches the cubin on disk keyed by source, options and arch.
+            module = cupy.RawModule(code=source.text, backend="nvrtc", options=("-std=c++17",))
+            d = spec.direction
+            # get_function returns a cupy.RawKernel, called as kernel(grid, block, args, shared_mem=)
+            # (docs.cupy.dev, cupy.RawModule / cupy.RawKernel); it loads on the current device.
+            fns = (module.get_function(f"an_{d}_vec"), module.get_function(f"an_{d}_scalar"))
+            reduce_fn = module.get_function("an_bwd_reduce") if d == "bwd" else None
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        launcher = _Launcher(spec, config, index, fns, reduce_fn, sms)
+        return launcher.forward if d == "fwd" else launcher.backward
+
+
+class _Launcher:
+    """Holds one compiled module's functions and launches them on torch tensors."""
+
+    def __init__(self, spec, config, index, fns, reduce_fn, sms):
+        import cupy
+        import numpy
+
+        self._cupy, self._f32 = cupy, numpy.float32
+        self.spec, self.config, self.index = spec, config, index
+        self.vec_fn, self.scalar_fn = fns
+        self.reduce_fn = reduce_fn
+        self.sms = sms
+        n = spec.hidden
+        self.block = (config.threads,)
+        cache_rows = config.rows if config.row_cache == "shared" else 0
+        self.smem = cache_rows * n * 4 * (2 if spec.direction == "bwd" else 1)
+        # Alignment a vector access needs: x-like tensors VEC elements, weights the same
+        # number of (possibly wider) elements, both capped at the 16 bytes of one access.
+        self.x_align = min(16, config.vec * spec.x_itemsize)
+        self.w_align = min(16, config.vec * ITEMSIZE[spec.w_dtype])
+        self._streams: dict[int, object] = {}
+
+    def _stream(self):
+        # torch's current stream, wrapped once per stream handle (not per call).
+        handle = torch.cuda.current_stream(self.index).cuda_stream
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = self._streams[handle] = self._cupy.cuda.ExternalStream(handle, self.index)
+        return stream
+
+    def _pick(self, xs, ws):
+        """The vector entry point when every pointer and row stride allows packed accesses."""
+        vec = self.config.vec
+        if vec == 1:
+            return self.vec_fn
+        for t in xs:
+            if t is not None and (t.data_ptr() % self.x_align or (t.dim() == 2 and t.stride(0) % vec)):
+                return self.scalar_fn
+        for t in ws:
+            if t is not None and t.data_ptr() % self.w_align:
+                return self.scalar_fn
+        return self.vec_fn
+
+    @staticmethod
+    def _ptr(t):
+        # CuPy passes a Python int kernel argument as numpy.int64 by value (8 bytes), which is
+        # exactly a 64-bit device pointer parameter (cupy/cuda/function.pyx `_pointer`:
+        # `isinstance(x, int): x = numpy.int64(x)`); 0 is the null pointer of absent tensors.
+        return 0 if t is None else t.data_ptr()
+
+    def _launch(self, fn, grid, block, args, smem=0):
+        with self._cupy.cuda.Device(self.index), self._stream():
+            fn(grid, block, args, shared_mem=smem)
+
+    def forward(self, x, weight, bias, residual, eps, offset):
+        spec, config = self.spec, self.config
+        m, n = x.shape
+        y = new_empty((m, n), x.dtype, x.device)
+        h = new_empty((m, n), x.dtype, x.device) if residual is not None else None
+        mean = new_empty((m,), torch.float32, x.device) if spec.is_layernorm else None
+        rstd = new_empty((m,), torch.float32, x.device)
+        if m == 0:
+            return y, h, mean, rstd
+        fn = self._pick((x, residual, y, h), (weight, bias))
+        # Python floats would go as float64 (8 bytes): the kernel takes fp32 scalars.
+        args = (self._ptr(x), x.stride(0), self._ptr(residual), residual.stride(0) if residual is not None else 0,
+                self._ptr(weight), self._ptr(bias), self._ptr(y), self._ptr(h), self._ptr(mean), self._ptr(rstd),
+                m, self._f32(eps), self._f32(offset))
+        self._launch(fn, (_cdiv(m, config.rows),), self.block, args, self.smem)
+        return y, h, mean, rstd
+
+    def backward(self, dy, x, weight, mean, rstd, dh, offset):
+        spec, config = self.spec, self.config
+        m, n = x.shape
+        dx = new_empty((m, n), x.dtype, x.device)
+        dw = new_empty((n,), spec.torch_w_dtype, x.device) if spec.weight else None
+        db = new_empty((n,), spec.torch_w_dtype, x.device) if spec.bias else None
+        if m == 0:
+            for t in (dw, db):
+                if t is not None:
+                    t.zero_()
+            return dx, dw, db
+        blocks = min(_cdiv(m, config.rows), self.sms * config.partials_per_sm)
+        partial_rows = blocks * config.rows
+        # Internal scratch, fully written by the kernel (each group zeroes its own row first).
+        part_w = torch.empty((partial_rows, n), dtype=torch.float32, device=x.device) if spec.weight else None
+        part_b = torch.empty((partial_rows, n), dtype=torch.float32, device=x.device) if spec.bias else None
+        fn = self._pick((dy, x, dh, dx), (weight,))
+        args = (self._ptr(dy), dy.stride(0), self._ptr(x), x.stride(0), self._ptr(weight),
+                self._ptr(mean), self._ptr(rstd), self._ptr(dh), dh.stride(0) if dh is not None else 0,
+                self._ptr(dx), self._ptr(part_w), self._ptr(part_b), m, self._f32(offset))
+        self._launch(fn, (blocks,), self.block, args, self.smem)
+        if spec.weight:
+            self._launch(self.reduce_fn, (_cdiv(n, 256),), (256,),
+                         (self._ptr(part_w), self._ptr(part_b), partial_rows, self._ptr(dw), self._ptr(db)))
+        return dx, dw, db

@@ -1,0 +1,239 @@
+"""numba-cpu: fused RMSNorm / LayerNorm kernels for any CPU, via `numba.njit(parallel=True)`.
+
+Rendered from templates/numba_cpu. Kernels work on the torch tensors' own memory:
+the launcher passes each operand's address (`data_ptr()`) and row stride, the
+kernel rebuilds a 1-D array spanning its rows (`numba.carray`, fp16/bf16 as
+uint16 bits) and converts bit patterns to fp32 per element. Addresses instead of
+numpy views because building a view costs more than a small norm (scripts/overhead.py).
+Each source holds a parallel and a serial variant of the kernel; calls on fewer
+than SERIAL_BELOW elements take the serial one (no thread-pool wake-up).
+Generated source is written once to `<cache_dir>/numba_cpu/<sha256>.py` and imported from there, so Numba's
+`cache=True` keeps the machine code in that folder's `__pycache__` and a second
+process loads it instead of compiling again.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from autonorm import knobs
+from autonorm.config import Config, knob
+from autonorm.spec import NormSpec
+
+from .base import Backend, new_empty
+
+
+def _max_threads() -> int:
+    try:
+        import numba
+        return int(numba.config.NUMBA_NUM_THREADS)
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class NumbaCpuConfig(Config):
+    """Launch knobs of the numba-cpu kernels (rows_per_task and threads are runtime, not in the source)."""
+
+    backend: ClassVar[str] = "numba-cpu"
+
+    rows_per_task: int = knob((1, 2, 4, 8, 16, 32, 64, 128, 256),
+                              doc="rows per parallel task (also the dW/dB partial granularity)")
+    vector_width: int = knob((1, 4, 8, 16), doc="lane accumulators of the row reductions (inner blocking)")
+    threads: int = knob((0, 1, 2, 4, 8, 16, 32, 64),
+                        doc="Numba threads for the call; 0 = the caller's setting (all, unless lowered)")
+    fastmath: bool = knob((False, True), doc="reassoc/contract/nsz (never nnan/ninf/arcp)")
+
+    @classmethod
+    def is_valid(cls, spec: NormSpec, config: "NumbaCpuConfig") -> str | None:
+        if config.threads > _max_threads():
+            return f"threads {config.threads} exceeds this machine's Numba thread pool ({_max_threads()})"
+        if spec.direction == "bwd" and spec.weight and config.rows_per_task < 4:
+            # one fp32 dW partial row per task: fewer than 4 rows per task costs more partial
+            # traffic than the row itself for bf16 inputs
+            return "backward with a weight needs rows_per_task >= 4 (dW partials per task)"
+        return None
+
+    @classmethod
+    def heuristic(cls, spec: NormSpec) -> "NumbaCpuConfig":
+        # Measured on the 2-core AMD EPYC CI machine (rmsnorm 8192x4096, outputs reused so only
+        # the kernel is timed): fastmath (reassoc lets LLVM vectorize the plain reduction loops)
+        # with vector_width=1 ran fp32 fwd in 24 ms vs 48 ms without fastmath and 51 ms with 8
+        # hand-unrolled lanes; bf16 fwd 16.5 vs 50 ms; fp32 bwd 72 vs 114 ms. rows_per_task
+        # mattered little (8 vs 32: within noise); ~32 KiB of input per task keeps tasks coarse.
+        row_bytes = spec.hidden * spec.x_itemsize
+        rpt = 1
+        while rpt < 256 and rpt * row_bytes < 32 * 1024:
+            rpt *= 2
+        if spec.direction == "bwd" and spec.weight:
+            rpt = max(rpt, 8)
+        # Nothing rendered depends on N, so one compiled kernel serves every hidden size.
+        return cls(rows_per_task=rpt, vector_width=1, threads=0, fastmath=True)
+
+
+def _addr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _row_stride(t: torch.Tensor, m: int, n: int) -> int:
+    return t.stride(0) if m > 1 else n
+
+
+# Below this many elements (rows * N) a call runs `kernel_serial`: waking Numba's thread
+# pool costs more than splitting the rows saves. Measured 2026-11-22 on the 2-core AMD EPYC VM
+# (load ~3.3), fp32 fwd through the launcher (outputs allocated per call), serial vs parallel, us:
+#   rmsnorm    1x64 4.3 vs 11.5   32x512 5.4 vs 6.2   64x512 7.4 vs 7.4   128x512 9.7 vs 11.1   64x2048 16.1 vs 10.4
+#   layernorm  1x64 5.5 vs 25.3   32x512 7.7 vs 7.9   64x512 9.6 vs 8.9   128x512 13.7 vs 11.1  64x2048 21.3 vs 13.8
+# (the parallel variant's cost at 1x64 is 3.5 us on a quiet machine, 30-100 us while the other
+# core is busy). The crossover is ~32K elements; backward (twice the bytes per element) uses half.
+SERIAL_BELOW = 1 << 15
+
+
+class _ThreadCount:
+    """Set Numba's thread count for one call and restore it afterwards (it is per calling thread).
+
+    Only for configs with threads > 0: the calls cost ~3.5 us together, and setting the
+    count inside the kernel instead makes Numba refuse to cache it (dynamic globals).
+    """
+
+    def __init__(self, threads: int):
+        self.threads = min(threads, _max_threads())
+
+    def __enter__(self):
+        import numba
+        self.saved = numba.get_num_threads()
+        numba.set_num_threads(self.threads)
+
+    def __exit__(self, *exc):
+        import numba
+        numba.set_num_threads(self.saved)
+
+
+def _with_threads(fn, threads: int):
+    """`fn` run with `threads` Numba threads (threads 0: as is, the caller's setting)."""
+    if threads == 0:
+        return fn
+
+    def call(*args):
+        with _ThreadCount(threads):
+            return fn(*args)
+    return call
+
+
+def _variants(module, config: NumbaCpuConfig, parallel_from: int):
+    """(parallel kernel, serial kernel, elements from which the parallel one runs)."""
+    if config.threads == 1:  # one thread: the pool would only add its wake-up
+        return module.kernel_serial, module.kernel_serial, 0
+    return _with_threads(module.kernel, config.threads), module.kernel_serial, parallel_from
+
+
+def _forward_launcher(spec: NormSpec, config: NumbaCpuConfig, module):
+    layernorm, residual_, rpt = spec.is_layernorm, spec.residual, config.rows_per_task
+    parallel, serial, parallel_from = _variants(module, config, SERIAL_BELOW)
+
+    def kernel(x, weight, bias, residual, eps, offset):
+        m, n = x.shape
+        dt, dev = x.dtype, x.device
+        y = new_empty((m, n), dt, dev)
+        h = new_empty((m, n), dt, dev) if residual_ else None
+        mean = new_empty((m,), torch.float32, dev) if layernorm else None
+        rstd = new_empty((m,), torch.float32, dev)
+        if m == 0:
+            return y, h, mean, rstd
+        (serial if m * n < parallel_from else parallel)(
+            x.data_ptr(), _row_stride(x, m, n),
+            residual.data_ptr() if residual_ else 0, _row_stride(residual, m, n) if residual_ else 0,
+            _addr(weight), _addr(bias), y.data_ptr(), _addr(h), _addr(mean), rstd.data_ptr(),
+            m, n, eps, offset, rpt)
+        return y, h, mean, rstd
+
+    return kernel
+
+
+def _backward_launcher(spec: NormSpec, config: NumbaCpuConfig, module):
+    rpt, has_bias = config.rows_per_task, spec.bias
+    # the backward reads ~2x the forward's bytes per element: the same time threshold
+    parallel, serial, parallel_from = _variants(module, config, SERIAL_BELOW // 2)
+
+    def kernel(dy, x, weight, mean, rstd, dh, offset):
+        m, n = x.shape
+        dev = x.device
+        dx = new_empty((m, n), x.dtype, dev)
+        dw = new_empty((n,), weight.dtype, dev) if weight is not None else None
+        db = new_empty((n,), weight.dtype, dev) if has_bias else None
+        if m == 0:  # no rows: the parameter gradients are zero sums
+            for t in (dw, db):
+                if t is not None:
+                    t.zero_()
+            return dx, dw, db
+        # Saved tensors may come back non-contiguous only in unusual autograd paths; contiguous()
+        # returns the tensor itself when it already is.
+        weight = weight.contiguous() if weight is not None else None
+        mean = mean.contiguous() if mean is not None else None
+        rstd = rstd.contiguous()
+        (serial if m * n < parallel_from else parallel)(
+            dy.data_ptr(), _row_stride(dy, m, n), x.data_ptr(), _row_stride(x, m, n),
+            _addr(weight), _addr(mean), rstd.data_ptr(),
+            _addr(dh), _row_stride(dh, m, n) if dh is not None else 0,
+            dx.data_ptr(), _addr(dw), _addr(db), m, n, offset, rpt)
+        return dx, dw, db
+
+    return kernel
+
+
+def _import_source(text: str, sha256: str):
+    """Write the source once under the cache dir and import it (Numba caches next to the file).
+
+    The file is never rewritten: Numba's cache index is keyed by the file's mtime and size.
+    """
+    folder = knobs.cache_dir() / "numba_cpu"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{sha256}.py"
+    if not path.exists():
+        tmp = folder / f".{sha256}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+    name = f"autonorm_numba_cpu_{sha256[:24]}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module
+
+
+class NumbaCpuBackend(Backend):
+    name = "numba-cpu"
+    config_cls = NumbaCpuConfig
+    template_dir = "numba_cpu"
+
+    def unavailable_reason(self):
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            return "numba is not installed (pip install autonorm[numba])"
+        return None
+
+    def version(self):
+        import numba
+        return f"numba-{numba.__version__}"
+
+    def supports_device(self, device):
+        return torch.device(device).type == "cpu"
+
+    def template_name(self, spec):
+        return f"numba_cpu/{spec.direction}.py.j2"
+
+    def build(self, source, spec, config, device):
+        module = _import_source(source.text, source.sha256)
+        launcher = _forward_launcher if spec.direction == "fwd" else _backward_launcher
+        kernel = launcher(spec, config, module)
+        # the Numba dispatchers (compile stats, cache hits): parallel, then serial
+        kernel.dispatchers = (module.kernel, module.kernel_serial)
+        return kernel

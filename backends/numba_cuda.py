@@ -1,0 +1,288 @@
+"""Numba CUDA backend: `@cuda.jit` kernels rendered from templates/numba_cuda.
+
+Runs on a CUDA GPU, and on the CPU under Numba's CUDA simulator
+(NUMBA_ENABLE_CUDASIM=1), where kernels run as Python threads on numpy views of
+CPU tensors (tests only: far too slow to time, and never recorded as performance).
+
+Generated source is written to `<cache_dir>/numba_cuda/<sha256>.py` and imported:
+Numba's on-disk cache (`cache=True`) needs a real source file, and a user
+debugging a kernel can open the file a traceback points to.
+
+Launch cost: a Numba launch checks and boxes every argument in Python (tens of
+µs, several times a Triton or CuPy launch), and each tensor also goes through
+`__cuda_array_interface__`. The tuner times whole calls of the callable built
+here, so that cost is part of every Numba measurement and small problems are
+rightly won by other backends.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from autonorm import knobs
+from autonorm.config import Config, knob
+from autonorm.spec import NormSpec
+
+from .base import Backend, new_empty
+
+THREADS = (32, 64, 128, 256, 512, 1024)
+MAX_BLOCK = 1024  # CUDA's limit on threads per block
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class NumbaCudaConfig(Config):
+    """Block shape of the Numba kernels: THREADS x ROWS threads, ITEMS elements per thread per chunk."""
+
+    backend: ClassVar[str] = "numba"
+
+    threads: int = knob(THREADS, "threads cooperating on one row (a power of two: tree reduction)")
+    items: int = knob((1, 2, 4, 8), "elements per thread per chunk; the row stays in registers when N <= threads*items")
+    rows: int = knob((1, 2, 4, 8), "rows per block, for small N")
+
+    @classmethod
+    def is_valid(cls, spec: NormSpec, config: "NumbaCudaConfig") -> str | None:
+        if config.threads * config.rows > MAX_BLOCK:
+            return f"threads*rows = {config.threads * config.rows} exceeds {MAX_BLOCK} threads per block"
+        if config.threads > 32 and (config.threads // 2) * config.items >= spec.hidden:
+            return f"half of {config.threads} threads would already cover N={spec.hidden}"
+        if config.rows > 1 and config.threads * config.items < spec.hidden:
+            return "several rows per block only pay when one chunk covers the row"
+        return None
+
+    @classmethod
+    def heuristic(cls, spec: NormSpec) -> "NumbaCudaConfig":
+        # Keep the whole row in registers (one chunk) with 4 fp32 or 8 16-bit
+        # elements per thread up to 1024 threads; beyond that, chunk. Small rows
+        # share a block so that a block still has >= 128 threads.
+        items = 4 if spec.x_dtype == "float32" else 8
+        threads = min(MAX_BLOCK, max(32, _pow2_at_least(-(-spec.hidden // items))))
+        while threads > 32 and (threads // 2) * items >= spec.hidden:
+            threads //= 2
+        if threads * items < spec.hidden:
+            items = 8
+        rows = max(1, min(8, 128 // threads)) if threads * items >= spec.hidden else 1
+        return cls(threads=threads, items=items, rows=rows)
+
+
+def _numba_cuda():
+    """numba.cuda, or None when numba-cuda is not installed."""
+    try:
+        from numba import cuda
+    except ImportError:
+        return None
+    return cuda
+
+
+def _simulator() -> bool:
+    try:
+        import numba
+    except ImportError:
+        return False
+    return bool(numba.config.ENABLE_CUDASIM)
+
+
+def _load_module(source):
+    """Write `source` to the cache folder (atomically) and import it."""
+    folder = knobs.cache_dir() / "numba_cuda"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{source.sha256}.py"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source.text)
+        os.replace(tmp, path)  # concurrent writers write the same text
+    name = f"autonorm_numba_{source.sha256[:24]}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module
+
+
+class _Launcher:
+    """Turns torch tensors into Numba arrays and launches, on a GPU or in the simulator."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = _numba_cuda()
+        self.simulated = device.type == "cpu"
+        self.device = device
+        self._streams: dict[int, object] = {}
+        if self.simulated:
+            self.max_blocks = 2  # the simulator runs blocks one after another: fewer blocks, fewer threads
+        else:
+            props = torch.cuda.get_device_properties(device)
+            self.max_blocks = props.multi_processor_count * 4
+
+    def array(self, t: torch.Tensor | None):
+        if t is None:
+            return None
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.uint16)  # kernels read bf16 as its bit pattern
+        return t.numpy() if self.simulated else self.cuda.as_cuda_array(t)
+
+    def rows(self, t: torch.Tensor) -> list:
+        """[flat array, row stride] for an (M, N) input with a unit last stride and any row stride.
+
+        Kernels index rows as `a[row * stride + j]` (int64), over a 1-D view that
+        spans exactly the rows' elements: no copy on a GPU, and a contiguous
+        buffer that the simulator can transfer.
+        """
+        m, n = t.shape
+        if n > 1 and t.stride(1) != 1:
+            raise ValueError(f"numba kernels need a unit last stride, got strides {t.stride()}")
+        stride = t.stride(0) if m > 1 else n
+        span = (m - 1) * stride + n
+        return [self.array(t.as_strided((span,), (1,))), stride]
+
+    def launch(self, kernel, grid: int, block, *args):
+        if self.simulated:
+            kernel[grid, block](*args)
+            return
+        # Launch on torch's current stream, so ordering with torch ops holds without syncs.
+        handle = torch.cuda.current_stream(self.device).cuda_stream
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = self._streams[handle] = self.cuda.external_stream(handle)
+        with self.cuda.gpus[self.device.index or 0]:
+            kernel[grid, block, stream](*args)
+
+
+def _forward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launcher):
+    a = launcher.array
+    block = (config.threads, config.rows)
+
+    def kernel(x, weight, bias, residual, eps, offset):
+        m, n = x.shape
+        y = new_empty((m, n), x.dtype, x.device)
+        h = new_empty((m, n), x.dtype, x.device) if spec.residual else None
+        mean = new_empty((m,), torch.float32, x.device) if spec.is_layernorm else None
+        rstd = new_empty((m,), torch.float32, x.device)
+        if m == 0:
+            return y, h, mean, rstd
+        args = launcher.rows(x)
+        if spec.residual:
+            args += [*launcher.rows(residual), a(h)]
+        if spec.weight:
+            args.append(a(weight))
+        if spec.bias:
+            args.append(a(bias))
+        args.append(a(y))
+        if spec.is_layernorm:
+            args.append(a(mean))
+        args += [a(rstd), m, np.float32(eps), np.float32(offset)]
+        launcher.launch(module._kernel, -(-m // config.rows), block, *args)
+        return y, h, mean, rstd
+
+    return kernel
+
+
+def _backward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launcher):
+    a = launcher.array
+    block = (config.threads, config.rows)
+
+    def kernel(dy, x, weight, mean, rstd, dh, offset):
+        m, n = x.shape
+        dx = new_empty((m, n), x.dtype, x.device)
+        if m == 0:
+            # The sum over no rows is zero.
+            zero = (lambda: torch.zeros(n, dtype=weight.dtype, device=x.device)) if spec.weight else None
+            return dx, zero() if zero else None, zero() if spec.bias else None
+        grid = min(-(-m // config.rows), launcher.max_blocks)
+        parts = grid * config.rows
+        args = [*launcher.rows(dy), *launcher.rows(x)]
+        pw = pb = None
+        if spec.weight:
+            # Scratch, not an output: zeros because the kernel accumulates into it.
+            pw = torch.zeros((parts, n), dtype=torch.float32, device=x.device)
+            args += [a(weight), a(pw)]
+            if spec.bias:
+                pb = torch.zeros((parts, n), dtype=torch.float32, device=x.device)
+                args.append(a(pb))
+        if spec.is_layernorm:
+            args.append(a(mean))
+        args.append(a(rstd))
+        if spec.residual:
+            args += launcher.rows(dh)
+        args += [a(dx), m, np.float32(offset)]
+        launcher.launch(module._kernel, grid, block, *args)
+        dw = db = None
+        col_blocks = -(-n // config.threads)
+        if spec.weight:
+            dw = new_empty((n,), weight.dtype, x.device)
+            launcher.launch(module._sum_partials, col_blocks, config.threads, a(pw), a(dw), parts)
+        if spec.bias:
+            db = new_empty((n,), weight.dtype, x.device)
+            launcher.launch(module._sum_partials, col_blocks, config.threads, a(pb), a(db), parts)
+        return dx, dw, db
+
+    return kernel
+
+
+class NumbaCudaBackend(Backend):
+    name = "numba"
+    config_cls = NumbaCudaConfig
+    template_dir = "numba_cuda"
+
+    def unavailable_reason(self) -> str | None:
+        cuda = _numba_cuda()
+        if cuda is None:
+            return "numba-cuda is not installed (pip install autonorm[numba])"
+        if _simulator():
+            return None
+        if not torch.cuda.is_available():
+            return "no CUDA GPU (set NUMBA_ENABLE_CUDASIM=1 to run kernels in Numba's simulator, for tests)"
+        if not cuda.is_available():
+            return "numba.cuda finds no usable GPU or driver (see `numba -s`)"
+        return None
+
+    def version(self) -> str:
+        import numba
+        try:
+            from importlib.metadata import version
+            numba_cuda = version("numba-cuda")
+        except Exception:  # an unusual install without metadata still has numba's version
+            numba_cuda = "?"
+        return f"numba-{numba.__version__}+cuda-{numba_cuda}{'+sim' if _simulator() else ''}"
+
+    def supports_device(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        if device.type == "cuda":
+            return torch.cuda.is_available() and not _simulator()
+        return device.type == "cpu" and _simulator()
+
+    def template_name(self, spec: NormSpec) -> str:
+        return f"numba_cuda/{spec.direction}.py.j2"
+
+    def render_context(self, spec: NormSpec, config: NumbaCudaConfig) -> dict:
+        chunk = config.threads * config.items
+        nchunk = -(-spec.hidden // chunk)
+        return {
+            "nchunk": nchunk,
+            "cached": nchunk == 1,
+            "strides": [config.threads >> i for i in range(1, config.threads.bit_length())],
+            "uses_bf16": "bfloat16" in (spec.x_dtype, spec.w_dtype),
+        }
+
+    def build(self, source, spec, config, device):
+        device = torch.device(device)
+        if not self.supports_device(device):
+            raise ValueError(f"numba backend cannot launch on {device} here "
+                             f"({'simulator: cpu only' if _simulator() else 'needs a CUDA device'})")
+        module = _load_module(source)
+        launcher = _Launcher(device)
+        make = _forward if spec.direction == "fwd" else _backward
+        return make(module, spec, config, launcher)

@@ -1,0 +1,162 @@
+"""Triton backend: kernels rendered from templates/triton/*.j2, run on CUDA or in Triton's interpreter.
+
+The rendered source is a small Python module (the @triton.jit kernel plus a
+`launch` function implementing the calling convention of backends/base.py). It
+is written to the cache folder and imported from there, because @triton.jit
+reads its function's source with `inspect.getsource`, which needs a file.
+
+`triton` itself is imported lazily: this module imports without it, and the
+backend then reports itself unavailable with an install hint.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from autonorm import knobs
+from autonorm.config import Config, knob
+from autonorm.errors import KernelError
+from autonorm.spec import NormSpec
+
+from .base import Backend
+
+_POW2 = tuple(1 << i for i in range(17))  # 1 .. 65536
+
+# Largest row tile (BLOCK_N * ROWS_PER_PROGRAM, fp32 elements) one program keeps on chip.
+# Beyond it the row is processed in chunks of BLOCK_N. Liger caps its fused size at 65536
+# for the forward; the backward holds x, dy and their products, so half that.
+MAX_TILE = {"fwd": 65536, "bwd": 32768}
+# fp32 elements of the tile per thread: more than this spills registers (255 per thread).
+MAX_PER_THREAD = {"fwd": 64, "bwd": 32}
+# Chunks smaller than this make the chunked loop pointlessly long.
+MIN_CHUNK = 1024
+# Several rows per program only while the whole tile stays small (small N).
+MAX_MULTI_ROW_TILE = 16384
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TritonConfig(Config):
+    """Launch parameters of the Triton kernels (every value a literal of its domain)."""
+
+    backend: ClassVar[str] = "triton"
+
+    BLOCK_N: int = knob(_POW2, "columns per block; < next_pow2(N) selects the chunked loop over the row")
+    num_warps: int = knob((1, 2, 4, 8, 16, 32), "warps per program")
+    ROWS_PER_PROGRAM: int = knob((1, 2, 4, 8, 16, 32), "rows each program normalizes (as one 2-D tile)")
+    num_stages: int = knob((1, 2, 3), "software pipelining depth of the loops")
+    DW_PARTIALS: int = knob((32, 64, 128, 256, 512), "backward: fp32 dW/dB partial rows (programs)")
+
+    @classmethod
+    def is_valid(cls, spec: NormSpec, config: TritonConfig) -> str | None:
+        padded = next_pow2(spec.hidden)
+        block, rows, warps = config.BLOCK_N, config.ROWS_PER_PROGRAM, config.num_warps
+        chunked = block < padded
+        tile = block * rows
+        if block > padded:
+            return f"BLOCK_N={block} exceeds the padded row {padded}"
+        if chunked and block < MIN_CHUNK:
+            return f"chunked loop with BLOCK_N={block} < {MIN_CHUNK}: too many tiny chunks"
+        if rows > 1 and (chunked or tile > MAX_MULTI_ROW_TILE):
+            return f"ROWS_PER_PROGRAM={rows} needs a whole row per block and a tile <= {MAX_MULTI_ROW_TILE}"
+        if tile > MAX_TILE[spec.direction]:
+            return f"tile BLOCK_N*ROWS_PER_PROGRAM={tile} exceeds {MAX_TILE[spec.direction]} (register budget)"
+        if tile > MAX_PER_THREAD[spec.direction] * 32 * warps:
+            return f"{tile // (32 * warps)} elements per thread with num_warps={warps}: registers would spill"
+        if warps > 1 and tile < 32 * warps:
+            return f"num_warps={warps} leaves threads idle on a tile of {tile} elements"
+        # Knobs that change nothing for this spec are pinned, so the space holds no duplicates.
+        if not chunked and spec.direction == "fwd" and config.num_stages != 1:
+            return "num_stages only matters for loops; the single-block forward has none"
+        if spec.direction == "fwd" and config.DW_PARTIALS != cls.domain()["DW_PARTIALS"][0]:
+            return "DW_PARTIALS is a backward knob"
+        if spec.direction == "bwd" and not spec.weight and config.DW_PARTIALS != 256:
+            return "DW_PARTIALS only matters with a weight"
+        return None
+
+    @classmethod
+    def heuristic(cls, spec: NormSpec) -> TritonConfig:
+        # Liger (ops/utils.py calculate_settings): BLOCK = next_pow2(N), num_warps 4/8/16/32
+        # from BLOCK >= 0/2K/8K/32K, one row on chip up to its 65536 fused-size cap.
+        # Beyond MAX_TILE (N > 65536 fwd, > 32768 bwd) loop over 8K chunks with 16 warps
+        # (16 fp32 per thread per chunk) and pipeline the loads (num_stages=2).
+        padded = next_pow2(spec.hidden)
+        if padded <= MAX_TILE[spec.direction]:
+            block = padded
+            # Small rows: several rows per program so a program still moves ~2K elements
+            # (quack's rmsnorm_config does the same for N < 1K: rows per CTA > 1).
+            rows = max(1, min(32, 2048 // block))
+            tile = block * rows
+            warps = 32 if tile >= 32768 else 16 if tile >= 8192 else 8 if tile >= 2048 else 4
+            warps = min(warps, max(1, tile // 32))
+            while tile > MAX_PER_THREAD[spec.direction] * 32 * warps:
+                warps *= 2
+            stages = 1 if spec.direction == "fwd" else 2
+        else:
+            block, rows, warps, stages = 8192, 1, 16, 2
+        # Backward: 256 partial rows ~ 2 programs per SM on H100 (132 SMs), as Liger launches
+        # sm_count programs; the partial sum it costs is tiny next to dx.
+        return cls(BLOCK_N=block, num_warps=warps, ROWS_PER_PROGRAM=rows, num_stages=stages,
+                   DW_PARTIALS=256 if spec.direction == "bwd" else cls.domain()["DW_PARTIALS"][0])
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    config_cls = TritonConfig
+    template_dir = "triton"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed (pip install autonorm[triton])"
+        if not torch.cuda.is_available() and not interpreting():
+            return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU in Triton's interpreter)"
+        return None
+
+    def version(self) -> str:
+        import triton
+
+        return triton.__version__ + ("+interp" if interpreting() else "")
+
+    def supports_device(self, device: torch.device) -> bool:
+        if device.type == "cuda":
+            return torch.cuda.is_available() and not interpreting()
+        return device.type == "cpu" and interpreting()
+
+    def template_name(self, spec: NormSpec) -> str:
+        return f"triton/{spec.direction}.py.j2"
+
+    def render_context(self, spec: NormSpec, config: Config) -> dict:
+        return {"chunked": config.BLOCK_N < next_pow2(spec.hidden)}
+
+    def build(self, source, spec, config, device):
+        folder = knobs.cache_dir() / "triton"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{source.sha256}.py"
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
+            tmp.write_text(source.text)
+            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        name = f"autonorm_triton_{source.sha256[:16]}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # Triton resolves the kernel's globals through its module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise KernelError(f"triton: generated source {path} for {spec.short()} failed to load: {exc}") from exc
+        return module.launch

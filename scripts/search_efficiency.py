@@ -1,0 +1,186 @@
+"""How many trials does the tuner's search need to come within 2% of the exhaustive best?
+
+1. Measure (or load, with --table) the exhaustive table of one spec: every valid
+   config of the candidate backends, timed with the real protocol.
+2. Replay the tuner's search (the same StudyRunner, TPE after the heuristic seeds)
+   against that table with several sampler seeds: a replay timer answers from
+   the table, so the search is judged without timing noise (kernel_tuner's
+   "simulation mode"). Random search over the same table is the reference.
+3. Print (and with --md append) a markdown table: space size, the exhaustive
+   best, and trials-to-within-2% as median / worst over seeds, as % of the space.
+
+    python scripts/search_efficiency.py --op rmsnorm --hidden 4096 --rows 1024 \
+        --save-table docs/benchmarks/tables/rmsnorm-4096.json --md docs/benchmarks/search-efficiency.md
+
+Goal (issue 4): within 2% of the exhaustive best in at most 20% of the space.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import torch
+from autonorm.backends.torch_eager import TorchBackend
+
+from autonorm import measure
+from autonorm.device import identity
+from autonorm.spec import NormSpec
+from autonorm.tuner import Candidate, SearchSpace, StudyRunner, make_storage, native_backends
+
+WITHIN = 1.02
+
+
+def exhaustive_table(spec, rows, backends, device) -> dict:
+    """candidate key -> median µs for every valid candidate (failures left out)."""
+    timer = measure.timer_for(device)
+    table = {}
+    space = SearchSpace(spec, backends)
+    for i, cand in enumerate(space.candidates()):
+        try:
+            kernel = backends[cand.backend].compile(spec, cand.config, device)
+        except Exception as exc:
+            print(f"  {cand.short()}: compile failed ({exc})", file=sys.stderr)
+            continue
+        if measure.verify(spec, kernel, min(rows, 64), device) is not None:
+            print(f"  {cand.short()}: wrong result, left out", file=sys.stderr)
+            continue
+        table[cand.key] = timer.measure(spec, kernel, rows).median_us
+        print(f"  [{i + 1}/{len(space)}] {cand.short()}: {table[cand.key]:.1f} us", file=sys.stderr)
+    return table
+
+
+class ReplayBackend:
+    """Stands in for a real backend: same name, configs and space; kernels carry their candidate key."""
+
+    def __init__(self, real):
+        self.real, self.name, self.config_cls = real, real.name, real.config_cls
+        self._eager = {}
+
+    def space(self, spec):
+        return self.real.space(spec)
+
+    def heuristic(self, spec):
+        return self.real.heuristic(spec)
+
+    def template_hash(self):
+        return "replay"
+
+    def compile(self, spec, config, device):
+        eager = self._eager.setdefault(spec, TorchBackend().build(None, spec, None, device))
+
+        def kernel(*args):
+            return eager(*args)
+        kernel.key = Candidate(self.name, config).key
+        return kernel
+
+
+class ReplayTimer:
+    def __init__(self, table):
+        self.table, self.order = table, []
+
+    def _us(self, kernel):
+        return self.table.get(getattr(kernel, "key", None), float("inf"))
+
+    def measure(self, spec, kernel, rows):
+        self.order.append(kernel.key)
+        us = self._us(kernel)
+        if us == float("inf"):
+            raise RuntimeError("not in the table (failed when it was measured)")
+        return measure.Timing(us, us, us, 1)
+
+    def interleaved(self, spec, kernels, rows):
+        return [measure.Timing(self._us(k), self._us(k), self._us(k), 1) for k in kernels]
+
+    def describe(self):
+        return {"timer": "replay"}
+
+
+def trials_to_target(order, table, best) -> int:
+    for i, key in enumerate(order, 1):
+        if table.get(key, float("inf")) <= WITHIN * best:
+            return i
+    return len(order) + 1
+
+
+def replay_tpe(spec, rows, backends, table, seed) -> int:
+    replay = {name: ReplayBackend(b) for name, b in backends.items()}
+    size = len(SearchSpace(spec, backends))
+    timer = ReplayTimer(table)
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = make_storage(None, Path(tmp) / "j")
+        seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
+        # A budget one below the space size keeps the runner in TPE mode (not exhaustive).
+        StudyRunner(spec, rows, replay, timer, "cpu", storage=storage, name="replay", n_trials=size - 1,
+                    time_budget=3600, patience=size, seeds=seeds, compile_baseline=False, seed=seed,
+                    compile_workers=1).run()
+    return trials_to_target(timer.order, table, min(table.values()))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--op", default="rmsnorm")
+    p.add_argument("--direction", default="fwd")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--rows", type=int, default=1024)
+    p.add_argument("--backends", default="numba-cpu,torch")
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--table", help="load the exhaustive table from this JSON instead of measuring")
+    p.add_argument("--save-table", help="write the measured exhaustive table here")
+    p.add_argument("--md", help="append the result row to this markdown file")
+    args = p.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = NormSpec(args.op, args.direction, args.dtype, args.dtype, args.hidden)
+    backends = native_backends(device, args.backends.split(","))
+    if args.table:
+        table = json.loads(Path(args.table).read_text())["table"]
+    else:
+        table = exhaustive_table(spec, args.rows, backends, device)
+        if args.save_table:
+            Path(args.save_table).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.save_table).write_text(json.dumps(
+                {"spec": spec.to_dict(), "rows": args.rows, "device": identity(device)["name"],
+                 "table": table}, indent=1))
+    size = len(SearchSpace(spec, backends))
+    best_key = min(table, key=table.get)
+    tpe = [replay_tpe(spec, args.rows, backends, table, seed) for seed in range(args.seeds)]
+    keys = list(table)
+    rnd = []
+    for seed in range(args.seeds):
+        random.Random(seed).shuffle(keys)
+        rnd.append(trials_to_target(keys, table, table[best_key]))
+    within = sum(v <= WITHIN * table[best_key] for v in table.values())
+
+    def cell(values):
+        med, worst = statistics.median(values), max(values)
+        return f"{med:.0f} ({100 * med / size:.0f}%) / {worst} ({100 * worst / size:.0f}%)"
+
+    row = (f"| {identity(device)['name']} | {spec.short()} rows={args.rows} | {size} | "
+           f"{table[best_key]:.1f} us: {best_key} | {within} | {cell(tpe)} | {cell(rnd)} |")
+    header = ("| device | spec | space | exhaustive best | configs within 2% | TPE trials to 2%: median / worst "
+              f"({args.seeds} seeds) | random search: median / worst |\n|---|---|---|---|---|---|---|")
+    print(header)
+    print(row)
+    if args.md:
+        path = Path(args.md)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("# Search efficiency\n\nTrials the tuner's search (TPE after the heuristic seeds, "
+                            "replayed on a measured exhaustive table) needs to come within 2% of the exhaustive "
+                            "best. Goal: at most 20% of the space. Produced by `scripts/search_efficiency.py`.\n\n"
+                            + header + "\n")
+        with path.open("a") as f:
+            f.write(row + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

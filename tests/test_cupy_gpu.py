@@ -1,0 +1,75 @@
+"""GPU tier of the CuPy backend: the shared correctness grid and the public API on hardware.
+
+CuPy compiles with NVRTC and launches only on a CUDA device, so everything here is
+skipped without one (conftest's `gpu` marker); tests/test_cupy_nvcc.py is the CPU tier.
+"""
+import pytest
+import torch
+from autonorm.backends import get_backend
+from grid import check_case, params, public_api_3d
+
+from autonorm.spec import NormSpec
+
+pytestmark = pytest.mark.gpu
+
+
+def _cupy():
+    backend = get_backend("cupy")
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"cupy backend unavailable: {reason}")
+    return backend
+
+
+@pytest.mark.parametrize("spec,rows,strided", params())
+def test_cupy_grid(spec, rows, strided):
+    check_case(_cupy(), spec, rows, strided, "cuda")
+
+
+# Every row cache, the scalar (misaligned) path and multi-warp rows on a few specs.
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("spec", [
+    NormSpec("rmsnorm", "fwd", "bfloat16", "float32", 4096, residual=True, offset=True),
+    NormSpec("rmsnorm", "bwd", "bfloat16", "float32", 4096, residual=True, offset=True),
+    NormSpec("layernorm", "fwd", "float16", "float16", 1128, bias=True, residual=True),
+    NormSpec("layernorm", "bwd", "float16", "float16", 1128, bias=True, residual=True),
+], ids=lambda s: s.short())
+@pytest.mark.parametrize("row_cache", ["registers", "shared", "none"])
+def test_cupy_row_caches(spec, strided, row_cache):
+    backend = _cupy()
+    configs = [c for c in backend.space(spec) if c.row_cache == row_cache]
+    assert configs, f"no {row_cache} config for {spec.short()}"
+    # extremes of the block shape plus the largest vector width
+    picks = {min(configs, key=lambda c: (c.threads, -c.rows)), max(configs, key=lambda c: (c.threads, c.vec)),
+             max(configs, key=lambda c: (c.rows, c.vec))}
+    for config in picks:
+        check_case(backend, spec, 37, strided, "cuda", config=config)
+
+
+def test_cupy_huge_row_and_many_rows():
+    """N = 262144 (chunked) and a backward whose row count exceeds its persistent grid."""
+    backend = _cupy()
+    for direction in ("fwd", "bwd"):
+        check_case(backend, NormSpec("layernorm", direction, "bfloat16", "float32", 262144, bias=True), 3, False, "cuda")
+        check_case(backend, NormSpec("rmsnorm", direction, "float32", "float32", 256), 20000, False, "cuda")
+
+
+def test_cupy_backward_is_deterministic():
+    backend = _cupy()
+    spec = NormSpec("layernorm", "bwd", "bfloat16", "float32", 760, bias=True)
+    kernel = backend.compile(spec, backend.heuristic(spec), "cuda")
+    from autonorm import verify
+    inputs = verify.make_inputs(spec, 3000, "cuda")
+    first = kernel(*inputs.args(spec))
+    second = kernel(*inputs.args(spec))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cupy_public_api(op, dtype, use_backend):
+    _cupy()
+    use_backend("cupy")
+    from autonorm.reference import tolerance
+    assert public_api_3d(op, dtype, "cuda") <= tolerance(dtype)

@@ -1,0 +1,226 @@
+"""CPU tier of the CuPy backend: its CUDA sources compile with nvcc for sm_80 and sm_90.
+
+CuPy itself compiles with NVRTC on the GPU machine; here nvcc stands in for it (same
+front end, same headers). For each op and direction, >= 200 configs across specs
+(extremes of every knob included) go into ONE translation unit per architecture:
+each rendering in its own namespace with a unique kernel-name suffix, so one nvcc
+call compiles them all (one call per config would blow the CI budget).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from autonorm.backends.cupy import CupyBackend, CupyConfig
+
+from autonorm.render import render
+from autonorm.spec import NormSpec
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compile-checked")
+
+ARCHS = ("sm_80", "sm_90")
+HIDDEN = (1, 7, 4096, 65537, 262144)
+SAMPLES = 200
+HEADERS = "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+BACKEND = CupyBackend()
+
+
+def _specs(op: str, direction: str) -> list[NormSpec]:
+    """Dtypes x sizes x features, every feature flag exercised somewhere."""
+    specs = []
+    extra = {"bias": True} if op == "layernorm" else {"offset": True}
+    for n in HIDDEN:
+        specs.append(NormSpec(op, direction, "float32", "float32", n))
+        specs.append(NormSpec(op, direction, "bfloat16", "float32", n, residual=True, **extra))
+        specs.append(NormSpec(op, direction, "float16", "float16", n, weight=False))
+    specs.append(NormSpec(op, direction, "bfloat16", "bfloat16", 760, residual=True))
+    specs.append(NormSpec(op, direction, "float16", "float32", 5120, **extra))
+    return specs
+
+
+def _extremes(spec: NormSpec, space: list[CupyConfig]) -> list[CupyConfig]:
+    """For every knob, a config of the space at its smallest and at its largest value
+    (every value of a string knob), when the space has one."""
+    picked = []
+    for name, domain in CupyConfig.domain().items():
+        values = domain if isinstance(domain[0], str) else (min(domain), max(domain))
+        for value in values:
+            match = next((c for c in space if getattr(c, name) == value), None)
+            if match is not None:
+                picked.append(match)
+    return picked
+
+
+def sample(op: str, direction: str, count: int = SAMPLES, seed: int = 0) -> list[tuple[NormSpec, CupyConfig]]:
+    """Heuristics and extremes of every spec, then random configs until `count` distinct pairs."""
+    rng = random.Random(seed)
+    spaces = {spec: BACKEND.space(spec) for spec in _specs(op, direction)}
+    chosen: dict[tuple, None] = {}
+    for spec, space in spaces.items():
+        rng.shuffle(space)
+        for config in [BACKEND.heuristic(spec), *_extremes(spec, space)]:
+            chosen[(spec, config)] = None
+    specs = list(spaces)
+    while len(chosen) < count:
+        spec = rng.choice(specs)
+        chosen[(spec, rng.choice(spaces[spec]))] = None
+    return list(chosen)
+
+
+def translation_unit(pairs) -> str:
+    """All renderings in one file: namespace + kernel suffix keep their names apart."""
+    parts = [HEADERS]
+    for i, (spec, config) in enumerate(pairs):
+        BACKEND.validate(spec, config)
+        ctx = {**BACKEND.render_context(spec, config), "suffix": f"_{i}", "headers": False}
+        text = render(BACKEND.template_name(spec), spec, config, **ctx).text
+        parts.append(f"// {spec.short()} | {config.short()}\nnamespace an_case_{i} {{\n{text}\n}}\n")
+    return "\n".join(parts)
+
+
+def _nvcc(path: str, arch: str) -> subprocess.CompletedProcess:
+    return subprocess.run([NVCC, "-std=c++17", f"-arch={arch}", "-c", path, "-o", f"{path}.{arch}.o",
+                           "-Werror", "all-warnings"], capture_output=True, text=True, check=False)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_sampled_configs_compile(op, direction, tmp_path):
+    pairs = sample(op, direction)
+    assert len(pairs) >= SAMPLES
+    # The sample covers both ends of every knob (the point of including extremes).
+    for name, domain in CupyConfig.domain().items():
+        seen = {getattr(c, name) for _, c in pairs}
+        if direction == "fwd" and name == "partials_per_sm":
+            assert seen == {1}
+            continue
+        assert min(domain) in seen and max(domain) in seen, (name, sorted(seen))
+    path = str(tmp_path / f"{op}_{direction}.cu")
+    with open(path, "w") as f:
+        f.write(translation_unit(pairs))
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the two architectures in parallel (2 CI cores)
+        results = dict(zip(ARCHS, pool.map(lambda arch: _nvcc(path, arch), ARCHS)))
+    for arch, proc in results.items():
+        assert proc.returncode == 0, f"nvcc -arch={arch} failed on {path}:\n{proc.stderr[-6000:]}"
+        assert os.path.getsize(f"{path}.{arch}.o") > 0
+
+
+@pytest.mark.parametrize("spec", [
+    NormSpec("rmsnorm", "fwd", "bfloat16", "float32", 4096, residual=True, offset=True),
+    NormSpec("rmsnorm", "bwd", "float32", "float32", 7),
+    NormSpec("layernorm", "fwd", "float16", "float16", 65537, bias=True),
+    NormSpec("layernorm", "bwd", "bfloat16", "float32", 760, bias=True, residual=True),
+], ids=lambda s: s.short())
+def test_every_config_of_the_space_renders(spec):
+    space = BACKEND.space(spec)
+    assert space and BACKEND.heuristic(spec) in space
+    names = {f"an_{spec.direction}_vec", f"an_{spec.direction}_scalar"}
+    for config in space:
+        text = BACKEND.render(spec, config).text
+        assert f"constexpr int THREADS = {config.threads};" in text, config.short()
+        assert f"constexpr int VEC = {config.vec};" in text and f"constexpr int ROWS = {config.rows};" in text
+        assert all(f"void __launch_bounds__(THREADS) {name}(" in text for name in names), config.short()
+
+
+def test_validity_rules():
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096)
+    ok = CupyConfig(threads=256, vec=8, rows=1, unroll=1, row_cache="registers", partials_per_sm=1)
+    assert CupyConfig.is_valid(spec, ok) is None
+    assert "16-byte" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "float32", "float32", 4096), ok)
+    assert "divide" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4100), ok)
+    assert "registers" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536), ok)
+    assert "shared" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536),
+                                           ok.replace(row_cache="shared"))
+    assert CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 262144),
+                               ok.replace(row_cache="none")) is None
+    assert "backward" in CupyConfig.is_valid(spec, ok.replace(partials_per_sm=4))
+    # Every spec size of the contract has a valid heuristic (the 'none' cache fits any N).
+    for n in (1, 2, 3, 7, 123, 760, 4096, 65537, 262144, 1 << 20):
+        for d in ("fwd", "bwd"):
+            s = NormSpec("layernorm", d, "float16", "float32", n, bias=True)
+            assert CupyConfig.is_valid(s, CupyConfig.heuristic(s)) is None
+
+
+def test_unavailable_reason_names_the_problem():
+    reason = BACKEND.unavailable_reason()
+    import torch
+    if not torch.cuda.is_available():
+        assert reason is not None and ("cupy" in reason or "CUDA" in reason)
+
+
+# --- the launcher, checked without a GPU: its argument tuples against the rendered signatures ---
+
+def _signature(text: str, kernel: str) -> list[str]:
+    """Parameter declarations of `kernel` in rendered source (expanding the params macro)."""
+    import re
+    text = re.sub(r"//[^\n]*", "", text)
+    macros = {m.group(1): m.group(2) for m in re.finditer(r"#define (AN_\w+_PARAMS) ((?:[^\n]*\\\n)*[^\n]*)", text)}
+    params = re.search(rf"\b{kernel}\(([^)]*)\)", text).group(1).strip()
+    params = macros.get(params, params).replace("\\\n", " ")
+    return [p.strip() for p in params.split(",")]
+
+
+def _expected_type(decl: str):
+    import numpy
+    if "*" in decl or decl.startswith("long long"):
+        return int  # CuPy sends a Python int as an 8-byte int64: a pointer or a long long
+    assert decl.startswith("float "), decl
+    return numpy.float32  # a Python float would go as 8-byte float64
+
+
+class _Recorder:
+    """Stands in for cupy's launch: records (kernel name, grid, block, args, shared memory)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fn, grid, block, args, smem=0):
+        self.calls.append((fn, grid, block, args, smem))
+
+
+@pytest.mark.parametrize("spec", [
+    NormSpec("rmsnorm", "fwd", "bfloat16", "float32", 4096, residual=True, offset=True),
+    NormSpec("layernorm", "fwd", "float16", "float16", 760, bias=True),
+    NormSpec("rmsnorm", "bwd", "float32", "float32", 7, weight=False),
+    NormSpec("layernorm", "bwd", "bfloat16", "float32", 4096, bias=True, residual=True),
+], ids=lambda s: s.short())
+@pytest.mark.parametrize("strided", [False, True])
+def test_launcher_arguments_match_kernel_signatures(spec, strided):
+    pytest.importorskip("cupy")
+    from autonorm.backends.cupy import _Launcher
+
+    from autonorm import verify
+
+    config = BACKEND.heuristic(spec)
+    text = BACKEND.render(spec, config).text
+    d = spec.direction
+    launcher = _Launcher(spec, config, 0, (f"an_{d}_vec", f"an_{d}_scalar"), "an_bwd_reduce", sms=4)
+    launcher._launch = recorder = _Recorder()
+    rows = 37
+    inputs = verify.make_inputs(spec, rows, "cpu", strided=strided)
+    outputs = getattr(launcher, "forward" if d == "fwd" else "backward")(*inputs.args(spec))
+    assert recorder.calls
+    for name, grid, block, args, smem in recorder.calls:
+        decls = _signature(text, name)
+        assert len(args) == len(decls), (name, decls, args)
+        for decl, arg in zip(decls, args):
+            assert type(arg) is _expected_type(decl), (name, decl, arg)
+        assert block == ((256,) if name == "an_bwd_reduce" else (config.threads,))
+        assert smem == 0 or config.row_cache == "shared"
+    # Odd row strides (strided inputs) rule out packed accesses; aligned contiguous tensors use them.
+    first = recorder.calls[0][0]
+    assert first == f"an_{d}_{'scalar' if strided and config.vec > 1 else 'vec'}"
+    if d == "fwd":
+        assert recorder.calls[0][1] == (-(-rows // config.rows),)
+        y, h, mean, rstd = outputs
+        assert y.shape == (rows, spec.hidden) and rstd.shape == (rows,)
+        assert (h is not None) == spec.residual and (mean is not None) == spec.is_layernorm
+    else:
+        assert recorder.calls[0][1][0] <= 4 * config.partials_per_sm  # persistent grid
+        assert len(recorder.calls) == (2 if spec.weight else 1)  # dW/dB reduction kernel

@@ -1,0 +1,281 @@
+"""The dispatcher's ladder on crafted databases, stale records, forcing, explain and logging.
+
+A tiny fake backend (registered by monkeypatching the registry) has one knob,
+`block`, valid only when it covers the row; its kernels are the torch
+backend's, so results can be checked against torch while the chosen config
+tells which database record won.
+"""
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import autonorm
+from autonorm import backends, dbload, dispatch
+from autonorm.backends.base import Backend
+from autonorm.config import Config, knob
+from autonorm.db import now_iso
+from autonorm.device import identity
+from autonorm.errors import DatabaseError, UnknownBackendError
+from autonorm.render import Source
+
+FAKE_HASH = "fake-template-v1"
+TIMING = {"median_us": 2.0, "p20_us": 1.9, "p80_us": 2.1}
+
+
+@dataclass(frozen=True)
+class FakeConfig(Config):
+    backend = "fake"
+    block: int = knob((16, 64, 256, 1024))
+
+    @classmethod
+    def is_valid(cls, spec, config):
+        return None if config.block >= spec.hidden else f"block {config.block} < hidden {spec.hidden}"
+
+    @classmethod
+    def heuristic(cls, spec):
+        return next(c for c in cls.all_configs() if cls.is_valid(spec, c) is None)
+
+
+class FakeBackend(Backend):
+    name = "fake"
+    config_cls = FakeConfig
+    reason = None
+
+    def unavailable_reason(self):
+        return self.reason
+
+    def version(self):
+        return "1"
+
+    def supports_device(self, device):
+        return True
+
+    def template_name(self, spec):
+        return ""
+
+    def template_hash(self):
+        return FAKE_HASH
+
+    def render(self, spec, config):
+        self.validate(spec, config)
+        return Source.of(f"fake {spec!r} {config!r}", "")
+
+    def build(self, source, spec, config, device):
+        torch_backend = backends.get_backend("torch")
+        return torch_backend.build(torch_backend.render(spec, torch_backend.heuristic(spec)), spec, config, device)
+
+
+class GoneBackend(FakeBackend):
+    name = "gone"
+    reason = "its compiler is not installed (pip install gone)"
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch):
+    for var in ("AUTONORM_BACKEND", "AUTONORM_DB_PATH", "AUTONORM_DISABLE", "AUTONORM_LOG",
+                "AUTONORM_TUNE_ON_MISS", "AUTONORM_VERIFY_DB"):
+        monkeypatch.delenv(var, raising=False)
+    for name, cls in (("fake", FakeBackend), ("gone", GoneBackend)):
+        monkeypatch.setitem(backends.BACKENDS, name, f"tests:{cls.__name__}")
+        monkeypatch.setitem(backends._instances, name, cls())
+    # Only the crafted databases count: no shipped file may answer for this machine.
+    monkeypatch.setattr(dbload, "_shipped", lambda: [])
+    # The automatic rung without databases: the fake backend, then torch.
+    monkeypatch.setitem(dispatch.DEFAULT_ORDER, "cpu", ("gone", "fake", "torch"))
+    dbload.forget(user_paths=True)
+    dispatch.reset()
+    yield
+    dbload.forget(user_paths=True)
+    dispatch.reset()
+
+
+def record(hidden, bucket, block=None, *, backend="fake", template_hash=FAKE_HASH, config=None):
+    return {
+        "key": {"op": "rmsnorm", "direction": "fwd", "x_dtype": "float32", "w_dtype": "float32",
+                "features": "weight", "hidden": hidden, "rows_bucket": bucket},
+        "winner": {"backend": backend, "config": config if config is not None else {"block": block},
+                   "median_us": 1.0, "p20_us": 0.9, "p80_us": 1.1, "gbps": 100.0, "pct_copy_bw": 50.0},
+        "runners_up": [], "baselines": {"torch_eager": TIMING, "torch_compile": TIMING},
+        "template_hash": template_hash, "trials": 10, "failed": 0, "date": now_iso(),
+    }
+
+
+def write_db(path, records, *, slug=None, kind="cpu", cc=None):
+    slug = slug or identity("cpu")["slug"]
+    obj = {"schema_version": 1,
+           "device": {"name": slug, "slug": slug, "kind": kind, "compute_capability": cc, "sm_count": 2,
+                      "l2_bytes": 0, "copy_gbps": None},
+           "versions": {"autonorm": autonorm.__version__, "torch": torch.__version__},
+           "protocol": {}, "records": records}
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def choose(rows, hidden):
+    x = torch.randn(rows, hidden)
+    w = torch.randn(hidden)
+    y = autonorm.rms_norm(x, (hidden,), w, 1e-6)
+    torch.testing.assert_close(y, F.rms_norm(x, (hidden,), w, 1e-6), rtol=1e-5, atol=1e-5)
+    return autonorm.explain("rms_norm", x, (hidden,), w, 1e-6)
+
+
+@pytest.fixture
+def own_db(tmp_path):
+    # Exact-rows record (block 64), a far-rows record of the same hidden (block 256), a large hidden (1024).
+    return write_db(tmp_path / "own.json", [record(64, 4, 64), record(64, 64, 256), record(1024, 4, 1024)])
+
+
+def test_exact_record(own_db):
+    autonorm.load_db(own_db)
+    c = choose(3, 64)
+    assert (c.rung, c.backend, c.config.block) == ("exact", "fake", 64)
+
+
+def test_nearest_rows_bucket(own_db):
+    autonorm.load_db(own_db)
+    c = choose(200, 64)  # bucket 256: bucket 64 is 2 doublings away, bucket 4 six
+    assert (c.rung, c.config.block) == ("nearest-rows", 256)
+
+
+def test_nearest_hidden_skips_invalid_configs(own_db):
+    autonorm.load_db(own_db)
+    # N=100: the closest record (N=64, rows 4, block 64) cannot cover the row; the next N=64 one can.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # filtered by validity, not tried and failed at compile time
+        c = choose(3, 100)
+    assert (c.rung, c.config.block) == ("nearest-hidden", 256)
+    c = choose(3, 800)  # only block 1024 covers N=800
+    assert (c.rung, c.config.block) == ("nearest-hidden", 1024)
+
+
+def test_same_architecture(tmp_path, monkeypatch):
+    # This "GPU" has no database; another GPU of compute capability 9.0 does, one of 8.0 too.
+    me = {"name": "GPU A", "slug": "gpu-a", "kind": "cuda", "compute_capability": "9.0"}
+    monkeypatch.setattr("autonorm.device.identity", lambda device=None: me)
+    write_db(tmp_path / "b.json", [record(64, 4, 1024)], slug="gpu-b", kind="cuda", cc="9.0")
+    write_db(tmp_path / "c.json", [record(64, 4, 64)], slug="gpu-c", kind="cuda", cc="8.0")
+    monkeypatch.setenv("AUTONORM_DB_PATH", str(tmp_path))
+    c = choose(3, 64)
+    assert (c.rung, c.config.block) == ("same-arch", 1024)
+    assert "gpu-b" in c.describe()
+
+
+def test_heuristic_and_torch_rungs(monkeypatch):
+    c = choose(3, 100)  # no database: "gone" is unavailable, so the fake backend's heuristic
+    assert (c.rung, c.backend, c.config.block) == ("heuristic", "fake", 256)
+    monkeypatch.setitem(dispatch.DEFAULT_ORDER, "cpu", ("gone", "torch"))
+    autonorm.reset()
+    c = choose(3, 100)
+    assert (c.rung, c.backend) == ("torch", "torch")
+
+
+def test_stale_and_unavailable_records_skipped_with_one_warning(tmp_path):
+    path = write_db(tmp_path / "stale.json", [record(64, 4, 64, template_hash="old-templates"),
+                                              record(64, 8, 64, template_hash="old-templates"),
+                                              record(64, 16, 64, backend="gone")])
+    autonorm.load_db(path)
+    with pytest.warns(RuntimeWarning) as caught:
+        c = choose(3, 64)
+        choose(10, 64)  # a second key, same file: no second warning
+    messages = [str(w.message) for w in caught if "autonorm" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "3 of 3 records" in messages[0] and "stale template hash" in messages[0]
+    assert "backend gone unavailable" in messages[0] and "stale.json" in messages[0]
+    assert c.rung == "heuristic"  # never the stale record
+
+
+def test_later_databases_override_earlier(tmp_path, monkeypatch):
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()
+    write_db(env_dir / "a.json", [record(64, 4, 64)])
+    monkeypatch.setenv("AUTONORM_DB_PATH", str(env_dir))
+    assert choose(3, 64).config.block == 64
+    autonorm.load_db(write_db(tmp_path / "user.json", [record(64, 4, 256)]))
+    assert choose(3, 64).config.block == 256
+
+
+def test_broken_databases_are_named(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1, "device": ')
+    with pytest.raises(DatabaseError, match="bad.json"):
+        autonorm.load_db(bad)
+    with pytest.raises(DatabaseError, match="refused|domain"):  # a config outside its declared domain
+        autonorm.load_db(write_db(tmp_path / "evil.json", [record(64, 4, config={"block": "__import__('os')"})]))
+    monkeypatch.setenv("AUTONORM_DB_PATH", str(tmp_path / "missing.json"))
+    autonorm.reset()  # loading is lazy: nothing is read until the first resolution
+    with pytest.raises(DatabaseError, match="missing.json"):
+        choose(3, 64)
+
+
+def test_forced_disabled_and_unknown_backends(monkeypatch, own_db):
+    autonorm.load_db(own_db)
+    monkeypatch.setenv("AUTONORM_BACKEND", "torch")
+    autonorm.reset()
+    assert choose(3, 64).rung == "forced"
+    monkeypatch.setenv("AUTONORM_BACKEND", "no-such-backend")
+    autonorm.reset()
+    with pytest.raises(UnknownBackendError) as err:
+        choose(3, 64)
+    assert "no-such-backend" in str(err.value) and "triton" in str(err.value) and "torch" in str(err.value)
+    monkeypatch.delenv("AUTONORM_BACKEND")
+    monkeypatch.setenv("AUTONORM_DISABLE", "1")
+    autonorm.reset()
+    assert (choose(3, 64).rung, choose(3, 64).backend) == ("disabled", "torch")
+
+
+def test_explain_forms(own_db):
+    autonorm.load_db(own_db)
+    x = torch.randn(3, 64)
+    module = autonorm.RMSNorm(64, eps=1e-6)
+    by_name = autonorm.explain("rms_norm", x, (64,), module.weight, 1e-6)
+    assert autonorm.explain(autonorm.rms_norm, x, 64, weight=module.weight) is by_name
+    assert autonorm.explain(module, x) is by_name
+    assert "rung: exact" in str(by_name) and "block=64" in str(by_name)
+    bwd = autonorm.explain(module, x, direction="bwd")
+    assert bwd.spec.direction == "bwd" and bwd.rung == "heuristic"  # the database has no backward records
+    ln = autonorm.explain("layer_norm", x, (64,), None, torch.zeros(64))
+    assert ln.spec.op == "layernorm" and ln.spec.bias
+    with pytest.raises(ValueError, match="expected 'rms_norm'"):
+        autonorm.explain("group_norm", x, (64,))
+
+
+def test_log_each_resolution_once(monkeypatch, caplog):
+    monkeypatch.setenv("AUTONORM_LOG", "1")
+    with caplog.at_level(logging.WARNING, logger="autonorm"):
+        for _ in range(3):
+            choose(3, 64)
+    lines = [r.getMessage() for r in caplog.records if r.name == "autonorm"]
+    assert len(lines) == 1 and "rung: heuristic" in lines[0]
+
+
+def test_database_record_backward_and_residual_keys(tmp_path):
+    # A backward record is used by autograd; a residual call has its own key (features differ).
+    bwd = record(64, 4, 1024)
+    bwd["key"]["direction"] = "bwd"
+    autonorm.load_db(write_db(tmp_path / "bwd.json", [bwd]))
+    x = torch.randn(3, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    autonorm.rms_norm(x, (64,), w).sum().backward()
+    c = autonorm.explain("rms_norm", x, (64,), w, direction="bwd")
+    assert (c.rung, c.config.block) == ("exact", 1024)
+    r = autonorm.explain("rms_norm", x, (64,), w, residual=torch.randn(3, 64), direction="bwd")
+    assert r.spec.residual and r.rung == "heuristic"
+
+
+def test_tune_on_miss_tunes_once_and_keeps_the_record(tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    monkeypatch.setenv("AUTONORM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(dispatch.DEFAULT_ORDER, "cpu", ("fake", "torch"))  # a 4-candidate space: exhaustive
+    assert choose(3, 64).rung == "heuristic"  # never tunes unless asked
+    monkeypatch.setenv("AUTONORM_TUNE_ON_MISS", "1")
+    autonorm.reset()
+    c = choose(3, 64)
+    assert c.rung == "tuned" and dbload.tuned_path(identity("cpu")["slug"]).exists()
+    autonorm.reset()
+    again = choose(3, 64)  # a new process would find it the same way: from the saved database
+    assert (again.rung, again.backend, again.config) == ("exact", c.backend, c.config)

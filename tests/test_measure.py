@@ -1,0 +1,66 @@
+"""Measurement: statistics, the CPU protocol's rotating inputs, verify-before-time, the copy probe."""
+import pytest
+import torch
+from autonorm.backends.torch_eager import TorchBackend
+
+from autonorm import measure
+from autonorm.spec import NormSpec
+
+SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 256)
+
+
+def test_timing_statistics():
+    t = measure.Timing.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median_us, t.p20_us, t.p80_us, t.reps) == (3.0, 1.8, 4.2, 5)
+    assert measure.Timing.of([7.0]).to_json() == {"median_us": 7.0, "p20_us": 7.0, "p80_us": 7.0}
+
+
+def test_cpu_timer_rotates_random_inputs_and_reports_quantiles(monkeypatch):
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 1 << 20)  # 1 MiB LLC -> several input sets
+    seen = []
+    eager = TorchBackend().build(None, SPEC, None, "cpu")
+
+    def kernel(*args):
+        seen.append(args[0].data_ptr())
+        assert args[0].abs().sum() > 0  # random-normal, never zeros
+        return eager(*args)
+
+    timer = measure.CpuTimer(warmup_s=0.0, rep_s=0.0, min_reps=8)
+    t = timer.measure(SPEC, kernel, 64)
+    assert t.reps == 8 and t.p20_us <= t.median_us <= t.p80_us
+    n_sets = len(timer._sets[(SPEC, 64)])
+    assert n_sets * SPEC.bytes_moved(64) > 2 * (1 << 20) or n_sets == timer.max_sets
+    assert len(set(seen)) == n_sets  # every set used, so no repetition finds its inputs cached
+    both = timer.interleaved(SPEC, [kernel, eager], 64)
+    assert len(both) == 2 and all(x.reps >= 1 for x in both)
+
+
+def test_verify_before_time():
+    eager = TorchBackend().build(None, SPEC, None, "cpu")
+    assert measure.verify(SPEC, eager, 8, "cpu") is None
+
+    def wrong(*args):
+        y, h, mean, rstd = eager(*args)
+        return y + 1e-2, h, mean, rstd
+
+    def crash(*args):
+        raise RuntimeError("illegal memory access")
+
+    assert "wrong result: y" in measure.verify(SPEC, wrong, 8, "cpu")
+    assert measure.verify(SPEC, crash, 8, "cpu") == "RuntimeError: illegal memory access"
+
+
+def test_copy_bandwidth_and_gbps():
+    assert measure.copy_bandwidth("cpu", nbytes=8 << 20, reps=3) > 0
+    assert measure.gbps(SPEC, 1000, 1.0) == pytest.approx(SPEC.bytes_moved(1000) / 1e-6 / 1e9)
+
+
+@pytest.mark.gpu
+def test_cuda_timer_flushes_a_buffer_sized_from_l2():
+    from autonorm.device import identity
+
+    timer = measure.CudaTimer("cuda")
+    assert timer.flush.numel() * 4 == 2 * identity(torch.device("cuda"))["l2_bytes"]
+    eager = TorchBackend().build(None, SPEC, None, "cuda")
+    t = timer.measure(SPEC, eager, 4096)
+    assert t.reps >= timer.min_reps and t.p20_us <= t.median_us <= t.p80_us

@@ -1,0 +1,229 @@
+"""The numba-cpu backend: shared grid, bit-exact fp16/bf16 handling, thread independence, compile cache."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from autonorm import verify  # noqa: E402
+from autonorm.backends import get_backend  # noqa: E402
+from autonorm.spec import NormSpec  # noqa: E402
+
+from grid import check_case, params, public_api_3d  # noqa: E402
+
+BACKEND = "numba-cpu"
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = get_backend(BACKEND)
+    if not b.is_available():
+        pytest.skip(b.unavailable_reason())
+    return b
+
+
+# N is a runtime argument of the kernels, so the grid compiles one kernel per
+# (op, direction, dtypes, features), not per hidden size: the full grid is affordable.
+@pytest.mark.parametrize("spec,rows,strided", params())
+def test_grid(backend, spec, rows, strided):
+    check_case(backend, spec, rows, strided, "cpu")
+
+
+def test_non_default_configs(backend):
+    """Every knob value renders and computes correctly (fastmath included: it keeps NaN/Inf semantics)."""
+    from autonorm.backends.numba_cpu import NumbaCpuConfig
+
+    for direction in ("fwd", "bwd"):
+        spec = NormSpec("layernorm", direction, "bfloat16", "float32", 1128, bias=True, residual=True)
+        for config in (NumbaCpuConfig(rows_per_task=4, vector_width=16, threads=1, fastmath=True),
+                       NumbaCpuConfig(rows_per_task=128, vector_width=1, threads=0, fastmath=False)):
+            check_case(backend, spec, 37, True, "cpu", config)
+
+
+def test_config_domain_and_validity(backend):
+    from autonorm.backends.numba_cpu import NumbaCpuConfig
+    from autonorm.errors import InvalidConfigError
+
+    spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 4)
+    assert NumbaCpuConfig.is_valid(spec, NumbaCpuConfig(2, 8, 0, False)) is not None  # dW partial per 2 rows
+    assert NumbaCpuConfig.is_valid(spec, NumbaCpuConfig(8, 16, 1, True)) is None  # 16 lanes > N=4 still runs
+    assert all(c.rows_per_task >= 4 for c in backend.space(spec))
+    with pytest.raises(InvalidConfigError):
+        NumbaCpuConfig.from_dict({"rows_per_task": 3, "vector_width": 8, "threads": 0, "fastmath": False})
+    for s in (spec, NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 65537, bias=True)):
+        assert NumbaCpuConfig.is_valid(s, backend.heuristic(s)) is None
+
+
+# --- bit handling -------------------------------------------------------------------------
+
+def _special_values(dtype):
+    info = torch.finfo(dtype)
+    vals = [0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"), float("nan"), info.max, -info.max,
+            info.tiny, -info.tiny, info.tiny / 4, info.tiny * 0.75, info.smallest_normal * 1.5, 3.0e-3]
+    return torch.tensor(vals, dtype=torch.float32).to(dtype)
+
+
+def _all_bit_patterns(dtype):
+    return torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype)
+
+
+def _njit_roundtrip(source_module, dtype_name):
+    """Compile small njit wrappers around the generated conversion helpers."""
+    import numba
+    import numpy as np
+
+    if dtype_name == "bfloat16":
+        to32, from32 = source_module.bf16_to_f32, source_module.f32_to_bf16
+    else:
+        to32, from32 = source_module.f16_to_f32, source_module.f32_to_f16
+
+    @numba.njit
+    def up(u):
+        out = np.empty(u.size, np.float32)
+        for i in range(u.size):
+            out[i] = to32(u[i])
+        return out
+
+    @numba.njit
+    def down(f):
+        out = np.empty(f.size, np.uint16)
+        for i in range(f.size):
+            out[i] = from32(f[i])
+        return out
+
+    return up, down
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bit_conversions_exhaustive(backend, dtype):
+    """Every 16-bit pattern widens exactly; fp32 values narrow with torch's round-to-nearest-even."""
+    import sys as _sys
+
+    spec = NormSpec("rmsnorm", "fwd", {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
+                    "float32", 8, weight=False)
+    backend.compile(spec, backend.heuristic(spec))
+    source = backend.render(spec, backend.heuristic(spec))
+    module = _sys.modules[f"autonorm_numba_cpu_{source.sha256[:24]}"]
+    up, down = _njit_roundtrip(module, spec.x_dtype)
+
+    half = _all_bit_patterns(dtype)
+    wide = torch.from_numpy(up(half.view(torch.uint16).numpy()))
+    expected = half.float()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(wide), nan)
+    assert torch.equal(wide[~nan].view(torch.int32), expected[~nan].view(torch.int32))  # -0.0 kept too
+
+    # Narrowing: random fp32 bit patterns (all exponents, incl. subnormals, ties) + specials.
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(1 << 31), (1 << 31) - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    f = torch.cat([bits.view(torch.float32), _special_values(dtype).float(),
+                   expected[~nan] + 0.0, (expected[~nan].double() * (1 + 2.0 ** -12)).float()])
+    got = torch.from_numpy(down(f.numpy())).view(dtype)
+    want = f.to(dtype)
+    fnan = torch.isnan(f)
+    assert torch.equal(torch.isnan(got), fnan)
+    assert torch.equal(got[~fnan].view(torch.uint16), want[~fnan].view(torch.uint16))
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_specials_through_forward(backend, dtype_name):
+    """NaN/Inf stay in their row; subnormal and tiny inputs normalize like torch does in fp32."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    spec = NormSpec("rmsnorm", "fwd", dtype_name, dtype_name, 16)
+    kernel = backend.compile(spec, backend.heuristic(spec))
+    x = torch.randn(4, 16).to(dtype)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    info = torch.finfo(dtype)
+    x[2] = torch.tensor([info.tiny / 4, -info.tiny / 2] * 8).to(dtype)  # subnormal row
+    x[3, 0] = -0.0
+    w = torch.ones(16, dtype=dtype)
+    y, _, _, rstd = kernel(x, w, None, None, 1e-30, 0.0)
+    ref = torch.nn.functional.rms_norm(x.float(), (16,), eps=1e-30).to(dtype)
+    # A NaN poisons its row; an Inf makes rstd 0, so its row is 0 except Inf * 0 = NaN (as in torch).
+    assert torch.isnan(y[0]).all()
+    assert torch.equal(torch.isnan(y[:2]), torch.isnan(ref[:2]))
+    assert torch.equal(y[1].nan_to_num(), ref[1].nan_to_num())
+    assert torch.equal(y[2].view(torch.uint16), ref[2].view(torch.uint16))  # subnormal inputs are exact
+    assert torch.allclose(y[3].float(), ref[3].float(), rtol=1e-2, atol=0)
+    assert torch.isfinite(rstd[2:]).all()
+
+
+# --- threads, determinism ------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_threads_do_not_change_results(backend, op):
+    import numba
+
+    spec = NormSpec(op, "bwd", "bfloat16", "float32", 1000, bias=op == "layernorm", residual=True)
+    inputs = verify.make_inputs(spec, 301, strided=True)
+    results = []
+    for threads in sorted({1, numba.config.NUMBA_NUM_THREADS, 0}):
+        config = backend.heuristic(spec).replace(threads=threads, rows_per_task=8)
+        results.append(backend.compile(spec, config)(*inputs.args(spec)))
+    before = numba.get_num_threads()
+    for dx, dw, db in results[1:]:
+        # the partition is by rows_per_task, so even the parameter gradients are bitwise equal
+        assert torch.equal(dw, results[0][1])
+        if db is not None:
+            assert torch.equal(db, results[0][2])
+        assert torch.equal(dx, results[0][0])
+    assert numba.get_num_threads() == before  # the launcher restores the thread count
+
+    fspec = spec.with_direction("fwd")
+    finputs = verify.make_inputs(fspec, 301, strided=True)
+    outs = [backend.compile(fspec, backend.heuristic(fspec).replace(threads=t))(*finputs.args(fspec))
+            for t in (1, 0)]
+    for a, b in zip(outs[0], outs[1]):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+# --- compile cache across processes --------------------------------------------------------
+
+def test_second_process_reuses_compile_cache(backend, tmp_path):
+    script = textwrap.dedent("""
+        import json, sys
+        from autonorm.backends import get_backend
+        from autonorm.spec import NormSpec
+        from autonorm import verify
+        b = get_backend("numba-cpu")
+        spec = NormSpec("rmsnorm", "fwd", "bfloat16", "float32", 64, offset=True)
+        kernel = b.compile(spec, b.heuristic(spec))
+        assert verify.check_kernel(spec, kernel, 9).ok
+        stats = [d.stats for d in kernel.dispatchers]  # 9 rows: the serial variant runs
+        print(json.dumps({"hits": sum(sum(s.cache_hits.values()) for s in stats),
+                          "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
+    """)
+    env = dict(os.environ, AUTONORM_CACHE_DIR=str(tmp_path))
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["misses"] >= 1 and first["hits"] == 0
+    index_files = list((tmp_path / "numba_cpu").rglob("*.nbi"))
+    assert index_files, "Numba wrote no cache index next to the generated source"
+    second = run()
+    assert second["hits"] >= 1 and second["misses"] == 0
+
+
+# --- public API ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_public_api(use_backend, op):
+    import autonorm
+
+    use_backend(BACKEND)
+    assert public_api_3d(op, torch.float32, "cpu") < 1e-5
+    x = torch.randn(3, 40)
+    fn = "rms_norm" if op == "rmsnorm" else "layer_norm"
+    choice = autonorm.explain(fn, x, (40,), torch.ones(40))
+    assert choice.backend == BACKEND

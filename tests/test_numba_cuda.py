@@ -1,0 +1,202 @@
+"""Numba CUDA backend: the correctness grid in Numba's CUDA simulator (CPU tier) and on a GPU.
+
+The simulator runs every CUDA thread as a Python thread, so CPU-tier shapes are
+tiny: N <= 300 except the shared grid's mixed-precision sizes, a few rows, one
+config that loops over chunks. The GPU tier runs the full shared grid.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install autonorm[numba])")
+
+import grid  # noqa: E402
+from autonorm import knobs, verify  # noqa: E402
+from autonorm.backends import get_backend  # noqa: E402
+from autonorm.backends import numba_cuda as nc  # noqa: E402
+from autonorm.errors import InvalidConfigError  # noqa: E402
+from autonorm.spec import NormSpec  # noqa: E402
+
+BACKEND = get_backend("numba")
+SIMULATED = nc._simulator()
+DEVICE = "cpu" if SIMULATED else "cuda"
+needs_backend = pytest.mark.skipif(not BACKEND.is_available(), reason=str(BACKEND.unavailable_reason()))
+
+# Sizes the simulator affords: 1, a prime, an odd size, and 300 (> one 256-wide chunk of most configs).
+SIM_CASES = grid.params(hidden=(1, 7, 123, 300), feature_hidden=(123,))
+# threads*items = 64 < 300: the row is processed in 5 chunks, re-read from memory in each pass.
+CHUNKED = nc.NumbaCudaConfig(threads=32, items=2, rows=1)
+
+
+@needs_backend
+@pytest.mark.skipif(not SIMULATED, reason="CPU tier: runs in the CUDA simulator")
+@pytest.mark.parametrize("spec,rows,strided", SIM_CASES)
+def test_grid_simulator(spec, rows, strided):
+    grid.check_case(BACKEND, spec, rows, strided, DEVICE)
+
+
+@needs_backend
+@pytest.mark.parametrize("op", grid.OPS)
+@pytest.mark.parametrize("direction", grid.DIRECTIONS)
+def test_chunked_rows(op, direction):
+    feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
+    spec = NormSpec(op, direction, "bfloat16", "float32", 300, residual=True, **feats)
+    assert BACKEND.render_context(spec, CHUNKED)["nchunk"] == 5
+    grid.check_case(BACKEND, spec, 3, True, DEVICE, config=CHUNKED)
+
+
+@needs_backend
+@pytest.mark.parametrize("op", grid.OPS)
+@pytest.mark.parametrize("direction", grid.DIRECTIONS)
+def test_configs_from_space(op, direction):
+    """The extremes of the space and one in between, with several rows per block and a missing row."""
+    spec = NormSpec(op, direction, "float16", "float16", 100)
+    space = BACKEND.space(spec)
+    multi_row = [c for c in space if c.rows > 1]
+    picks = {space[0], space[-1], space[len(space) // 2], multi_row[-1]}
+    for config in sorted(picks, key=lambda c: c.short()):
+        grid.check_case(BACKEND, spec, 5, False, DEVICE, config=config)  # 5 rows: the last block is partial
+
+
+@needs_backend
+def test_backward_is_deterministic():
+    spec = NormSpec("layernorm", "bwd", "float32", "float32", 96, bias=True)
+    kernel = BACKEND.compile(spec, nc.NumbaCudaConfig(threads=32, items=4, rows=2), DEVICE)
+    inputs = verify.make_inputs(spec, 7, DEVICE)
+    first = kernel(*inputs.args(spec))
+    second = kernel(*inputs.args(spec))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@needs_backend
+def test_source_is_written_to_the_cache_dir():
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 8)
+    config = BACKEND.heuristic(spec)
+    BACKEND.compile(spec, config, DEVICE)
+    source = BACKEND.render(spec, config)
+    path = knobs.cache_dir() / "numba_cuda" / f"{source.sha256}.py"
+    assert path.read_text() == source.text
+
+
+@needs_backend
+@pytest.mark.skipif(not SIMULATED, reason="the simulator case")
+def test_public_functions_route_to_numba(use_backend):
+    from autonorm import dispatch
+
+    use_backend("numba")
+    assert grid.public_api_3d("rmsnorm", torch.float32, DEVICE) < 1e-5
+    x, w = torch.randn(6, 96), torch.randn(96)
+    for direction in grid.DIRECTIONS:
+        choice = dispatch.choice_for_tensors("rmsnorm", direction, x, w)
+        assert (choice.backend, choice.rung) == ("numba", "forced")
+
+
+# --- config: domain, validity, heuristic (no kernels run) ---------------------------
+
+@pytest.mark.parametrize("hidden", [1, 7, 64, 123, 760, 4096, 5120, 65537, 262144, 1 << 20])
+@pytest.mark.parametrize("dtype", grid.DTYPES)
+def test_heuristic_is_valid_and_in_space(hidden, dtype):
+    spec = NormSpec("rmsnorm", "fwd", dtype, dtype, hidden)
+    config = nc.NumbaCudaConfig.heuristic(spec)
+    assert nc.NumbaCudaConfig.is_valid(spec, config) is None
+    assert config in nc.NumbaCudaConfig.space(spec)
+    if hidden <= 4096:  # the whole row fits one chunk: it stays in registers
+        assert config.threads * config.items >= hidden
+
+
+def test_validity_rules():
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 4096)
+    assert "exceeds 1024" in nc.NumbaCudaConfig.is_valid(spec, nc.NumbaCudaConfig(threads=256, items=8, rows=8))
+    small = NormSpec("rmsnorm", "fwd", "float32", "float32", 10)
+    assert "half of" in nc.NumbaCudaConfig.is_valid(small, nc.NumbaCudaConfig(threads=64, items=1, rows=1))
+    assert nc.NumbaCudaConfig.is_valid(small, nc.NumbaCudaConfig(threads=32, items=1, rows=8)) is None
+    with pytest.raises(InvalidConfigError):
+        nc.NumbaCudaConfig.from_dict({"threads": 48, "items": 1, "rows": 1})
+    with pytest.raises(InvalidConfigError):
+        nc.NumbaCudaConfig.from_dict({"threads": "32", "items": 1, "rows": 1})
+
+
+def test_unavailable_without_numba_cuda(monkeypatch):
+    monkeypatch.setattr(nc, "_numba_cuda", lambda: None)
+    reason = nc.NumbaCudaBackend().unavailable_reason()
+    assert "pip install autonorm[numba]" in reason
+
+
+@pytest.mark.skipif(not SIMULATED, reason="the simulator case")
+def test_devices_under_the_simulator():
+    assert BACKEND.supports_device(torch.device("cpu"))
+    assert not BACKEND.supports_device(torch.device("cuda"))
+    assert BACKEND.version().endswith("+sim")
+
+
+# --- the same sources compiled by Numba for a real GPU (typing + lowering, no GPU needed) ----
+
+_LOWER = textwrap.dedent("""
+    import sys
+    import numba.cuda.cudadrv.nvrtc as nvrtc
+    import numba.cuda.dispatcher as dispatcher
+    from types import SimpleNamespace
+    from numba import types as t
+    from numba.cuda.compiler import compile_cuda
+    from autonorm.backends import get_backend
+    from autonorm.backends.numba_cuda import _load_module
+    from autonorm.spec import NormSpec
+
+    # Device functions ask the current device for its compute capability, and
+    # codegen asks NVRTC for the arch flag: answer both for sm_80, without a GPU.
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(8, 0))
+    nvrtc.get_arch_option = lambda major, minor: f"compute_{major}{minor}"
+    AR = {"float32": t.float32, "float16": t.float16, "bfloat16": t.uint16}
+
+    def signature(s):
+        x1, w, x2 = AR[s.x_dtype][::1], AR[s.w_dtype][::1], AR[s.x_dtype][:, ::1]
+        f1, f2, i, f = t.float32[::1], t.float32[:, ::1], t.int64, t.float32
+        if s.direction == "fwd":
+            a = [x1, i] + ([x1, i, x2] if s.residual else []) + [w] * (s.weight + s.bias)
+            return a + [x2] + [f1] * s.is_layernorm + [f1, i, f, f]
+        a = [x1, i, x1, i] + ([w, f2] if s.weight else []) + [f2] * s.bias
+        return a + [f1] * s.is_layernorm + [f1] + ([x1, i] if s.residual else []) + [x2, i, f]
+
+    backend = get_backend("numba")
+    for op in ("rmsnorm", "layernorm"):
+        for direction in ("fwd", "bwd"):
+            feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
+            for x_dtype, w_dtype, n in (("bfloat16", "float32", 123), ("float16", "float16", 70000)):
+                spec = NormSpec(op, direction, x_dtype, w_dtype, n, residual=True, **feats)
+                module = _load_module(backend.render(spec, backend.heuristic(spec)))
+                ir = compile_cuda(module._kernel.py_func, t.void, tuple(signature(spec)), cc=(8, 0))
+                ir = ir.library.get_llvm_str()
+                # fp32 math only: the one use of a double is a folded constant truncation.
+                bad = [l for l in ir.splitlines() if " double" in l and "fptrunc double" not in l
+                       and not l.startswith("declare")]
+                assert not bad, (spec.short(), bad[:3])
+                if direction == "bwd":
+                    compile_cuda(module._sum_partials.py_func, t.void, (t.float32[:, ::1], AR[w_dtype][::1], t.int64),
+                                 cc=(8, 0))
+    print("lowered")
+""")
+
+
+def test_kernels_lower_for_a_real_gpu(tmp_path):
+    """The simulator runs Python, not Numba's CUDA compiler: compile the same sources for sm_80 too."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["AUTONORM_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _LOWER], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and ("NvvmSupportError" in proc.stderr or "libNVVM cannot be found" in proc.stderr):
+        pytest.skip("libNVVM (CUDA toolkit) not found: cannot lower Numba CUDA kernels here")
+    assert proc.returncode == 0 and "lowered" in proc.stdout, proc.stderr[-3000:]
+
+
+# --- GPU tier -----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec,rows,strided", grid.params())
+def test_grid_gpu(spec, rows, strided):
+    grid.check_case(BACKEND, spec, rows, strided, "cuda")

@@ -1,0 +1,264 @@
+"""The tuner with a fake backend and a fake timer of known optimum, resume, workers, and `autonorm tune` end to end.
+
+Run as a script (`python tests/test_tuner.py worker JOURNAL NAME SLEEP`) this file is
+one tuning worker on the fake space: the resume and two-worker tests start it.
+"""
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from autonorm.backends.base import Backend
+from autonorm.backends.torch_eager import TorchBackend
+
+from autonorm.config import Config, knob
+from autonorm.measure import Timing
+from autonorm.render import Source
+from autonorm.spec import NormSpec
+from autonorm.tuner import Candidate, SearchSpace, StudyRunner, make_storage
+
+SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+ROWS = 16
+OPTIMUM = (8, 3)
+TORCH_US = 20.0
+
+
+@dataclass(frozen=True)
+class FakeConfig(Config):
+    backend: ClassVar[str] = "fake"
+    a: int = knob((1, 2, 4, 8, 16, 32))
+    b: int = knob((1, 2, 3, 4, 5, 6))
+
+    @classmethod
+    def is_valid(cls, spec, config):
+        return "a*b > 64" if config.a * config.b > 64 else None
+
+
+def cost(config: FakeConfig, shift=0.0) -> float:
+    """Known landscape: minimum 10 us at OPTIMUM, smooth around it."""
+    return 10.0 + shift + (math.log2(config.a) - math.log2(OPTIMUM[0])) ** 2 + (config.b - OPTIMUM[1]) ** 2
+
+
+class FakeBackend(Backend):
+    """Correct kernels (torch underneath) except: b == 6 computes a wrong result, a == 32 fails to compile."""
+
+    name = "fake"
+    config_cls = FakeConfig
+
+    def unavailable_reason(self):
+        return None
+
+    def version(self):
+        return "1"
+
+    def supports_device(self, device):
+        return True
+
+    def template_name(self, spec):
+        return ""
+
+    def template_hash(self):
+        return "fake-1"
+
+    def render(self, spec, config):
+        self.validate(spec, config)
+        return Source.of(f"fake {spec!r} {config!r}", "")
+
+    def build(self, source, spec, config, device):
+        if config.a == 32:
+            raise RuntimeError("ptxas: too many resources requested")
+        inner = TorchBackend().build(None, spec, None, device)
+
+        def kernel(*args):
+            y, h, mean, rstd = inner(*args)
+            return (y * 2 if config.b == 6 else y), h, mean, rstd
+        kernel.config = config
+        return kernel
+
+
+class FakeTimer:
+    """Times a kernel by its config's known cost (torch: TORCH_US); counts what it timed."""
+
+    def __init__(self, shift=0.0, sleep=0.0):
+        self.shift, self.sleep, self.timed = shift, sleep, []
+
+    def _cost(self, kernel):
+        config = getattr(kernel, "config", None)
+        return cost(config, self.shift) if config is not None else TORCH_US
+
+    def measure(self, spec, kernel, rows):
+        time.sleep(self.sleep)
+        self.timed.append(getattr(kernel, "config", "torch"))
+        us = self._cost(kernel)
+        return Timing(us, us * 0.95, us * 1.05, 10)
+
+    def interleaved(self, spec, kernels, rows):
+        return [Timing(self._cost(k), self._cost(k) * 0.95, self._cost(k) * 1.05, 10) for k in kernels]
+
+    def describe(self):
+        return {"timer": "fake"}
+
+
+def backends(with_torch=True):
+    out = {"fake": FakeBackend()}
+    if with_torch:
+        out["torch"] = TorchBackend()
+    return out
+
+
+def runner(tmp_path, timer, n_trials, with_torch=True, **kw):
+    storage = make_storage(None, tmp_path / "study.journal")
+    return StudyRunner(SPEC, ROWS, backends(with_torch), timer, "cpu", storage=storage, name="fake-study",
+                       n_trials=n_trials, time_budget=600, compile_baseline=False, copy_gbps=10.0,
+                       seeds=[Candidate("fake", FakeConfig(1, 1))], **kw)
+
+
+def valid_fake_configs():
+    return [c for c in FakeConfig.space(SPEC)]
+
+
+def test_space_is_pruned_by_validity_before_sampling():
+    space = SearchSpace(SPEC, backends())
+    fakes = [c.config for c in space.candidates() if c.backend == "fake"]
+    assert len(fakes) == 30 and all(c.a * c.b <= 64 for c in fakes)
+    assert len(space) == 31  # plus torch's single config
+    # b only takes 1..2 when a is 32: still 6 values overall; the snapped config is always valid
+    assert space.knobs["fake"] == {"a": [1, 2, 4, 8, 16, 32], "b": [1, 2, 3, 4, 5, 6]}
+    assert space._nearest("fake", {"a": 32, "b": 6}) in fakes
+
+
+def test_tpe_finds_the_known_optimum_within_budget(tmp_path):
+    timer = FakeTimer()
+    result = runner(tmp_path, timer, n_trials=24, patience=24).run()
+    assert result.trials <= 24
+    rec = result.record
+    assert (rec.winner.backend, rec.winner.config) == ("fake", FakeConfig(*OPTIMUM))
+    assert rec.winner.median_us == 10.0
+    # every config was timed at most once, and only valid ones
+    timed = [c for c in timer.timed if c != "torch"]
+    assert len(timed) == len(set(timed)) and all(c.a * c.b <= 64 for c in timed)
+
+
+def test_failing_and_wrong_candidates_are_never_timed_or_recorded(tmp_path):
+    timer = FakeTimer(shift=-5.0)  # wrong/failing configs would otherwise be among the fastest
+    result = runner(tmp_path, timer, n_trials=40).run()  # >= space: exhaustive
+    rec = result.record
+    assert result.measured + len(result.failed) == 31
+    reasons = list(result.failed.values())
+    assert sum("wrong result" in r for r in reasons) == 4  # b == 6 with a <= 8 (a >= 16 with b == 6 is invalid)
+    assert sum("compile failed" in r and "ptxas" in r for r in reasons) == 2  # a == 32, b in 1..2
+    assert rec.failed == 6
+    assert not [c for c in timer.timed if c != "torch" and (c.b == 6 or c.a == 32)]
+    for e in [rec.winner, *rec.runners_up]:
+        assert not (e.backend == "fake" and (e.config.b == 6 or e.config.a == 32))
+    assert rec.winner.config == FakeConfig(*OPTIMUM)
+    assert rec.template_hash == "fake-1"
+    assert rec.baselines["torch_eager"]["median_us"] == TORCH_US
+    assert rec.winner.gbps == pytest.approx(SPEC.bytes_moved(ROWS) / 5e-6 / 1e9)
+
+
+def test_torch_is_a_candidate_and_wins_when_fastest(tmp_path):
+    result = runner(tmp_path, FakeTimer(shift=+30.0), n_trials=40).run()
+    assert result.record.winner.backend == "torch"
+    assert result.record.winner.median_us <= result.record.baselines["torch_eager"]["median_us"]
+
+
+def test_failed_candidate_only_space_gives_no_record(tmp_path):
+    class AllWrong(FakeBackend):
+        def build(self, source, spec, config, device):
+            raise RuntimeError("nvrtc: error")
+    storage = make_storage(None, tmp_path / "s.journal")
+    result = StudyRunner(SPEC, ROWS, {"fake": AllWrong()}, FakeTimer(), storage=storage, name="x",
+                         n_trials=40, compile_baseline=False).run()
+    assert result.record is None and len(result.failed) == 30
+
+
+# --- resume and several workers (subprocesses on one journal) ------------------------
+def _worker_cmd(journal, sleep):
+    return [sys.executable, __file__, "worker", str(journal), str(sleep)]
+
+
+def _trials(journal):
+    import optuna
+    study = optuna.load_study(study_name="fake-study", storage=make_storage(str(journal), journal))
+    return study.get_trials(deepcopy=False)
+
+
+def _measured(trials):
+    return [t for t in trials if t.state.name == "COMPLETE" and "timing" in t.user_attrs]
+
+
+def test_resume_after_kill_loses_and_repeats_nothing(tmp_path):
+    journal = tmp_path / "study.journal"
+    proc = subprocess.Popen(_worker_cmd(journal, 0.4))
+    deadline = time.monotonic() + 120
+    before = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if journal.exists():
+            before = _measured(_trials(journal))
+            if len(before) >= 4:
+                break
+    proc.kill()  # SIGKILL mid-trial: a RUNNING trial is left behind
+    proc.wait()
+    assert len(before) >= 4, "the worker finished no trial before the kill"
+    assert subprocess.run(_worker_cmd(journal, 0.0), check=False, timeout=180).returncode == 0
+    trials = _trials(journal)
+    measured = _measured(trials)
+    keys = [t.user_attrs["candidate"] for t in measured]
+    assert len(keys) == len(set(keys)), "a config was timed twice"
+    assert {t.number for t in before} <= {t.number for t in measured}, "a finished trial was lost"
+    failed = {t.user_attrs["candidate"] for t in trials if "failed" in t.user_attrs}
+    assert len(set(keys) | failed) == 31
+    left = [(t.number, t.state.name, t.user_attrs) for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    assert not left
+
+
+def test_two_workers_share_one_journal_study(tmp_path):
+    journal = tmp_path / "study.journal"
+    procs = [subprocess.Popen(_worker_cmd(journal, 0.3)) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=240) == 0
+    trials = _trials(journal)
+    measured = _measured(trials)
+    keys = [t.user_attrs["candidate"] for t in measured]
+    assert len(keys) == len(set(keys))
+    failed = {t.user_attrs["candidate"] for t in trials if "failed" in t.user_attrs}
+    assert len(set(keys) | failed) == 31
+    assert len({t.user_attrs["worker"] for t in measured}) == 2
+
+
+# --- the command end to end ------------------------------------------------------------
+def test_tune_quick_end_to_end_writes_a_valid_database(tmp_path, capsys):
+    from autonorm.cli import main
+    from autonorm.device import identity
+
+    out = tmp_path / "db"
+    rc = main(["tune", "--quick", "--ops", "rmsnorm", "--hidden", "128", "--rows", "32", "--trials", "4",
+               "--no-compile-baseline", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "rmsnorm.fwd x=float32 w=float32 N=128" in table and "x eager" in table
+    path = out / f"{identity('cpu')['slug']}.json"
+    assert main(["db", "validate", str(path)]) == 0
+    data = json.loads(path.read_text())
+    (rec,) = data["records"]
+    assert rec["key"]["rows_bucket"] == 32 and rec["trials"] == 4
+    assert data["device"]["copy_gbps"] > 0 and data["versions"]["torch"] == torch.__version__
+    assert (out / f"{identity('cpu')['slug']}.optuna.journal").exists()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    _, _, journal, sleep = sys.argv
+    journal = Path(journal)
+    r = StudyRunner(SPEC, ROWS, backends(), FakeTimer(sleep=float(sleep)), "cpu",
+                    storage=make_storage(str(journal), journal), name="fake-study", n_trials=40,
+                    compile_baseline=False, lock_path=Path(str(journal) + ".autonorm-lock"),
+                    compile_workers=1)
+    sys.exit(0 if r.run().record is not None else 1)
