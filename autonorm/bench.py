@@ -105,7 +105,7 @@ def time_interleaved(candidates: dict[str, Callable[[int], object]], n_sets: int
     samples: dict[str, list[int]] = {name: [] for name in candidates}
     for r in range(reps):
         for name, fn in candidates.items():
-            samples[name].append(clock(lambda: fn(r % n_sets)))
+            samples[name].append(clock(lambda fn=fn, r=r: fn(r % n_sets)))
     return {name: summarize(s) for name, s in samples.items()}
 
 
@@ -189,15 +189,20 @@ def make_sets(spec, rows: int, device: torch.device, n_sets: int) -> list[dict]:
     from . import reference
 
     n, xd = spec.hidden, spec.torch_x_dtype
-    gen = torch.Generator().manual_seed(0)
+    # Drawn on the device itself: a GB-sized randn on the host would cost seconds per case.
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
     sets = []
     for _ in range(n_sets):
-        x = (torch.randn(rows, n, generator=gen) * 1.5 + (0.75 if spec.is_layernorm else 0.0)).to(device, xd)
-        w = (torch.randn(n, generator=gen) * 0.5 + 1.0).to(device, spec.torch_w_dtype)
+        x = (randn(rows, n) * 1.5 + (0.75 if spec.is_layernorm else 0.0)).to(xd)
+        w = (randn(n) * 0.5 + 1.0).to(spec.torch_w_dtype)
         s = {"x": x, "w": w}
         if spec.direction == "bwd":
             _, _, mean, rstd = reference.forward(spec.op, x, eps=EPS, dtype=torch.float32)
-            s.update(dy=torch.randn(rows, n, generator=gen).to(device, xd), mean=mean, rstd=rstd)
+            s.update(dy=randn(rows, n).to(xd), mean=mean, rstd=rstd)
         sets.append(s)
     return sets
 
@@ -232,10 +237,10 @@ def _provide_autonorm(spec, sets, device):
     choice = dispatch.choice_for(key)
     kern = choice.kernel
     if spec.direction == "fwd":
-        fn = lambda i: kern(sets[i]["x"], sets[i]["w"], None, None, EPS, 0.0)  # noqa: E731
+        fn = lambda i: kern(sets[i]["x"], sets[i]["w"], None, None, EPS, 0.0)
     else:
         mean = (lambda s: s["mean"]) if spec.is_layernorm else (lambda s: None)
-        fn = lambda i: kern(sets[i]["dy"], sets[i]["x"], sets[i]["w"], mean(sets[i]), sets[i]["rstd"], None, 0.0)  # noqa: E731
+        fn = lambda i: kern(sets[i]["dy"], sets[i]["x"], sets[i]["w"], mean(sets[i]), sets[i]["rstd"], None, 0.0)
     return f"autonorm[{choice.backend}]", fn, choice
 
 
@@ -257,12 +262,12 @@ def _provide_liger(spec, sets, device):
         if spec.op == "rmsnorm":
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
             # offset 0, llama casting (fp32 rstd), out of place: in_place=True would overwrite dy between samples.
-            f = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)  # noqa: E731
+            f = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
         else:
             from liger_kernel.ops.layer_norm import LigerLayerNormFunction
             zeros = torch.zeros(spec.hidden, device=device, dtype=spec.torch_w_dtype)
             # Liger's LayerNorm always takes a bias; a zero bias adds N elements of reads (negligible).
-            f = lambda x, w: LigerLayerNormFunction.apply(x, w, zeros, EPS)  # noqa: E731
+            f = lambda x, w: LigerLayerNormFunction.apply(x, w, zeros, EPS)
     except ImportError as exc:
         raise ProviderUnavailable(f"liger_kernel not importable ({exc})") from None
     return "liger", _autograd_impl(spec, sets, f), None
@@ -276,12 +281,12 @@ def _provide_quack(spec, sets, device):
     except Exception as exc:  # quack's import also loads the CuTe DSL, which can fail for other reasons
         raise ProviderUnavailable(f"quack not importable ({type(exc).__name__}: {exc})") from None
     if spec.op == "rmsnorm":
-        f = lambda x, w: qr.rmsnorm(x, w, eps=EPS)  # noqa: E731
+        f = lambda x, w: qr.rmsnorm(x, w, eps=EPS)
     else:
         ln = getattr(qr, "layernorm", None)
         if ln is None:
             raise ProviderUnavailable("this quack has no layernorm in quack.rmsnorm")
-        f = lambda x, w: ln(x, w, eps=EPS)  # noqa: E731
+        f = lambda x, w: ln(x, w, eps=EPS)
     return "quack", _autograd_impl(spec, sets, f), None
 
 
@@ -505,7 +510,10 @@ def main(args) -> int:
             raise SystemExit("autonorm bench: --input needs --report DIR")
         _make_report(args, args.input)
         return 0
-    providers = check_providers(list(args.providers))
+    try:
+        providers = check_providers(list(args.providers))
+    except ValueError as exc:
+        raise SystemExit(f"autonorm bench: {exc}") from None
     if args.no_compile and "torch.compile" in providers:
         providers.remove("torch.compile")
     if "torch" not in providers:

@@ -24,7 +24,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from .spec import NormSpec
+from .spec import NormSpec, rows_bucket
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,14 @@ class Grid:
         """(spec, rows) for every bench cell, in a stable order."""
         return [(s, self.bench_rows_for(s.hidden)) for s in self.specs()]
 
-    def tune_batches(self) -> list[dict]:
+    def tune_batches(self, recorded: frozenset = frozenset()) -> list[dict]:
         """One `autonorm tune` invocation per (op, direction, dtype, row list): hidden sizes that share
-        a row list are tuned by one process (process start and the copy-bandwidth probe cost seconds)."""
+        a row list are tuned by one process (process start and the copy-bandwidth probe cost seconds).
+
+        `recorded` holds (op, direction, x_dtype, hidden, rows_bucket) studies a database already has:
+        they are left out (a batch cut at a deadline then resumes where it stopped instead of giving
+        its finished studies more time); a batch keeps its id, and `studies` counts what is left.
+        """
         batches = []
         for op in self.ops:
             for d in self.directions:
@@ -71,9 +76,12 @@ class Grid:
                         groups.setdefault(self.tune_rows_for(n), []).append(n)
                     for rows, ns in groups.items():
                         bid = f"{op}-{d}-{dt}-N{ns[0]}" + (f"-{ns[-1]}" if len(ns) > 1 else "")
+                        todo = {n: [r for r in rows if (op, d, dt, n, rows_bucket(r)) not in recorded] for n in ns}
+                        ns_left = [n for n in ns if todo[n]]
+                        rows_left = [r for r in rows if any(r in todo[n] for n in ns_left)]
                         batches.append({"id": bid, "ops": op, "directions": d, "dtypes": dt,
-                                        "hidden": ",".join(map(str, ns)), "rows": ",".join(map(str, rows)),
-                                        "studies": len(ns) * len(rows)})
+                                        "hidden": ",".join(map(str, ns_left)), "rows": ",".join(map(str, rows_left)),
+                                        "studies": len(ns_left) * len(rows_left)})
         return batches
 
 
@@ -109,15 +117,33 @@ def get(name: str) -> Grid:
         raise ValueError(f"unknown grid {name!r}; known: {', '.join(GRIDS)}") from None
 
 
+def recorded_studies(db_path: str) -> frozenset:
+    """(op, direction, x_dtype, hidden, rows_bucket) of every weight-only record in a tuning database.
+
+    Read as plain JSON, only to skip work: a missing or unreadable file skips nothing (the tuner,
+    which validates the database, then reports the problem itself).
+    """
+    try:
+        with open(db_path) as f:
+            records = json.load(f).get("records", [])
+        return frozenset((k["op"], k["direction"], k["x_dtype"], k["hidden"], k["rows_bucket"])
+                         for k in (r["key"] for r in records)
+                         if k.get("features") == "weight" and k.get("w_dtype") == k.get("x_dtype"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return frozenset()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m autonorm.grids", description="print a grid as data")
     p.add_argument("what", choices=("tune-batches", "bench-cases", "summary"))
     p.add_argument("--grid", default="standard", choices=sorted(GRIDS))
+    p.add_argument("--skip-recorded", metavar="DB", help="tune-batches: leave out studies this database holds")
     args = p.parse_args(argv)
     grid = get(args.grid)
     if args.what == "tune-batches":
+        recorded = recorded_studies(args.skip_recorded) if args.skip_recorded else frozenset()
         # One JSON object per line: shell loops read it with a small python one-liner or jq.
-        for b in grid.tune_batches():
+        for b in grid.tune_batches(recorded):
             print(json.dumps(b))
     elif args.what == "bench-cases":
         for spec, rows in grid.bench_cases():

@@ -13,6 +13,8 @@ custom op's Python dispatch costs more than a small norm itself (measured with
 scripts/overhead.py), so eager calls the resolved kernel directly: through a
 `torch.autograd.Function` when a gradient is needed, bare otherwise. Both paths
 use the same dispatcher choice and kernels, so they compute the same values.
+Without a gradient, a kernel's optional `y_only` entry point (numba-cpu and torch
+offer one for calls without a residual) computes y alone.
 """
 from __future__ import annotations
 
@@ -133,4 +135,9 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residu
         out = _NormFunction.apply(x, weight, bias, residual, op, eps, offset)
         return (out[0], out[1], None, None) if residual is not None else (out, None, None, None)
     kernel = dispatch.choice_for(dispatch.make_key(op, "fwd", x, weight, bias, residual, offset)).kernel
+    # No gradient and no residual: only y is used. A kernel may offer `y_only(x, weight, bias, eps,
+    # offset) -> y`, which skips the mean/rstd outputs (their allocation is a third of a tiny call).
+    y_only = getattr(kernel, "y_only", None) if residual is None else None
+    if y_only is not None:
+        return y_only(x, weight, bias, eps, offset), None, None, None
     return kernel(x, weight, bias, residual, eps, offset)

@@ -19,7 +19,12 @@ _F32 = torch.float32
 
 
 def _fused_rms_norm_op():
-    """torch's fused RMSNorm op returning (y, rstd) (torch >= 2.8), or None on older torch."""
+    """torch's fused RMSNorm op returning (y, rstd) (torch >= 2.8), or None on older torch.
+
+    The `torch._fused_rms_norm` binding costs 7.3 us at 1x64 vs ~9 us through torch.ops.aten."""
+    fn = getattr(torch, "_fused_rms_norm", None)
+    if fn is not None:
+        return fn
     try:
         return torch.ops.aten._fused_rms_norm.default
     except (AttributeError, RuntimeError):
@@ -42,11 +47,9 @@ def _forward(op):
         if m == 0 or n == 0:
             return reference_kernel(x, weight, bias, residual, eps, offset)
         h = x if residual is None else x + residual
-        low = x.dtype is not _F32
-        if weight is not None and (offset != 0.0 or (low and weight.dtype is not _F32)):
-            weight = weight.float() + offset if offset != 0.0 else weight.float()
+        weight = _fp32_weight(x, weight, offset)
         if op == "layernorm":
-            if low:  # fp32 parameters (ones when absent) select fp32 statistics
+            if x.dtype is not _F32:  # fp32 parameters (ones when absent) select fp32 statistics
                 weight = weight if weight is not None else torch.ones(n, dtype=_F32, device=x.device)
                 bias = bias.float() if bias is not None else None
             y, mean, rstd = torch.native_layer_norm(h, (n,), weight, bias, eps)
@@ -55,7 +58,29 @@ def _forward(op):
             return reference_kernel(x, weight, None, residual, eps, 0.0)
         y, rstd = fused_rms(h, (n,), weight, eps)
         return y, (None if residual is None else h), None, rstd.view(m)
+
+    def y_only(x, weight, bias, eps, offset):
+        """y alone (inference, no residual): torch.layer_norm for fp32 (1.9 us at 1x64 vs 2.0 us +
+        two 0.8 us views for native_layer_norm), the fused RMSNorm without its rstd view."""
+        if op == "layernorm":
+            if x.dtype is not _F32 or x.shape[0] == 0 or x.shape[1] == 0:  # fp32 parameters as in kernel(): the same bits
+                return kernel(x, weight, bias, None, eps, offset)[0]
+            return torch.layer_norm(x, (x.shape[1],), weight, bias, eps)
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            return kernel(x, weight, bias, None, eps, offset)[0]
+        return fused_rms(x, (x.shape[1],), _fp32_weight(x, weight, offset), eps)[0]
+
+    if op == "layernorm" or fused_rms is not None:
+        kernel.y_only = y_only
     return kernel
+
+
+def _fp32_weight(x, weight, offset):
+    """`weight + offset` in fp32 when there is an offset; weight in fp32 for fp16/bf16 inputs (torch's
+    mixed mode: fp32 statistics); else the weight as is."""
+    if weight is not None and (offset != 0.0 or (x.dtype is not _F32 and weight.dtype is not _F32)):
+        return weight.float() + offset if offset != 0.0 else weight.float()
+    return weight
 
 
 def _backward(spec):

@@ -8,7 +8,9 @@
 set -euo pipefail
 DEST=${DEST:-.whl}
 mkdir -p "$DEST"
-mkdir -p .git/info; grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null || echo "/$DEST/" >> .git/info/exclude
+# A wheelhouse inside the repo must stay out of git (it travels with `carry`, not as tracked files).
+case $DEST in /*) ;; *) mkdir -p .git/info
+  grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null || echo "/$DEST/" >> .git/info/exclude ;; esac
 fetch() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \

@@ -25,7 +25,7 @@
 # STEP_SECONDS (deadline from the start of the call, default 540), SLUG (default: the device's),
 # PY (default python3), AUTONORM_GPU_RUN_INSTALL=0 (use PY's environment as it is: CPU tests),
 # DRY_RUN=1 (tune: print the batches' commands, run nothing), TUNE_TRIALS, TUNE_STUDY_SECONDS,
-# FORCE=1 (redo finished steps).
+# GPU_TEST_ARGS (test: e.g. --all or -k triton), FORCE=1 (redo finished steps), EXPORT_DIR / EXPORT_DB_DIR (export: docs/benchmarks, tuning_db).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,6 +34,7 @@ GRID=${GRID:-standard}
 STEP_SECONDS=${STEP_SECONDS:-540}
 PY=${PY:-python3}
 SITE=${SITE:-/tmp/site}
+WHEELS=${WHEELS:-.whl}
 START=$(date +%s)
 DEADLINE=$((START + STEP_SECONDS))
 
@@ -79,12 +80,12 @@ ensure_install() {
   stamp=$(cat pyproject.toml $(find autonorm backends templates tuning_db -type f -not -name '*.pyc' | sort) \
           | sha256sum | cut -c1-16)
   if [ -f "$SITE/.autonorm-$stamp" ]; then export PYTHONPATH=$SITE; return 0; fi
-  log "install: wheels from .whl/ and autonorm ($stamp) into $SITE"
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+  log "install: wheels from $WHEELS/ and autonorm ($stamp) into $SITE"
+  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
       || { log "install: the wheels did not install"; return 1; }
   else
-    log "install: no .whl/ carried: optuna, jsonschema, liger, quack must already be there"
+    log "install: no wheels in $WHEELS/: optuna, jsonschema, liger, quack must already be there"
   fi
   # The machines have setuptools and wheel but no package index: build in this environment.
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
@@ -93,7 +94,7 @@ ensure_install() {
   export PYTHONPATH=$SITE
 }
 
-step_install() { ensure_install && an --version && "$PY" -P -c "
+step_install() { ensure_install && an --version && "$PY" -P -W ignore -c "
 import importlib
 for m in ('torch', 'triton', 'cupy', 'numba', 'optuna', 'jsonschema', 'liger_kernel', 'quack'):
     try:
@@ -107,9 +108,12 @@ step_test() {
   if is_done test; then log "test: done before (FORCE=1 to redo)"; return 0; fi
   local t=$(( $(left) - 30 ))
   [ "$t" -gt 60 ] || { log "test: too little time left in this call"; return 3; }
-  OUT=$OUT PY=$PY timeout "$t" scripts/gpu_tests.sh
+  OUT=$OUT PY=$PY timeout "$t" scripts/gpu_tests.sh ${GPU_TEST_ARGS:-}
   local rc=$?
-  if [ $rc = 124 ]; then log "test: cut at the step deadline"; return 3; fi
+  if [ $rc = 75 ]; then log "test: no CUDA GPU visible"; return 1; fi
+  # The tier is not resumable: a run cut at the deadline is recorded as such (gpu_tests.log has how far
+  # it got) rather than started again forever; FORCE=1 with a narrower selection redoes it.
+  [ $rc = 124 ] && log "test: cut at the step deadline after ${t}s (see \$OUT/gpu_tests.log)"
   done_mark test
   cp "$OUT/junit-gpu.xml" "$WORK/done/$SLUG/junit-gpu.xml" 2>/dev/null
   log "test: pytest exit status $rc (junit in \$OUT/junit-gpu.xml)"
@@ -119,7 +123,7 @@ step_test() {
 bandwidth_file() { echo "$WORK/bandwidth-$SLUG.json"; }
 
 step_bandwidth() {
-  if is_done bandwidth && [ -f "$(bandwidth_file)" ]; then log "bandwidth: $(cat "$(bandwidth_file)")"; return 0; fi
+  if is_done bandwidth && [ -f "$(bandwidth_file)" ]; then log "bandwidth: $(copy_bw) GB/s, measured before"; return 0; fi
   "$PY" -P -c "
 import json, sys, torch
 from autonorm import measure
@@ -137,21 +141,27 @@ copy_bw() { [ -f "$(bandwidth_file)" ] && "$PY" -c "import json,sys; print(json.
 
 step_tune() {
   if is_done "tune-$GRID"; then log "tune: grid $GRID done before"; return 0; fi
-  local batches total=0 finished=0 rc=0
-  batches=$("$PY" -P -m autonorm.grids tune-batches --grid "$GRID") || return 1
+  local batches total=0 finished=0 rc=0 skip=()
+  # Studies the database already holds are left out of their batch: a cut batch resumes where it
+  # stopped instead of giving its finished studies more time.
+  [ -f "$WORK/tuning_db/$SLUG.json" ] && skip=(--skip-recorded "$WORK/tuning_db/$SLUG.json")
+  batches=$("$PY" -P -m autonorm.grids tune-batches --grid "$GRID" "${skip[@]}") || return 1
   while IFS= read -r b; do
     [ -n "$b" ] || continue
     total=$((total + 1))
     local id ops dirs dts hid rows studies
-    read -r id ops dirs dts hid rows studies < <("$PY" -c "
+    IFS='|' read -r id ops dirs dts hid rows studies < <("$PY" -c "
 import json, sys; b = json.loads(sys.argv[1])
-print(b['id'], b['ops'], b['directions'], b['dtypes'], b['hidden'], b['rows'], b['studies'])" "$b")
+print('|'.join(str(b[k]) for k in ('id', 'ops', 'directions', 'dtypes', 'hidden', 'rows', 'studies')))" "$b")
     if is_done "tune/$GRID/$id"; then finished=$((finished + 1)); continue; fi
+    if [ "$studies" = 0 ]; then
+      [ "${DRY_RUN:-0}" = 1 ] || done_mark "tune/$GRID/$id"; finished=$((finished + 1)); continue; fi
     local t=$(( $(left) - 45 ))
     if [ "${DRY_RUN:-0}" != 1 ] && [ "$t" -lt 60 ]; then rc=3; continue; fi
-    # Per-study time budget: the batch's share of what is left, within [5, TUNE_STUDY_SECONDS] s;
-    # a batch cut by `timeout` resumes from the journal next call (no finished trial is lost).
-    local per=$(( t / studies )); [ "$per" -gt "${TUNE_STUDY_SECONDS:-30}" ] && per=${TUNE_STUDY_SECONDS:-30}
+    # Per-study search budget: two thirds of the batch's share of what is left (compiling, verifying and
+    # re-timing the finalists come on top), within [5, TUNE_STUDY_SECONDS] s. A batch cut by `timeout`
+    # resumes next call: recorded studies drop out, the journal keeps every finished trial of the rest.
+    local per=$(( 2 * t / (3 * studies) )); [ "$per" -gt "${TUNE_STUDY_SECONDS:-30}" ] && per=${TUNE_STUDY_SECONDS:-30}
     [ "$per" -lt 5 ] && per=5
     local cmd=(tune --ops "$ops" --directions "$dirs" --dtypes "$dts" --hidden "$hid" --rows "$rows"
                --trials "${TUNE_TRIALS:-40}" --time-budget "$per" --out "$WORK/tuning_db" --no-progress
@@ -191,12 +201,11 @@ step_bench() {
 step_report() {
   # One file back (report.tar.gz): the markdown and up to 4 PNGs would crowd the tool's 8-file limit.
   # `scripts/gpu_run.sh export` makes the same report here from the state, at no device time.
-  local db=() dir="$WORK/report/$SLUG"
+  local db=() tmp; tmp=$(mktemp -d); local dir="$tmp/$SLUG"
   [ -f "$WORK/bench/$SLUG.json" ] || { log "report: no bench rows for $SLUG in the state yet"; return 1; }
   [ -f "$WORK/tuning_db/$SLUG.json" ] && db=(--db "$WORK/tuning_db/$SLUG.json")
-  rm -rf "$dir"
   an bench --report "$dir" --input "$WORK/bench/$SLUG.json" "${db[@]}" || return 1
-  tar czf "$OUT/report.tar.gz" -C "$WORK/report" "$SLUG"
+  tar czf "$OUT/report.tar.gz" -C "$tmp" "$SLUG" && rm -rf "$tmp"
   done_mark report
 }
 
@@ -217,7 +226,8 @@ step_export() {
   for db in "$WORK"/tuning_db/*.json; do
     [ -f "$db" ] || continue
     an db validate "$db" || return 1
-    cp "$db" tuning_db/ && n=$((n + 1)) && log "export: tuning_db/$(basename "$db")"
+    mkdir -p "${EXPORT_DB_DIR:-tuning_db}"
+    cp "$db" "${EXPORT_DB_DIR:-tuning_db}/" && n=$((n + 1)) && log "export: ${EXPORT_DB_DIR:-tuning_db}/$(basename "$db")"
   done
   local inputs=("$WORK"/bench/*.json)
   if [ -f "${inputs[0]}" ]; then
@@ -233,13 +243,13 @@ step_export() {
 }
 
 step_status() {
-  echo "state: $STATE_DIR/state.tar.gz"; ls -la "$WORK/done" 2>/dev/null
-  find "$WORK/done" -type f | sed "s|$WORK/done/||" | sort
-  ls -la "$WORK/tuning_db" "$WORK/bench" 2>/dev/null
+  echo "state: $STATE_DIR/state.tar.gz"
+  echo "done (device/step):"; find "$WORK/done" -type f | sed "s|$WORK/done/|  |" | sort
+  echo "files:"; (cd "$WORK" && find . -type f -not -path './done/*' -exec du -h {} + | sort -k2)
 }
 
 # --- main -------------------------------------------------------------------------------
-[ $# -ge 1 ] || { sed -n 2,26p "$0"; exit 2; }
+[ $# -ge 1 ] || { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2; }
 case $1 in
   pull) step_pull "${2:-}"; exit $? ;;
   export|status)
@@ -258,7 +268,7 @@ for s in "${steps[@]}"; do
 done
 exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 unpack_state
-trap 'pack_state' EXIT
+trap 'pack_state; [ "${WORK_OWNED:-0}" = 1 ] && rm -rf "$WORK"' EXIT
 ensure_install || exit 1
 SLUG=${SLUG:-$("$PY" -P -c "
 import torch

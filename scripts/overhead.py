@@ -1,26 +1,34 @@
 """Host cost per call on tiny inputs, where dispatch dominates (issue 5's overhead goal).
 
-    python scripts/overhead.py [--rows 1] [--hidden 64] [--device cpu|cuda]
+    python scripts/overhead.py [--rows 1] [--hidden 64] [--device cpu|cuda] [--no-breakdown]
 
 For each op it times, per call (best of several repeats of many calls):
   torch     torch.nn.functional.rms_norm / layer_norm
   autonorm  autonorm.rms_norm / layer_norm (validation + key lookup + the resolved kernel)
-  kernel    the resolved kernel called directly (what autonorm cannot go below)
+  ratio     autonorm / torch (the goal on CPU: <= 1.0 for rms_norm, <= 1.5 for layer_norm)
+  grad      the same two calls with x and the parameters requiring grad (forward only: the
+            autograd node is recorded, no backward is run), and their ratio
+  kernel    the resolved kernel called directly, as autonorm calls it without grad (its
+            `y_only` entry when it has one): what autonorm cannot go below
   op        the same call through the torch.library custom op (the path torch.compile uses)
-and prints autonorm / torch (the goal: <= 1.0 for rms_norm, <= 1.5 for layer_norm on CPU)
-and autonorm - kernel (the dispatcher's own cost; goal on a GPU: <= 2 us).
-GPU timings synchronize once per batch of calls, so they measure host cost, not the kernel.
+  added     autonorm - kernel: validation, key, dict lookup (goal on a GPU: <= 2 us)
+Then a per-layer breakdown of the no-grad call (each layer timed alone, so the rows add up
+only roughly). GPU timings synchronize once per batch of calls, so they measure host cost.
+The header prints the load average: on a shared machine, quote it with the numbers.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import timeit
 
 import torch
 import torch.nn.functional as F
 
 import autonorm
-from autonorm import dispatch, ops
+from autonorm import dispatch, functional, ops
+from autonorm.backends.base import new_empty
 from autonorm.device import identity
 
 
@@ -36,6 +44,46 @@ def per_call_us(fn, device, number=5000, repeat=7) -> float:
     return min(timeit.repeat(batch, number=1, repeat=repeat)) / number * 1e6
 
 
+def breakdown(name, op, x, w, b, eps, torch_fn, autonorm_fn, kernel, device, number):
+    """(layer, us) rows of one no-grad call, outermost first."""
+    n = x.shape[-1]
+    key = dispatch.make_key(op, "fwd", x, w, b, None, 0.0)
+    y_only = getattr(kernel, "y_only", None)
+    rows = [
+        (f"torch F.{name}", torch_fn),
+        (f"autonorm.{name} (total)", autonorm_fn),
+        ("  functional: _fast_n (argument checks)", lambda: functional._fast_n(x, (n,), w, b)),
+        ("  ops.norm_fwd (everything below)", lambda: ops.norm_fwd(x, w, b, None, op, eps, 0.0)),
+        ("    is_compiling + is_grad_enabled", lambda: (torch.compiler.is_compiling(), torch.is_grad_enabled())),
+        ("    dispatch.make_key", lambda: dispatch.make_key(op, "fwd", x, w, b, None, 0.0)),
+        ("    dispatch.choice_for (dict lookup)", lambda: dispatch.choice_for(key)),
+    ]
+    if y_only is not None:
+        rows.append(("    kernel.y_only (launcher + kernel)", lambda: y_only(x, w, b, eps, 0.0)))
+    rows.append(("    kernel, full (+ mean/rstd outputs)", lambda: kernel(x, w, b, None, eps, 0.0)))
+    rows.append(("      output allocation (empty_like)", lambda: torch.empty_like(x)))
+    rows.append(("      output allocation (new_empty)", lambda: new_empty(tuple(x.shape), x.dtype, x.device)))
+    numba_kernels = getattr(kernel, "dispatchers", None)
+    if numba_kernels is not None and x.numel() < 1 << 15:
+        serial = numba_kernels[1]
+        y = torch.empty_like(x)
+        addrs = (x.data_ptr(), w.data_ptr() if w is not None else 0, b.data_ptr() if b is not None else 0,
+                 y.data_ptr())
+        m = x.shape[0]
+        rows.append(("      Numba serial kernel call (addresses ready)",
+                     lambda: serial(addrs[0], n, 0, 0, addrs[1], addrs[2], addrs[3], 0, 0, 0, m, n, eps, 0.0, 1)))
+    print(f"\nbreakdown: {name} ({dispatch.choice_for(key).backend}), no grad")
+    for label, fn in rows:
+        print(f"  {label:<48} {per_call_us(fn, device, number):7.2f} us")
+
+
+def _calls(torch_f, auto_f, n, eps, plain, grad):
+    """The four timed calls (torch / autonorm, without / with grad); bias only when given."""
+    def bind(fn, x, w, b):
+        return (lambda: fn(x, (n,), w, eps)) if b is None else (lambda: fn(x, (n,), w, b, eps))
+    return bind(torch_f, *plain), bind(auto_f, *plain), bind(torch_f, *grad), bind(auto_f, *grad)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1)
@@ -43,6 +91,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--number", type=int, default=5000)
+    parser.add_argument("--no-breakdown", action="store_true")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -51,28 +100,44 @@ def main() -> None:
     x = torch.randn(args.rows, n, device=device, dtype=dtype)
     w = torch.randn(n, device=device, dtype=dtype)
     b = torch.randn(n, device=device, dtype=dtype)
+    xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
     cases = {
-        "rms_norm": (lambda: F.rms_norm(x, (n,), w, 1e-6), lambda: autonorm.rms_norm(x, (n,), w, 1e-6),
-                     ("rmsnorm", x, w, None, None, 1e-6, 0.0)),
-        "layer_norm": (lambda: F.layer_norm(x, (n,), w, b, 1e-5), lambda: autonorm.layer_norm(x, (n,), w, b, 1e-5),
-                       ("layernorm", x, w, b, None, 1e-5, 0.0)),
+        "rms_norm": ("rmsnorm", None, 1e-6, F.rms_norm, autonorm.rms_norm),
+        "layer_norm": ("layernorm", b, 1e-5, F.layer_norm, autonorm.layer_norm),
     }
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"device {device} ({identity(device)['name']}), x {list(x.shape)} {args.dtype}, "
-          f"torch {torch.__version__}, autonorm {autonorm.__version__}; microseconds per call")
-    header = (f"{'op':<11} {'backend':<10} {'torch':>7} {'autonorm':>9} {'kernel':>7} {'op':>7} "
-              f"{'ratio':>6} {'added':>6}")
+          f"torch {torch.__version__}, autonorm {autonorm.__version__}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, load average {load}; "
+          f"microseconds per call")
+    header = (f"{'op':<11} {'backend':<10} {'torch':>7} {'autonorm':>9} {'ratio':>6} {'goal':>5} "
+              f"{'torch(g)':>8} {'auto(g)':>8} {'ratio(g)':>8} {'kernel':>7} {'op':>7} {'added':>6}")
     print(header)
     print("-" * len(header))
-    for name, (torch_fn, autonorm_fn, (op, *kargs)) in cases.items():
-        choice = dispatch.choice_for_tensors(op, "fwd", kargs[0], kargs[1], kargs[2], kargs[3], kargs[5])
+    details = []
+    for name, (op, bias, eps, torch_f, auto_f) in cases.items():
+        torch_fn, auto_fn, torch_g, auto_g = _calls(torch_f, auto_f, n, eps, (x, w, bias),
+                                                    (xg, wg, bg if bias is not None else None))
+        choice = dispatch.choice_for(dispatch.make_key(op, "fwd", x, w, bias, None, 0.0))
         kernel = choice.kernel
+        y_only = getattr(kernel, "y_only", None)
+        direct = (lambda: y_only(x, w, bias, eps, 0.0)) if y_only else (lambda: kernel(x, w, bias, None, eps, 0.0))
         t_torch = per_call_us(torch_fn, device, args.number)
-        t_auto = per_call_us(autonorm_fn, device, args.number)
-        t_kernel = per_call_us(lambda: kernel(*kargs), device, args.number)
-        t_op = per_call_us(lambda: ops.norm_fwd_op(*kargs[:4], op, *kargs[4:]), device, args.number)
-        print(f"{name:<11} {choice.backend:<10} {t_torch:7.2f} {t_auto:9.2f} {t_kernel:7.2f} {t_op:7.2f} "
-              f"{t_auto / t_torch:6.2f} {t_auto - t_kernel:6.2f}")
-    print("ratio = autonorm / torch; added = autonorm - kernel (validation, key, dict lookup)")
+        t_auto = per_call_us(auto_fn, device, args.number)
+        t_torch_g = per_call_us(torch_g, device, args.number)
+        t_auto_g = per_call_us(auto_g, device, args.number)
+        t_kernel = per_call_us(direct, device, args.number)
+        t_op = per_call_us(lambda: ops.norm_fwd_op(x, w, bias, None, op, eps, 0.0), device, args.number)
+        goal = 1.0 if name == "rms_norm" else 1.5
+        print(f"{name:<11} {choice.backend:<10} {t_torch:7.2f} {t_auto:9.2f} {t_auto / t_torch:6.2f} {goal:5.1f} "
+              f"{t_torch_g:8.2f} {t_auto_g:8.2f} {t_auto_g / t_torch_g:8.2f} {t_kernel:7.2f} {t_op:7.2f} "
+              f"{t_auto - t_kernel:6.2f}")
+        details.append((name, op, x, w, bias, eps, torch_fn, auto_fn, kernel))
+    print("ratio = autonorm / torch; (g) = inputs requiring grad (forward only); "
+          "added = autonorm - kernel (validation, key, dict lookup)")
+    if not args.no_breakdown:
+        for name, op, x_, w_, b_, eps, torch_fn, auto_fn, kernel in details:
+            breakdown(name, op, x_, w_, b_, eps, torch_fn, auto_fn, kernel, device, args.number)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,247 @@ def test_summary_and_shapes():
     assert bench.parse_shape("8192x4096") == (8192, 4096)
     with pytest.raises(ValueError, match="ROWSxHIDDEN"):
         bench.parse_shape("8192")
+
+
+# --- providers, timers, resume (CPU; no timing assertions) ------------------------------------
+
+def _tiny_args(tmp_path, *extra):
+    return ["bench", "--shapes", "17x64", "--dtypes", "fp32", "--ops", "rmsnorm", "--directions", "fwd",
+            "--providers", "torch", "--reps", "2", "--warmup", "1", "--copy-bw", "10", *extra]
+
+
+def test_unknown_provider_lists_known():
+    with pytest.raises(ValueError, match="unknown provider.*nope.*known: autonorm, torch, torch.compile, liger, quack"):
+        bench.check_providers(["torch", "nope"])
+    with pytest.raises(SystemExit, match="autonorm bench: unknown provider"):
+        cli.main(["bench", "--providers", "nope"])
+
+
+def test_gpu_only_providers_are_skipped_with_a_note():
+    from autonorm.spec import NormSpec
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    impls, choice, notes = bench.build_case(spec, 5, bench.torch.device("cpu"), 1, ["torch", "liger", "quack"])
+    assert list(impls) == ["torch"] and choice is None
+    assert notes == {"liger": "skipped: Liger runs on GPUs only", "quack": "skipped: quack runs on GPUs only"}
+
+
+def test_wrong_or_crashing_provider_is_never_timed(monkeypatch):
+    from autonorm.spec import NormSpec
+
+    def wrong(spec, sets, device):
+        return "wrong", lambda i: sets[i]["x"] * 2, None
+
+    def crash(spec, sets, device):
+        raise RuntimeError("no kernel for this shape\nsecond line")
+
+    monkeypatch.setitem(bench.PROVIDERS, "wrong", bench.Provider(wrong, True, "test"))
+    monkeypatch.setitem(bench.PROVIDERS, "crash", bench.Provider(crash, True, "test"))
+    for direction in ("fwd", "bwd"):
+        spec = NormSpec("layernorm", direction, "bfloat16", "bfloat16", 96)
+        impls, _, notes = bench.build_case(spec, 9, bench.torch.device("cpu"), 2, ["torch", "wrong", "crash"])
+        assert list(impls) == ["torch"]
+        assert notes["wrong"].startswith("skipped: wrong result (rel. L2 error")
+        assert notes["crash"] == "skipped: failed: RuntimeError: no kernel for this shape"
+
+
+def test_cuda_timer_adapter_uses_measure_protocol():
+    """CudaBenchTimer hands measure.CudaTimer one kernel per impl, in order, each calling its impl on set 0."""
+    calls = []
+
+    class FakeCudaTimer:
+        def describe(self):
+            return {"timer": "cuda events", "l2_flush_bytes": 123}
+
+        def interleaved(self, spec, kernels, rows):
+            from autonorm.measure import Timing
+            for k in kernels:
+                k("ignored", "args")  # CudaTimer passes its own inputs; the adapter must ignore them
+            return [Timing(float(i + 1), float(i + 1), float(i + 2), 7) for i in range(len(kernels))]
+
+    t = bench.CudaBenchTimer("cuda", timer=FakeCudaTimer())
+    out = t.time(None, 4, {"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}, 1)
+    assert calls == [("a", 0), ("b", 0)]
+    assert out["b"] == bench.Timing(2.0, 2.0, 3.0, 7) and t.describe()["interleaved"] is True
+
+
+def test_resume_and_time_limit(tmp_path):
+    out = tmp_path / "b.json"
+    # Time limit 0: no case starts; exit 3 says cases are left.
+    assert cli.main(_tiny_args(tmp_path, "--json", str(out), "--time-limit", "0")) == 3
+    assert json.loads(out.read_text())["rows"] == []
+    assert cli.main(_tiny_args(tmp_path, "--json", str(out), "--resume")) == 0
+    first = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["provider"], r["device"]) for r in first] == [
+        ("rmsnorm.fwd float32 17x64", "torch", first[0]["device"])]
+    assert first[0]["pct_copy_bw"] == pytest.approx(first[0]["gbps"] * 10)  # --copy-bw 10 GB/s
+    # A second shape with --resume measures only the new case and keeps the old row as it was.
+    assert cli.main(_tiny_args(tmp_path, "--json", str(out), "--resume", "--shapes", "17x64", "5x32")) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["rmsnorm.fwd float32 17x64", "rmsnorm.fwd float32 5x32"]
+    assert rows[0] == first[0]
+
+
+def test_resume_refuses_another_device(tmp_path):
+    out = tmp_path / "b.json"
+    out.write_text(json.dumps({"device": {"slug": "nvidia-h100"}, "rows": []}))
+    with pytest.raises(SystemExit, match="holds rows of 'nvidia-h100'"):
+        cli.main(_tiny_args(tmp_path, "--json", str(out), "--resume"))
+
+
+# --- the grids -----------------------------------------------------------------------------
+
+def test_standard_grid_is_issue_7s():
+    from autonorm import grids
+
+    g = grids.STANDARD
+    assert g.hidden == (256, 512, 768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536, 131072, 262144)
+    assert set(g.ops) == {"rmsnorm", "layernorm"} and set(g.directions) == {"fwd", "bwd"}
+    assert set(g.dtypes) == {"bfloat16", "float16", "float32"}
+    assert min(g.tune_rows) == 1 and max(g.tune_rows) >= 32768
+    assert g.tune_rows_for(4096)[-1] == 32768
+    assert g.tune_rows_for(262144) == (1, 16, 256, 1024)  # capped at 2^28 elements, cap itself included
+    assert g.bench_rows_for(256) == 32768 and g.bench_rows_for(262144) == 1024
+    # The tune batches cover every (spec, rows) study exactly once.
+    studies = [(b["ops"], b["directions"], b["dtypes"], int(n), int(r)) for b in g.tune_batches()
+               for n in b["hidden"].split(",") for r in b["rows"].split(",")]
+    want = [(s.op, s.direction, s.x_dtype, s.hidden, r) for s in g.specs() for r in g.tune_rows_for(s.hidden)]
+    assert sorted(studies) == sorted(want) and len(set(studies)) == len(studies)
+    assert set(grids.QUICK.specs()) <= set(g.specs())
+    # Studies a database holds drop out of their batch (rows 1 and 4096 of N=1024 here: N=1024 is left
+    # out and its batch keeps the rest); the batch id stays.
+    q = grids.QUICK
+    rec = frozenset({("rmsnorm", "fwd", "bfloat16", 1024, 1), ("rmsnorm", "fwd", "bfloat16", 1024, 4096),
+                     ("rmsnorm", "fwd", "bfloat16", 4096, 4096)})
+    first = q.tune_batches(rec)[0]
+    assert (first["id"], first["hidden"], first["rows"], first["studies"]) == (
+        q.tune_batches()[0]["id"], "4096,65536", "1,4096", 4)
+    with pytest.raises(ValueError, match="unknown grid 'huge'; known: standard, quick"):
+        grids.get("huge")
+
+
+def test_recorded_studies_from_a_database(tmp_path):
+    from autonorm import grids
+
+    key = {"op": "rmsnorm", "direction": "fwd", "x_dtype": "bfloat16", "w_dtype": "bfloat16",
+           "features": "weight", "hidden": 1024, "rows_bucket": 4096}
+    other = {**key, "w_dtype": "float32"}  # an fp32-weight record is another study
+    db = tmp_path / "db.json"
+    db.write_text(json.dumps({"records": [{"key": key}, {"key": other}]}))
+    assert grids.recorded_studies(str(db)) == {("rmsnorm", "fwd", "bfloat16", 1024, 4096)}
+    db.write_text('{"records": [')  # truncated: skips nothing (the tuner reports it)
+    assert grids.recorded_studies(str(db)) == frozenset()
+    assert grids.recorded_studies(str(tmp_path / "missing.json")) == frozenset()
+
+
+# --- scripts/gpu_run.sh on this CPU machine (fake $OUT and state) ---------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _gpu_run(tmp_path, *steps, **env):
+    import os
+    import subprocess
+    import sys
+
+    full = {**os.environ, "STATE_DIR": str(tmp_path / "state"), "OUT": str(tmp_path / "out"), "PY": sys.executable,
+            "AUTONORM_GPU_RUN_INSTALL": "0", "SLUG": "fake-gpu", **env}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_run.sh"), *steps], env=full, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_gpu_run_report_step_pull_and_export(tmp_path):
+    import shutil
+    import tarfile
+
+    from test_report import _doc, _row
+
+    # The state a bench step would have left: bench rows of device fake-gpu in state.tar.gz.
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    doc = _doc([_row("rmsnorm", "fwd", "bfloat16", 4096, 32768, p, us) for p, us in
+                (("autonorm", 100.0), ("torch", 300.0), ("torch.compile", 150.0))])
+    doc["device"]["slug"] = "fake-gpu"
+    (work / "bench" / "fake-gpu.json").write_text(json.dumps(doc))
+    (tmp_path / "state").mkdir()
+    with tarfile.open(tmp_path / "state" / "state.tar.gz", "w:gz") as tar:
+        tar.add(work, arcname=".")
+
+    r = _gpu_run(tmp_path, "report")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_run.log", "report.tar.gz", "state.tar.gz"]
+    with tarfile.open(out / "report.tar.gz") as tar:
+        names = sorted(tar.getnames())
+        assert "fake-gpu/fake-gpu.md" in names and "fake-gpu/fake-gpu-rmsnorm-fwd.png" in names
+        md = tar.extractfile("fake-gpu/fake-gpu.md").read().decode()
+        assert "| 4096 | 32768 |" in md and "1.50× (torch.compile)" in md
+    with tarfile.open(out / "state.tar.gz") as tar:
+        names = tar.getnames()
+        assert "./done/fake-gpu/report" in names and "./bench/fake-gpu.json" in names
+
+    # Here, after the call: pull keeps the returned state; export writes the report into the docs folder.
+    fetched = tmp_path / "files_at"
+    shutil.copytree(out, fetched)
+    shutil.rmtree(tmp_path / "state")
+    r = _gpu_run(tmp_path, "pull", str(fetched))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "state" / "state.tar.gz").read_bytes() == (out / "state.tar.gz").read_bytes()
+    assert (tmp_path / "state" / "report" / "fake-gpu" / "fake-gpu.md").exists()
+    r = _gpu_run(tmp_path, "export", EXPORT_DIR=str(tmp_path / "docs"), EXPORT_DB_DIR=str(tmp_path / "db"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "docs" / "fake-gpu.md").read_text() == md
+    assert (tmp_path / "docs" / "fake-gpu-rmsnorm-fwd.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_run_tune_dry_run_and_bad_step(tmp_path):
+    from autonorm import grids
+
+    r = _gpu_run(tmp_path, "tune", GRID="quick", DRY_RUN="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    cmds = [l for l in r.stdout.splitlines() if l.startswith("autonorm tune")]
+    assert len(cmds) == len(grids.QUICK.tune_batches())
+    for b, cmd in zip(grids.QUICK.tune_batches(), cmds):
+        assert f"--ops {b['ops']} --directions {b['directions']} --dtypes {b['dtypes']} --hidden {b['hidden']} " \
+               f"--rows {b['rows']} " in cmd
+        assert "--time-budget" in cmd and "/tuning_db" in cmd
+    assert "tune: ok" in r.stdout
+    r = _gpu_run(tmp_path, "tune", "frobnicate")
+    assert r.returncode == 2 and "unknown step 'frobnicate'" in r.stderr
+
+
+def test_gpu_run_tune_resumes_batches(tmp_path):
+    """A batch cut at the deadline (exit 124, as `timeout` gives) is retried next call; finished batches never."""
+    import os
+    import stat
+    import sys
+
+    from autonorm import grids
+
+    calls, cut = tmp_path / "calls.txt", tmp_path / "cut-once"
+    cut.touch()
+    fake = tmp_path / "python"
+    # Passes everything through to the real interpreter except `autonorm tune`, which it records;
+    # the first backward batch "times out" once.
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1 $2 $3 $4" = "-P -m autonorm.cli tune" ]; then
+  echo "$@" >> {calls}
+  if [[ "$*" == *"--directions bwd"* ]] && [ -f {cut} ]; then rm {cut}; exit 124; fi
+  exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    batches = grids.QUICK.tune_batches()
+    r = _gpu_run(tmp_path, "tune", GRID="quick", PY=str(fake))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "cut at the step deadline" in r.stdout and f"tune: {len(batches) - 1}/{len(batches)} batches" in r.stdout
+    assert len(calls.read_text().splitlines()) == len(batches)
+    os.replace(tmp_path / "out" / "state.tar.gz", tmp_path / "state" / "state.tar.gz")  # what `pull` does
+    r = _gpu_run(tmp_path, "tune", GRID="quick", PY=str(fake))
+    assert r.returncode == 0, r.stdout + r.stderr
+    second = calls.read_text().splitlines()[len(batches):]
+    assert len(second) == 1 and "--directions bwd" in second[0] and "--ops rmsnorm" in second[0]
+    r = _gpu_run(tmp_path, "tune", GRID="quick", PY=str(fake))
+    assert r.returncode == 0 and "tune: grid quick done before" in r.stdout
+    assert len(calls.read_text().splitlines()) == len(batches) + 1

@@ -87,7 +87,8 @@ def test_plots_are_pngs(bench_json, tmp_path):
     assert [p.rsplit("/", 1)[1] for p in pngs] == ["nvidia-h100-80gb-hbm3-layernorm-bwd.png",
                                                   "nvidia-h100-80gb-hbm3-rmsnorm-fwd.png"]
     for p in pngs:
-        data = open(p, "rb").read()
+        with open(p, "rb") as f:
+            data = f.read()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
     md = (out / "nvidia-h100-80gb-hbm3.md").read_text()
     assert "![nvidia-h100-80gb-hbm3-rmsnorm-fwd.png](nvidia-h100-80gb-hbm3-rmsnorm-fwd.png)" in md
