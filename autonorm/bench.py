@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -140,30 +139,6 @@ def copy_bandwidth_gbps(device: torch.device | str = "cpu", nbytes: int | None =
     if nbytes is None and device.type == "cpu":
         nbytes = max(4 * llc_bytes(), 64 << 20)
     return measure.copy_bandwidth(device, nbytes=nbytes, reps=reps)
-
-
-def versions() -> dict:
-    """Versions of everything a row's numbers depend on (None: not installed)."""
-    from importlib import metadata
-
-    import autonorm
-
-    def dist(*names):
-        for name in names:
-            try:
-                return metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    out = {"autonorm": autonorm.__version__, "torch": torch.__version__, "python": platform.python_version(),
-           "cuda": torch.version.cuda}
-    for key, names in (("numba", ("numba",)), ("numba_cuda", ("numba-cuda",)), ("triton", ("triton",)),
-                       ("cupy", ("cupy-cuda13x", "cupy-cuda12x", "cupy")), ("optuna", ("optuna",)),
-                       ("liger_kernel", ("liger-kernel", "liger_kernel")), ("quack", ("quack-kernels",)),
-                       ("cutlass_dsl", ("nvidia-cutlass-dsl",))):
-        out[key] = dist(*names)
-    return out
 
 
 # --- cases -------------------------------------------------------------------------------
@@ -539,7 +514,7 @@ def main(args) -> int:
     doc = {
         "schema_version": SCHEMA_VERSION,
         "device": ident,
-        "versions": versions(),
+        "versions": device_mod.software_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_gbps": bw,
         "providers": providers,

@@ -1,10 +1,12 @@
 """Device identity: the name, slug and keys under which kernels are cached and tuned."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import re
+from importlib import metadata
 
 import torch
 
@@ -69,3 +71,30 @@ def device_key(device: torch.device) -> str:
         ident = identity(device)
         return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}:sm{ident['compute_capability']}"
     return "cpu"
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def software_versions() -> dict:
+    """Versions of everything a measurement depends on (None: not installed); databases and reports record it."""
+    from . import __version__
+
+    driver = None
+    if torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            driver = str(torch._C._cuda_getDriverVersion())
+    out = {"autonorm": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "cuda": torch.version.cuda, "driver": driver}
+    for key, names in (("triton", ("triton",)), ("cupy", ("cupy-cuda13x", "cupy-cuda12x", "cupy")),
+                       ("numba", ("numba",)), ("numba_cuda", ("numba-cuda",)), ("optuna", ("optuna",)),
+                       ("liger_kernel", ("liger-kernel", "liger_kernel")), ("quack", ("quack-kernels",)),
+                       ("cutlass_dsl", ("nvidia-cutlass-dsl",))):
+        out[key] = _dist_version(*names)
+    return out

@@ -217,7 +217,7 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
     except ImportError:
         return None
     from .db import TuningDB
-    from .device import identity
+    from .device import identity, software_versions
 
     candidates = tuner.native_backends(device, None)
     if not candidates:
@@ -237,7 +237,7 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
     if record is None:
         return None
     device_info = {k: ident[k] for k in ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")}
-    db = TuningDB({**device_info, "copy_gbps": None}, tuner.software_versions(), timer.describe(),
+    db = TuningDB({**device_info, "copy_gbps": None}, software_versions(), timer.describe(),
                   {record.key: record})
     db.save(path)  # merges with the file on disk
     dbload.forget()  # the next key sees the new record through the ladder

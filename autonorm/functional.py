@@ -20,7 +20,6 @@ from torch import Tensor
 from .ops import norm_fwd, unit_last_stride
 from .spec import DTYPE_NAMES
 
-
 _Tensor = torch.Tensor
 _PARAM_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: subclasses take the checked path
 _FLOAT32 = torch.float32
@@ -50,17 +49,17 @@ def _fast_n(input, normalized_shape, weight, bias) -> int:
         return 0
     if not input.is_contiguous() and input.stride(-1) != 1:  # is_contiguous() is the cheaper test
         return 0
-    device = None
     if weight is not None:
-        device = input.device
+        cpu = input.is_cpu  # one CPU device: is_cpu (0.05 us) replaces a device comparison (0.12 us)
         wdtype = weight.dtype
         if not (type(weight) in _PARAM_TYPES and weight.shape == (n,) and weight.is_contiguous()
-                and (wdtype is dtype or wdtype is _FLOAT32) and weight.device == device):
+                and (wdtype is dtype or wdtype is _FLOAT32)
+                and (weight.is_cpu if cpu else weight.device == input.device)):
             return 0
-    if bias is not None:
-        if not (weight is not None and type(bias) in _PARAM_TYPES and bias.shape == (n,) and bias.is_contiguous()
-                and bias.dtype is wdtype and bias.device == device):
-            return 0
+    if bias is not None and not (weight is not None and type(bias) in _PARAM_TYPES and bias.shape == (n,)
+                                 and bias.is_contiguous() and bias.dtype is wdtype
+                                 and (bias.is_cpu if cpu else bias.device == input.device)):
+        return 0
     return n
 
 

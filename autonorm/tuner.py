@@ -48,6 +48,7 @@ import torch
 from . import measure
 from .config import Config
 from .db import Entry, Record, RecordKey, TuningDB, now_iso
+from .device import software_versions
 from .errors import AutonormError
 from .spec import NormSpec, dtype_name, rows_bucket
 
@@ -556,29 +557,6 @@ def native_backends(device: torch.device, requested: list[str] | None) -> dict:
             continue
         chosen[name] = backend
     return chosen
-
-
-def software_versions() -> dict:
-    from importlib import metadata
-
-    from . import __version__
-
-    def dist(*names):
-        for name in names:
-            try:
-                return metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    driver = None
-    if torch.cuda.is_available():
-        with contextlib.suppress(Exception):
-            driver = str(torch._C._cuda_getDriverVersion())
-    return {"autonorm": __version__, "torch": torch.__version__, "triton": dist("triton"),
-            "cupy": dist("cupy-cuda13x", "cupy-cuda12x", "cupy"), "numba": dist("numba"),
-            "numba_cuda": dist("numba-cuda"), "optuna": dist("optuna"), "cuda": torch.version.cuda,
-            "driver": driver}
 
 
 def format_table(results: list[StudyResult]) -> str:

@@ -22,14 +22,20 @@ Scalars `eps` and `offset` are Python floats, used in fp32 inside kernels.
 from __future__ import annotations
 
 import abc
+import importlib.util
+import os
+import sys
+import tempfile
 import threading
+import types
 from typing import Callable, ClassVar
 
 import torch
 
+from autonorm import knobs
 from autonorm.config import Config
 from autonorm.device import device_key
-from autonorm.errors import BackendUnavailableError, InvalidConfigError
+from autonorm.errors import BackendUnavailableError, InvalidConfigError, KernelError
 from autonorm.render import Source, render, template_hash
 from autonorm.spec import NormSpec
 
@@ -51,6 +57,35 @@ def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if _poison_outputs:
         out.fill_(float("nan"))
     return out
+
+
+def import_generated(source: Source, folder_name: str) -> types.ModuleType:
+    """Write generated Python source to `<cache_dir>/<folder_name>/<sha256>.py` and import it.
+
+    A real file (not exec of a string) because Triton's @jit reads its kernel's
+    source with inspect and Numba's `cache=True` keys its on-disk cache by file:
+    a second process then reuses compiled code instead of paying the JIT again.
+    """
+    folder = knobs.cache_dir() / folder_name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{source.sha256}.py"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source.text)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    name = f"autonorm_{folder_name}_{source.sha256[:24]}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # Triton resolves a kernel's globals through its module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise KernelError(f"{folder_name}: generated source {path} failed to load: {exc}") from exc
+    return module
 
 
 class Backend(abc.ABC):

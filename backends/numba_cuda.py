@@ -16,21 +16,16 @@ rightly won by other backends.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-import tempfile
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from autonorm import knobs
 from autonorm.config import Config, knob
 from autonorm.spec import NormSpec
 
-from .base import Backend, new_empty
+from .base import Backend, import_generated, new_empty
 
 THREADS = (32, 64, 128, 256, 512, 1024)
 MAX_BLOCK = 1024  # CUDA's limit on threads per block
@@ -90,26 +85,6 @@ def _simulator() -> bool:
     except ImportError:
         return False
     return bool(numba.config.ENABLE_CUDASIM)
-
-
-def _load_module(source):
-    """Write `source` to the cache folder (atomically) and import it."""
-    folder = knobs.cache_dir() / "numba_cuda"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{source.sha256}.py"
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source.text)
-        os.replace(tmp, path)  # concurrent writers write the same text
-    name = f"autonorm_numba_{source.sha256[:24]}"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return module
 
 
 class _Launcher:
@@ -282,7 +257,7 @@ class NumbaCudaBackend(Backend):
         if not self.supports_device(device):
             raise ValueError(f"numba backend cannot launch on {device} here "
                              f"({'simulator: cpu only' if _simulator() else 'needs a CUDA device'})")
-        module = _load_module(source)
+        module = import_generated(source, self.template_dir)
         launcher = _Launcher(device)
         make = _forward if spec.direction == "fwd" else _backward
         return make(module, spec, config, launcher)

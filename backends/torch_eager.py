@@ -14,7 +14,6 @@ from autonorm.render import Source
 
 from .base import Backend
 
-
 _F32 = torch.float32
 
 

@@ -10,21 +10,16 @@ backend then reports itself unavailable with an install hint.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from autonorm import knobs
 from autonorm.config import Config, knob
-from autonorm.errors import KernelError
 from autonorm.spec import NormSpec
 
-from .base import Backend
+from .base import Backend, import_generated
 
 _POW2 = tuple(1 << i for i in range(17))  # 1 .. 65536
 
@@ -144,19 +139,5 @@ class TritonBackend(Backend):
         return {"chunked": config.BLOCK_N < next_pow2(spec.hidden)}
 
     def build(self, source, spec, config, device):
-        folder = knobs.cache_dir() / "triton"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{source.sha256}.py"
-        if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
-            tmp.write_text(source.text)
-            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-        name = f"autonorm_triton_{source.sha256[:16]}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # Triton resolves the kernel's globals through its module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise KernelError(f"triton: generated source {path} for {spec.short()} failed to load: {exc}") from exc
+        module = import_generated(source, self.template_dir)
         return module.launch

@@ -22,13 +22,14 @@ import argparse
 import datetime
 import os
 import timeit
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from autonorm.backends.base import new_empty
 
 import autonorm
 from autonorm import dispatch, functional, ops
-from autonorm.backends.base import new_empty
 from autonorm.device import identity
 
 
@@ -121,13 +122,14 @@ def main() -> None:
         choice = dispatch.choice_for(dispatch.make_key(op, "fwd", x, w, bias, None, 0.0))
         kernel = choice.kernel
         y_only = getattr(kernel, "y_only", None)
-        direct = (lambda: y_only(x, w, bias, eps, 0.0)) if y_only else (lambda: kernel(x, w, bias, None, eps, 0.0))
+        direct = (partial(y_only, x, w, bias, eps, 0.0) if y_only is not None
+                  else partial(kernel, x, w, bias, None, eps, 0.0))
         t_torch = per_call_us(torch_fn, device, args.number)
         t_auto = per_call_us(auto_fn, device, args.number)
         t_torch_g = per_call_us(torch_g, device, args.number)
         t_auto_g = per_call_us(auto_g, device, args.number)
         t_kernel = per_call_us(direct, device, args.number)
-        t_op = per_call_us(lambda: ops.norm_fwd_op(x, w, bias, None, op, eps, 0.0), device, args.number)
+        t_op = per_call_us(partial(ops.norm_fwd_op, x, w, bias, None, op, eps, 0.0), device, args.number)
         goal = 1.0 if name == "rms_norm" else 1.5
         print(f"{name:<11} {choice.backend:<10} {t_torch:7.2f} {t_auto:9.2f} {t_auto / t_torch:6.2f} {goal:5.1f} "
               f"{t_torch_g:8.2f} {t_auto_g:8.2f} {t_auto_g / t_torch_g:8.2f} {t_kernel:7.2f} {t_op:7.2f} "

@@ -146,7 +146,7 @@ _LOWER = textwrap.dedent("""
     from numba import types as t
     from numba.cuda.compiler import compile_cuda
     from autonorm.backends import get_backend
-    from autonorm.backends.numba_cuda import _load_module
+    from autonorm.backends.base import import_generated
     from autonorm.spec import NormSpec
 
     # Device functions ask the current device for its compute capability, and
@@ -170,7 +170,7 @@ _LOWER = textwrap.dedent("""
             feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
             for x_dtype, w_dtype, n in (("bfloat16", "float32", 123), ("float16", "float16", 70000)):
                 spec = NormSpec(op, direction, x_dtype, w_dtype, n, residual=True, **feats)
-                module = _load_module(backend.render(spec, backend.heuristic(spec)))
+                module = import_generated(backend.render(spec, backend.heuristic(spec)), "numba_cuda")
                 ir = compile_cuda(module._kernel.py_func, t.void, tuple(signature(spec)), cc=(8, 0))
                 ir = ir.library.get_llvm_str()
                 # fp32 math only: the one use of a double is a folded constant truncation.

@@ -7,10 +7,10 @@ scripts/overhead.py times them; these tests only check values (no timing asserts
 """
 import pytest
 import torch
+from autonorm.backends import get_backend
 
 import autonorm
 from autonorm import functional, verify
-from autonorm.backends import get_backend
 from autonorm.spec import NormSpec
 
 
@@ -22,8 +22,8 @@ def _backend(name):
 
 
 @pytest.mark.parametrize("backend_name", ["numba-cpu", "torch"])
-@pytest.mark.parametrize("op,feats", [("rmsnorm", {}), ("rmsnorm", dict(weight=False)), ("rmsnorm", dict(offset=True)),
-                                      ("layernorm", dict(bias=True)), ("layernorm", dict(weight=False))])
+@pytest.mark.parametrize("op,feats", [("rmsnorm", {}), ("rmsnorm", {"weight": False}), ("rmsnorm", {"offset": True}),
+                                      ("layernorm", {"bias": True}), ("layernorm", {"weight": False})])
 @pytest.mark.parametrize("dtype,w_dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
                                            ("float16", "float32")])
 def test_y_only_matches_full_forward(backend_name, op, feats, dtype, w_dtype):
