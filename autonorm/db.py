@@ -204,7 +204,7 @@ class TuningDB:
         """Write atomically, merged with what is on disk now (concurrent writers keep their records)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path.with_name(path.name + ".lock")):
+        with file_lock(path.with_name(path.name + ".lock")):
             if path.exists():
                 on_disk = TuningDB.load(path)
                 self.records = {**on_disk.records, **self.records}
@@ -223,7 +223,11 @@ class TuningDB:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path):
+def file_lock(lock_path: Path | None):
+    """Hold an exclusive advisory lock on `lock_path` (no-op for None): one writer at a time."""
+    if lock_path is None:
+        yield
+        return
     with open(lock_path, "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:

@@ -29,8 +29,6 @@ config re-queued. Several workers may share one study.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -47,7 +45,7 @@ import torch
 
 from . import measure
 from .config import Config
-from .db import Entry, Record, RecordKey, TuningDB, now_iso
+from .db import Entry, Record, RecordKey, TuningDB, file_lock, now_iso
 from .device import software_versions
 from .errors import AutonormError
 from .spec import NormSpec, dtype_name, rows_bucket
@@ -164,19 +162,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path | None):
-    if path is None:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def make_storage(storage: str | None, journal_path: Path):
@@ -305,7 +290,7 @@ class StudyRunner:
         if not len(self.space):
             raise AutonormError(f"no backend has a valid config for {self.spec.short()}")
         study = self._study()
-        with _file_lock(self.lock_path):
+        with file_lock(self.lock_path):
             self._prepare(study)
         started, best, since_best = time.monotonic(), float("inf"), 0
         pool = ThreadPoolExecutor(max_workers=max(1, self.compile_workers))
@@ -326,12 +311,16 @@ class StudyRunner:
                 if done >= len(self.space):
                     break  # every candidate is evaluated
                 batch = []
-                for _ in range(min(self.compile_workers, self.n_trials - done)):
-                    # `queued` holds what other workers are measuring now: never sample it twice.
-                    picked = self._ask(study, set(measured) | set(failed) | queued | {c.key for _, c in batch},
-                                       self._incumbent(measured))
-                    if picked is not None:
-                        batch.append(picked)
+                # Claiming candidates is atomic across workers: under the lock, re-read what the others
+                # have measured or are measuring (`queued`), then ask; a worker that enters after us sees
+                # our RUNNING trials and their candidates, so no config is timed twice.
+                with file_lock(self.lock_path):
+                    measured, failed, queued = self._state(study)
+                    for _ in range(min(self.compile_workers, self.n_trials - done)):
+                        picked = self._ask(study, set(measured) | set(failed) | queued | {c.key for _, c in batch},
+                                           self._incumbent(measured))
+                        if picked is not None:
+                            batch.append(picked)
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
                 fresh = [c for _, c in batch if c.key not in measured and c.key not in failed]

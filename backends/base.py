@@ -51,6 +51,20 @@ def poison_outputs(enabled: bool) -> None:
     _poison_outputs = enabled
 
 
+def new_empty_like_rows(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous (M, N) output shaped like the 2-D kernel input `x`, NaN-filled when poisoning.
+
+    `empty_like` is the cheapest allocation (0.75 vs 1.2 us for torch.empty at 1x64,
+    which matters on the tiny-input path); for a 2-D x with a unit last stride its
+    preserved layout is the contiguous one (a row-strided x is not dense, so it gets
+    the contiguous layout too).
+    """
+    out = torch.empty_like(x)
+    if _poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
 def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Allocate a kernel output (NaN-filled when poisoning is on)."""
     out = torch.empty(shape, dtype=dtype, device=device)
