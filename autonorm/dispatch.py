@@ -32,7 +32,7 @@ import torch
 from . import knobs
 from .config import Config
 from .errors import AutonormError, BackendUnavailableError
-from .spec import DTYPE_NAMES, NormSpec, rows_bucket
+from .spec import DTYPE_NAMES, NormSpec
 
 log = logging.getLogger("autonorm")
 
