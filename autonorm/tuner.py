@@ -14,7 +14,9 @@ measured config is remembered, so a config is timed at most once per study.
 Seeds: each backend's heuristic config and the database's earlier winner are
 enqueued first. Small spaces (<= the trial budget) are searched exhaustively by
 enqueueing every config; larger ones by TPE after the seeds. A study stops on
-its trial budget, its time budget, or `patience` trials without a 0.5% gain.
+its trial budget, its time budget, or `patience` trials without a 0.5% gain,
+counted only after the seeds and STARTUP_TRIALS more candidates (counting TPE's
+random phase ended studies before TPE had a model: docs/benchmarks/search-efficiency.md).
 
 Every candidate is compiled (in a thread pool, a batch at a time), verified
 against the reference, then timed serially; a failing or wrong candidate is
@@ -60,6 +62,9 @@ QUICK = {"ops": "rmsnorm,layernorm", "directions": "fwd", "dtypes": "float32", "
 DEFAULTS = {"ops": "rmsnorm,layernorm", "directions": "fwd,bwd", "dtypes": "float32,float16,bfloat16",
             "hidden": "768,1024,2048,4096,5120,8192", "rows": "1,64,1024,4096,16384", "trials": 60,
             "time_budget": 300.0}
+# TPE samples at random until the study holds this many trials (seeds included); patience starts counting
+# after the seeds plus this many candidates, so the random phase never ends a study.
+STARTUP_TRIALS = 5
 MAX_TRIALS_FACTOR = 4  # Optuna trials (duplicates included) per unit of trial budget
 IMPROVEMENT = 0.005  # a gain below 0.5% is within run-to-run noise and does not reset patience
 
@@ -206,14 +211,12 @@ class StudyRunner:
     def _study(self):
         import optuna
 
-        # Multivariate, grouped TPE (knobs of one backend modelled jointly, backends as groups) with 10
-        # startup trials: on the recorded numba-cpu table it needs ~10% of the space to come within 2%
-        # of the exhaustive best, against ~40% for independent TPE with 5 startup trials
-        # (docs/benchmarks/search-efficiency.md). constant_liar keeps parallel workers apart.
+        # Independent TPE with 5 startup trials: on the three recorded numba-cpu tables it matched or beat
+        # multivariate, grouped TPE with 10 startup trials in trials-to-2% and in the winners of a
+        # 40-trial budget (docs/benchmarks/search-efficiency.md). constant_liar keeps parallel workers apart.
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=self.seed, constant_liar=True, n_startup_trials=10,
-                                                 multivariate=True, group=True)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
+            sampler = optuna.samplers.TPESampler(seed=self.seed, constant_liar=True, n_startup_trials=STARTUP_TRIALS)
         return optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
                                    sampler=sampler, load_if_exists=True)
 
@@ -330,7 +333,7 @@ class StudyRunner:
                     value = self._evaluate(study, trial, cand, measured, failed, kernels.get(cand.key))
                     if value is not None and value < best * (1 - IMPROVEMENT):
                         best, since_best = value, 0
-                    elif is_new:
+                    elif is_new and len(measured) + len(failed) > len(self.seeds) + STARTUP_TRIALS:
                         since_best += 1
                     if self.progress is not None and is_new:
                         self.progress.update(1)
@@ -413,13 +416,16 @@ class StudyRunner:
 
     def _baselines(self, need_eager: bool = True) -> dict:
         """Torch eager and torch.compile kernels (verified), timed with the finalists."""
-        from .backends.torch_eager import TorchBackend
+        from .backends.torch_eager import TorchBackend, compile_target
 
         eager = TorchBackend().build(None, self.spec, None, self.device)
         kernels = {"torch_eager": eager} if need_eager else {}
         if self.compile_baseline:
             try:
-                compiled = torch.compile(eager, dynamic=False)
+                # One graph per study: past Dynamo's recompile limit (8 per code object) a grid's later
+                # studies would silently time eager.
+                torch._dynamo.reset()
+                compiled = torch.compile(compile_target(self.spec), dynamic=False)
                 reason = measure.verify(self.spec, compiled, min(self.rows, 64), self.device)
                 if reason is None:
                     compiled(*measure.make_inputs(self.spec, self.rows, self.device).args(self.spec))

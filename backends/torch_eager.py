@@ -36,10 +36,7 @@ def _forward(op):
     fp32 mean/rstd (fp32 parameters put torch in its mixed-precision mode, whose stats are fp32),
     the offset folded into the weight in fp32, the residual added first (h in x's dtype)."""
     fused_rms = _fused_rms_norm_op() if op == "rmsnorm" else None
-
-    def reference_kernel(x, weight, bias, residual, eps, offset):
-        y, h, mean, rstd = reference.forward(op, x, weight, bias, residual, eps, offset, _F32)
-        return (y.to(x.dtype), None if h is None else h.to(x.dtype), mean, rstd)
+    reference_kernel = _plain_forward(op)
 
     def kernel(x, weight, bias, residual, eps, offset):
         m, n = x.shape
@@ -72,6 +69,23 @@ def _forward(op):
     if op == "layernorm" or fused_rms is not None:
         kernel.y_only = y_only
     return kernel
+
+
+def _plain_forward(op):
+    """The forward in plain fp32 torch ops (the fp32 reference), outputs in the kernel contract's dtypes."""
+    def kernel(x, weight, bias, residual, eps, offset):
+        y, h, mean, rstd = reference.forward(op, x, weight, bias, residual, eps, offset, _F32)
+        return (y.to(x.dtype), None if h is None else h.to(x.dtype), mean, rstd)
+    return kernel
+
+
+def compile_target(spec):
+    """What the torch.compile baseline compiles: the same math in plain torch ops only.
+
+    The eager forward calls `torch._fused_rms_norm`, which Dynamo cannot trace: compiled as is, it
+    graph-breaks and the "torch.compile" baseline would time eager. Plain ops are what Inductor fuses
+    (it decomposes F.rms_norm / F.layer_norm into them too)."""
+    return _plain_forward(spec.op) if spec.direction == "fwd" else _backward(spec)
 
 
 def _fp32_weight(x, weight, offset):

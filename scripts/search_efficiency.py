@@ -8,9 +8,17 @@
    "simulation mode"). Random search over the same table is the reference.
 3. Print (and with --md append) a markdown table: space size, the exhaustive
    best, and trials-to-within-2% as median / worst over seeds, as % of the space.
+4. Replay `autonorm tune --trials BUDGET` with its stopping rules: trials spent
+   and how far its winner is from the exhaustive best.
+5. With --transfer-table (a neighbouring shape's saved table), repeat 2 and 4
+   with that table's best config added to the seeds: the experiment behind the
+   tuner not seeding studies with neighbours' winners.
 
     python scripts/search_efficiency.py --op rmsnorm --hidden 4096 --rows 1024 \
-        --save-table docs/benchmarks/tables/rmsnorm-4096.json --md docs/benchmarks/search-efficiency.md
+        --save-table docs/benchmarks/search-efficiency-table-rmsnorm-4096.json
+    python scripts/search_efficiency.py --hidden 4096 --rows 1024 --seeds 20 \
+        --table docs/benchmarks/search-efficiency-table-rmsnorm-4096.json \
+        --transfer-table docs/benchmarks/search-efficiency-table-rmsnorm-2048.json
 
 Goal (issue 4): within 2% of the exhaustive best in at most 20% of the space.
 """
@@ -108,18 +116,38 @@ def trials_to_target(order, table, best) -> int:
     return len(order) + 1
 
 
-def replay_tpe(spec, rows, backends, table, seed) -> int:
+def replay(spec, rows, backends, table, seed, extra_seeds=(), n_trials=None, patience=None) -> list[str]:
+    """The candidate keys one tuner search times, in order, replayed on `table`.
+
+    Default: a budget one below the space size and patience off, which keeps the runner in TPE mode
+    (not exhaustive) until it has seen everything. With `n_trials` (and `patience` None), the tuner's
+    own stopping rules apply: what `autonorm tune --trials n_trials` would spend."""
     replay = {name: ReplayBackend(b) for name, b in backends.items()}
     size = len(SearchSpace(spec, backends))
     timer = ReplayTimer(table)
     with tempfile.TemporaryDirectory() as tmp:
         storage = make_storage(None, Path(tmp) / "j")
-        seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
-        # A budget one below the space size keeps the runner in TPE mode (not exhaustive).
-        StudyRunner(spec, rows, replay, timer, "cpu", storage=storage, name="replay", n_trials=size - 1,
-                    time_budget=3600, patience=size, seeds=seeds, compile_baseline=False, seed=seed,
-                    compile_workers=1).run()
-    return trials_to_target(timer.order, table, min(table.values()))
+        seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()] + list(extra_seeds)
+        StudyRunner(spec, rows, replay, timer, "cpu", storage=storage, name="replay",
+                    n_trials=n_trials or size - 1, time_budget=3600, patience=None if n_trials else size,
+                    seeds=seeds, compile_baseline=False, seed=seed, compile_workers=1).run()
+    return timer.order
+
+
+def replay_tpe(spec, rows, backends, table, seed, extra_seeds=()) -> int:
+    return trials_to_target(replay(spec, rows, backends, table, seed, extra_seeds), table, min(table.values()))
+
+
+def budgeted(spec, rows, backends, table, seeds, n_trials, extra_seeds=()) -> str:
+    """'trials spent median / worst, gap of the winner to the exhaustive best median / worst'."""
+    best = min(table.values())
+    spent, gaps = [], []
+    for seed in range(seeds):
+        order = replay(spec, rows, backends, table, seed, extra_seeds, n_trials=n_trials)
+        spent.append(len(order))
+        gaps.append(100 * (min(table.get(k, float("inf")) for k in order) / best - 1))
+    return (f"{statistics.median(spent):.0f} / {max(spent)} trials, winner {statistics.median(gaps):.1f}% / "
+            f"{max(gaps):.1f}% off the best")
 
 
 def main(argv=None) -> int:
@@ -134,6 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--table", help="load the exhaustive table from this JSON instead of measuring")
     p.add_argument("--save-table", help="write the measured exhaustive table here")
     p.add_argument("--md", help="append the result row to this markdown file")
+    p.add_argument("--budget", type=int, default=40,
+                   help="also replay `autonorm tune --trials BUDGET` (its patience rule included) and report "
+                        "the trials it spends and how far its winner is from the exhaustive best")
+    p.add_argument("--transfer-table", action="append", default=[], metavar="JSON",
+                   help="a neighbouring shape's saved table: its best config seeds the search as "
+                        "`autonorm tune --transfer` would seed it (repeatable); adds a second TPE row")
     args = p.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -152,6 +186,13 @@ def main(argv=None) -> int:
     size = len(SearchSpace(spec, backends))
     best_key = min(table, key=table.get)
     tpe = [replay_tpe(spec, args.rows, backends, table, seed) for seed in range(args.seeds)]
+    transfer, sources = [], []
+    for path in args.transfer_table:
+        other = json.loads(Path(path).read_text())
+        backend, config = json.loads(min(other["table"], key=other["table"].get))
+        transfer.append(Candidate(backend, backends[backend].config_cls.from_dict(config)))
+        sources.append(f"N={other['spec']['hidden']} rows={other['rows']}")
+    tpe_t = [replay_tpe(spec, args.rows, backends, table, seed, transfer) for seed in range(args.seeds)] if transfer else []
     keys = list(table)
     rnd = []
     for seed in range(args.seeds):
@@ -167,8 +208,17 @@ def main(argv=None) -> int:
            f"{table[best_key]:.1f} us: {best_key} | {within} | {cell(tpe)} | {cell(rnd)} |")
     header = ("| device | spec | space | exhaustive best | configs within 2% | TPE trials to 2%: median / worst "
               f"({args.seeds} seeds) | random search: median / worst |\n|---|---|---|---|---|---|---|")
+    if transfer:
+        row += (f"\n| {identity(device)['name']} | {spec.short()} rows={args.rows}, seeded with the best of "
+                f"{', '.join(sources)} | {size} | {table[best_key]:.1f} us: {best_key} | {within} | {cell(tpe_t)} | "
+                f"{cell(rnd)} |")
     print(header)
     print(row)
+    plain = budgeted(spec, args.rows, backends, table, args.seeds, args.budget)
+    print(f"\n--trials {args.budget}, heuristic seeds: {plain}")
+    if transfer:
+        seeded = budgeted(spec, args.rows, backends, table, args.seeds, args.budget, transfer)
+        print(f"--trials {args.budget}, plus the best of {', '.join(sources)}: {seeded}")
     if args.md:
         path = Path(args.md)
         if not path.exists():
