@@ -16,12 +16,11 @@ import torch.nn.functional as F
 
 import autonorm
 from autonorm import backends, dbload, dispatch
-from autonorm.backends.base import Backend
 from autonorm.config import Config, knob
 from autonorm.db import now_iso
 from autonorm.device import identity
 from autonorm.errors import DatabaseError, UnknownBackendError
-from autonorm.render import Source
+from fakes import FakeBackendBase
 
 FAKE_HASH = "fake-template-v1"
 TIMING = {"median_us": 2.0, "p20_us": 1.9, "p80_us": 2.1}
@@ -41,29 +40,9 @@ class FakeConfig(Config):
         return next(c for c in cls.all_configs() if cls.is_valid(spec, c) is None)
 
 
-class FakeBackend(Backend):
-    name = "fake"
+class FakeBackend(FakeBackendBase):
     config_cls = FakeConfig
-    reason = None
-
-    def unavailable_reason(self):
-        return self.reason
-
-    def version(self):
-        return "1"
-
-    def supports_device(self, device):
-        return True
-
-    def template_name(self, spec):
-        return ""
-
-    def template_hash(self):
-        return FAKE_HASH
-
-    def render(self, spec, config):
-        self.validate(spec, config)
-        return Source.of(f"fake {spec!r} {config!r}", "")
+    fake_hash = FAKE_HASH
 
     def build(self, source, spec, config, device):
         torch_backend = backends.get_backend("torch")

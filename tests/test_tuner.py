@@ -14,14 +14,13 @@ from typing import ClassVar
 
 import pytest
 import torch
-from autonorm.backends.base import Backend
 from autonorm.backends.torch_eager import TorchBackend
 
 from autonorm.config import Config, knob
 from autonorm.measure import Timing
-from autonorm.render import Source
 from autonorm.spec import NormSpec
 from autonorm.tuner import STARTUP_TRIALS, Candidate, SearchSpace, StudyRunner, make_storage
+from fakes import FakeBackendBase
 
 SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
 ROWS = 16
@@ -45,30 +44,10 @@ def cost(config: FakeConfig, shift=0.0) -> float:
     return 10.0 + shift + (math.log2(config.a) - math.log2(OPTIMUM[0])) ** 2 + (config.b - OPTIMUM[1]) ** 2
 
 
-class FakeBackend(Backend):
+class FakeBackend(FakeBackendBase):
     """Correct kernels (torch underneath) except: b == 6 computes a wrong result, a == 32 fails to compile."""
 
-    name = "fake"
     config_cls = FakeConfig
-
-    def unavailable_reason(self):
-        return None
-
-    def version(self):
-        return "1"
-
-    def supports_device(self, device):
-        return True
-
-    def template_name(self, spec):
-        return ""
-
-    def template_hash(self):
-        return "fake-1"
-
-    def render(self, spec, config):
-        self.validate(spec, config)
-        return Source.of(f"fake {spec!r} {config!r}", "")
 
     def build(self, source, spec, config, device):
         if config.a == 32:
