@@ -23,9 +23,8 @@ from typing import Callable, Sequence
 # ordinary busy desktop and still catches the bursts that produced the examples above.
 SPREAD_LIMIT = 1.5
 # Search and re-timing use the same timer on the same inputs; their protocols differ a little (interleaving
-# wakes each kernel once per block), which moves a microsecond-sized kernel by up to ~1.5x on a busy box. Beyond
-# 2x apart, something else
-# (another tenant, clocks, thermal) changed in between.
+# wakes each kernel once per block), which moved microsecond-sized kernels by up to ~1.9x on the loaded 2-core
+# VM. Beyond 2x apart, something else (another tenant, clocks, thermal) changed in between.
 AGREEMENT_LIMIT = 2.0
 RETRIES = 2  # re-timings after the first; each costs about one interleaved finalist round
 
