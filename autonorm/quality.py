@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 # A quiet CPU or GPU times a norm kernel with p80/p20 well under 1.2; 1.5 leaves room for an
 # ordinary busy desktop and still catches the bursts that produced the examples above.
 SPREAD_LIMIT = 1.5
-# Search and re-timing use the same timer on the same inputs; their protocols differ a little (interleaving
-# wakes each kernel once per block), which moved microsecond-sized kernels by up to ~1.9x on the loaded 2-core
-# VM. Beyond 2x apart, something else (another tenant, clocks, thermal) changed in between.
+# Search and re-timing use the same timer on the same inputs, but their protocols differ a little
+# (interleaving wakes each kernel once per block), which moves microsecond-sized kernels most. Beyond 2x
+# apart, the machine changed between the two (another tenant, clocks, thermal).
 AGREEMENT_LIMIT = 2.0
 RETRIES = 2  # re-timings after the first; each costs about one interleaved finalist round
 
