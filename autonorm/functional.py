@@ -196,6 +196,8 @@ def _call(name, op, input, normalized_shape, weight, bias, eps, offset, residual
     if reason is not None:
         return _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, offset, residual)
     n, x2d, weight, bias, r2d = _prepare(name, input, normalized_shape, weight, bias, residual)
+    if eps is None:  # rms_norm's default, as torch.nn.functional.rms_norm's
+        eps = _DEFAULT_EPS[input.dtype]
     if offset != 0.0 and weight is None:
         raise ValueError(f"{name}: offset={offset} needs a weight (y = x_hat * (offset + weight))")
     if n == 0:
@@ -223,8 +225,6 @@ def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tenso
                 raise
             return _call("rms_norm", "rmsnorm", input, normalized_shape, weight, None, eps, offset, None)
         return y if x2d is input else y.view(input.shape)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
     return _call("rms_norm", "rmsnorm", input, normalized_shape, weight, None, eps, offset, residual)
 
 
