@@ -197,3 +197,20 @@ def test_non_database_json_in_a_database_folder_is_skipped(tmp_path, monkeypatch
     finally:
         monkeypatch.delenv("AUTONORM_DB_PATH")
         autonorm.reset()
+
+
+def test_creating_a_study_prints_no_optuna_info(capfd):
+    """AUTONORM_TUNE_ON_MISS tunes inside the user's program: Optuna's INFO lines must not reach its output."""
+    import optuna
+    from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.spec import NormSpec
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # what a program that uses Optuna itself may have set
+    try:
+        runner = tuner.StudyRunner(NormSpec("rmsnorm", "fwd", "float32", "float32", 8), 8, {"torch": TorchBackend()},
+                                   None, storage=optuna.storages.InMemoryStorage(), name="quiet")
+        runner._study()
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO  # the program's own setting is kept
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    assert "A new study created" not in capfd.readouterr().err
