@@ -156,7 +156,7 @@ def fallback_reason(input, normalized_shape, weight, bias) -> str | None:
     then `_prepare` raises). Never raises."""
     if not isinstance(input, Tensor):
         return None
-    if _is_functorch_wrapped(input):
+    if not torch.compiler.is_compiling() and _is_functorch_wrapped(input):  # (Dynamo cannot trace the test)
         return "input inside a torch.func transform (torch.vmap, torch.func.grad, ...)"
     if input.is_floating_point() and input.dtype not in DTYPE_NAMES:
         return f"{input.dtype} input (kernels take float32, float16, bfloat16)"

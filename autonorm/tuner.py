@@ -683,7 +683,7 @@ def main(args) -> int:
     journal = side_folder(out) / f"{ident['slug']}.optuna.journal"
     try:  # a bad storage URL or a missing driver fails here, in one line, before the bandwidth probe
         storage = make_storage(args.storage, journal)
-    except (ImportError, ValueError, OSError, optuna.exceptions.OptunaError) as exc:
+    except Exception as exc:  # drivers raise their own kinds (sqlalchemy, psycopg): all are a bad --storage
         raise UsageError(f"--storage {args.storage}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     earlier = TuningDB.load(db_path) if db_path.exists() else None
     studies = len(specs) * len(row_counts)

@@ -214,3 +214,12 @@ def test_creating_a_study_prints_no_optuna_info(capfd):
     finally:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     assert "A new study created" not in capfd.readouterr().err
+
+
+def test_a_bad_storage_fails_before_the_bandwidth_probe(capsys, monkeypatch, tmp_path):
+    def probe(device):
+        raise AssertionError("the bandwidth probe ran before the storage was checked")
+    monkeypatch.setattr(tuner.measure, "copy_bandwidth", probe)
+    rc, _, err = run(capsys, *_tiny_tune(tmp_path, "--storage", "nosuchdriver://localhost/x"))
+    assert rc == 2 and "autonorm tune: error: --storage nosuchdriver://localhost/x:" in err
+    assert len(err.strip().splitlines()) == 1
