@@ -38,13 +38,17 @@ class UsageError(Exception):
     """A command-line value that cannot be used; `main` prints it as `autonorm <cmd>: error: ...`, exit 2."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows `(default: ...)` for options that have a real default (not None, not a False flag)."""
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends `(default: ...)` to options that have a real default (not None, not a False flag); lists
+    are shown as they are typed, `a,b,c`."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "default" in text:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # argparse %-formats help strings
 
 
 class Parser(argparse.ArgumentParser):
