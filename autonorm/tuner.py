@@ -22,10 +22,12 @@ Every candidate is compiled (in a thread pool, a batch at a time), verified
 against the reference, then timed serially; a failing or wrong candidate is
 recorded in the study as FAIL with its reason and never reaches the database.
 The best few are re-timed interleaved together with the torch eager and
-torch.compile baselines before the winner is declared.
+torch.compile baselines before the winner is declared; `autonorm/quality.py` checks
+that re-timing (spread, agreement with the search) and re-times a noisy study, then
+records it flagged low-confidence or, with `strict`, not at all.
 
-Resume: studies live in Optuna storage (a journal file next to the database by
-default). Restarting finds completed trials in the study and never re-times
+Resume: studies live in Optuna storage (by default a journal file in the database
+folder's `.autonorm-journal/`, which git ignores). Restarting finds completed trials in the study and never re-times
 them; a RUNNING trial left by a killed worker on this host is failed and its
 config re-queued. Several workers may share one study.
 """
