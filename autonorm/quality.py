@@ -53,6 +53,11 @@ class Verdict:
     def ok(self) -> bool:
         return not self.problems
 
+    def summary(self, most: int = 3) -> str:
+        """The first `most` problems, and how many more (the record keeps them all)."""
+        more = len(self.problems) - most
+        return "; ".join(self.problems[:most]) + (f"; and {more} more" if more > 0 else "")
+
 
 def judge(names: Sequence[str], retimed: Sequence, search: Sequence[dict | None], *,
           spread_limit: float = SPREAD_LIMIT, agreement_limit: float = AGREEMENT_LIMIT) -> Verdict:

@@ -58,7 +58,7 @@ log = logging.getLogger("autonorm.tune")
 
 HELP = "tune kernels on this machine and write a tuning database"
 
-# --quick: five studies that finish in a minute or two on a 2-core CPU (numba-cpu + torch): the forward of
+# --quick: five studies that finish in a few minutes on a 2-core CPU (numba-cpu + torch): the forward of
 # each op and hidden size, and the backward of the first op at the first hidden size ("quick_backward").
 QUICK = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd"], "dtypes": ["float32"], "hidden": [1024, 4096],
          "rows": [1024], "trials": 12, "time_budget": 45.0, "quick_backward": True}
@@ -471,7 +471,7 @@ class StudyRunner:
                                [measured[c.key] for c in finalists] + [None] * len(baselines))
         if not outcome.verdict.ok:
             why = (f"{self.spec.short()} rows={self.rows}: measurements stay noisy after {outcome.attempts} timings "
-                   f"({'; '.join(outcome.verdict.problems)}); {quality.load_average()}")
+                   f"({outcome.verdict.summary()}); {quality.load_average()}")
             if self.strict:
                 log.warning("%s; not recorded (--strict)", why)
                 result.refused = why
@@ -527,7 +527,7 @@ def add_arguments(p) -> None:
                                  "database folder, read automatically by the dispatcher; see `autonorm db where`)")
     add_device(p)
     p.add_argument("--quick", action="store_true",
-                   help="a small grid that finishes in a minute or two on a 2-core CPU")
+                   help="a small grid that finishes in a few minutes on a 2-core CPU")
     p.add_argument("--strict", action="store_true",
                    help="refuse to record a study whose measurements stay noisy (default: record it flagged "
                         "low-confidence, with a warning)")

@@ -82,3 +82,9 @@ def test_tune_strict_exits_1_and_writes_nothing_noisy(tmp_path, capsys, monkeypa
     assert cli.main(argv) == 0  # without --strict: recorded, flagged
     (path,) = tmp_path.glob("*.json")
     assert [r.quality["confidence"] for r in TuningDB.load(path).records.values()] == ["low"]
+
+
+def test_the_warning_lists_the_first_problems_and_counts_the_rest():
+    verdict = quality.Verdict([f"p{i}" for i in range(5)])
+    assert verdict.summary() == "p0; p1; p2; and 2 more"
+    assert quality.Verdict(["p0"]).summary() == "p0"
