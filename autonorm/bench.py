@@ -393,19 +393,22 @@ def timer_for(device: torch.device, reps: int, warmup: int):
 # --- the command -------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    p.add_argument("--ops", nargs="+", default=["rmsnorm", "layernorm"], choices=["rmsnorm", "layernorm"])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="float32 float16 bfloat16 (or fp32 ...)")
-    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="ROWSxHIDDEN, e.g. 8192x4096")
-    p.add_argument("--directions", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    from .cli import add_device, add_list
+
+    add_list(p, "--ops", default=["rmsnorm", "layernorm"], choices=["rmsnorm", "layernorm"])
+    add_list(p, "--dtypes", default=["float32", "bfloat16"], help="input dtypes (float32, float16, bfloat16 or fp32 ...)")
+    add_list(p, "--shapes", default=list(DEFAULT_SHAPES), help="ROWSxHIDDEN, e.g. 8192x4096")
+    add_list(p, "--directions", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     p.add_argument("--grid", choices=["standard", "quick"],
                    help="take ops, directions, dtypes and shapes from autonorm/grids.py (overrides those options)")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS),
-                   help=f"what to compare (default: all; missing packages are skipped): {', '.join(PROVIDERS)}")
-    p.add_argument("--backend", default=None, help="force an autonorm backend (as AUTONORM_BACKEND)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    add_list(p, "--providers", default=list(PROVIDERS),
+             help=f"what to compare (missing packages are skipped): {', '.join(PROVIDERS)}")
+    add_list(p, "--backends", "--backend", dest="backends",
+             help="force one autonorm backend (as AUTONORM_BACKEND; default: the dispatcher's choice)")
+    add_device(p)
     p.add_argument("--reps", type=int, default=20, help="timed calls per implementation and case (CPU; "
                                                         "on CUDA repetitions are sized by time)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per implementation and case")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile takes minutes)")
     p.add_argument("--copy-bw", type=float, metavar="GBPS",
                    help="copy bandwidth to divide by (e.g. from an earlier probe) instead of measuring it")
@@ -433,18 +436,26 @@ def _n_sets(spec, rows: int, device: torch.device) -> int:
 def cases_from_args(args):
     """[(spec, rows)] in run order."""
     from . import grids
-    from .spec import NormSpec, dtype_name
+    from .spec import NormSpec
+
+    from .check import dtype_names
+    from .cli import UsageError
 
     if args.grid:
         return grids.get(args.grid).bench_cases()
+    try:
+        shapes = [parse_shape(shape) for shape in args.shapes]
+    except ValueError as exc:
+        raise UsageError(f"--shapes: {exc}") from None
     out = []
     for op in args.ops:
         for direction in args.directions:
-            for dt in args.dtypes:
-                for shape in args.shapes:
-                    rows, hidden = parse_shape(shape)
-                    dname = dtype_name(dt)
-                    out.append((NormSpec(op, direction, dname, dname, hidden), rows))
+            for dname in dtype_names(args.dtypes):
+                for rows, hidden in shapes:
+                    try:
+                        out.append((NormSpec(op, direction, dname, dname, hidden), rows))
+                    except ValueError as exc:
+                        raise UsageError(f"--shapes {rows}x{hidden}: {exc}") from None
     return out
 
 
@@ -455,8 +466,10 @@ def case_name(spec, rows: int) -> str:
 def _load_previous(path: str, slug: str) -> tuple[list, dict]:
     with open(path) as f:
         doc = json.load(f)
+    from .cli import UsageError
+
     if doc.get("device", {}).get("slug") != slug:
-        raise SystemExit(f"autonorm bench: {path} holds rows of {doc.get('device', {}).get('slug')!r}, "
+        raise UsageError(f"{path} holds rows of {doc.get('device', {}).get('slug')!r}, "
                          f"not of this device ({slug}); use another --json file")
     return doc.get("rows", []), doc.get("skipped", {})
 
@@ -480,28 +493,33 @@ def main(args) -> int:
     from . import device as device_mod
     from . import dispatch
 
+    from .cli import UsageError, device_arg
+
     if args.input:
         if not args.report:
-            raise SystemExit("autonorm bench: --input needs --report DIR")
+            raise UsageError("--input needs --report DIR")
         _make_report(args, args.input)
         return 0
     try:
         providers = check_providers(list(args.providers))
     except ValueError as exc:
-        raise SystemExit(f"autonorm bench: {exc}") from None
+        raise UsageError(str(exc)) from None
     if args.no_compile and "torch.compile" in providers:
         providers.remove("torch.compile")
     if "torch" not in providers:
         providers.insert(0, "torch")  # every row's speedup_vs_torch divides by it
-    if args.backend:
-        os.environ["AUTONORM_BACKEND"] = args.backend
+    if args.backends:
+        if len(args.backends) > 1:
+            raise UsageError(f"--backends: bench forces one autonorm backend at a time, got {', '.join(args.backends)}")
+        from .check import backend_names
+        os.environ["AUTONORM_BACKEND"] = backend_names(args.backends, None)[0]
         dispatch.reset()
-    dev = torch.device(args.device)
+    dev = device_arg(args.device)
+    cases = cases_from_args(args)  # bad values fail here, before any probe
     ident = device_mod.identity(dev)
     started = time.monotonic()
     bw = args.copy_bw or copy_bandwidth_gbps(dev)
     timer = timer_for(dev, args.reps, args.warmup)
-    cases = cases_from_args(args)
     rows_out, skipped = [], {}
     if args.resume and args.json and os.path.exists(args.json):
         rows_out, skipped = _load_previous(args.json, ident["slug"])

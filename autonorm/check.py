@@ -7,6 +7,7 @@ anything failed.
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -15,22 +16,37 @@ HELP = "run every available backend against the reference on a small grid"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--backends", default=None, help="comma-separated backend names (default: all available)")
-    parser.add_argument("--hidden", default="7,760,4096", help="comma-separated hidden sizes")
-    parser.add_argument("--dtypes", default="float32,float16,bfloat16")
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    from .cli import add_device, add_list, positive_int
+    from .spec import DTYPES
+
+    add_list(parser, "--backends", help="backend names (default: every available one)")
+    add_list(parser, "--hidden", kind=positive_int, default=[7, 760, 4096], help="hidden sizes N")
+    add_list(parser, "--dtypes", default=list(DTYPES), help="input dtypes (float32, float16, bfloat16 or fp32 ...)")
+    parser.add_argument("--rows", type=positive_int, default=4, help="rows per check")
+    add_device(parser)
 
 
-def _backend_names(requested: str | None, device: torch.device) -> list[str]:
-    from .backends import available, get_backend
+def backend_names(requested: list[str] | None, device: torch.device) -> list[str]:
+    from .backends import BACKENDS, available
+    from .cli import UsageError
 
     if requested:
-        names = [n.strip() for n in requested.split(",") if n.strip()]
-        for name in names:
-            get_backend(name)  # an unknown name fails here, listing the known ones
-        return names
+        unknown = [n for n in requested if n not in BACKENDS]
+        if unknown:
+            raise UsageError(f"--backends: unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)}")
+        return requested
     return available(device)
+
+
+def dtype_names(values: list[str]) -> list[str]:
+    """Canonical dtype names for a `--dtypes` list; a UsageError names a dtype the kernels do not take."""
+    from .cli import UsageError
+    from .spec import dtype_name
+
+    try:
+        return [dtype_name(v) for v in values]
+    except ValueError as exc:
+        raise UsageError(f"--dtypes: {exc} (other dtypes run on torch's own implementation)") from None
 
 
 def main(args) -> int:
@@ -38,18 +54,22 @@ def main(args) -> int:
     from .backends import get_backend
     from .backends.base import poison_outputs
     from .errors import AutonormError
-    from .spec import DTYPE_ALIASES, NormSpec
+    from .cli import UsageError, device_arg
+    from .spec import MAX_HIDDEN, NormSpec
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    hidden = [int(n) for n in args.hidden.split(",")]
-    dtypes = [DTYPE_ALIASES.get(d.strip(), d.strip()) for d in args.dtypes.split(",")]
+    device = device_arg(args.device)
+    hidden, dtypes = args.hidden, dtype_names(args.dtypes)
+    names = backend_names(args.backends, device)
+    too_big = [n for n in hidden if n > MAX_HIDDEN]
+    if too_big:
+        raise UsageError(f"--hidden {too_big[0]} is above the kernels' maximum {MAX_HIDDEN}")
     poison_outputs(True)  # unwritten outputs show up as NaN
     header = f"{'backend':<10} {'op':<10} {'dir':<4} {'dtype':<9} {'N':>6} {'max err':>10} {'tol':>8} {'compile s':>9}  result"
     print(f"autonorm check on {device}")
     print(header)
     print("-" * len(header))
     failures = total = 0
-    for name in _backend_names(args.backends, device):
+    for name in names:
         backend = get_backend(name)
         reason = backend.unavailable_reason() or (None if backend.supports_device(device) else f"does not run on {device}")
         if reason:
@@ -75,4 +95,7 @@ def main(args) -> int:
                         print(f"{name:<10} {op:<10} {direction:<4} {dt:<9} {n:>6} {err:>10.2e} {tol:>8.0e} "
                               f"{compile_s:>9.2f}  {status}", flush=True)
     print(f"{total - failures} passed, {failures} failed")
+    if total == 0:
+        print("autonorm check: nothing ran: every backend was skipped", file=sys.stderr)
+        return 1
     return 1 if failures else 0

@@ -100,12 +100,16 @@ class Record:
     trials: int = 0
     failed: int = 0
     date: str = ""
+    quality: dict | None = None  # the tuner's measurement-quality verdict (autonorm/quality.py), if any
 
     def to_json(self) -> dict:
-        return {"key": self.key.to_json(), "winner": self.winner.to_json(),
-                "runners_up": [e.to_json() for e in self.runners_up], "baselines": self.baselines,
-                "template_hash": self.template_hash, "trials": self.trials, "failed": self.failed,
-                "date": self.date}
+        doc = {"key": self.key.to_json(), "winner": self.winner.to_json(),
+               "runners_up": [e.to_json() for e in self.runners_up], "baselines": self.baselines,
+               "template_hash": self.template_hash, "trials": self.trials, "failed": self.failed,
+               "date": self.date}
+        if self.quality is not None:
+            doc["quality"] = self.quality
+        return doc
 
     @classmethod
     def from_json(cls, obj: dict, where: str = "record") -> "Record":
@@ -113,7 +117,8 @@ class Record:
         where = f"{where} ({key.short()})"
         return cls(key, Entry.from_json(obj["winner"], f"{where} winner"),
                    [Entry.from_json(e, f"{where} runner-up {i}") for i, e in enumerate(obj["runners_up"])],
-                   dict(obj["baselines"]), obj["template_hash"], obj["trials"], obj["failed"], obj["date"])
+                   dict(obj["baselines"]), obj["template_hash"], obj["trials"], obj["failed"], obj["date"],
+                   obj.get("quality"))
 
 
 def now_iso() -> str:
@@ -204,7 +209,7 @@ class TuningDB:
         """Write atomically, merged with what is on disk now (concurrent writers keep their records)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(path.with_name(path.name + ".lock")):
+        with file_lock(side_folder(path.parent) / (path.name + ".lock")):
             if path.exists():
                 on_disk = TuningDB.load(path)
                 self.records = {**on_disk.records, **self.records}
@@ -215,11 +220,28 @@ class TuningDB:
                     f.write("\n")
                     f.flush()
                     os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a shared database must be readable
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def side_folder(folder: Path) -> Path:
+    """`folder/.autonorm-journal/`: locks and Optuna journals, kept apart from the databases users ship
+    and ignored by git (the folder holds a `.gitignore` of `*`)."""
+    side = Path(folder) / ".autonorm-journal"
+    if not side.is_dir():
+        side.mkdir(parents=True, exist_ok=True)
+        (side / ".gitignore").write_text("# locks and tuning journals of autonorm: never commit them\n*\n")
+    return side
 
 
 @contextlib.contextmanager

@@ -1,26 +1,37 @@
-"""`autonorm db show|validate|merge|diff`: inspect and combine tuning databases."""
+"""`autonorm db show|validate|merge|diff|where`: inspect, combine and locate tuning databases.
+
+Exit status: 0 when all is well, 1 when a database is invalid (or, with
+`validate --strict`, holds stale records) and when `diff` finds differences,
+2 for a usage error.
+"""
 from __future__ import annotations
 
 import sys
+from collections import Counter
+from pathlib import Path
 
 from .db import TuningDB
 from .errors import DatabaseError
 
-HELP = "show, validate, merge or diff tuning databases"
+HELP = "show, validate, merge, diff or locate tuning databases"
 
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     show = sub.add_parser("show", help="print a database's device, versions and records")
     show.add_argument("path")
-    validate = sub.add_parser("validate", help="check databases against the schema and every config's domain")
+    validate = sub.add_parser("validate", help="check databases (files or folders) against the schema and every "
+                                               "config's domain, and report stale records")
     validate.add_argument("paths", nargs="+")
+    validate.add_argument("--strict", action="store_true",
+                          help="also fail on stale records (tuned for kernels that have changed since)")
     merge = sub.add_parser("merge", help="merge databases of one device (later files win on equal keys)")
     merge.add_argument("paths", nargs="+")
     merge.add_argument("-o", "--out", required=True, help="output file (may be one of the inputs)")
     diff = sub.add_parser("diff", help="compare the records of two databases")
     diff.add_argument("old")
     diff.add_argument("new")
+    sub.add_parser("where", help="list the databases the dispatcher loads here, in order (later ones win)")
 
 
 def _entry(e) -> str:
@@ -66,20 +77,91 @@ def diff(old: TuningDB, new: TuningDB, out=None) -> int:
     return changes
 
 
+def _database_files(paths: list[str]) -> list[Path]:
+    """Files named, and every `*.json` in folders named (a folder's non-database JSON is skipped)."""
+    from .dbload import _not_a_database
+
+    files = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for p in sorted(path.glob("*.json")):
+                if _not_a_database(p):
+                    print(f"{p}: skipped: JSON that is not a tuning database (no schema_version)", file=sys.stderr)
+                else:
+                    files.append(p)
+        else:
+            files.append(path)
+    return files
+
+
+def stale_records(db: TuningDB) -> tuple[Counter, int]:
+    """(why -> count) of records the dispatcher would skip here, and how many of those are stale.
+
+    Stale: the record's backend runs here but its kernels changed since tuning (template hash).
+    Records of backends unavailable here (a GPU database on a CPU machine) are counted, not stale."""
+    from .dbload import _usable
+
+    checks: dict = {}
+    why = Counter(problem for problem in (_usable(r, checks) for r in db.records.values()) if problem)
+    return why, sum(n for problem, n in why.items() if problem.startswith("stale"))
+
+
+def validate(paths: list[str], strict: bool) -> int:
+    files = _database_files(paths)
+    if not files:
+        print("autonorm db validate: no tuning database found", file=sys.stderr)
+        return 1
+    bad = 0
+    for path in files:
+        try:
+            db = TuningDB.load(path)
+        except DatabaseError as exc:
+            print(f"INVALID: {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        skipped, stale = stale_records(db)
+        notes = "".join(f"; {n} x {problem}" for problem, n in skipped.items())
+        status = "STALE" if stale and strict else "OK"
+        print(f"{path}: {status} ({len(db.records)} records, device {db.device['slug']}{notes})")
+        bad += stale > 0 and strict
+    return 1 if bad else 0
+
+
+def where(out=None) -> None:
+    from . import dbload, knobs
+    from .device import identity
+
+    out = out or sys.stdout
+    print(f"this machine: {identity('cpu')['slug']} (cpu)" + "".join(
+        f", {identity(f'cuda:{i}')['slug']} (cuda:{i})" for i in range(_cuda_count())), file=out)
+    print(f"user folder (AUTONORM_USER_DB_DIR, where `autonorm tune` writes): {knobs.user_db_dir()}", file=out)
+    found = dbload.sources()
+    print("databases, in load order (a later one wins on equal device and key):" if found else
+          "databases: none", file=out)
+    for origin, path, _ in found:
+        try:
+            db = TuningDB.load(path)
+            what = f"{db.device['slug']}, {len(db.records)} records"
+        except DatabaseError as exc:
+            what = f"unreadable: {exc}"
+        print(f"  [{origin}] {path} ({what})", file=out)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def main(args) -> int:
     try:
         if args.db_command == "show":
             show(TuningDB.load(args.path))
         elif args.db_command == "validate":
-            bad = 0
-            for path in args.paths:
-                try:
-                    db = TuningDB.load(path)
-                    print(f"{path}: OK ({len(db.records)} records, device {db.device['slug']})")
-                except DatabaseError as exc:
-                    print(f"INVALID: {exc}", file=sys.stderr)
-                    bad += 1
-            return 1 if bad else 0
+            return validate(args.paths, args.strict)
+        elif args.db_command == "where":
+            where()
         elif args.db_command == "merge":
             dbs = [TuningDB.load(p) for p in args.paths]
             merged = dbs[0]
@@ -88,7 +170,7 @@ def main(args) -> int:
             merged.save(args.out)
             print(f"wrote {args.out} ({len(merged.records)} records)")
         elif args.db_command == "diff":
-            diff(TuningDB.load(args.old), TuningDB.load(args.new))
+            return 1 if diff(TuningDB.load(args.old), TuningDB.load(args.new)) else 0
     except DatabaseError as exc:
         print(f"autonorm db: {exc}", file=sys.stderr)
         return 1

@@ -4,10 +4,18 @@ Sources, earliest first (a later record with the same device and key overrides
 an earlier one):
 
 1. the shipped databases, `*.json` in the package `autonorm.tuning_db`;
-2. with AUTONORM_TUNE_ON_MISS=1 only: the records tuned at first use, kept in
+2. this user's databases, `*.json` in `AUTONORM_USER_DB_DIR` (by default the
+   platform's per-user data folder, e.g. `~/.local/share/autonorm`): where
+   `autonorm tune` writes unless told otherwise, so what was tuned on this
+   machine overrides what shipped;
+3. with AUTONORM_TUNE_ON_MISS=1 only: the records tuned at first use, kept in
    `<AUTONORM_CACHE_DIR>/tuned/<device-slug>.json`;
-3. files and folders (every `*.json` inside, by name) from `AUTONORM_DB_PATH`;
-4. files given to `autonorm.load_db(path)`, in call order.
+4. files and folders (every `*.json` inside, by name) from `AUTONORM_DB_PATH`;
+5. files given to `autonorm.load_db(path)`, in call order.
+
+`autonorm db where` lists these files in this order. In a folder, a JSON file
+that is not a tuning database (no `schema_version`) is skipped with a warning;
+a database that is corrupt is an error.
 
 Nothing is read at import: files are parsed and validated (`TuningDB.load`) at
 the first resolution that needs them, and again after `autonorm.reset()`. A
@@ -69,6 +77,46 @@ def _expand(path: Path, origin: str) -> list[Path]:
     return [path]
 
 
+def sources() -> list[tuple[str, Path, bool]]:
+    """(origin, file, found in a folder) of every database the dispatcher loads, earliest first.
+
+    Lists folders only; nothing is parsed. A later file overrides an earlier one on equal keys."""
+    found = [("shipped", p, True) for p in _shipped()]
+    user = knobs.user_db_dir()
+    found += [("user", p, True) for p in (sorted(user.glob("*.json")) if user.is_dir() else [])]
+    if knobs.tune_on_miss():
+        found += [("AUTONORM_TUNE_ON_MISS", p, True) for p in sorted((knobs.cache_dir() / "tuned").glob("*.json"))]
+    for origin, paths in (("AUTONORM_DB_PATH", knobs.db_paths()), ("autonorm.load_db", list(_user_paths))):
+        for path in paths:
+            found += [(origin, p, p != path) for p in _expand(path, origin)]
+    return found
+
+
+def _read_all(paths: list[tuple[Path, bool]]) -> list:
+    """[(path, TuningDB)] for (path, found in a folder) pairs; a folder's non-database JSON is skipped."""
+    loaded = []
+    for path, in_folder in paths:
+        try:
+            loaded.append((path, _read(path)))
+        except DatabaseError:
+            if not (in_folder and _not_a_database(path)):
+                raise
+            warnings.warn(f"autonorm: skipped {str(path)!r}: a JSON file that is not a tuning database "
+                          f"(no schema_version)", RuntimeWarning, stacklevel=3)
+    return loaded
+
+
+def _not_a_database(path: Path) -> bool:
+    """True for a readable JSON file that does not even claim to be a tuning database (e.g. bench output)."""
+    import json
+
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return not (isinstance(obj, dict) and "schema_version" in obj)
+
+
 def _read(path: Path):
     from .db import TuningDB
 
@@ -87,7 +135,7 @@ def load_db(path) -> object:
     earlier resolution is forgotten, so the next call sees the new records.
     """
     path = Path(path)
-    dbs = [(p, _read(p)) for p in _expand(path, "autonorm.load_db")]
+    dbs = _read_all([(p, p != path) for p in _expand(path, "autonorm.load_db")])
     if not dbs:
         raise DatabaseError(f"autonorm.load_db: folder {str(path)!r} holds no *.json tuning database")
     from . import dispatch
@@ -116,14 +164,7 @@ def files() -> list:
     global _files
     with _lock:
         if _files is None:
-            loaded = [(p, _read(p)) for p in _shipped()]
-            if knobs.tune_on_miss():
-                loaded += [(p, _read(p)) for p in sorted((knobs.cache_dir() / "tuned").glob("*.json"))]
-            for path in knobs.db_paths():
-                loaded += [(p, _read(p)) for p in _expand(path, "AUTONORM_DB_PATH")]
-            for path in _user_paths:
-                loaded += [(p, _read(p)) for p in _expand(path, "autonorm.load_db")]
-            _files = loaded
+            _files = _read_all([(path, in_folder) for _, path, in_folder in sources()])
         return _files
 
 

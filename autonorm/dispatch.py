@@ -281,7 +281,7 @@ def choice_for_tensors(op, direction, x, weight=None, bias=None, residual=None, 
     return choice_for(make_key(op, direction, x, weight, bias, residual, offset))
 
 
-def explain(fn, input, *args, direction: str = "fwd", **kwargs) -> Choice:
+def explain(fn, input, *args, direction: str = "fwd", **kwargs):
     """Which backend, config and ladder rung a call would use, without running it.
 
     `fn` is `"rms_norm"`, `"layer_norm"`, the function itself, or an autonorm
@@ -290,6 +290,9 @@ def explain(fn, input, *args, direction: str = "fwd", **kwargs) -> Choice:
 
         print(autonorm.explain("rms_norm", x, (4096,), w))
         print(autonorm.explain(model.norm, x, direction="bwd"))
+
+    Returns a `Choice`, or a `functional.TorchFallback` (rung "fallback", with the reason) for a call
+    the kernels do not take and torch's own implementation runs.
     """
     from . import functional, modules
 
@@ -310,6 +313,9 @@ def explain(fn, input, *args, direction: str = "fwd", **kwargs) -> Choice:
         offset, bias, op = 0.0, params.get("bias"), "layernorm"
         if bias is not None and params.get("weight") is None:
             params["weight"] = torch.ones_like(bias)
+    fallback = functional.fallback_reason(input, params["normalized_shape"], params.get("weight"), bias)
+    if fallback is not None:  # a call the kernels do not take runs torch's own implementation
+        return functional.TorchFallback(name, fallback)
     _, x2d, weight, bias, r2d = functional._prepare(name, input, params["normalized_shape"], params.get("weight"),
                                                    bias, params.get("residual"))
     return choice_for_tensors(op, direction, x2d, weight, bias, r2d, offset)

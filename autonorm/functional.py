@@ -8,17 +8,32 @@ absent or matching 1-D contiguous weight/bias, no residual) is recognized by
 `_fast_n` with a few cheap tests; anything else, valid or not, takes the full
 checks in `_prepare`, which own every error message. On 1x64 inputs the full
 path cost ~4 us more per call than the norm itself (scripts/overhead.py).
+
+Inputs that torch takes but the kernels do not (float64, N above the kernels'
+maximum, weight or bias dtypes other than float32 or the input's, tensors inside
+a torch.func transform such as torch.vmap) run torch's own implementation
+instead: a fallback, never a failure. With AUTONORM_LOG=1 each reason is logged
+once, and `autonorm.explain` reports it. Bad input that torch rejects gets
+torch's kind of error (a shape mismatch is both a ValueError and, like torch's,
+a RuntimeError).
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from . import knobs
 from .ops import norm_fwd, unit_last_stride
-from .spec import DTYPE_NAMES
+from .spec import DTYPE_NAMES, MAX_HIDDEN
+
+log = logging.getLogger("autonorm")
+_logged_fallbacks: set = set()
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 _Tensor = torch.Tensor
 _PARAM_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: subclasses take the checked path
@@ -45,14 +60,16 @@ def _fast_n(input, normalized_shape, weight, bias) -> int:
     else:
         return 0
     shape = input.shape
-    if n <= 0 or not shape or shape[-1] != n:
+    if not 0 < n <= MAX_HIDDEN or not shape or shape[-1] != n:
         return 0
     if not input.is_contiguous() and input.stride(-1) != 1:  # is_contiguous() is the cheaper test
         return 0
     if weight is not None:
+        if type(weight) not in _PARAM_TYPES:
+            return 0
         cpu = input.is_cpu  # one CPU device: is_cpu (0.05 us) replaces a device comparison (0.12 us)
         wdtype = weight.dtype
-        if not (type(weight) in _PARAM_TYPES and weight.shape == (n,) and weight.is_contiguous()
+        if not (weight.shape == (n,) and weight.is_contiguous()
                 and (wdtype is dtype or wdtype is _FLOAT32)
                 and (weight.is_cpu if cpu else weight.device == input.device)):
             return 0
@@ -63,11 +80,19 @@ def _fast_n(input, normalized_shape, weight, bias) -> int:
     return n
 
 
+class NormShapeError(ValueError, RuntimeError):
+    """A shape torch rejects too: a ValueError for autonorm's callers, a RuntimeError like torch's own."""
+
+
+def _shape_of(normalized_shape) -> tuple:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
 def _normalized_size(x: Tensor, normalized_shape, name: str) -> int:
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    shape = _shape_of(normalized_shape)
     if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
-        raise ValueError(f"{name}: normalized_shape {list(shape)} does not match the trailing "
-                         f"dimensions of input of shape {list(x.shape)}")
+        raise NormShapeError(f"{name}: normalized_shape {list(shape)} does not match the trailing "
+                             f"dimensions of input of shape {list(x.shape)}")
     return math.prod(shape)
 
 
@@ -76,8 +101,9 @@ def _check_param(param: Tensor | None, what: str, x: Tensor, n: int, normalized_
         return None
     if not isinstance(param, Tensor):
         raise TypeError(f"{name}: {what} must be a tensor or None, got {type(param).__name__}")
-    if param.numel() != n or param.dim() == 0:
-        raise ValueError(f"{name}: {what} has shape {list(param.shape)}, expected normalized_shape {normalized_shape}")
+    if tuple(param.shape) != _shape_of(normalized_shape):  # as strict as torch: [8, 8] is not (64,)
+        raise NormShapeError(f"{name}: {what} has shape {list(param.shape)}, expected normalized_shape "
+                             f"{list(_shape_of(normalized_shape))}")
     if param.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{name}: {what} dtype {param.dtype} must be float32 or the input dtype {x.dtype}")
     if param.device != x.device:
@@ -109,8 +135,69 @@ def _prepare(name, input, normalized_shape, weight, bias, residual):
     return n, x2d, weight, bias, r2d
 
 
+# --- torch's own implementation, for what the kernels do not cover -----------------------------
+@dataclass(frozen=True)
+class TorchFallback:
+    """What `autonorm.explain` returns for a call that runs torch's own implementation, and why."""
+
+    function: str
+    reason: str
+    backend: str = "torch"
+    rung: str = "fallback"
+
+    def describe(self) -> str:
+        return f"{self.function} -> torch's own implementation (rung: fallback: {self.reason})"
+
+    __str__ = describe
+
+
+def fallback_reason(input, normalized_shape, weight, bias) -> str | None:
+    """Why the kernels cannot take a call that torch may (None when they can, or when the input is bad:
+    then `_prepare` raises). Never raises."""
+    if not isinstance(input, Tensor):
+        return None
+    if not torch.compiler.is_compiling() and _is_functorch_wrapped(input):  # (Dynamo cannot trace the test)
+        return "input inside a torch.func transform (torch.vmap, torch.func.grad, ...)"
+    if input.is_floating_point() and input.dtype not in DTYPE_NAMES:
+        return f"{input.dtype} input (kernels take float32, float16, bfloat16)"
+    try:
+        shape = _shape_of(normalized_shape)
+        n = math.prod(shape)
+    except TypeError:
+        return None
+    if n > MAX_HIDDEN:
+        return f"normalized size {n} above the kernels' maximum {MAX_HIDDEN}"
+    params = [p for p in (weight, bias) if isinstance(p, Tensor) and p.is_floating_point()]
+    if any(p.dtype not in (input.dtype, torch.float32) for p in params) or len({p.dtype for p in params}) > 1:
+        dtypes = ", ".join(str(p.dtype) for p in params)
+        return f"weight/bias dtype {dtypes} with {input.dtype} input (kernels take float32 or the input dtype)"
+    return None
+
+
+def _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, offset, residual):
+    """The call on torch.nn.functional (which raises its own errors for inputs it rejects)."""
+    import torch.nn.functional as F
+
+    if knobs.log_choices() and (name, reason) not in _logged_fallbacks:
+        _logged_fallbacks.add((name, reason))
+        log.warning("autonorm: %s falls back to torch's own implementation: %s", name, reason)
+    if offset != 0.0 and weight is None:
+        raise ValueError(f"{name}: offset={offset} needs a weight (y = x_hat * (offset + weight))")
+    h = input + residual if residual is not None else input
+    if op == "rmsnorm":
+        y = F.rms_norm(h, normalized_shape, weight if offset == 0.0 else weight + offset, eps)
+    else:
+        y = F.layer_norm(h, normalized_shape, weight, bias, eps)
+    return (y, h) if residual is not None else y
+
+
 def _call(name, op, input, normalized_shape, weight, bias, eps, offset, residual):
+    reason = fallback_reason(input, normalized_shape, weight, bias)
+    if reason is not None:
+        return _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, offset, residual)
     n, x2d, weight, bias, r2d = _prepare(name, input, normalized_shape, weight, bias, residual)
+    if eps is None:  # rms_norm's default, as torch.nn.functional.rms_norm's
+        eps = _DEFAULT_EPS[input.dtype]
     if offset != 0.0 and weight is None:
         raise ValueError(f"{name}: offset={offset} needs a weight (y = x_hat * (offset + weight))")
     if n == 0:
@@ -130,11 +217,14 @@ def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tenso
     n = _fast_n(input, normalized_shape, weight, None) if residual is None else 0
     if n and (offset == 0.0 or weight is not None):
         x2d = input if input.dim() == 2 else input.reshape(-1, n)
-        y = norm_fwd(x2d, weight, None, None, "rmsnorm",
-                     _DEFAULT_EPS[input.dtype] if eps is None else float(eps), float(offset))[0]
+        try:
+            y = norm_fwd(x2d, weight, None, None, "rmsnorm",
+                         _DEFAULT_EPS[input.dtype] if eps is None else float(eps), float(offset))[0]
+        except RuntimeError:
+            if not _is_functorch_wrapped(input):  # torch.vmap: tensors without storage for the kernels
+                raise
+            return _call("rms_norm", "rmsnorm", input, normalized_shape, weight, None, eps, offset, None)
         return y if x2d is input else y.view(input.shape)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
     return _call("rms_norm", "rmsnorm", input, normalized_shape, weight, None, eps, offset, residual)
 
 
@@ -144,7 +234,12 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
     n = _fast_n(input, normalized_shape, weight, bias) if residual is None else 0
     if n:  # (a bias without a weight does not qualify: it needs the ones weight below)
         x2d = input if input.dim() == 2 else input.reshape(-1, n)
-        y = norm_fwd(x2d, weight, bias, None, "layernorm", float(eps), 0.0)[0]
+        try:
+            y = norm_fwd(x2d, weight, bias, None, "layernorm", float(eps), 0.0)[0]
+        except RuntimeError:
+            if not _is_functorch_wrapped(input):  # torch.vmap: tensors without storage for the kernels
+                raise
+            return _call("layer_norm", "layernorm", input, normalized_shape, weight, bias, eps, 0.0, None)
         return y if x2d is input else y.view(input.shape)
     if bias is not None and weight is None and isinstance(bias, Tensor):
         weight = torch.ones_like(bias)  # kernels take bias only with a weight; 1 is exact

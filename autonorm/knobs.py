@@ -8,6 +8,7 @@ resolved so that new values take effect.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -52,6 +53,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "autonorm"
 
 
+def user_db_dir() -> Path:
+    """AUTONORM_USER_DB_DIR: this user's tuning databases, which `autonorm tune` writes by default and the
+    dispatcher reads. Default: the platform's per-user data folder + `autonorm` (Linux:
+    `$XDG_DATA_HOME/autonorm`, else `~/.local/share/autonorm`; macOS: `~/Library/Application Support/autonorm`;
+    Windows: `%LOCALAPPDATA%\\autonorm`)."""
+    raw = os.environ.get("AUTONORM_USER_DB_DIR", "").strip()
+    if raw:
+        return Path(raw).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "autonorm"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "autonorm"
+    return Path(os.environ.get("XDG_DATA_HOME", "").strip() or Path.home() / ".local" / "share") / "autonorm"
+
+
 def verify_db() -> bool:
     """AUTONORM_VERIFY_DB=1: check a database's kernel against the reference once per key before use."""
     return _flag("AUTONORM_VERIFY_DB")
@@ -65,4 +81,5 @@ ALL = {
     "AUTONORM_TUNE_ON_MISS": tune_on_miss,
     "AUTONORM_CACHE_DIR": cache_dir,
     "AUTONORM_VERIFY_DB": verify_db,
+    "AUTONORM_USER_DB_DIR": user_db_dir,
 }

@@ -66,6 +66,7 @@ def _domain_value(key: str, raw: str, allowed: tuple, backend: str):
 
 def main(args) -> int:
     from .backends import get_backend
+    from .cli import UsageError
     from .errors import AutonormError, BackendUnavailableError
     from .spec import NormSpec, dtype_name
 
@@ -75,19 +76,17 @@ def main(args) -> int:
         spec = NormSpec(args.op, args.direction, x_dtype, w_dtype if not args.no_weight else x_dtype, args.hidden,
                         weight=not args.no_weight, bias=args.bias, residual=args.residual, offset=args.offset)
     except ValueError as exc:
-        print(f"autonorm render: invalid kernel: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"invalid kernel: {exc}") from None
     try:
         backend = get_backend(args.backend)
         heuristic = backend.heuristic(spec)
         config = parse_config(backend.config_cls, heuristic.to_dict(), args.config) if args.config else heuristic
         source = backend.render(spec, config)
     except BackendUnavailableError as exc:
-        print(f"autonorm render: {exc}", file=sys.stderr)
+        print(f"autonorm render: error: {exc}", file=sys.stderr)
         return 1
     except (AutonormError, ValueError) as exc:  # unknown backend, bad config, config invalid for the spec
-        print(f"autonorm render: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     sys.stdout.write(source.text if source.text.endswith("\n") else source.text + "\n")
     print(f"sha256 {source.sha256}  backend {backend.name}  config {config.short()}  spec {spec.short()}",
           file=sys.stderr)

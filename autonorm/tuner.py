@@ -22,10 +22,12 @@ Every candidate is compiled (in a thread pool, a batch at a time), verified
 against the reference, then timed serially; a failing or wrong candidate is
 recorded in the study as FAIL with its reason and never reaches the database.
 The best few are re-timed interleaved together with the torch eager and
-torch.compile baselines before the winner is declared.
+torch.compile baselines before the winner is declared; `autonorm/quality.py` checks
+that re-timing (spread, agreement with the search) and re-times a noisy study, then
+records it flagged low-confidence or, with `strict`, not at all.
 
-Resume: studies live in Optuna storage (a journal file next to the database by
-default). Restarting finds completed trials in the study and never re-times
+Resume: studies live in Optuna storage (by default a journal file in the database
+folder's `.autonorm-journal/`, which git ignores). Restarting finds completed trials in the study and never re-times
 them; a RUNNING trial left by a killed worker on this host is failed and its
 config re-queued. Several workers may share one study.
 """
@@ -45,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from . import measure
+from . import measure, quality
 from .config import Config
 from .db import Entry, Record, RecordKey, TuningDB, file_lock, now_iso
 from .device import software_versions
@@ -56,12 +58,17 @@ log = logging.getLogger("autonorm.tune")
 
 HELP = "tune kernels on this machine and write a tuning database"
 
-# --quick: four studies that finish in a few minutes on a 2-core CPU (numba-cpu + torch).
-QUICK = {"ops": "rmsnorm,layernorm", "directions": "fwd", "dtypes": "float32", "hidden": "1024,4096",
-         "rows": "1024", "trials": 12, "time_budget": 45.0}
-DEFAULTS = {"ops": "rmsnorm,layernorm", "directions": "fwd,bwd", "dtypes": "float32,float16,bfloat16",
-            "hidden": "768,1024,2048,4096,5120,8192", "rows": "1,64,1024,4096,16384", "trials": 60,
+# --quick: five studies that finish in a few minutes on a 2-core CPU (numba-cpu + torch): the forward of
+# each op and hidden size, and the backward of the first op at the first hidden size ("quick_backward").
+QUICK = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd"], "dtypes": ["float32"], "hidden": [1024, 4096],
+         "rows": [1024], "trials": 12, "time_budget": 45.0, "quick_backward": True}
+DEFAULTS = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtypes": ["float32", "float16", "bfloat16"],
+            "hidden": [768, 1024, 2048, 4096, 5120, 8192], "rows": [1, 64, 1024, 4096, 16384], "trials": 60,
             "time_budget": 300.0}
+# Features tuned unless --features says otherwise: what torch.nn.RMSNorm and torch.nn.LayerNorm use by default.
+DEFAULT_FEATURES = {"rmsnorm": "weight", "layernorm": "weight+bias"}
+FEATURE_FLAGS = ("weight", "bias", "residual", "offset")
+LONG_RUN_S = 300  # above this worst case, the run's size and estimate are printed before it starts
 # TPE samples at random until the study holds this many trials (seeds included); patience starts counting
 # after the seeds plus this many candidates, so the random phase never ends a study.
 STARTUP_TRIALS = 5
@@ -153,6 +160,7 @@ class StudyResult:
     measured: int
     failed: dict = field(default_factory=dict)  # candidate key -> reason
     space_size: int = 0
+    refused: str | None = None  # why a measured winner was not recorded (noisy, with strict=True)
 
 
 def _worker_id() -> str:
@@ -195,7 +203,7 @@ class StudyRunner:
                  name: str, n_trials: int = 40, time_budget: float = 300.0, patience: int | None = None,
                  seeds: list[Candidate] = (), compile_workers: int = 2, finalists: int = 3,
                  compile_baseline: bool = True, copy_gbps: float | None = None, lock_path: Path | None = None,
-                 seed: int = 0, progress=None):
+                 seed: int = 0, progress=None, strict: bool = False):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.device = torch.device(device)
         self.storage, self.name = storage, name
@@ -206,6 +214,7 @@ class StudyRunner:
         self.seeds, self.compile_workers, self.finalists = list(seeds), compile_workers, finalists
         self.compile_baseline, self.copy_gbps, self.lock_path = compile_baseline, copy_gbps, lock_path
         self.seed, self.progress = seed, progress
+        self.strict = strict  # refuse to record a result whose measurements stay noisy (autonorm/quality.py)
 
     # -- study bookkeeping --
     def _study(self):
@@ -217,8 +226,13 @@ class StudyRunner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
             sampler = optuna.samplers.TPESampler(seed=self.seed, constant_liar=True, n_startup_trials=STARTUP_TRIALS)
-        return optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
-                                   sampler=sampler, load_if_exists=True)
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" INFO in users' logs
+        try:
+            return optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
+                                       sampler=sampler, load_if_exists=True)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
 
     @staticmethod
     def _finished(study):
@@ -452,7 +466,18 @@ class StudyRunner:
         torch_finalist = next((i for i, c in enumerate(finalists) if c.backend == "torch"), None)
         baselines = self._baselines(need_eager=torch_finalist is None)
         kernels = [self.backends[c.backend].compile(self.spec, c.config, self.device) for c in finalists]
-        timings = self.timer.interleaved(self.spec, kernels + list(baselines.values()), self.rows)
+        outcome = quality.gate(lambda: self.timer.interleaved(self.spec, kernels + list(baselines.values()), self.rows),
+                               [c.short() for c in finalists] + list(baselines),
+                               [measured[c.key] for c in finalists] + [None] * len(baselines))
+        if not outcome.verdict.ok:
+            why = (f"{self.spec.short()} rows={self.rows}: measurements stay noisy after {outcome.attempts} timings "
+                   f"({outcome.verdict.summary()}); {quality.load_average()}")
+            if self.strict:
+                log.warning("%s; not recorded (--strict)", why)
+                result.refused = why
+                return result
+            log.warning("%s; recorded as low-confidence: re-tune on a quieter machine, or use --strict", why)
+        timings = outcome.timings
         base_t = dict(zip(baselines, timings[len(kernels):]))
         if torch_finalist is not None:  # the torch candidate is the eager baseline: never time it twice
             base_t["torch_eager"] = timings[torch_finalist]
@@ -468,60 +493,96 @@ class StudyRunner:
             baselines={"torch_eager": base_t["torch_eager"].to_json(),
                        "torch_compile": base_t["torch_compile"].to_json() if "torch_compile" in base_t else None},
             template_hash=self.backends[winner.backend].template_hash(), trials=trials,
-            failed=len(failed), date=now_iso())
+            failed=len(failed), date=now_iso(), quality=outcome.to_json())
         return result
 
 
 # --- the command ----------------------------------------------------------------------
 def add_arguments(p) -> None:
-    p.add_argument("--ops", help=f"comma list of rmsnorm,layernorm (default {DEFAULTS['ops']})")
-    p.add_argument("--directions", help="comma list of fwd,bwd (default fwd,bwd)")
-    p.add_argument("--dtypes", help="comma list of input dtypes (default float32,float16,bfloat16)")
+    from .cli import add_device, add_list, positive_int
+
+    def preset(name):
+        def text(v):
+            return ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}"
+        return f"default {text(DEFAULTS[name])}; --quick: {text(QUICK[name])}"
+
+    add_list(p, "--ops", choices=("rmsnorm", "layernorm"), help=preset("ops"))
+    add_list(p, "--directions", choices=("fwd", "bwd"), help=preset("directions") + " plus one backward")
+    add_list(p, "--dtypes", help=f"input dtypes, float32, float16, bfloat16 or fp32... ({preset('dtypes')})")
     p.add_argument("--weight-dtype", choices=("same", "float32"), default="same",
-                   help="weight dtype: the input's (default) or float32")
-    p.add_argument("--features", default="weight",
-                   help="comma list of feature tags, e.g. weight,weight+bias,weight+residual (default weight); "
-                        "tags invalid for an op are skipped")
-    p.add_argument("--hidden", help="comma list of hidden sizes N")
-    p.add_argument("--rows", help="comma list of row counts (each recorded under its power-of-two bucket)")
-    p.add_argument("--backends", help="comma list of candidate backends (default: those that run natively here)")
-    p.add_argument("--trials", type=int, help="trial budget per study")
-    p.add_argument("--time-budget", type=float, help="seconds per study")
-    p.add_argument("--patience", type=int, help="stop a TPE study after this many trials without a 0.5%% gain")
+                   help="weight dtype: the input's or float32")
+    add_list(p, "--features", help="feature tags such as weight, weight+bias, weight+residual, none (default: "
+                                   "weight for rmsnorm and weight+bias for layernorm, as torch.nn's modules); "
+                                   "a tag invalid for one op is skipped for it")
+    add_list(p, "--hidden", kind=positive_int, help=f"hidden sizes N ({preset('hidden')})")
+    add_list(p, "--rows", kind=positive_int,
+             help=f"row counts, each recorded under its power-of-two bucket ({preset('rows')})")
+    add_list(p, "--backends", help="candidate backends (default: those that run natively here)")
+    p.add_argument("--trials", type=positive_int, help=f"trial budget per study ({preset('trials')})")
+    p.add_argument("--time-budget", type=float, help=f"seconds per study ({preset('time_budget')})")
+    p.add_argument("--patience", type=positive_int, help="stop a TPE study after this many trials without a 0.5%% gain")
     p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path "
-                                     "(default: OUT/<device-slug>.optuna.journal)")
-    p.add_argument("--out", default="tuning_db", help="output folder; the database is OUT/<device-slug>.json")
-    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+                                     "(default: OUT/.autonorm-journal/<device-slug>.optuna.journal)")
+    p.add_argument("--out", help="output folder; the database is OUT/<device-slug>.json (default: this user's "
+                                 "database folder, read automatically by the dispatcher; see `autonorm db where`)")
+    add_device(p)
     p.add_argument("--quick", action="store_true",
                    help="a small grid that finishes in a few minutes on a 2-core CPU")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to record a study whose measurements stay noisy (default: record it flagged "
+                        "low-confidence, with a warning)")
     p.add_argument("--no-compile-baseline", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--compile-workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--compile-workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="threads compiling candidates while timing stays serial")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _spec_flags(tag: str) -> set[str]:
+    from .cli import UsageError
+
+    flags = set(tag.split("+")) - {"none"}
+    unknown = flags - set(FEATURE_FLAGS)
+    if unknown:
+        raise UsageError(f"--features: unknown feature {', '.join(sorted(unknown))} in {tag!r}; "
+                         f"features are {', '.join(FEATURE_FLAGS)} joined by + (or none)")
+    return flags
 
 
 def specs_from_args(args) -> list[NormSpec]:
+    """The specs to tune; every bad or useless value is a UsageError (a typo never tunes nothing quietly)."""
+    from .check import dtype_names
+    from .cli import UsageError
+    from .spec import MAX_HIDDEN
+
     preset = QUICK if args.quick else DEFAULTS
-    specs = []
-    for op in _csv(args.ops or preset["ops"]):
-        for direction in _csv(args.directions or preset["directions"]):
-            for x in map(dtype_name, _csv(args.dtypes or preset["dtypes"])):
-                w = "float32" if args.weight_dtype == "float32" else x
-                for tag in _csv(args.features):
-                    flags = set(tag.split("+")) - {"none"}
-                    unknown = flags - {"weight", "bias", "residual", "offset"}
-                    if unknown:
-                        raise SystemExit(f"autonorm tune: unknown feature {sorted(unknown)} in {tag!r}")
-                    for n in map(int, _csv(args.hidden or preset["hidden"])):
-                        try:
-                            specs.append(NormSpec(op, direction, x, w if "weight" in flags else x, n,
-                                                  **{f: f in flags for f in ("weight", "bias", "residual", "offset")}))
-                        except ValueError:
-                            continue  # e.g. bias on RMSNorm: not a real problem
+    ops = args.ops or preset["ops"]
+    directions = args.directions or preset["directions"]
+    hidden = args.hidden or preset["hidden"]
+    too_big = [n for n in hidden if n > MAX_HIDDEN]
+    if too_big:
+        raise UsageError(f"--hidden {too_big[0]} is above the kernels' maximum {MAX_HIDDEN}")
+    tags = args.features or None
+    for tag in tags or ():
+        _spec_flags(tag)
+    studies = [(op, d, n) for op in ops for d in directions for n in hidden]
+    if preset.get("quick_backward") and args.directions is None:
+        studies.append((ops[0], "bwd", hidden[0]))  # --quick: the backward of one shape
+    specs, used = [], set()
+    for op, direction, n in studies:
+        for x in dtype_names(args.dtypes or preset["dtypes"]):
+            w = "float32" if args.weight_dtype == "float32" else x
+            for tag in tags or [DEFAULT_FEATURES[op]]:
+                flags = _spec_flags(tag)
+                try:
+                    specs.append(NormSpec(op, direction, x, w if "weight" in flags else x, n,
+                                          **{f: f in flags for f in FEATURE_FLAGS}))
+                    used.add(tag)
+                except ValueError:
+                    continue  # e.g. bias on RMSNorm: that tag is for the other op
+    unused = [t for t in tags or () if t not in used]
+    if unused:
+        raise UsageError(f"--features {', '.join(unused)}: valid for none of --ops {', '.join(ops)} "
+                         f"(bias is a LayerNorm feature, offset an RMSNorm one)")
     return specs
 
 
@@ -536,7 +597,8 @@ def native_backends(device: torch.device, requested: list[str] | None) -> dict:
     chosen = {}
     for name in names:
         if name not in BACKENDS:
-            raise SystemExit(f"autonorm tune: unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+            from .cli import UsageError
+            raise UsageError(f"--backends: unknown backend {name!r}; known: {', '.join(BACKENDS)}")
         if name not in native:
             print(f"autonorm tune: skipping {name}: it does not run natively on {device.type} "
                   f"(simulated timings are never recorded)", file=sys.stderr)
@@ -555,17 +617,20 @@ def native_backends(device: torch.device, requested: list[str] | None) -> dict:
 
 
 def format_table(results: list[StudyResult]) -> str:
-    rows = [("spec", "rows", "winner", "config", "us", "GB/s", "%copy", "x eager", "x compile", "trials")]
+    """The summary: one row per study; `spread` is the winner's p80/p20, `(low)` marks a low-confidence record."""
+    rows = [("spec", "rows", "winner", "config", "us", "spread", "GB/s", "%copy", "x eager", "x compile", "trials")]
     for r in results:
         rec = r.record
         if rec is None:
-            rows.append((r.spec.short(), str(r.rows), "(none: every candidate failed)", "", "", "", "", "", "",
-                         str(r.trials)))
+            why = "(refused: noisy measurements)" if r.refused else "(none: every candidate failed)"
+            rows.append((r.spec.short(), str(r.rows), why, "", "", "", "", "", "", "", str(r.trials)))
             continue
         w = rec.winner
         eager = rec.baselines["torch_eager"]["median_us"] / w.median_us
         comp = rec.baselines.get("torch_compile")
+        low = " (low)" if (rec.quality or {}).get("confidence") == "low" else ""
         rows.append((r.spec.short(), str(r.rows), w.backend, w.config.short(), f"{w.median_us:.1f}",
+                     f"{quality.spread(w):.2f}{low}",
                      f"{w.gbps:.1f}", f"{w.pct_copy_bw:.0f}" if w.pct_copy_bw is not None else "-",
                      f"{eager:.2f}", f"{comp['median_us'] / w.median_us:.2f}" if comp else "-",
                      f"{r.trials} ({len(r.failed)} failed)"))
@@ -575,64 +640,106 @@ def format_table(results: list[StudyResult]) -> str:
     return "\n".join(lines)
 
 
+def _estimate(studies: int, n_trials: int, time_budget: float) -> str:
+    worst = studies * time_budget
+    return (f"{studies} studies of up to {n_trials} trials; at most {worst / 60:.0f} min "
+            f"(each study stops within its {time_budget:.0f} s --time-budget)")
+
+
+def _where_used(db_path: Path) -> str:
+    """What the dispatcher does with a database written to `db_path` (for tune's last line)."""
+    from . import knobs
+
+    folder = db_path.parent.resolve()
+    if folder == knobs.user_db_dir().resolve():
+        return "the next `import autonorm` on this machine uses it (`autonorm db where` lists what is loaded)"
+    if any(folder == p.resolve() or db_path.resolve() == p.resolve() for p in knobs.db_paths()):
+        return "AUTONORM_DB_PATH names it, so the next `import autonorm` uses it"
+    return (f"to use it, set AUTONORM_DB_PATH={folder} or call autonorm.load_db({str(db_path)!r}) "
+            f"(without --out, tune writes where autonorm looks by default)")
+
+
 def main(args) -> int:
     import optuna
     from tqdm import tqdm
 
+    from . import knobs
+    from .cli import UsageError, device_arg
+    from .db import side_folder
     from .device import identity
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     preset = QUICK if args.quick else DEFAULTS
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backends = native_backends(device, _csv(args.backends) if args.backends else None)
-    if not backends:
-        print("autonorm tune: no candidate backend can run here", file=sys.stderr)
-        return 2
+    device = device_arg(args.device)
     specs = specs_from_args(args)
-    row_counts = [int(r) for r in _csv(args.rows or preset["rows"])]
+    row_counts = args.rows or preset["rows"]
     n_trials = args.trials or preset["trials"]
     time_budget = args.time_budget or preset["time_budget"]
+    backends = native_backends(device, args.backends)
+    if not backends:
+        raise UsageError(f"no candidate backend can run natively on {device}")
 
     ident = identity(device)
-    out = Path(args.out)
+    out = Path(args.out).expanduser() if args.out else knobs.user_db_dir()
     db_path = out / f"{ident['slug']}.json"
+    journal = side_folder(out) / f"{ident['slug']}.optuna.journal"
+    try:  # a bad storage URL or a missing driver fails here, in one line, before the bandwidth probe
+        storage = make_storage(args.storage, journal)
+    except Exception as exc:  # drivers raise their own kinds (sqlalchemy, psycopg): all are a bad --storage
+        raise UsageError(f"--storage {args.storage}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    earlier = TuningDB.load(db_path) if db_path.exists() else None
+    studies = len(specs) * len(row_counts)
+    estimate = _estimate(studies, n_trials, time_budget)
+    if studies * time_budget > LONG_RUN_S:
+        print(f"autonorm tune: {estimate}; Ctrl-C stops it and the same command resumes", file=sys.stderr)
     timer = measure.timer_for(device)
     copy_gbps = measure.copy_bandwidth(device)
     device_info = {k: ident[k] for k in ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")}
     device_info["copy_gbps"] = round(copy_gbps, 2)
     protocol = {**timer.describe(), "verify": "reference check before timing", "finalists": 3,
-                "finalists_retimed": "interleaved, with the torch baselines"}
+                "finalists_retimed": "interleaved, with the torch baselines",
+                "quality": f"re-timed up to {quality.RETRIES} more times while p80/p20 > {quality.SPREAD_LIMIT} or "
+                           f"re-timing and search differ by > {quality.AGREEMENT_LIMIT}x"}
     db = TuningDB(device_info, software_versions(), protocol)
-    earlier = TuningDB.load(db_path) if db_path.exists() else None
-    journal = out / f"{ident['slug']}.optuna.journal"
-    storage = make_storage(args.storage, journal)
     lock_path = Path(str(args.storage or journal) + ".autonorm-lock") if not (args.storage and "://" in args.storage) else None
-    print(f"autonorm tune: {len(specs) * len(row_counts)} studies on {ident['name']} ({device}); backends: "
-          f"{', '.join(backends)}; copy bandwidth {copy_gbps:.1f} GB/s; database {db_path}", file=sys.stderr)
+    print(f"autonorm tune: {studies} studies on {ident['name']} ({device}); backends: {', '.join(backends)}; "
+          f"copy bandwidth {copy_gbps:.1f} GB/s; database {db_path}", file=sys.stderr)
 
+    no_bars = args.no_progress or not sys.stderr.isatty()  # escape codes would fill a log file
     results = []
-    overall = tqdm(total=len(specs) * len(row_counts), desc="studies", position=0, disable=args.no_progress)
-    for spec in specs:
-        for rows in row_counts:
-            seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
-            prior = earlier.records.get(RecordKey.of(spec, rows_bucket(rows))) if earlier else None
-            if prior is not None and prior.winner.backend in backends:
-                seeds.insert(0, Candidate(prior.winner.backend, prior.winner.config))
-            bar = tqdm(total=n_trials, desc=f"{spec.short()} rows={rows}", position=1, leave=False,
-                       disable=args.no_progress)
-            runner = StudyRunner(spec, rows, backends, timer, device, storage=storage,
-                                 name=study_name(ident["slug"], spec, rows, backends), n_trials=n_trials,
-                                 time_budget=time_budget, patience=args.patience, seeds=seeds,
-                                 compile_workers=args.compile_workers, compile_baseline=not args.no_compile_baseline,
-                                 copy_gbps=copy_gbps, lock_path=lock_path, progress=bar)
-            result = runner.run()
-            bar.close()
-            results.append(result)
-            if result.record is not None:
-                db.upsert(result.record)
-                db.save(db_path)  # after every study: a killed run keeps what it finished
-            overall.update(1)
+    overall = tqdm(total=studies, desc="studies", position=0, disable=no_bars)
+    try:
+        for spec in specs:
+            for rows in row_counts:
+                seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
+                prior = earlier.records.get(RecordKey.of(spec, rows_bucket(rows))) if earlier else None
+                if prior is not None and prior.winner.backend in backends:
+                    seeds.insert(0, Candidate(prior.winner.backend, prior.winner.config))
+                bar = tqdm(total=n_trials, desc=f"{spec.short()} rows={rows}", position=1, leave=False, disable=no_bars)
+                runner = StudyRunner(spec, rows, backends, timer, device, storage=storage,
+                                     name=study_name(ident["slug"], spec, rows, backends), n_trials=n_trials,
+                                     time_budget=time_budget, patience=args.patience, seeds=seeds,
+                                     compile_workers=args.compile_workers,
+                                     compile_baseline=not args.no_compile_baseline, copy_gbps=copy_gbps,
+                                     lock_path=lock_path, progress=bar, strict=args.strict)
+                result = runner.run()
+                bar.close()
+                results.append(result)
+                if result.record is not None:
+                    db.upsert(result.record)
+                    db.save(db_path)  # after every study: a killed run keeps what it finished
+                overall.update(1)
+    except KeyboardInterrupt:
+        overall.close()
+        print(format_table(results))
+        print(f"\nautonorm tune: interrupted after {len(results)} of {studies} studies; {len(db.records)} records "
+              f"saved to {db_path}. Run the same command again to resume: finished studies are re-recorded "
+              f"from {args.storage or journal} without timing their trials again.", file=sys.stderr)
+        return 130
     overall.close()
     print(format_table(results))
-    print(f"\nwrote {db_path} ({len(db.records)} records this run)")
+    refused = [r for r in results if r.refused]
+    if refused:
+        print(f"\n{len(refused)} noisy studies not recorded (--strict); {quality.load_average()}", file=sys.stderr)
+    print(f"\nwrote {db_path} ({len(db.records)} records this run); {_where_used(db_path)}")
     return 0 if all(r.record is not None for r in results) else 1

@@ -64,7 +64,7 @@ unpack_state() {
 pack_state() {
   [ -n "${WORK:-}" ] || return 0
   mkdir -p "$STATE_DIR" "$OUT"
-  rm -f "$WORK"/tuning_db/*.lock "$WORK"/tuning_db/.*.tmp "$WORK"/bench/*.tmp 2>/dev/null
+  rm -f "$WORK"/tuning_db/.autonorm-journal/*.lock "$WORK"/tuning_db/.*.tmp "$WORK"/bench/*.tmp 2>/dev/null
   tar czf "$STATE_DIR/state.tar.gz.new" -C "$WORK" . && mv "$STATE_DIR/state.tar.gz.new" "$STATE_DIR/state.tar.gz"
   cp "$STATE_DIR/state.tar.gz" "$OUT/state.tar.gz"
   log "state saved: $OUT/state.tar.gz ($(du -h "$OUT/state.tar.gz" | cut -f1))"

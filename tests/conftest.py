@@ -4,7 +4,10 @@ Without a CUDA GPU the CPU tier runs Triton kernels in Triton's interpreter and
 Numba CUDA kernels in Numba's simulator. Both must be switched on before those
 libraries are imported, hence here, before any test module loads.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -15,6 +18,9 @@ if not HAS_GPU:
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 # Keep compiled-kernel caches inside the test session, never in the user's home.
 os.environ.setdefault("AUTONORM_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache"))
+# The user's own tuned databases would change which rung the dispatcher tests see: an empty folder instead.
+os.environ["AUTONORM_USER_DB_DIR"] = tempfile.mkdtemp(prefix="autonorm-test-user-db-")
+atexit.register(shutil.rmtree, os.environ["AUTONORM_USER_DB_DIR"], True)
 
 from autonorm.backends import base  # noqa: E402  (after the environment above)
 

@@ -28,3 +28,26 @@ class FakeBackendBase(Backend):
     def render(self, spec, config):
         self.validate(spec, config)
         return Source.of(f"fake {spec!r} {config!r}", "")
+
+
+class ScriptedTimer:
+    """A timer for the tuner whose search timings are steady (`search_us`, p80/p20 1.1) and whose interleaved
+    re-timings follow a script: each call takes the next (median, p20, p80) and repeats the last one after."""
+
+    def __init__(self, search_us=10.0, retimes=((10.0, 9.5, 10.5),)):
+        self.search_us, self.retimes, self.interleaved_calls = search_us, list(retimes), 0
+
+    def measure(self, spec, kernel, rows):
+        from autonorm.measure import Timing
+
+        return Timing(self.search_us, self.search_us * 0.95, self.search_us * 1.045, 10)
+
+    def interleaved(self, spec, kernels, rows):
+        from autonorm.measure import Timing
+
+        median, p20, p80 = self.retimes[min(self.interleaved_calls, len(self.retimes) - 1)]
+        self.interleaved_calls += 1
+        return [Timing(median, p20, p80, 10) for _ in kernels]
+
+    def describe(self):
+        return {"timer": "scripted"}

@@ -96,9 +96,7 @@ def test_wrong_config_type_is_refused():
     (lambda x, w: autonorm.rms_norm(x, (64,), torch.ones(63)), "weight has shape"),
     (lambda x, w: autonorm.rms_norm(x, (32,), None), "normalized_shape"),
     (lambda x, w: autonorm.rms_norm(x.to(torch.int32), (64,), None), "dtype"),
-    (lambda x, w: autonorm.rms_norm(x.half(), (64,), torch.ones(64, dtype=torch.bfloat16)), "float32 or the input dtype"),
     (lambda x, w: autonorm.rms_norm(x, (64,), torch.ones(64, device="meta")), "is on meta"),
-    (lambda x, w: autonorm.layer_norm(x, (64,), w, torch.zeros(64, dtype=torch.float64)), "dtype"),
     (lambda x, w: autonorm.rms_norm(x, (64,), w, residual=torch.ones(3, 64)), "residual"),
     (lambda x, w: autonorm.rms_norm(x, (64,), None, offset=1.0), "offset"),
 ])

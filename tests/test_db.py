@@ -163,7 +163,7 @@ def test_db_cli_validate_show_diff_merge(tmp_path, capsys):
     assert cli_main(["db", "validate", str(a), str(b)]) == 0
     assert cli_main(["db", "show", str(b)]) == 0
     assert "numba-cpu" in capsys.readouterr().out
-    assert cli_main(["db", "diff", str(a), str(b)]) == 0
+    assert cli_main(["db", "diff", str(a), str(b)]) == 1  # they differ
     out = capsys.readouterr().out
     assert "+ rmsnorm.fwd x=float32 w=float32 N=4096" in out and "- rmsnorm.fwd x=float32 w=float32 N=2048" in out
     merged = tmp_path / "m.json"

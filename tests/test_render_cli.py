@@ -81,7 +81,7 @@ def test_config_value_carrying_code_is_refused(capsys, value):
 
 def test_bad_spec_and_unknown_backend_exit_2(capsys):
     code, _, err = _render(capsys, "--backend", "numba", "--hidden", "0")
-    assert code == 2 and "hidden size" in err
+    assert code == 2 and "autonorm render: error: invalid kernel: hidden size" in err
     code, _, err = _render(capsys, "--backend", "numba", "--hidden", "8", "--bias")
     assert code == 2 and "bias" in err
     code, _, err = _render(capsys, "--backend", "nope", "--hidden", "8")

@@ -227,8 +227,8 @@ def test_tune_quick_end_to_end_writes_a_valid_database(tmp_path, capsys):
     from autonorm.device import identity
 
     out = tmp_path / "db"
-    rc = main(["tune", "--quick", "--ops", "rmsnorm", "--hidden", "128", "--rows", "32", "--trials", "4",
-               "--no-compile-baseline", "--no-progress", "--out", str(out)])
+    rc = main(["tune", "--quick", "--ops", "rmsnorm", "--directions", "fwd", "--hidden", "128", "--rows", "32",
+               "--trials", "4", "--no-compile-baseline", "--no-progress", "--out", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
     assert "rmsnorm.fwd x=float32 w=float32 N=128" in table and "x eager" in table
@@ -238,7 +238,7 @@ def test_tune_quick_end_to_end_writes_a_valid_database(tmp_path, capsys):
     (rec,) = data["records"]
     assert rec["key"]["rows_bucket"] == 32 and rec["trials"] == 4
     assert data["device"]["copy_gbps"] > 0 and data["versions"]["torch"] == torch.__version__
-    assert (out / f"{identity('cpu')['slug']}.optuna.journal").exists()
+    assert (out / ".autonorm-journal" / f"{identity('cpu')['slug']}.optuna.journal").exists()
 
 
 # --- scripts/search_efficiency.py on a recorded table (a replay: no timing) ---------------------------
