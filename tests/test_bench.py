@@ -101,6 +101,53 @@ def test_cuda_timer_adapter_uses_measure_protocol():
     assert out["b"] == bench.Timing(2.0, 2.0, 3.0, 7) and t.describe()["interleaved"] is True
 
 
+def test_liger_rmsnorm_runs_in_place_as_its_users_do(monkeypatch):
+    """Liger's default in_place=True overwrites dy with dx: its dy is its own, restored before each timed call."""
+    import sys
+    import types
+
+    import torch
+
+    seen = {}
+
+    class FakeLigerRMSNorm(torch.autograd.Function):  # Liger's signature and in-place backward
+        @staticmethod
+        def forward(ctx, x, w, eps, offset=0.0, casting_mode="llama", in_place=True):
+            seen["in_place"] = in_place
+            ctx.in_place = in_place
+            return x * w
+
+        @staticmethod
+        def backward(ctx, dy):
+            dx = dy.mul_(0.5) if ctx.in_place else dy * 0.5
+            return dx, dy.sum(0), None, None, None, None
+
+    module = types.ModuleType("liger_kernel.ops.rms_norm")
+    module.LigerRMSNormFunction = FakeLigerRMSNorm
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.rms_norm", module)
+    from autonorm.spec import NormSpec
+
+    spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 16)
+    sets = bench.make_sets(spec, 4, torch.device("cpu"), 1)
+    dy = sets[0]["dy"].clone()
+    name, fn, _ = bench._provide_liger(spec, sets, torch.device("cuda"))
+    fn(0)
+    first = fn(0)[0].clone()  # the second call sees the first call's dx as its dy
+    assert seen["in_place"] is True and name == "liger"
+    assert torch.equal(sets[0]["dy"], dy)  # the other providers' dy is untouched
+    fn.prepare()
+    assert torch.equal(fn(0)[0], dy * 0.5) and torch.equal(first, dy * 0.25)
+
+    class FakeCudaTimer:
+        def interleaved(self, spec, kernels, rows):
+            seen["prepare"] = [getattr(k, "prepare", None) for k in kernels]
+            from autonorm.measure import Timing
+            return [Timing(1.0, 1.0, 1.0, 1)] * len(kernels)
+
+    bench.CudaBenchTimer("cuda", timer=FakeCudaTimer()).time(spec, 4, {"torch": lambda i: None, "liger": fn}, 1)
+    assert seen["prepare"] == [None, fn.prepare]
+
+
 def test_resume_and_time_limit(tmp_path):
     out = tmp_path / "b.json"
     # Time limit 0: no case starts; exit 3 says cases are left.
