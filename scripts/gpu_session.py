@@ -130,8 +130,10 @@ class Session:
         """(exit status, the case it was in when it ended) of one phase process."""
         cmd = [sys.executable, os.path.abspath(__file__), "phase", phase, "--out", str(self.out),
                "--until", f"{time.time() + until - time.monotonic():.3f}"] + (["--dry-run"] if self.dry_run else [])
+        # A process group of its own (killed as one, compilers included), but not a session of its own:
+        # whatever ends this command (a remote runner's timeout) still ends the phase with it.
         self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=self._env(), start_new_session=True, errors="replace")
+                                      env=self._env(), preexec_fn=os.setpgrp, errors="replace")
         current = [None]
 
         def pump():
@@ -206,14 +208,20 @@ class Session:
         self.say(f"out {self.out}, budget {self.budget:.0f}s, phases {', '.join(self.phases)}"
                  + (", DRY RUN (CPU)" if self.dry_run else ""))
         weights = dict(PHASES)
-        for i, phase in enumerate(self.phases):
-            if self.stopped_by:
-                break
-            self.run_phase(phase, weights[phase], sum(weights[p] for p in self.phases[i:]))
-        text = summary(self.out)
-        self.log.write(text + "\n")
-        self.log.close()
-        print(text, flush=True)
+        try:
+            for i, phase in enumerate(self.phases):
+                if self.stopped_by:
+                    break
+                self.run_phase(phase, weights[phase], sum(weights[p] for p in self.phases[i:]))
+        finally:
+            self._stop_child()
+            try:
+                text = summary(self.out)
+            except Exception as exc:  # the files are on disk whatever happens here
+                text = f"gpu_session: the summary failed ({type(exc).__name__}: {exc}); the files in {self.out} are complete"
+            self.log.write(text + "\n")
+            self.log.close()
+            print(text, flush=True)
         if self.stopped_by:
             return 128 + getattr(signal, self.stopped_by)
         return 0
@@ -379,12 +387,16 @@ class Phase:
         self.file = phase_file(out, name)
         self.done = {r.get("case") for r in read_lines(self.file) if r.get("phase") == name}
         self.longest = 0.0
+        self.parent = os.getppid()
 
     def left(self) -> float:
         return self.until - time.time()
 
     def can_start(self, floor: float = 1.0) -> bool:
         """Whether a case that takes as long as the longest so far still fits."""
+        if os.getppid() != self.parent:
+            print(f"{self.name}: the session process is gone: stopping", flush=True)
+            return False
         if self.left() < max(floor, 1.2 * self.longest):
             print(f"{self.name}: {self.left():.1f}s left in this phase's share: stopping before the next case",
                   flush=True)
