@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -789,8 +790,15 @@ def import_session(folder: Path, db_dir: Path, docs_dir: Path) -> list[Path]:
     ident, copy = facts["identity"], facts.get("copy bandwidth")
     device, versions, slug = ident["device"], ident["versions"], ident["device"]["slug"]
     copy_gbps = copy["copy_gbps"] if copy else None
-    written = []
     docs_dir.mkdir(parents=True, exist_ok=True)
+    # The returned lines themselves, next to what is made of them: the evidence behind every number.
+    raw = docs_dir / "sessions" / f"{slug}-{ident['date'][:10]}"
+    raw.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in FILES:
+        if name.endswith(".jsonl") and (folder / name).exists():
+            shutil.copyfile(folder / name, raw / name)
+            written.append(raw / name)
 
     db_path = None
     tune = [t for t in read_lines(folder / "tune.jsonl") if t.get("record")]

@@ -97,6 +97,8 @@ def test_import_writes_database_report_and_search_table(dry_run, tmp_path):
     for key in table["table"]:
         backend, config = json.loads(key)
         get_backend(backend).config_cls.from_dict(config)
+    raw = next((docs / "sessions").iterdir())
+    assert raw.name.startswith(slug) and sorted(p.name for p in raw.iterdir()) == [f for f in FILES if "jsonl" in f]
     bench = json.loads((docs / f"{slug}-bench.json").read_text())
     assert bench["device"]["slug"] == slug and bench["versions"]["torch"] and len(bench["rows"]) >= 12
 
