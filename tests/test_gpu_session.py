@@ -149,3 +149,46 @@ def test_gpu_session_env_and_triton_smoke_on_the_gpu(tmp_path):
     assert copy["copy_gbps"] > 100 and copy["bytes"] >= 1 << 30
     smoke = lines(tmp_path / "smoke.jsonl")
     assert smoke and smoke[0]["case"] == "rmsnorm.fwd bfloat16 4096x4096" and smoke[0]["spec"]["hidden"] == 4096
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_session", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(sys.modules["gpu_session"])
+    return sys.modules["gpu_session"]
+
+
+def test_a_phase_that_dies_is_restarted_and_its_case_recorded_as_crashed(tmp_path, monkeypatch, capsys):
+    gs = load_script()
+    session_ = gs.Session(tmp_path, 60.0, True, ["smoke-triton"])
+    session_.log = open(tmp_path / "session.log", "a")
+    runs = iter([(-11, "rmsnorm.bwd bfloat16 4096x4096"), (0, None)])  # a segfault in a case, then the rest
+    monkeypatch.setattr(session_, "_run_child", lambda phase, until: next(runs))
+    session_.run_phase("smoke-triton", 3, 3)
+    crashed = lines(tmp_path / "smoke.jsonl")
+    assert [(c["case"], c["status"], c["backend"]) for c in crashed] == [
+        ("rmsnorm.bwd bfloat16 4096x4096", "crashed", "triton")]
+    assert "exit status -11" in crashed[0]["error"]
+    event = lines(tmp_path / "session.jsonl")[-1]
+    assert (event["phase"], event["status"], event["restarts"]) == ("smoke-triton", "done", 1)
+
+
+def test_device_errors_catch_a_few_wrong_rows_and_sum_dweight_over_chunks():
+    import torch
+    from autonorm import verify
+    from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.spec import NormSpec
+
+    gs = load_script()
+    for direction in ("fwd", "bwd"):
+        spec = NormSpec("layernorm", direction, "float32", "float32", 64, bias=True)
+        inputs = verify.make_inputs(spec, 1000, "cpu", on_device=True)
+        outputs = TorchBackend().build(None, spec, None, "cpu")(*inputs.args(spec))
+        errors = gs.device_errors(spec, inputs, outputs, 16 * 64)  # 63 chunks of 16 rows
+        assert max(errors.values()) < 1e-5 and len(errors) == (4 if direction == "fwd" else 3)
+        outputs[0][-1] += 0.01  # one wrong row of 1000: 3e-4 over the whole tensor, 2.5e-3 in its chunk
+        assert gs.device_errors(spec, inputs, outputs, 16 * 64)["y" if direction == "fwd" else "dx"] > 1e-3
+    assert gs.device_errors(spec, inputs, (outputs[0], outputs[1], None), 16 * 64)["dbias"] == float("inf")
