@@ -323,7 +323,9 @@ def choice_for_tensors(op, direction, x, weight=None, bias=None, residual=None, 
 
 
 def explain(fn, input, *args, direction: str = "fwd", **kwargs) -> Choice:
-    """Which backend, config and ladder rung a call would use, without running it.
+    """Which backend, config and ladder rung a call would use, without running the call.
+
+    (Resolving a key not seen before launches its kernel once on 2 rows, as any first call does.)
 
     `fn` is `"rms_norm"`, `"layer_norm"`, the function itself, or an autonorm
     `RMSNorm` / `LayerNorm` module (then pass only the input, and `residual=`);

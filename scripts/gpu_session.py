@@ -878,10 +878,13 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="gpu_session.py import",
                                     description="turn a session's files into the database, report and search table")
         p.add_argument("folder", type=Path)
-        p.add_argument("--db-dir", type=Path, default=Path("tuning_db"))
-        p.add_argument("--docs-dir", type=Path, default=Path("docs/benchmarks"))
+        p.add_argument("--db-dir", type=Path, help="default: tuning_db")
+        p.add_argument("--docs-dir", type=Path, help="default: docs/benchmarks")
         a = p.parse_args(argv[1:])
-        for path in import_session(a.folder, a.db_dir, a.docs_dir):
+        if env_facts(a.folder).get("identity", {}).get("dry_run") and (a.db_dir is None or a.docs_dir is None):
+            p.error("these files come from a dry run, which measures nothing: give --db-dir and --docs-dir outside "
+                    "the repository's tuning_db/ and docs/")
+        for path in import_session(a.folder, a.db_dir or Path("tuning_db"), a.docs_dir or Path("docs/benchmarks")):
             print(f"wrote {path}")
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -82,6 +82,11 @@ def test_import_writes_database_report_and_search_table(dry_run, tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "import", str(out), "--db-dir", str(db_dir), "--docs-dir",
                            str(docs)], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    refused = subprocess.run([sys.executable, str(SCRIPT), "import", str(out)], capture_output=True, text=True,
+                             timeout=300, check=False, cwd=repo)  # into the default tuning_db/: refused
+    assert refused.returncode == 2 and "dry run" in refused.stderr and not any(repo.iterdir())
     slug = lines(out / "session.jsonl")[0]["device"]["slug"]
     db = TuningDB.load(db_dir / f"{slug}.json")  # validated on load
     assert len(db.records) == 4 and db.versions["triton"] and db.device["copy_gbps"] > 0
