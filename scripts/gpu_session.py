@@ -119,7 +119,10 @@ class Session:
     def _stop_child(self):
         child = self.child
         if child is not None and child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)  # the phase's process group: its compilers too
+            try:
+                os.killpg(child.pid, signal.SIGTERM)  # the phase's process group: its compilers too
+            except ProcessLookupError:
+                pass  # it ended meanwhile
 
     def _env(self) -> dict:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -182,7 +185,8 @@ class Session:
                 status = "cut at the end of its share"
                 break
             status = f"exit status {rc}"
-            if case is not None and rc != EXIT_CONTEXT_LOST:
+            finished = {r.get("case") for r in read_lines(phase_file(self.out, phase)) if r.get("phase") == phase}
+            if case is not None and case not in finished:
                 # The process died inside this case: record it so that the restart skips it.
                 crashed = {"phase": phase, "case": case, "status": "crashed",
                            "error": f"the phase process died (exit status {rc})", "date": now_iso()}
@@ -275,14 +279,19 @@ def summary(out: Path) -> str:
             lines.append(f"  {r['status']}: " + (f"{r['case']}: " if r["case"] != r["status"] else "")
                          + str(why)[:150])
 
-    bench = [c for c in read_lines(out / "bench.jsonl") if c.get("rows_out")]
-    if bench:
-        impls = list(dict.fromkeys(r["impl"] for c in bench for r in c["rows_out"]))
+    cases: dict[str, dict] = {}  # case -> impl -> row (torch.compile's rows come in lines of their own)
+    for line in read_lines(out / "bench.jsonl"):
+        for row in line.get("rows_out") or ():
+            cases.setdefault(row["case"], {})[row["impl"]] = row
+    if cases:
+        impls = list(dict.fromkeys(i for by in cases.values() for i in by))
         lines.append("bench GB/s (% of copy bandwidth):")
         lines.append(f"  {'case':<34}" + "".join(f"{i[:17]:>18}" for i in impls))
-        for c in bench:
-            by = {r["impl"]: r for r in c["rows_out"]}
-            lines.append(f"  {c['case'][:34]:<34}" + "".join(f"{_fmt_gbps(by.get(i)):>18}" for i in impls))
+        for case, by in cases.items():
+            lines.append(f"  {case[:34]:<34}" + "".join(f"{_fmt_gbps(by.get(i)):>18}" for i in impls))
+    errors = [c for c in read_lines(out / "bench.jsonl") if c.get("status") not in (None, "ok")]
+    for c in errors[:3]:
+        lines.append(f"  {c['status']}: {c['case']}: {str(c.get('error'))[:150]}")
 
     tune = read_lines(out / "tune.jsonl")
     if tune:
