@@ -236,8 +236,9 @@ def _provide_liger(spec, sets, device):
     try:
         if spec.op == "rmsnorm":
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-            # offset 0, llama casting (fp32 rstd), out of place: in_place=True would overwrite dy between samples.
-            f = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
+            # offset 0, llama casting (fp32 rstd) and Liger's default in_place=True, as its users run it:
+            # the backward writes dx into dy (in_place=False adds a zero-filled dx, a full extra write).
+            f = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama")
         else:
             from liger_kernel.ops.layer_norm import LigerLayerNormFunction
             zeros = torch.zeros(spec.hidden, device=device, dtype=spec.torch_w_dtype)
@@ -245,7 +246,18 @@ def _provide_liger(spec, sets, device):
             f = lambda x, w: LigerLayerNormFunction.apply(x, w, zeros, EPS)
     except ImportError as exc:
         raise ProviderUnavailable(f"liger_kernel not importable ({exc})") from None
-    return "liger", _autograd_impl(spec, sets, f), None
+    if spec.direction == "fwd" or spec.op != "rmsnorm":
+        return "liger", _autograd_impl(spec, sets, f), None
+    # In place, dy becomes dx: Liger gets dy copies of its own (the other providers' dy stays intact), and
+    # the timer restores them before every timed call, untimed (`prepare`), so no call sees a decayed dy.
+    own = [{**s, "dy": s["dy"].clone()} for s in sets]
+    fn = _autograd_impl(spec, own, f)
+
+    def prepare():
+        for mine, shared in zip(own, sets):
+            mine["dy"].copy_(shared["dy"])
+    fn.prepare = prepare
+    return "liger", fn, None
 
 
 def _provide_quack(spec, sets, device):
@@ -382,6 +394,9 @@ class CudaBenchTimer:
         names = list(impls)
         # CudaTimer calls kernel(*args) with its own inputs; our callables bring theirs (set 0).
         kernels = [lambda *_a, f=impls[n]: f(0) for n in names]
+        for kernel, name in zip(kernels, names):
+            if hasattr(impls[name], "prepare"):  # untimed work before each call (measure.CudaTimer)
+                kernel.prepare = impls[name].prepare
         out = self.timer.interleaved(spec, kernels, rows)
         return {n: Timing(t.median_us, t.p20_us, t.p80_us, t.reps) for n, t in zip(names, out)}
 

@@ -16,8 +16,11 @@ Resolution (the ladder of DESIGN §7), first rung that yields a kernel wins:
   heuristic      the first available backend of DEFAULT_ORDER, its heuristic config
   torch          torch eager
 
-A database record whose kernel fails to compile is reported with a warning and
-the ladder goes on; it is never used silently.
+A new choice is launched once on a 2-row input inside the ladder (Triton and
+Numba compile at the first launch): a record or heuristic whose kernel fails to
+compile or to launch is reported with a warning and the ladder goes on; it is
+never used silently, and never fails in the caller's step. Only resolution pays
+for this: a resolved key is one dict lookup and the launch.
 """
 from __future__ import annotations
 
@@ -121,6 +124,45 @@ def _make_choice(backend_name: str, spec: NormSpec, config: Config | None, devic
     return Choice(spec, backend_name, config, rung, backend.compile(spec, config, device), source)
 
 
+def _first_call_error(choice: Choice, device) -> str | None:
+    """Launch a new choice once on 2 rows: None when it runs, else why not (never raises).
+
+    Triton JIT-compiles and Numba compiles at the first launch, so a config the
+    hardware refuses (registers, shared memory) fails there, not in `compile`.
+    On CUDA the probe synchronizes so that a failed launch surfaces here. Skipped
+    while a CUDA graph is captured (no allocation or synchronization is allowed).
+    """
+    from .verify import make_inputs
+
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        inputs = make_inputs(choice.spec, 2, device)
+        choice.kernel(*inputs.args(choice.spec))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # any failure of a candidate kernel sends the ladder to the next rung
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return None
+
+
+def _try_choice(backend_name: str, spec: NormSpec, config: Config | None, device, rung: str,
+                source: str = "") -> Choice | None:
+    """`_make_choice` plus the first-call probe; None (with one warning) when either fails."""
+    what = source or f"the {backend_name} {rung} config"
+    try:
+        choice = _make_choice(backend_name, spec, config, device, rung, source)
+    except AutonormError as exc:
+        warnings.warn(f"autonorm: skipping {what} for {spec.short()}: {exc}", RuntimeWarning, stacklevel=3)
+        return None
+    error = _first_call_error(choice, device)
+    if error is not None:
+        warnings.warn(f"autonorm: skipping {what} ({backend_name} [{choice.config.short()}]) for {spec.short()}: "
+                      f"its first launch failed: {error}", RuntimeWarning, stacklevel=3)
+        return None
+    return choice
+
+
 # --- the database rungs -------------------------------------------------------------------
 def _log_distance(a: int, b: int) -> float:
     return abs(math.log2(a) - math.log2(b))
@@ -181,11 +223,8 @@ def _from_databases(spec: NormSpec, device, bucket) -> Choice | None:
     for rung, k, record, table in _database_candidates(spec, device, bucket):
         winner = record.winner
         source = f"{table.device.get('slug')} record {k.short()}"
-        try:
-            choice = _make_choice(winner.backend, spec, winner.config, device, rung, source)
-        except AutonormError as exc:
-            warnings.warn(f"autonorm: skipping {source} ({winner.backend} [{winner.config.short()}]): {exc}",
-                          RuntimeWarning, stacklevel=2)
+        choice = _try_choice(winner.backend, spec, winner.config, device, rung, source)
+        if choice is None:
             continue
         if knobs.verify_db() and not _verified(choice, device, bucket):
             continue
@@ -243,7 +282,7 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
     db.save(path)  # merges with the file on disk
     dbload.forget()  # the next key sees the new record through the ladder
     winner = record.winner
-    return _make_choice(winner.backend, spec, winner.config, device, "tuned", f"tuned now, saved to {path}")
+    return _try_choice(winner.backend, spec, winner.config, device, "tuned", f"tuned now, saved to {path}")
 
 
 def _resolve(spec: NormSpec, device: torch.device, bucket: int) -> Choice:
@@ -271,8 +310,10 @@ def _resolve(spec: NormSpec, device: torch.device, bucket: int) -> Choice:
             backend = get_backend(name)
         except BackendUnavailableError:
             continue
-        if backend.is_available() and backend.supports_device(device):
-            return _make_choice(name, spec, None, device, "heuristic" if name != "torch" else "torch")
+        if name != "torch" and backend.is_available() and backend.supports_device(device):
+            choice = _try_choice(name, spec, None, device, "heuristic")
+            if choice is not None:
+                return choice
     return _make_choice("torch", spec, None, device, "torch")
 
 
@@ -282,7 +323,9 @@ def choice_for_tensors(op, direction, x, weight=None, bias=None, residual=None, 
 
 
 def explain(fn, input, *args, direction: str = "fwd", **kwargs):
-    """Which backend, config and ladder rung a call would use, without running it.
+    """Which backend, config and ladder rung a call would use, without running the call.
+
+    (Resolving a key not seen before launches its kernel once on 2 rows, as any first call does.)
 
     `fn` is `"rms_norm"`, `"layer_norm"`, the function itself, or an autonorm
     `RMSNorm` / `LayerNorm` module (then pass only the input, and `residual=`);

@@ -1,7 +1,6 @@
 """The benchmark and tuning grids of issue 7, as data: `standard` and its `quick` subset.
 
-The tuner, `autonorm bench --grid` and scripts/gpu_run.sh all read these, so a
-grid is defined once. A grid names ops, directions, dtypes and hidden sizes;
+The tuner and `autonorm bench --grid` read these, so a grid is defined once. A grid names ops, directions, dtypes and hidden sizes;
 rows are derived per hidden size:
 
 - tuning rows: `tune_rows` (power-of-two buckets from 1 up), each capped so that
@@ -15,7 +14,7 @@ rows are derived per hidden size:
   sweep: 32K x 256 ... 1K x 262K).
 
 Run `python -m autonorm.grids tune-batches --grid standard` to print the
-`autonorm tune` argument lists scripts/gpu_run.sh runs one at a time.
+`autonorm tune` argument lists that tune the grid one batch at a time.
 """
 from __future__ import annotations
 

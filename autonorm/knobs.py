@@ -73,6 +73,18 @@ def verify_db() -> bool:
     return _flag("AUTONORM_VERIFY_DB")
 
 
+# Triton's FP fusion (a*b + c contracted to one FMA) is on by default up to Triton 3.9, which warns that
+# 3.10 turns it off. Every kernel, tolerance and tuning record here was made with it on (one rounding
+# instead of two: more accurate, and fewer instructions), so autonorm pins it on for every Triton
+# version; a TRITON_DEFAULT_FP_FUSION the user set is kept.
+TRITON_FP_FUSION = "1"
+
+
+def pin_triton_fp_fusion() -> str:
+    """TRITON_DEFAULT_FP_FUSION: set to TRITON_FP_FUSION unless already set; returns the value in force."""
+    return os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", TRITON_FP_FUSION)
+
+
 ALL = {
     "AUTONORM_BACKEND": backend,
     "AUTONORM_DB_PATH": db_paths,

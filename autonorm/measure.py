@@ -6,7 +6,9 @@ real protocols:
 - `CudaTimer`: CUDA events around each repetition; warm-up and repetition counts
   sized by time (like Triton's `do_bench`); the L2 is flushed before every
   repetition by zeroing a buffer twice the size of the device's real L2 (not a
-  fixed 256 MB: triton#3943); inputs are random-normal.
+  fixed 256 MB: triton#3943); inputs are random-normal, drawn on the device
+  by a CUDA generator. A kernel may carry `prepare()`: untimed work before each
+  repetition, before the flush (restoring an input the kernel overwrites).
 - `CpuTimer`: `perf_counter_ns` per call; warm-up by time; rotating input sets
   whose total size exceeds the last-level cache, so no repetition finds its
   inputs cached.
@@ -164,16 +166,20 @@ class CudaTimer:
     def describe(self) -> dict:
         return {"timer": "cuda events", "statistic": "median (p20, p80)", "warmup_ms": self.warmup_ms,
                 "rep_ms": self.rep_ms, "min_reps": self.min_reps, "max_reps": self.max_reps,
-                "l2_flush_bytes": self.flush.numel() * 4, "inputs": "random normal"}
+                "l2_flush_bytes": self.flush.numel() * 4, "inputs": "random normal, drawn on the device"}
 
     def _args(self, spec, rows):
         key = (spec, rows)
         if key not in self._inputs:
-            self._inputs = {key: make_inputs(spec, rows, self.device).args(spec)}
+            self._inputs = {}  # the previous spec's tensors go before the next ones are drawn
+            self._inputs[key] = make_inputs(spec, rows, self.device, on_device=True).args(spec)
         return self._inputs[key]
 
     def _one(self, kernel, args) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        prepare = getattr(kernel, "prepare", None)
+        if prepare is not None:
+            prepare()
         self.flush.zero_()
         start.record()
         kernel(*args)

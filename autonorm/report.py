@@ -202,6 +202,9 @@ def plot(slug: str, key2: tuple[str, str], tables: dict, copy_gbps: float | None
             ax.plot([n for n, _ in pts], [g for _, g in pts], marker="o", label=p)
         if copy_gbps:
             ax.axhline(copy_gbps, linestyle="--", color="gray", label="copy bandwidth")
+            frac = ax.secondary_yaxis("right", functions=(lambda g: g / copy_gbps, lambda f: f * copy_gbps))
+            if ax is axes[0][-1]:
+                frac.set_ylabel("fraction of copy bandwidth")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{key[0]} {key[1]} {key[2]}")
         ax.set_xlabel("hidden size N")

@@ -42,18 +42,22 @@ class Inputs:
 def _rows(rows: int, n: int, dtype, device, gen, strided: bool, scale=1.0, shift=0.0) -> torch.Tensor:
     """A (rows, n) tensor; when strided, a column slice of a wider buffer (row stride > n)."""
     width = n + (17 if strided else 0)
-    buf = torch.randn(rows, width, generator=gen, dtype=torch.float32) * scale + shift
+    buf = torch.randn(rows, width, generator=gen, dtype=torch.float32, device=gen.device) * scale + shift
     return buf.to(device=device, dtype=dtype)[:, :n]
 
 
-def make_inputs(spec: NormSpec, rows: int, device="cpu", *, seed: int = 0, strided: bool = False) -> Inputs:
-    gen = torch.Generator().manual_seed(seed)
+def make_inputs(spec: NormSpec, rows: int, device="cpu", *, seed: int = 0, strided: bool = False,
+                on_device: bool = False) -> Inputs:
+    """Random inputs for `spec`; `on_device=True` draws them with a generator on `device` itself
+    (a GB-sized host randn plus the copy costs seconds on a GPU), other values than the host's."""
+    gen = torch.Generator(device=device if on_device else "cpu").manual_seed(seed)
     n, xd, wd = spec.hidden, spec.torch_x_dtype, spec.torch_w_dtype
     shift = 0.75 if spec.is_layernorm else 0.0
     x = _rows(rows, n, xd, device, gen, strided, 1.5, shift)
     residual = _rows(rows, n, xd, device, gen, strided) if spec.residual else None
-    weight = (torch.randn(n, generator=gen) * 0.5 + 1.0).to(device=device, dtype=wd) if spec.weight else None
-    bias = (torch.randn(n, generator=gen) * 0.5).to(device=device, dtype=wd) if spec.bias else None
+    weight = (torch.randn(n, generator=gen, device=gen.device) * 0.5 + 1.0).to(device=device, dtype=wd) \
+        if spec.weight else None
+    bias = (torch.randn(n, generator=gen, device=gen.device) * 0.5).to(device=device, dtype=wd) if spec.bias else None
     inputs = Inputs(x, weight, bias, residual, offset=OFFSET if spec.offset else 0.0)
     if spec.direction == "bwd":
         # Backward sees the normalized input (h) and fp32 stats computed from it.

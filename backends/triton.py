@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from autonorm import knobs
 from autonorm.config import Config, knob
 from autonorm.spec import NormSpec
 
@@ -139,5 +140,6 @@ class TritonBackend(Backend):
         return {"chunked": config.BLOCK_N < next_pow2(spec.hidden)}
 
     def build(self, source, spec, config, device):
+        knobs.pin_triton_fp_fusion()  # before the first launch, where Triton compiles
         module = import_generated(source, self.template_dir)
         return module.launch

@@ -101,6 +101,53 @@ def test_cuda_timer_adapter_uses_measure_protocol():
     assert out["b"] == bench.Timing(2.0, 2.0, 3.0, 7) and t.describe()["interleaved"] is True
 
 
+def test_liger_rmsnorm_runs_in_place_as_its_users_do(monkeypatch):
+    """Liger's default in_place=True overwrites dy with dx: its dy is its own, restored before each timed call."""
+    import sys
+    import types
+
+    import torch
+
+    seen = {}
+
+    class FakeLigerRMSNorm(torch.autograd.Function):  # Liger's signature and in-place backward
+        @staticmethod
+        def forward(ctx, x, w, eps, offset=0.0, casting_mode="llama", in_place=True):
+            seen["in_place"] = in_place
+            ctx.in_place = in_place
+            return x * w
+
+        @staticmethod
+        def backward(ctx, dy):
+            dx = dy.mul_(0.5) if ctx.in_place else dy * 0.5
+            return dx, dy.sum(0), None, None, None, None
+
+    module = types.ModuleType("liger_kernel.ops.rms_norm")
+    module.LigerRMSNormFunction = FakeLigerRMSNorm
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.rms_norm", module)
+    from autonorm.spec import NormSpec
+
+    spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 16)
+    sets = bench.make_sets(spec, 4, torch.device("cpu"), 1)
+    dy = sets[0]["dy"].clone()
+    name, fn, _ = bench._provide_liger(spec, sets, torch.device("cuda"))
+    fn(0)
+    first = fn(0)[0].clone()  # the second call sees the first call's dx as its dy
+    assert seen["in_place"] is True and name == "liger"
+    assert torch.equal(sets[0]["dy"], dy)  # the other providers' dy is untouched
+    fn.prepare()
+    assert torch.equal(fn(0)[0], dy * 0.5) and torch.equal(first, dy * 0.25)
+
+    class FakeCudaTimer:
+        def interleaved(self, spec, kernels, rows):
+            seen["prepare"] = [getattr(k, "prepare", None) for k in kernels]
+            from autonorm.measure import Timing
+            return [Timing(1.0, 1.0, 1.0, 1)] * len(kernels)
+
+    bench.CudaBenchTimer("cuda", timer=FakeCudaTimer()).time(spec, 4, {"torch": lambda i: None, "liger": fn}, 1)
+    assert seen["prepare"] == [None, fn.prepare]
+
+
 def test_resume_and_time_limit(tmp_path):
     out = tmp_path / "b.json"
     # Time limit 0: no case starts; exit 3 says cases are left.
@@ -168,116 +215,3 @@ def test_recorded_studies_from_a_database(tmp_path):
     db.write_text('{"records": [')  # truncated: skips nothing (the tuner reports it)
     assert grids.recorded_studies(str(db)) == frozenset()
     assert grids.recorded_studies(str(tmp_path / "missing.json")) == frozenset()
-
-
-# --- scripts/gpu_run.sh on this CPU machine (fake $OUT and state) ---------------------------------
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def _gpu_run(tmp_path, *steps, **env):
-    import os
-    import subprocess
-    import sys
-
-    full = {**os.environ, "STATE_DIR": str(tmp_path / "state"), "OUT": str(tmp_path / "out"), "PY": sys.executable,
-            "AUTONORM_GPU_RUN_INSTALL": "0", "SLUG": "fake-gpu", **env}
-    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_run.sh"), *steps], env=full, capture_output=True,
-                          text=True, timeout=120, check=False)
-
-
-def test_gpu_run_report_step_pull_and_export(tmp_path):
-    import shutil
-    import tarfile
-
-    from test_report import _doc, _row
-
-    # The state a bench step would have left: bench rows of device fake-gpu in state.tar.gz.
-    work = tmp_path / "work"
-    (work / "bench").mkdir(parents=True)
-    doc = _doc([_row("rmsnorm", "fwd", "bfloat16", 4096, 32768, p, us) for p, us in
-                (("autonorm", 100.0), ("torch", 300.0), ("torch.compile", 150.0))])
-    doc["device"]["slug"] = "fake-gpu"
-    (work / "bench" / "fake-gpu.json").write_text(json.dumps(doc))
-    (tmp_path / "state").mkdir()
-    with tarfile.open(tmp_path / "state" / "state.tar.gz", "w:gz") as tar:
-        tar.add(work, arcname=".")
-
-    r = _gpu_run(tmp_path, "report")
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_run.log", "report.tar.gz", "state.tar.gz"]
-    with tarfile.open(out / "report.tar.gz") as tar:
-        names = sorted(tar.getnames())
-        assert "fake-gpu/fake-gpu.md" in names and "fake-gpu/fake-gpu-rmsnorm-fwd.png" in names
-        md = tar.extractfile("fake-gpu/fake-gpu.md").read().decode()
-        assert "| 4096 | 32768 |" in md and "1.50× (torch.compile)" in md
-    with tarfile.open(out / "state.tar.gz") as tar:
-        names = tar.getnames()
-        assert "./done/fake-gpu/report" in names and "./bench/fake-gpu.json" in names
-
-    # Here, after the call: pull keeps the returned state; export writes the report into the docs folder.
-    fetched = tmp_path / "files_at"
-    shutil.copytree(out, fetched)
-    shutil.rmtree(tmp_path / "state")
-    r = _gpu_run(tmp_path, "pull", str(fetched))
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "state" / "state.tar.gz").read_bytes() == (out / "state.tar.gz").read_bytes()
-    assert (tmp_path / "state" / "report" / "fake-gpu" / "fake-gpu.md").exists()
-    r = _gpu_run(tmp_path, "export", EXPORT_DIR=str(tmp_path / "docs"), EXPORT_DB_DIR=str(tmp_path / "db"))
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "docs" / "fake-gpu.md").read_text() == md
-    assert (tmp_path / "docs" / "fake-gpu-rmsnorm-fwd.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_gpu_run_tune_dry_run_and_bad_step(tmp_path):
-    from autonorm import grids
-
-    r = _gpu_run(tmp_path, "tune", GRID="quick", DRY_RUN="1")
-    assert r.returncode == 0, r.stdout + r.stderr
-    cmds = [l for l in r.stdout.splitlines() if l.startswith("autonorm tune")]
-    assert len(cmds) == len(grids.QUICK.tune_batches())
-    for b, cmd in zip(grids.QUICK.tune_batches(), cmds):
-        assert f"--ops {b['ops']} --directions {b['directions']} --dtypes {b['dtypes']} --hidden {b['hidden']} " \
-               f"--rows {b['rows']} " in cmd
-        assert "--time-budget" in cmd and "/tuning_db" in cmd
-    assert "tune: ok" in r.stdout
-    r = _gpu_run(tmp_path, "tune", "frobnicate")
-    assert r.returncode == 2 and "unknown step 'frobnicate'" in r.stderr
-
-
-def test_gpu_run_tune_resumes_batches(tmp_path):
-    """A batch cut at the deadline (exit 124, as `timeout` gives) is retried next call; finished batches never."""
-    import os
-    import stat
-    import sys
-
-    from autonorm import grids
-
-    calls, cut = tmp_path / "calls.txt", tmp_path / "cut-once"
-    cut.touch()
-    fake = tmp_path / "python"
-    # Passes everything through to the real interpreter except `autonorm tune`, which it records;
-    # the first backward batch "times out" once.
-    fake.write_text(f"""#!/usr/bin/env bash
-if [ "$1 $2 $3 $4" = "-P -m autonorm.cli tune" ]; then
-  echo "$@" >> {calls}
-  if [[ "$*" == *"--directions bwd"* ]] && [ -f {cut} ]; then rm {cut}; exit 124; fi
-  exit 0
-fi
-exec {sys.executable} "$@"
-""")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    batches = grids.QUICK.tune_batches()
-    r = _gpu_run(tmp_path, "tune", GRID="quick", PY=str(fake))
-    assert r.returncode == 3, r.stdout + r.stderr
-    assert "cut at the step deadline" in r.stdout and f"tune: {len(batches) - 1}/{len(batches)} batches" in r.stdout
-    assert len(calls.read_text().splitlines()) == len(batches)
-    os.replace(tmp_path / "out" / "state.tar.gz", tmp_path / "state" / "state.tar.gz")  # what `pull` does
-    r = _gpu_run(tmp_path, "tune", GRID="quick", PY=str(fake))
-    assert r.returncode == 0, r.stdout + r.stderr
-    second = calls.read_text().splitlines()[len(batches):]
-    assert len(second) == 1 and "--directions bwd" in second[0] and "--ops rmsnorm" in second[0]
-    r = _gpu_run(tmp_path, "tune", GRID="quick", PY=str(fake))
-    assert r.returncode == 0 and "tune: grid quick done before" in r.stdout
-    assert len(calls.read_text().splitlines()) == len(batches) + 1

@@ -258,3 +258,41 @@ def test_tune_on_miss_tunes_once_and_keeps_the_record(tmp_path, monkeypatch):
     autonorm.reset()
     again = choose(3, 64)  # a new process would find it the same way: from the saved database
     assert (again.rung, again.backend, again.config) == ("exact", c.backend, c.config)
+
+
+class FirstLaunchFails(FakeBackend):
+    """Compiles fine, like Triton and Numba, and fails only when its kernel is first launched."""
+
+    name = "boom"
+    launches = 0
+
+    def build(self, source, spec, config, device):
+        def kernel(*args):
+            FirstLaunchFails.launches += 1
+            raise RuntimeError("out of resources: registers")
+        return kernel
+
+
+def test_first_launch_failure_falls_to_the_next_rung(tmp_path, monkeypatch):
+    monkeypatch.setitem(backends.BACKENDS, "boom", "tests:FirstLaunchFails")
+    monkeypatch.setitem(backends._instances, "boom", FirstLaunchFails())
+    monkeypatch.setattr(FirstLaunchFails, "launches", 0)
+    # A database record of the failing backend, then the heuristic rung tries it first too.
+    autonorm.load_db(write_db(tmp_path / "boom.json", [record(64, 4, 64, backend="boom")]))
+    monkeypatch.setitem(dispatch.DEFAULT_ORDER, "cpu", ("boom", "fake", "torch"))
+    with pytest.warns(RuntimeWarning) as caught:
+        c = choose(3, 64)  # the user's call runs: no exception from the failing kernel
+    assert (c.rung, c.backend) == ("heuristic", "fake")
+    messages = [str(w.message) for w in caught if "first launch failed" in str(w.message)]
+    assert len(messages) == 2, messages  # the record, then the heuristic: one warning each
+    assert "record rmsnorm.fwd" in messages[0] and "out of resources: registers" in messages[0]
+    assert "boom heuristic" in messages[1]
+    assert FirstLaunchFails.launches == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resolved once: later calls neither probe nor warn again
+        choose(3, 64)
+    assert FirstLaunchFails.launches == 2
+    monkeypatch.setitem(dispatch.DEFAULT_ORDER, "cpu", ("boom", "torch"))
+    autonorm.reset()
+    with pytest.warns(RuntimeWarning, match="first launch failed"):
+        assert choose(3, 64).rung == "torch"

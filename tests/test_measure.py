@@ -64,3 +64,29 @@ def test_cuda_timer_flushes_a_buffer_sized_from_l2():
     eager = TorchBackend().build(None, SPEC, None, "cuda")
     t = timer.measure(SPEC, eager, 4096)
     assert t.reps >= timer.min_reps and t.p20_us <= t.median_us <= t.p80_us
+
+
+@pytest.mark.gpu
+def test_cuda_timer_draws_inputs_on_the_device_and_prepares_untimed(monkeypatch):
+    host_draws = []
+    real_randn = torch.randn
+
+    def spy(*args, **kwargs):
+        if torch.device(kwargs.get("device") or "cpu").type != "cuda":
+            host_draws.append(args)
+        return real_randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    timer = measure.CudaTimer("cuda")
+    eager = TorchBackend().build(None, SPEC, None, "cuda")
+    prepared = []
+
+    def kernel(*args):
+        return eager(*args)
+
+    kernel.prepare = lambda: prepared.append(1)
+    t = timer.measure(SPEC, kernel, 4096)
+    assert host_draws == []  # never a host randn copied over
+    args = timer._inputs[(SPEC, 4096)]
+    assert all(a.device.type == "cuda" for a in args if isinstance(a, torch.Tensor))
+    assert len(prepared) >= t.reps  # once before every timed repetition

@@ -259,3 +259,19 @@ def test_int64_offsets_gpu(triton_backend, direction):
         rdx, _, _ = verify.reference.backward("rmsnorm", dy[tail], x[tail], w, eps=1e-5, dtype=torch.float32)
         assert verify.reference.rel_l2(dx[tail], rdx) < 2e-3
         assert torch.isfinite(dw).all()
+
+
+def test_fp_fusion_is_pinned_before_the_first_launch(triton_backend, monkeypatch):
+    """Triton 3.10 turns FP fusion off by default; autonorm keeps it on (knobs.TRITON_FP_FUSION), and a
+    value the user set wins."""
+    import os
+
+    from autonorm import knobs
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 48)
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+    triton_backend._cache.clear()
+    triton_backend.compile(spec, triton_backend.heuristic(spec))
+    assert os.environ["TRITON_DEFAULT_FP_FUSION"] == knobs.TRITON_FP_FUSION == "1"
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    assert knobs.pin_triton_fp_fusion() == "0"

@@ -1,0 +1,199 @@
+"""scripts/gpu_session.py on the CPU: the dry run walks every phase and writes the session's files, a cut
+or interrupted run keeps its finished cases and still prints the summary last, and the import turns the
+files into a valid database, the report and the search table."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_session.py"
+FILES = ["bench.jsonl", "session.jsonl", "session.log", "smoke.jsonl", "sweep.jsonl", "tune.jsonl"]
+ALL_PHASES = ["env", "smoke-triton", "smoke-cupy", "smoke-numba", "bench", "tune", "sweep"]
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def session(out, *args, timeout=600):
+    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    pytest.importorskip("triton")
+    pytest.importorskip("optuna")
+    out = tmp_path_factory.mktemp("session")
+    started = time.monotonic()
+    r = session(out, "--dry-run")
+    return out, r, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_dry_run_walks_every_phase(dry_run):
+    out, r, seconds = dry_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == FILES  # at most 6 files, always the same
+    events = [e for e in lines(out / "session.jsonl") if e.get("event") == "phase"]
+    assert [(e["phase"], e["status"]) for e in events] == [(p, "done") for p in ALL_PHASES]
+    identity = next(e for e in lines(out / "session.jsonl") if e["case"] == "identity")
+    assert identity["dry_run"] and identity["device"]["slug"].startswith("dry-run-")
+    assert identity["versions"]["triton_default_fp_fusion"] == "1"
+
+    smoke = lines(out / "smoke.jsonl")
+    triton = [s for s in smoke if s["backend"] == "triton"]
+    assert len(triton) >= 30 and all(s["status"] == "pass" for s in triton), [s for s in triton if s["status"] != "pass"]
+    assert triton[0]["case"] == "rmsnorm.fwd bfloat16 4096x4096"  # named by the GPU size, run small
+    assert triton[0]["spec"]["hidden"] < 4096 and triton[-1]["case"].startswith("rmsnorm.bwd bfloat16 655360x4096")
+    assert any(s["strided"] and s["spec"]["residual"] and s["spec"]["w_dtype"] == "float32" for s in triton)
+    assert [s["status"] for s in smoke if s["backend"] == "cupy"] == ["unavailable"]  # no GPU: one line, a reason
+
+    bench = lines(out / "bench.jsonl")
+    assert [c["case"].split()[0] for c in bench] == ["rmsnorm.fwd", "rmsnorm.bwd", "layernorm.fwd", "layernorm.bwd"]
+    impls = {r["impl"]: r for r in bench[1]["rows_out"]}
+    assert {"torch", "copy", "autonorm[triton]"} <= set(impls) and impls["autonorm[triton]"]["provider"] == "autonorm"
+    assert "liger" in bench[1]["skipped"] and all(r["gbps"] > 0 for r in impls.values())
+
+    tune = lines(out / "tune.jsonl")
+    assert len(tune) == 4 and all(t["status"] == "ok" and t["record"]["winner"] for t in tune)
+    sweep = lines(out / "sweep.jsonl")
+    assert len(sweep) == 3 and all(s["status"] == "ok" and s["median_us"] > 0 for s in sweep)
+    assert sweep[0]["space"] > len(sweep)  # the whole space's size, though the dry run measures three
+
+    tail = r.stdout.rstrip().splitlines()
+    assert tail[-1].startswith("=====") and "autonorm GPU session" in r.stdout.split("[session")[-1]
+    assert "smoke triton: " in r.stdout and "tune: 4/4 studies recorded" in r.stdout
+
+
+@pytest.mark.slow
+def test_import_writes_database_report_and_search_table(dry_run, tmp_path):
+    from autonorm.backends import get_backend
+    from autonorm.db import TuningDB
+
+    out, r, _ = dry_run
+    assert r.returncode == 0
+    db_dir, docs = tmp_path / "tuning_db", tmp_path / "docs"
+    done = subprocess.run([sys.executable, str(SCRIPT), "import", str(out), "--db-dir", str(db_dir), "--docs-dir",
+                           str(docs)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    refused = subprocess.run([sys.executable, str(SCRIPT), "import", str(out)], capture_output=True, text=True,
+                             timeout=300, check=False, cwd=repo)  # into the default tuning_db/: refused
+    assert refused.returncode == 2 and "dry run" in refused.stderr and not any(repo.iterdir())
+    slug = lines(out / "session.jsonl")[0]["device"]["slug"]
+    db = TuningDB.load(db_dir / f"{slug}.json")  # validated on load
+    assert len(db.records) == 4 and db.versions["triton"] and db.device["copy_gbps"] > 0
+    md = (docs / f"{slug}.md").read_text()
+    assert md.startswith("> **Dry run on CPU**") and "## GPU session" in md and "### rmsnorm bwd bfloat16" in md
+    assert "| triton | rmsnorm.bwd bfloat16 4096x4096 | pass |" in md and "Versions: " in md
+    for op in ("rmsnorm", "layernorm"):
+        for d in ("fwd", "bwd"):
+            assert (docs / f"{slug}-{op}-{d}.png").read_bytes()[:4] == b"\x89PNG"
+    table = json.loads((docs / f"search-efficiency-table-{slug}-rmsnorm-bwd-32.json").read_text())
+    assert {"spec", "rows", "device", "table", "date", "versions"} <= set(table) and len(table["table"]) == 3
+    # The keys are tuner candidates, as scripts/search_efficiency.py replays them.
+    for key in table["table"]:
+        backend, config = json.loads(key)
+        get_backend(backend).config_cls.from_dict(config)
+    raw = next((docs / "sessions").iterdir())
+    assert raw.name.startswith(slug) and sorted(p.name for p in raw.iterdir()) == [f for f in FILES if "jsonl" in f]
+    bench = json.loads((docs / f"{slug}-bench.json").read_text())
+    assert bench["device"]["slug"] == slug and bench["versions"]["torch"] and len(bench["rows"]) >= 12
+
+
+def test_interrupted_run_keeps_finished_cases_and_prints_the_summary_last(tmp_path):
+    pytest.importorskip("triton")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--dry-run",
+                             "--phases", "smoke-triton,bench"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    smoke = tmp_path / "smoke.jsonl"
+    deadline = time.monotonic() + 240
+    while not (smoke.exists() and len(smoke.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # mid-phase: smoke-triton has more cases to go
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    finished = lines(smoke)
+    assert 2 <= len(finished) < 30 and all(s["status"] == "pass" for s in finished)
+    events = [e for e in lines(tmp_path / "session.jsonl") if e.get("event") == "phase"]
+    assert [(e["phase"], e["status"]) for e in events] == [("smoke-triton", "stopped by SIGTERM")]
+    after = output.split("autonorm GPU session")[-1]
+    assert f"smoke triton: {len(finished)} cases: {len(finished)} pass" in after
+    assert "phases: smoke-triton stopped by SIGTERM" in after and output.rstrip().endswith("=" * 100)
+
+
+def test_budget_cuts_phases_and_the_summary_still_prints(tmp_path):
+    # 2.5 s after the summary's reserve: smoke-triton's share (1.5 s) ends before its first case, and
+    # nothing is left for smoke-numba.
+    r = session(tmp_path, "--dry-run", "--budget", "7.5", "--phases", "smoke-triton,smoke-numba", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    events = [e for e in lines(tmp_path / "session.jsonl") if e.get("event") == "phase"]
+    assert [(e["phase"], e["status"]) for e in events] == [("smoke-triton", "cut at the end of its share"),
+                                                           ("smoke-numba", "skipped: no time left")]
+    assert events[0]["seconds"] < 6
+    assert r.stdout.rstrip().endswith("=" * 100) and "copy bandwidth: not measured" in r.stdout
+
+
+def test_unknown_phase_is_named(tmp_path):
+    r = session(tmp_path, "--phases", "env,warp-drive", timeout=60)
+    assert r.returncode == 2 and "warp-drive" in r.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_session_env_and_triton_smoke_on_the_gpu(tmp_path):
+    r = session(tmp_path, "--budget", "150", "--phases", "env,smoke-triton", timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    copy = next(e for e in lines(tmp_path / "session.jsonl") if e["case"] == "copy bandwidth")
+    assert copy["copy_gbps"] > 100 and copy["bytes"] >= 1 << 30
+    smoke = lines(tmp_path / "smoke.jsonl")
+    assert smoke and smoke[0]["case"] == "rmsnorm.fwd bfloat16 4096x4096" and smoke[0]["spec"]["hidden"] == 4096
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_session", module)  # its dataclasses look their module up there
+    spec.loader.exec_module(sys.modules["gpu_session"])
+    return sys.modules["gpu_session"]
+
+
+def test_a_phase_that_dies_is_restarted_and_its_case_recorded_as_crashed(tmp_path, monkeypatch, capsys):
+    gs = load_script()
+    session_ = gs.Session(tmp_path, 60.0, True, ["smoke-triton"])
+    session_.log = open(tmp_path / "session.log", "a")
+    runs = iter([(-11, "rmsnorm.bwd bfloat16 4096x4096"), (0, None)])  # a segfault in a case, then the rest
+    monkeypatch.setattr(session_, "_run_child", lambda phase, until: next(runs))
+    session_.run_phase("smoke-triton", 3, 3)
+    crashed = lines(tmp_path / "smoke.jsonl")
+    assert [(c["case"], c["status"], c["backend"]) for c in crashed] == [
+        ("rmsnorm.bwd bfloat16 4096x4096", "crashed", "triton")]
+    assert "exit status -11" in crashed[0]["error"]
+    event = lines(tmp_path / "session.jsonl")[-1]
+    assert (event["phase"], event["status"], event["restarts"]) == ("smoke-triton", "done", 1)
+
+
+def test_device_errors_catch_a_few_wrong_rows_and_sum_dweight_over_chunks():
+    import torch
+    from autonorm import verify
+    from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.spec import NormSpec
+
+    gs = load_script()
+    for direction in ("fwd", "bwd"):
+        spec = NormSpec("layernorm", direction, "float32", "float32", 64, bias=True)
+        inputs = verify.make_inputs(spec, 1000, "cpu", on_device=True)
+        outputs = TorchBackend().build(None, spec, None, "cpu")(*inputs.args(spec))
+        errors = gs.device_errors(spec, inputs, outputs, 16 * 64)  # 63 chunks of 16 rows
+        assert max(errors.values()) < 1e-5 and len(errors) == (4 if direction == "fwd" else 3)
+        outputs[0][-1] += 0.01  # one wrong row of 1000: 3e-4 over the whole tensor, 2.5e-3 in its chunk
+        assert gs.device_errors(spec, inputs, outputs, 16 * 64)["y" if direction == "fwd" else "dx"] > 1e-3
+    assert gs.device_errors(spec, inputs, (outputs[0], outputs[1], None), 16 * 64)["dbias"] == float("inf")
