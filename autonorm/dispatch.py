@@ -127,7 +127,8 @@ def _log_distance(a: int, b: int) -> float:
 
 
 def _fits(record, spec: NormSpec, device) -> bool:
-    """Whether a record's winner can run `spec` on `device` (its config valid for this hidden size)."""
+    """Whether a record's winner can run `spec` on `device`: its backend supports the device and its
+    config is valid for this hidden size."""
     from .backends import get_backend
 
     winner = record.winner
@@ -164,7 +165,9 @@ def _database_candidates(spec: NormSpec, device, bucket):
     own = dbload.table(ident["slug"])
     if own is not None and own.records:
         record = own.records.get(key)
-        if record is not None:
+        # Every rung, the exact one too, checks that the record's backend runs on this device: a CPU
+        # database answers for meta tensors too, whose missing data pointer crashes a CPU kernel.
+        if record is not None and _fits(record, spec, device):
             yield "exact", key, record, own
         for k, r in _nearest(own, key, spec, device, bucket, same_hidden=True):
             if k != key:

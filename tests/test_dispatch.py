@@ -258,3 +258,46 @@ def test_tune_on_miss_tunes_once_and_keeps_the_record(tmp_path, monkeypatch):
     autonorm.reset()
     again = choose(3, 64)  # a new process would find it the same way: from the saved database
     assert (again.rung, again.backend, again.config) == ("exact", c.backend, c.config)
+
+
+class CudaOnlyBackend(FakeBackend):
+    """Launches on CUDA tensors only; building it for any other device is the bug under test."""
+
+    name = "cudaonly"
+
+    def supports_device(self, device):
+        return torch.device(device).type == "cuda"
+
+    def build(self, source, spec, config, device):
+        raise AssertionError(f"a cuda-only kernel was built for {device}")
+
+
+def test_every_database_rung_checks_the_device(tmp_path, monkeypatch):
+    # Exact, nearest-rows and nearest-hidden records all name a backend that cannot run on CPU tensors:
+    # none may be compiled for them; the ladder goes on to the heuristic.
+    monkeypatch.setitem(backends.BACKENDS, "cudaonly", "tests:CudaOnlyBackend")
+    monkeypatch.setitem(backends._instances, "cudaonly", CudaOnlyBackend())
+    autonorm.load_db(write_db(tmp_path / "cuda-records.json",
+                              [record(64, 4, 64, backend="cudaonly"), record(64, 64, 256, backend="cudaonly"),
+                               record(128, 4, 1024, backend="cudaonly")]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # skipped because it cannot run here, not tried and failed
+        for rows in (3, 200):  # the exact key, then a nearest-rows one
+            c = choose(rows, 64)
+            assert (c.rung, c.backend) == ("heuristic", "fake")
+
+
+def test_meta_tensors_never_get_a_cpu_kernel(tmp_path):
+    # A valid record of this CPU's database must not be launched on meta tensors (no data pointer):
+    # that crashed the process. Only torch runs meta tensors.
+    numba = backends.get_backend("numba-cpu")
+    spec = autonorm.spec.NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    autonorm.load_db(write_db(tmp_path / "cpu.json", [record(64, 4, backend="numba-cpu",
+                                                             config=numba.heuristic(spec).to_dict(),
+                                                             template_hash=numba.template_hash())]))
+    x, w = torch.randn(3, 64), torch.randn(64)
+    assert autonorm.explain("rms_norm", x, (64,), w).backend == "numba-cpu"  # the record is valid on CPU
+    xm, wm = x.to("meta"), w.to("meta")
+    c = autonorm.explain("rms_norm", xm, (64,), wm)
+    assert c.backend == "torch"
+    assert autonorm.rms_norm(xm, (64,), wm).device.type == "meta"
