@@ -10,7 +10,11 @@ an earlier one):
 4. files given to `autonorm.load_db(path)`, in call order.
 
 Nothing is read at import: files are parsed and validated (`TuningDB.load`) at
-the first resolution that needs them, and again after `autonorm.reset()`. A
+the first resolution that needs them, and again after `autonorm.reset()`. There,
+inside a training step, a file that cannot be used (missing, corrupt, not a
+regular file, too large) is skipped with one warning naming it and why, and the
+ladder goes on with the other sources; `autonorm.load_db` and `autonorm db
+validate` stay strict and raise a `DatabaseError`. A
 record is usable only when its backend is known and available here and its
 template hash equals the backend's current one; any other record is skipped,
 with one warning per file that counts the skipped records and says why.
@@ -65,7 +69,7 @@ def _expand(path: Path, origin: str) -> list[Path]:
     if path.is_dir():
         return sorted(path.glob("*.json"))
     if not path.is_file():
-        raise DatabaseError(f"{origin}: tuning database {str(path)!r} does not exist")
+        raise DatabaseError(f"{origin}: tuning database {str(path)!r} does not exist or is not a regular file")
     return [path]
 
 
@@ -78,6 +82,24 @@ def _read(path: Path):
         if str(path) in str(exc):
             raise
         raise DatabaseError(f"tuning database {str(path)!r}: {exc}") from exc
+
+
+def _read_leniently(path: Path, origin: str) -> list:
+    """[(path, TuningDB)] of one source, skipping with a warning what cannot be used: a kernel call in
+    training code must not fail on a bad database file (the ladder has other rungs)."""
+    try:
+        paths = _expand(path, origin)
+    except DatabaseError as exc:
+        warnings.warn(f"autonorm: ignoring {exc}", RuntimeWarning, stacklevel=4)
+        return []
+    loaded = []
+    for p in paths:
+        try:
+            loaded.append((p, _read(p)))
+        except Exception as exc:  # untrusted input: whatever it breaks, this file is skipped, not the call
+            why = str(exc) if isinstance(exc, DatabaseError) else f"{str(p)!r}: {type(exc).__name__}: {exc}"
+            warnings.warn(f"autonorm: ignoring tuning database {why}", RuntimeWarning, stacklevel=4)
+    return loaded
 
 
 def load_db(path) -> object:
@@ -116,13 +138,14 @@ def files() -> list:
     global _files
     with _lock:
         if _files is None:
-            loaded = [(p, _read(p)) for p in _shipped()]
+            loaded = [db for p in _shipped() for db in _read_leniently(p, "shipped")]
             if knobs.tune_on_miss():
-                loaded += [(p, _read(p)) for p in sorted((knobs.cache_dir() / "tuned").glob("*.json"))]
+                loaded += [db for p in sorted((knobs.cache_dir() / "tuned").glob("*.json"))
+                           for db in _read_leniently(p, "AUTONORM_TUNE_ON_MISS")]
             for path in knobs.db_paths():
-                loaded += [(p, _read(p)) for p in _expand(path, "AUTONORM_DB_PATH")]
+                loaded += _read_leniently(path, "AUTONORM_DB_PATH")
             for path in _user_paths:
-                loaded += [(p, _read(p)) for p in _expand(path, "autonorm.load_db")]
+                loaded += _read_leniently(path, "autonorm.load_db")
             _files = loaded
         return _files
 

@@ -187,8 +187,33 @@ def test_broken_databases_are_named(tmp_path, monkeypatch):
         autonorm.load_db(write_db(tmp_path / "evil.json", [record(64, 4, config={"block": "__import__('os')"})]))
     monkeypatch.setenv("AUTONORM_DB_PATH", str(tmp_path / "missing.json"))
     autonorm.reset()  # loading is lazy: nothing is read until the first resolution
-    with pytest.raises(DatabaseError, match="missing.json"):
-        choose(3, 64)
+    with pytest.warns(RuntimeWarning, match="missing.json"):  # a training step warns, never raises
+        assert choose(3, 64).rung == "heuristic"
+
+
+def test_bad_database_files_warn_and_fall_back_in_training_code(tmp_path, monkeypatch):
+    import os
+
+    folder = tmp_path / "dbs"
+    folder.mkdir()
+    write_db(folder / "b-good.json", [record(64, 4, 256)])
+    (folder / "a-truncated.json").write_text('{"schema_version": 1, "device": ')
+    (folder / "c-utf16.json").write_bytes(json.dumps({"records": []}).encode("utf-16"))
+    (folder / "d-deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(folder / "e-fifo.json")  # must not block the first call
+    (folder / "f-zero.json").symlink_to("/dev/zero")  # must not be read into memory
+    monkeypatch.setenv("AUTONORM_DB_PATH", str(folder))
+    autonorm.reset()
+    with pytest.warns(RuntimeWarning) as caught:
+        c = choose(3, 64)
+    assert (c.rung, c.config.block) == ("exact", 256)  # the good file still answers
+    text = "\n".join(str(w.message) for w in caught)
+    for name in ("a-truncated", "c-utf16", "d-deep", "e-fifo", "f-zero"):
+        assert f"{name}.json" in text
+    assert "not a regular file" in text and "not UTF-8" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file, not on every new key
+        choose(3, 1024)
 
 
 def test_forced_disabled_and_unknown_backends(monkeypatch, own_db):
