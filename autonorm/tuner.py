@@ -170,15 +170,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def make_storage(storage: str | None, journal_path: Path):
-    """An Optuna storage: the URL given, else a journal file (JournalFileBackend)."""
+    """An Optuna storage: the URL given, else a journal file (`storage` or `journal_path`), checked first:
+    never a tuning database or another file, and a last line cut by a full disk is dropped."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    if storage:
-        return optuna.storages.get_storage(storage) if "://" in storage else \
-            JournalStorage(JournalFileBackend(storage))
-    journal_path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(journal_path)))
+    from .journal import prepare_journal
+
+    if storage and "://" in storage:
+        return optuna.storages.get_storage(storage)
+    path = Path(storage) if storage else journal_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_journal(path)
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def study_name(device_slug: str, spec: NormSpec, rows: int, backends: dict) -> str:
