@@ -228,7 +228,12 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
         return None
     ident = identity(device)
     path = dbload.tuned_path(ident["slug"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # nowhere to keep the record: tuning now would be lost work on every miss
+        warnings.warn(f"autonorm: AUTONORM_TUNE_ON_MISS: cannot keep tuned records in {path.parent} ({exc}); "
+                      "not tuning", RuntimeWarning, stacklevel=2)
+        return None
     timer = measure.timer_for(device)
     runner = tuner.StudyRunner(
         spec, bucket, candidates, timer, device,

@@ -326,3 +326,14 @@ def test_meta_tensors_never_get_a_cpu_kernel(tmp_path):
     c = autonorm.explain("rms_norm", xm, (64,), wm)
     assert c.backend == "torch"
     assert autonorm.rms_norm(xm, (64,), wm).device.type == "meta"
+
+
+def test_tune_on_miss_with_an_unusable_cache_dir_falls_back(tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("AUTONORM_CACHE_DIR", str(blocker))
+    monkeypatch.setenv("AUTONORM_TUNE_ON_MISS", "1")
+    autonorm.reset()
+    with pytest.warns(RuntimeWarning, match="not-a-folder"):
+        assert choose(3, 64).rung == "heuristic"
