@@ -89,8 +89,9 @@ def _read_leniently(path: Path, origin: str) -> list:
     training code must not fail on a bad database file (the ladder has other rungs)."""
     try:
         paths = _expand(path, origin)
-    except DatabaseError as exc:
-        warnings.warn(f"autonorm: ignoring {exc}", RuntimeWarning, stacklevel=4)
+    except (DatabaseError, OSError) as exc:  # OSError: a name too long, a folder that cannot be listed
+        why = exc if isinstance(exc, DatabaseError) else f"{origin} entry {str(path)[:200]!r}: {exc.strerror or exc}"
+        warnings.warn(f"autonorm: ignoring {why}", RuntimeWarning, stacklevel=4)
         return []
     loaded = []
     for p in paths:

@@ -48,6 +48,7 @@ import torch
 from . import measure
 from .config import Config
 from .db import Entry, Record, RecordKey, TuningDB, file_lock, now_iso
+from .journal import JournalError, prepare_journal
 from .device import software_versions
 from .errors import AutonormError
 from .spec import NormSpec, dtype_name, rows_bucket
@@ -174,8 +175,6 @@ def make_storage(storage: str | None, journal_path: Path):
     never a tuning database or another file, and a last line cut by a full disk is dropped."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    from .journal import prepare_journal
 
     if storage and "://" in storage:
         return optuna.storages.get_storage(storage)
@@ -609,7 +608,11 @@ def main(args) -> int:
     db = TuningDB(device_info, software_versions(), protocol)
     earlier = TuningDB.load(db_path) if db_path.exists() else None
     journal = out / f"{ident['slug']}.optuna.journal"
-    storage = make_storage(args.storage, journal)
+    try:
+        storage = make_storage(args.storage, journal)
+    except JournalError as exc:
+        print(f"autonorm tune: {exc}", file=sys.stderr)
+        return 2
     lock_path = Path(str(args.storage or journal) + ".autonorm-lock") if not (args.storage and "://" in args.storage) else None
     print(f"autonorm tune: {len(specs) * len(row_counts)} studies on {ident['name']} ({device}); backends: "
           f"{', '.join(backends)}; copy bandwidth {copy_gbps:.1f} GB/s; database {db_path}", file=sys.stderr)
