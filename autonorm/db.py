@@ -210,7 +210,8 @@ def config_from_json(backend: str, data: Any, where: str) -> Config:
     try:
         return config_cls.from_dict(data)
     except (InvalidConfigError, TypeError) as exc:
-        raise DatabaseError(f"{where}: config {_short(data)} refused by backend {backend!r}: {_short(str(exc))}") from exc
+        raise DatabaseError(f"{where}: config {_short(data)} refused by backend {backend!r}: "
+                            f"{_short(str(exc))}") from exc
 
 
 class TuningDB:
@@ -280,7 +281,8 @@ class TuningDB:
         with file_lock(path.with_name(path.name + ".lock")):
             if path.exists():
                 on_disk = TuningDB.load(path)
-                on_disk._check_same_device(self, f"refusing to write into {path}: it holds another device's records")
+                on_disk._check_same_device(self, f"refusing to write into {path}: it holds another device's "
+                                                 "records")
                 self.records = {**on_disk.records, **self.records}
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             try:
@@ -294,7 +296,6 @@ class TuningDB:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-
 
     def _check_same_device(self, other: "TuningDB", what: str) -> None:
         if self.device.get("slug") != other.device.get("slug"):

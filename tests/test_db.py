@@ -189,8 +189,9 @@ CRAFTED = {
                       "not UTF-8"),
     "UTF-16": (lambda: _text().encode("utf-16"), "not UTF-8"),
     "nested past the parser's recursion limit": (lambda: _nested(100_000).encode(), "nested too deeply"),
-    "nested deeply inside the protocol": (lambda: _text().replace('"protocol": {', f'"protocol": {{"deep": {_nested(900)},')
-                                          .encode(), "nested too deeply"),
+    "nested deeply inside the protocol": (
+        lambda: _text().replace('"protocol": {', f'"protocol": {{"deep": {_nested(900)},').encode(),
+        "nested too deeply"),
     "an integer of 5000 digits": (lambda: _text().replace('"sm_count": 2', '"sm_count": ' + "9" * 5000).encode(),
                                   "not valid JSON"),
     "NaN time": (lambda: _text().replace('"median_us": 10.0', '"median_us": NaN').encode(), "non-finite"),

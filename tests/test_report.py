@@ -114,7 +114,8 @@ def test_bad_input_is_named(tmp_path):
         report.write_report([str(bad)], str(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("slug", ["../../escaped", "{tmp}/absolute-report", ".hidden", "..", "a/../../b", "Ünïcode slug!"])
+@pytest.mark.parametrize("slug", ["../../escaped", "{tmp}/absolute-report", ".hidden", "..", "a/../../b",
+                                  "Ünïcode slug!"])
 def test_file_names_from_the_input_slug_stay_in_the_report_folder(bench_json, tmp_path, slug):
     # The slug comes from an input file: it must never steer where files are written.
     doc = json.loads(bench_json.read_text())
