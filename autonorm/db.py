@@ -36,8 +36,9 @@ from .safe_files import read_regular_file
 from .spec import NormSpec
 
 SCHEMA_VERSION = 1
-# A record is about 1 KiB of JSON: 32 MiB holds tens of thousands and still parses in about a second.
-MAX_DATABASE_BYTES = 32 << 20
+# A record is about 600 bytes of JSON: 8 MiB holds some 14,000 records, several times a full tuning grid.
+# The cap bounds memory and time (schema validation costs about 1 ms a record on a 2-core VM).
+MAX_DATABASE_BYTES = 8 << 20
 # A valid database nests 5 levels (records, record, winner, config, value); anything far deeper is crafted,
 # and refusing it up front keeps every later step (schema check, saving) clear of Python's recursion limit.
 MAX_NESTING = 16

@@ -1,6 +1,6 @@
 """An adversarial run against autonorm's file handling; prints how many cases held (docs/reliability.md).
 
-    python scripts/reliability.py [--baseline REV] [--json OUT]
+    python scripts/reliability.py [--baseline REV] [--mutants] [--json OUT]
 
 Every case is built here, programmatically, in a temporary folder:
 
@@ -18,9 +18,11 @@ A case *holds* when autonorm either does the right thing or refuses with its own
 (an AutonormError, or a CLI exit code with a message), within 20 s and 2 GiB of extra memory;
 a traceback of any other exception, a hang, a wrong result or a lost file is a failure.
 
-`--baseline REV` runs the same cases against an older commit too (a temporary git worktree)
-and reports, per category, how many cases failed there and hold now ("fixed").
-Runs in about two minutes on 2 cores (twice that with --baseline).
+`--baseline REV` runs the same cases against an older commit too (its files exported to a
+temporary folder) and reports, per category, how many cases failed there and hold now ("fixed").
+`--mutants` applies single-line mutants (a non-atomic save, no device check, no claim lock, no
+cache hash check) to a copy of HEAD and holds when the test named for each fails.
+Runs in a few minutes on 2 cores (plus the baseline's run; a FIFO hangs old code for 20 s a path).
 """
 from __future__ import annotations
 
@@ -166,8 +168,8 @@ def crafted_databases() -> dict:
             torch_eager={"median_us": 0.0, "p20_us": 0.0, "p80_us": 0.0})),
         "lone surrogate in the name": _text_edit('"protocol": {}', '"protocol": {"x": "\\ud800"}'),
         "control characters in the name": _edit(lambda o: o["device"].update(name="\x1b[2J\x1b[31mred")),
-        "a 10 MB string": _edit(lambda o: o["protocol"].update(x="a" * 10_000_000)),
-        "over the size cap (40 MB)": _edit(lambda o: o["protocol"].update(x="a" * 40_000_000)),
+        "a 5 MB string": _edit(lambda o: o["protocol"].update(x="a" * 5_000_000)),
+        "over the size cap (10 MB)": _edit(lambda o: o["protocol"].update(x="a" * 10_000_000)),
         "unknown schema version": _edit(lambda o: o.update(schema_version=99)),
         "schema version as a list": _edit(lambda o: o.update(schema_version=[1])),
         "no records field": _edit(lambda o: o.pop("records")),
@@ -205,8 +207,8 @@ def crafted_databases() -> dict:
         "another device's slug": _edit(lambda o: o["device"].update(slug="cpu-someone-else-2c")),
         "a GPU database": _edit(lambda o: o["device"].update(slug="nvidia-h100", kind="cuda",
                                                              compute_capability="9.0")),
-        "3000 records": _edit(lambda o: o.update(records=[
-            {**rec(o), "key": {**rec(o)["key"], "hidden": n + 1}} for n in range(3000)])),
+        "1000 records": _edit(lambda o: o.update(records=[
+            {**rec(o), "key": {**rec(o)["key"], "hidden": n + 1}} for n in range(1000)])),
         "a FIFO": "fifo",
         "a link to /dev/zero": "devzero",
         "a dangling link": "dangling",
@@ -581,16 +583,22 @@ def run_all(seed: int) -> list:
     return results
 
 
+def _export(rev: str, folder: Path) -> Path:
+    """The files of commit `rev` in `folder`/tree, importable with PYTHONPATH=tree (returned)."""
+    tree = folder / "tree"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    # The package maps autonorm.backends/templates/tuning_db to top-level folders: mirror that.
+    for name in ("backends", "templates", "tuning_db"):
+        (tree / "autonorm" / name).symlink_to(tree / name)
+    return tree
+
+
 def _baseline(rev: str) -> dict:
-    """{(category, case): held} of the same cases on commit `rev` (its files exported to a temporary folder)."""
+    """{(category, case): held} of the same cases on commit `rev`."""
     with tempfile.TemporaryDirectory(prefix="autonorm-baseline-") as tmp:
-        tree = Path(tmp) / "tree"
-        tree.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-        # The package maps autonorm.backends/templates/tuning_db to top-level folders: mirror that.
-        for name in ("backends", "templates", "tuning_db"):
-            (tree / "autonorm" / name).symlink_to(tree / name)
+        tree = _export(rev, Path(tmp))
         out = Path(tmp) / "baseline.json"
         env = {**os.environ, "PYTHONPATH": str(tree)}
         subprocess.run([sys.executable, __file__, "--json", str(out), "--expect-root", str(tree)], env=env,
@@ -598,10 +606,59 @@ def _baseline(rev: str) -> dict:
         return {(c, n): held for c, n, held, _ in json.loads(out.read_text())}
 
 
+# Single-line mutants that once survived the test suite, and the tests that must now fail on each.
+MUTANTS = {
+    "database save writes in place": (
+        "autonorm/db.py", 'fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
+        "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
+        "tests/test_db.py::test_save_interrupted_mid_write_leaves_the_old_file_intact"),
+    "no device check in _fits": (
+        "autonorm/dispatch.py", "return (backend.supports_device(device) and type(winner.config)",
+        "return (type(winner.config)", "tests/test_dispatch.py::test_every_database_rung_checks_the_device"),
+    "exact rung without _fits": (
+        "autonorm/dispatch.py", "if record is not None and _fits(record, spec, device):", "if record is not None:",
+        "tests/test_dispatch.py::test_meta_tensors_never_get_a_cpu_kernel"),
+    "no claim lock in the tuner": (
+        "autonorm/tuner.py", "with file_lock(self.lock_path):\n                    measured, failed, queued",
+        "with file_lock(None):\n                    measured, failed, queued",
+        "tests/test_reliability.py::test_two_workers_claiming_at_once_never_time_one_config"),
+    "cache entry not checked against its hash": (
+        "backends/base.py", "return hashlib.sha256(data).hexdigest() == source.sha256", "return True",
+        "tests/test_reliability.py::test_planted_cache_file_is_discarded_and_regenerated"),
+}
+
+
+def mutant_cases() -> list:
+    """Each mutant applied to HEAD's files: held when its test fails (the mutant is killed)."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="autonorm-mutants-") as tmp:
+        tree = _export("HEAD", Path(tmp))
+        for name, (path, old, new, test) in [("none (control: the tests pass)", (None, "", "", None))] + list(
+                MUTANTS.items()):
+            tests = [test] if test else [t for *_, t in MUTANTS.values()]
+            original = (tree / path).read_text() if path else None
+            if path:
+                if original.count(old) != 1:
+                    results.append(("mutants", name, False, f"line not found once in {path}"))
+                    continue
+                (tree / path).write_text(original.replace(old, new))
+            try:
+                rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                    cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True,
+                                    timeout=300).returncode
+            finally:
+                if path:
+                    (tree / path).write_text(original)
+            held = rc == 0 if path is None else rc == 1
+            results.append(("mutants", name, held, f"pytest exit {rc}"))
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", metavar="REV", help="also run the cases on this older commit and count fixes")
     p.add_argument("--json", metavar="OUT", help="write every case's result as JSON")
+    p.add_argument("--mutants", action="store_true", help="also check that each known mutant is killed by its test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="print every case that did not hold")
     p.add_argument("--expect-root", help=argparse.SUPPRESS)  # the baseline run checks which autonorm it imports
@@ -610,7 +667,7 @@ def main() -> int:
     if args.expect_root:
         import autonorm
         assert Path(autonorm.__file__).resolve().is_relative_to(Path(args.expect_root).resolve()), autonorm.__file__
-    results = run_all(args.seed)
+    results = run_all(args.seed) + (mutant_cases() if args.mutants else [])
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     before = _baseline(args.baseline) if args.baseline else None
