@@ -37,10 +37,15 @@ def _speedup(baseline_us: float, us: float) -> str:
     return f"x{baseline_us / us:.2f}" if us > 0 else "x? (zero time)"
 
 
+def _printable(text: str) -> str:
+    # The name is free text from an untrusted file: escape control characters (no terminal escape sequences).
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def show(db: TuningDB, out=None) -> None:
     out = out or sys.stdout
     d = db.device
-    print(f"device: {d['name']} ({d['slug']}, {d['kind']}, cc {d['compute_capability']}, {d['sm_count']} SMs/cores, "
+    print(f"device: {_printable(d['name'])} ({d['slug']}, {d['kind']}, cc {d['compute_capability']}, {d['sm_count']} SMs/cores, "
           f"L2 {d['l2_bytes']} B, copy {d['copy_gbps']} GB/s)", file=out)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in db.versions.items() if v is not None), file=out)
     print(f"records: {len(db.records)}", file=out)

@@ -341,3 +341,11 @@ def test_merge_help_states_the_rule(capsys):
         cli_main(["db", "merge", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "faster" in text and "template hash" in text and "newer" in text
+
+
+def test_show_escapes_control_characters_of_the_name(tmp_path, capsys):
+    db = TuningDB({**DEVICE, "name": "\x1b[2Jcleared"}, VERSIONS, {})
+    db.save(tmp_path / "esc.json")
+    assert cli_main(["db", "show", str(tmp_path / "esc.json")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2Jcleared" in out
