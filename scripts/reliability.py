@@ -687,9 +687,10 @@ def main() -> int:
         held = sum(r[2] for r in rows)
         line = f"{cat:<12} {len(rows):>6} {held:>6} {len(rows) - held:>7}"
         if before is not None:
-            failed_then = [r for r in rows if not before.get((r[0], r[1]), False)]
+            then = [r for r in rows if (r[0], r[1]) in before]  # the baseline run has no mutants
+            failed_then = [r for r in then if not before[(r[0], r[1])]]
             fixed = sum(r[2] for r in failed_then)
-            line += f" {len(failed_then):>20} {fixed:>6}"
+            line += f" {len(failed_then):>20} {fixed:>6}" if then else f" {'-':>20} {'-':>6}"
         print(line)
     failed = [r for r in results if not r[2]]
     for cat, name, _, note in failed if (args.verbose or len(failed) <= 20) else []:

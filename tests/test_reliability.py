@@ -167,3 +167,30 @@ def test_two_workers_claiming_at_once_never_time_one_config(tmp_path):
     assert len(configs) >= 4
     assert len(configs) == len(set(configs)), f"a config was timed twice: {configs}"
 
+
+
+# --- the reliability script's crafted databases -------------------------------------------------------------
+def test_every_crafted_database_of_the_reliability_script_loads_or_is_refused_clearly(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from autonorm.db import TuningDB
+    from autonorm.errors import DatabaseError
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reliability.py"
+    spec = importlib.util.spec_from_file_location("reliability_script", script)
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    outcomes = {}
+    for name, make in reliability.crafted_databases().items():
+        if make == "fifo":
+            continue  # tests/test_db.py reads a FIFO in a thread that can be released if it blocks
+        path = reliability.place(tmp_path, name, make)
+        try:
+            TuningDB.load(path)
+            outcomes[name] = "loaded"
+        except DatabaseError as exc:
+            assert path.name in str(exc), (name, str(exc)[:200])
+            outcomes[name] = "refused"
+    assert outcomes["valid"] == "loaded" and outcomes["a link to /dev/zero"] == "refused"
+    assert len(outcomes) >= 60 and list(outcomes.values()).count("refused") >= 40
