@@ -110,7 +110,7 @@ def test_truncated_and_missing_files_are_refused(tmp_path):
         TuningDB.load(tmp_path / "absent.json")
 
 
-def test_merge_and_upsert_later_wins():
+def test_merge_keeps_the_faster_record_and_refuses_other_devices():
     a, b = sample_db(2), sample_db(1)
     key = next(iter(b.records))
     b.upsert(record(hidden=key.hidden, us=1.0))
