@@ -5,12 +5,15 @@ protocol and one record per key (op, direction, dtypes, features, hidden,
 rows bucket): the winner, runners-up, torch baselines, the template hash of the
 winner's backend, how many trials ran and how many candidates failed.
 
-Loading is defensive: the file is validated against `db_schema.json` with
-jsonschema, then every config is rebuilt through its backend's
-`Config.from_dict`, which accepts only declared domain values, so a database
-can never carry code into a template. Saving is atomic and merges with whatever
-another process wrote meanwhile (exclusive lock on a side file, re-read, merge,
-temp file, `os.replace`).
+Loading is defensive: only a regular file of at most `MAX_DATABASE_BYTES` is
+read; it must be UTF-8 JSON with finite numbers, no lone surrogates and at most
+`MAX_NESTING` levels; it is validated against `db_schema.json` with jsonschema,
+then every config is rebuilt through its backend's `Config.from_dict`, which
+accepts only declared domain values, so a database can never carry code into a
+template. Every refusal is a `DatabaseError` naming the file and the problem.
+Saving is atomic and merges with whatever another process wrote meanwhile
+(exclusive lock on a side file, re-read, merge, temp file, `os.replace`); it
+never writes one device's records into another device's file.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import datetime as _dt
 import fcntl
 import functools
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -27,10 +31,74 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import BackendUnavailableError, DatabaseError, InvalidConfigError, UnknownBackendError
+from .errors import AutonormError, BackendUnavailableError, DatabaseError, InvalidConfigError, UnknownBackendError
+from .safe_files import read_regular_file
 from .spec import NormSpec
 
 SCHEMA_VERSION = 1
+# A record is about 600 bytes of JSON: 8 MiB holds some 14,000 records, several times a full tuning grid.
+# The cap bounds memory and time (schema validation costs about 1 ms a record on a 2-core VM).
+MAX_DATABASE_BYTES = 8 << 20
+# A valid database nests 5 levels (records, record, winner, config, value); anything far deeper is crafted,
+# and refusing it up front keeps every later step (schema check, saving) clear of Python's recursion limit.
+MAX_NESTING = 16
+
+
+def _short(value, limit: int = 120) -> str:
+    """A value for an error message, cut to `limit` characters (a crafted file may hold megabytes)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {_short(text, 40)}")
+    return value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-finite number {name} (JSON has no NaN or Infinity)")
+
+
+def _structure_problem(obj) -> str | None:
+    """Why parsed JSON cannot be a database (too deep, a string with a lone surrogate), or None."""
+    stack = [(obj, 1)]
+    while stack:  # iterative: a crafted depth must not recurse here either
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_NESTING:
+                return f"nested too deeply (more than {MAX_NESTING} levels)"
+            items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+            for k, v in items:
+                stack.append((v, depth + 1))
+                if k is not None:
+                    stack.append((k, depth + 1))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"a string holds a lone surrogate escape ({_short(ascii(value), 40)})"
+    return None
+
+
+def parse_database_bytes(data: bytes, where: str):
+    """Parsed JSON of a database file's bytes; a DatabaseError names what is wrong (no schema check yet)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatabaseError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start}); "
+                            "a tuning database is UTF-8 JSON") from None
+    try:
+        obj = json.loads(text, parse_float=_finite, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise DatabaseError(f"{where}: JSON nested too deeply (more than {MAX_NESTING} levels)") from None
+    except ValueError as exc:  # JSONDecodeError, a refused number, an integer past Python's digit limit
+        raise DatabaseError(f"{where}: not valid JSON (truncated or corrupt?): {_short(str(exc), 200)}") from None
+    problem = _structure_problem(obj)
+    if problem is not None:
+        raise DatabaseError(f"{where}: {problem}")
+    return obj
 
 
 @functools.cache
@@ -115,6 +183,10 @@ class Record:
     def from_json(cls, obj: dict, where: str = "record") -> "Record":
         key = RecordKey(**obj["key"])
         where = f"{where} ({key.short()})"
+        try:
+            parse_date(obj["date"])
+        except ValueError:
+            raise DatabaseError(f"{where}: date {_short(obj['date'], 40)!r} is not an ISO 8601 date-time") from None
         return cls(key, Entry.from_json(obj["winner"], f"{where} winner"),
                    [Entry.from_json(e, f"{where} runner-up {i}") for i, e in enumerate(obj["runners_up"])],
                    dict(obj["baselines"]), obj["template_hash"], obj["trials"], obj["failed"], obj["date"],
@@ -123,6 +195,12 @@ class Record:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def parse_date(text: str) -> _dt.datetime:
+    """A record's date as an aware datetime (a date without a zone is taken as UTC)."""
+    date = _dt.datetime.fromisoformat(text)
+    return date if date.tzinfo is not None else date.replace(tzinfo=_dt.timezone.utc)
 
 
 def config_from_json(backend: str, data: Any, where: str) -> Config:
@@ -138,7 +216,8 @@ def config_from_json(backend: str, data: Any, where: str) -> Config:
     try:
         return config_cls.from_dict(data)
     except (InvalidConfigError, TypeError) as exc:
-        raise DatabaseError(f"{where}: config {data!r} refused by backend {backend!r}: {exc}") from exc
+        raise DatabaseError(f"{where}: config {_short(data)} refused by backend {backend!r}: "
+                            f"{_short(str(exc))}") from exc
 
 
 class TuningDB:
@@ -156,13 +235,13 @@ class TuningDB:
         import jsonschema
 
         if isinstance(obj, dict) and "schema_version" in obj and obj["schema_version"] != SCHEMA_VERSION:
-            raise DatabaseError(f"{where}: unknown schema_version {obj['schema_version']!r} "
+            raise DatabaseError(f"{where}: unknown schema_version {_short(obj['schema_version'])} "
                                 f"(this autonorm reads version {SCHEMA_VERSION})")
         try:
             jsonschema.validate(obj, schema(), format_checker=jsonschema.FormatChecker())
         except jsonschema.ValidationError as exc:
             path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-            raise DatabaseError(f"{where}: schema violation at {path}: {exc.message}") from None
+            raise DatabaseError(f"{where}: schema violation at {_short(path)}: {_short(exc.message, 200)}") from None
         records: dict[RecordKey, Record] = {}
         for i, rec in enumerate(obj["records"]):
             record = Record.from_json(rec, f"{where}: record {i}")
@@ -179,25 +258,21 @@ class TuningDB:
     def load(cls, path: str | os.PathLike) -> "TuningDB":
         path = Path(path)
         try:
-            text = path.read_text()
+            data = read_regular_file(path, MAX_DATABASE_BYTES)
         except OSError as exc:
             raise DatabaseError(f"{path}: cannot read tuning database: {exc.strerror or exc}") from exc
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatabaseError(f"{path}: not valid JSON (truncated or corrupt?): {exc}") from None
-        return cls.from_json(obj, str(path))
+        return cls.from_json(parse_database_bytes(data, str(path)), str(path))
 
     # --- editing ----------------------------------------------------------------
     def upsert(self, record: Record) -> None:
         self.records[record.key] = record
 
     def merge(self, other: "TuningDB") -> "TuningDB":
-        """Add `other`'s records (they win on equal keys); returns self."""
-        if self.device.get("slug") != other.device.get("slug"):
-            raise DatabaseError(f"cannot merge databases of different devices: "
-                                f"{self.device.get('slug')!r} and {other.device.get('slug')!r}")
-        self.records.update(other.records)
+        """Add `other`'s records; on an equal key the `preferred` record stays (whatever the order); returns self."""
+        self._check_same_device(other, "cannot merge databases of different devices")
+        for key, record in other.records.items():
+            mine = self.records.get(key)
+            self.records[key] = record if mine is None else preferred(mine, record)
         # Newer metadata describes the merged-in records; keep ours where it has none.
         self.versions = {**self.versions, **other.versions}
         self.protocol = {**self.protocol, **other.protocol}
@@ -212,6 +287,8 @@ class TuningDB:
         with file_lock(side_folder(path.parent) / (path.name + ".lock")):
             if path.exists():
                 on_disk = TuningDB.load(path)
+                on_disk._check_same_device(self, f"refusing to write into {path}: it holds another device's "
+                                                 "records")
                 self.records = {**on_disk.records, **self.records}
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             try:
@@ -226,6 +303,45 @@ class TuningDB:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+
+    def _check_same_device(self, other: "TuningDB", what: str) -> None:
+        if self.device.get("slug") != other.device.get("slug"):
+            raise DatabaseError(f"{what}: {self.device.get('slug')!r} and {other.device.get('slug')!r}")
+
+
+MERGE_RULE = ("Of two records of one key, the one tuned for its backend's current template hash wins; if both "
+              "or neither are, the faster winner wins when both measured the same template hash, else the newer "
+              "tuning date; the file order never decides.")
+
+
+def _current_hash(record: Record) -> bool:
+    """Whether `record` was tuned for the kernels its backend generates today."""
+    from .backends import get_backend
+
+    try:
+        return record.template_hash == get_backend(record.winner.backend).template_hash()
+    except AutonormError:
+        return False
+
+
+def _tuned_at(record: Record) -> _dt.datetime:
+    try:
+        return parse_date(record.date)
+    except ValueError:  # a record built in code without a date: older than any dated one
+        return _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+
+
+def preferred(a: Record, b: Record) -> Record:
+    """The record `merge` keeps for one key (MERGE_RULE); symmetric, so input order never matters."""
+
+    def rank(r: Record):
+        # Same kernels: the faster measurement found the better config. Other kernels: times are not
+        # comparable, and the newer tuning describes the newer templates.
+        speed = -r.winner.median_us if a.template_hash == b.template_hash else 0.0
+        return (_current_hash(r), speed, _tuned_at(r),
+                json.dumps(r.to_json(), sort_keys=True))  # last: any fixed order, for exact ties
+
+    return max(a, b, key=rank)
 
 
 def _umask() -> int:

@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .db import TuningDB
+from .db import MERGE_RULE, TuningDB
 from .errors import DatabaseError
 
 HELP = "show, validate, merge, diff or locate tuning databases"
@@ -25,7 +25,9 @@ def add_arguments(p) -> None:
     validate.add_argument("paths", nargs="+")
     validate.add_argument("--strict", action="store_true",
                           help="also fail on stale records (tuned for kernels that have changed since)")
-    merge = sub.add_parser("merge", help="merge databases of one device (later files win on equal keys)")
+    merge = sub.add_parser("merge", help="merge databases of one device",
+                           description="Merge tuning databases of one device into one file. " + MERGE_RULE
+                           + " An existing output file is merged in too; one of another device is refused.")
     merge.add_argument("paths", nargs="+")
     merge.add_argument("-o", "--out", required=True, help="output file (may be one of the inputs)")
     diff = sub.add_parser("diff", help="compare the records of two databases")
@@ -39,19 +41,28 @@ def _entry(e) -> str:
     return f"{e.backend}[{e.config.short()}] {e.median_us:.2f} us ({e.p20_us:.2f}-{e.p80_us:.2f}), {e.gbps:.1f} GB/s{pct}"
 
 
+def _speedup(baseline_us: float, us: float) -> str:
+    # The schema allows a zero time (a measurement below the timer's resolution): no ratio then.
+    return f"x{baseline_us / us:.2f}" if us > 0 else "x? (zero time)"
+
+
+def _printable(text: str) -> str:
+    # The name is free text from an untrusted file: escape control characters (no terminal escape sequences).
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def show(db: TuningDB, out=None) -> None:
     out = out or sys.stdout
     d = db.device
-    print(f"device: {d['name']} ({d['slug']}, {d['kind']}, cc {d['compute_capability']}, {d['sm_count']} SMs/cores, "
+    print(f"device: {_printable(d['name'])} ({d['slug']}, {d['kind']}, cc {d['compute_capability']}, {d['sm_count']} SMs/cores, "
           f"L2 {d['l2_bytes']} B, copy {d['copy_gbps']} GB/s)", file=out)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in db.versions.items() if v is not None), file=out)
     print(f"records: {len(db.records)}", file=out)
     for key in sorted(db.records):
         rec = db.records[key]
-        eager = rec.baselines["torch_eager"]["median_us"]
         comp = rec.baselines.get("torch_compile")
-        vs = f"x{eager / rec.winner.median_us:.2f} vs eager" + (
-            f", x{comp['median_us'] / rec.winner.median_us:.2f} vs compile" if comp else "")
+        vs = f"{_speedup(rec.baselines['torch_eager']['median_us'], rec.winner.median_us)} vs eager" + (
+            f", {_speedup(comp['median_us'], rec.winner.median_us)} vs compile" if comp else "")
         print(f"  {key.short()}: {_entry(rec.winner)}; {vs}; {rec.trials} trials, {rec.failed} failed, "
               f"{rec.date}", file=out)
 
@@ -163,7 +174,10 @@ def main(args) -> int:
         elif args.db_command == "where":
             where()
         elif args.db_command == "merge":
-            dbs = [TuningDB.load(p) for p in args.paths]
+            paths = list(args.paths)
+            if Path(args.out).exists() and not any(Path(p).resolve() == Path(args.out).resolve() for p in paths):
+                paths.insert(0, args.out)  # its records compete by the same rule, not silently by order
+            dbs = [TuningDB.load(p) for p in paths]
             merged = dbs[0]
             for other in dbs[1:]:
                 merged.merge(other)

@@ -18,7 +18,11 @@ that is not a tuning database (no `schema_version`) is skipped with a warning;
 a database that is corrupt is an error.
 
 Nothing is read at import: files are parsed and validated (`TuningDB.load`) at
-the first resolution that needs them, and again after `autonorm.reset()`. A
+the first resolution that needs them, and again after `autonorm.reset()`. There,
+inside a training step, a file that cannot be used (missing, corrupt, not a
+regular file, too large) is skipped with one warning naming it and why, and the
+ladder goes on with the other sources; `autonorm.load_db` and `autonorm db
+validate` stay strict and raise a `DatabaseError`. A
 record is usable only when its backend is known and available here and its
 template hash equals the backend's current one; any other record is skipped,
 with one warning per file that counts the skipped records and says why.
@@ -73,14 +77,15 @@ def _expand(path: Path, origin: str) -> list[Path]:
     if path.is_dir():
         return sorted(path.glob("*.json"))
     if not path.is_file():
-        raise DatabaseError(f"{origin}: tuning database {str(path)!r} does not exist")
+        raise DatabaseError(f"{origin}: tuning database {str(path)!r} does not exist or is not a regular file")
     return [path]
 
 
-def sources() -> list[tuple[str, Path, bool]]:
+def sources(*, lenient: bool = False) -> list[tuple[str, Path, bool]]:
     """(origin, file, found in a folder) of every database the dispatcher loads, earliest first.
 
-    Lists folders only; nothing is parsed. A later file overrides an earlier one on equal keys."""
+    Lists folders only; nothing is parsed. A later file overrides an earlier one on equal keys.
+    `lenient`: an entry that cannot be listed is skipped with a warning instead of raising."""
     found = [("shipped", p, True) for p in _shipped()]
     user = knobs.user_db_dir()
     found += [("user", p, True) for p in (sorted(user.glob("*.json")) if user.is_dir() else [])]
@@ -88,21 +93,38 @@ def sources() -> list[tuple[str, Path, bool]]:
         found += [("AUTONORM_TUNE_ON_MISS", p, True) for p in sorted((knobs.cache_dir() / "tuned").glob("*.json"))]
     for origin, paths in (("AUTONORM_DB_PATH", knobs.db_paths()), ("autonorm.load_db", list(_user_paths))):
         for path in paths:
-            found += [(origin, p, p != path) for p in _expand(path, origin)]
+            try:
+                expanded = _expand(path, origin)
+            except (DatabaseError, OSError) as exc:  # OSError: a name too long, a folder that cannot be listed
+                if not lenient:
+                    raise
+                why = exc if isinstance(exc, DatabaseError) else f"{origin} entry {str(path)[:200]!r}: {exc.strerror or exc}"
+                warnings.warn(f"autonorm: ignoring {why}", RuntimeWarning, stacklevel=3)
+                continue
+            found += [(origin, p, p != path) for p in expanded]
     return found
 
 
-def _read_all(paths: list[tuple[Path, bool]]) -> list:
-    """[(path, TuningDB)] for (path, found in a folder) pairs; a folder's non-database JSON is skipped."""
+def _read_all(paths: list[tuple[Path, bool]], *, lenient: bool = False) -> list:
+    """[(path, TuningDB)] for (path, found in a folder) pairs; a folder's non-database JSON is skipped.
+
+    `lenient` (the dispatcher, inside a training step): a file that cannot be used is skipped with one
+    warning naming it, since the ladder has other rungs; otherwise (`load_db`) it raises."""
     loaded = []
     for path, in_folder in paths:
         try:
             loaded.append((path, _read(path)))
-        except DatabaseError:
-            if not (in_folder and _not_a_database(path)):
+        except Exception as exc:  # untrusted input: whatever it breaks, this file is skipped, not the call
+            if in_folder and isinstance(exc, DatabaseError) and _not_a_database(path):
+                warnings.warn(f"autonorm: skipped {str(path)!r}: a JSON file that is not a tuning database "
+                              f"(no schema_version)", RuntimeWarning, stacklevel=3)
+            elif lenient:
+                why = str(exc) if isinstance(exc, DatabaseError) else f"{str(path)!r}: {type(exc).__name__}: {exc}"
+                warnings.warn(f"autonorm: ignoring tuning database {why}", RuntimeWarning, stacklevel=3)
+            elif isinstance(exc, DatabaseError):
                 raise
-            warnings.warn(f"autonorm: skipped {str(path)!r}: a JSON file that is not a tuning database "
-                          f"(no schema_version)", RuntimeWarning, stacklevel=3)
+            else:
+                raise DatabaseError(f"tuning database {str(path)!r}: {type(exc).__name__}: {exc}") from exc
     return loaded
 
 
@@ -110,9 +132,12 @@ def _not_a_database(path: Path) -> bool:
     """True for a readable JSON file that does not even claim to be a tuning database (e.g. bench output)."""
     import json
 
+    from .db import MAX_DATABASE_BYTES
+    from .safe_files import read_regular_file
+
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
+        obj = json.loads(read_regular_file(path, MAX_DATABASE_BYTES))
+    except (OSError, ValueError, RecursionError):
         return False
     return not (isinstance(obj, dict) and "schema_version" in obj)
 
@@ -164,7 +189,7 @@ def files() -> list:
     global _files
     with _lock:
         if _files is None:
-            _files = _read_all([(path, in_folder) for _, path, in_folder in sources()])
+            _files = _read_all([(path, in_folder) for _, path, in_folder in sources(lenient=True)], lenient=True)
         return _files
 
 

@@ -169,7 +169,8 @@ def _log_distance(a: int, b: int) -> float:
 
 
 def _fits(record, spec: NormSpec, device) -> bool:
-    """Whether a record's winner can run `spec` on `device` (its config valid for this hidden size)."""
+    """Whether a record's winner can run `spec` on `device`: its backend supports the device and its
+    config is valid for this hidden size."""
     from .backends import get_backend
 
     winner = record.winner
@@ -206,7 +207,9 @@ def _database_candidates(spec: NormSpec, device, bucket):
     own = dbload.table(ident["slug"])
     if own is not None and own.records:
         record = own.records.get(key)
-        if record is not None:
+        # Every rung, the exact one too, checks that the record's backend runs on this device: a CPU
+        # database answers for meta tensors too, whose missing data pointer crashes a CPU kernel.
+        if record is not None and _fits(record, spec, device):
             yield "exact", key, record, own
         for k, r in _nearest(own, key, spec, device, bucket, same_hidden=True):
             if k != key:
@@ -264,7 +267,12 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
         return None
     ident = identity(device)
     path = dbload.tuned_path(ident["slug"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # nowhere to keep the record: tuning now would be lost work on every miss
+        warnings.warn(f"autonorm: AUTONORM_TUNE_ON_MISS: cannot keep tuned records in {path.parent} ({exc}); "
+                      "not tuning", RuntimeWarning, stacklevel=2)
+        return None
     timer = measure.timer_for(device)
     runner = tuner.StudyRunner(
         spec, bucket, candidates, timer, device,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import defaultdict
 
 from .bench import ANCHORS, PROVIDERS, provider_of
@@ -40,14 +41,15 @@ def _provider(row: dict) -> str:
 
 def load(json_paths: list[str]) -> dict[str, dict]:
     """Bench documents merged per device slug: {slug: {"device", "versions", "copy_gbps", "dates", "rows",
-    "skipped"}}. A later file's row for the same (case, provider) replaces an earlier one."""
+    "skipped"}}. A later file's row for the same (case, provider) replaces an earlier one. The slug is
+    made safe as a file name (`file_slug`): it names the output files."""
     out: dict[str, dict] = {}
     for path in json_paths:
         with open(path) as f:
             doc = json.load(f)
         if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
             raise ValueError(f"{path}: not an `autonorm bench --json` file (no rows list)")
-        slug = doc.get("device", {}).get("slug") or "unknown"
+        slug = file_slug(doc.get("device", {}).get("slug") or "unknown")
         d = out.setdefault(slug, {"device": doc.get("device", {}), "versions": {}, "copy_gbps": [],
                                   "dates": [], "rows": {}, "skipped": {}, "protocol": doc.get("protocol", {})})
         d["versions"].update(doc.get("versions") or {})
@@ -256,6 +258,16 @@ def device_markdown(slug: str, d: dict, png_names: list[str], db_path: str | Non
     if db_path:
         out += [db_summary(db_path), ""]
     return "\n".join(out)
+
+
+def file_slug(slug: str) -> str:
+    """`slug` as a file-name stem: only [a-z0-9._-], no leading dot (so neither a path nor a hidden file).
+
+    The slug comes from the input JSON, which is untrusted: `../x` or `/abs` must not steer where
+    the report is written.
+    """
+    name = re.sub(r"[^a-z0-9._-]+", "-", str(slug).lower()).lstrip(".")
+    return name or "unknown"
 
 
 def write_report(json_paths: list[str], out_dir: str, db_path: str | None = None) -> list[str]:

@@ -50,6 +50,7 @@ import torch
 from . import measure, quality
 from .config import Config
 from .db import Entry, Record, RecordKey, TuningDB, file_lock, now_iso
+from .journal import JournalError, prepare_journal
 from .device import software_versions
 from .errors import AutonormError
 from .spec import NormSpec, dtype_name, rows_bucket
@@ -178,15 +179,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def make_storage(storage: str | None, journal_path: Path):
-    """An Optuna storage: the URL given, else a journal file (JournalFileBackend)."""
+    """An Optuna storage: the URL given, else a journal file (`storage` or `journal_path`), checked first:
+    never a tuning database or another file, and a last line cut by a full disk is dropped."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    if storage:
-        return optuna.storages.get_storage(storage) if "://" in storage else \
-            JournalStorage(JournalFileBackend(storage))
-    journal_path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(journal_path)))
+    if storage and "://" in storage:
+        return optuna.storages.get_storage(storage)
+    path = Path(storage) if storage else journal_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_journal(path)
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def study_name(device_slug: str, spec: NormSpec, rows: int, backends: dict) -> str:
@@ -685,6 +688,8 @@ def main(args) -> int:
     journal = side_folder(out) / f"{ident['slug']}.optuna.journal"
     try:  # a bad storage URL or a missing driver fails here, in one line, before the bandwidth probe
         storage = make_storage(args.storage, journal)
+    except JournalError as exc:
+        raise UsageError(str(exc)) from None
     except Exception as exc:  # drivers raise their own kinds (sqlalchemy, psycopg): all are a bad --storage
         raise UsageError(f"--storage {args.storage}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     earlier = TuningDB.load(db_path) if db_path.exists() else None

@@ -22,12 +22,17 @@ Scalars `eps` and `offset` are Python floats, used in fp32 inside kernels.
 from __future__ import annotations
 
 import abc
+import contextlib
+import hashlib
 import importlib.util
+import linecache
 import os
 import sys
 import tempfile
 import threading
 import types
+import warnings
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
@@ -37,6 +42,7 @@ from autonorm.config import Config
 from autonorm.device import device_key
 from autonorm.errors import BackendUnavailableError, InvalidConfigError, KernelError
 from autonorm.render import Source, render, template_hash
+from autonorm.safe_files import read_regular_file
 from autonorm.spec import NormSpec
 
 Kernel = Callable[..., tuple]
@@ -73,29 +79,82 @@ def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+# Generated sources are tens of KiB; a cache entry far larger than that was not written by autonorm.
+MAX_SOURCE_BYTES = 4 << 20
+# A private temporary folder used instead of AUTONORM_CACHE_DIR once that proved unusable (this process only).
+_fallback_cache: Path | None = None
+_fallback_lock = threading.Lock()
+
+
+def _holds(path: Path, source: Source) -> bool:
+    """Whether `path` is a regular file whose content hashes to the name it is filed under."""
+    try:
+        data = read_regular_file(path, MAX_SOURCE_BYTES)
+    except OSError:  # missing, or planted: a FIFO, a device, too large
+        return False
+    return hashlib.sha256(data).hexdigest() == source.sha256
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # a concurrent reader never sees half a file; a planted entry is replaced
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _cached_source_path(source: Source, folder_name: str) -> Path:
+    """`<cache>/<folder_name>/<sha256>.py` holding exactly `source` (verified, else rewritten).
+
+    A cache folder that cannot be written (a file in its place, read-only, full) is
+    replaced for the rest of the process by a private temporary folder, with one
+    warning: a broken cache must not fail every kernel call.
+    """
+    global _fallback_cache
+    while True:
+        fallback = _fallback_cache
+        path = (fallback or knobs.cache_dir()) / folder_name / f"{source.sha256}.py"
+        if _holds(path, source):
+            return path
+        try:
+            _write_atomically(path, source.text)
+            return path
+        except OSError as exc:
+            if fallback is not None:
+                raise KernelError(f"{folder_name}: cannot write generated source to {path}: {exc}") from exc
+            with _fallback_lock:
+                if _fallback_cache is None:
+                    _fallback_cache = Path(tempfile.mkdtemp(prefix="autonorm-cache-"))
+                    warnings.warn(f"autonorm: the compile cache AUTONORM_CACHE_DIR={knobs.cache_dir()} is unusable "
+                                  f"({exc}); this process compiles into {_fallback_cache} instead",
+                                  RuntimeWarning, stacklevel=4)
+
+
 def import_generated(source: Source, folder_name: str) -> types.ModuleType:
     """Write generated Python source to `<cache_dir>/<folder_name>/<sha256>.py` and import it.
 
     A real file (not exec of a string) because Triton's @jit reads its kernel's
     source with inspect and Numba's `cache=True` keys its on-disk cache by file:
     a second process then reuses compiled code instead of paying the JIT again.
+    The file is used only when its content hashes to its name; what runs, and what
+    inspect reads, is `source.text` itself (primed into linecache), never bytes
+    re-read from a folder someone else could write to.
     """
-    folder = knobs.cache_dir() / folder_name
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{source.sha256}.py"
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source.text)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     name = f"autonorm_{folder_name}_{source.sha256[:24]}"
     module = sys.modules.get(name)
     if module is None:
+        path = _cached_source_path(source, folder_name)
+        linecache.cache[str(path)] = (len(source.text), None, source.text.splitlines(True), str(path))
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # Triton resolves a kernel's globals through its module
         try:
-            spec.loader.exec_module(module)
+            exec(compile(source.text, str(path), "exec"), module.__dict__)
         except Exception as exc:
             del sys.modules[name]
             raise KernelError(f"{folder_name}: generated source {path} failed to load: {exc}") from exc

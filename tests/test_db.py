@@ -110,7 +110,7 @@ def test_truncated_and_missing_files_are_refused(tmp_path):
         TuningDB.load(tmp_path / "absent.json")
 
 
-def test_merge_and_upsert_later_wins():
+def test_merge_keeps_the_faster_record_and_refuses_other_devices():
     a, b = sample_db(2), sample_db(1)
     key = next(iter(b.records))
     b.upsert(record(hidden=key.hidden, us=1.0))
@@ -173,3 +173,179 @@ def test_db_cli_validate_show_diff_merge(tmp_path, capsys):
     bad.write_text("{")
     assert cli_main(["db", "validate", str(a), str(bad)]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+# --- crafted files: every one refused with a DatabaseError that names the file and the problem ------------
+def _text():
+    return json.dumps(_good_json())
+
+
+def _nested(depth):
+    return "[" * depth + "]" * depth
+
+
+CRAFTED = {
+    "invalid UTF-8": (lambda: _text().replace('"Test CPU"', '"Test \\u00ff"').encode().replace(b"\\u00ff", b"\xff"),
+                      "not UTF-8"),
+    "UTF-16": (lambda: _text().encode("utf-16"), "not UTF-8"),
+    "nested past the parser's recursion limit": (lambda: _nested(100_000).encode(), "nested too deeply"),
+    "nested deeply inside the protocol": (
+        lambda: _text().replace('"protocol": {', f'"protocol": {{"deep": {_nested(900)},').encode(),
+        "nested too deeply"),
+    "an integer of 5000 digits": (lambda: _text().replace('"sm_count": 2', '"sm_count": ' + "9" * 5000).encode(),
+                                  "not valid JSON"),
+    "NaN time": (lambda: _text().replace('"median_us": 10.0', '"median_us": NaN').encode(), "non-finite"),
+    "Infinity time": (lambda: _text().replace('"median_us": 10.0', '"median_us": Infinity').encode(), "non-finite"),
+    "lone surrogate": (lambda: _text().replace('"Test CPU"', '"\\ud800"').encode(), "surrogate"),
+    "not a date": (lambda: _text().replace("2026-01-01T00:00:00+00:00", "yesterday").encode(), "date"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_file_is_refused_clearly_and_validate_reports_it(tmp_path, case, capsys):
+    make, message = CRAFTED[case]
+    path = tmp_path / "crafted.json"
+    path.write_bytes(make())
+    with pytest.raises(DatabaseError, match=message) as info:
+        TuningDB.load(path)
+    assert str(path) in str(info.value) and len(str(info.value)) < 600  # the offending value is not echoed whole
+    assert cli_main(["db", "validate", str(path)]) == 1
+    assert "INVALID" in capsys.readouterr().err
+
+
+def test_show_handles_zero_times(tmp_path, capsys):
+    # A record with a zero winner time (schema: minimum 0) once divided by zero in `db show`.
+    db = sample_db(1)
+    rec = next(iter(db.records.values()))
+    rec.winner.median_us = 0.0
+    rec.baselines["torch_eager"] = {"median_us": 0.0, "p20_us": 0.0, "p80_us": 0.0}
+    rec.baselines["torch_compile"] = {"median_us": 5.0, "p20_us": 5.0, "p80_us": 5.0}
+    db.save(tmp_path / "zero.json")
+    assert cli_main(["db", "show", str(tmp_path / "zero.json")]) == 0
+    assert "vs eager" in capsys.readouterr().out
+
+
+def test_only_regular_files_under_the_size_cap_are_read(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def load():
+        try:
+            TuningDB.load(fifo)
+        except DatabaseError as exc:
+            outcome.append(str(exc))
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # release the reader blocked in open() before failing
+        with open(fifo, "w"):
+            pass
+        reader.join(10)
+        pytest.fail("reading a FIFO blocked")
+    assert outcome and "not a regular file" in outcome[0]
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(DatabaseError, match="not a regular file"):
+        TuningDB.load(zero)
+    import autonorm.db
+
+    big = tmp_path / "big.json"
+    big.write_text(_text())
+    monkeypatch.setattr(autonorm.db, "MAX_DATABASE_BYTES", 100)
+    with pytest.raises(DatabaseError, match="larger than"):
+        TuningDB.load(big)
+
+
+# --- saving and merging --------------------------------------------------------------------------------------
+def test_save_interrupted_mid_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    import autonorm.db
+
+    path = tmp_path / "db.json"
+    sample_db(1).save(path)
+    before = path.read_bytes()
+    real_dump = json.dump
+
+    def dump_then_fail(obj, f, **kw):  # a full disk halfway through the file
+        text = json.dumps(obj, **kw)
+        f.write(text[: len(text) // 2])
+        f.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(autonorm.db.json, "dump", dump_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        sample_db(3).save(path)
+    monkeypatch.setattr(autonorm.db.json, "dump", real_dump)
+    assert path.read_bytes() == before
+    assert len(TuningDB.load(path).records) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db.json", "db.json.lock"]  # no temp file left
+
+
+def test_save_and_merge_refuse_to_mix_devices(tmp_path, capsys):
+    mine, other = tmp_path / "mine.json", tmp_path / "other.json"
+    sample_db(1).save(mine)
+    theirs = TuningDB({**DEVICE, "slug": "other-cpu"}, VERSIONS, {})
+    theirs.upsert(record(hidden=77))
+    theirs.save(other)
+    before = mine.read_bytes()
+    with pytest.raises(DatabaseError, match="other-cpu.*test-cpu|test-cpu.*other-cpu"):
+        theirs.save(mine)
+    assert cli_main(["db", "merge", str(other), "-o", str(mine)]) == 1
+    assert "other-cpu" in capsys.readouterr().err
+    assert mine.read_bytes() == before
+
+
+def _with(rec, **changes):
+    rec = copy.deepcopy(rec)
+    for name, value in changes.items():
+        if name == "us":
+            rec.winner.median_us = value
+        else:
+            setattr(rec, name, value)
+    return rec
+
+
+def test_merge_chooses_by_provenance_and_time_never_by_file_order(tmp_path):
+    from autonorm.backends import get_backend
+
+    current = get_backend("torch").template_hash()
+    base = record(hidden=64)
+    cases = [  # (a, b, expected winner): each merged both ways
+        (_with(base, template_hash=current, us=9.0), _with(base, template_hash=current, us=5.0), "b"),  # faster
+        (_with(base, template_hash=current, us=9.0), _with(base, template_hash="old", us=1.0), "a"),  # current hash
+        (_with(base, template_hash="old1", us=1.0, date="2026-01-01T00:00:00+00:00"),
+         _with(base, template_hash="old2", us=9.0, date="2026-03-01T00:00:00+00:00"), "b"),  # newer tuning
+        (_with(base, template_hash=current, us=5.0, date="2026-01-01T00:00:00+00:00"),
+         _with(base, template_hash=current, us=5.0, date="2026-03-01T00:00:00+00:00"), "b"),  # tie: newer
+    ]
+    for a, b, expected in cases:
+        want = (a if expected == "a" else b).to_json()
+        for first, second in ((a, b), (b, a)):
+            x, y = TuningDB(DEVICE, VERSIONS, {}), TuningDB(DEVICE, VERSIONS, {})
+            x.upsert(first)
+            y.upsert(second)
+            x.save(tmp_path / "x.json")
+            y.save(tmp_path / "y.json")
+            out = tmp_path / "out.json"
+            assert cli_main(["db", "merge", str(tmp_path / "x.json"), str(tmp_path / "y.json"), "-o", str(out)]) == 0
+            assert TuningDB.load(out).records[base.key].to_json() == want
+            out.unlink()
+
+
+def test_merge_help_states_the_rule(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["db", "merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "faster" in text and "template hash" in text and "newer" in text
+
+
+def test_show_escapes_control_characters_of_the_name(tmp_path, capsys):
+    db = TuningDB({**DEVICE, "name": "\x1b[2Jcleared"}, VERSIONS, {})
+    db.save(tmp_path / "esc.json")
+    assert cli_main(["db", "show", str(tmp_path / "esc.json")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2Jcleared" in out

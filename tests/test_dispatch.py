@@ -187,8 +187,33 @@ def test_broken_databases_are_named(tmp_path, monkeypatch):
         autonorm.load_db(write_db(tmp_path / "evil.json", [record(64, 4, config={"block": "__import__('os')"})]))
     monkeypatch.setenv("AUTONORM_DB_PATH", str(tmp_path / "missing.json"))
     autonorm.reset()  # loading is lazy: nothing is read until the first resolution
-    with pytest.raises(DatabaseError, match="missing.json"):
-        choose(3, 64)
+    with pytest.warns(RuntimeWarning, match="missing.json"):  # a training step warns, never raises
+        assert choose(3, 64).rung == "heuristic"
+
+
+def test_bad_database_files_warn_and_fall_back_in_training_code(tmp_path, monkeypatch):
+    import os
+
+    folder = tmp_path / "dbs"
+    folder.mkdir()
+    write_db(folder / "b-good.json", [record(64, 4, 256)])
+    (folder / "a-truncated.json").write_text('{"schema_version": 1, "device": ')
+    (folder / "c-utf16.json").write_bytes(json.dumps({"records": []}).encode("utf-16"))
+    (folder / "d-deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(folder / "e-fifo.json")  # must not block the first call
+    (folder / "f-zero.json").symlink_to("/dev/zero")  # must not be read into memory
+    monkeypatch.setenv("AUTONORM_DB_PATH", str(folder))
+    autonorm.reset()
+    with pytest.warns(RuntimeWarning) as caught:
+        c = choose(3, 64)
+    assert (c.rung, c.config.block) == ("exact", 256)  # the good file still answers
+    text = "\n".join(str(w.message) for w in caught)
+    for name in ("a-truncated", "c-utf16", "d-deep", "e-fifo", "f-zero"):
+        assert f"{name}.json" in text
+    assert "not a regular file" in text and "not UTF-8" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file, not on every new key
+        choose(3, 1024)
 
 
 def test_forced_disabled_and_unknown_backends(monkeypatch, own_db):
@@ -296,3 +321,57 @@ def test_first_launch_failure_falls_to_the_next_rung(tmp_path, monkeypatch):
     autonorm.reset()
     with pytest.warns(RuntimeWarning, match="first launch failed"):
         assert choose(3, 64).rung == "torch"
+
+
+class CudaOnlyBackend(FakeBackend):
+    """Launches on CUDA tensors only; building it for any other device is the bug under test."""
+
+    name = "cudaonly"
+
+    def supports_device(self, device):
+        return torch.device(device).type == "cuda"
+
+    def build(self, source, spec, config, device):
+        raise AssertionError(f"a cuda-only kernel was built for {device}")
+
+
+def test_every_database_rung_checks_the_device(tmp_path, monkeypatch):
+    # Exact, nearest-rows and nearest-hidden records all name a backend that cannot run on CPU tensors:
+    # none may be compiled for them; the ladder goes on to the heuristic.
+    monkeypatch.setitem(backends.BACKENDS, "cudaonly", "tests:CudaOnlyBackend")
+    monkeypatch.setitem(backends._instances, "cudaonly", CudaOnlyBackend())
+    autonorm.load_db(write_db(tmp_path / "cuda-records.json",
+                              [record(64, 4, 64, backend="cudaonly"), record(64, 64, 256, backend="cudaonly"),
+                               record(128, 4, 1024, backend="cudaonly")]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # skipped because it cannot run here, not tried and failed
+        for rows in (3, 200):  # the exact key, then a nearest-rows one
+            c = choose(rows, 64)
+            assert (c.rung, c.backend) == ("heuristic", "fake")
+
+
+def test_meta_tensors_never_get_a_cpu_kernel(tmp_path):
+    # A valid record of this CPU's database must not be launched on meta tensors (no data pointer):
+    # that crashed the process. Only torch runs meta tensors.
+    numba = backends.get_backend("numba-cpu")
+    spec = autonorm.spec.NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    autonorm.load_db(write_db(tmp_path / "cpu.json", [record(64, 4, backend="numba-cpu",
+                                                             config=numba.heuristic(spec).to_dict(),
+                                                             template_hash=numba.template_hash())]))
+    x, w = torch.randn(3, 64), torch.randn(64)
+    assert autonorm.explain("rms_norm", x, (64,), w).backend == "numba-cpu"  # the record is valid on CPU
+    xm, wm = x.to("meta"), w.to("meta")
+    c = autonorm.explain("rms_norm", xm, (64,), wm)
+    assert c.backend == "torch"
+    assert autonorm.rms_norm(xm, (64,), wm).device.type == "meta"
+
+
+def test_tune_on_miss_with_an_unusable_cache_dir_falls_back(tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("AUTONORM_CACHE_DIR", str(blocker))
+    monkeypatch.setenv("AUTONORM_TUNE_ON_MISS", "1")
+    autonorm.reset()
+    with pytest.warns(RuntimeWarning, match="not-a-folder"):
+        assert choose(3, 64).rung == "heuristic"

@@ -1,6 +1,8 @@
 """autonorm/report.py on synthetic bench rows: the tables hold the right numbers, plots are PNGs,
 missing providers are shown as missing (no GPU needed; no timing)."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +112,21 @@ def test_bad_input_is_named(tmp_path):
     bad.write_text(json.dumps({"records": []}))
     with pytest.raises(ValueError, match="bad.json: not an `autonorm bench --json` file"):
         report.write_report([str(bad)], str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("slug", ["../../escaped", "{tmp}/absolute-report", ".hidden", "..", "a/../../b",
+                                  "Ünïcode slug!"])
+def test_file_names_from_the_input_slug_stay_in_the_report_folder(bench_json, tmp_path, slug):
+    # The slug comes from an input file: it must never steer where files are written.
+    doc = json.loads(bench_json.read_text())
+    doc["device"]["slug"] = slug.replace("{tmp}", str(tmp_path))
+    src = tmp_path / "crafted.json"
+    src.write_text(json.dumps(doc))
+    out = tmp_path / "deep" / "out"
+    written = report.write_report([str(src)], str(out))
+    assert written
+    everything = {p for p in tmp_path.rglob("*") if p.is_file()} - {bench_json, src}
+    assert everything == {out / p.name for p in out.iterdir()}, "a file was written outside the report folder"
+    for path in map(Path, written):
+        assert path.parent == out
+        assert re.fullmatch(r"[a-z0-9_-][a-z0-9._-]*", path.name), path.name
