@@ -136,7 +136,7 @@ def _not_a_database(path: Path) -> bool:
     from .safe_files import read_regular_file
 
     try:
-        obj = json.loads(read_regular_file(path, MAX_DATABASE_BYTES))
+        obj = json.loads(read_regular_file(path, MAX_DATABASE_BYTES).decode("utf-8"))  # as strict as TuningDB.load
     except (OSError, ValueError, RecursionError):
         return False
     return not (isinstance(obj, dict) and "schema_version" in obj)

@@ -190,10 +190,12 @@ def test_non_database_json_in_a_database_folder_is_skipped(tmp_path, monkeypatch
     try:
         with pytest.warns(RuntimeWarning, match="notes.json.*not a tuning database"):
             assert dbload.files() == [] or all("notes" not in str(p) for p, _ in dbload.files())
-        (tmp_path / "broken.json").write_text("{")  # a corrupt database is still an error
+        (tmp_path / "broken.json").write_text('{"schema_version": 1')  # a corrupt database: named, then skipped
         autonorm.reset()
-        with pytest.raises(autonorm.DatabaseError, match="broken.json"):
+        with pytest.warns(RuntimeWarning, match="ignoring tuning database.*broken.json"):
             dbload.files()
+        with pytest.raises(autonorm.DatabaseError, match="broken.json"):  # load_db stays strict
+            autonorm.load_db(tmp_path)
     finally:
         monkeypatch.delenv("AUTONORM_DB_PATH")
         autonorm.reset()
