@@ -58,10 +58,8 @@ class RecordKey:
 
     def spec(self) -> NormSpec:
         """The NormSpec this key was tuned for."""
-        flags = set(self.features.split("+")) - {"none"}
         return NormSpec(self.op, self.direction, self.x_dtype, self.w_dtype, self.hidden,
-                        weight="weight" in flags, bias="bias" in flags, residual="residual" in flags,
-                        offset="offset" in flags)
+                        **NormSpec.feature_kwargs(self.features))
 
     def short(self) -> str:
         return (f"{self.op}.{self.direction} x={self.x_dtype} w={self.w_dtype} N={self.hidden} "

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .ops import norm_fwd, unit_last_stride
-from .spec import DTYPE_NAMES
+from .spec import CASTING_MODES, DTYPE_NAMES
 
 _Tensor = torch.Tensor
 _PARAM_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: subclasses take the checked path
@@ -120,22 +120,39 @@ def _call(name, op, input, normalized_shape, weight, bias, eps, offset, residual
     return (y, h.view(input.shape)) if residual is not None else y
 
 
+# The op name the kernels are dispatched under: the casting mode rides in it ("rmsnorm:llama"), so that
+# the custom ops and their autograd carry it without another argument.
+_RMSNORM_OPS = {mode: "rmsnorm" if mode == "gemma" else f"rmsnorm:{mode}" for mode in CASTING_MODES}
+
+
+def rmsnorm_op(casting_mode: str) -> str:
+    op = _RMSNORM_OPS.get(casting_mode)
+    if op is None:
+        raise ValueError(f"rms_norm: casting_mode={casting_mode!r}: expected one of {', '.join(CASTING_MODES)}")
+    return op
+
+
 def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
-             eps: float | None = None, *, offset: float = 0.0, residual: Tensor | None = None):
+             eps: float | None = None, *, offset: float = 0.0, residual: Tensor | None = None,
+             casting_mode: str = "gemma"):
     """RMSNorm over the trailing `normalized_shape` dims: `x / rms(x) * (offset + weight)`.
 
     With `residual`, normalizes `h = input + residual` and returns `(y, h)`.
     `eps=None` uses `torch.finfo(input.dtype).eps`, as `torch.nn.functional.rms_norm` does.
+    `casting_mode` says where a 16-bit input is rounded: "gemma" (default) multiplies x_hat by the
+    weight in fp32, "llama" rounds x_hat to the input dtype first (Hugging Face LlamaRMSNorm),
+    "none" rounds the weight too.
     """
+    op = _RMSNORM_OPS.get(casting_mode) or rmsnorm_op(casting_mode)
     n = _fast_n(input, normalized_shape, weight, None) if residual is None else 0
     if n and (offset == 0.0 or weight is not None):
         x2d = input if input.dim() == 2 else input.reshape(-1, n)
-        y = norm_fwd(x2d, weight, None, None, "rmsnorm",
+        y = norm_fwd(x2d, weight, None, None, op,
                      _DEFAULT_EPS[input.dtype] if eps is None else float(eps), float(offset))[0]
         return y if x2d is input else y.view(input.shape)
     if eps is None:
         eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
-    return _call("rms_norm", "rmsnorm", input, normalized_shape, weight, None, eps, offset, residual)
+    return _call("rms_norm", op, input, normalized_shape, weight, None, eps, offset, residual)
 
 
 def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,

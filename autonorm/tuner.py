@@ -480,7 +480,8 @@ def add_arguments(p) -> None:
     p.add_argument("--weight-dtype", choices=("same", "float32"), default="same",
                    help="weight dtype: the input's (default) or float32")
     p.add_argument("--features", default="weight",
-                   help="comma list of feature tags, e.g. weight,weight+bias,weight+residual (default weight); "
+                   help="comma list of feature tags, e.g. weight,weight+bias,weight+residual,weight+cast_llama "
+                        "(default weight); "
                         "tags invalid for an op are skipped")
     p.add_argument("--hidden", help="comma list of hidden sizes N")
     p.add_argument("--rows", help="comma list of row counts (each recorded under its power-of-two bucket)")
@@ -512,16 +513,17 @@ def specs_from_args(args) -> list[NormSpec]:
             for x in map(dtype_name, _csv(args.dtypes or preset["dtypes"])):
                 w = "float32" if args.weight_dtype == "float32" else x
                 for tag in _csv(args.features):
-                    flags = set(tag.split("+")) - {"none"}
-                    unknown = flags - {"weight", "bias", "residual", "offset"}
-                    if unknown:
-                        raise SystemExit(f"autonorm tune: unknown feature {sorted(unknown)} in {tag!r}")
+                    try:
+                        features = NormSpec.feature_kwargs(tag)
+                    except ValueError as exc:
+                        raise SystemExit(f"autonorm tune: {exc}") from None
                     for n in map(int, _csv(args.hidden or preset["hidden"])):
                         try:
-                            specs.append(NormSpec(op, direction, x, w if "weight" in flags else x, n,
-                                                  **{f: f in flags for f in ("weight", "bias", "residual", "offset")}))
+                            spec = NormSpec(op, direction, x, w if features["weight"] else x, n, **features)
                         except ValueError:
                             continue  # e.g. bias on RMSNorm: not a real problem
+                        if spec not in specs:  # e.g. cast_llama in fp32 is the plain spec
+                            specs.append(spec)
     return specs
 
 
