@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import functools
 import json
 import os
@@ -222,13 +221,11 @@ class TuningDB:
 
 @contextlib.contextmanager
 def file_lock(lock_path: Path | None):
-    """Hold an exclusive advisory lock on `lock_path` (no-op for None): one writer at a time."""
+    """Hold an exclusive lock on `lock_path` (no-op for None): one writer at a time, on any OS (filelock)."""
     if lock_path is None:
         yield
         return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    from filelock import FileLock
+
+    with FileLock(str(lock_path)):
+        yield

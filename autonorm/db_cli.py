@@ -1,10 +1,12 @@
-"""`autonorm db show|validate|merge|diff`: inspect and combine tuning databases."""
+"""`autonorm db show|validate|merge|diff|export`: inspect and combine tuning databases."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .db import TuningDB
-from .errors import DatabaseError
+from .device import stale_compiler
+from .errors import AutonormError, DatabaseError
 
 HELP = "show, validate, merge or diff tuning databases"
 
@@ -18,6 +20,9 @@ def add_arguments(p) -> None:
     merge = sub.add_parser("merge", help="merge databases of one device (later files win on equal keys)")
     merge.add_argument("paths", nargs="+")
     merge.add_argument("-o", "--out", required=True, help="output file (may be one of the inputs)")
+    export = sub.add_parser("export", help="write OUT/<device>.json from the finalized studies of an Optuna storage")
+    export.add_argument("--storage", required=True, help="the fleet's storage URL (postgresql://..., sqlite:///...)")
+    export.add_argument("--out", default="tuning_db", help="output folder (default tuning_db)")
     diff = sub.add_parser("diff", help="compare the records of two databases")
     diff.add_argument("old")
     diff.add_argument("new")
@@ -41,8 +46,9 @@ def show(db: TuningDB, out=None) -> None:
         comp = rec.baselines.get("torch_compile")
         vs = f"x{eager / rec.winner.median_us:.2f} vs eager" + (
             f", x{comp['median_us'] / rec.winner.median_us:.2f} vs compile" if comp else "")
+        stale = stale_compiler(rec.winner.backend, db.versions)
         print(f"  {key.short()}: {_entry(rec.winner)}; {vs}; {rec.trials} trials, {rec.failed} failed, "
-              f"{rec.date}", file=out)
+              f"{rec.date}" + (f" [STALE: tuned under another compiler, {stale}]" if stale else ""), file=out)
 
 
 def diff(old: TuningDB, new: TuningDB, out=None) -> int:
@@ -87,9 +93,14 @@ def main(args) -> int:
                 merged.merge(other)
             merged.save(args.out)
             print(f"wrote {args.out} ({len(merged.records)} records)")
+        elif args.db_command == "export":
+            from .storage import export_databases
+
+            for slug, count in export_databases(args.storage, Path(args.out)).items():
+                print(f"wrote {Path(args.out) / (slug + '.json')} ({count} records)")
         elif args.db_command == "diff":
             diff(TuningDB.load(args.old), TuningDB.load(args.new))
-    except DatabaseError as exc:
+    except AutonormError as exc:  # DatabaseError included
         print(f"autonorm db: {exc}", file=sys.stderr)
         return 1
     return 0

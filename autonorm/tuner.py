@@ -46,8 +46,9 @@ from pathlib import Path
 import torch
 
 from . import measure
+from . import storage as fleet
 from .config import Config
-from .db import Entry, Record, RecordKey, TuningDB, file_lock, now_iso
+from .db import Entry, Record, RecordKey, TuningDB, now_iso
 from .device import software_versions
 from .errors import AutonormError
 from .spec import NormSpec, dtype_name, rows_bucket
@@ -153,6 +154,7 @@ class StudyResult:
     measured: int
     failed: dict = field(default_factory=dict)  # candidate key -> reason
     space_size: int = 0
+    finalized_by: str | None = None  # another worker finalizes the study (its record: `autonorm db export`)
 
 
 def _worker_id() -> str:
@@ -169,16 +171,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def make_storage(storage: str | None, journal_path: Path):
-    """An Optuna storage: the URL given, else a journal file (JournalFileBackend)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    if storage:
-        return optuna.storages.get_storage(storage) if "://" in storage else \
-            JournalStorage(JournalFileBackend(storage))
-    journal_path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(journal_path)))
+make_storage = fleet.open_storage
 
 
 def study_name(device_slug: str, spec: NormSpec, rows: int, backends: dict) -> str:
@@ -195,7 +188,7 @@ class StudyRunner:
                  name: str, n_trials: int = 40, time_budget: float = 300.0, patience: int | None = None,
                  seeds: list[Candidate] = (), compile_workers: int = 2, finalists: int = 3,
                  compile_baseline: bool = True, copy_gbps: float | None = None, lock_path: Path | None = None,
-                 seed: int = 0, progress=None):
+                 seed: int = 0, progress=None, study_attrs: dict | None = None):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.device = torch.device(device)
         self.storage, self.name = storage, name
@@ -206,6 +199,8 @@ class StudyRunner:
         self.seeds, self.compile_workers, self.finalists = list(seeds), compile_workers, finalists
         self.compile_baseline, self.copy_gbps, self.lock_path = compile_baseline, copy_gbps, lock_path
         self.seed, self.progress = seed, progress
+        self.study_attrs = study_attrs  # device, versions, protocol: stored in the study (storage.describe_study)
+        self._beats = fleet.Heartbeats(None)
 
     # -- study bookkeeping --
     def _study(self):
@@ -217,8 +212,11 @@ class StudyRunner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
             sampler = optuna.samplers.TPESampler(seed=self.seed, constant_liar=True, n_startup_trials=STARTUP_TRIALS)
-        return optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
-                                   sampler=sampler, load_if_exists=True)
+        study = optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
+                                    sampler=sampler, load_if_exists=True)
+        if self.study_attrs is not None:
+            fleet.describe_study(study, self.spec, self.rows, **self.study_attrs)
+        return study
 
     @staticmethod
     def _finished(study):
@@ -238,15 +236,19 @@ class StudyRunner:
             elif t.state == TrialState.FAIL and "failed" in t.user_attrs:
                 failed[key] = t.user_attrs["failed"]
             elif t.state in (TrialState.WAITING, TrialState.RUNNING):
-                # An enqueued (WAITING) trial keeps its params in system_attrs until it is popped.
-                queued.add(json.dumps(t.system_attrs.get("fixed_params", {}), sort_keys=True)
+                # A WAITING trial is known by its params (not its candidate: whoever pops it measures it):
+                # enqueued ones keep them in system_attrs until popped, re-queued ones (RetryHeartbeatStaleTrialCallback
+                # after their worker died) in params.
+                queued.add(json.dumps(t.system_attrs.get("fixed_params") or t.params, sort_keys=True)
                            if t.state == TrialState.WAITING else key)
         return measured, failed, queued
 
     def _prepare(self, study):
-        """Fail trials orphaned by dead workers on this host, then enqueue seeds (or the whole space)."""
+        """Fail trials orphaned by dead workers (this host's by PID, any host's by heartbeat), then enqueue
+        seeds (or the whole space)."""
         from optuna.trial import TrialState
 
+        fleet.fail_stale_trials(study)
         host = socket.gethostname()
         requeue = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -293,8 +295,18 @@ class StudyRunner:
         if not len(self.space):
             raise AutonormError(f"no backend has a valid config for {self.spec.short()}")
         study = self._study()
-        with file_lock(self.lock_path):
+        with self._claim():
             self._prepare(study)
+        with fleet.Heartbeats(self.storage) as self._beats:
+            self._search(study)
+            return self._finish(study)
+
+    def _claim(self):
+        return fleet.claim_lock(self.storage, self.name, self.lock_path)
+
+    def _search(self, study) -> None:
+        import optuna
+
         started, best, since_best = time.monotonic(), float("inf"), 0
         pool = ThreadPoolExecutor(max_workers=max(1, self.compile_workers))
         try:
@@ -308,7 +320,10 @@ class StudyRunner:
                     break
                 if self.exhaustive and not any(t.state == optuna.trial.TrialState.WAITING
                                                for t in study.get_trials(deepcopy=False)):
-                    break  # every config is measured, failed or being measured by another worker
+                    if not self._others_running(study):
+                        break  # every config is measured or failed
+                    time.sleep(1.0)  # another worker may die: its trials then return to the queue
+                    continue
                 if self.patience is not None and since_best >= self.patience:
                     break
                 if done >= len(self.space):
@@ -317,7 +332,8 @@ class StudyRunner:
                 # Claiming candidates is atomic across workers: under the lock, re-read what the others
                 # have measured or are measuring (`queued`), then ask; a worker that enters after us sees
                 # our RUNNING trials and their candidates, so no config is timed twice.
-                with file_lock(self.lock_path):
+                with self._claim():
+                    fleet.fail_stale_trials(study)
                     measured, failed, queued = self._state(study)
                     for _ in range(min(self.compile_workers, self.n_trials - done)):
                         picked = self._ask(study, set(measured) | set(failed) | queued | {c.key for _, c in batch},
@@ -341,23 +357,33 @@ class StudyRunner:
                             self.progress.set_postfix_str(f"best {best:.1f} us")
         finally:
             pool.shutdown(wait=True)
-        return self._finish(study)
+
+    def _others_running(self, study) -> bool:
+        """Whether other workers hold RUNNING trials that can still end (with heartbeats: not yet stale)."""
+        from optuna.trial import TrialState
+
+        if not fleet.heartbeat_enabled(self.storage):
+            return False  # no way to tell a dead worker on another host from a slow one
+        fleet.fail_stale_trials(study)
+        return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
     def _ask(self, study, exclude: set, incumbent: Candidate | None = None):
-        """A new trial and its candidate. A sampled duplicate is closed as FAIL (TPE ignores those, so it
-        biases nothing) and replaced by the nearest unevaluated candidate, enqueued so that the trial's
+        """A new trial and its candidate. A sampled duplicate is closed as PRUNED and replaced by the nearest unevaluated candidate, enqueued so that the trial's
         params always name exactly the config that is measured."""
         from optuna.trial import TrialState
 
         for _ in range(3):
-            trial = study.ask()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")  # Heartbeats beats for us
+                trial = study.ask()
+            self._beats.add(trial._trial_id)
             trial.set_user_attr("worker", _worker_id())
             cand = self.space.suggest(trial)
             trial.set_user_attr("candidate", cand.key)
             if cand.key not in exclude:
+                trial.set_user_attr("config", {"backend": cand.backend, **cand.config.to_dict()})
                 return trial, cand
-            trial.set_user_attr("duplicate", True)
-            study.tell(trial, state=TrialState.FAIL)
+            self._tell_duplicate(study, trial)
             if incumbent is not None and all(Candidate(cand.backend, c).key in exclude
                                              for c in self.space.configs[cand.backend]):
                 # TPE keeps proposing a fully evaluated backend (torch: one config) because its few
@@ -381,14 +407,9 @@ class StudyRunner:
     def _evaluate(self, study, trial, cand, measured, failed, compiled) -> float | None:
         from optuna.trial import TrialState
 
-        if cand.key in measured:  # measured before (earlier run, snapped duplicate, other worker)
-            trial.set_user_attr("duplicate", True)
-            study.tell(trial, measured[cand.key]["median_us"])
-            return measured[cand.key]["median_us"]
-        if cand.key in failed:
-            trial.set_user_attr("duplicate", True)
-            study.tell(trial, state=TrialState.FAIL)
-            return None
+        if cand.key in measured or cand.key in failed:  # evaluated before (earlier run, other worker)
+            self._tell_duplicate(study, trial)
+            return measured[cand.key]["median_us"] if cand.key in measured else None
         kernel, reason = compiled if compiled is not None else (None, "not compiled")
         if reason is None:
             reason = measure.verify(self.spec, kernel, min(self.rows, 64), self.device)
@@ -402,11 +423,21 @@ class StudyRunner:
             trial.set_user_attr("failed", reason)
             failed[cand.key] = reason
             study.tell(trial, state=TrialState.FAIL)
+            self._beats.discard(trial._trial_id)
             return None
         trial.set_user_attr("timing", timing.to_json())
         measured[cand.key] = timing.to_json()
         study.tell(trial, timing.median_us)
+        self._beats.discard(trial._trial_id)
         return timing.median_us
+
+    def _tell_duplicate(self, study, trial) -> None:
+        """A trial that drew an evaluated candidate: PRUNED (no timing), so FAIL means a broken candidate."""
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("duplicate", True)
+        study.tell(trial, state=TrialState.PRUNED)
+        self._beats.discard(trial._trial_id)
 
     # -- finalists, baselines, record --
     def _entry(self, cand: Candidate, timing: measure.Timing) -> Entry:
@@ -445,6 +476,23 @@ class StudyRunner:
         ranked = sorted((timing["median_us"], key) for key, timing in measured.items() if key in by_key)
         if not ranked:
             return result
+        # One finalizer per study: the first worker to get here after the search; the others take its record
+        # from the study (or, while it is still re-timing, leave it to `autonorm db export`).
+        with self._claim():
+            role = fleet.finalizer_role(study, _worker_id(), trials)
+        if role == "stored":
+            result.record = Record.from_json(study.user_attrs["record"], f"study {self.name}")
+            return result
+        if role != "mine":
+            result.finalized_by = role
+            return result
+        result.record = self._final_record(measured, failed, ranked, by_key, trials)
+        study.set_user_attr("record", result.record.to_json())
+        study.set_user_attr("record_trials", trials)
+        return result
+
+    def _final_record(self, measured, failed, ranked, by_key, trials) -> Record:
+        """The finalists re-timed interleaved with the torch baselines: the study's database record."""
         finalists = [by_key[k] for _, k in ranked[:self.finalists]]
         torch_key = Candidate("torch", self.space.configs["torch"][0]).key if "torch" in self.space.configs else None
         if torch_key in measured and not any(c.backend == "torch" for c in finalists):
@@ -463,13 +511,12 @@ class StudyRunner:
                 t = measured[key]
                 entries.append(self._entry(by_key[key], measure.Timing(t["median_us"], t["p20_us"], t["p80_us"], 0)))
         winner = entries[0]
-        result.record = Record(
+        return Record(
             key=RecordKey.of(self.spec, rows_bucket(self.rows)), winner=winner, runners_up=entries[1:],
             baselines={"torch_eager": base_t["torch_eager"].to_json(),
                        "torch_compile": base_t["torch_compile"].to_json() if "torch_compile" in base_t else None},
             template_hash=self.backends[winner.backend].template_hash(), trials=trials,
             failed=len(failed), date=now_iso())
-        return result
 
 
 # --- the command ----------------------------------------------------------------------
@@ -491,6 +538,9 @@ def add_arguments(p) -> None:
     p.add_argument("--patience", type=int, help="stop a TPE study after this many trials without a 0.5%% gain")
     p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path "
                                      "(default: OUT/<device-slug>.optuna.journal)")
+    p.add_argument("--heartbeat", type=int, default=fleet.HEARTBEAT_S,
+                   help=f"seconds between a worker's heartbeats on a URL storage; a trial silent for "
+                        f"{fleet.GRACE_BEATS} of them returns to the queue (default {fleet.HEARTBEAT_S})")
     p.add_argument("--out", default="tuning_db", help="output folder; the database is OUT/<device-slug>.json")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--quick", action="store_true",
@@ -561,8 +611,8 @@ def format_table(results: list[StudyResult]) -> str:
     for r in results:
         rec = r.record
         if rec is None:
-            rows.append((r.spec.short(), str(r.rows), "(none: every candidate failed)", "", "", "", "", "", "",
-                         str(r.trials)))
+            why = f"(finalized by {r.finalized_by})" if r.finalized_by else "(none: every candidate failed)"
+            rows.append((r.spec.short(), str(r.rows), why, "", "", "", "", "", "", str(r.trials)))
             continue
         w = rec.winner
         eager = rec.baselines["torch_eager"]["median_us"] / w.median_us
@@ -607,8 +657,9 @@ def main(args) -> int:
     db = TuningDB(device_info, software_versions(), protocol)
     earlier = TuningDB.load(db_path) if db_path.exists() else None
     journal = out / f"{ident['slug']}.optuna.journal"
-    storage = make_storage(args.storage, journal)
-    lock_path = Path(str(args.storage or journal) + ".autonorm-lock") if not (args.storage and "://" in args.storage) else None
+    storage = make_storage(args.storage, journal, heartbeat_s=args.heartbeat)
+    lock_path = None if fleet.is_url(args.storage) else Path(str(args.storage or journal) + ".autonorm-lock")
+    study_attrs = {"device": device_info, "versions": db.versions, "protocol": protocol}
     print(f"autonorm tune: {len(specs) * len(row_counts)} studies on {ident['name']} ({device}); backends: "
           f"{', '.join(backends)}; copy bandwidth {copy_gbps:.1f} GB/s; database {db_path}", file=sys.stderr)
 
@@ -626,7 +677,7 @@ def main(args) -> int:
                                  name=study_name(ident["slug"], spec, rows, backends), n_trials=n_trials,
                                  time_budget=time_budget, patience=args.patience, seeds=seeds,
                                  compile_workers=args.compile_workers, compile_baseline=not args.no_compile_baseline,
-                                 copy_gbps=copy_gbps, lock_path=lock_path, progress=bar)
+                                 copy_gbps=copy_gbps, lock_path=lock_path, progress=bar, study_attrs=study_attrs)
             result = runner.run()
             bar.close()
             results.append(result)
@@ -637,4 +688,4 @@ def main(args) -> int:
     overall.close()
     print(format_table(results))
     print(f"\nwrote {db_path} ({len(db.records)} records this run)")
-    return 0 if all(r.record is not None for r in results) else 1
+    return 0 if all(r.record is not None or r.finalized_by for r in results) else 1
