@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import inspect
 import logging
 import random
@@ -48,11 +49,9 @@ def _driver_url(url: str) -> str:
     releases (psycopg2 before 2.1); autonorm[postgres] installs psycopg 3."""
     scheme, sep, rest = url.partition("://")
     if scheme in ("postgresql", "postgres"):
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("psycopg") is None:
             raise AutonormError(f"storage {url.split('@')[-1]!r}: PostgreSQL needs the psycopg driver: "
-                                "pip install 'autonorm[postgres]'") from None
+                                "pip install 'autonorm[postgres]'")
         return f"postgresql+psycopg{sep}{rest}"
     return url
 
@@ -111,12 +110,13 @@ def _advisory_key(study_name: str) -> int:
 @contextlib.contextmanager
 def claim_lock(storage, study_name: str, journal_lock: Path | None = None):
     """One worker at a time claims candidates of `study_name` (the critical section of the tuner)."""
-    from filelock import FileLock
     from sqlalchemy import text
+
+    from .db import file_lock
 
     rdb = _rdb(storage)
     if rdb is None:  # a journal file: a lock file beside it (None: one process, nothing to lock)
-        with FileLock(str(journal_lock)) if journal_lock is not None else contextlib.nullcontext():
+        with file_lock(journal_lock):
             yield
         return
     dialect = rdb.engine.dialect.name
@@ -130,7 +130,7 @@ def claim_lock(storage, study_name: str, journal_lock: Path | None = None):
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.commit()
     elif dialect == "sqlite" and rdb.engine.url.database not in (None, "", ":memory:"):
-        with FileLock(rdb.engine.url.database + ".autonorm-lock"):
+        with file_lock(Path(rdb.engine.url.database + ".autonorm-lock")):
             yield
     else:
         raise AutonormError(f"autonorm tune: no claim lock for a {dialect} storage; use PostgreSQL, "
@@ -208,7 +208,10 @@ def describe_study(study, spec, rows: int, device: dict, versions: dict, protoco
     study.set_user_attr("rows", rows)
     study.set_user_attr("versions", versions)
     study.set_user_attr("protocol", protocol)
-    with contextlib.suppress(Exception):  # optuna-dashboard's axis label
+    import optuna
+
+    with warnings.catch_warnings():  # optuna-dashboard's axis label (experimental in Optuna 3.2-5)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["median_us"])
 
 

@@ -27,7 +27,9 @@ torch.compile baselines before the winner is declared.
 Resume: studies live in Optuna storage (a journal file next to the database by
 default). Restarting finds completed trials in the study and never re-times
 them; a RUNNING trial left by a killed worker on this host is failed and its
-config re-queued. Several workers may share one study.
+config re-queued. Several workers may share one study: candidates are claimed
+under a lock, on a URL storage a dead worker's trials return to the queue by
+heartbeat, and one worker finalizes each study (autonorm/storage.py, docs/fleet.md).
 """
 from __future__ import annotations
 
@@ -290,8 +292,6 @@ class StudyRunner:
             return None, f"compile failed: {type(exc).__name__}: {exc}"
 
     def run(self) -> StudyResult:
-        import optuna
-
         if not len(self.space):
             raise AutonormError(f"no backend has a valid config for {self.spec.short()}")
         study = self._study()
@@ -368,10 +368,8 @@ class StudyRunner:
         return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
     def _ask(self, study, exclude: set, incumbent: Candidate | None = None):
-        """A new trial and its candidate. A sampled duplicate is closed as PRUNED and replaced by the nearest unevaluated candidate, enqueued so that the trial's
-        params always name exactly the config that is measured."""
-        from optuna.trial import TrialState
-
+        """A new trial and its candidate. A sampled duplicate is closed as PRUNED and replaced by the nearest
+        unevaluated candidate, enqueued so that the trial's params always name exactly the config that is measured."""
         for _ in range(3):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")  # Heartbeats beats for us

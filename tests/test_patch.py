@@ -61,14 +61,16 @@ def test_patch_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = _check_patched_model(_tiny(LlamaConfig, LlamaForCausalLM))
-    assert all(m.offset == 0.0 and m.casting_mode == "llama" for m in model.modules() if isinstance(m, autonorm.RMSNorm))
+    norms = [m for m in model.modules() if isinstance(m, autonorm.RMSNorm)]
+    assert all(m.offset == 0.0 and m.casting_mode == "llama" for m in norms)
 
 
 def test_patch_gemma_offset():
     from transformers import GemmaConfig, GemmaForCausalLM
 
     model = _check_patched_model(_tiny(GemmaConfig, GemmaForCausalLM))
-    assert all(m.offset == 1.0 and m.casting_mode == "gemma" for m in model.modules() if isinstance(m, autonorm.RMSNorm))
+    norms = [m for m in model.modules() if isinstance(m, autonorm.RMSNorm)]
+    assert all(m.offset == 1.0 and m.casting_mode == "gemma" for m in norms)
 
 
 def test_patch_qwen3_head_norms():
