@@ -82,26 +82,29 @@ def test_patch_qwen3_head_norms():
 
 
 # Hugging Face parity in 16-bit: LlamaRMSNorm rounds x_hat to the input dtype before the weight; the
-# patched model picks casting_mode "llama" and must give the same logits bit for bit. The Triton
-# interpreter runs in fp16: its fp32 -> bf16 casts truncate instead of rounding to nearest (on a GPU,
-# and for fp16 in the interpreter, Triton rounds to nearest), so no bf16 kernel can match there.
+# patched model picks casting_mode "llama" and must give the same logits bit for bit. Without a GPU,
+# Triton runs in its interpreter and Numba CUDA ("numba") in its simulator. The interpreter case is
+# fp16: its fp32 -> bf16 casts truncate instead of rounding to nearest (Triton on a GPU, and fp16 in
+# the interpreter, round to nearest), so no bf16 kernel can match HF there.
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.bfloat16), ("numba-cpu", torch.bfloat16),
-                                            pytest.param("triton", torch.float16, marks=pytest.mark.slow)])
+                                            pytest.param("triton", torch.float16, marks=pytest.mark.slow),
+                                            pytest.param("numba", torch.bfloat16, marks=pytest.mark.slow)])
 def test_patched_llama_logits_equal_hugging_face(use_backend, backend, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if backend != "torch":
-        pytest.importorskip(backend.split("-")[0])
+        pytest.importorskip({"numba": "numba.cuda", "numba-cpu": "numba"}.get(backend, backend))
     use_backend(backend)
-    model = _tiny(LlamaConfig, LlamaForCausalLM).to(dtype)
-    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    device = "cuda" if torch.cuda.is_available() and backend in ("triton", "numba") else "cpu"
+    model = _tiny(LlamaConfig, LlamaForCausalLM).to(device=device, dtype=dtype)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         autonorm.patch(model)
         logits = model(input_ids=ids).logits
     norms = [m for m in model.modules() if isinstance(m, autonorm.RMSNorm)]
     assert norms and all(m.casting_mode == "llama" for m in norms)
-    assert autonorm.explain(norms[0], torch.ones(1, 48, dtype=dtype)).backend == backend
+    assert autonorm.explain(norms[0], torch.ones(1, 48, dtype=dtype, device=device)).backend == backend
     assert torch.equal(logits, expected)
 
 
