@@ -255,6 +255,27 @@ def _victim_running(url: str) -> bool:
 
 
 @needs_postgres
+def test_workers_starting_together_all_open_a_fresh_database(database, tmp_path):
+    """Optuna's schema creation races (a bare RDBStorage lost 2 of 3 in one try here); every opener survives."""
+    code = ("import sys, time; from pathlib import Path; import optuna, psycopg, sqlalchemy\n"
+            "from autonorm.storage import open_storage\n"
+            "Path(sys.argv[2] + '.ready' + sys.argv[3]).touch()\n"
+            "while not Path(sys.argv[2] + '.go').exists(): time.sleep(0.001)\n"  # all at once, imports done
+            "open_storage(sys.argv[1], Path('unused'))")
+    barrier = str(tmp_path / "barrier")
+    procs = [subprocess.Popen([sys.executable, "-c", code, database, barrier, str(i)], stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    deadline = time.monotonic() + 240
+    while len(list(tmp_path.glob("barrier.ready*"))) < len(procs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a worker failed to start"
+        time.sleep(0.05)
+    Path(barrier + ".go").touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+
+
+@needs_postgres
 @pytest.mark.slow
 def test_fleet_on_postgresql(database, tmp_path):
     from optuna.trial import TrialState
