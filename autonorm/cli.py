@@ -30,8 +30,9 @@ COMMANDS = {
 }
 
 # Optional packages and the extra of pyproject.toml that installs each.
-EXTRAS = {"optuna": "tune", "tqdm": "tune", "jsonschema": "tune", "numba": "numba", "triton": "triton",
-          "cupy": "cupy", "matplotlib": "report"}
+# The extra that installs each optional package (pyproject.toml); CuPy and numba-cuda: cuda12 on a CUDA 12 driver.
+EXTRAS = {"optuna": "tune", "tqdm": "tune", "numba": "cpu", "triton": "triton", "cupy": "cuda13",
+          "numba_cuda": "cuda13", "psycopg": "postgres", "matplotlib": "report"}
 
 
 class UsageError(Exception):

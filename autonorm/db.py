@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import functools
 import json
 import math
@@ -126,10 +125,8 @@ class RecordKey:
 
     def spec(self) -> NormSpec:
         """The NormSpec this key was tuned for."""
-        flags = set(self.features.split("+")) - {"none"}
         return NormSpec(self.op, self.direction, self.x_dtype, self.w_dtype, self.hidden,
-                        weight="weight" in flags, bias="bias" in flags, residual="residual" in flags,
-                        offset="offset" in flags)
+                        **NormSpec.feature_kwargs(self.features))
 
     def short(self) -> str:
         return (f"{self.op}.{self.direction} x={self.x_dtype} w={self.w_dtype} N={self.hidden} "
@@ -362,13 +359,11 @@ def side_folder(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def file_lock(lock_path: Path | None):
-    """Hold an exclusive advisory lock on `lock_path` (no-op for None): one writer at a time."""
+    """Hold an exclusive lock on `lock_path` (no-op for None): one writer at a time, on any OS (filelock)."""
     if lock_path is None:
         yield
         return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    from filelock import FileLock
+
+    with FileLock(str(lock_path)):
+        yield

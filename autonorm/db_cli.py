@@ -1,4 +1,4 @@
-"""`autonorm db show|validate|merge|diff|where`: inspect, combine and locate tuning databases.
+"""`autonorm db show|validate|merge|diff|where|export`: inspect, combine and locate tuning databases.
 
 Exit status: 0 when all is well, 1 when a database is invalid (or, with
 `validate --strict`, holds stale records) and when `diff` finds differences,
@@ -11,9 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 from .db import MERGE_RULE, TuningDB
-from .errors import DatabaseError
+from .device import stale_compiler
+from .errors import AutonormError, DatabaseError
 
-HELP = "show, validate, merge, diff or locate tuning databases"
+HELP = "show, validate, merge, diff, locate or export tuning databases"
 
 
 def add_arguments(p) -> None:
@@ -30,6 +31,9 @@ def add_arguments(p) -> None:
                            + " An existing output file is merged in too; one of another device is refused.")
     merge.add_argument("paths", nargs="+")
     merge.add_argument("-o", "--out", required=True, help="output file (may be one of the inputs)")
+    export = sub.add_parser("export", help="write OUT/<device>.json from the finalized studies of an Optuna storage")
+    export.add_argument("--storage", required=True, help="the fleet's storage URL (postgresql://..., sqlite:///...)")
+    export.add_argument("--out", default="tuning_db", help="output folder (default tuning_db)")
     diff = sub.add_parser("diff", help="compare the records of two databases")
     diff.add_argument("old")
     diff.add_argument("new")
@@ -63,8 +67,9 @@ def show(db: TuningDB, out=None) -> None:
         comp = rec.baselines.get("torch_compile")
         vs = f"{_speedup(rec.baselines['torch_eager']['median_us'], rec.winner.median_us)} vs eager" + (
             f", {_speedup(comp['median_us'], rec.winner.median_us)} vs compile" if comp else "")
+        stale = stale_compiler(rec.winner.backend, db.versions)
         print(f"  {key.short()}: {_entry(rec.winner)}; {vs}; {rec.trials} trials, {rec.failed} failed, "
-              f"{rec.date}", file=out)
+              f"{rec.date}" + (f" [STALE: tuned under another compiler, {stale}]" if stale else ""), file=out)
 
 
 def diff(old: TuningDB, new: TuningDB, out=None) -> int:
@@ -183,9 +188,14 @@ def main(args) -> int:
                 merged.merge(other)
             merged.save(args.out)
             print(f"wrote {args.out} ({len(merged.records)} records)")
+        elif args.db_command == "export":
+            from .storage import export_databases
+
+            for slug, count in export_databases(args.storage, Path(args.out)).items():
+                print(f"wrote {Path(args.out) / (slug + '.json')} ({count} records)")
         elif args.db_command == "diff":
             return 1 if diff(TuningDB.load(args.old), TuningDB.load(args.new)) else 0
-    except DatabaseError as exc:
+    except AutonormError as exc:  # DatabaseError included
         print(f"autonorm db: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -39,6 +39,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import knobs
+from .device import slug_aliases, stale_compiler
 from .errors import AutonormError, DatabaseError
 
 
@@ -221,18 +222,25 @@ def table(slug: str) -> DeviceTable | None:
         tbl = None
         checks: dict = {}
         for path, db in files():
-            if db.device.get("slug") != slug:
+            if db.device.get("slug") not in slug_aliases(slug):
                 continue
             tbl = tbl or DeviceTable(dict(db.device))
             tbl.device = dict(db.device)
             tbl.sources.append(path)
-            skipped = Counter()
+            skipped, stale = Counter(), Counter()
             for key, record in db.records.items():
                 problem = _usable(record, checks)
                 if problem is None:
                     tbl.records[key] = record
+                    stale[stale_compiler(record.winner.backend, db.versions)] += 1
                 else:
                     skipped[problem] += 1
+            stale.pop(None, None)
+            if stale:  # still used (the kernels are correct), once per database
+                why = "; ".join(f"{n} x {change}" for change, n in stale.items())
+                warnings.warn(f"autonorm: {sum(stale.values())} records of tuning database {str(path)!r} were tuned "
+                              f"under another compiler ({why}); still used, re-tune for the best configs",
+                              RuntimeWarning, stacklevel=2)
             if skipped:
                 why = "; ".join(f"{n} x {p}" for p, n in skipped.items())
                 warnings.warn(f"autonorm: skipped {sum(skipped.values())} of {len(db.records)} records "

@@ -97,8 +97,9 @@ def make_key(op, direction, x, weight, bias, residual, offset):
 
 def spec_from_key(key) -> NormSpec:
     op, direction, x_dtype, w_dtype, n, has_w, has_b, has_r, has_off, _device, _bucket = key
+    op, _, casting_mode = op.partition(":")  # "rmsnorm:llama": functional.rmsnorm_op
     return NormSpec(op, direction, DTYPE_NAMES[x_dtype], DTYPE_NAMES[w_dtype], n,
-                    weight=has_w, bias=has_b, residual=has_r, offset=has_off)
+                    weight=has_w, bias=has_b, residual=has_r, offset=has_off, casting_mode=casting_mode or "gemma")
 
 
 def choice_for(key) -> Choice:
@@ -350,7 +351,8 @@ def explain(fn, input, *args, direction: str = "fwd", **kwargs):
     if direction not in ("fwd", "bwd"):
         raise ValueError(f"explain: direction must be 'fwd' or 'bwd', got {direction!r}")
     if isinstance(fn, modules.RMSNorm):
-        fn, args, kwargs = "rms_norm", (fn.normalized_shape, fn.weight, fn.eps), {"offset": fn.offset, **kwargs}
+        fn, args, kwargs = "rms_norm", (fn.normalized_shape, fn.weight, fn.eps), {
+            "offset": fn.offset, "casting_mode": fn.casting_mode, **kwargs}
     elif isinstance(fn, modules.LayerNorm):
         fn, args = "layer_norm", (fn.normalized_shape, fn.weight, fn.bias, fn.eps)
     name = getattr(fn, "__name__", fn)
@@ -358,7 +360,8 @@ def explain(fn, input, *args, direction: str = "fwd", **kwargs):
         raise ValueError(f"explain: expected 'rms_norm', 'layer_norm' or an autonorm norm module, got {fn!r}")
     if name == "rms_norm":
         params = dict(zip(("normalized_shape", "weight", "eps"), args), **kwargs)
-        offset, bias, op = float(params.get("offset", 0.0)), None, "rmsnorm"
+        offset, bias = float(params.get("offset", 0.0)), None
+        op = functional.rmsnorm_op(params.get("casting_mode", "gemma"))
     else:
         params = dict(zip(("normalized_shape", "weight", "bias", "eps"), args), **kwargs)
         offset, bias, op = 0.0, params.get("bias"), "layernorm"

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import knobs
 from .ops import norm_fwd, unit_last_stride
-from .spec import DTYPE_NAMES, MAX_HIDDEN
+from .spec import CASTING_MODES, DTYPE_NAMES, MAX_HIDDEN
 
 log = logging.getLogger("autonorm")
 _logged_fallbacks: set = set()
@@ -184,10 +184,17 @@ def _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, of
     if offset != 0.0 and weight is None:
         raise ValueError(f"{name}: offset={offset} needs a weight (y = x_hat * (offset + weight))")
     h = input + residual if residual is not None else input
-    if op == "rmsnorm":
-        y = F.rms_norm(h, normalized_shape, weight if offset == 0.0 else weight + offset, eps)
-    else:
+    if op == "layernorm":
         y = F.layer_norm(h, normalized_shape, weight, bias, eps)
+    elif op == "rmsnorm" or weight is None:
+        y = F.rms_norm(h, normalized_shape, weight if offset == 0.0 else weight + offset, eps)
+    else:  # a casting mode ("rmsnorm:llama" / "rmsnorm:none"), as reference.forward, in differentiable torch ops
+        wide = torch.promote_types(h.dtype, torch.float32)
+        x_hat = F.rms_norm(h.to(wide), normalized_shape, None, eps).to(h.dtype).to(wide)
+        scale = weight.to(wide) + offset
+        if op == "rmsnorm:none":
+            scale = scale.to(h.dtype).to(wide)
+        y = (x_hat * scale).to(h.dtype)
     return (y, h) if residual is not None else y
 
 
@@ -207,25 +214,42 @@ def _call(name, op, input, normalized_shape, weight, bias, eps, offset, residual
     return (y, h.view(input.shape)) if residual is not None else y
 
 
+# The op name the kernels are dispatched under: the casting mode rides in it ("rmsnorm:llama"), so that
+# the custom ops and their autograd carry it without another argument.
+_RMSNORM_OPS = {mode: "rmsnorm" if mode == "gemma" else f"rmsnorm:{mode}" for mode in CASTING_MODES}
+
+
+def rmsnorm_op(casting_mode: str) -> str:
+    op = _RMSNORM_OPS.get(casting_mode)
+    if op is None:
+        raise ValueError(f"rms_norm: casting_mode={casting_mode!r}: expected one of {', '.join(CASTING_MODES)}")
+    return op
+
+
 def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
-             eps: float | None = None, *, offset: float = 0.0, residual: Tensor | None = None):
+             eps: float | None = None, *, offset: float = 0.0, residual: Tensor | None = None,
+             casting_mode: str = "gemma"):
     """RMSNorm over the trailing `normalized_shape` dims: `x / rms(x) * (offset + weight)`.
 
     With `residual`, normalizes `h = input + residual` and returns `(y, h)`.
     `eps=None` uses `torch.finfo(input.dtype).eps`, as `torch.nn.functional.rms_norm` does.
+    `casting_mode` says where a 16-bit input is rounded: "gemma" (default) multiplies x_hat by the
+    weight in fp32, "llama" rounds x_hat to the input dtype first (Hugging Face LlamaRMSNorm),
+    "none" rounds the weight too.
     """
+    op = _RMSNORM_OPS.get(casting_mode) or rmsnorm_op(casting_mode)
     n = _fast_n(input, normalized_shape, weight, None) if residual is None else 0
     if n and (offset == 0.0 or weight is not None):
         x2d = input if input.dim() == 2 else input.reshape(-1, n)
         try:
-            y = norm_fwd(x2d, weight, None, None, "rmsnorm",
+            y = norm_fwd(x2d, weight, None, None, op,
                          _DEFAULT_EPS[input.dtype] if eps is None else float(eps), float(offset))[0]
         except RuntimeError:
             if not _is_functorch_wrapped(input):  # torch.vmap: tensors without storage for the kernels
                 raise
-            return _call("rms_norm", "rmsnorm", input, normalized_shape, weight, None, eps, offset, None)
+            return _call("rms_norm", op, input, normalized_shape, weight, None, eps, offset, None)
         return y if x2d is input else y.view(input.shape)
-    return _call("rms_norm", "rmsnorm", input, normalized_shape, weight, None, eps, offset, residual)
+    return _call("rms_norm", op, input, normalized_shape, weight, None, eps, offset, residual)
 
 
 def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .functional import layer_norm, rms_norm
+from .functional import layer_norm, rms_norm, rmsnorm_op
 
 
 def _shape(normalized_shape) -> tuple[int, ...]:
@@ -14,15 +14,19 @@ def _shape(normalized_shape) -> tuple[int, ...]:
 
 
 class RMSNorm(nn.Module):
-    """`torch.nn.RMSNorm` plus a Gemma-style `offset` (`y = x_hat * (offset + weight)`).
+    """`torch.nn.RMSNorm` plus a Gemma-style `offset` (`y = x_hat * (offset + weight)`) and the
+    `casting_mode` of `autonorm.rms_norm`.
 
     With an offset the weight starts at `1 - offset`, so a fresh module is the
     identity scale either way (Gemma's zeros for offset=1).
     """
 
     def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
-                 elementwise_affine: bool = True, device=None, dtype=None, *, offset: float = 0.0):
+                 elementwise_affine: bool = True, device=None, dtype=None, *, offset: float = 0.0,
+                 casting_mode: str = "gemma"):
         super().__init__()
+        rmsnorm_op(casting_mode)  # validates it
+        self.casting_mode = casting_mode
         self.normalized_shape = _shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
@@ -38,11 +42,13 @@ class RMSNorm(nn.Module):
             nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(x, self.normalized_shape, self.weight, self.eps, offset=self.offset, residual=residual)
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps, offset=self.offset, residual=residual,
+                        casting_mode=self.casting_mode)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
-                + (f", offset={self.offset}" if self.offset else ""))
+                + (f", offset={self.offset}" if self.offset else "")
+                + (f", casting_mode={self.casting_mode!r}" if self.casting_mode != "gemma" else ""))
 
 
 class LayerNorm(nn.Module):

@@ -13,6 +13,12 @@ it is, with a warning, rather than swapped for something that computes another
 function. Modules on the meta device cannot run, so there the forward's source
 decides (`1.0 + self.weight`).
 
+Where a 16-bit input is rounded is part of the function too: Llama-style classes
+return `weight * x_hat.to(input_dtype)` (casting_mode "llama"), Gemma's
+`(x_hat * (1 + w)).type_as(x)` ("gemma"). A second probe, in bf16, tells them
+apart bit for bit (on the meta device: `.to(input_dtype)` in the source), so a
+patched bf16 model keeps the original's logits exactly.
+
 The new modules share the original Parameter objects (optimizers and tied
 weights keep working) and use the same attribute names, so state-dict keys do
 not change. Hooks registered on the replaced modules are not carried over.
@@ -29,6 +35,7 @@ from . import reference
 from .modules import LayerNorm, RMSNorm
 
 _offset_by_class: dict[type, float | None] = {}
+_casting_by_class: dict[type, str] = {}
 
 
 def _hf_epsilon(module: nn.Module):
@@ -75,6 +82,30 @@ def _probe_offset(module: nn.Module, eps: float) -> float | None:
     return None
 
 
+def _probe_casting(module: nn.Module, eps: float, offset: float) -> str:
+    """The casting mode whose bf16 outputs equal the module's on a probe input ("gemma" when unsure)."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        try:
+            src = inspect.getsource(type(module).forward)
+        except (OSError, TypeError):
+            return "gemma"
+        return "llama" if ".to(input_dtype)" in src else "gemma"
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, weight.numel(), generator=gen).to(device=weight.device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        try:
+            out = module(x)
+        except Exception:
+            return "gemma"
+        mismatches = {}
+        for mode in ("gemma", "llama"):
+            y = reference.forward("rmsnorm", x, weight, None, None, eps, offset, torch.float32, casting_mode=mode)[0]
+            # Llama with an fp32 weight returns the fp32 product; otherwise the output is rounded to bf16.
+            mismatches[mode] = int((y.to(out.dtype) != out).sum())
+    return "llama" if mismatches["llama"] < mismatches["gemma"] else "gemma"
+
+
 def _replacement(module: nn.Module, layer_norm: bool, rms_norm: bool) -> nn.Module | None:
     cls = type(module)
     if isinstance(module, (RMSNorm, LayerNorm)):
@@ -95,7 +126,9 @@ def _replacement(module: nn.Module, layer_norm: bool, rms_norm: bool) -> nn.Modu
             warnings.warn(f"autonorm.patch: {cls.__qualname__} looks like an RMSNorm but does not compute "
                           f"x_hat * w or x_hat * (1 + w); left unpatched", RuntimeWarning, stacklevel=3)
             return None
-        new = RMSNorm(module.weight.shape[0], eps, device="meta", offset=offset)
+        if cls not in _casting_by_class:
+            _casting_by_class[cls] = _probe_casting(module, eps, offset)
+        new = RMSNorm(module.weight.shape[0], eps, device="meta", offset=offset, casting_mode=_casting_by_class[cls])
         new.weight = module.weight
     else:
         return None

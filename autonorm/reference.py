@@ -40,8 +40,11 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def forward(op: str, x, weight=None, bias=None, residual=None, eps: float = 1e-6,
-            offset: float = 0.0, dtype: torch.dtype = torch.float64):
-    """(y, h, mean, rstd) in `dtype`; h is None without residual, mean None for RMSNorm."""
+            offset: float = 0.0, dtype: torch.dtype = torch.float64, casting_mode: str = "gemma"):
+    """(y, h, mean, rstd) in `dtype`; h is None without residual, mean None for RMSNorm.
+
+    `casting_mode` "llama" rounds x_hat to x's dtype before the weight, "none" rounds the scale
+    (offset + weight) too (spec.CASTING_MODES)."""
     h = x.to(dtype)
     if residual is not None:
         h = h + residual.to(dtype)
@@ -54,7 +57,12 @@ def forward(op: str, x, weight=None, bias=None, residual=None, eps: float = 1e-6
     rstd = torch.rsqrt(centered.square().mean(-1) + eps)
     y = centered * rstd.unsqueeze(-1)
     if weight is not None:
-        y = y * (weight.to(dtype) + offset)
+        scale = weight.to(dtype) + offset
+        if casting_mode != "gemma":
+            y = y.to(x.dtype).to(dtype)
+        if casting_mode == "none":
+            scale = scale.to(x.dtype).to(dtype)
+        y = y * scale
     if bias is not None:
         y = y + bias.to(dtype)
     return y, (h if residual is not None else None), mean, rstd

@@ -25,6 +25,13 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
                  "f32": "float32", "f16": "float16", "half": "float16", "float": "float32"}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
+# Where an RMSNorm forward rounds to the input dtype (Hugging Face's conventions, as in Liger):
+#   "gemma": x_hat * (offset + w) all in fp32, rounded once at the store (Gemma; torch.nn.RMSNorm);
+#   "llama": x_hat rounded to the input dtype before the weight (LlamaRMSNorm: `w * x_hat.to(dtype)`);
+#   "none":  x_hat and (offset + w) both rounded to the input dtype before their product.
+CASTING_MODES = ("gemma", "llama", "none")
+_FEATURE_FLAGS = ("weight", "bias", "residual", "offset")
+
 # The contract of DESIGN §3 promises at least this hidden size.
 MAX_HIDDEN = 1 << 20
 
@@ -54,6 +61,8 @@ class NormSpec:
     weight it equals `x_dtype` so that equal problems have equal specs.
     `offset` is True when a Gemma-style offset is added to the weight (its value
     is a runtime scalar, not part of the spec).
+    `casting_mode` (CASTING_MODES) only changes a forward RMSNorm with a weight and a 16-bit input;
+    everywhere else it is normalized to "gemma", so that equal problems have equal specs.
     """
 
     op: str
@@ -65,6 +74,7 @@ class NormSpec:
     bias: bool = False
     residual: bool = False
     offset: bool = False
+    casting_mode: str = "gemma"
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -84,6 +94,13 @@ class NormSpec:
             raise ValueError("bias and offset need a weight")
         if self.offset and self.op != "rmsnorm":
             raise ValueError("offset (Gemma 1 + w) is an RMSNorm feature")
+        if self.casting_mode not in CASTING_MODES:
+            raise ValueError(f"casting_mode={self.casting_mode!r}: expected one of {CASTING_MODES}")
+        if self.casting_mode != "gemma" and self.op != "rmsnorm":
+            raise ValueError("casting_mode is an RMSNorm feature")
+        if self.direction == "bwd" or not self.weight or self.x_dtype == "float32":
+            # The backward is the same for every mode; without a weight or in fp32 the modes compute the same.
+            object.__setattr__(self, "casting_mode", "gemma")
 
     # Properties templates and launchers read, so that they never re-derive them.
     @property
@@ -105,8 +122,24 @@ class NormSpec:
     @property
     def features(self) -> str:
         """Short stable tag of the feature flags, used in database keys."""
-        flags = [name for name in ("weight", "bias", "residual", "offset") if getattr(self, name)]
+        flags = [name for name in _FEATURE_FLAGS if getattr(self, name)]
+        if self.casting_mode != "gemma":
+            flags.append(f"cast_{self.casting_mode}")
         return "+".join(flags) or "none"
+
+    @staticmethod
+    def feature_kwargs(tag: str) -> dict:
+        """NormSpec keyword arguments of a `features` tag ("weight+residual", "weight+cast_llama", "none")."""
+        flags = set(tag.split("+")) - {"none"}
+        casts = {f for f in flags if f.startswith("cast_")}
+        unknown = flags - set(_FEATURE_FLAGS) - {f"cast_{m}" for m in CASTING_MODES}
+        if unknown or len(casts) > 1:
+            raise ValueError(f"unknown features {sorted(unknown or casts)} in {tag!r}: expected "
+                             f"{'+'.join(_FEATURE_FLAGS)} and at most one of cast_llama, cast_none")
+        kwargs = {name: name in flags for name in _FEATURE_FLAGS}
+        if casts:
+            kwargs["casting_mode"] = casts.pop()[len("cast_"):]
+        return kwargs
 
     def with_direction(self, direction: str) -> "NormSpec":
         return NormSpec(**{**asdict(self), "direction": direction})

@@ -29,7 +29,9 @@ records it flagged low-confidence or, with `strict`, not at all.
 Resume: studies live in Optuna storage (by default a journal file in the database
 folder's `.autonorm-journal/`, which git ignores). Restarting finds completed trials in the study and never re-times
 them; a RUNNING trial left by a killed worker on this host is failed and its
-config re-queued. Several workers may share one study.
+config re-queued. Several workers may share one study: candidates are claimed
+under a lock, on a URL storage a dead worker's trials return to the queue by
+heartbeat, and one worker finalizes each study (autonorm/storage.py, docs/fleet.md).
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ from pathlib import Path
 import torch
 
 from . import measure, quality
+from . import storage as fleet
 from .config import Config
-from .db import Entry, Record, RecordKey, TuningDB, file_lock, now_iso
+from .db import Entry, Record, RecordKey, TuningDB, now_iso
 from .journal import JournalError, prepare_journal
 from .device import software_versions
 from .errors import AutonormError
@@ -68,7 +71,6 @@ DEFAULTS = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtyp
             "time_budget": 300.0}
 # Features tuned unless --features says otherwise: what torch.nn.RMSNorm and torch.nn.LayerNorm use by default.
 DEFAULT_FEATURES = {"rmsnorm": "weight", "layernorm": "weight+bias"}
-FEATURE_FLAGS = ("weight", "bias", "residual", "offset")
 LONG_RUN_S = 300  # above this worst case, the run's size and estimate are printed before it starts
 # TPE samples at random until the study holds this many trials (seeds included); patience starts counting
 # after the seeds plus this many candidates, so the random phase never ends a study.
@@ -162,6 +164,7 @@ class StudyResult:
     failed: dict = field(default_factory=dict)  # candidate key -> reason
     space_size: int = 0
     refused: str | None = None  # why a measured winner was not recorded (noisy, with strict=True)
+    finalized_by: str | None = None  # another worker finalizes the study (its record: `autonorm db export`)
 
 
 def _worker_id() -> str:
@@ -178,18 +181,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def make_storage(storage: str | None, journal_path: Path):
-    """An Optuna storage: the URL given, else a journal file (`storage` or `journal_path`), checked first:
-    never a tuning database or another file, and a last line cut by a full disk is dropped."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    if storage and "://" in storage:
-        return optuna.storages.get_storage(storage)
-    path = Path(storage) if storage else journal_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prepare_journal(path)
-    return JournalStorage(JournalFileBackend(str(path)))
+def make_storage(storage: str | None, journal_path: Path, *, heartbeat_s: int = fleet.HEARTBEAT_S):
+    """An Optuna storage (`storage.open_storage`); a journal file is checked first: never a tuning
+    database or another file, and a last line cut by a full disk is dropped."""
+    if not fleet.is_url(storage):
+        path = Path(storage) if storage else journal_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_journal(path)
+    return fleet.open_storage(storage, journal_path, heartbeat_s=heartbeat_s)
 
 
 def study_name(device_slug: str, spec: NormSpec, rows: int, backends: dict) -> str:
@@ -206,7 +205,7 @@ class StudyRunner:
                  name: str, n_trials: int = 40, time_budget: float = 300.0, patience: int | None = None,
                  seeds: list[Candidate] = (), compile_workers: int = 2, finalists: int = 3,
                  compile_baseline: bool = True, copy_gbps: float | None = None, lock_path: Path | None = None,
-                 seed: int = 0, progress=None, strict: bool = False):
+                 seed: int = 0, progress=None, strict: bool = False, study_attrs: dict | None = None):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.device = torch.device(device)
         self.storage, self.name = storage, name
@@ -218,6 +217,8 @@ class StudyRunner:
         self.compile_baseline, self.copy_gbps, self.lock_path = compile_baseline, copy_gbps, lock_path
         self.seed, self.progress = seed, progress
         self.strict = strict  # refuse to record a result whose measurements stay noisy (autonorm/quality.py)
+        self.study_attrs = study_attrs  # device, versions, protocol: stored in the study (storage.describe_study)
+        self._beats = fleet.Heartbeats(None)
 
     # -- study bookkeeping --
     def _study(self):
@@ -232,10 +233,13 @@ class StudyRunner:
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" INFO in users' logs
         try:
-            return optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
-                                       sampler=sampler, load_if_exists=True)
+            study = optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
+                                        sampler=sampler, load_if_exists=True)
         finally:
             optuna.logging.set_verbosity(verbosity)
+        if self.study_attrs is not None:
+            fleet.describe_study(study, self.spec, self.rows, **self.study_attrs)
+        return study
 
     @staticmethod
     def _finished(study):
@@ -255,15 +259,19 @@ class StudyRunner:
             elif t.state == TrialState.FAIL and "failed" in t.user_attrs:
                 failed[key] = t.user_attrs["failed"]
             elif t.state in (TrialState.WAITING, TrialState.RUNNING):
-                # An enqueued (WAITING) trial keeps its params in system_attrs until it is popped.
-                queued.add(json.dumps(t.system_attrs.get("fixed_params", {}), sort_keys=True)
+                # A WAITING trial is known by its params (not its candidate: whoever pops it measures it):
+                # enqueued ones keep them in system_attrs until popped, re-queued ones (RetryHeartbeatStaleTrialCallback
+                # after their worker died) in params.
+                queued.add(json.dumps(t.system_attrs.get("fixed_params") or t.params, sort_keys=True)
                            if t.state == TrialState.WAITING else key)
         return measured, failed, queued
 
     def _prepare(self, study):
-        """Fail trials orphaned by dead workers on this host, then enqueue seeds (or the whole space)."""
+        """Fail trials orphaned by dead workers (this host's by PID, any host's by heartbeat), then enqueue
+        seeds (or the whole space)."""
         from optuna.trial import TrialState
 
+        fleet.fail_stale_trials(study)
         host = socket.gethostname()
         requeue = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -305,13 +313,21 @@ class StudyRunner:
             return None, f"compile failed: {type(exc).__name__}: {exc}"
 
     def run(self) -> StudyResult:
-        import optuna
-
         if not len(self.space):
             raise AutonormError(f"no backend has a valid config for {self.spec.short()}")
         study = self._study()
-        with file_lock(self.lock_path):
+        with self._claim():
             self._prepare(study)
+        with fleet.Heartbeats(self.storage) as self._beats:
+            self._search(study)
+            return self._finish(study)
+
+    def _claim(self):
+        return fleet.claim_lock(self.storage, self.name, self.lock_path)
+
+    def _search(self, study) -> None:
+        import optuna
+
         started, best, since_best = time.monotonic(), float("inf"), 0
         pool = ThreadPoolExecutor(max_workers=max(1, self.compile_workers))
         try:
@@ -325,7 +341,10 @@ class StudyRunner:
                     break
                 if self.exhaustive and not any(t.state == optuna.trial.TrialState.WAITING
                                                for t in study.get_trials(deepcopy=False)):
-                    break  # every config is measured, failed or being measured by another worker
+                    if not self._others_running(study):
+                        break  # every config is measured or failed
+                    time.sleep(1.0)  # another worker may die: its trials then return to the queue
+                    continue
                 if self.patience is not None and since_best >= self.patience:
                     break
                 if done >= len(self.space):
@@ -334,7 +353,8 @@ class StudyRunner:
                 # Claiming candidates is atomic across workers: under the lock, re-read what the others
                 # have measured or are measuring (`queued`), then ask; a worker that enters after us sees
                 # our RUNNING trials and their candidates, so no config is timed twice.
-                with file_lock(self.lock_path):
+                with self._claim():
+                    fleet.fail_stale_trials(study)
                     measured, failed, queued = self._state(study)
                     for _ in range(min(self.compile_workers, self.n_trials - done)):
                         picked = self._ask(study, set(measured) | set(failed) | queued | {c.key for _, c in batch},
@@ -358,23 +378,31 @@ class StudyRunner:
                             self.progress.set_postfix_str(f"best {best:.1f} us")
         finally:
             pool.shutdown(wait=True)
-        return self._finish(study)
 
-    def _ask(self, study, exclude: set, incumbent: Candidate | None = None):
-        """A new trial and its candidate. A sampled duplicate is closed as FAIL (TPE ignores those, so it
-        biases nothing) and replaced by the nearest unevaluated candidate, enqueued so that the trial's
-        params always name exactly the config that is measured."""
+    def _others_running(self, study) -> bool:
+        """Whether other workers hold RUNNING trials that can still end (with heartbeats: not yet stale)."""
         from optuna.trial import TrialState
 
+        if not fleet.heartbeat_enabled(self.storage):
+            return False  # no way to tell a dead worker on another host from a slow one
+        fleet.fail_stale_trials(study)
+        return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+    def _ask(self, study, exclude: set, incumbent: Candidate | None = None):
+        """A new trial and its candidate. A sampled duplicate is closed as PRUNED and replaced by the nearest
+        unevaluated candidate, enqueued so that the trial's params always name exactly the config that is measured."""
         for _ in range(3):
-            trial = study.ask()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")  # Heartbeats beats for us
+                trial = study.ask()
+            self._beats.add(trial._trial_id)
             trial.set_user_attr("worker", _worker_id())
             cand = self.space.suggest(trial)
             trial.set_user_attr("candidate", cand.key)
             if cand.key not in exclude:
+                trial.set_user_attr("config", {"backend": cand.backend, **cand.config.to_dict()})
                 return trial, cand
-            trial.set_user_attr("duplicate", True)
-            study.tell(trial, state=TrialState.FAIL)
+            self._tell_duplicate(study, trial)
             if incumbent is not None and all(Candidate(cand.backend, c).key in exclude
                                              for c in self.space.configs[cand.backend]):
                 # TPE keeps proposing a fully evaluated backend (torch: one config) because its few
@@ -398,14 +426,9 @@ class StudyRunner:
     def _evaluate(self, study, trial, cand, measured, failed, compiled) -> float | None:
         from optuna.trial import TrialState
 
-        if cand.key in measured:  # measured before (earlier run, snapped duplicate, other worker)
-            trial.set_user_attr("duplicate", True)
-            study.tell(trial, measured[cand.key]["median_us"])
-            return measured[cand.key]["median_us"]
-        if cand.key in failed:
-            trial.set_user_attr("duplicate", True)
-            study.tell(trial, state=TrialState.FAIL)
-            return None
+        if cand.key in measured or cand.key in failed:  # evaluated before (earlier run, other worker)
+            self._tell_duplicate(study, trial)
+            return measured[cand.key]["median_us"] if cand.key in measured else None
         kernel, reason = compiled if compiled is not None else (None, "not compiled")
         if reason is None:
             reason = measure.verify(self.spec, kernel, min(self.rows, 64), self.device)
@@ -419,11 +442,21 @@ class StudyRunner:
             trial.set_user_attr("failed", reason)
             failed[cand.key] = reason
             study.tell(trial, state=TrialState.FAIL)
+            self._beats.discard(trial._trial_id)
             return None
         trial.set_user_attr("timing", timing.to_json())
         measured[cand.key] = timing.to_json()
         study.tell(trial, timing.median_us)
+        self._beats.discard(trial._trial_id)
         return timing.median_us
+
+    def _tell_duplicate(self, study, trial) -> None:
+        """A trial that drew an evaluated candidate: PRUNED (no timing), so FAIL means a broken candidate."""
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("duplicate", True)
+        study.tell(trial, state=TrialState.PRUNED)
+        self._beats.discard(trial._trial_id)
 
     # -- finalists, baselines, record --
     def _entry(self, cand: Candidate, timing: measure.Timing) -> Entry:
@@ -462,6 +495,23 @@ class StudyRunner:
         ranked = sorted((timing["median_us"], key) for key, timing in measured.items() if key in by_key)
         if not ranked:
             return result
+        # One finalizer per study: the first worker to get here after the search; the others take its record
+        # from the study (or, while it is still re-timing, leave it to `autonorm db export`).
+        with self._claim():
+            role = fleet.finalizer_role(study, _worker_id(), trials)
+        if role == "stored":
+            result.record = Record.from_json(study.user_attrs["record"], f"study {self.name}")
+            return result
+        if role != "mine":
+            result.finalized_by = role
+            return result
+        result.record = self._final_record(measured, failed, ranked, by_key, trials)
+        study.set_user_attr("record", result.record.to_json())
+        study.set_user_attr("record_trials", trials)
+        return result
+
+    def _final_record(self, measured, failed, ranked, by_key, trials) -> Record:
+        """The finalists re-timed interleaved with the torch baselines: the study's database record."""
         finalists = [by_key[k] for _, k in ranked[:self.finalists]]
         torch_key = Candidate("torch", self.space.configs["torch"][0]).key if "torch" in self.space.configs else None
         if torch_key in measured and not any(c.backend == "torch" for c in finalists):
@@ -491,7 +541,7 @@ class StudyRunner:
                 t = measured[key]
                 entries.append(self._entry(by_key[key], measure.Timing(t["median_us"], t["p20_us"], t["p80_us"], 0)))
         winner = entries[0]
-        result.record = Record(
+        return Record(
             key=RecordKey.of(self.spec, rows_bucket(self.rows)), winner=winner, runners_up=entries[1:],
             baselines={"torch_eager": base_t["torch_eager"].to_json(),
                        "torch_compile": base_t["torch_compile"].to_json() if "torch_compile" in base_t else None},
@@ -514,7 +564,7 @@ def add_arguments(p) -> None:
     add_list(p, "--dtypes", help=f"input dtypes, float32, float16, bfloat16 or fp32... ({preset('dtypes')})")
     p.add_argument("--weight-dtype", choices=("same", "float32"), default="same",
                    help="weight dtype: the input's or float32")
-    add_list(p, "--features", help="feature tags such as weight, weight+bias, weight+residual, none (default: "
+    add_list(p, "--features", help="feature tags such as weight, weight+bias, weight+residual, weight+cast_llama, none (default: "
                                    "weight for rmsnorm and weight+bias for layernorm, as torch.nn's modules); "
                                    "a tag invalid for one op is skipped for it")
     add_list(p, "--hidden", kind=positive_int, help=f"hidden sizes N ({preset('hidden')})")
@@ -528,6 +578,9 @@ def add_arguments(p) -> None:
                                      "(default: OUT/.autonorm-journal/<device-slug>.optuna.journal)")
     p.add_argument("--out", help="output folder; the database is OUT/<device-slug>.json (default: this user's "
                                  "database folder, read automatically by the dispatcher; see `autonorm db where`)")
+    p.add_argument("--heartbeat", type=positive_int, default=fleet.HEARTBEAT_S,
+                   help=f"seconds between a worker's heartbeats on a URL storage; a trial silent for "
+                        f"{fleet.GRACE_BEATS} of them returns to the queue")
     add_device(p)
     p.add_argument("--quick", action="store_true",
                    help="a small grid that finishes in a few minutes on a 2-core CPU")
@@ -540,15 +593,13 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
 
 
-def _spec_flags(tag: str) -> set[str]:
+def _feature_kwargs(tag: str) -> dict:
     from .cli import UsageError
 
-    flags = set(tag.split("+")) - {"none"}
-    unknown = flags - set(FEATURE_FLAGS)
-    if unknown:
-        raise UsageError(f"--features: unknown feature {', '.join(sorted(unknown))} in {tag!r}; "
-                         f"features are {', '.join(FEATURE_FLAGS)} joined by + (or none)")
-    return flags
+    try:
+        return NormSpec.feature_kwargs(tag)
+    except ValueError as exc:
+        raise UsageError(f"--features: {exc}") from None
 
 
 def specs_from_args(args) -> list[NormSpec]:
@@ -566,7 +617,7 @@ def specs_from_args(args) -> list[NormSpec]:
         raise UsageError(f"--hidden {too_big[0]} is above the kernels' maximum {MAX_HIDDEN}")
     tags = args.features or None
     for tag in tags or ():
-        _spec_flags(tag)
+        _feature_kwargs(tag)
     studies = [(op, d, n) for op in ops for d in directions for n in hidden]
     if preset.get("quick_backward") and args.directions is None:
         studies.append((ops[0], "bwd", hidden[0]))  # --quick: the backward of one shape
@@ -575,13 +626,14 @@ def specs_from_args(args) -> list[NormSpec]:
         for x in dtype_names(args.dtypes or preset["dtypes"]):
             w = "float32" if args.weight_dtype == "float32" else x
             for tag in tags or [DEFAULT_FEATURES[op]]:
-                flags = _spec_flags(tag)
+                features = _feature_kwargs(tag)
                 try:
-                    specs.append(NormSpec(op, direction, x, w if "weight" in flags else x, n,
-                                          **{f: f in flags for f in FEATURE_FLAGS}))
-                    used.add(tag)
+                    spec = NormSpec(op, direction, x, w if features["weight"] else x, n, **features)
                 except ValueError:
                     continue  # e.g. bias on RMSNorm: that tag is for the other op
+                used.add(tag)
+                if spec not in specs:  # e.g. cast_llama in fp32 is the plain spec
+                    specs.append(spec)
     unused = [t for t in tags or () if t not in used]
     if unused:
         raise UsageError(f"--features {', '.join(unused)}: valid for none of --ops {', '.join(ops)} "
@@ -625,7 +677,8 @@ def format_table(results: list[StudyResult]) -> str:
     for r in results:
         rec = r.record
         if rec is None:
-            why = "(refused: noisy measurements)" if r.refused else "(none: every candidate failed)"
+            why = ("(refused: noisy measurements)" if r.refused else f"(finalized by {r.finalized_by})"
+                   if r.finalized_by else "(none: every candidate failed)")
             rows.append((r.spec.short(), str(r.rows), why, "", "", "", "", "", "", "", str(r.trials)))
             continue
         w = rec.winner
@@ -687,7 +740,7 @@ def main(args) -> int:
     db_path = out / f"{ident['slug']}.json"
     journal = side_folder(out) / f"{ident['slug']}.optuna.journal"
     try:  # a bad storage URL or a missing driver fails here, in one line, before the bandwidth probe
-        storage = make_storage(args.storage, journal)
+        storage = make_storage(args.storage, journal, heartbeat_s=args.heartbeat)
     except JournalError as exc:
         raise UsageError(str(exc)) from None
     except Exception as exc:  # drivers raise their own kinds (sqlalchemy, psycopg): all are a bad --storage
@@ -706,7 +759,8 @@ def main(args) -> int:
                 "quality": f"re-timed up to {quality.RETRIES} more times while p80/p20 > {quality.SPREAD_LIMIT} or "
                            f"re-timing and search differ by > {quality.AGREEMENT_LIMIT}x"}
     db = TuningDB(device_info, software_versions(), protocol)
-    lock_path = Path(str(args.storage or journal) + ".autonorm-lock") if not (args.storage and "://" in args.storage) else None
+    lock_path = None if fleet.is_url(args.storage) else Path(str(args.storage or journal) + ".autonorm-lock")
+    study_attrs = {"device": device_info, "versions": db.versions, "protocol": protocol}
     print(f"autonorm tune: {studies} studies on {ident['name']} ({device}); backends: {', '.join(backends)}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s; database {db_path}", file=sys.stderr)
 
@@ -726,7 +780,8 @@ def main(args) -> int:
                                      time_budget=time_budget, patience=args.patience, seeds=seeds,
                                      compile_workers=args.compile_workers,
                                      compile_baseline=not args.no_compile_baseline, copy_gbps=copy_gbps,
-                                     lock_path=lock_path, progress=bar, strict=args.strict)
+                                     lock_path=lock_path, progress=bar, strict=args.strict,
+                                     study_attrs=study_attrs)
                 result = runner.run()
                 bar.close()
                 results.append(result)
@@ -747,4 +802,4 @@ def main(args) -> int:
     if refused:
         print(f"\n{len(refused)} noisy studies not recorded (--strict); {quality.load_average()}", file=sys.stderr)
     print(f"\nwrote {db_path} ({len(db.records)} records this run); {_where_used(db_path)}")
-    return 0 if all(r.record is not None for r in results) else 1
+    return 0 if all(r.record is not None or r.finalized_by for r in results) else 1

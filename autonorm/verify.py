@@ -90,7 +90,7 @@ def compare(spec: NormSpec, inputs: Inputs, outputs: tuple) -> CheckResult:
     if spec.direction == "fwd":
         y, h, mean, rstd = outputs
         ry, rh, rmean, rrstd = reference.forward(spec.op, inputs.x, inputs.weight, inputs.bias, inputs.residual,
-                                                 inputs.eps, inputs.offset)
+                                                 inputs.eps, inputs.offset, casting_mode=spec.casting_mode)
         expected = {"y": ry, "h": rh, "mean": rmean, "rstd": rrstd}
         actual = {"y": y, "h": h, "mean": mean, "rstd": rstd}
     else:

@@ -117,7 +117,7 @@ class CupyBackend(Backend):
         try:
             import cupy
         except ImportError:
-            return "cupy is not installed: pip install autonorm[cupy] (cupy-cuda13x; cupy-cuda12x on CUDA 12)"
+            return "cupy is not installed: pip install autonorm[cuda13] (autonorm[cuda12] on a CUDA 12 driver)"
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except RuntimeError as exc:  # cupy's CUDARuntimeError: no driver, old driver, no device

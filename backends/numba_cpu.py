@@ -210,7 +210,7 @@ class NumbaCpuBackend(Backend):
         try:
             import numba  # noqa: F401
         except ImportError:
-            return "numba is not installed (pip install autonorm[numba])"
+            return "numba is not installed (pip install autonorm[cpu])"
         return None
 
     def version(self):

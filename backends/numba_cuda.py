@@ -215,7 +215,7 @@ class NumbaCudaBackend(Backend):
     def unavailable_reason(self) -> str | None:
         cuda = _numba_cuda()
         if cuda is None:
-            return "numba-cuda is not installed (pip install autonorm[numba])"
+            return "numba-cuda is not installed (pip install autonorm[cuda13], or autonorm[cuda12] on a CUDA 12 driver)"
         if _simulator():
             return None
         if not torch.cuda.is_available():

@@ -71,10 +71,12 @@ def _forward(op):
     return kernel
 
 
-def _plain_forward(op):
-    """The forward in plain fp32 torch ops (the fp32 reference), outputs in the kernel contract's dtypes."""
+def _plain_forward(op, casting_mode="gemma"):
+    """The forward in plain fp32 torch ops (the fp32 reference), outputs in the kernel contract's dtypes.
+
+    With the "llama" casting these are LlamaRMSNorm's own ops, so its outputs are bit for bit HF's."""
     def kernel(x, weight, bias, residual, eps, offset):
-        y, h, mean, rstd = reference.forward(op, x, weight, bias, residual, eps, offset, _F32)
+        y, h, mean, rstd = reference.forward(op, x, weight, bias, residual, eps, offset, _F32, casting_mode)
         return (y.to(x.dtype), None if h is None else h.to(x.dtype), mean, rstd)
     return kernel
 
@@ -85,7 +87,7 @@ def compile_target(spec):
     The eager forward calls `torch._fused_rms_norm`, which Dynamo cannot trace: compiled as is, it
     graph-breaks and the "torch.compile" baseline would time eager. Plain ops are what Inductor fuses
     (it decomposes F.rms_norm / F.layer_norm into them too)."""
-    return _plain_forward(spec.op) if spec.direction == "fwd" else _backward(spec)
+    return _plain_forward(spec.op, spec.casting_mode) if spec.direction == "fwd" else _backward(spec)
 
 
 def _fp32_weight(x, weight, offset):
@@ -138,4 +140,7 @@ class TorchBackend(Backend):
         return Source.of(f"torch-eager {spec!r}", "")
 
     def build(self, source, spec, config, device):
-        return _forward(spec.op) if spec.direction == "fwd" else _backward(spec)
+        if spec.direction == "bwd":
+            return _backward(spec)
+        # torch's fused ops multiply x_hat by the weight in fp32: the other casting modes take plain ops.
+        return _forward(spec.op) if spec.casting_mode == "gemma" else _plain_forward(spec.op, spec.casting_mode)

@@ -40,6 +40,9 @@ def _specs(op: str, direction: str) -> list[NormSpec]:
         specs.append(NormSpec(op, direction, "float16", "float16", n, weight=False))
     specs.append(NormSpec(op, direction, "bfloat16", "bfloat16", 760, residual=True))
     specs.append(NormSpec(op, direction, "float16", "float32", 5120, **extra))
+    if op == "rmsnorm":  # Hugging Face casting modes (a forward feature)
+        specs.append(NormSpec(op, direction, "bfloat16", "bfloat16", 4096, casting_mode="llama"))
+        specs.append(NormSpec(op, direction, "float16", "float32", 760, offset=True, casting_mode="none"))
     return specs
 
 

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install autonorm[numba])")
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install autonorm[cuda13])")
 
 import grid  # noqa: E402
 from autonorm import knobs, verify  # noqa: E402
@@ -126,7 +126,7 @@ def test_validity_rules():
 def test_unavailable_without_numba_cuda(monkeypatch):
     monkeypatch.setattr(nc, "_numba_cuda", lambda: None)
     reason = nc.NumbaCudaBackend().unavailable_reason()
-    assert "pip install autonorm[numba]" in reason
+    assert "pip install autonorm[cuda13]" in reason
 
 
 @pytest.mark.skipif(not SIMULATED, reason="the simulator case")

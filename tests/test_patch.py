@@ -61,14 +61,16 @@ def test_patch_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = _check_patched_model(_tiny(LlamaConfig, LlamaForCausalLM))
-    assert all(m.offset == 0.0 for m in model.modules() if isinstance(m, autonorm.RMSNorm))
+    norms = [m for m in model.modules() if isinstance(m, autonorm.RMSNorm)]
+    assert all(m.offset == 0.0 and m.casting_mode == "llama" for m in norms)
 
 
 def test_patch_gemma_offset():
     from transformers import GemmaConfig, GemmaForCausalLM
 
     model = _check_patched_model(_tiny(GemmaConfig, GemmaForCausalLM))
-    assert all(m.offset == 1.0 for m in model.modules() if isinstance(m, autonorm.RMSNorm))
+    norms = [m for m in model.modules() if isinstance(m, autonorm.RMSNorm)]
+    assert all(m.offset == 1.0 and m.casting_mode == "gemma" for m in norms)
 
 
 def test_patch_qwen3_head_norms():
@@ -76,6 +78,51 @@ def test_patch_qwen3_head_norms():
 
     model = _check_patched_model(_tiny(Qwen3Config, Qwen3ForCausalLM))
     assert isinstance(model.model.layers[0].self_attn.q_norm, autonorm.RMSNorm)  # over head_dim, not hidden
+    assert model.model.layers[0].self_attn.q_norm.casting_mode == "llama"
+
+
+# Hugging Face parity in 16-bit: LlamaRMSNorm rounds x_hat to the input dtype before the weight; the
+# patched model picks casting_mode "llama" and must give the same logits bit for bit. Without a GPU,
+# Triton runs in its interpreter and Numba CUDA ("numba") in its simulator. The interpreter case is
+# fp16: its fp32 -> bf16 casts truncate instead of rounding to nearest (Triton on a GPU, and fp16 in
+# the interpreter, round to nearest), so no bf16 kernel can match HF there.
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.bfloat16), ("numba-cpu", torch.bfloat16),
+                                            pytest.param("triton", torch.float16, marks=pytest.mark.slow),
+                                            pytest.param("numba", torch.bfloat16, marks=pytest.mark.slow)])
+def test_patched_llama_logits_equal_hugging_face(use_backend, backend, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if backend != "torch":
+        pytest.importorskip({"numba": "numba.cuda", "numba-cpu": "numba"}.get(backend, backend))
+    use_backend(backend)
+    device = "cuda" if torch.cuda.is_available() and backend in ("triton", "numba") else "cpu"
+    model = _tiny(LlamaConfig, LlamaForCausalLM).to(device=device, dtype=dtype)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        autonorm.patch(model)
+        logits = model(input_ids=ids).logits
+    norms = [m for m in model.modules() if isinstance(m, autonorm.RMSNorm)]
+    assert norms and all(m.casting_mode == "llama" for m in norms)
+    assert autonorm.explain(norms[0], torch.ones(1, 48, dtype=dtype, device=device)).backend == backend
+    assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("mode", ["gemma", "llama", "none"])
+def test_casting_modes_against_their_definitions(mode):
+    x = torch.randn(8, 48, generator=torch.Generator().manual_seed(2)).bfloat16()
+    w = torch.randn(48, generator=torch.Generator().manual_seed(3)) * 0.3 + 0.2  # an fp32 weight
+    y = autonorm.rms_norm(x, (48,), w, 1e-6, offset=1.0, casting_mode=mode)
+    h = x.float()
+    x_hat = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    scale = w + 1.0
+    if mode != "gemma":
+        x_hat = x_hat.bfloat16().float()
+    if mode == "none":
+        scale = scale.bfloat16().float()
+    assert torch.equal(y, (x_hat * scale).bfloat16())
+    with pytest.raises(ValueError, match="casting_mode"):
+        autonorm.rms_norm(x, (48,), w, casting_mode="fp32")
 
 
 class LookAlikeRMSNorm(nn.Module):
@@ -133,3 +180,19 @@ def test_patch_options_and_single_module():
         warnings.simplefilter("error")
         autonorm.patch(tied)
     assert tied[0] is tied[1][0]  # a norm used twice stays one module
+
+
+def test_casting_mode_is_a_spec_feature():
+    from autonorm.db import RecordKey
+    from autonorm.spec import NormSpec
+
+    llama = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 64, casting_mode="llama")
+    assert llama.features == "weight+cast_llama" and llama != NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 64)
+    assert RecordKey.of(llama, 64).spec() == llama  # database keys keep it
+    # Where the modes compute the same, the spec is the plain one (one kernel, one database record).
+    assert NormSpec("rmsnorm", "fwd", "float32", "float32", 64, casting_mode="llama").features == "weight"
+    assert NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 64, casting_mode="llama").casting_mode == "gemma"
+    with pytest.raises(ValueError, match="RMSNorm"):
+        NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", 64, casting_mode="llama")
+    with pytest.raises(ValueError, match="cast_bogus"):
+        NormSpec.feature_kwargs("weight+cast_bogus")
