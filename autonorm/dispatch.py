@@ -138,8 +138,10 @@ def _first_call_error(choice: Choice, device) -> str | None:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
     try:
-        inputs = make_inputs(choice.spec, 2, device)
-        choice.kernel(*inputs.args(choice.spec))
+        # Plain tensors even when the first call comes from inside torch.vmap or autograd.
+        with torch._C._DisableFuncTorch(), torch.no_grad():
+            inputs = make_inputs(choice.spec, 2, device)
+            choice.kernel(*inputs.args(choice.spec))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # any failure of a candidate kernel sends the ladder to the next rung

@@ -134,8 +134,9 @@ class NormSpec:
         casts = {f for f in flags if f.startswith("cast_")}
         unknown = flags - set(_FEATURE_FLAGS) - {f"cast_{m}" for m in CASTING_MODES}
         if unknown or len(casts) > 1:
-            raise ValueError(f"unknown features {sorted(unknown or casts)} in {tag!r}: expected "
-                             f"{'+'.join(_FEATURE_FLAGS)} and at most one of cast_llama, cast_none")
+            what = f"unknown feature {', '.join(sorted(unknown))}" if unknown else f"two casting modes {sorted(casts)}"
+            raise ValueError(f"{what} in {tag!r}: features are {', '.join(_FEATURE_FLAGS)} joined by + "
+                             f"(or none), with at most one of cast_llama, cast_none")
         kwargs = {name: name in flags for name in _FEATURE_FLAGS}
         if casts:
             kwargs["casting_mode"] = casts.pop()[len("cast_"):]

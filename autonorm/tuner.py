@@ -505,13 +505,15 @@ class StudyRunner:
         if role != "mine":
             result.finalized_by = role
             return result
-        result.record = self._final_record(measured, failed, ranked, by_key, trials)
-        study.set_user_attr("record", result.record.to_json())
-        study.set_user_attr("record_trials", trials)
+        self._final_record(result, measured, failed, ranked, by_key, trials)
+        if result.record is not None:
+            study.set_user_attr("record", result.record.to_json())
+            study.set_user_attr("record_trials", trials)
         return result
 
-    def _final_record(self, measured, failed, ranked, by_key, trials) -> Record:
-        """The finalists re-timed interleaved with the torch baselines: the study's database record."""
+    def _final_record(self, result: StudyResult, measured, failed, ranked, by_key, trials) -> None:
+        """The finalists re-timed interleaved with the torch baselines: sets the study's database record
+        (or, with `strict`, why noisy measurements were refused)."""
         finalists = [by_key[k] for _, k in ranked[:self.finalists]]
         torch_key = Candidate("torch", self.space.configs["torch"][0]).key if "torch" in self.space.configs else None
         if torch_key in measured and not any(c.backend == "torch" for c in finalists):
@@ -528,7 +530,7 @@ class StudyRunner:
             if self.strict:
                 log.warning("%s; not recorded (--strict)", why)
                 result.refused = why
-                return result
+                return
             log.warning("%s; recorded as low-confidence: re-tune on a quieter machine, or use --strict", why)
         timings = outcome.timings
         base_t = dict(zip(baselines, timings[len(kernels):]))
@@ -541,13 +543,12 @@ class StudyRunner:
                 t = measured[key]
                 entries.append(self._entry(by_key[key], measure.Timing(t["median_us"], t["p20_us"], t["p80_us"], 0)))
         winner = entries[0]
-        return Record(
+        result.record = Record(
             key=RecordKey.of(self.spec, rows_bucket(self.rows)), winner=winner, runners_up=entries[1:],
             baselines={"torch_eager": base_t["torch_eager"].to_json(),
                        "torch_compile": base_t["torch_compile"].to_json() if "torch_compile" in base_t else None},
             template_hash=self.backends[winner.backend].template_hash(), trials=trials,
             failed=len(failed), date=now_iso(), quality=outcome.to_json())
-        return result
 
 
 # --- the command ----------------------------------------------------------------------
