@@ -34,6 +34,8 @@ from typing import Callable
 
 import torch
 
+from .report import ANCHORS, provider_of
+
 HELP = "benchmark autonorm against torch eager, torch.compile and others"
 
 DEFAULT_SHAPES = ("8192x4096", "65536x512")
@@ -283,23 +285,16 @@ class Provider:
     (impl name, callable taking an input-set index, dispatch choice or None)."""
 
     build: Callable
-    anchor: bool  # one of the leading implementations autonorm must beat (issue 7)
     about: str
 
 
 PROVIDERS: dict[str, Provider] = {
-    "autonorm": Provider(_provide_autonorm, False, "autonorm's dispatched kernel (tuning database or heuristic)"),
-    "torch": Provider(_provide_torch, True, "torch eager: F.rms_norm / F.layer_norm"),
-    "torch.compile": Provider(_provide_compile, True, "torch.compile(dynamic=False) of the eager function"),
-    "liger": Provider(_provide_liger, True, "liger_kernel.ops LigerRMSNormFunction / LigerLayerNormFunction"),
-    "quack": Provider(_provide_quack, True, "quack.rmsnorm.rmsnorm (CuTe DSL)"),
+    "autonorm": Provider(_provide_autonorm, "autonorm's dispatched kernel (tuning database or heuristic)"),
+    "torch": Provider(_provide_torch, "torch eager: F.rms_norm / F.layer_norm"),
+    "torch.compile": Provider(_provide_compile, "torch.compile(dynamic=False) of the eager function"),
+    "liger": Provider(_provide_liger, "liger_kernel.ops LigerRMSNormFunction / LigerLayerNormFunction"),
+    "quack": Provider(_provide_quack, "quack.rmsnorm.rmsnorm (CuTe DSL)"),
 }
-ANCHORS = tuple(name for name, p in PROVIDERS.items() if p.anchor)
-
-
-def provider_of(impl: str) -> str:
-    """Provider name of a row's impl ('autonorm[triton]' -> 'autonorm'); rows of older files lack it."""
-    return "autonorm" if impl.startswith("autonorm") else impl
 
 
 def check_providers(names: list[str]) -> list[str]:

@@ -163,15 +163,24 @@ def load_db(path) -> object:
     dbs = _read_all([(p, p != path) for p in _expand(path, "autonorm.load_db")])
     if not dbs:
         raise DatabaseError(f"autonorm.load_db: folder {str(path)!r} holds no *.json tuning database")
-    from . import dispatch
-
     with _lock:
         _user_paths.append(path)
         if _files is not None:
             _files.extend(dbs)
         _tables.clear()
-    dispatch.reset(keep_databases=True)
+    for hook in _on_load:
+        hook()
     return dbs[-1][1]
+
+
+# Called after `load_db` adds a database. The dispatcher registers its reset here (it imports this
+# module, so this one never imports the dispatcher).
+_on_load: list = []
+
+
+def on_load(hook) -> None:
+    """Call `hook()` after every `load_db`."""
+    _on_load.append(hook)
 
 
 def forget(*, user_paths: bool = False) -> None:

@@ -591,8 +591,7 @@ def specs_from_args(args) -> list[NormSpec]:
 
 def native_backends(device: torch.device, requested: list[str] | None) -> dict:
     """Candidate backends that run natively on `device` (interpreter and simulator timings are never recorded)."""
-    from .backends import BACKENDS, get_backend
-    from .dispatch import DEFAULT_ORDER
+    from .backends import BACKENDS, DEFAULT_ORDER, get_backend
     from .errors import BackendUnavailableError
 
     native = DEFAULT_ORDER.get(device.type, ("torch",))

@@ -130,3 +130,10 @@ def test_file_names_from_the_input_slug_stay_in_the_report_folder(bench_json, tm
     for path in map(Path, written):
         assert path.parent == out
         assert re.fullmatch(r"[a-z0-9_-][a-z0-9._-]*", path.name), path.name
+
+
+def test_report_names_every_bench_provider():
+    from autonorm import bench
+
+    assert tuple(bench.PROVIDERS) == report.PROVIDER_ORDER
+    assert set(report.ANCHORS) <= set(report.PROVIDER_ORDER) and "autonorm" not in report.ANCHORS
