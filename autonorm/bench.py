@@ -34,9 +34,9 @@ from typing import Callable
 
 import torch
 
+from .measure import llc_bytes
 from .report import ANCHORS, provider_of
 
-HELP = "benchmark autonorm against torch eager, torch.compile and others"
 
 DEFAULT_SHAPES = ("8192x4096", "65536x512")
 EPS = 1e-6
@@ -73,26 +73,6 @@ def cpu_clock(fn: Callable[[], object]) -> int:
     return time.perf_counter_ns() - t0
 
 
-def cuda_clock(fn: Callable[[], object]) -> int:
-    """Nanoseconds one call of `fn` takes on the current CUDA stream (events; no L2 flush)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return int(start.elapsed_time(end) * 1e6)
-
-
-def clock_for(device: torch.device) -> Callable[[Callable[[], object]], int]:
-    """The per-call clock for kernels on `device`."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return cuda_clock
-    if device.type != "cpu":
-        raise NotImplementedError(f"autonorm bench times CPU and CUDA kernels, not {device}")
-    return cpu_clock
-
-
 def time_interleaved(candidates: dict[str, Callable[[int], object]], n_sets: int, *, reps: int = 20,
                      warmup: int = 3, clock: Callable = cpu_clock) -> dict[str, Timing]:
     """Time each `candidates[name](set_index)`, round-robin over names and rotating input sets.
@@ -111,21 +91,6 @@ def time_interleaved(candidates: dict[str, Callable[[int], object]], n_sets: int
 
 
 # --- machine facts -----------------------------------------------------------------------
-
-def llc_bytes() -> int:
-    """Size of the largest CPU cache (sysfs), or 64 MiB when unknown (errs on the big side)."""
-    best = 0
-    root = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(root):
-            with open(os.path.join(root, entry, "size")) as f:
-                text = f.read().strip()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-            best = max(best, int(text.rstrip("KMG")) * mult)
-    except (OSError, ValueError):
-        pass
-    return best or 64 << 20
-
 
 def copy_bandwidth_gbps(device: torch.device | str = "cpu", nbytes: int | None = None, reps: int = 10) -> float:
     """Measured device-memory copy bandwidth (read + write bytes per second / 1e9), median of reps.

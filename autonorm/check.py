@@ -12,8 +12,6 @@ import time
 
 import torch
 
-HELP = "run every available backend against the reference on a small grid"
-
 
 def add_arguments(parser) -> None:
     from .cli import add_device, add_list, positive_int

@@ -13,8 +13,6 @@ from pathlib import Path
 from .db import MERGE_RULE, TuningDB
 from .errors import DatabaseError
 
-HELP = "show, validate, merge, diff or locate tuning databases"
-
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)

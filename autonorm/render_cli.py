@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-HELP = "print the generated source of a kernel"
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 

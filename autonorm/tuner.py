@@ -57,7 +57,6 @@ from .spec import NormSpec, dtype_name, rows_bucket
 
 log = logging.getLogger("autonorm.tune")
 
-HELP = "tune kernels on this machine and write a tuning database"
 
 # --quick: five studies that finish in a few minutes on a 2-core CPU (numba-cpu + torch): the forward of
 # each op and hidden size, and the backward of the first op at the first hidden size ("quick_backward").
