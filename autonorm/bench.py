@@ -179,10 +179,12 @@ def _provide_autonorm(spec, sets, device):
     choice = dispatch.choice_for(key)
     kern = choice.kernel
     if spec.direction == "fwd":
-        fn = lambda i: kern(sets[i]["x"], sets[i]["w"], None, None, EPS, 0.0)
+        def fn(i):
+            return kern(sets[i]["x"], sets[i]["w"], None, None, EPS, 0.0)
     else:
-        mean = (lambda s: s["mean"]) if spec.is_layernorm else (lambda s: None)
-        fn = lambda i: kern(sets[i]["dy"], sets[i]["x"], sets[i]["w"], mean(sets[i]), sets[i]["rstd"], None, 0.0)
+        def fn(i):
+            s = sets[i]
+            return kern(s["dy"], s["x"], s["w"], s["mean"] if spec.is_layernorm else None, s["rstd"], None, 0.0)
     return f"autonorm[{choice.backend}]", fn, choice
 
 
@@ -205,12 +207,14 @@ def _provide_liger(spec, sets, device):
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
             # offset 0, llama casting (fp32 rstd) and Liger's default in_place=True, as its users run it:
             # the backward writes dx into dy (in_place=False adds a zero-filled dx, a full extra write).
-            f = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama")
+            def f(x, w):
+                return LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama")
         else:
             from liger_kernel.ops.layer_norm import LigerLayerNormFunction
             zeros = torch.zeros(spec.hidden, device=device, dtype=spec.torch_w_dtype)
             # Liger's LayerNorm always takes a bias; a zero bias adds N elements of reads (negligible).
-            f = lambda x, w: LigerLayerNormFunction.apply(x, w, zeros, EPS)
+            def f(x, w):
+                return LigerLayerNormFunction.apply(x, w, zeros, EPS)
     except ImportError as exc:
         raise ProviderUnavailable(f"liger_kernel not importable ({exc})") from None
     if spec.direction == "fwd" or spec.op != "rmsnorm":
@@ -235,12 +239,14 @@ def _provide_quack(spec, sets, device):
     except Exception as exc:  # quack's import also loads the CuTe DSL, which can fail for other reasons
         raise ProviderUnavailable(f"quack not importable ({type(exc).__name__}: {exc})") from None
     if spec.op == "rmsnorm":
-        f = lambda x, w: qr.rmsnorm(x, w, eps=EPS)
+        def f(x, w):
+            return qr.rmsnorm(x, w, eps=EPS)
     else:
         ln = getattr(qr, "layernorm", None)
         if ln is None:
             raise ProviderUnavailable("this quack has no layernorm in quack.rmsnorm")
-        f = lambda x, w: ln(x, w, eps=EPS)
+        def f(x, w):
+            return ln(x, w, eps=EPS)
     return "quack", _autograd_impl(spec, sets, f), None
 
 
@@ -371,7 +377,8 @@ def add_arguments(p) -> None:
     from .cli import add_device, add_list
 
     add_list(p, "--ops", default=["rmsnorm", "layernorm"], choices=["rmsnorm", "layernorm"])
-    add_list(p, "--dtypes", default=["float32", "bfloat16"], help="input dtypes (float32, float16, bfloat16 or fp32 ...)")
+    add_list(p, "--dtypes", default=["float32", "bfloat16"],
+             help="input dtypes (float32, float16, bfloat16 or fp32 ...)")
     add_list(p, "--shapes", default=list(DEFAULT_SHAPES), help="ROWSxHIDDEN, e.g. 8192x4096")
     add_list(p, "--directions", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     p.add_argument("--grid", choices=["standard", "quick"],

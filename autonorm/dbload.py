@@ -98,7 +98,8 @@ def sources(*, lenient: bool = False) -> list[tuple[str, Path, bool]]:
             except (DatabaseError, OSError) as exc:  # OSError: a name too long, a folder that cannot be listed
                 if not lenient:
                     raise
-                why = exc if isinstance(exc, DatabaseError) else f"{origin} entry {str(path)[:200]!r}: {exc.strerror or exc}"
+                why = (exc if isinstance(exc, DatabaseError)
+                       else f"{origin} entry {str(path)[:200]!r}: {exc.strerror or exc}")
                 warnings.warn(f"autonorm: ignoring {why}", RuntimeWarning, stacklevel=3)
                 continue
             found += [(origin, p, p != path) for p in expanded]

@@ -53,7 +53,7 @@ from .db import Entry, Record, RecordKey, TuningDB, file_lock, now_iso
 from .journal import JournalError, prepare_journal
 from .device import software_versions
 from .errors import AutonormError
-from .spec import NormSpec, dtype_name, rows_bucket
+from .spec import NormSpec, rows_bucket
 
 log = logging.getLogger("autonorm.tune")
 
@@ -536,7 +536,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-compile-baseline", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--compile-workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="threads compiling candidates while timing stays serial")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are off when stderr is not a terminal)")
 
 
 def _spec_flags(tag: str) -> set[str]:
@@ -704,7 +705,8 @@ def main(args) -> int:
                 "quality": f"re-timed up to {quality.RETRIES} more times while p80/p20 > {quality.SPREAD_LIMIT} or "
                            f"re-timing and search differ by > {quality.AGREEMENT_LIMIT}x"}
     db = TuningDB(device_info, software_versions(), protocol)
-    lock_path = Path(str(args.storage or journal) + ".autonorm-lock") if not (args.storage and "://" in args.storage) else None
+    remote = args.storage and "://" in args.storage
+    lock_path = None if remote else Path(str(args.storage or journal) + ".autonorm-lock")
     print(f"autonorm tune: {studies} studies on {ident['name']} ({device}); backends: {', '.join(backends)}; "
           f"copy bandwidth {copy_gbps:.1f} GB/s; database {db_path}", file=sys.stderr)
 
