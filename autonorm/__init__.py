@@ -9,9 +9,10 @@ Importing needs only torch, numpy and jinja2; backends load when first used.
 """
 from .config import Config
 from .dbload import load_db
-from .dispatch import explain, reset
+from .dispatch import reset
 from .errors import (AutonormError, BackendUnavailableError, DatabaseError, InvalidConfigError, KernelError,
                      UnknownBackendError)
+from .explain import explain
 from .functional import layer_norm, rms_norm
 from .modules import LayerNorm, RMSNorm
 from .patch import patch

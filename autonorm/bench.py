@@ -34,7 +34,9 @@ from typing import Callable
 
 import torch
 
-HELP = "benchmark autonorm against torch eager, torch.compile and others"
+from .measure import llc_bytes
+from .report import ANCHORS, provider_of
+
 
 DEFAULT_SHAPES = ("8192x4096", "65536x512")
 EPS = 1e-6
@@ -71,26 +73,6 @@ def cpu_clock(fn: Callable[[], object]) -> int:
     return time.perf_counter_ns() - t0
 
 
-def cuda_clock(fn: Callable[[], object]) -> int:
-    """Nanoseconds one call of `fn` takes on the current CUDA stream (events; no L2 flush)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return int(start.elapsed_time(end) * 1e6)
-
-
-def clock_for(device: torch.device) -> Callable[[Callable[[], object]], int]:
-    """The per-call clock for kernels on `device`."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return cuda_clock
-    if device.type != "cpu":
-        raise NotImplementedError(f"autonorm bench times CPU and CUDA kernels, not {device}")
-    return cpu_clock
-
-
 def time_interleaved(candidates: dict[str, Callable[[int], object]], n_sets: int, *, reps: int = 20,
                      warmup: int = 3, clock: Callable = cpu_clock) -> dict[str, Timing]:
     """Time each `candidates[name](set_index)`, round-robin over names and rotating input sets.
@@ -109,21 +91,6 @@ def time_interleaved(candidates: dict[str, Callable[[int], object]], n_sets: int
 
 
 # --- machine facts -----------------------------------------------------------------------
-
-def llc_bytes() -> int:
-    """Size of the largest CPU cache (sysfs), or 64 MiB when unknown (errs on the big side)."""
-    best = 0
-    root = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(root):
-            with open(os.path.join(root, entry, "size")) as f:
-                text = f.read().strip()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-            best = max(best, int(text.rstrip("KMG")) * mult)
-    except (OSError, ValueError):
-        pass
-    return best or 64 << 20
-
 
 def copy_bandwidth_gbps(device: torch.device | str = "cpu", nbytes: int | None = None, reps: int = 10) -> float:
     """Measured device-memory copy bandwidth (read + write bytes per second / 1e9), median of reps.
@@ -212,10 +179,12 @@ def _provide_autonorm(spec, sets, device):
     choice = dispatch.choice_for(key)
     kern = choice.kernel
     if spec.direction == "fwd":
-        fn = lambda i: kern(sets[i]["x"], sets[i]["w"], None, None, EPS, 0.0)
+        def fn(i):
+            return kern(sets[i]["x"], sets[i]["w"], None, None, EPS, 0.0)
     else:
-        mean = (lambda s: s["mean"]) if spec.is_layernorm else (lambda s: None)
-        fn = lambda i: kern(sets[i]["dy"], sets[i]["x"], sets[i]["w"], mean(sets[i]), sets[i]["rstd"], None, 0.0)
+        def fn(i):
+            s = sets[i]
+            return kern(s["dy"], s["x"], s["w"], s["mean"] if spec.is_layernorm else None, s["rstd"], None, 0.0)
     return f"autonorm[{choice.backend}]", fn, choice
 
 
@@ -238,12 +207,14 @@ def _provide_liger(spec, sets, device):
             from liger_kernel.ops.rms_norm import LigerRMSNormFunction
             # offset 0, llama casting (fp32 rstd) and Liger's default in_place=True, as its users run it:
             # the backward writes dx into dy (in_place=False adds a zero-filled dx, a full extra write).
-            f = lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama")
+            def f(x, w):
+                return LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama")
         else:
             from liger_kernel.ops.layer_norm import LigerLayerNormFunction
             zeros = torch.zeros(spec.hidden, device=device, dtype=spec.torch_w_dtype)
             # Liger's LayerNorm always takes a bias; a zero bias adds N elements of reads (negligible).
-            f = lambda x, w: LigerLayerNormFunction.apply(x, w, zeros, EPS)
+            def f(x, w):
+                return LigerLayerNormFunction.apply(x, w, zeros, EPS)
     except ImportError as exc:
         raise ProviderUnavailable(f"liger_kernel not importable ({exc})") from None
     if spec.direction == "fwd" or spec.op != "rmsnorm":
@@ -268,12 +239,14 @@ def _provide_quack(spec, sets, device):
     except Exception as exc:  # quack's import also loads the CuTe DSL, which can fail for other reasons
         raise ProviderUnavailable(f"quack not importable ({type(exc).__name__}: {exc})") from None
     if spec.op == "rmsnorm":
-        f = lambda x, w: qr.rmsnorm(x, w, eps=EPS)
+        def f(x, w):
+            return qr.rmsnorm(x, w, eps=EPS)
     else:
         ln = getattr(qr, "layernorm", None)
         if ln is None:
             raise ProviderUnavailable("this quack has no layernorm in quack.rmsnorm")
-        f = lambda x, w: ln(x, w, eps=EPS)
+        def f(x, w):
+            return ln(x, w, eps=EPS)
     return "quack", _autograd_impl(spec, sets, f), None
 
 
@@ -283,23 +256,16 @@ class Provider:
     (impl name, callable taking an input-set index, dispatch choice or None)."""
 
     build: Callable
-    anchor: bool  # one of the leading implementations autonorm must beat (issue 7)
     about: str
 
 
 PROVIDERS: dict[str, Provider] = {
-    "autonorm": Provider(_provide_autonorm, False, "autonorm's dispatched kernel (tuning database or heuristic)"),
-    "torch": Provider(_provide_torch, True, "torch eager: F.rms_norm / F.layer_norm"),
-    "torch.compile": Provider(_provide_compile, True, "torch.compile(dynamic=False) of the eager function"),
-    "liger": Provider(_provide_liger, True, "liger_kernel.ops LigerRMSNormFunction / LigerLayerNormFunction"),
-    "quack": Provider(_provide_quack, True, "quack.rmsnorm.rmsnorm (CuTe DSL)"),
+    "autonorm": Provider(_provide_autonorm, "autonorm's dispatched kernel (tuning database or heuristic)"),
+    "torch": Provider(_provide_torch, "torch eager: F.rms_norm / F.layer_norm"),
+    "torch.compile": Provider(_provide_compile, "torch.compile(dynamic=False) of the eager function"),
+    "liger": Provider(_provide_liger, "liger_kernel.ops LigerRMSNormFunction / LigerLayerNormFunction"),
+    "quack": Provider(_provide_quack, "quack.rmsnorm.rmsnorm (CuTe DSL)"),
 }
-ANCHORS = tuple(name for name, p in PROVIDERS.items() if p.anchor)
-
-
-def provider_of(impl: str) -> str:
-    """Provider name of a row's impl ('autonorm[triton]' -> 'autonorm'); rows of older files lack it."""
-    return "autonorm" if impl.startswith("autonorm") else impl
 
 
 def check_providers(names: list[str]) -> list[str]:
@@ -411,7 +377,8 @@ def add_arguments(p) -> None:
     from .cli import add_device, add_list
 
     add_list(p, "--ops", default=["rmsnorm", "layernorm"], choices=["rmsnorm", "layernorm"])
-    add_list(p, "--dtypes", default=["float32", "bfloat16"], help="input dtypes (float32, float16, bfloat16 or fp32 ...)")
+    add_list(p, "--dtypes", default=["float32", "bfloat16"],
+             help="input dtypes (float32, float16, bfloat16 or fp32 ...)")
     add_list(p, "--shapes", default=list(DEFAULT_SHAPES), help="ROWSxHIDDEN, e.g. 8192x4096")
     add_list(p, "--directions", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     p.add_argument("--grid", choices=["standard", "quick"],

@@ -12,8 +12,6 @@ import time
 
 import torch
 
-HELP = "run every available backend against the reference on a small grid"
-
 
 def add_arguments(parser) -> None:
     from .cli import add_device, add_list, positive_int
@@ -64,14 +62,16 @@ def main(args) -> int:
     if too_big:
         raise UsageError(f"--hidden {too_big[0]} is above the kernels' maximum {MAX_HIDDEN}")
     poison_outputs(True)  # unwritten outputs show up as NaN
-    header = f"{'backend':<10} {'op':<10} {'dir':<4} {'dtype':<9} {'N':>6} {'max err':>10} {'tol':>8} {'compile s':>9}  result"
+    header = (f"{'backend':<10} {'op':<10} {'dir':<4} {'dtype':<9} {'N':>6} {'max err':>10} {'tol':>8} "
+              f"{'compile s':>9}  result")
     print(f"autonorm check on {device}")
     print(header)
     print("-" * len(header))
     failures = total = 0
     for name in names:
         backend = get_backend(name)
-        reason = backend.unavailable_reason() or (None if backend.supports_device(device) else f"does not run on {device}")
+        reason = backend.unavailable_reason() or (
+            None if backend.supports_device(device) else f"does not run on {device}")
         if reason:
             print(f"{name:<10} skipped: {reason}")
             continue

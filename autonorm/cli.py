@@ -1,7 +1,7 @@
 """The `autonorm` command. Each subcommand lives in its own module, listed here as data.
 
-A subcommand module defines `HELP` (one line), `add_arguments(parser)` and
-`main(args) -> int`; it is imported only when that subcommand runs, so
+A subcommand module defines `add_arguments(parser)` and `main(args) -> int`
+(its one-line help is in `COMMANDS`); it is imported only when that subcommand runs, so
 `autonorm check` never pays for Optuna's import.
 
 One convention for every subcommand, kept here:

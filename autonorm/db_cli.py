@@ -14,8 +14,6 @@ from .db import MERGE_RULE, TuningDB
 from .device import stale_compiler
 from .errors import AutonormError, DatabaseError
 
-HELP = "show, validate, merge, diff, locate or export tuning databases"
-
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
@@ -42,7 +40,8 @@ def add_arguments(p) -> None:
 
 def _entry(e) -> str:
     pct = f", {e.pct_copy_bw:.0f}% copy bw" if e.pct_copy_bw is not None else ""
-    return f"{e.backend}[{e.config.short()}] {e.median_us:.2f} us ({e.p20_us:.2f}-{e.p80_us:.2f}), {e.gbps:.1f} GB/s{pct}"
+    return (f"{e.backend}[{e.config.short()}] {e.median_us:.2f} us ({e.p20_us:.2f}-{e.p80_us:.2f}), "
+            f"{e.gbps:.1f} GB/s{pct}")
 
 
 def _speedup(baseline_us: float, us: float) -> str:
@@ -58,8 +57,8 @@ def _printable(text: str) -> str:
 def show(db: TuningDB, out=None) -> None:
     out = out or sys.stdout
     d = db.device
-    print(f"device: {_printable(d['name'])} ({d['slug']}, {d['kind']}, cc {d['compute_capability']}, {d['sm_count']} SMs/cores, "
-          f"L2 {d['l2_bytes']} B, copy {d['copy_gbps']} GB/s)", file=out)
+    print(f"device: {_printable(d['name'])} ({d['slug']}, {d['kind']}, cc {d['compute_capability']}, "
+          f"{d['sm_count']} SMs/cores, L2 {d['l2_bytes']} B, copy {d['copy_gbps']} GB/s)", file=out)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in db.versions.items() if v is not None), file=out)
     print(f"records: {len(db.records)}", file=out)
     for key in sorted(db.records):

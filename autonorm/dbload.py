@@ -99,7 +99,8 @@ def sources(*, lenient: bool = False) -> list[tuple[str, Path, bool]]:
             except (DatabaseError, OSError) as exc:  # OSError: a name too long, a folder that cannot be listed
                 if not lenient:
                     raise
-                why = exc if isinstance(exc, DatabaseError) else f"{origin} entry {str(path)[:200]!r}: {exc.strerror or exc}"
+                why = (exc if isinstance(exc, DatabaseError)
+                       else f"{origin} entry {str(path)[:200]!r}: {exc.strerror or exc}")
                 warnings.warn(f"autonorm: ignoring {why}", RuntimeWarning, stacklevel=3)
                 continue
             found += [(origin, p, p != path) for p in expanded]
@@ -164,15 +165,24 @@ def load_db(path) -> object:
     dbs = _read_all([(p, p != path) for p in _expand(path, "autonorm.load_db")])
     if not dbs:
         raise DatabaseError(f"autonorm.load_db: folder {str(path)!r} holds no *.json tuning database")
-    from . import dispatch
-
     with _lock:
         _user_paths.append(path)
         if _files is not None:
             _files.extend(dbs)
         _tables.clear()
-    dispatch.reset(keep_databases=True)
+    for hook in _on_load:
+        hook()
     return dbs[-1][1]
+
+
+# Called after `load_db` adds a database. The dispatcher registers its reset here (it imports this
+# module, so this one never imports the dispatcher).
+_on_load: list = []
+
+
+def on_load(hook) -> None:
+    """Call `hook()` after every `load_db`."""
+    _on_load.append(hook)
 
 
 def forget(*, user_paths: bool = False) -> None:

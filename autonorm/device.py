@@ -112,7 +112,8 @@ def device_key(device: torch.device) -> str:
     """The compile-cache part of a device: kernels compiled for one run on it."""
     if device.type == "cuda":
         ident = identity(device)
-        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}:sm{ident['compute_capability']}"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}:sm{ident['compute_capability']}"
     return "cpu"
 
 

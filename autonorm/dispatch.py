@@ -32,22 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import knobs
+from . import dbload, knobs
+from .backends import DEFAULT_ORDER
 from .config import Config
 from .errors import AutonormError, BackendUnavailableError
 from .spec import DTYPE_NAMES, NormSpec
 
 log = logging.getLogger("autonorm")
 
-# Automatic choice per device type, best first. Interpreters and simulators are
-# never chosen automatically: they run only when forced with AUTONORM_BACKEND.
-DEFAULT_ORDER = {
-    "cuda": ("triton", "cupy", "numba", "torch"),
-    "cpu": ("numba-cpu", "torch"),
-}
-
-RUNGS = ("disabled", "forced", "exact", "nearest-rows", "nearest-hidden", "same-arch", "tuned", "heuristic",
-         "torch")
 
 
 @dataclass(frozen=True)
@@ -81,9 +73,10 @@ def reset(*, keep_databases: bool = False) -> None:
     with _lock:
         _choices.clear()
     if not keep_databases:
-        from . import dbload
-
         dbload.forget()
+
+
+dbload.on_load(lambda: reset(keep_databases=True))  # a loaded database may answer keys resolved before
 
 
 def make_key(op, direction, x, weight, bias, residual, offset):
@@ -201,7 +194,6 @@ def _nearest(table, key, spec, device, bucket, *, same_hidden: bool):
 
 def _database_candidates(spec: NormSpec, device, bucket):
     """(rung, record key, record, table) in ladder order, lazily (only as far as needed)."""
-    from . import dbload
     from .db import RecordKey
     from .device import identity
 
@@ -259,7 +251,7 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
     try:
         import optuna  # noqa: F401  (the tuner's search)
 
-        from . import dbload, measure, tuner
+        from . import measure, tuner
     except ImportError:
         return None
     from .db import TuningDB
@@ -331,47 +323,3 @@ def _resolve(spec: NormSpec, device: torch.device, bucket: int) -> Choice:
 def choice_for_tensors(op, direction, x, weight=None, bias=None, residual=None, offset=0.0) -> Choice:
     """The choice a kernel call on these 2-D tensors would use (low level: kernel arguments)."""
     return choice_for(make_key(op, direction, x, weight, bias, residual, offset))
-
-
-def explain(fn, input, *args, direction: str = "fwd", **kwargs):
-    """Which backend, config and ladder rung a call would use, without running the call.
-
-    (Resolving a key not seen before launches its kernel once on 2 rows, as any first call does.)
-
-    `fn` is `"rms_norm"`, `"layer_norm"`, the function itself, or an autonorm
-    `RMSNorm` / `LayerNorm` module (then pass only the input, and `residual=`);
-    the other arguments are that call's. `direction="bwd"` explains its backward.
-
-        print(autonorm.explain("rms_norm", x, (4096,), w))
-        print(autonorm.explain(model.norm, x, direction="bwd"))
-
-    Returns a `Choice`, or a `functional.TorchFallback` (rung "fallback", with the reason) for a call
-    the kernels do not take and torch's own implementation runs.
-    """
-    from . import functional, modules
-
-    if direction not in ("fwd", "bwd"):
-        raise ValueError(f"explain: direction must be 'fwd' or 'bwd', got {direction!r}")
-    if isinstance(fn, modules.RMSNorm):
-        fn, args, kwargs = "rms_norm", (fn.normalized_shape, fn.weight, fn.eps), {
-            "offset": fn.offset, "casting_mode": fn.casting_mode, **kwargs}
-    elif isinstance(fn, modules.LayerNorm):
-        fn, args = "layer_norm", (fn.normalized_shape, fn.weight, fn.bias, fn.eps)
-    name = getattr(fn, "__name__", fn)
-    if name not in ("rms_norm", "layer_norm"):
-        raise ValueError(f"explain: expected 'rms_norm', 'layer_norm' or an autonorm norm module, got {fn!r}")
-    if name == "rms_norm":
-        params = dict(zip(("normalized_shape", "weight", "eps"), args), **kwargs)
-        offset, bias = float(params.get("offset", 0.0)), None
-        op = functional.rmsnorm_op(params.get("casting_mode", "gemma"))
-    else:
-        params = dict(zip(("normalized_shape", "weight", "bias", "eps"), args), **kwargs)
-        offset, bias, op = 0.0, params.get("bias"), "layernorm"
-        if bias is not None and params.get("weight") is None:
-            params["weight"] = torch.ones_like(bias)
-    fallback = functional.fallback_reason(input, params["normalized_shape"], params.get("weight"), bias)
-    if fallback is not None:  # a call the kernels do not take runs torch's own implementation
-        return functional.TorchFallback(name, fallback)
-    _, x2d, weight, bias, r2d = functional._prepare(name, input, params["normalized_shape"], params.get("weight"),
-                                                   bias, params.get("residual"))
-    return choice_for_tensors(op, direction, x2d, weight, bias, r2d, offset)

@@ -1,7 +1,7 @@
 """The benchmark and tuning grids of issue 7, as data: `standard` and its `quick` subset.
 
-The tuner and `autonorm bench --grid` read these, so a grid is defined once. A grid names ops, directions, dtypes and hidden sizes;
-rows are derived per hidden size:
+The tuner and `autonorm bench --grid` read these, so a grid is defined once. A grid names ops,
+directions, dtypes and hidden sizes; rows are derived per hidden size:
 
 - tuning rows: `tune_rows` (power-of-two buckets from 1 up), each capped so that
   one (rows, N) tensor holds at most `max_elements` elements (the backward pass

@@ -83,15 +83,3 @@ TRITON_FP_FUSION = "1"
 def pin_triton_fp_fusion() -> str:
     """TRITON_DEFAULT_FP_FUSION: set to TRITON_FP_FUSION unless already set; returns the value in force."""
     return os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", TRITON_FP_FUSION)
-
-
-ALL = {
-    "AUTONORM_BACKEND": backend,
-    "AUTONORM_DB_PATH": db_paths,
-    "AUTONORM_DISABLE": disabled,
-    "AUTONORM_LOG": log_choices,
-    "AUTONORM_TUNE_ON_MISS": tune_on_miss,
-    "AUTONORM_CACHE_DIR": cache_dir,
-    "AUTONORM_VERIFY_DB": verify_db,
-    "AUTONORM_USER_DB_DIR": user_db_dir,
-}

@@ -84,8 +84,8 @@ class Outcome:
 
     def to_json(self) -> dict:
         """The record's `quality` field."""
-        doc = {"confidence": "high" if self.verdict.ok else "low", "spread": round(min(self.verdict.worst_spread, 1e6), 3),
-               "attempts": self.attempts}
+        doc = {"confidence": "high" if self.verdict.ok else "low",
+               "spread": round(min(self.verdict.worst_spread, 1e6), 3), "attempts": self.attempts}
         if not self.verdict.ok:
             doc["problems"] = self.verdict.problems
             doc["load"] = load_average()

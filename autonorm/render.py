@@ -51,11 +51,11 @@ def render(template: str, spec: NormSpec, config: Config, **context) -> Source:
     return Source.of(text, template)
 
 
-def template_hash(folder: str, *extra_files: str) -> str:
-    """sha256 over every file of a templates/ subfolder plus extra source files.
+def template_hash(folder: str, *source_files: str) -> str:
+    """sha256 over every template of a templates/ subfolder plus the Python source files given.
 
     Recorded with every database record: a record whose hash differs was tuned
-    for other kernels and must not be used (DESIGN §6).
+    for other kernels (or other launch code) and must not be used.
     """
     digest = hashlib.sha256()
     root = resources.files("autonorm.templates") / folder
@@ -63,7 +63,7 @@ def template_hash(folder: str, *extra_files: str) -> str:
         if entry.is_file() and entry.name.endswith(".j2"):
             digest.update(entry.name.encode())
             digest.update(entry.read_bytes())
-    for path in extra_files:
+    for path in source_files:
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]

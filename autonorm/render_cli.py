@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-HELP = "print the generated source of a kernel"
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -21,8 +20,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", required=True, help="backend name (see `autonorm check`), e.g. triton, numba")
     parser.add_argument("--op", default="rmsnorm", choices=("rmsnorm", "layernorm"))
     parser.add_argument("--direction", default="fwd", choices=("fwd", "bwd"))
-    parser.add_argument("--dtype", default="float32", help="input dtype: float32, float16, bfloat16 (or fp32/fp16/bf16)")
-    parser.add_argument("--w-dtype", default=None, help="weight dtype: float32 or the input dtype (default: the input dtype)")
+    parser.add_argument("--dtype", default="float32",
+                        help="input dtype: float32, float16, bfloat16 (or fp32/fp16/bf16)")
+    parser.add_argument("--w-dtype", default=None,
+                        help="weight dtype: float32 or the input dtype (default: the input dtype)")
     parser.add_argument("--hidden", type=int, required=True, help="hidden size N")
     parser.add_argument("--no-weight", action="store_true", help="no weight (and so no bias or offset)")
     parser.add_argument("--bias", action="store_true", help="LayerNorm bias")
@@ -46,7 +47,8 @@ def parse_config(config_cls, base: dict, text: str | None):
         if not sep:
             raise InvalidConfigError(f"--config item {item.strip()!r} is not key=value")
         if key not in domain:
-            raise InvalidConfigError(f"{config_cls.backend} config has no knob {key!r} (knobs: {', '.join(domain) or 'none'})")
+            raise InvalidConfigError(
+                f"{config_cls.backend} config has no knob {key!r} (knobs: {', '.join(domain) or 'none'})")
         values[key] = _domain_value(key, raw, domain[key], config_cls.backend)
     return config_cls.from_dict(values)
 

@@ -24,9 +24,16 @@ import os
 import re
 from collections import defaultdict
 
-from .bench import ANCHORS, PROVIDERS, provider_of
+# The implementations `autonorm bench` compares (`autonorm.bench.PROVIDERS` builds them), in report
+# order, and the anchors among them: the leading implementations autonorm must beat.
+PROVIDER_ORDER = ("autonorm", "torch", "torch.compile", "liger", "quack")
+ANCHORS = ("torch", "torch.compile", "liger", "quack")
 
-PROVIDER_ORDER = tuple(PROVIDERS)
+
+def provider_of(impl: str) -> str:
+    """Provider name of a row's impl ('autonorm[triton]' -> 'autonorm'); rows of older files lack it."""
+    return "autonorm" if impl.startswith("autonorm") else impl
+
 DTYPE_ORDER = ("bfloat16", "float16", "float32")
 # Issue 7's goals (on H100): fraction of copy bandwidth at N >= 1024 for the largest row count.
 GOAL_PCT = {"fwd": 90.0, "bwd": 75.0}

@@ -56,11 +56,10 @@ from .db import Entry, Record, RecordKey, TuningDB, now_iso
 from .journal import JournalError, prepare_journal
 from .device import software_versions
 from .errors import AutonormError
-from .spec import NormSpec, dtype_name, rows_bucket
+from .spec import NormSpec, rows_bucket
 
 log = logging.getLogger("autonorm.tune")
 
-HELP = "tune kernels on this machine and write a tuning database"
 
 # --quick: five studies that finish in a few minutes on a 2-core CPU (numba-cpu + torch): the forward of
 # each op and hidden size, and the backward of the first op at the first hidden size ("quick_backward").
@@ -565,8 +564,8 @@ def add_arguments(p) -> None:
     add_list(p, "--dtypes", help=f"input dtypes, float32, float16, bfloat16 or fp32... ({preset('dtypes')})")
     p.add_argument("--weight-dtype", choices=("same", "float32"), default="same",
                    help="weight dtype: the input's or float32")
-    add_list(p, "--features", help="feature tags such as weight, weight+bias, weight+residual, weight+cast_llama, none (default: "
-                                   "weight for rmsnorm and weight+bias for layernorm, as torch.nn's modules); "
+    add_list(p, "--features", help="feature tags such as weight, weight+bias, weight+residual, weight+cast_llama, "
+                                   "none (default: weight for rmsnorm and weight+bias for layernorm, as torch.nn's modules); "
                                    "a tag invalid for one op is skipped for it")
     add_list(p, "--hidden", kind=positive_int, help=f"hidden sizes N ({preset('hidden')})")
     add_list(p, "--rows", kind=positive_int,
@@ -591,7 +590,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-compile-baseline", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--compile-workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="threads compiling candidates while timing stays serial")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are off when stderr is not a terminal)")
 
 
 def _feature_kwargs(tag: str) -> dict:
@@ -644,8 +644,7 @@ def specs_from_args(args) -> list[NormSpec]:
 
 def native_backends(device: torch.device, requested: list[str] | None) -> dict:
     """Candidate backends that run natively on `device` (interpreter and simulator timings are never recorded)."""
-    from .backends import BACKENDS, get_backend
-    from .dispatch import DEFAULT_ORDER
+    from .backends import BACKENDS, DEFAULT_ORDER, get_backend
     from .errors import BackendUnavailableError
 
     native = DEFAULT_ORDER.get(device.type, ("torch",))

@@ -6,19 +6,38 @@ from __future__ import annotations
 
 import importlib
 import threading
+from typing import NamedTuple
 
 import torch
 
 from autonorm.errors import BackendUnavailableError, UnknownBackendError
 
-# name -> "module:Class". Order is the preference among available backends when
-# no database says otherwise (fastest-in-general first; torch is the last resort).
-BACKENDS: dict[str, str] = {
-    "triton": "autonorm.backends.triton:TritonBackend",
-    "cupy": "autonorm.backends.cupy:CupyBackend",
-    "numba": "autonorm.backends.numba_cuda:NumbaCudaBackend",
-    "numba-cpu": "autonorm.backends.numba_cpu:NumbaCpuBackend",
-    "torch": "autonorm.backends.torch_eager:TorchBackend",
+
+class Registration(NamedTuple):
+    """Where a backend lives, the device kinds it is chosen for automatically, and its rank there."""
+
+    target: str  # "module:Class"
+    native: tuple[str, ...]  # device types; interpreters and simulators run only when forced
+    rank: int  # lower is preferred among available backends when no database says otherwise
+
+
+# Fastest-in-general first; torch is the last resort everywhere.
+REGISTRY: dict[str, Registration] = {
+    "triton": Registration("autonorm.backends.triton:TritonBackend", ("cuda",), 0),
+    "cupy": Registration("autonorm.backends.cupy:CupyBackend", ("cuda",), 1),
+    "numba": Registration("autonorm.backends.numba_cuda:NumbaCudaBackend", ("cuda",), 2),
+    "numba-cpu": Registration("autonorm.backends.numba_cpu:NumbaCpuBackend", ("cpu",), 3),
+    "torch": Registration("autonorm.backends.torch_eager:TorchBackend", ("cuda", "cpu"), 99),
+}
+
+_BY_RANK = sorted(REGISTRY, key=lambda name: REGISTRY[name].rank)
+
+# name -> "module:Class", in preference order.
+BACKENDS: dict[str, str] = {name: REGISTRY[name].target for name in _BY_RANK}
+
+# Automatic choice per device type, best first (the dispatcher's heuristic rung, the tuner's native backends).
+DEFAULT_ORDER: dict[str, tuple[str, ...]] = {
+    kind: tuple(name for name in _BY_RANK if kind in REGISTRY[name].native) for kind in ("cuda", "cpu")
 }
 
 _instances: dict = {}

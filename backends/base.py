@@ -226,10 +226,14 @@ class Backend(abc.ABC):
         return render(self.template_name(spec), spec, config, **self.render_context(spec, config))
 
     def template_hash(self) -> str:
-        """Identity of the code this backend generates (databases record it)."""
+        """Identity of the code this backend generates and launches (databases record it).
+
+        Covers the templates and the backend's own module, whose launch code and
+        `render_context` shape the kernels as much as the templates do.
+        """
         if self.template_dir is None:
             return f"{self.name}-{self.version()}"
-        return template_hash(self.template_dir)
+        return template_hash(self.template_dir, sys.modules[type(self).__module__].__file__)
 
     def compile(self, spec: NormSpec, config: Config, device: torch.device | str = "cpu") -> Kernel:
         """Render and compile, memoized by source hash, backend version and device."""

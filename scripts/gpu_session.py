@@ -223,7 +223,8 @@ class Session:
             try:
                 text = summary(self.out)
             except Exception as exc:  # the files are on disk whatever happens here
-                text = f"gpu_session: the summary failed ({type(exc).__name__}: {exc}); the files in {self.out} are complete"
+                text = (f"gpu_session: the summary failed ({type(exc).__name__}: {exc}); "
+                        f"the files in {self.out} are complete")
             self.log.write(text + "\n")
             self.log.close()
             print(text, flush=True)
@@ -692,7 +693,8 @@ def phase_tune(ph: Phase) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if ph.dry_run:  # the interpreter stands in for the GPU backends (the tuner never records it otherwise)
         backends = {name: get_backend(name) for name in ("triton", "torch")}
-        timer, rows, trials, hidden = measure.CpuTimer(warmup_s=0.0, rep_s=0.0, min_reps=2, max_reps=2, max_sets=2), 4, 2, (32,)
+        timer = measure.CpuTimer(warmup_s=0.0, rep_s=0.0, min_reps=2, max_reps=2, max_sets=2)
+        rows, trials, hidden = 4, 2, (32,)
     else:
         backends = tuner.native_backends(ph.device, None)
         timer, rows, trials, hidden = measure.CudaTimer(ph.device, warmup_ms=10, rep_ms=50), 16384, 12, (4096, 8192)

@@ -192,7 +192,8 @@ def main(argv=None) -> int:
         backend, config = json.loads(min(other["table"], key=other["table"].get))
         transfer.append(Candidate(backend, backends[backend].config_cls.from_dict(config)))
         sources.append(f"N={other['spec']['hidden']} rows={other['rows']}")
-    tpe_t = [replay_tpe(spec, args.rows, backends, table, seed, transfer) for seed in range(args.seeds)] if transfer else []
+    tpe_t = ([replay_tpe(spec, args.rows, backends, table, seed, transfer) for seed in range(args.seeds)]
+             if transfer else [])
     keys = list(table)
     rnd = []
     for seed in range(args.seeds):

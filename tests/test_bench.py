@@ -71,8 +71,8 @@ def test_wrong_or_crashing_provider_is_never_timed(monkeypatch):
     def crash(spec, sets, device):
         raise RuntimeError("no kernel for this shape\nsecond line")
 
-    monkeypatch.setitem(bench.PROVIDERS, "wrong", bench.Provider(wrong, True, "test"))
-    monkeypatch.setitem(bench.PROVIDERS, "crash", bench.Provider(crash, True, "test"))
+    monkeypatch.setitem(bench.PROVIDERS, "wrong", bench.Provider(wrong, "test"))
+    monkeypatch.setitem(bench.PROVIDERS, "crash", bench.Provider(crash, "test"))
     for direction in ("fwd", "bwd"):
         spec = NormSpec("layernorm", direction, "bfloat16", "bfloat16", 96)
         impls, _, notes = bench.build_case(spec, 9, bench.torch.device("cpu"), 2, ["torch", "wrong", "crash"])

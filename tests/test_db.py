@@ -85,7 +85,8 @@ BAD = {
     "value outside the domain": (lambda o: _numba(o).update(rows_per_task=3),
                                  "outside its domain"),
     "unknown config key": (lambda o: _numba(o).update(evil=1), "unknown keys"),
-    "config for torch": (lambda o: o["records"][0]["runners_up"][0]["config"].update(x=1), "refused by backend 'torch'"),
+    "config for torch": (lambda o: o["records"][0]["runners_up"][0]["config"].update(x=1),
+                         "refused by backend 'torch'"),
     "duplicate key": (lambda o: o["records"].append(copy.deepcopy(o["records"][0])), "repeats key"),
 }
 

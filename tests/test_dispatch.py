@@ -7,8 +7,10 @@ tells which database record won.
 """
 import json
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -364,6 +366,25 @@ def test_meta_tensors_never_get_a_cpu_kernel(tmp_path):
     c = autonorm.explain("rms_norm", xm, (64,), wm)
     assert c.backend == "torch"
     assert autonorm.rms_norm(xm, (64,), wm).device.type == "meta"
+
+
+def test_changed_launch_code_makes_records_stale(tmp_path, monkeypatch):
+    # The recorded hash covers the backend's Python module as well as its templates: a record tuned
+    # before the launch code changed is skipped, with the stale-hash warning.
+    numba = backends.get_backend("numba-cpu")
+    module = sys.modules[type(numba).__module__]
+    spec = autonorm.spec.NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    autonorm.load_db(write_db(tmp_path / "cpu.json", [record(64, 4, backend="numba-cpu",
+                                                             config=numba.heuristic(spec).to_dict(),
+                                                             template_hash=numba.template_hash())]))
+    slug = identity("cpu")["slug"]
+    assert len(dbload.table(slug).records) == 1  # tuned for this launcher: usable
+    changed = tmp_path / "numba_cpu.py"
+    changed.write_text(Path(module.__file__).read_text() + "\n# the launch code changed\n")
+    monkeypatch.setattr(module, "__file__", str(changed))
+    dbload.forget()
+    with pytest.warns(RuntimeWarning, match="stale template hash for numba-cpu"):
+        assert not dbload.table(slug).records
 
 
 def test_tune_on_miss_with_an_unusable_cache_dir_falls_back(tmp_path, monkeypatch):

@@ -263,8 +263,8 @@ def test_workers_starting_together_all_open_a_fresh_database(database, tmp_path)
             "while not Path(sys.argv[2] + '.go').exists(): time.sleep(0.001)\n"  # all at once, imports done
             "open_storage(sys.argv[1], Path('unused'))")
     barrier = str(tmp_path / "barrier")
-    procs = [subprocess.Popen([sys.executable, "-c", code, database, barrier, str(i)], stderr=subprocess.PIPE, text=True)
-             for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, database, barrier, str(i)], stderr=subprocess.PIPE,
+                              text=True) for i in range(4)]
     deadline = time.monotonic() + 240
     while len(list(tmp_path.glob("barrier.ready*"))) < len(procs):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a worker failed to start"

@@ -90,3 +90,16 @@ def test_cuda_timer_draws_inputs_on_the_device_and_prepares_untimed(monkeypatch)
     args = timer._inputs[(SPEC, 4096)]
     assert all(a.device.type == "cuda" for a in args if isinstance(a, torch.Tensor))
     assert len(prepared) >= t.reps  # once before every timed repetition
+
+
+def test_llc_bytes_reads_sysfs_and_falls_back_to_64_mib(monkeypatch, tmp_path):
+    from autonorm import bench
+
+    assert bench.llc_bytes is measure.llc_bytes  # the bench sizes its input sets as the tuner does
+    assert measure.llc_bytes() > 0
+
+    def no_sysfs(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr("builtins.open", no_sysfs)
+    assert measure.llc_bytes() == 64 << 20

@@ -58,7 +58,8 @@ def test_persistent_noise_is_flagged_low_confidence_with_the_load(tmp_path, capl
     assert "low-confidence" in caplog.text and "load average" in caplog.text
     assert "(low)" in tuner.format_table([result])
     db = TuningDB({"name": "x", "slug": "x", "kind": "cpu", "compute_capability": None, "sm_count": 2,
-                   "l2_bytes": 0, "copy_gbps": 1.0}, {"autonorm": "0", "torch": "0"}, {}, {result.record.key: result.record})
+                   "l2_bytes": 0, "copy_gbps": 1.0}, {"autonorm": "0", "torch": "0"}, {},
+                  {result.record.key: result.record})
     db.save(tmp_path / "x.json")  # the flag survives the schema and a round trip
     assert TuningDB.load(tmp_path / "x.json").records[result.record.key].quality == q
 

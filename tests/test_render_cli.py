@@ -16,7 +16,8 @@ def _module_exists(name: str) -> bool:
     return importlib.util.find_spec(BACKENDS[name].split(":")[0]) is not None
 
 
-BACKEND_NAMES = [pytest.param(name, marks=pytest.mark.skipif(not _module_exists(name), reason=f"{name} not written yet"))
+BACKEND_NAMES = [pytest.param(name, marks=pytest.mark.skipif(not _module_exists(name),
+                                                             reason=f"{name} not written yet"))
                  for name in ("triton", "cupy", "numba", "numba-cpu", "torch")]
 
 

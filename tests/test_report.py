@@ -60,17 +60,17 @@ def test_tables_numbers_and_goals(bench_json, tmp_path):
     md = md_path.read_text()
     spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 1024)
     gbps = spec.bytes_moved(32768) / 50e-6 / 1e9
-    line = next(l for l in md.splitlines() if l.startswith("| 1024 | 32768 |"))
+    line = next(row for row in md.splitlines() if row.startswith("| 1024 | 32768 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     # columns: N, rows, autonorm, torch, torch.compile, liger, x compile, x best anchor
     assert cells[2] == f"{gbps:.0f} ({100 * gbps / COPY:.0f}%)"
     assert cells[6] == "2.00×"                      # 100 / 50
     assert cells[7] == "0.80× (liger)"              # best anchor liger 40 us: 40 / 50
-    big = next(l for l in md.splitlines() if l.startswith("| 131072 | 2048 |"))
+    big = next(row for row in md.splitlines() if row.startswith("| 131072 | 2048 |"))
     bcells = [c.strip() for c in big.strip("|").split("|")]
     assert bcells[5] == "–"                          # liger absent at N=131072
     assert bcells[6] == "2.00×" and bcells[7] == "2.00× (torch.compile)"
-    geo = next(l for l in md.splitlines() if l.startswith("| **geomean**"))
+    geo = next(row for row in md.splitlines() if row.startswith("| **geomean**"))
     assert "**2.00×**" in geo and f"**{(0.8 * 2.0) ** 0.5:.2f}×**" in geo
     # A table whose cells have no anchor prints dashes, not a crash.
     ln = md[md.index("### layernorm bwd float32"):]
@@ -103,7 +103,7 @@ def test_later_rows_replace_earlier_and_cli(bench_json, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["bench", "--report", str(out), "--input", str(bench_json), str(again)]) == 0
     md = (out / "nvidia-h100-80gb-hbm3.md").read_text()
-    line = next(l for l in md.splitlines() if l.startswith("| 1024 | 32768 |"))
+    line = next(row for row in md.splitlines() if row.startswith("| 1024 | 32768 |"))
     assert line.rstrip().endswith("| 4.00× | 1.60× (liger) |")
 
 
@@ -130,3 +130,10 @@ def test_file_names_from_the_input_slug_stay_in_the_report_folder(bench_json, tm
     for path in map(Path, written):
         assert path.parent == out
         assert re.fullmatch(r"[a-z0-9_-][a-z0-9._-]*", path.name), path.name
+
+
+def test_report_names_every_bench_provider():
+    from autonorm import bench
+
+    assert tuple(bench.PROVIDERS) == report.PROVIDER_ORDER
+    assert set(report.ANCHORS) <= set(report.PROVIDER_ORDER) and "autonorm" not in report.ANCHORS

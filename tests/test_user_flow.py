@@ -70,7 +70,8 @@ X = torch.randn(4, 64)
 
 
 @pytest.mark.parametrize("call,reference", [
-    (lambda: autonorm.rms_norm(X.double(), (64,), torch.ones(64)), lambda: F.rms_norm(X.double(), (64,), torch.ones(64))),
+    (lambda: autonorm.rms_norm(X.double(), (64,), torch.ones(64)),
+     lambda: F.rms_norm(X.double(), (64,), torch.ones(64))),
     (lambda: autonorm.layer_norm(X.double(), (64,)), lambda: F.layer_norm(X.double(), (64,))),
     (lambda: autonorm.rms_norm(X, (64,), torch.full((64,), 2.0, dtype=torch.float16)),
      lambda: F.rms_norm(X, (64,), torch.full((64,), 2.0, dtype=torch.float16))),
@@ -80,7 +81,8 @@ X = torch.randn(4, 64)
      lambda: F.rms_norm(X.view(2, 2, 64), (64,), torch.ones(64))),
     (lambda: torch.vmap(lambda t: autonorm.layer_norm(t, (64,)))(X.view(2, 2, 64)),
      lambda: F.layer_norm(X.view(2, 2, 64), (64,))),
-    (lambda: autonorm.rms_norm(X.double(), (64,), torch.ones(64, dtype=torch.float64), offset=1.0, residual=X.double())[0],
+    (lambda: autonorm.rms_norm(X.double(), (64,), torch.ones(64, dtype=torch.float64), offset=1.0,
+                               residual=X.double())[0],
      lambda: F.rms_norm(2 * X.double(), (64,), torch.full((64,), 2.0, dtype=torch.float64))),
 ])
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's own, on mixed dtypes
