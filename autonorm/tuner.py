@@ -565,8 +565,8 @@ def add_arguments(p) -> None:
     p.add_argument("--weight-dtype", choices=("same", "float32"), default="same",
                    help="weight dtype: the input's or float32")
     add_list(p, "--features", help="feature tags such as weight, weight+bias, weight+residual, weight+cast_llama, "
-                                   "none (default: weight for rmsnorm and weight+bias for layernorm, as torch.nn's modules); "
-                                   "a tag invalid for one op is skipped for it")
+                                   "none (default: weight for rmsnorm and weight+bias for layernorm, as torch.nn's "
+                                   "modules); a tag invalid for one op is skipped for it")
     add_list(p, "--hidden", kind=positive_int, help=f"hidden sizes N ({preset('hidden')})")
     add_list(p, "--rows", kind=positive_int,
              help=f"row counts, each recorded under its power-of-two bucket ({preset('rows')})")
