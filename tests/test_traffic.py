@@ -80,3 +80,18 @@ def test_forward_on_chip_reads_and_writes_each_tensor_once(interpreted, op):
     m = traffic.measure(backend, spec, backend.heuristic(spec), 3)
     assert m.row_ratio <= 1.05, m.per_tensor
     assert m.per_tensor["x"] == m.sizes["x"] and m.per_tensor["y"] == m.sizes["y"]
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_chunked_forward_reads_the_inputs_once_and_rereads_h(interpreted, op):
+    """Two passes: x and the residual read once, h written once and read back once."""
+    from autonorm.backends.triton import TritonConfig
+
+    backend = get_backend("triton")
+    spec = NormSpec(op, "fwd", "bfloat16", "bfloat16", 4000, residual=True, bias=op == "layernorm")
+    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2, DW_PARTIALS=32)
+    m = traffic.measure(backend, spec, config, 3)
+    for name in ("x", "residual", "y"):
+        assert m.per_tensor[name] == m.sizes[name], name
+    assert m.per_tensor["h"] == 2 * m.sizes["h"]
+    assert m.row_ratio <= 1.26

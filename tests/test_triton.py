@@ -259,3 +259,18 @@ def test_int64_offsets_gpu(triton_backend, direction):
         rdx, _, _ = verify.reference.backward("rmsnorm", dy[tail], x[tail], w, eps=1e-5, dtype=torch.float32)
         assert verify.reference.rel_l2(dx[tail], rdx) < 2e-3
         assert torch.isfinite(dw).all()
+
+
+def test_chunked_layernorm_variance_is_centered(triton_backend, device):
+    """A large mean and a small spread: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance.
+
+    A ramp along the row gives every chunk its own mean, so the merge of the chunks' statistics matters."""
+    spec = NormSpec("layernorm", "fwd", "float32", "float32", 5000, weight=False)
+    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2, DW_PARTIALS=32)
+    kernel = triton_backend.compile(spec, config, device)
+    noise = 0.01 * torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    x = (300 + torch.linspace(0, 0.1, 5000) + noise).to(device)
+    _, _, mean, rstd = kernel(x, None, None, None, 1e-12, 0.0)
+    exact = x.double().var(1, unbiased=False).rsqrt()
+    assert torch.allclose(mean.double(), x.double().mean(1), rtol=1e-7)
+    assert torch.allclose(rstd.double(), exact, rtol=1e-3)
