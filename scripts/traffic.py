@@ -27,7 +27,8 @@ Made by `python scripts/traffic.py`. Bytes each kernel reads and writes in globa
 call, counted by hooking the loads and stores of the Triton interpreter and the array accesses of
 the Numba CUDA simulator (`autonorm/traffic.py`; lanes a mask switches off are not counted). No GPU
 ran: these are pass counts, not speeds. Specs: bf16 input and weight, the residual fused in the
-forward (h written), a bias for LayerNorm; the heuristic config of each backend; {rows}.
+forward (h written), a bias for LayerNorm; the heuristic config of each backend; {rows}
+(Numba up to N = {numba_max}: its simulator is too slow beyond).
 
 - **rows / ideal**: bytes moved to and from the row tensors (x, residual, y, h, dy, dh, dx and the
   per-row mean/rstd) over one read or write of each: 1.00 means every tensor is touched once, 2.00
@@ -40,9 +41,26 @@ forward (h written), a bias for LayerNorm; the heuristic config of each backend;
 - The Numba simulator counts each thread's access: a value every thread of a block reads (the row's
   mean and rstd in the backward) counts once per thread, where a GPU serves a warp with one load.
 
+What the chunked Triton paths (rows larger than one block) do:
+- forward, two passes: x and the residual are read once while h is written and the statistics are
+  reduced (LayerNorm: per-chunk count, mean and M2 merged with Chan's update, centered), then h (x
+  without a residual) is read back once to normalize, last chunk first so that the re-read starts
+  with what is most likely still in L2. With the residual fused that is 5 tensor passes for an ideal
+  of 4 (1.25); without it, 3 for 2 (1.50). The earlier three-pass LayerNorm read x and the
+  residual three times (2.00 in this table), RMSNorm twice (1.50).
+- backward: x and dy are read twice (the row reductions, then dx): 5 passes for 3 (1.67);
+  `DW_COLUMN_OUTER=1` (the heuristic's choice there) walks column chunks
+  outside the program's rows, so dW/dB stay in registers and each partial row is written once
+  (4 bytes per element and parameter per program); `DW_COLUMN_OUTER=0` read-modify-writes the
+  partial row for every row (8 bytes per element and parameter per row).
+
 | backend | op | dir | N | path | rows / ideal | weight reads | scratch / elem |
 |---|---|---|---|---|---|---|---|
 """
+
+
+# The Numba simulator takes tens of minutes per LayerNorm call at N = 65537 on a loaded 2-core VM.
+SIMULATOR_MAX_HIDDEN = 4096
 
 
 def spec_for(op: str, direction: str, n: int) -> NormSpec:
@@ -65,6 +83,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/benchmarks/traffic.md")
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096, 65537])
+    parser.add_argument("--numba-max-hidden", type=int, default=SIMULATOR_MAX_HIDDEN,
+                        help="skip larger N for the Numba simulator (one Python thread per CUDA thread: slow)")
     parser.add_argument("--backends", nargs="+", default=["triton", "numba"])
     args = parser.parse_args(argv)
     lines = []
@@ -73,6 +93,8 @@ def main(argv=None) -> int:
         for op in ("rmsnorm", "layernorm"):
             for direction in ("fwd", "bwd"):
                 for n in args.hidden:
+                    if name == "numba" and n > args.numba_max_hidden:
+                        continue
                     spec = spec_for(op, direction, n)
                     config = backend.heuristic(spec)
                     m = traffic.measure(backend, spec, config, rows_for(n))
@@ -82,7 +104,7 @@ def main(argv=None) -> int:
                     lines.append(line)
     rows = ", ".join(f"{rows_for(n)} rows at N = {n}" for n in args.hidden)
     with open(args.out, "w") as f:
-        f.write(HEADER.format(rows=rows) + "\n".join(lines) + "\n")
+        f.write(HEADER.format(rows=rows, numba_max=args.numba_max_hidden) + "\n".join(lines) + "\n")
     return 0
 
 

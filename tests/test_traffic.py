@@ -95,3 +95,24 @@ def test_chunked_forward_reads_the_inputs_once_and_rereads_h(interpreted, op):
         assert m.per_tensor[name] == m.sizes[name], name
     assert m.per_tensor["h"] == 2 * m.sizes["h"]
     assert m.row_ratio <= 1.26
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_chunked_backward_writes_its_partials_once(interpreted, op):
+    """Partials on chip: each program writes its fp32 dW (and dB) row once, instead of a
+    read-modify-write of it for every row."""
+    from autonorm.backends.triton import TritonConfig
+
+    backend = get_backend("triton")
+    n, rows, programs = 2000, 64, 32  # two rows per program
+    spec = NormSpec(op, "bwd", "bfloat16", "bfloat16", n, bias=op == "layernorm")
+    params = 2 if op == "layernorm" else 1
+    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2, DW_PARTIALS=programs)
+    per_row = traffic.measure(backend, spec, config, rows)
+    on_chip = traffic.measure(backend, spec, config.replace(DW_COLUMN_OUTER=1), rows)
+    assert per_row.scratch == 2 * rows * n * 4 * params  # a load and a store per row
+    # one store per program and partial row, plus the per-row dx coefficients (8 bytes, read per chunk)
+    assert on_chip.scratch <= programs * n * 4 * params + rows * 8 * 3
+    # the row tensors are touched the same way: x and dy read twice (stats, then dx), dx written once
+    for m in (per_row, on_chip):
+        assert m.per_tensor["x"] == 2 * m.sizes["x"] and m.per_tensor["dx"] == m.sizes["dx"]

@@ -63,6 +63,18 @@ def test_chunked_path(triton_backend, n, block, op, direction, device):
     check_case(triton_backend, spec, 3 if n > 10_000 else 37, True, device, config)
 
 
+@pytest.mark.parametrize("n,block", CHUNKED)
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_chunked_backward_with_partials_on_chip(triton_backend, n, block, op, device):
+    """Column chunks outside the rows: dW/dB summed on chip per program and written once."""
+    feats = {"bias": True} if op == "layernorm" else {"offset": True}
+    spec = NormSpec(op, "bwd", "float16", "float32", n, residual=True, **feats)
+    # 8 fp32 per thread: the accumulators beside the tile stay in registers (see is_valid)
+    config = TritonConfig(BLOCK_N=block, num_warps=max(4, block // 256), ROWS_PER_PROGRAM=1, num_stages=2,
+                          DW_PARTIALS=32, DW_COLUMN_OUTER=1)
+    check_case(triton_backend, spec, 3 if n > 10_000 else 37, True, device, config)
+
+
 def test_single_block_path_has_no_loop_over_columns(triton_backend):
     spec = NormSpec("layernorm", "fwd", "float32", "float32", 760)
     source = triton_backend.render(spec, triton_backend.heuristic(spec)).text
