@@ -116,3 +116,17 @@ def test_chunked_backward_writes_its_partials_once(interpreted, op):
     # the row tensors are touched the same way: x and dy read twice (stats, then dx), dx written once
     for m in (per_row, on_chip):
         assert m.per_tensor["x"] == 2 * m.sizes["x"] and m.per_tensor["dx"] == m.sizes["dx"]
+
+
+def test_numba_chunked_forward_reads_the_residual_once():
+    """Chunked rows: pass 1 reads x and the residual and writes h; later passes read h back."""
+    if cuda is None or torch.cuda.is_available():
+        pytest.skip("counts the Numba CUDA simulator's accesses (CPU only)")
+    from autonorm.backends.numba_cuda import NumbaCudaConfig
+
+    backend = get_backend("numba")
+    spec = NormSpec("layernorm", "fwd", "bfloat16", "float32", 300, residual=True, bias=True)
+    config = NumbaCudaConfig(threads=32, items=2, rows=1)  # 5 chunks of 64
+    m = traffic.measure(backend, spec, config, 2)
+    assert m.per_tensor["x"] == m.sizes["x"] and m.per_tensor["residual"] == m.sizes["residual"]
+    assert m.per_tensor["h"] == 3 * m.sizes["h"]  # written, then read by the variance and the normalize passes
