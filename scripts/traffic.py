@@ -55,10 +55,11 @@ What the chunked Triton paths (rows larger than one block) do:
   partial row for every row (8 bytes per element and parameter per row).
 
 The Numba CUDA forward keeps rows up to its block's registers (N <= 4096 above, hence 1.00); beyond,
-it makes three passes for LayerNorm (sum, centered variance, normalize) and two for RMSNorm. With
-the residual fused, pass 1 writes h and the later passes read h back instead of x and the residual
-(`tests/test_traffic.py` checks it at N = 300 in 5 chunks): LayerNorm moves 6 tensor passes for an
-ideal of 4 (1.50, was 2.00), RMSNorm 5 (1.25, was 1.50).
+it makes two passes: pass 1 reads x (and the residual, writing h) and reduces the statistics
+(LayerNorm: each thread's count, mean and M2 by Welford's update, merged over the block with Chan's),
+pass 2 reads h (or x) back to normalize (`tests/test_traffic.py` checks it at N = 300 in 5 chunks).
+With the residual fused: 5 tensor passes for an ideal of 4 (1.25) for both ops; before, LayerNorm
+made three passes reading x and the residual each time (2.00) and RMSNorm two (1.50).
 
 | backend | op | dir | N | path | rows / ideal | weight reads | scratch / elem |
 |---|---|---|---|---|---|---|---|
