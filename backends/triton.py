@@ -11,7 +11,7 @@ backend then reports itself unavailable with an install hint.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -30,6 +30,9 @@ _POW2 = tuple(1 << i for i in range(17))  # 1 .. 65536
 MAX_TILE = {"fwd": 65536, "bwd": 32768}
 # fp32 elements of the tile per thread: more than this spills registers (255 per thread).
 MAX_PER_THREAD = {"fwd": 64, "bwd": 32}
+# The same with DW_COLUMN_OUTER=1, whose dW/dB accumulators and weight chunk stay in registers
+# beside the tile: ptxas for sm_90 spills at 16 (LayerNorm, 8192 columns, 16 warps), not at 8.
+COLUMN_OUTER_PER_THREAD = 8
 # Chunks smaller than this make the chunked loop pointlessly long.
 MIN_CHUNK = 1024
 # Several rows per program only while the whole tile stays small (small N).
@@ -55,6 +58,10 @@ class TritonConfig(Config):
     ROWS_PER_PROGRAM: int = knob((1, 2, 4, 8, 16, 32), "rows each program normalizes (as one 2-D tile)")
     num_stages: int = knob((1, 2, 3), "software pipelining depth of the loops")
     DW_PARTIALS: int = knob((32, 64, 128, 256, 512), "backward: fp32 dW/dB partial rows (programs)")
+    # A knob with a default (knob() has none), so that configs written before it still construct.
+    DW_COLUMN_OUTER: int = field(default=0, metadata={"domain": (0, 1), "doc": (
+        "chunked backward with a weight: 1 walks column chunks outside the program's rows, keeping "
+        "dW/dB partials on chip and writing them once; 0 walks rows outside, read-modify-writing them per row")})
 
     @classmethod
     def is_valid(cls, spec: NormSpec, config: TritonConfig) -> str | None:
@@ -81,6 +88,11 @@ class TritonConfig(Config):
             return "DW_PARTIALS is a backward knob"
         if spec.direction == "bwd" and not spec.weight and config.DW_PARTIALS != 256:
             return "DW_PARTIALS only matters with a weight"
+        if config.DW_COLUMN_OUTER and not (spec.direction == "bwd" and chunked and spec.weight):
+            return "DW_COLUMN_OUTER only matters for a chunked backward with a weight"
+        if config.DW_COLUMN_OUTER and tile > COLUMN_OUTER_PER_THREAD * 32 * warps:
+            return (f"{tile // (32 * warps)} elements per thread with dW/dB accumulators on chip "
+                    f"(DW_COLUMN_OUTER=1, num_warps={warps}): registers would spill")
         return None
 
     @classmethod
@@ -105,8 +117,16 @@ class TritonConfig(Config):
             block, rows, warps, stages = 8192, 1, 16, 2
         # Backward: 256 partial rows ~ 2 programs per SM on H100 (132 SMs), as Liger launches
         # sm_count programs; the partial sum it costs is tiny next to dx.
+        # A chunked backward keeps its dW/dB partials on chip (4K chunks, so they fit in registers):
+        # beyond MAX_TILE the rows hundreds of programs have in flight fill L2, so its column-major
+        # re-read costs little more than the row-major one, while the per-row read-modify-write of
+        # fp32 partials adds 8 bytes per element and row. Not yet measured on a GPU: the tuner decides.
+        column_outer = int(spec.direction == "bwd" and spec.weight and block < padded)
+        if column_outer:
+            block = COLUMN_OUTER_PER_THREAD * 32 * warps
         return cls(BLOCK_N=block, num_warps=warps, ROWS_PER_PROGRAM=rows, num_stages=stages,
-                   DW_PARTIALS=256 if spec.direction == "bwd" else cls.domain()["DW_PARTIALS"][0])
+                   DW_PARTIALS=256 if spec.direction == "bwd" else cls.domain()["DW_PARTIALS"][0],
+                   DW_COLUMN_OUTER=column_outer)
 
 
 class TritonBackend(Backend):

@@ -200,3 +200,16 @@ def test_kernels_lower_for_a_real_gpu(tmp_path):
 @pytest.mark.parametrize("spec,rows,strided", grid.params())
 def test_grid_gpu(spec, rows, strided):
     grid.check_case(BACKEND, spec, rows, strided, "cuda")
+
+
+@needs_backend
+def test_chunked_layernorm_variance_is_centered():
+    """A large mean, a small spread and a ramp along the row (every thread and chunk its own mean):
+    E[x^2] - E[x]^2 in fp32 would lose every digit; the Welford/Chan merge must not."""
+    spec = NormSpec("layernorm", "fwd", "float32", "float32", 300, weight=False)
+    kernel = BACKEND.compile(spec, CHUNKED, DEVICE)
+    noise = 0.01 * torch.randn(3, 300, generator=torch.Generator().manual_seed(0))
+    x = (300 + torch.linspace(0, 0.1, 300) + noise).to(DEVICE)
+    _, _, mean, rstd = kernel(x, None, None, None, 1e-12, 0.0)
+    assert torch.allclose(mean.double(), x.double().mean(1), rtol=1e-7)
+    assert torch.allclose(rstd.double(), x.double().var(1, unbiased=False).rsqrt(), rtol=1e-3)

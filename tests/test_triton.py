@@ -63,6 +63,18 @@ def test_chunked_path(triton_backend, n, block, op, direction, device):
     check_case(triton_backend, spec, 3 if n > 10_000 else 37, True, device, config)
 
 
+@pytest.mark.parametrize("n,block", CHUNKED)
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_chunked_backward_with_partials_on_chip(triton_backend, n, block, op, device):
+    """Column chunks outside the rows: dW/dB summed on chip per program and written once."""
+    feats = {"bias": True} if op == "layernorm" else {"offset": True}
+    spec = NormSpec(op, "bwd", "float16", "float32", n, residual=True, **feats)
+    # 8 fp32 per thread: the accumulators beside the tile stay in registers (see is_valid)
+    config = TritonConfig(BLOCK_N=block, num_warps=max(4, block // 256), ROWS_PER_PROGRAM=1, num_stages=2,
+                          DW_PARTIALS=32, DW_COLUMN_OUTER=1)
+    check_case(triton_backend, spec, 3 if n > 10_000 else 37, True, device, config)
+
+
 def test_single_block_path_has_no_loop_over_columns(triton_backend):
     spec = NormSpec("layernorm", "fwd", "float32", "float32", 760)
     source = triton_backend.render(spec, triton_backend.heuristic(spec)).text
@@ -275,3 +287,18 @@ def test_fp_fusion_is_pinned_before_the_first_launch(triton_backend, monkeypatch
     assert os.environ["TRITON_DEFAULT_FP_FUSION"] == knobs.TRITON_FP_FUSION == "1"
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
     assert knobs.pin_triton_fp_fusion() == "0"
+
+
+def test_chunked_layernorm_variance_is_centered(triton_backend, device):
+    """A large mean and a small spread: E[x^2] - E[x]^2 in fp32 would lose every digit of the variance.
+
+    A ramp along the row gives every chunk its own mean, so the merge of the chunks' statistics matters."""
+    spec = NormSpec("layernorm", "fwd", "float32", "float32", 5000, weight=False)
+    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2, DW_PARTIALS=32)
+    kernel = triton_backend.compile(spec, config, device)
+    noise = 0.01 * torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    x = (300 + torch.linspace(0, 0.1, 5000) + noise).to(device)
+    _, _, mean, rstd = kernel(x, None, None, None, 1e-12, 0.0)
+    exact = x.double().var(1, unbiased=False).rsqrt()
+    assert torch.allclose(mean.double(), x.double().mean(1), rtol=1e-7)
+    assert torch.allclose(rstd.double(), exact, rtol=1e-3)

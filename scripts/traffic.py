@@ -1,0 +1,119 @@
+"""Write docs/benchmarks/traffic.md: global-memory bytes per kernel call against the ideal, on CPU.
+
+Counts what each kernel asks of global memory in the Triton interpreter and the
+Numba CUDA simulator (autonorm/traffic.py), for the heuristic config of every
+backend x op x direction x N, bf16 with a bf16 weight, the residual fused in the
+forward and a bias for LayerNorm. No GPU and no timing: pass counts only.
+
+    python scripts/traffic.py [--out docs/benchmarks/traffic.md] [--hidden 1024 4096 65537]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+from autonorm import traffic  # noqa: E402  (after the environment above)
+from autonorm.backends import get_backend  # noqa: E402
+from autonorm.backends.triton import next_pow2  # noqa: E402
+from autonorm.spec import NormSpec  # noqa: E402
+
+HEADER = """# Global-memory traffic per call (counted on CPU)
+
+Made by `python scripts/traffic.py`. Bytes each kernel reads and writes in global memory in one
+call, counted by hooking the loads and stores of the Triton interpreter and the array accesses of
+the Numba CUDA simulator (`autonorm/traffic.py`; lanes a mask switches off are not counted). No GPU
+ran: these are pass counts, not speeds. Specs: bf16 input and weight, the residual fused in the
+forward (h written), a bias for LayerNorm; the heuristic config of each backend; {rows}
+(Numba up to N = {numba_max}: its simulator is too slow beyond).
+
+- **rows / ideal**: bytes moved to and from the row tensors (x, residual, y, h, dy, dh, dx and the
+  per-row mean/rstd) over one read or write of each: 1.00 means every tensor is touched once, 2.00
+  that the row is re-read from global memory (from L2 at best on a GPU).
+- **weight reads**: how many times the weight (and bias) were read in full, about once per program
+  (served by L2 on a GPU).
+- **scratch / elem**: bytes per row element to buffers the kernel allocates itself (fp32 dW/dB
+  partials in the backward), read and written by the kernel; the final sum over them is a torch op
+  and is not counted.
+- The Numba simulator counts each thread's access: a value every thread of a block reads (the row's
+  mean and rstd in the backward) counts once per thread, where a GPU serves a warp with one load.
+
+What the chunked Triton paths (rows larger than one block) do:
+- forward, two passes: x and the residual are read once while h is written and the statistics are
+  reduced (LayerNorm: per-chunk count, mean and M2 merged with Chan's update, centered), then h (x
+  without a residual) is read back once to normalize, last chunk first so that the re-read starts
+  with what is most likely still in L2. With the residual fused that is 5 tensor passes for an ideal
+  of 4 (1.25); without it, 3 for 2 (1.50). The earlier three-pass LayerNorm read x and the
+  residual three times (2.00 in this table), RMSNorm twice (1.50).
+- backward: x and dy are read twice (the row reductions, then dx): 5 passes for 3 (1.67);
+  `DW_COLUMN_OUTER=1` (the heuristic's choice there) walks column chunks
+  outside the program's rows, so dW/dB stay in registers and each partial row is written once
+  (4 bytes per element and parameter per program); `DW_COLUMN_OUTER=0` read-modify-writes the
+  partial row for every row (8 bytes per element and parameter per row).
+
+The Numba CUDA forward keeps rows up to its block's registers (N <= 4096 above, hence 1.00); beyond,
+it makes two passes: pass 1 reads x (and the residual, writing h) and reduces the statistics
+(LayerNorm: each thread's count, mean and M2 by Welford's update, merged over the block with Chan's),
+pass 2 reads h (or x) back to normalize (`tests/test_traffic.py` checks it at N = 300 in 5 chunks).
+With the residual fused: 5 tensor passes for an ideal of 4 (1.25) for both ops; before, LayerNorm
+made three passes reading x and the residual each time (2.00) and RMSNorm two (1.50).
+
+| backend | op | dir | N | path | rows / ideal | weight reads | scratch / elem |
+|---|---|---|---|---|---|---|---|
+"""
+
+
+# The Numba simulator takes tens of minutes per LayerNorm call at N = 65537 on a loaded 2-core VM.
+SIMULATOR_MAX_HIDDEN = 4096
+
+
+def spec_for(op: str, direction: str, n: int) -> NormSpec:
+    return NormSpec(op, direction, "bfloat16", "bfloat16", n, residual=direction == "fwd",
+                    bias=op == "layernorm")
+
+
+def rows_for(n: int) -> int:
+    return 2 if n > 10_000 else 4
+
+
+def path(backend, spec, config) -> str:
+    if backend.name == "triton":
+        block = config.BLOCK_N
+        return "whole row" if block >= next_pow2(spec.hidden) else f"{-(-spec.hidden // block)} chunks"
+    return "-"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/benchmarks/traffic.md")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096, 65537])
+    parser.add_argument("--numba-max-hidden", type=int, default=SIMULATOR_MAX_HIDDEN,
+                        help="skip larger N for the Numba simulator (one Python thread per CUDA thread: slow)")
+    parser.add_argument("--backends", nargs="+", default=["triton", "numba"])
+    args = parser.parse_args(argv)
+    lines = []
+    for name in args.backends:
+        backend = get_backend(name)
+        for op in ("rmsnorm", "layernorm"):
+            for direction in ("fwd", "bwd"):
+                for n in args.hidden:
+                    if name == "numba" and n > args.numba_max_hidden:
+                        continue
+                    spec = spec_for(op, direction, n)
+                    config = backend.heuristic(spec)
+                    m = traffic.measure(backend, spec, config, rows_for(n))
+                    line = (f"| {name} | {op} | {direction} | {n} | {path(backend, spec, config)} | "
+                            f"{m.row_ratio:.2f} | {m.param_reads:.1f} | {m.scratch / (m.rows * n):.1f} |")
+                    print(line, flush=True)
+                    lines.append(line)
+    rows = ", ".join(f"{rows_for(n)} rows at N = {n}" for n in args.hidden)
+    with open(args.out, "w") as f:
+        f.write(HEADER.format(rows=rows, numba_max=args.numba_max_hidden) + "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The traffic counter (autonorm/traffic.py) and the traffic of the generated kernels against the ideal."""
+import numpy as np
+import pytest
+import torch
+from autonorm.backends import get_backend
+
+from autonorm import traffic
+from autonorm.spec import NormSpec
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+
+@triton.jit
+def _copy(src, dst, n, BLOCK: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + cols, tl.load(src + cols, mask=cols < n), mask=cols < n)
+
+
+try:
+    from numba import cuda
+except ImportError:
+    cuda = None
+
+
+def _add_one(a, out):  # a module-level function: the simulator swaps `cuda` in its globals
+    i = cuda.grid(1)
+    if i < a.size:  # 16 threads, 6 of them touch nothing
+        out[i] = a[i] + 1
+
+
+@pytest.fixture
+def interpreted():
+    if torch.cuda.is_available():
+        pytest.skip("counts the Triton interpreter's accesses (CPU only)")
+
+
+def test_counter_counts_active_lanes_only(interpreted):
+    src, dst = torch.arange(100, dtype=torch.float16), torch.zeros(100, dtype=torch.float16)
+    with traffic.count("triton") as counted:
+        _copy[(2,)](src, dst, 100, BLOCK=64)  # 128 lanes, 28 masked off
+    assert torch.equal(src, dst)
+    assert (counted.read, counted.written) == (200, 200)
+    by_tensor = counted.by_tensor({"src": src, "dst": dst})
+    assert by_tensor == {"src": 200, "dst": 200, "scratch": 0}
+
+
+def test_counter_is_removed_after_the_block(interpreted):
+    src, dst = torch.ones(8), torch.zeros(8)
+    with traffic.count("triton") as counted:
+        pass
+    _copy[(1,)](src, dst, 8, BLOCK=8)
+    assert counted.total == 0
+
+
+def test_numba_counter_maps_accesses_to_the_callers_arrays():
+    if cuda is None or torch.cuda.is_available():
+        pytest.skip("counts the Numba CUDA simulator's accesses (CPU only)")
+    add_one = cuda.jit(_add_one)
+    a, out = np.arange(10, dtype=np.float32), np.zeros(10, dtype=np.float32)
+    with traffic.count("numba") as counted:
+        add_one[1, 16](a, out)
+    assert np.array_equal(out, a + 1)
+    by_tensor = counted.by_tensor({"a": torch.from_numpy(a), "out": torch.from_numpy(out)})
+    assert by_tensor == {"a": 40, "out": 40, "scratch": 0}
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="traffic is counted for"):
+        with traffic.count("cupy"):
+            pass
+
+
+# --- the kernels -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_forward_on_chip_reads_and_writes_each_tensor_once(interpreted, op):
+    backend = get_backend("triton")
+    spec = NormSpec(op, "fwd", "bfloat16", "bfloat16", 4096, residual=True, bias=op == "layernorm")
+    m = traffic.measure(backend, spec, backend.heuristic(spec), 3)
+    assert m.row_ratio <= 1.05, m.per_tensor
+    assert m.per_tensor["x"] == m.sizes["x"] and m.per_tensor["y"] == m.sizes["y"]
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_chunked_forward_reads_the_inputs_once_and_rereads_h(interpreted, op):
+    """Two passes: x and the residual read once, h written once and read back once."""
+    from autonorm.backends.triton import TritonConfig
+
+    backend = get_backend("triton")
+    spec = NormSpec(op, "fwd", "bfloat16", "bfloat16", 4000, residual=True, bias=op == "layernorm")
+    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2, DW_PARTIALS=32)
+    m = traffic.measure(backend, spec, config, 3)
+    for name in ("x", "residual", "y"):
+        assert m.per_tensor[name] == m.sizes[name], name
+    assert m.per_tensor["h"] == 2 * m.sizes["h"]
+    assert m.row_ratio <= 1.26
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_chunked_backward_writes_its_partials_once(interpreted, op):
+    """Partials on chip: each program writes its fp32 dW (and dB) row once, instead of a
+    read-modify-write of it for every row."""
+    from autonorm.backends.triton import TritonConfig
+
+    backend = get_backend("triton")
+    n, rows, programs = 2000, 64, 32  # two rows per program
+    spec = NormSpec(op, "bwd", "bfloat16", "bfloat16", n, bias=op == "layernorm")
+    params = 2 if op == "layernorm" else 1
+    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2, DW_PARTIALS=programs)
+    per_row = traffic.measure(backend, spec, config, rows)
+    on_chip = traffic.measure(backend, spec, config.replace(DW_COLUMN_OUTER=1), rows)
+    assert per_row.scratch == 2 * rows * n * 4 * params  # a load and a store per row
+    # one store per program and partial row, plus the per-row dx coefficients (8 bytes, read per chunk)
+    assert on_chip.scratch <= programs * n * 4 * params + rows * 8 * 3
+    # the row tensors are touched the same way: x and dy read twice (stats, then dx), dx written once
+    for m in (per_row, on_chip):
+        assert m.per_tensor["x"] == 2 * m.sizes["x"] and m.per_tensor["dx"] == m.sizes["dx"]
+
+
+def test_numba_chunked_forward_reads_the_residual_once():
+    """Chunked rows: pass 1 reads x and the residual, writes h and reduces (Welford, Chan); pass 2 reads h."""
+    if cuda is None or torch.cuda.is_available():
+        pytest.skip("counts the Numba CUDA simulator's accesses (CPU only)")
+    from autonorm.backends.numba_cuda import NumbaCudaConfig
+
+    backend = get_backend("numba")
+    spec = NormSpec("layernorm", "fwd", "bfloat16", "float32", 300, residual=True, bias=True)
+    config = NumbaCudaConfig(threads=32, items=2, rows=1)  # 5 chunks of 64
+    m = traffic.measure(backend, spec, config, 2)
+    assert m.per_tensor["x"] == m.sizes["x"] and m.per_tensor["residual"] == m.sizes["residual"]
+    assert m.per_tensor["h"] == 2 * m.sizes["h"]  # written, then read back once to normalize
