@@ -58,7 +58,8 @@ class Traffic:
         for name, t in tensors.items():
             if t is not None and t.numel():
                 start = t.data_ptr()
-                ranges.append((start, start + t.untyped_storage().nbytes() - t.storage_offset() * t.element_size(), name))
+                end = start + t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+                ranges.append((start, end, name))
         out = {name: 0 for _, _, name in ranges}
         out["scratch"] = 0
         for address, nbytes, _ in self.accesses:
