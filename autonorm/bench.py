@@ -1,6 +1,6 @@
 """`autonorm bench`: time autonorm's dispatched kernels against torch eager and torch.compile.
 
-Protocol (DESIGN §5): every implementation of one case is timed in the same
+Protocol (the tuner's, autonorm/measure.py): every implementation of one case is timed in the same
 process, interleaved round-robin (rep r runs A, B, C in turn), after a warm-up,
 on several input sets rotated so that their total size exceeds the last-level
 cache; each sample is one call timed with `perf_counter_ns`; we report median,

@@ -1,4 +1,4 @@
-"""Tuning databases (DESIGN §6): one JSON file per device, versioned, untrusted on load.
+"""Tuning databases: one JSON file per device, versioned, untrusted on load.
 
 A database holds the device identity, software versions, the measurement
 protocol and one record per key (op, direction, dtypes, features, hidden,

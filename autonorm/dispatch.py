@@ -4,7 +4,7 @@ A key is built from cheap attributes of the call's tensors (no NormSpec is built
 on the steady-state path); a miss resolves it into a `Choice` holding the
 compiled kernel, and every later call with that key costs one dict lookup.
 
-Resolution (the ladder of DESIGN §7), first rung that yields a kernel wins:
+Resolution (the fallback ladder), first rung that yields a kernel wins:
 
   disabled       AUTONORM_DISABLE=1: torch eager
   forced         AUTONORM_BACKEND=<name>: that backend's heuristic config

@@ -1,4 +1,4 @@
-"""The benchmark and tuning grids of issue 7, as data: `standard` and its `quick` subset.
+"""The benchmark and tuning grids of the GPU devices, as data: `standard` and its `quick` subset.
 
 The tuner and `autonorm bench --grid` read these, so a grid is defined once. A grid names ops,
 directions, dtypes and hidden sizes; rows are derived per hidden size:

@@ -1,4 +1,4 @@
-"""How the tuner measures (DESIGN §5): injectable timers, the copy-bandwidth probe, verify-before-time.
+"""How the tuner measures: injectable timers, the copy-bandwidth probe, verify-before-time.
 
 A timer turns a compiled kernel into a `Timing` (median, p20, p80 in µs). Two
 real protocols:

@@ -2,7 +2,7 @@
 
 Computed in fp64 by default (fp32 on request) from upcast inputs, with the
 semantics of `torch.nn.functional.rms_norm` / `layer_norm` plus the features of
-DESIGN §3 (Gemma offset, fused residual). Errors are relative L2 norms, with
+the kernel contract (README: Gemma offset, fused residual). Errors are relative L2 norms, with
 tolerances keyed by the dtype of the kernel's inputs.
 """
 from __future__ import annotations

@@ -35,7 +35,7 @@ def provider_of(impl: str) -> str:
     return "autonorm" if impl.startswith("autonorm") else impl
 
 DTYPE_ORDER = ("bfloat16", "float16", "float32")
-# Issue 7's goals (on H100): fraction of copy bandwidth at N >= 1024 for the largest row count.
+# The performance goals on H100/H200: fraction of copy bandwidth at N >= 1024 for the largest row count.
 GOAL_PCT = {"fwd": 90.0, "bwd": 75.0}
 GOAL_MIN_N = 1024
 GOAL_VS_ANCHOR = 1.0
@@ -146,7 +146,7 @@ def table_markdown(key, table: dict) -> str:
 
 
 def goals(tables: dict) -> list[tuple[str, str, str]]:
-    """(goal, result, met) lines for issue 7's performance goals, saying by how much a miss misses."""
+    """(goal, result, met) lines for the performance goals (GOAL_*), saying by how much a miss misses."""
     out = []
     for direction in ("fwd", "bwd"):
         want = GOAL_PCT[direction]
@@ -248,7 +248,7 @@ def device_markdown(slug: str, d: dict, png_names: list[str], db_path: str | Non
             "'× best anchor' divides the fastest anchor's time in that cell by autonorm's"), ""]
     g = goals(tables)
     if g:
-        out += ["## Goals (issue 7)", "", "| goal | result | met |", "|---|---|---|"]
+        out += ["## Goals", "", "| goal | result | met |", "|---|---|---|"]
         out += [f"| {a} | {b} | {c} |" for a, b, c in g]
         out.append("")
     out += ["## Tables", ""]

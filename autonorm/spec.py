@@ -32,7 +32,7 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 CASTING_MODES = ("gemma", "llama", "none")
 _FEATURE_FLAGS = ("weight", "bias", "residual", "offset")
 
-# The contract of DESIGN §3 promises at least this hidden size.
+# The kernel contract promises every hidden size up to this one.
 MAX_HIDDEN = 1 << 20
 
 
@@ -152,7 +152,7 @@ class NormSpec:
         return f"{self.op}.{self.direction} x={self.x_dtype} w={self.w_dtype} N={self.hidden} [{self.features}]"
 
     def bytes_moved(self, rows: int) -> int:
-        """Minimum DRAM traffic of one call (DESIGN anchors §c), for GB/s reports."""
+        """Minimum DRAM traffic of one call (read each input once, write each output once), for GB/s reports."""
         xb, wb, n = self.x_itemsize, ITEMSIZE[self.w_dtype], self.hidden
         stats = 4 * rows * (2 if self.is_layernorm else 1)
         params = n * wb * (int(self.weight) + int(self.bias))

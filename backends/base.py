@@ -1,4 +1,4 @@
-"""The one interface every backend implements (DESIGN §2).
+"""The one interface every backend implements.
 
 A backend knows how to render, compile and launch its kernels, and declares its
 tunables (`config_cls`). Measuring, verifying, tuning and storing live outside

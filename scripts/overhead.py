@@ -1,4 +1,4 @@
-"""Host cost per call on tiny inputs, where dispatch dominates (issue 5's overhead goal).
+"""Host cost per call on tiny inputs, where dispatch dominates (the goal: no slower than torch's own call).
 
     python scripts/overhead.py [--rows 1] [--hidden 64] [--device cpu|cuda] [--no-breakdown]
 

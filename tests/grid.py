@@ -1,4 +1,4 @@
-"""The correctness grid every backend runs (DESIGN §3), shared by the backend test files.
+"""The correctness grid every backend runs (the kernel contract in README), shared by the backend test files.
 
 Awkward sizes on purpose: 1, primes, non-powers of two, and one row larger than
 any on-chip block (65537) so chunked paths run. Features and layouts are crossed
