@@ -173,11 +173,17 @@ class Backend(abc.ABC):
         return template_hash(self.template_dir)
 
     def compile(self, spec: NormSpec, config: Config, device: torch.device | str = "cpu") -> Kernel:
-        """Render and compile, memoized by source hash, backend version and device."""
+        """Render and compile, memoized by source hash, config, backend version and device.
+
+        The config is part of the key, not only the source it renders: launchers bake in
+        knobs the source leaves out (numba-cpu's rows_per_task and threads, launch grids),
+        so two configs sharing a source still get their own kernel. They share the
+        imported module (`import_generated` is keyed by the hash), so nothing compiles twice.
+        """
         device = torch.device(device)
         self.check_available()
         source = self.render(spec, config)
-        key = (source.sha256, self.version(), device_key(device))
+        key = (source.sha256, config, self.version(), device_key(device))
         kernel = self._cache.get(key)
         if kernel is None:
             with self._lock:  # the tuner compiles candidates from several threads

@@ -156,32 +156,69 @@ def test_specials_through_forward(backend, dtype_name):
 
 # --- threads, determinism ------------------------------------------------------------------
 
-@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
-def test_threads_do_not_change_results(backend, op):
+def _recording_set_num_threads(monkeypatch):
+    """Record every numba.set_num_threads call (the launcher's way to apply `threads`)."""
     import numba
 
+    calls, real = [], numba.set_num_threads
+
+    def record(n):
+        calls.append(n)
+        real(n)
+    monkeypatch.setattr(numba, "set_num_threads", record)
+    return calls
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_threads_do_not_change_results(backend, op, monkeypatch):
+    """Each `threads` value gets its own launcher, which applies it, restores the caller's count
+    afterwards, and computes bitwise the same values (tasks are split by rows_per_task only)."""
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    if pool < 2:
+        pytest.skip("needs a Numba thread pool of 2 or more")
     spec = NormSpec(op, "bwd", "bfloat16", "float32", 1000, bias=op == "layernorm", residual=True)
-    inputs = verify.make_inputs(spec, 301, strided=True)
-    results = []
-    for threads in sorted({1, numba.config.NUMBA_NUM_THREADS, 0}):
-        config = backend.heuristic(spec).replace(threads=threads, rows_per_task=8)
-        results.append(backend.compile(spec, config)(*inputs.args(spec)))
-    before = numba.get_num_threads()
-    for dx, dw, db in results[1:]:
-        # the partition is by rows_per_task, so even the parameter gradients are bitwise equal
+    inputs = verify.make_inputs(spec, 301, strided=True)  # 301 x 1000: the parallel variant runs
+    base = backend.heuristic(spec).replace(rows_per_task=8)
+    kernels = {t: backend.compile(spec, base.replace(threads=t)) for t in (0, 1, 2)}
+    assert len({id(k) for k in kernels.values()}) == 3, "configs differing in threads share a launcher"
+
+    calls = _recording_set_num_threads(monkeypatch)
+    numba.set_num_threads(1)  # the caller's count, which a threads=2 launch must give back
+    calls.clear()
+    results = {t: k(*inputs.args(spec)) for t, k in kernels.items()}
+    assert calls == [2, 1], "threads=2 must run on 2 threads and then restore the caller's 1"
+    assert numba.get_num_threads() == 1
+    numba.set_num_threads(pool)
+    for dx, dw, db in (results[1], results[2]):
         assert torch.equal(dw, results[0][1])
         if db is not None:
             assert torch.equal(db, results[0][2])
         assert torch.equal(dx, results[0][0])
-    assert numba.get_num_threads() == before  # the launcher restores the thread count
 
     fspec = spec.with_direction("fwd")
     finputs = verify.make_inputs(fspec, 301, strided=True)
-    outs = [backend.compile(fspec, backend.heuristic(fspec).replace(threads=t))(*finputs.args(fspec))
-            for t in (1, 0)]
+    fkernels = [backend.compile(fspec, backend.heuristic(fspec).replace(threads=t)) for t in (1, 0)]
+    assert fkernels[0] is not fkernels[1]
+    outs = [k(*finputs.args(fspec)) for k in fkernels]
     for a, b in zip(outs[0], outs[1]):
         if a is not None:
             assert torch.equal(a, b)
+
+
+def test_rows_per_task_reaches_the_launch(backend):
+    """rows_per_task is a runtime argument, not in the source: two values must still run as two.
+
+    The dW partial rows are per task, so 4 vs 256 rows per task sums in a different order:
+    close, and (for these fixed inputs) not bitwise equal."""
+    spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 1000)
+    inputs = verify.make_inputs(spec, 301)
+    small, large = (backend.compile(spec, backend.heuristic(spec).replace(rows_per_task=r)) for r in (4, 256))
+    assert small is not large
+    dw_small, dw_large = small(*inputs.args(spec))[1], large(*inputs.args(spec))[1]
+    torch.testing.assert_close(dw_small, dw_large, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(dw_small, dw_large)
 
 
 # --- compile cache across processes --------------------------------------------------------
