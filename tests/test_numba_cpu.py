@@ -264,3 +264,43 @@ def test_public_api(use_backend, op):
     fn = "rms_norm" if op == "rmsnorm" else "layer_norm"
     choice = autonorm.explain(fn, x, (40,), torch.ones(40))
     assert choice.backend == BACKEND
+
+
+# --- unusual inputs through the public API -------------------------------------------------
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_overlapping_rows_match_torch(use_backend, op):
+    """Rows that overlap in memory (unfold: strides (1, 1)) give torch's values and gradients."""
+    import autonorm
+    import torch.nn.functional as F
+
+    use_backend(BACKEND)
+    base = torch.randn(70, requires_grad=True)
+    weight = torch.randn(64, requires_grad=True)
+    ours, theirs = (autonorm.rms_norm, F.rms_norm) if op == "rmsnorm" else (autonorm.layer_norm, F.layer_norm)
+    grads = []
+    for fn in (ours, theirs):
+        x = base.unfold(0, 64, 1)  # 7 rows of 64, each starting one element after the previous
+        y = fn(x, (64,), weight)
+        assert y.shape == (7, 64)
+        (y * torch.linspace(-1, 1, 64)).sum().backward()
+        grads.append((y.detach(), base.grad.clone(), weight.grad.clone()))
+        base.grad, weight.grad = None, None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_zero_eps_on_a_zero_row_matches_torch(use_backend, op):
+    """eps=0 on a constant row divides by a zero variance: NaN as in torch, not an exception."""
+    import autonorm
+    import torch.nn.functional as F
+
+    use_backend(BACKEND)
+    x = torch.randn(3, 32)
+    x[1] = 0.0 if op == "rmsnorm" else 2.0
+    fn, ref = (autonorm.rms_norm, F.rms_norm) if op == "rmsnorm" else (autonorm.layer_norm, F.layer_norm)
+    for rows in (x, x.repeat(1100, 1)):  # the serial and the parallel variant
+        y, expected = fn(rows, (32,), eps=0.0), ref(rows, (32,), eps=0.0)
+        torch.testing.assert_close(y, expected, equal_nan=True)
+        assert torch.isnan(y[1]).all()
