@@ -22,6 +22,7 @@ Scalars `eps` and `offset` are Python floats, used in fp32 inside kernels.
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib.util
 import os
 import sys
@@ -49,6 +50,18 @@ _poison_outputs = False
 def poison_outputs(enabled: bool) -> None:
     global _poison_outputs
     _poison_outputs = enabled
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Poisoning on for a block (verifying a candidate), then as it was. Process-wide: kernels other
+    threads run meanwhile fill their outputs too, which costs time, never correctness."""
+    previous = _poison_outputs
+    poison_outputs(True)
+    try:
+        yield
+    finally:
+        poison_outputs(previous)
 
 
 def new_empty_like_rows(x: torch.Tensor) -> torch.Tensor:

@@ -304,3 +304,59 @@ def test_zero_eps_on_a_zero_row_matches_torch(use_backend, op):
         y, expected = fn(rows, (32,), eps=0.0), ref(rows, (32,), eps=0.0)
         torch.testing.assert_close(y, expected, equal_nan=True)
         assert torch.isnan(y[1]).all()
+
+
+# --- processes and threads -----------------------------------------------------------------
+
+def _norm_in_child(queue):
+    import autonorm
+
+    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(1))  # 256K elements: parallel-sized
+    y = autonorm.rms_norm(x, (1024,))
+    queue.put(float((y - torch.nn.functional.rms_norm(x, (1024,))).abs().max()))
+
+
+def test_forked_child_runs_after_the_parent_used_the_pool(use_backend):
+    """A DataLoader-style forked worker calls autonorm after the parent started Numba's pool."""
+    import multiprocessing
+
+    import autonorm
+
+    use_backend(BACKEND)
+    x = torch.randn(256, 1024)
+    torch.testing.assert_close(autonorm.rms_norm(x, (1024,)), torch.nn.functional.rms_norm(x, (1024,)))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_norm_in_child, args=(queue,))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0, f"forked child died (exit code {child.exitcode})"
+    assert queue.get(timeout=5) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", ["workqueue", "default"])
+def test_concurrent_calls_under_each_threading_layer(tmp_path, layer):
+    """Threads calling parallel-sized norms at once: correct, and no abort under `workqueue`."""
+    script = textwrap.dedent("""
+        import threading, numba, torch, autonorm
+        import torch.nn.functional as F
+        x = torch.randn(64, 4096)
+        expected = F.rms_norm(x, (4096,))
+        errors = []
+        def work():
+            for _ in range(20):
+                errors.append(float((autonorm.rms_norm(x, (4096,)) - expected).abs().max()))
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        assert len(errors) == 80 and max(errors) < 1e-5, max(errors)
+        print(numba.threading_layer())
+    """)
+    env = dict(os.environ, AUTONORM_BACKEND=BACKEND)
+    if layer != "default":
+        env["NUMBA_THREADING_LAYER"] = layer
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # left to autonorm, the layer is never GNU OpenMP (it makes forked children abort or hang)
+    assert out.stdout.strip().splitlines()[-1] in ({layer} if layer != "default" else {"tbb", "workqueue"})
