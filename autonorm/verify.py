@@ -146,7 +146,7 @@ def verify_rows(rows: int, hidden: int) -> int:
     return min(max(rows, VERIFY_MIN_ROWS), max(1, VERIFY_MAX_ELEMENTS // max(hidden, 1)))
 
 
-@functools.lru_cache(maxsize=6)
+@functools.lru_cache(maxsize=3)  # one study's three cases; up to ~130 MB each
 def _expected(spec: NormSpec, rows: int, device: str, seed: int, strided: bool, eps: float) -> dict:
     """The reference of one verification case: the same for every candidate of a study, so computed once."""
     return expected_outputs(spec, make_inputs(spec, rows, device, seed=seed, strided=strided, eps=eps))

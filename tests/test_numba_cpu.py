@@ -311,6 +311,9 @@ def test_zero_eps_on_a_zero_row_matches_torch(use_backend, op):
 def _norm_in_child(queue):
     import autonorm
 
+    # As DataLoader workers do: torch's own GNU OpenMP pool, started by the parent, hangs in a
+    # forked child (torch's limitation, whatever autonorm does).
+    torch.set_num_threads(1)
     x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(1))  # 256K elements: parallel-sized
     y = autonorm.rms_norm(x, (1024,))
     queue.put(float((y - torch.nn.functional.rms_norm(x, (1024,))).abs().max()))
