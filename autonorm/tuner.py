@@ -195,8 +195,9 @@ class StudyRunner:
                  name: str, n_trials: int = 40, time_budget: float = 300.0, patience: int | None = None,
                  seeds: list[Candidate] = (), compile_workers: int = 2, finalists: int = 3,
                  compile_baseline: bool = True, copy_gbps: float | None = None, lock_path: Path | None = None,
-                 seed: int = 0, progress=None):
+                 seed: int = 0, progress=None, verify=measure.verify):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
+        self.verify = verify  # (spec, kernel, rows, device) -> None or why the kernel is wrong
         self.device = torch.device(device)
         self.storage, self.name = storage, name
         self.n_trials, self.time_budget = n_trials, time_budget
@@ -391,7 +392,7 @@ class StudyRunner:
             return None
         kernel, reason = compiled if compiled is not None else (None, "not compiled")
         if reason is None:
-            reason = measure.verify(self.spec, kernel, self.rows, self.device)
+            reason = self.verify(self.spec, kernel, self.rows, self.device)
         if reason is None:
             try:
                 timing = self.timer.measure(self.spec, kernel, self.rows)
