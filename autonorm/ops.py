@@ -81,6 +81,15 @@ def unit_last_stride(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def kernel_readable(t: Tensor | None) -> Tensor | None:
+    """`t` as kernels read it in eager mode, by address: the last dim packed and no lazy negation
+    (`torch._neg_view` keeps x in memory plus a bit meaning -x; conjugate views exist only for
+    complex dtypes, which no kernel takes). Not for traced code: Dynamo cannot trace is_neg()."""
+    if t is not None and t.is_neg():
+        t = t.resolve_neg()
+    return unit_last_stride(t)
+
+
 def _backward(ctx, dy, dh, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dy = unit_last_stride(dy)
@@ -98,25 +107,57 @@ norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # --- eager mode: the same kernels without the custom op's dispatch ---------------------------
 class _NormFunction(torch.autograd.Function):
-    """Autograd for eager calls: outputs `y` (and `h` with a residual)."""
+    """Autograd for eager calls: outputs `y` (and `h` with a residual).
+
+    The backward kernels are not differentiable. When the backward itself is recorded
+    (`create_graph=True`: gradient penalties, double backward), the gradients are computed
+    through torch's own differentiable ops instead, as `torch.nn.functional` does."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, op, eps, offset):
         kernel = dispatch.choice_for(dispatch.make_key(op, "fwd", x, weight, bias, residual, offset)).kernel
         y, h, mean, rstd = kernel(x, weight, bias, residual, eps, offset)
-        ctx.op, ctx.offset, ctx.has_bias, ctx.has_residual = op, offset, bias is not None, residual is not None
-        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+        ctx.op, ctx.eps, ctx.offset = op, eps, offset
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
         return (y, h) if residual is not None else y
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dy = unit_last_stride(dy)
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _backward_through_torch(ctx, dy, dh, x, weight, bias)
+        dy = kernel_readable(dy)
         if ctx.has_residual:
-            dh = torch.zeros_like(x) if dh is None else unit_last_stride(dh)
+            dh = torch.zeros_like(x) if dh is None else kernel_readable(dh)
         key = dispatch.make_key(ctx.op, "bwd", x, weight, weight if ctx.has_bias else None, dh, ctx.offset)
         dx, dw, db = dispatch.choice_for(key).kernel(dy, x, weight, mean, rstd, dh, ctx.offset)
         return dx, dw, db, (dx if ctx.has_residual else None), None, None, None
+
+
+def _backward_through_torch(ctx, dy, dh, x, weight, bias):
+    """The backward as a differentiable graph: the kernels' formulas in fp32 torch ops, statistics
+    recomputed from x, so second derivatives reach x, weight, bias and dy.
+
+    Explicit formulas, not torch.autograd.grad of a recomputed forward: with a fused residual x
+    is this node's own output h, and a nested autograd.grad towards the weight would run this
+    backward again through h, without end."""
+    xf, dyf = x.float(), dy.float()
+    if ctx.op == "layernorm":
+        xf = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
+    xhat = xf * rstd
+    g = dyf * (weight.float() + ctx.offset) if weight is not None else dyf
+    if ctx.op == "layernorm":
+        g_centered = g - g.mean(-1, keepdim=True)
+    else:
+        g_centered = g
+    dx = (rstd * (g_centered - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+    if ctx.has_residual and dh is not None:
+        dx = dx + dh
+    dw = (dyf * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    db = dyf.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db, (dx if ctx.has_residual else None), None, None, None
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -129,6 +170,9 @@ def norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residu
     if _is_compiling() or type(x) is not _Tensor:
         # Tracing (dynamo, export, fake/functional tensors): the opaque custom op.
         return norm_fwd_op(x, weight, bias, residual, op, eps, offset)
+    if x.is_neg() or (weight is not None and weight.is_neg()) or (bias is not None and bias.is_neg()) or (
+            residual is not None and residual.is_neg()):
+        x, weight, bias, residual = map(kernel_readable, (x, weight, bias, residual))
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)
                                     or (residual is not None and residual.requires_grad)):

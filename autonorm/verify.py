@@ -6,11 +6,13 @@ on them and returns the relative L2 error of every output.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from . import reference
+from .backends.base import poisoned_outputs
 from .spec import NormSpec
 
 EPS = 1e-5
@@ -47,7 +49,7 @@ def _rows(rows: int, n: int, dtype, device, gen, strided: bool, scale=1.0, shift
 
 
 def make_inputs(spec: NormSpec, rows: int, device="cpu", *, seed: int = 0, strided: bool = False,
-                on_device: bool = False) -> Inputs:
+                on_device: bool = False, eps: float = EPS) -> Inputs:
     """Random inputs for `spec`; `on_device=True` draws them with a generator on `device` itself
     (a GB-sized host randn plus the copy costs seconds on a GPU), other values than the host's."""
     gen = torch.Generator(device=device if on_device else "cpu").manual_seed(seed)
@@ -58,10 +60,10 @@ def make_inputs(spec: NormSpec, rows: int, device="cpu", *, seed: int = 0, strid
     weight = (torch.randn(n, generator=gen, device=gen.device) * 0.5 + 1.0).to(device=device, dtype=wd) \
         if spec.weight else None
     bias = (torch.randn(n, generator=gen, device=gen.device) * 0.5).to(device=device, dtype=wd) if spec.bias else None
-    inputs = Inputs(x, weight, bias, residual, offset=OFFSET if spec.offset else 0.0)
+    inputs = Inputs(x, weight, bias, residual, eps=eps, offset=OFFSET if spec.offset else 0.0)
     if spec.direction == "bwd":
         # Backward sees the normalized input (h) and fp32 stats computed from it.
-        _, _, mean, rstd = reference.forward(spec.op, x, eps=EPS, dtype=torch.float32)
+        _, _, mean, rstd = reference.forward(spec.op, x, eps=eps, dtype=torch.float32)
         inputs.mean = mean.contiguous() if mean is not None else None
         inputs.rstd = rstd.contiguous()
         inputs.residual = None
@@ -84,21 +86,23 @@ class CheckResult:
         return self.max_error <= self.tolerance
 
 
-def compare(spec: NormSpec, inputs: Inputs, outputs: tuple) -> CheckResult:
-    """Relative L2 error of each kernel output against the fp64 reference."""
-    result = CheckResult(tolerance=reference.tolerance(spec.torch_x_dtype))
+def expected_outputs(spec: NormSpec, inputs: Inputs) -> dict:
+    """Output name -> the fp64 reference (None: the output must not exist), on the inputs' device."""
     if spec.direction == "fwd":
-        y, h, mean, rstd = outputs
         ry, rh, rmean, rrstd = reference.forward(spec.op, inputs.x, inputs.weight, inputs.bias, inputs.residual,
                                                  inputs.eps, inputs.offset, casting_mode=spec.casting_mode)
-        expected = {"y": ry, "h": rh, "mean": rmean, "rstd": rrstd}
-        actual = {"y": y, "h": h, "mean": mean, "rstd": rstd}
-    else:
-        dx, dw, db = outputs
-        rdx, rdw, rdb = reference.backward(spec.op, inputs.dy, inputs.x, inputs.weight, inputs.bias, inputs.dh,
-                                           inputs.eps, inputs.offset)
-        expected = {"dx": rdx, "dweight": rdw, "dbias": rdb}
-        actual = {"dx": dx, "dweight": dw, "dbias": db}
+        return {"y": ry, "h": rh, "mean": rmean, "rstd": rrstd}
+    rdx, rdw, rdb = reference.backward(spec.op, inputs.dy, inputs.x, inputs.weight, inputs.bias, inputs.dh,
+                                       inputs.eps, inputs.offset)
+    return {"dx": rdx, "dweight": rdw, "dbias": rdb}
+
+
+def compare(spec: NormSpec, inputs: Inputs, outputs: tuple, expected: dict | None = None) -> CheckResult:
+    """Relative L2 error of each kernel output against the fp64 reference (`expected`, when computed before)."""
+    result = CheckResult(tolerance=reference.tolerance(spec.torch_x_dtype))
+    expected = expected_outputs(spec, inputs) if expected is None else expected
+    names = ("y", "h", "mean", "rstd") if spec.direction == "fwd" else ("dx", "dweight", "dbias")
+    actual = dict(zip(names, outputs))
     for name, exp in expected.items():
         act = actual[name]
         if exp is None:
@@ -120,3 +124,72 @@ def check_kernel(spec: NormSpec, kernel, rows: int, device="cpu", *, seed: int =
     """Run `kernel` once on fresh inputs for `spec` and compare every output."""
     inputs = make_inputs(spec, rows, device, seed=seed, strided=strided)
     return compare(spec, inputs, kernel(*inputs.args(spec)))
+
+
+# --- verifying a tuning candidate ----------------------------------------------------------
+# A candidate is recorded only if it is right wherever it will run, so it is checked on more than
+# one easy case: at the row count it is timed at (a kernel can be wrong only past its first task
+# or program), on row-strided inputs with a second eps (a kernel that ignores the row stride or
+# eps), on a few rows (small-input paths), with every output pre-filled with NaN (an unwritten
+# element), and for every variant it may dispatch to at run time (`kernel.variants`, e.g.
+# numba-cpu's serial and parallel kernels) including the inference entry point `y_only`.
+
+# At least this many rows, so that every launch has several tasks or programs (numba-cpu: up to
+# 256 rows per task x threads; a GPU persistent grid of a few programs per SM), ending on a
+# partial one (a prime).
+VERIFY_MIN_ROWS = 1031
+# At most this many elements per tensor (32 MiB fp32; the fp64 reference takes twice that).
+VERIFY_MAX_ELEMENTS = 1 << 23
+SECOND_EPS = 0.5  # large against the inputs' variance (~2), so a kernel ignoring eps is off by ~10%
+FEW_ROWS = 3
+
+
+def verify_rows(rows: int, hidden: int) -> int:
+    """Rows a candidate timed at `rows` is verified at: `rows`, raised to VERIFY_MIN_ROWS, capped by memory."""
+    return min(max(rows, VERIFY_MIN_ROWS), max(1, VERIFY_MAX_ELEMENTS // max(hidden, 1)))
+
+
+@functools.lru_cache(maxsize=3)  # one study's three cases; up to ~130 MB each
+def _expected(spec: NormSpec, rows: int, device: str, seed: int, strided: bool, eps: float) -> dict:
+    """The reference of one verification case: the same for every candidate of a study, so computed once."""
+    return expected_outputs(spec, make_inputs(spec, rows, device, seed=seed, strided=strided, eps=eps))
+
+
+def _variants(kernel) -> list[tuple[str, object, bool]]:
+    """(name, callable, computes y only) for the kernel and every variant it dispatches to, each
+    followed by its `y_only` entry point when it has one."""
+    out = []
+    for name, k in (("kernel", kernel), *((f"variant {i}", v) for i, v in enumerate(getattr(kernel, "variants", ())))):
+        out.append((name, k, False))
+        if getattr(k, "y_only", None) is not None:
+            out.append((f"{name} y_only", k.y_only, True))
+    return out
+
+
+def check_candidate(spec: NormSpec, kernel, rows: int, device="cpu", *, full: bool = True) -> str | None:
+    """None when `kernel` is right on every verification case, else the first case that is wrong.
+
+    `full=False` checks only the timed row count, contiguous, on `kernel` itself (for torch's own
+    compiled baseline, where every further case would be another compile)."""
+    device = str(torch.device(device))
+    rows_v = verify_rows(rows, spec.hidden)
+    cases = [(rows_v, False, EPS)]
+    if full:
+        cases += [(rows_v, True, SECOND_EPS), (FEW_ROWS, False, EPS)]
+    with poisoned_outputs():
+        for n_rows, strided, eps in cases:
+            expected = _expected(spec, n_rows, device, 0, strided, eps)
+            for name, k, y_only in (_variants(kernel) if full else [("kernel", kernel, False)]):
+                # fresh inputs per call: a kernel that writes into its inputs must not spoil the next check
+                inputs = make_inputs(spec, n_rows, device, strided=strided, eps=eps)
+                if y_only:
+                    y = k(inputs.x, inputs.weight, inputs.bias, inputs.eps, inputs.offset)
+                    result = compare(spec, inputs, (y,), {"y": expected["y"]})
+                else:
+                    result = compare(spec, inputs, k(*inputs.args(spec)), expected)
+                if not result.ok:
+                    worst = max(result.errors, key=result.errors.get)
+                    return (f"wrong result: {worst} rel. error {result.errors[worst]:.3g} > tolerance "
+                            f"{result.tolerance:.3g} ({name}, {n_rows} rows{', strided' if strided else ''}, "
+                            f"eps={eps})")
+    return None

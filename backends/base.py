@@ -57,15 +57,27 @@ def poison_outputs(enabled: bool) -> None:
     _poison_outputs = enabled
 
 
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Poisoning on for a block (verifying a candidate), then as it was. Process-wide: kernels other
+    threads run meanwhile fill their outputs too, which costs time, never correctness."""
+    previous = _poison_outputs
+    poison_outputs(True)
+    try:
+        yield
+    finally:
+        poison_outputs(previous)
+
+
 def new_empty_like_rows(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous (M, N) output shaped like the 2-D kernel input `x`, NaN-filled when poisoning.
+    """A row-major (M, N) output shaped like the 2-D kernel input `x`, NaN-filled when poisoning.
 
     `empty_like` is the cheapest allocation (0.75 vs 1.2 us for torch.empty at 1x64,
-    which matters on the tiny-input path); for a 2-D x with a unit last stride its
-    preserved layout is the contiguous one (a row-strided x is not dense, so it gets
-    the contiguous layout too).
+    which matters on the tiny-input path). The layout is asked for explicitly: by default
+    empty_like copies the stride order of x, and overlapping rows (`unfold`: strides (1, 1))
+    would get a column-major output that kernels, which write row i at i * N, scramble.
     """
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if _poison_outputs:
         out.fill_(float("nan"))
     return out
@@ -236,11 +248,17 @@ class Backend(abc.ABC):
         return template_hash(self.template_dir, sys.modules[type(self).__module__].__file__)
 
     def compile(self, spec: NormSpec, config: Config, device: torch.device | str = "cpu") -> Kernel:
-        """Render and compile, memoized by source hash, backend version and device."""
+        """Render and compile, memoized by source hash, config, backend version and device.
+
+        The config is part of the key, not only the source it renders: launchers bake in
+        knobs the source leaves out (numba-cpu's rows_per_task and threads, launch grids),
+        so two configs sharing a source still get their own kernel. They share the
+        imported module (`import_generated` is keyed by the hash), so nothing compiles twice.
+        """
         device = torch.device(device)
         self.check_available()
         source = self.render(spec, config)
-        key = (source.sha256, self.version(), device_key(device))
+        key = (source.sha256, config, self.version(), device_key(device))
         kernel = self._cache.get(key)
         if kernel is None:
             with self._lock:  # the tuner compiles candidates from several threads

@@ -14,6 +14,7 @@ process loads it instead of compiling again.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -126,16 +127,89 @@ def _with_threads(fn, threads: int):
     return call
 
 
-def _variants(module, config: NumbaCpuConfig, parallel_from: int):
-    """(parallel kernel, serial kernel, elements from which the parallel one runs)."""
-    if config.threads == 1:  # one thread: the pool would only add its wake-up
-        return module.kernel_serial, module.kernel_serial, 0
-    return _with_threads(module.kernel, config.threads), module.kernel_serial, parallel_from
+class _Pool:
+    """Numba's thread pool (its threading layer): which one runs, and what this process may do with it.
+
+    - Layer: TBB when it loads, else `workqueue`, unless the user chose one (NUMBA_THREADING_LAYER)
+      or the pool already started. Numba's own default would take GNU OpenMP before workqueue, and
+      a process whose GNU OpenMP pool ran cannot fork safely: a forked child (a DataLoader worker)
+      is aborted by Numba ("fork() called from a process already using GNU OpenMP") and torch's own
+      parallel ops hang in it.
+    - `workqueue` aborts the process on concurrent launches from two threads: under it a launch
+      that finds another one running takes the serial variant instead (same values). Which layer
+      runs is known only once the pool started, so the first launch is exclusive too.
+    - A forked child of a process whose pool started runs the serial variants: that pool's
+      threads do not exist in the child.
+    """
+
+    started = False  # this process has run a parallel kernel
+    exclusive = True  # launches must not overlap (until the layer is known not to be workqueue)
+    serial_only = False  # forked after the parent started its pool
+    lock = threading.Lock()
+
+    @classmethod
+    def choose_layer(cls):
+        import numba
+
+        if cls.started or os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
+            return
+        try:
+            import numba.np.ufunc.tbbpool  # noqa: F401  (fails without the TBB library)
+            numba.config.THREADING_LAYER = "tbb"
+        except ImportError:
+            numba.config.THREADING_LAYER = "workqueue"
+
+    @classmethod
+    def after_fork_in_child(cls):
+        cls.lock = threading.Lock()  # a lock held by another thread at the fork stays held forever
+        if cls.started:
+            cls.serial_only = True
+
+    @classmethod
+    def note_started(cls):
+        import numba
+        cls.exclusive = numba.threading_layer() == "workqueue"
+        cls.started = True
 
 
-def _forward_launcher(spec: NormSpec, config: NumbaCpuConfig, module):
+os.register_at_fork(after_in_child=_Pool.after_fork_in_child)
+
+
+def _pool_guarded(parallel, serial):
+    """`parallel`, run only when this process's thread pool can run it safely, else `serial`."""
+    def call(*args):
+        if _Pool.serial_only:
+            return serial(*args)
+        if not _Pool.exclusive:
+            return parallel(*args)
+        if not _Pool.lock.acquire(blocking=False):
+            return serial(*args)
+        try:
+            result = parallel(*args)
+            if not _Pool.started:
+                _Pool.note_started()
+            return result
+        finally:
+            _Pool.lock.release()
+    return call
+
+
+def _variants(module, config: NumbaCpuConfig):
+    """(parallel kernel, serial kernel); with threads=1 both are the serial one (the pool would only
+    add its wake-up)."""
+    if config.threads == 1:
+        return module.kernel_serial, module.kernel_serial
+    return _pool_guarded(_with_threads(module.kernel, config.threads), module.kernel_serial), module.kernel_serial
+
+
+# `parallel_from` of a launcher that always takes the serial variant
+SERIAL_ALWAYS = 1 << 62
+
+
+def _forward_launcher(spec: NormSpec, config: NumbaCpuConfig, module, parallel_from: int = SERIAL_BELOW):
+    """The forward kernel: calls on at least `parallel_from` elements take the parallel variant."""
     layernorm, residual_, rpt = spec.is_layernorm, spec.residual, config.rows_per_task
-    parallel, serial, parallel_from = _variants(module, config, SERIAL_BELOW)
+    parallel, serial = _variants(module, config)
 
     def kernel(x, weight, bias, residual, eps, offset):
         m, n = x.shape
@@ -170,10 +244,10 @@ def _forward_launcher(spec: NormSpec, config: NumbaCpuConfig, module):
     return kernel
 
 
-def _backward_launcher(spec: NormSpec, config: NumbaCpuConfig, module):
+def _backward_launcher(spec: NormSpec, config: NumbaCpuConfig, module, parallel_from: int = SERIAL_BELOW // 2):
+    """The backward kernel; it reads ~2x the forward's bytes per element: the same time threshold."""
     rpt, has_bias = config.rows_per_task, spec.bias
-    # the backward reads ~2x the forward's bytes per element: the same time threshold
-    parallel, serial, parallel_from = _variants(module, config, SERIAL_BELOW // 2)
+    parallel, serial = _variants(module, config)
 
     def kernel(dy, x, weight, mean, rstd, dh, offset):
         m, n = x.shape
@@ -226,8 +300,11 @@ class NumbaCpuBackend(Backend):
     def build(self, source, spec, config, device):
         # The file is never rewritten: Numba's cache index is keyed by the file's mtime and size.
         module = import_generated(source, self.template_dir)
+        _Pool.choose_layer()  # before this process's first parallel launch
         launcher = _forward_launcher if spec.direction == "fwd" else _backward_launcher
         kernel = launcher(spec, config, module)
+        # Which variant runs depends on the call's size: verifiers run each one on every case.
+        kernel.variants = (launcher(spec, config, module, 0), launcher(spec, config, module, SERIAL_ALWAYS))
         # the Numba dispatchers (compile stats, cache hits): parallel, then serial
         kernel.dispatchers = (module.kernel, module.kernel_serial)
         return kernel

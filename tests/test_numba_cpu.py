@@ -156,32 +156,69 @@ def test_specials_through_forward(backend, dtype_name):
 
 # --- threads, determinism ------------------------------------------------------------------
 
-@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
-def test_threads_do_not_change_results(backend, op):
+def _recording_set_num_threads(monkeypatch):
+    """Record every numba.set_num_threads call (the launcher's way to apply `threads`)."""
     import numba
 
+    calls, real = [], numba.set_num_threads
+
+    def record(n):
+        calls.append(n)
+        real(n)
+    monkeypatch.setattr(numba, "set_num_threads", record)
+    return calls
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_threads_do_not_change_results(backend, op, monkeypatch):
+    """Each `threads` value gets its own launcher, which applies it, restores the caller's count
+    afterwards, and computes bitwise the same values (tasks are split by rows_per_task only)."""
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    if pool < 2:
+        pytest.skip("needs a Numba thread pool of 2 or more")
     spec = NormSpec(op, "bwd", "bfloat16", "float32", 1000, bias=op == "layernorm", residual=True)
-    inputs = verify.make_inputs(spec, 301, strided=True)
-    results = []
-    for threads in sorted({1, numba.config.NUMBA_NUM_THREADS, 0}):
-        config = backend.heuristic(spec).replace(threads=threads, rows_per_task=8)
-        results.append(backend.compile(spec, config)(*inputs.args(spec)))
-    before = numba.get_num_threads()
-    for dx, dw, db in results[1:]:
-        # the partition is by rows_per_task, so even the parameter gradients are bitwise equal
+    inputs = verify.make_inputs(spec, 301, strided=True)  # 301 x 1000: the parallel variant runs
+    base = backend.heuristic(spec).replace(rows_per_task=8)
+    kernels = {t: backend.compile(spec, base.replace(threads=t)) for t in (0, 1, 2)}
+    assert len({id(k) for k in kernels.values()}) == 3, "configs differing in threads share a launcher"
+
+    calls = _recording_set_num_threads(monkeypatch)
+    numba.set_num_threads(1)  # the caller's count, which a threads=2 launch must give back
+    calls.clear()
+    results = {t: k(*inputs.args(spec)) for t, k in kernels.items()}
+    assert calls == [2, 1], "threads=2 must run on 2 threads and then restore the caller's 1"
+    assert numba.get_num_threads() == 1
+    numba.set_num_threads(pool)
+    for dx, dw, db in (results[1], results[2]):
         assert torch.equal(dw, results[0][1])
         if db is not None:
             assert torch.equal(db, results[0][2])
         assert torch.equal(dx, results[0][0])
-    assert numba.get_num_threads() == before  # the launcher restores the thread count
 
     fspec = spec.with_direction("fwd")
     finputs = verify.make_inputs(fspec, 301, strided=True)
-    outs = [backend.compile(fspec, backend.heuristic(fspec).replace(threads=t))(*finputs.args(fspec))
-            for t in (1, 0)]
+    fkernels = [backend.compile(fspec, backend.heuristic(fspec).replace(threads=t)) for t in (1, 0)]
+    assert fkernels[0] is not fkernels[1]
+    outs = [k(*finputs.args(fspec)) for k in fkernels]
     for a, b in zip(outs[0], outs[1]):
         if a is not None:
             assert torch.equal(a, b)
+
+
+def test_rows_per_task_reaches_the_launch(backend):
+    """rows_per_task is a runtime argument, not in the source: two values must still run as two.
+
+    The dW partial rows are per task, so 4 vs 256 rows per task sums in a different order:
+    close, and (for these fixed inputs) not bitwise equal."""
+    spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 1000)
+    inputs = verify.make_inputs(spec, 301)
+    small, large = (backend.compile(spec, backend.heuristic(spec).replace(rows_per_task=r)) for r in (4, 256))
+    assert small is not large
+    dw_small, dw_large = small(*inputs.args(spec))[1], large(*inputs.args(spec))[1]
+    torch.testing.assert_close(dw_small, dw_large, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(dw_small, dw_large)
 
 
 # --- compile cache across processes --------------------------------------------------------
@@ -227,3 +264,102 @@ def test_public_api(use_backend, op):
     fn = "rms_norm" if op == "rmsnorm" else "layer_norm"
     choice = autonorm.explain(fn, x, (40,), torch.ones(40))
     assert choice.backend == BACKEND
+
+
+# --- unusual inputs through the public API -------------------------------------------------
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_overlapping_rows_match_torch(use_backend, op):
+    """Rows that overlap in memory (unfold: strides (1, 1)) give torch's values and gradients."""
+    import autonorm
+    import torch.nn.functional as F
+
+    use_backend(BACKEND)
+    base = torch.randn(70, requires_grad=True)
+    weight = torch.randn(64, requires_grad=True)
+    ours, theirs = (autonorm.rms_norm, F.rms_norm) if op == "rmsnorm" else (autonorm.layer_norm, F.layer_norm)
+    grads = []
+    for fn in (ours, theirs):
+        x = base.unfold(0, 64, 1)  # 7 rows of 64, each starting one element after the previous
+        y = fn(x, (64,), weight)
+        assert y.shape == (7, 64)
+        (y * torch.linspace(-1, 1, 64)).sum().backward()
+        grads.append((y.detach(), base.grad.clone(), weight.grad.clone()))
+        base.grad, weight.grad = None, None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_zero_eps_on_a_zero_row_matches_torch(use_backend, op):
+    """eps=0 on a constant row divides by a zero variance: NaN as in torch, not an exception."""
+    import autonorm
+    import torch.nn.functional as F
+
+    use_backend(BACKEND)
+    x = torch.randn(3, 32)
+    x[1] = 0.0 if op == "rmsnorm" else 2.0
+    fn, ref = (autonorm.rms_norm, F.rms_norm) if op == "rmsnorm" else (autonorm.layer_norm, F.layer_norm)
+    for rows in (x, x.repeat(1100, 1)):  # the serial and the parallel variant
+        y, expected = fn(rows, (32,), eps=0.0), ref(rows, (32,), eps=0.0)
+        torch.testing.assert_close(y, expected, equal_nan=True)
+        assert torch.isnan(y[1]).all()
+
+
+# --- processes and threads -----------------------------------------------------------------
+
+def _norm_in_child(queue):
+    import autonorm
+
+    # As DataLoader workers do: torch's own GNU OpenMP pool, started by the parent, hangs in a
+    # forked child (torch's limitation, whatever autonorm does).
+    torch.set_num_threads(1)
+    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(1))  # 256K elements: parallel-sized
+    y = autonorm.rms_norm(x, (1024,))
+    queue.put(float((y - torch.nn.functional.rms_norm(x, (1024,))).abs().max()))
+
+
+def test_forked_child_runs_after_the_parent_used_the_pool(use_backend):
+    """A DataLoader-style forked worker calls autonorm after the parent started Numba's pool."""
+    import multiprocessing
+
+    import autonorm
+
+    use_backend(BACKEND)
+    x = torch.randn(256, 1024)
+    torch.testing.assert_close(autonorm.rms_norm(x, (1024,)), torch.nn.functional.rms_norm(x, (1024,)))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_norm_in_child, args=(queue,))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0, f"forked child died (exit code {child.exitcode})"
+    assert queue.get(timeout=5) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", ["workqueue", "default"])
+def test_concurrent_calls_under_each_threading_layer(tmp_path, layer):
+    """Threads calling parallel-sized norms at once: correct, and no abort under `workqueue`."""
+    script = textwrap.dedent("""
+        import threading, numba, torch, autonorm
+        import torch.nn.functional as F
+        x = torch.randn(64, 4096)
+        expected = F.rms_norm(x, (4096,))
+        errors = []
+        def work():
+            for _ in range(20):
+                errors.append(float((autonorm.rms_norm(x, (4096,)) - expected).abs().max()))
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        assert len(errors) == 80 and max(errors) < 1e-5, max(errors)
+        print(numba.threading_layer())
+    """)
+    env = dict(os.environ, AUTONORM_BACKEND=BACKEND)
+    if layer != "default":
+        env["NUMBA_THREADING_LAYER"] = layer
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # left to autonorm, the layer is never GNU OpenMP (it makes forked children abort or hang)
+    assert out.stdout.strip().splitlines()[-1] in ({layer} if layer != "default" else {"tbb", "workqueue"})

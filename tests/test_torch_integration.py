@@ -102,3 +102,55 @@ def test_opcheck_custom_ops():
     r = torch.randn(5, 24)
     torch.library.opcheck(ops.norm_fwd_op, (x, w, None, r, "rmsnorm", 1e-6, 0.5))
     torch.library.opcheck(ops.norm_fwd_op, (x, w.detach(), torch.randn(24), None, "layernorm", 1e-5, 0.0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba-cpu"])
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_gradient_penalty_matches_torch(use_backend, backend, op):
+    """create_graph=True (a gradient penalty): the second-order terms reach x, weight, bias and the residual."""
+    use_backend(backend)
+    torch.manual_seed(3)
+    x, r = torch.randn(5, 24, requires_grad=True), torch.randn(5, 24, requires_grad=True)
+    w = (torch.randn(24) * 0.5 + 1).requires_grad_()
+    b = torch.randn(24, requires_grad=True)
+    c = torch.linspace(-1, 1, 24)
+    params = (x, r, w, b) if op == "layernorm" else (x, r, w)
+
+    def ours():
+        if op == "layernorm":
+            return autonorm.layer_norm(x, (24,), w, b, residual=r)
+        return autonorm.rms_norm(x, (24,), w, 1e-6, offset=0.5, residual=r)
+
+    def theirs():
+        h = x + r
+        if op == "layernorm":
+            return F.layer_norm(h, (24,), w, b), h
+        return F.rms_norm(h, (24,), w + 0.5, 1e-6), h
+
+    results = []
+    for fn in (ours, theirs):
+        y, h = fn()
+        out = (y * c).sum() + (h * h).sum() * 0.1
+        first = torch.autograd.grad(out, params, create_graph=True)
+        penalty = out + sum(g.square().sum() for g in first)
+        results.append(torch.autograd.grad(penalty, params))
+    for name, a, e in zip(("x", "residual", "weight", "bias"), *results):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_negative_views_are_read_as_negative(use_backend):
+    """torch._neg_view keeps x in memory and a bit meaning -x: kernels reading memory must see -x."""
+    use_backend("numba-cpu")
+    x, w, b = torch.randn(4, 32), torch.randn(32), torch.randn(32)
+    neg = torch._neg_view
+    assert neg(x).is_neg()
+    torch.testing.assert_close(autonorm.rms_norm(neg(x), (32,), neg(w)), F.rms_norm(-x, (32,), -w))
+    torch.testing.assert_close(autonorm.rms_norm(x, (32,), neg(w)), F.rms_norm(x, (32,), -w))
+    torch.testing.assert_close(autonorm.layer_norm(neg(x), (32,), w, neg(b)), F.layer_norm(-x, (32,), w, -b))
+    y, h = autonorm.rms_norm(x, (32,), w, residual=neg(b.expand(4, 32)))
+    torch.testing.assert_close(h, x - b)
+    xg = x.clone().requires_grad_()
+    autonorm.rms_norm(xg, (32,), w).backward(neg(torch.ones(4, 32)))  # a negative view as the incoming gradient
+    xr = x.clone().requires_grad_()
+    F.rms_norm(xr, (32,), w).backward(-torch.ones(4, 32))
+    torch.testing.assert_close(xg.grad, xr.grad)

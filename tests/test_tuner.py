@@ -156,6 +156,84 @@ def test_torch_is_a_candidate_and_wins_when_fastest(tmp_path):
     assert result.record.winner.median_us <= result.record.baselines["torch_eager"]["median_us"]
 
 
+# --- verification catches kernels that are wrong only somewhere ---------------------------
+def _injected(kind):
+    """A correct kernel (torch underneath) made wrong in one way that easy inputs do not show."""
+    from autonorm.backends.base import new_empty
+
+    inner = TorchBackend().build(None, SPEC, None, "cpu")
+
+    def kernel(x, weight, bias, residual, eps, offset):
+        y, h, mean, rstd = inner(x, weight, bias, residual, 1e-5 if kind == "ignores eps" else eps, offset)
+        if kind == "wrong past row 64":
+            y = torch.cat([y[:64], y[64:] + 1])
+        elif kind == "wrong on strided rows" and x.shape[0] > 1 and x.stride(0) != x.shape[1]:
+            y = y + 1
+        elif kind == "unwritten element":
+            out = new_empty(y.shape, y.dtype, y.device)  # NaN when verification poisons outputs
+            out.view(-1)[:-1] = y.reshape(-1)[:-1]
+            y = out
+        return y, h, mean, rstd
+    if kind == "wrong serial variant":
+        kernel.variants = (inner, lambda *args: (torch.zeros_like(args[0]),) + inner(*args)[1:])
+    if kind == "wrong y_only":
+        kernel.y_only = lambda x, weight, bias, eps, offset: x
+    return kernel
+
+
+INJECTED = ("wrong past row 64", "wrong on strided rows", "ignores eps", "unwritten element",
+            "wrong serial variant", "wrong y_only")
+
+
+@pytest.mark.parametrize("kind", INJECTED)
+def test_verification_rejects_kernels_wrong_only_somewhere(kind):
+    from autonorm import measure
+
+    assert measure.verify(SPEC, _injected(None), ROWS, "cpu") is None
+    reason = measure.verify(SPEC, _injected(kind), ROWS, "cpu")
+    assert reason is not None and "wrong result" in reason
+    assert measure.verify(SPEC, _injected(kind), 0, "cpu") is not None  # rows 0 still verifies on rows
+
+
+def test_verification_rows():
+    from autonorm.verify import VERIFY_MAX_ELEMENTS, VERIFY_MIN_ROWS, verify_rows
+
+    assert verify_rows(0, 64) == verify_rows(16, 64) == VERIFY_MIN_ROWS > 2 * 256  # several tasks per thread
+    assert verify_rows(4096, 1024) == 4096  # the timed count itself
+    assert verify_rows(1 << 20, 4096) * 4096 <= VERIFY_MAX_ELEMENTS
+    assert verify_rows(5, 1 << 30) == 1
+
+
+@dataclass(frozen=True)
+class InjectedConfig(Config):
+    backend: ClassVar[str] = "fake"
+    a: int = knob((1, 2, 4, 8))
+    b: int = knob(tuple(range(len(INJECTED) + 1)))  # b < len(INJECTED): that wrong kind; the last: correct
+
+
+class InjectedBackend(FakeBackendBase):
+    config_cls = InjectedConfig
+
+    def build(self, source, spec, config, device):
+        kernel = _injected(INJECTED[config.b] if config.b < len(INJECTED) else None)
+        kernel.config = config
+        return kernel
+
+
+def test_tuner_records_no_injected_wrong_kernel(tmp_path):
+    class Timer(FakeTimer):
+        def _cost(self, kernel):  # the wrong kernels are the fastest
+            config = getattr(kernel, "config", None)
+            return TORCH_US if config is None else 5.0 + config.a + (10.0 if config.b == len(INJECTED) else 0.0)
+    storage = make_storage(None, tmp_path / "s.journal")
+    result = StudyRunner(SPEC, ROWS, {"fake": InjectedBackend(), "torch": TorchBackend()}, Timer(), "cpu",
+                         storage=storage, name="injected", n_trials=40, time_budget=600, compile_baseline=False,
+                         seeds=[Candidate("fake", InjectedConfig(1, 0))]).run()
+    assert len(result.failed) == 4 * len(INJECTED)
+    entries = [result.record.winner, *result.record.runners_up]
+    assert entries and all(e.backend == "torch" or e.config.b == len(INJECTED) for e in entries)
+
+
 def test_failed_candidate_only_space_gives_no_record(tmp_path):
     class AllWrong(FakeBackend):
         def build(self, source, spec, config, device):
