@@ -100,6 +100,12 @@ class CupyConfig(Config):
         raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
 
 
+def dynamic_smem(spec: NormSpec, config: CupyConfig) -> int:
+    """Bytes of the shared-memory row cache the launcher asks for (0 unless row_cache="shared")."""
+    cache_rows = config.rows if config.row_cache == "shared" else 0
+    return cache_rows * spec.hidden * 4 * (2 if spec.direction == "bwd" else 1)
+
+
 def geometry(spec: NormSpec, config: CupyConfig) -> dict:
     """Constants rendered into the kernels (templates read them as `geo.*`)."""
     tpr = config.threads // config.rows
@@ -183,8 +189,7 @@ class _Launcher:
         self.sms = sms
         n = spec.hidden
         self.block = (config.threads,)
-        cache_rows = config.rows if config.row_cache == "shared" else 0
-        self.smem = cache_rows * n * 4 * (2 if spec.direction == "bwd" else 1)
+        self.smem = dynamic_smem(spec, config)
         # Alignment a vector access needs: x-like tensors VEC elements, weights the same
         # number of (possibly wider) elements, both capped at the 16 bytes of one access.
         self.x_align = min(16, config.vec * spec.x_itemsize)

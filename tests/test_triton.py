@@ -55,7 +55,7 @@ CHUNKED = [(1128, 1024), (5120, 1024), (4096, 2048), (65537, 8192)]
 def test_chunked_path(triton_backend, n, block, op, direction, device):
     feats = {"bias": True} if op == "layernorm" else {"offset": True}
     spec = NormSpec(op, direction, "float16", "float32", n, residual=True, **feats)
-    config = TritonConfig(BLOCK_N=block, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2,
+    config = TritonConfig(BLOCK_N=block, num_warps=8, ROWS_PER_PROGRAM=1,
                           DW_PARTIALS=32)
     source = triton_backend.render(spec, config).text
     assert "chunked loop over the row" in source and "for start in range(0, N, BLOCK_N)" in source
@@ -96,7 +96,7 @@ def test_heuristic_follows_liger_warps():
 
 def test_invalid_configs_say_why():
     spec = NormSpec("layernorm", "fwd", "float32", "float32", 760)
-    too_wide = TritonConfig(BLOCK_N=4096, num_warps=4, ROWS_PER_PROGRAM=1, num_stages=1, DW_PARTIALS=32)
+    too_wide = TritonConfig(BLOCK_N=4096, num_warps=4, ROWS_PER_PROGRAM=1, DW_PARTIALS=32)
     assert "exceeds the padded row" in TritonConfig.is_valid(spec, too_wide)
     too_many_rows = too_wide.replace(BLOCK_N=1024, ROWS_PER_PROGRAM=32, num_warps=32)
     assert "ROWS_PER_PROGRAM" in TritonConfig.is_valid(spec, too_many_rows)
