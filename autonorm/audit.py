@@ -64,7 +64,9 @@ MAX_REGS_PER_THREAD = 255
 
 
 def register_cap(threads: int) -> int:
-    """Registers one thread may use when a block of `threads` must fit a 64K-register SM."""
+    """Registers one thread may use when a block of `threads` must be resident on a
+    64K-register SM: min(255, 65536 / threads), in the allocation unit of 8 (the backends'
+    register rules use it)."""
     return min(MAX_REGS_PER_THREAD, (65536 // threads) // 8 * 8)
 
 
@@ -133,21 +135,35 @@ class Profile:
                 "load_share_128": round(self.load_share_128, 3)}
 
 
-def occupancy(p: Profile, arch: Arch) -> Profile:
-    """Fill in resident blocks / warps per SM and what limits them (0 blocks: cannot launch)."""
-    warps = -(-p.threads // 32)
-    regs_per_warp = -(-p.registers * 32 // arch.reg_unit) * arch.reg_unit
-    smem = p.smem_static + p.smem_dynamic
+def resident_blocks(registers: int, threads: int, smem: int, arch: Arch) -> tuple[int, str]:
+    """(blocks of this kernel resident on one SM, the limit that sets it); 0 blocks: it cannot launch."""
+    warps = -(-threads // 32)
+    regs_per_warp = -(-registers * 32 // arch.reg_unit) * arch.reg_unit
     limits = {
-        "threads": arch.threads // (warps * 32) if p.threads <= 1024 else 0,
-        "registers": 0 if p.registers > MAX_REGS_PER_THREAD
+        "threads": arch.threads // (warps * 32) if threads <= 1024 else 0,
+        "registers": 0 if registers > MAX_REGS_PER_THREAD
         else (arch.regs // regs_per_warp) // warps if regs_per_warp else arch.blocks,
         "smem": arch.smem // (smem + arch.smem_reserved) if smem <= arch.smem_block else 0,
         "blocks": arch.blocks,
     }
-    p.limiter = min(limits, key=lambda k: limits[k])
-    p.blocks_per_sm = limits[p.limiter]
-    p.warps_per_sm = p.blocks_per_sm * warps
+    limiter = min(limits, key=lambda k: limits[k])
+    return limits[limiter], limiter
+
+
+def device_arch(props) -> Arch:
+    """The limits of a device from torch.cuda.get_device_properties (known values where torch lacks one)."""
+    base = ARCHS.get(f"sm_{props.major}{props.minor}", ARCHS["sm_80"])
+    return dataclasses.replace(
+        base, name=f"sm_{props.major}{props.minor}", cc=props.major * 10 + props.minor,
+        regs=getattr(props, "regs_per_multiprocessor", base.regs),
+        smem=getattr(props, "shared_memory_per_multiprocessor", base.smem),
+        threads=getattr(props, "max_threads_per_multi_processor", base.threads))
+
+
+def occupancy(p: Profile, arch: Arch) -> Profile:
+    """Fill in resident blocks / warps per SM and what limits them."""
+    p.blocks_per_sm, p.limiter = resident_blocks(p.registers, p.threads, p.smem_static + p.smem_dynamic, arch)
+    p.warps_per_sm = p.blocks_per_sm * -(-p.threads // 32)
     p.occupancy = p.warps_per_sm / (arch.threads // 32)
     return p
 
@@ -451,13 +467,25 @@ def _numba_worker() -> None:
     """Subprocess body: read [{path, spec, cc}] as JSON on stdin, print [{ptx, launch_bounds}]."""
     import importlib.util
 
+    import types as pytypes
+
+    import numba.cuda.dispatcher
     from numba import cuda, types
 
     from .spec import NormSpec
 
+    items = json.load(sys.stdin)
+    # Device functions called by a kernel are compiled for the *current device's* compute
+    # capability (numba-cuda's dispatcher asks the driver); there is no driver here, so the
+    # target of this batch (one architecture per worker) stands in for that device.
+    cc = {tuple(item["cc"]) for item in items}
+    if len(cc) > 1:
+        raise ValueError(f"one numba audit worker compiles for one architecture, got {sorted(cc)}")
+    device = pytypes.SimpleNamespace(compute_capability=cc.pop() if cc else (9, 0))
+    numba.cuda.dispatcher.get_current_device = lambda: device
     scalar = {"float32": types.float32, "float16": types.float16, "bfloat16": types.uint16}
     out = []
-    for item in json.load(sys.stdin):
+    for item in items:
         spec = NormSpec(**item["spec"])
         mod_spec = importlib.util.spec_from_file_location(f"autonorm_audit_{len(out)}", item["path"])
         module = importlib.util.module_from_spec(mod_spec)
@@ -465,7 +493,9 @@ def _numba_worker() -> None:
         dispatcher = module._kernel
         x, w, f32 = (types.Array(scalar[spec.x_dtype], 1, "C"), types.Array(scalar[spec.w_dtype], 1, "C"),
                      types.Array(types.float32, 1, "C"))
-        kinds = {"x": x, "dy": x, "res": x, "h": x, "y": x, "dh": x, "dx": x, "w": w, "b": w,
+        # As _Launcher passes them: inputs as flat rows, outputs and partials as 2-D arrays.
+        x2 = types.Array(scalar[spec.x_dtype], 2, "C")
+        kinds = {"x": x, "dy": x, "res": x, "dh": x, "h": x2, "y": x2, "dx": x2, "w": w, "b": w,
                  "pw": types.Array(types.float32, 2, "C"), "pb": types.Array(types.float32, 2, "C"),
                  "mean_out": f32, "rstd_out": f32, "mean_in": f32, "rstd_in": f32,
                  "M": types.int64, "eps": types.float32, "offset": types.float32}

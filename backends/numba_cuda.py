@@ -60,7 +60,10 @@ class NumbaCudaConfig(Config):
         # Keep the whole row in registers (one chunk) with 4 fp32 or 8 16-bit
         # elements per thread up to 1024 threads; beyond that, chunk. Small rows
         # share a block so that a block still has >= 128 threads.
-        items = 4 if spec.x_dtype == "float32" else 8
+        # The backward holds twice the forward's registers per element (x_hat, dy, partials):
+        # 8 elements per thread halves its block, so the row stays in registers with 512
+        # threads (<= 128 registers each) instead of 1024 threads capped at 64 (spills).
+        items = 4 if spec.x_dtype == "float32" and spec.direction == "fwd" else 8
         threads = min(MAX_BLOCK, max(32, _pow2_at_least(-(-spec.hidden // items))))
         while threads > 32 and (threads // 2) * items >= spec.hidden:
             threads //= 2

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from autonorm.config import Config, knob
+from autonorm.audit import register_cap
 from autonorm.spec import NormSpec
 
 from .base import Backend, import_generated
@@ -39,12 +40,6 @@ MIN_CHUNK = 1024
 MAX_MULTI_ROW_TILE = 16384
 # The chunk of the chunked loop: 16 fp32 per thread with 16 warps.
 CHUNK_BLOCK_N, CHUNK_WARPS = 8192, 16
-
-
-def register_cap(threads: int) -> int:
-    """Registers one thread may use when a block of `threads` must be resident on a
-    64K-register SM: min(255, 65536 / threads), in the allocation unit of 8."""
-    return min(255, (65536 // threads) // 8 * 8)
 
 
 def max_per_thread(direction: str, num_warps: int) -> int:
