@@ -380,11 +380,20 @@ def triton_signature(spec: NormSpec, fn, constants: dict) -> tuple[dict, dict, d
     return signature, constexprs, attrs
 
 
-def _triton_ptx(job: Job) -> tuple[str, str, int]:
-    """-> (PTX, kernel name, dynamic shared memory bytes) from Triton's own compiler."""
-    import triton
+def _load_module(path: str, name: str):
+    """Import a generated kernel module from its file (registered: Triton resolves globals through it)."""
+    import importlib.util
 
-    from .backends.base import import_generated
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _triton_compile(items: list[dict]) -> list[dict]:
+    """Worker body: Triton's own compiler for each {path, spec, num_warps, cc} -> {ptx, name, shared}."""
+    import triton
 
     try:
         from triton.backends.compiler import GPUTarget
@@ -392,27 +401,35 @@ def _triton_ptx(job: Job) -> tuple[str, str, int]:
     except ImportError as exc:
         raise AuditToolError(f"triton {triton.__version__} has no ASTSource/GPUTarget API ({exc}): "
                              "the audit needs triton >= 3.3") from exc
-    module = import_generated(job.source(), "triton")
-    fn = getattr(module, f"_{job.spec.op}_{job.spec.direction}")
-    constants = {name: getattr(module, name) for name in ("N", "BLOCK_N", "ROWS_PER_PROGRAM")}
-    constants["ROW_ALIGN"] = module.row_align(job.spec.hidden)
-    signature, constexprs, attrs = triton_signature(job.spec, fn, constants)
-    target = GPUTarget("cuda", ARCHS[job.arch].cc, 32)
-    try:
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                options={"num_warps": job.config.num_warps})
-    except TypeError as exc:  # an older ASTSource signature
-        raise AuditToolError(f"triton {triton.__version__}: ASTSource(fn, signature, constexprs, attrs) "
-                             f"failed ({exc}); the audit needs triton >= 3.3") from exc
-    return kernel.asm["ptx"], kernel.metadata.name, kernel.metadata.shared
+    out = []
+    for i, item in enumerate(items):
+        spec = NormSpec(**item["spec"])
+        module = _load_module(item["path"], f"autonorm_audit_triton_{i}")
+        fn = getattr(module, f"_{spec.op}_{spec.direction}")
+        constants = {name: getattr(module, name) for name in ("N", "BLOCK_N", "ROWS_PER_PROGRAM")}
+        constants["ROW_ALIGN"] = module.row_align(spec.hidden)  # contiguous rows: the stride is N
+        signature, constexprs, attrs = triton_signature(spec, fn, constants)
+        try:
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                    target=GPUTarget("cuda", item["cc"], 32), options={"num_warps": item["num_warps"]})
+        except TypeError as exc:  # an older ASTSource signature
+            raise AuditToolError(f"triton {triton.__version__}: ASTSource(fn, signature, constexprs, attrs) "
+                                 f"failed ({exc}); the audit needs triton >= 3.3") from exc
+        out.append({"ptx": kernel.asm["ptx"], "name": kernel.metadata.name, "shared": kernel.metadata.shared})
+    return out
 
 
-def _triton_profile(job: Job, workdir: str) -> Profile:
-    ptx, name, shared = _triton_ptx(job)
-    log, cubin = ptxas(ptx, workdir, name)
-    _, info = _only(parse_ptxas_log(log), re.escape(name), "ptxas")
-    _, sass = _only(sass_counts(cubin), re.escape(name), "cuobjdump")
-    return _profile(job, name, info, sass, job.config.num_warps * 32, shared)
+def _triton_profiles(jobs: list[Job], workdir: str) -> list[Profile]:
+    items = [{"path": _module_file(j, "triton"), "spec": j.spec.to_dict(), "num_warps": j.config.num_warps,
+              "cc": ARCHS[j.arch].cc} for j in jobs]
+    out = []
+    for job, result in zip(jobs, _run_worker("triton", items)):
+        name = result["name"]
+        log, cubin = ptxas(result["ptx"], workdir, f"triton_{job.arch}_{job.source().sha256[:16]}")
+        _, info = _only(parse_ptxas_log(log), re.escape(name), "ptxas")
+        _, sass = _only(sass_counts(cubin), re.escape(name), "cuobjdump")
+        out.append(_profile(job, name, info, sass, job.config.num_warps * 32, result["shared"]))
+    return out
 
 
 # CuPy ----------------------------------------------------------------------------------------
@@ -458,23 +475,13 @@ def _cupy_profiles(jobs: list[Job], workdir: str) -> list[Profile]:
 
 
 # Numba CUDA ----------------------------------------------------------------------------------
-def _numba_env() -> dict:
-    # The simulator replaces numba.cuda's compiler: the worker must see the real one.
-    return {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-
-
-def _numba_worker() -> None:
-    """Subprocess body: read [{path, spec, cc}] as JSON on stdin, print [{ptx, launch_bounds}]."""
-    import importlib.util
-
+def _numba_compile(items: list[dict]) -> list[dict]:
+    """Worker body: numba-cuda's compiler for each {path, spec, cc} -> {ptx}, with the kernel's launch bounds."""
     import types as pytypes
 
     import numba.cuda.dispatcher
     from numba import cuda, types
 
-    from .spec import NormSpec
-
-    items = json.load(sys.stdin)
     # Device functions called by a kernel are compiled for the *current device's* compute
     # capability (numba-cuda's dispatcher asks the driver); there is no driver here, so the
     # target of this batch (one architecture per worker) stands in for that device.
@@ -485,12 +492,9 @@ def _numba_worker() -> None:
     numba.cuda.dispatcher.get_current_device = lambda: device
     scalar = {"float32": types.float32, "float16": types.float16, "bfloat16": types.uint16}
     out = []
-    for item in items:
+    for i, item in enumerate(items):
         spec = NormSpec(**item["spec"])
-        mod_spec = importlib.util.spec_from_file_location(f"autonorm_audit_{len(out)}", item["path"])
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-        dispatcher = module._kernel
+        dispatcher = _load_module(item["path"], f"autonorm_audit_numba_{i}")._kernel
         x, w, f32 = (types.Array(scalar[spec.x_dtype], 1, "C"), types.Array(scalar[spec.w_dtype], 1, "C"),
                      types.Array(types.float32, 1, "C"))
         # As _Launcher passes them: inputs as flat rows, outputs and partials as 2-D arrays.
@@ -499,40 +503,66 @@ def _numba_worker() -> None:
                  "pw": types.Array(types.float32, 2, "C"), "pb": types.Array(types.float32, 2, "C"),
                  "mean_out": f32, "rstd_out": f32, "mean_in": f32, "rstd_in": f32,
                  "M": types.int64, "eps": types.float32, "offset": types.float32}
-        names = dispatcher.py_func.__code__.co_varnames[:dispatcher.py_func.__code__.co_argcount]
+        code = dispatcher.py_func.__code__
+        names = code.co_varnames[:code.co_argcount]
         sig = tuple(types.int64 if n.startswith("s") and n not in kinds else kinds[n] for n in names)
         bounds = dispatcher.targetoptions.get("launch_bounds")
         ptx, _ = cuda.compile_ptx(dispatcher.py_func, sig, cc=tuple(item["cc"]), launch_bounds=bounds)
-        out.append({"ptx": ptx, "launch_bounds": bounds})
-    json.dump(out, sys.stdout)
+        out.append({"ptx": ptx})
+    return out
 
 
 def _numba_profiles(jobs: list[Job], workdir: str) -> list[Profile]:
-    from .knobs import cache_dir
-
-    items = []
-    for job in jobs:
-        source = job.source()
-        import_path = cache_dir() / "numba_cuda" / f"{source.sha256}.py"
-        if not import_path.exists():  # write it where the backend would (importing it needs numba-cuda)
-            import_path.parent.mkdir(parents=True, exist_ok=True)
-            import_path.write_text(source.text)
-        items.append({"path": str(import_path), "spec": job.spec.to_dict(), "cc": divmod(ARCHS[job.arch].cc, 10)})
-    proc = subprocess.run([sys.executable, "-c", "from autonorm.audit import _numba_worker; _numba_worker()"],
-                          input=json.dumps(items), capture_output=True, text=True, env=_numba_env(), check=False)
-    if proc.returncode:
-        tail = proc.stderr[-3000:]
-        if "nvrtc" in tail.lower() or "nvvm" in tail.lower():
-            raise AuditToolError("numba's CUDA compiler needs NVVM and NVRTC: pip install autonorm[audit] "
-                                 f"(nvidia-nvvm, nvidia-cuda-nvrtc)\n{tail}")
-        raise RuntimeError(f"numba compile_ptx failed:\n{tail}")
+    items = [{"path": _module_file(j, "numba_cuda"), "spec": j.spec.to_dict(), "cc": divmod(ARCHS[j.arch].cc, 10)}
+             for j in jobs]
     out = []
-    for i, (job, result) in enumerate(zip(jobs, json.loads(proc.stdout))):
-        log, cubin = ptxas(result["ptx"], workdir, f"numba_{job.arch}_{i}_{os.getpid()}")
+    for job, result in zip(jobs, _run_worker("numba", items)):
+        log, cubin = ptxas(result["ptx"], workdir, f"numba_{job.arch}_{job.source().sha256[:16]}")
         name, info = _only(parse_ptxas_log(log), "_kernel", "ptxas")
         _, sass = _only(sass_counts(cubin), "_kernel", "cuobjdump")
         out.append(_profile(job, name, info, sass, job.config.threads * job.config.rows, 0))
     return out
+
+
+# Compile workers ------------------------------------------------------------------------------
+def _module_file(job: Job, folder: str) -> str:
+    """The generated module's file, where the backend itself writes it (cache folder, by source hash)."""
+    from .knobs import cache_dir
+
+    source = job.source()
+    path = cache_dir() / folder / f"{source.sha256}.py"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source.text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+_WORKERS = {"triton": _triton_compile, "numba": _numba_compile}
+
+
+def _worker(kind: str) -> None:
+    """Subprocess entry: JSON items on stdin, JSON results on stdout."""
+    json.dump(_WORKERS[kind](json.load(sys.stdin)), sys.stdout)
+
+
+def _run_worker(kind: str, items: list[dict]) -> list[dict]:
+    """Run a compile worker in a subprocess without the simulators: TRITON_INTERPRET and
+    NUMBA_ENABLE_CUDASIM (set by the CPU test tier) replace the real compilers."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NUMBA_ENABLE_CUDASIM")}
+    proc = subprocess.run([sys.executable, "-c", f"from autonorm.audit import _worker; _worker({kind!r})"],
+                          input=json.dumps(items), capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        tail = proc.stderr[-3000:]
+        if kind == "numba" and ("nvrtc" in tail.lower() or "nvvm" in tail.lower()):
+            raise AuditToolError("numba's CUDA compiler needs NVVM and NVRTC: pip install autonorm[audit] "
+                                 f"(nvidia-nvvm, nvidia-cuda-nvrtc)\n{tail}")
+        if "AuditToolError" in tail:
+            raise AuditToolError(tail.strip().splitlines()[-1])
+        raise RuntimeError(f"{kind} compile worker failed:\n{tail}")
+    return json.loads(proc.stdout)
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -560,19 +590,20 @@ def _store(key: str, p: Profile) -> None:
     os.replace(tmp, folder / f"{key}.json")  # atomic: a concurrent reader never sees half a file
 
 
-def _batches(jobs: list[Job], size: int) -> list[list[Job]]:
+def _batches(jobs: list[Job], size: int, workers: int) -> list[list[Job]]:
+    """Jobs of one (backend, arch) per batch (one nvcc call / numba worker each), split so every worker has one."""
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         groups.setdefault((job.backend, job.arch), []).append(job)
     out = []
     for group in groups.values():
-        per = max(1, min(size, -(-len(group) // WORKERS)))
+        per = max(1, min(size, -(-len(group) // workers)))
         out += [group[i:i + per] for i in range(0, len(group), per)]
     return out
 
 
-def audit(jobs: list[Job], progress=None) -> list[Profile]:
-    """Profiles of `jobs` (same order), from the cache or compiled two at a time."""
+def audit(jobs: list[Job], progress=None, workers: int = WORKERS) -> list[Profile]:
+    """Profiles of `jobs` (same order), from the cache or compiled `workers` at a time."""
     versions = toolchain(sorted({j.backend for j in jobs})) if jobs else {}
     keys = [j.cache_key(versions) for j in jobs]
     results: dict[int, Profile] = {}
@@ -586,17 +617,11 @@ def audit(jobs: list[Job], progress=None) -> list[Profile]:
     index = {id(j): i for i, j in enumerate(jobs)}
     with tempfile.TemporaryDirectory(prefix="autonorm-audit-") as workdir:
         def run(batch: list[Job]) -> list[tuple[Job, Profile]]:
-            if batch[0].backend == "cupy":
-                profiles = _cupy_profiles(batch, workdir)
-            elif batch[0].backend == "numba":
-                profiles = _numba_profiles(batch, workdir)
-            else:
-                profiles = [_triton_profile(j, workdir) for j in batch]
-            return list(zip(batch, profiles))
+            compile_batch = {"cupy": _cupy_profiles, "numba": _numba_profiles, "triton": _triton_profiles}
+            return list(zip(batch, compile_batch[batch[0].backend](batch, workdir)))
 
-        # Triton compiles in this process (threads share its caches); one batch per job.
-        batches = _batches([j for j in todo if j.backend != "triton"], 64) + [[j] for j in todo if j.backend == "triton"]
-        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        batches = _batches(todo, 64, workers)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for done in pool.map(run, batches):
                 for job, p in done:
                     i = index[id(job)]
@@ -646,6 +671,31 @@ def database_jobs(path, archs, backends=BACKENDS) -> list[Job]:
             if entry.backend in backends:
                 jobs += [Job(entry.backend, spec, entry.config, a) for a in archs]
     return list(dict.fromkeys(jobs))
+
+
+def prune_space(spec: NormSpec, configs: dict, device, workers: int | None = None) -> dict:
+    """The tuner's hook: `configs` ({backend: [config]}) without the configs that spill or cannot
+    launch on `device` (a CUDA device), judged by compiling them for its architecture.
+
+    Backends without a GPU compiler here (torch, numba-cpu) keep their configs. A missing
+    toolchain piece prunes nothing and says so once: the tuner then times every candidate.
+    """
+    import logging
+
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    arch = device_arch(props)
+    ARCHS.setdefault(arch.name, arch)
+    auditable = [name for name in configs if name in BACKENDS]
+    try:
+        check_backends(auditable)
+    except AuditToolError as exc:
+        logging.getLogger("autonorm.audit").warning("search space not pruned: %s", exc)
+        return configs
+    jobs = [Job(name, spec, c, arch.name) for name in auditable for c in configs[name]]
+    fits = {(j.backend, j.config): p.fits() for j, p in zip(jobs, audit(jobs, workers=workers or os.cpu_count()))}
+    return {name: [c for c in cs if fits.get((name, c), True)] for name, cs in configs.items()}
 
 
 def gate_failures(p: Profile, spec: NormSpec) -> list[str]:

@@ -15,9 +15,9 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from autonorm.audit import cupy_translation_unit as translation_unit
 from autonorm.backends.cupy import CupyBackend, CupyConfig
 
-from autonorm.render import render
 from autonorm.spec import NormSpec
 
 NVCC = shutil.which("nvcc")
@@ -26,7 +26,6 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the C
 ARCHS = ("sm_80", "sm_90")
 HIDDEN = (1, 7, 4096, 65537, 262144)
 SAMPLES = 200
-HEADERS = "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
 BACKEND = CupyBackend()
 
 
@@ -70,17 +69,6 @@ def sample(op: str, direction: str, count: int = SAMPLES, seed: int = 0) -> list
         spec = rng.choice(specs)
         chosen[(spec, rng.choice(spaces[spec]))] = None
     return list(chosen)
-
-
-def translation_unit(pairs) -> str:
-    """All renderings in one file: namespace + kernel suffix keep their names apart."""
-    parts = [HEADERS]
-    for i, (spec, config) in enumerate(pairs):
-        BACKEND.validate(spec, config)
-        ctx = {**BACKEND.render_context(spec, config), "suffix": f"_{i}", "headers": False}
-        text = render(BACKEND.template_name(spec), spec, config, **ctx).text
-        parts.append(f"// {spec.short()} | {config.short()}\nnamespace an_case_{i} {{\n{text}\n}}\n")
-    return "\n".join(parts)
 
 
 def _nvcc(path: str, arch: str) -> subprocess.CompletedProcess:
