@@ -68,7 +68,9 @@ class NumbaCudaConfig(Config):
         while threads > 32 and (threads // 2) * items >= spec.hidden:
             threads //= 2
         if threads * items < spec.hidden:
-            items = 8
+            # Chunked rows: 512 threads x 8 elements per chunk. 1024 threads would cap registers
+            # at 64 per thread (launch bounds), where the bf16 forward spills on sm_80.
+            threads, items = 512, 8
         rows = max(1, min(8, 128 // threads)) if threads * items >= spec.hidden else 1
         return cls(threads=threads, items=items, rows=rows)
 

@@ -33,7 +33,7 @@ MAX_TILE = {"fwd": 65536, "bwd": 32768}
 # its square, the backward x, dy and their products live; more spills (measured with
 # `autonorm audit` on sm_80 and sm_90).
 MAX_PER_THREAD = {"fwd": 64, "bwd": 32}
-REGS_PER_ELEM = {"fwd": 2, "bwd": 4}
+REGS_PER_ELEM = {"fwd": 2, "bwd": 6}
 # Chunks smaller than this make the chunked loop pointlessly long.
 MIN_CHUNK = 1024
 # Several rows per program only while the whole tile stays small (small N).

@@ -178,7 +178,7 @@ def test_help_imports_neither_optuna_nor_a_backend():
 
 def _args(**kw):
     base = dict(arch="sm_90", backends="triton", grid=None, db=None, hidden=None, op="rmsnorm", direction="fwd",
-                dtype="bfloat16", space=False, json=True, markdown=False)
+                dtype="bfloat16", space=False, json=True, markdown=False, doc=False)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -194,10 +194,12 @@ def test_cli_json_reports_vector_loads_for_unaligned_n_with_aligned_rows(capsys)
     assert p["global_loads_128"] >= 1 and p["spill_bytes"] == 0 and p["blocks_per_sm"] >= 1
 
 
-# A subset that keeps CI within its budget: every backend, op and direction, both archs, the sizes
-# where the register cliffs were (4K: numba fp32 backward; 16K: backward; 64K: forward).
-SUBSET = [NormSpec(op, d, dt, dt, n) for op in ("rmsnorm", "layernorm") for d in ("fwd", "bwd")
-          for dt, n in (("bfloat16", 16384), ("float32", 4096), ("bfloat16", 65536))]
+# A subset that keeps CI within its budget: every backend, op and direction, both archs, at the
+# sizes where the register cliffs were (64K: forward; 16K: backward; 4K: numba's fp32 backward).
+SUBSET = [NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536),
+          NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 16384),
+          NormSpec("layernorm", "fwd", "float16", "float16", 16384),
+          NormSpec("layernorm", "bwd", "float32", "float32", 4096)]
 
 
 def _gate(jobs):
@@ -228,23 +230,14 @@ def test_shipped_database_records_fit(path):
     _gate(audit.database_jobs(path, ARCHS, backends))
 
 
-def test_num_stages_changed_nothing_is_checked_by_sass_hash():
-    """A chunked (looping) kernel compiled with num_stages 1 and 3 gives the same SASS."""
+def test_num_stages_changes_nothing():
+    """A chunked (looping) backward compiled with num_stages 1 and 3 gives the same PTX, without cp.async:
+    loads without a dot are not pipelined, so the knob was removed from the space."""
     _skip_unless("triton")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from autonorm.backends.base import import_generated
-
     spec = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 131072)
-    b = get_backend("triton")
-    module = import_generated(b.render(spec, b.heuristic(spec)), "triton")
-    fn = module._rmsnorm_bwd
-    constants = {k: getattr(module, k) for k in ("N", "BLOCK_N", "ROWS_PER_PROGRAM")}
-    constants["ROW_ALIGN"] = module.row_align(spec.hidden)
-    sig, ce, attrs = audit.triton_signature(spec, fn, constants)
-    ptx = [triton.compile(ASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": module.NUM_WARPS, "num_stages": s}).asm["ptx"] for s in (1, 3)]
+    job = audit.Job("triton", spec, get_backend("triton").heuristic(spec), "sm_90")
+    item = {"path": audit._module_file(job, "triton"), "spec": spec.to_dict(), "num_warps": job.config.num_warps,
+            "cc": 90}
+    ptx = [r["ptx"] for r in audit._run_worker("triton", [{**item, "options": {"num_stages": s}} for s in (1, 3)])]
     assert ptx[0] == ptx[1]
     assert "cp.async" not in ptx[0]
