@@ -633,6 +633,18 @@ def audit(jobs: list[Job], progress=None, workers: int = WORKERS) -> list[Profil
     return [results[i] for i in range(len(jobs))]
 
 
+def _has_nvvm() -> bool:
+    """NVVM for numba-cuda: the nvidia-nvvm wheel, or a CUDA toolkit's nvvm/ folder."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("nvidia-nvvm")
+        return True
+    except PackageNotFoundError:
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+        return (Path(home) / "nvvm" / "lib64").is_dir()
+
+
 def check_backends(names) -> None:
     """AuditToolError naming what to install when a backend's compiler is missing here."""
     import importlib.util
@@ -642,6 +654,9 @@ def check_backends(names) -> None:
             raise AuditToolError("autonorm audit of triton kernels needs triton: pip install autonorm[triton]")
         if name == "numba" and importlib.util.find_spec("numba") is None:
             raise AuditToolError("autonorm audit of numba kernels needs numba-cuda: pip install autonorm[audit]")
+        if name == "numba" and not _has_nvvm():
+            raise AuditToolError("autonorm audit of numba kernels needs NVVM and NVRTC: pip install autonorm[audit] "
+                                 "(the nvidia-nvvm and nvidia-cuda-nvrtc wheels) or a CUDA toolkit in CUDA_HOME")
         if name == "cupy":
             tool("nvcc")
     tool("ptxas")

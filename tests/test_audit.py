@@ -8,9 +8,7 @@ source hash under the autonorm cache folder, so a rerun is quick.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 import types
@@ -34,8 +32,6 @@ def _missing(backend: str) -> str | None:
         audit.check_backends([backend])
     except audit.AuditToolError as exc:
         return str(exc)
-    if backend == "numba" and (importlib.util.find_spec("nvidia") is None):
-        return "numba's CUDA compiler needs the nvidia-nvvm and nvidia-cuda-nvrtc wheels (autonorm[audit])"
     return None
 
 
