@@ -603,6 +603,13 @@ def _batches(jobs: list[Job], size: int, workers: int) -> list[list[Job]]:
     return out
 
 
+def cached(jobs: list[Job]) -> list[tuple[Job, Profile]]:
+    """The jobs whose profile the cache already holds, with it (nothing is compiled)."""
+    versions = toolchain(sorted({j.backend for j in jobs})) if jobs else {}
+    found = [(j, _load_cached(j.cache_key(versions))) for j in jobs]
+    return [(j, p) for j, p in found if p is not None]
+
+
 def audit(jobs: list[Job], progress=None, workers: int = WORKERS) -> list[Profile]:
     """Profiles of `jobs` (same order), from the cache or compiled `workers` at a time."""
     versions = toolchain(sorted({j.backend for j in jobs})) if jobs else {}
@@ -621,7 +628,7 @@ def audit(jobs: list[Job], progress=None, workers: int = WORKERS) -> list[Profil
             compile_batch = {"cupy": _cupy_profiles, "numba": _numba_profiles, "triton": _triton_profiles}
             return list(zip(batch, compile_batch[batch[0].backend](batch, workdir)))
 
-        batches = _batches(todo, 64, workers)
+        batches = _batches(todo, 16, workers)  # small batches: results are cached as each finishes
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for done in pool.map(run, batches):
                 for job, p in done:
@@ -800,12 +807,15 @@ def add_arguments(parser) -> None:
     what.add_argument("--grid", default=None, help="heuristics of every spec of a grid (standard, quick)")
     what.add_argument("--db", default=None, metavar="PATH", help="every record of a tuning database")
     what.add_argument("--hidden", type=int, default=None, help="one spec (with --op/--direction/--dtype)")
+    parser.add_argument("--dtypes", default=None, help="with --grid: only these dtypes (comma-separated)")
     parser.add_argument("--op", default="rmsnorm", choices=("rmsnorm", "layernorm"))
     parser.add_argument("--direction", default="fwd", choices=("fwd", "bwd"))
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--space", action="store_true", help="with --hidden: the spec's whole search space")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel instead of a table")
     parser.add_argument("--markdown", action="store_true", help="the table as Markdown")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="report only kernels already in the audit cache (compile nothing)")
     parser.add_argument("--doc", action="store_true",
                         help="a Markdown page: toolchain, then one table per backend (docs/benchmarks/hardware-fit.md)")
 
@@ -830,7 +840,11 @@ def main(args) -> int:
             spec = NormSpec(args.op, args.direction, dt, dt, args.hidden)
             jobs = space_jobs(spec, backends, archs) if args.space else heuristic_jobs([spec], backends, archs)
         else:
-            jobs = heuristic_jobs(get(args.grid or "quick").specs(), backends, archs)
+            specs = get(args.grid or "quick").specs()
+            if args.dtypes:
+                wanted = {dtype_name(d.strip()) for d in args.dtypes.split(",")}
+                specs = [s for s in specs if s.x_dtype in wanted]
+            jobs = heuristic_jobs(specs, backends, archs)
         check_backends(sorted({j.backend for j in jobs}))
     except AuditToolError as exc:
         print(f"autonorm audit: {exc}", file=sys.stderr)
@@ -839,12 +853,25 @@ def main(args) -> int:
         print(f"autonorm audit: {exc}", file=sys.stderr)
         return 2
     print(f"autonorm audit: {len(jobs)} kernels ({', '.join(backends)} x {', '.join(archs)})", file=sys.stderr)
-    profiles = audit(jobs)
+    if args.cached_only:
+        requested = len(jobs)
+        # Whole specs only (every arch present), so the page's rows are complete.
+        found = {(j.backend, j.spec, j.arch): (j, p) for j, p in cached(jobs)}
+        complete = {(j.backend, j.spec) for j in jobs if all((j.backend, j.spec, a) in found for a in archs)}
+        pairs = [found[(j.backend, j.spec, j.arch)] for j in jobs if (j.backend, j.spec) in complete]
+        jobs, profiles = [j for j, _ in pairs], [p for _, p in pairs]
+        print(f"autonorm audit: {len(jobs)} of {requested} kernels are cached; the others are left out",
+              file=sys.stderr)
+    else:
+        profiles = audit(jobs)
     bad = 0
     for job, p in zip(jobs, profiles):
         bad += bool(gate_failures(p, job.spec))
     if args.doc:
         print(doc(jobs, profiles, toolchain(backends), " ".join(["autonorm audit", *sys.argv[2:]])))
+        if args.cached_only and len(jobs) < requested:
+            print(f"\nThis page holds {len(jobs)} of the {requested} kernels requested (those compiled so far);"
+                  " rerun without --cached-only for the rest.")
     elif args.json:
         for job, p in zip(jobs, profiles):
             print(json.dumps({**p.to_json(), "problems": gate_failures(p, job.spec)}))

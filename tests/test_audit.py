@@ -174,7 +174,7 @@ def test_help_imports_neither_optuna_nor_a_backend():
 
 def _args(**kw):
     base = dict(arch="sm_90", backends="triton", grid=None, db=None, hidden=None, op="rmsnorm", direction="fwd",
-                dtype="bfloat16", space=False, json=True, markdown=False, doc=False)
+                dtype="bfloat16", space=False, json=True, markdown=False, doc=False, cached_only=False, dtypes=None)
     return types.SimpleNamespace(**{**base, **kw})
 
 
