@@ -27,6 +27,7 @@ COMMANDS = {
     "bench": ("autonorm.bench", "benchmark autonorm against torch eager, torch.compile and others"),
     "db": ("autonorm.db_cli", "show, validate, merge, diff or locate tuning databases"),
     "render": ("autonorm.render_cli", "print the generated source of a kernel"),
+    "audit": ("autonorm.audit", "cross-compile kernels for sm_80/sm_90 (no GPU): registers, spills, occupancy"),
 }
 
 # Optional packages and the extra of pyproject.toml that installs each.

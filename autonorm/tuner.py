@@ -95,10 +95,14 @@ class Candidate:
 class SearchSpace:
     """The valid configs of every candidate backend for one spec, and their Optuna parameters."""
 
-    def __init__(self, spec: NormSpec, backends: dict):
+    def __init__(self, spec: NormSpec, backends: dict, device=None):
         self.spec = spec
         self.backends = backends
         self.configs = {name: list(b.space(spec)) for name, b in backends.items()}
+        if device is not None and torch.device(device).type == "cuda":
+            # Candidates that spill or cannot launch on this GPU are dropped before any timing.
+            from .audit import prune_space
+            self.configs = prune_space(spec, self.configs, torch.device(device))
         self.configs = {name: cs for name, cs in self.configs.items() if cs}
         self.knobs = {}
         for name, configs in self.configs.items():
@@ -211,7 +215,7 @@ class StudyRunner:
         self.device = torch.device(device)
         self.storage, self.name = storage, name
         self.n_trials, self.time_budget = n_trials, time_budget
-        self.space = SearchSpace(spec, backends)
+        self.space = SearchSpace(spec, backends, self.device)
         self.exhaustive = len(self.space) <= n_trials
         self.patience = None if self.exhaustive else (patience or max(10, n_trials // 3))
         self.seeds, self.compile_workers, self.finalists = list(seeds), compile_workers, finalists

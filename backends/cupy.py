@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from autonorm.config import Config, knob
+from autonorm.audit import device_arch, register_cap, resident_blocks
 from autonorm.spec import ITEMSIZE, NormSpec
 
 from .base import Backend, new_empty
@@ -22,6 +23,9 @@ from .base import Backend, new_empty
 # budget per array is a quarter of the forward's. 64 fp32 registers of row data leaves
 # room for addresses and temporaries below the 255-register cap without spilling.
 MAX_REG_ELEMS = {"fwd": 64, "bwd": 16}
+# Registers each cached element costs with its temporaries (`autonorm audit` on sm_80/sm_90:
+# the forward uses ~1.5 per element, the backward ~5 per element of each array).
+REGS_PER_ELEM = {"fwd": 2, "bwd": 5}
 # Shared memory a block may use without cudaFuncSetAttribute opt-in (48 KiB on every arch),
 # less 1 KiB for the static reduction slots (THREADS / 32 floats) beside the row cache.
 SMEM_BUDGET = 47 * 1024
@@ -30,6 +34,11 @@ C_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def max_reg_elems(direction: str, threads: int) -> int:
+    """Row elements a thread of a `threads` block may cache in registers without spilling."""
+    return min(MAX_REG_ELEMS[direction], register_cap(threads) // REGS_PER_ELEM[direction])
 
 
 @dataclass(frozen=True)
@@ -59,9 +68,10 @@ class CupyConfig(Config):
             return f"{tpr} threads per row: half of them would have no element of an N={n} row"
         items = _cdiv(n, tpr * c.vec)
         if c.row_cache == "registers":
-            if items * c.vec > MAX_REG_ELEMS[spec.direction]:
+            budget = max_reg_elems(spec.direction, c.threads)
+            if items * c.vec > budget:
                 return (f"registers row cache needs {items * c.vec} elements per thread "
-                        f"(max {MAX_REG_ELEMS[spec.direction]})")
+                        f"(max {budget} with {c.threads} threads)")
             if c.unroll != 1:
                 return "unroll applies to the chunk loops; the registers cache is fully unrolled"
         elif c.row_cache == "shared":
@@ -88,7 +98,7 @@ class CupyConfig(Config):
         # thread group until the row fits the register budget; then the shared-memory cache,
         # then chunked re-reads from global memory, which fit any N.
         reg_tpr = tpr
-        while _cdiv(n, reg_tpr * vec) * vec > MAX_REG_ELEMS[spec.direction] and reg_tpr < 1024:
+        while _cdiv(n, reg_tpr * vec) * vec > max_reg_elems(spec.direction, reg_tpr) and reg_tpr < 1024:
             reg_tpr *= 2
         # Several rows per block for small N (anchors §e.4): 128-thread blocks.
         candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1),
@@ -98,6 +108,12 @@ class CupyConfig(Config):
             if cls.is_valid(spec, config) is None:
                 return config
         raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
+
+
+def dynamic_smem(spec: NormSpec, config: CupyConfig) -> int:
+    """Bytes of the shared-memory row cache the launcher asks for (0 unless row_cache="shared")."""
+    cache_rows = config.rows if config.row_cache == "shared" else 0
+    return cache_rows * spec.hidden * 4 * (2 if spec.direction == "bwd" else 1)
 
 
 def geometry(spec: NormSpec, config: CupyConfig) -> dict:
@@ -164,15 +180,21 @@ class CupyBackend(Backend):
             # (docs.cupy.dev, cupy.RawModule / cupy.RawKernel); it loads on the current device.
             fns = (module.get_function(f"an_{d}_vec"), module.get_function(f"an_{d}_scalar"))
             reduce_fn = module.get_function("an_bwd_reduce") if d == "bwd" else None
-        sms = torch.cuda.get_device_properties(index).multi_processor_count
-        launcher = _Launcher(spec, config, index, fns, reduce_fn, sms)
+        props = torch.cuda.get_device_properties(index)
+        # The persistent backward launches at most the blocks that are resident at once: more
+        # would run as a partial last wave (4 launched per SM with 3 resident: the last wave
+        # runs on a quarter of the machine).
+        resident, _ = resident_blocks(fns[0].num_regs, config.threads,
+                                      fns[0].shared_size_bytes + dynamic_smem(spec, config), device_arch(props))
+        per_sm = max(1, min(config.partials_per_sm, resident))
+        launcher = _Launcher(spec, config, index, fns, reduce_fn, props.multi_processor_count * per_sm)
         return launcher.forward if d == "fwd" else launcher.backward
 
 
 class _Launcher:
     """Holds one compiled module's functions and launches them on torch tensors."""
 
-    def __init__(self, spec, config, index, fns, reduce_fn, sms):
+    def __init__(self, spec, config, index, fns, reduce_fn, max_blocks):
         import cupy
         import numpy
 
@@ -180,11 +202,9 @@ class _Launcher:
         self.spec, self.config, self.index = spec, config, index
         self.vec_fn, self.scalar_fn = fns
         self.reduce_fn = reduce_fn
-        self.sms = sms
-        n = spec.hidden
+        self.max_blocks = max_blocks  # persistent backward: blocks resident on the whole device
         self.block = (config.threads,)
-        cache_rows = config.rows if config.row_cache == "shared" else 0
-        self.smem = cache_rows * n * 4 * (2 if spec.direction == "bwd" else 1)
+        self.smem = dynamic_smem(spec, config)
         # Alignment a vector access needs: x-like tensors VEC elements, weights the same
         # number of (possibly wider) elements, both capped at the 16 bytes of one access.
         self.x_align = min(16, config.vec * spec.x_itemsize)
@@ -251,7 +271,7 @@ class _Launcher:
                 if t is not None:
                     t.zero_()
             return dx, dw, db
-        blocks = min(_cdiv(m, config.rows), self.sms * config.partials_per_sm)
+        blocks = min(_cdiv(m, config.rows), self.max_blocks)
         partial_rows = blocks * config.rows
         # Internal scratch, fully written by the kernel (each group zeroes its own row first).
         part_w = torch.empty((partial_rows, n), dtype=torch.float32, device=x.device) if spec.weight else None

@@ -60,12 +60,17 @@ class NumbaCudaConfig(Config):
         # Keep the whole row in registers (one chunk) with 4 fp32 or 8 16-bit
         # elements per thread up to 1024 threads; beyond that, chunk. Small rows
         # share a block so that a block still has >= 128 threads.
-        items = 4 if spec.x_dtype == "float32" else 8
+        # The backward holds twice the forward's registers per element (x_hat, dy, partials):
+        # 8 elements per thread halves its block, so the row stays in registers with 512
+        # threads (<= 128 registers each) instead of 1024 threads capped at 64 (spills).
+        items = 4 if spec.x_dtype == "float32" and spec.direction == "fwd" else 8
         threads = min(MAX_BLOCK, max(32, _pow2_at_least(-(-spec.hidden // items))))
         while threads > 32 and (threads // 2) * items >= spec.hidden:
             threads //= 2
         if threads * items < spec.hidden:
-            items = 8
+            # Chunked rows: 512 threads x 8 elements per chunk. 1024 threads would cap registers
+            # at 64 per thread (launch bounds), where the bf16 forward spills on sm_80.
+            threads, items = 512, 8
         rows = max(1, min(8, 128 // threads)) if threads * items >= spec.hidden else 1
         return cls(threads=threads, items=items, rows=rows)
 

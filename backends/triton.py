@@ -18,6 +18,7 @@ import torch
 
 from autonorm import knobs
 from autonorm.config import Config, knob
+from autonorm.audit import register_cap
 from autonorm.spec import NormSpec
 
 from .base import Backend, import_generated
@@ -28,15 +29,27 @@ _POW2 = tuple(1 << i for i in range(17))  # 1 .. 65536
 # Beyond it the row is processed in chunks of BLOCK_N. Liger caps its fused size at 65536
 # for the forward; the backward holds x, dy and their products, so half that.
 MAX_TILE = {"fwd": 65536, "bwd": 32768}
-# fp32 elements of the tile per thread: more than this spills registers (255 per thread).
+# fp32 elements of the tile per thread: at most MAX_PER_THREAD, and at most the thread's
+# register cap (see register_cap) divided by REGS_PER_ELEM, since the forward keeps h and
+# its square, the backward x, dy and their products live; more spills (measured with
+# `autonorm audit`: 32 fp32 per thread at 1024 threads spill in the fp32 forward on sm_80,
+# 32 at 512 threads in the backward).
 MAX_PER_THREAD = {"fwd": 64, "bwd": 32}
 # The same with DW_COLUMN_OUTER=1, whose dW/dB accumulators and weight chunk stay in registers
 # beside the tile: ptxas for sm_90 spills at 16 (LayerNorm, 8192 columns, 16 warps), not at 8.
 COLUMN_OUTER_PER_THREAD = 8
+REGS_PER_ELEM = {"fwd": 3, "bwd": 6}
 # Chunks smaller than this make the chunked loop pointlessly long.
 MIN_CHUNK = 1024
 # Several rows per program only while the whole tile stays small (small N).
 MAX_MULTI_ROW_TILE = 16384
+# The chunk of the chunked loop: 16 fp32 per thread with 16 warps.
+CHUNK_BLOCK_N, CHUNK_WARPS = 8192, 16
+
+
+def max_per_thread(direction: str, num_warps: int) -> int:
+    """fp32 tile elements a thread of a `num_warps` program may hold without spilling."""
+    return min(MAX_PER_THREAD[direction], register_cap(32 * num_warps) // REGS_PER_ELEM[direction])
 
 
 def next_pow2(n: int) -> int:
@@ -56,7 +69,6 @@ class TritonConfig(Config):
     BLOCK_N: int = knob(_POW2, "columns per block; < next_pow2(N) selects the chunked loop over the row")
     num_warps: int = knob((1, 2, 4, 8, 16, 32), "warps per program")
     ROWS_PER_PROGRAM: int = knob((1, 2, 4, 8, 16, 32), "rows each program normalizes (as one 2-D tile)")
-    num_stages: int = knob((1, 2, 3), "software pipelining depth of the loops")
     DW_PARTIALS: int = knob((32, 64, 128, 256, 512), "backward: fp32 dW/dB partial rows (programs)")
     # A knob with a default (knob() has none), so that configs written before it still construct.
     DW_COLUMN_OUTER: int = field(default=0, metadata={"domain": (0, 1), "doc": (
@@ -77,13 +89,12 @@ class TritonConfig(Config):
             return f"ROWS_PER_PROGRAM={rows} needs a whole row per block and a tile <= {MAX_MULTI_ROW_TILE}"
         if tile > MAX_TILE[spec.direction]:
             return f"tile BLOCK_N*ROWS_PER_PROGRAM={tile} exceeds {MAX_TILE[spec.direction]} (register budget)"
-        if tile > MAX_PER_THREAD[spec.direction] * 32 * warps:
-            return f"{tile // (32 * warps)} elements per thread with num_warps={warps}: registers would spill"
+        if tile > max_per_thread(spec.direction, warps) * 32 * warps:
+            return (f"{tile // (32 * warps)} elements per thread with num_warps={warps} "
+                    f"(register cap {register_cap(32 * warps)}): registers would spill")
         if warps > 1 and tile < 32 * warps:
             return f"num_warps={warps} leaves threads idle on a tile of {tile} elements"
         # Knobs that change nothing for this spec are pinned, so the space holds no duplicates.
-        if not chunked and spec.direction == "fwd" and config.num_stages != 1:
-            return "num_stages only matters for loops; the single-block forward has none"
         if spec.direction == "fwd" and config.DW_PARTIALS != cls.domain()["DW_PARTIALS"][0]:
             return "DW_PARTIALS is a backward knob"
         if spec.direction == "bwd" and not spec.weight and config.DW_PARTIALS != 256:
@@ -99,22 +110,21 @@ class TritonConfig(Config):
     def heuristic(cls, spec: NormSpec) -> TritonConfig:
         # Liger (ops/utils.py calculate_settings): BLOCK = next_pow2(N), num_warps 4/8/16/32
         # from BLOCK >= 0/2K/8K/32K, one row on chip up to its 65536 fused-size cap.
-        # Beyond MAX_TILE (N > 65536 fwd, > 32768 bwd) loop over 8K chunks with 16 warps
-        # (16 fp32 per thread per chunk) and pipeline the loads (num_stages=2).
+        # A row that does not fit one program's registers (the per-thread budget shrinks as
+        # warps grow: register_cap) is looped over in 8K chunks with 16 warps (16 fp32 per thread).
         padded = next_pow2(spec.hidden)
+        block, rows, warps = CHUNK_BLOCK_N, 1, CHUNK_WARPS
         if padded <= MAX_TILE[spec.direction]:
-            block = padded
             # Small rows: several rows per program so a program still moves ~2K elements
             # (quack's rmsnorm_config does the same for N < 1K: rows per CTA > 1).
-            rows = max(1, min(32, 2048 // block))
-            tile = block * rows
-            warps = 32 if tile >= 32768 else 16 if tile >= 8192 else 8 if tile >= 2048 else 4
-            warps = min(warps, max(1, tile // 32))
-            while tile > MAX_PER_THREAD[spec.direction] * 32 * warps:
-                warps *= 2
-            stages = 1 if spec.direction == "fwd" else 2
-        else:
-            block, rows, warps, stages = 8192, 1, 16, 2
+            whole_rows = max(1, min(32, 2048 // padded))
+            tile = padded * whole_rows
+            w = 32 if tile >= 32768 else 16 if tile >= 8192 else 8 if tile >= 2048 else 4
+            w = min(w, max(1, tile // 32))
+            while w < 32 and tile > max_per_thread(spec.direction, w) * 32 * w:
+                w *= 2
+            if tile <= max_per_thread(spec.direction, w) * 32 * w:
+                block, rows, warps = padded, whole_rows, w
         # Backward: 256 partial rows ~ 2 programs per SM on H100 (132 SMs), as Liger launches
         # sm_count programs; the partial sum it costs is tiny next to dx.
         # A chunked backward keeps its dW/dB partials on chip (4K chunks, so they fit in registers):
@@ -124,7 +134,7 @@ class TritonConfig(Config):
         column_outer = int(spec.direction == "bwd" and spec.weight and block < padded)
         if column_outer:
             block = COLUMN_OUTER_PER_THREAD * 32 * warps
-        return cls(BLOCK_N=block, num_warps=warps, ROWS_PER_PROGRAM=rows, num_stages=stages,
+        return cls(BLOCK_N=block, num_warps=warps, ROWS_PER_PROGRAM=rows,
                    DW_PARTIALS=256 if spec.direction == "bwd" else cls.domain()["DW_PARTIALS"][0],
                    DW_COLUMN_OUTER=column_outer)
 

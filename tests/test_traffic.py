@@ -89,7 +89,7 @@ def test_chunked_forward_reads_the_inputs_once_and_rereads_h(interpreted, op):
 
     backend = get_backend("triton")
     spec = NormSpec(op, "fwd", "bfloat16", "bfloat16", 4000, residual=True, bias=op == "layernorm")
-    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2, DW_PARTIALS=32)
+    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, DW_PARTIALS=32)
     m = traffic.measure(backend, spec, config, 3)
     for name in ("x", "residual", "y"):
         assert m.per_tensor[name] == m.sizes[name], name
@@ -107,7 +107,7 @@ def test_chunked_backward_writes_its_partials_once(interpreted, op):
     n, rows, programs = 2000, 64, 32  # two rows per program
     spec = NormSpec(op, "bwd", "bfloat16", "bfloat16", n, bias=op == "layernorm")
     params = 2 if op == "layernorm" else 1
-    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, num_stages=2, DW_PARTIALS=programs)
+    config = TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, DW_PARTIALS=programs)
     per_row = traffic.measure(backend, spec, config, rows)
     on_chip = traffic.measure(backend, spec, config.replace(DW_COLUMN_OUTER=1), rows)
     assert per_row.scratch == 2 * rows * n * 4 * params  # a load and a store per row

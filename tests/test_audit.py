@@ -1,0 +1,243 @@
+"""`autonorm audit` and the hardware-fit gate: every heuristic kernel of the standard grid and every
+record shipped in tuning_db/ fits sm_80 and sm_90 (no spill, registers x threads within an SM's 64K
+registers, 128-bit loads of x wherever N * itemsize is a multiple of 16).
+
+The kernels are cross-compiled by the real toolchains (Triton + ptxas from its wheel, nvcc for the
+CuPy sources, numba-cuda with the NVVM wheel); no GPU is needed. Compiled profiles are cached by
+source hash under the autonorm cache folder, so a rerun is quick.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from autonorm import audit
+from autonorm.backends import get_backend
+from autonorm.grids import STANDARD
+from autonorm.spec import NormSpec
+
+ARCHS = ("sm_80", "sm_90")
+TUNING_DB = Path(__file__).resolve().parent.parent / "tuning_db"
+
+
+def _missing(backend: str) -> str | None:
+    """Why this backend's kernels cannot be compiled here, or None."""
+    try:
+        audit.check_backends([backend])
+    except audit.AuditToolError as exc:
+        return str(exc)
+    return None
+
+
+def _skip_unless(backend: str):
+    reason = _missing(backend)
+    if reason:
+        pytest.skip(reason)
+
+
+# --- the rules, without compiling ----------------------------------------------------------
+def test_register_cap_is_min_of_255_and_65536_over_threads():
+    assert audit.register_cap(128) == 255 and audit.register_cap(256) == 255
+    assert audit.register_cap(512) == 128 and audit.register_cap(1024) == 64
+    assert audit.register_cap(768) == 80  # 85, in the allocation unit of 8
+
+
+def test_occupancy_of_a_block_over_the_register_file_is_zero():
+    # 72 registers x 1024 threads = 73,728 > 65,536: the launch would fail on hardware.
+    blocks, limiter = audit.resident_blocks(72, 1024, 0, audit.ARCHS["sm_90"])
+    assert (blocks, limiter) == (0, "registers")
+    assert audit.resident_blocks(64, 1024, 0, audit.ARCHS["sm_90"]) == (1, "registers")
+    # Shared memory: 100 KB blocks, 2 resident on sm_90 (228 KB), 1 on sm_80 (164 KB).
+    assert audit.resident_blocks(32, 128, 100 * 1024, audit.ARCHS["sm_90"])[0] == 2
+    assert audit.resident_blocks(32, 128, 100 * 1024, audit.ARCHS["sm_80"])[0] == 1
+    # Small blocks: the 32-blocks-per-SM limit.
+    assert audit.resident_blocks(16, 32, 0, audit.ARCHS["sm_80"]) == (32, "blocks")
+
+
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'an_fwd_vec_0' for 'sm_90'
+ptxas info    : Function properties for an_fwd_vec_0
+    120 bytes stack frame, 240 bytes spill stores, 236 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 128 bytes smem, 424 bytes cmem[0]
+ptxas info    : Compiling entry function 'an_fwd_scalar_0' for 'sm_90'
+ptxas info    : Function properties for an_fwd_scalar_0
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 424 bytes cmem[0]
+"""
+
+
+def test_ptxas_log_is_parsed_per_function():
+    info = audit.parse_ptxas_log(PTXAS_LOG)
+    assert info["an_fwd_vec_0"] == {"registers": 64, "stack": 120, "spill_stores": 240, "spill_loads": 236,
+                                    "smem_static": 128}
+    assert info["an_fwd_scalar_0"]["registers"] == 40 and info["an_fwd_scalar_0"]["smem_static"] == 0
+
+
+def test_gate_names_spills_unlaunchable_blocks_and_scalar_loads():
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096)
+    p = audit.Profile("cupy", spec.short(), "c", "sm_90", "k", registers=72, spill_stores=8, spill_loads=8,
+                      stack=16, smem_static=0, smem_dynamic=0, threads=1024, global_loads=4, global_loads_128=0,
+                      global_stores=1, global_stores_128=0, cp_async=0, sass_sha256="")
+    audit.occupancy(p, audit.ARCHS["sm_90"])
+    problems = audit.gate_failures(p, spec)
+    assert len(problems) == 3, problems
+    odd = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4097)  # rows not 16-byte aligned: no vector demand
+    assert len(audit.gate_failures(p, odd)) == 2
+
+
+def test_triton_space_has_no_num_stages():
+    # num_stages produced identical cubins for every template (loads without a dot are not pipelined).
+    assert "num_stages" not in get_backend("triton").config_cls.domain()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_heuristic_register_budgets_follow_the_block(backend):
+    """Every heuristic of the standard grid keeps per-thread row data within its block's register cap."""
+    b = get_backend(backend)
+    for spec in STANDARD.specs():
+        c = b.heuristic(spec)
+        if backend == "triton":
+            from autonorm.backends.triton import max_per_thread, next_pow2
+            tile = c.BLOCK_N * c.ROWS_PER_PROGRAM
+            assert tile // (32 * c.num_warps) <= max_per_thread(spec.direction, c.num_warps), (spec.short(), c)
+            assert c.BLOCK_N <= next_pow2(spec.hidden)
+        else:
+            from autonorm.backends.cupy import max_reg_elems
+            if c.row_cache == "registers":
+                items = -(-spec.hidden // (c.threads // c.rows * c.vec)) * c.vec
+                assert items <= max_reg_elems(spec.direction, c.threads), (spec.short(), c)
+
+
+def test_search_space_on_cpu_is_not_audited(monkeypatch):
+    from autonorm.tuner import SearchSpace
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the audit runs only for CUDA devices")
+
+    monkeypatch.setattr(audit, "prune_space", fail)
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 4096)
+    space = SearchSpace(spec, {"triton": get_backend("triton")}, torch.device("cpu"))
+    assert len(space) == len(get_backend("triton").space(spec))
+
+
+def test_search_space_on_cuda_drops_what_does_not_fit(monkeypatch):
+    """The tuner's hook: configs whose profile spills are gone before any timing; others stay."""
+    from autonorm.tuner import SearchSpace
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 4096)
+    triton = get_backend("triton")
+    full = triton.space(spec)
+    props = types.SimpleNamespace(major=9, minor=0, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(audit, "check_backends", lambda names: None)
+
+    def fake_audit(jobs, progress=None, workers=2):
+        out = []
+        for j in jobs:  # pretend every 8-warp config spills
+            p = audit.Profile(j.backend, "", "", j.arch, "k", registers=32, spill_stores=4 * (j.config.num_warps == 8),
+                              spill_loads=0, stack=0, smem_static=0, smem_dynamic=0, threads=32 * j.config.num_warps,
+                              global_loads=1, global_loads_128=1, global_stores=1, global_stores_128=1, cp_async=0,
+                              sass_sha256="")
+            out.append(audit.occupancy(p, audit.ARCHS[j.arch]))
+        return out
+
+    monkeypatch.setattr(audit, "audit", fake_audit)
+    space = SearchSpace(spec, {"triton": triton}, torch.device("cuda", 0))
+    kept = space.configs["triton"]
+    assert kept and len(kept) < len(full)
+    assert all(c.num_warps != 8 for c in kept)
+    assert len(kept) == sum(c.num_warps != 8 for c in full)
+
+
+def test_missing_toolchain_names_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(audit, "_TOOLS", {"ptxas": [], "cuobjdump": [], "nvcc": []})
+    rc = audit.main(_args(backends="triton", hidden=4096))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "ptxas" in err and "pip install autonorm[audit]" in err
+
+
+def test_help_imports_neither_optuna_nor_a_backend():
+    code = ("import sys, contextlib, io\nfrom autonorm.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main([])\n"
+            "print(sorted(m for m in ('optuna', 'triton', 'numba', 'cupy', 'autonorm.audit') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _args(**kw):
+    base = dict(arch="sm_90", backends="triton", grid=None, db=None, hidden=None, op="rmsnorm", direction="fwd",
+                dtype="bfloat16", space=False, json=True, markdown=False, doc=False, cached_only=False, dtypes=None)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+# --- compiled ------------------------------------------------------------------------------
+def test_cli_json_reports_vector_loads_for_unaligned_n_with_aligned_rows(capsys):
+    """N=760 bf16: the row stride is not a multiple of 16 elements, but 760 * 2 bytes is a multiple of
+    16: the ROW_ALIGN hint makes Triton load x 16 bytes at a time (without it: 0 of 9 loads)."""
+    _skip_unless("triton")
+    assert audit.main(_args(hidden=760)) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    p = json.loads(line)
+    assert p["backend"] == "triton" and p["arch"] == "sm_90" and p["problems"] == []
+    assert p["global_loads_128"] >= 1 and p["spill_bytes"] == 0 and p["blocks_per_sm"] >= 1
+
+
+# A subset that keeps CI within its budget: every backend, op and direction, both archs, at the
+# sizes where the register cliffs were (64K: forward; 16K: backward; 4K: numba's fp32 backward).
+SUBSET = [NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536),
+          NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 16384),
+          NormSpec("layernorm", "fwd", "float16", "float16", 16384),
+          NormSpec("layernorm", "bwd", "float32", "float32", 4096)]
+
+
+def _gate(jobs):
+    failures = []
+    for job, p in zip(jobs, audit.audit(jobs)):
+        problems = audit.gate_failures(p, job.spec)
+        if problems:
+            failures.append(f"{job.backend} {job.arch} {job.spec.short()} {job.config.short()}: {'; '.join(problems)}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("backend", audit.BACKENDS)
+def test_heuristics_fit_subset(backend):
+    _skip_unless(backend)
+    _gate(audit.heuristic_jobs(SUBSET, [backend], ARCHS))
+
+
+# Still open on the full grid (docs/benchmarks/hardware-fit.md, 640 of 672 bf16/fp32 kernels fit):
+# Numba LayerNorm's chunked forward (bf16, N >= 32768) and backward (N >= 12288) spill 8-20 bytes,
+# and a few CuPy backward register-cache configs (bf16 N=512, 768, 5120) spill on one architecture.
+@pytest.mark.slow
+@pytest.mark.xfail(reason="open misfits listed in docs/benchmarks/hardware-fit.md", strict=False)
+@pytest.mark.parametrize("backend", audit.BACKENDS)
+def test_heuristics_fit_standard_grid(backend):
+    _skip_unless(backend)
+    _gate(audit.heuristic_jobs(STANDARD.specs(), [backend], ARCHS))
+
+
+@pytest.mark.parametrize("path", sorted(TUNING_DB.glob("*.json")), ids=lambda p: p.name)
+def test_shipped_database_records_fit(path):
+    backends = [b for b in audit.BACKENDS if not _missing(b)]
+    _gate(audit.database_jobs(path, ARCHS, backends))
+
+
+def test_num_stages_changes_nothing():
+    """A chunked (looping) backward compiled with num_stages 1 and 3 gives the same PTX, without cp.async:
+    loads without a dot are not pipelined, so the knob was removed from the space."""
+    _skip_unless("triton")
+    spec = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 131072)
+    job = audit.Job("triton", spec, get_backend("triton").heuristic(spec), "sm_90")
+    item = {"path": audit._module_file(job, "triton"), "spec": spec.to_dict(), "num_warps": job.config.num_warps,
+            "cc": 90}
+    ptx = [r["ptx"] for r in audit._run_worker("triton", [{**item, "options": {"num_stages": s}} for s in (1, 3)])]
+    assert ptx[0] == ptx[1]
+    assert "cp.async" not in ptx[0]
