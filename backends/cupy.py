@@ -85,22 +85,22 @@ class CupyConfig(Config):
     @classmethod
     def heuristic(cls, spec: NormSpec) -> CupyConfig:
         n = spec.hidden
-        # quack: vecsize = gcd(N, 128 / bits) (anchors §e.2).
+        # quack: vecsize = gcd(N, 128 / bits).
         vec = max(v for v in (1, 2, 4, 8) if v * spec.x_itemsize <= 16 and n % v == 0)
-        # quack's threads per row by N (anchors §e.3), capped so that no thread idles.
+        # quack's threads per row by N, capped so that no thread idles.
         tpr = 8 if n <= 64 else 32 if n <= 3072 else 64 if n <= 6144 else 128 if n <= 16384 else 256
         tpr = max(2, min(tpr, 1 << (_cdiv(n, vec) - 1).bit_length()))
-        # Persistent bwd: quack uses SMs x 16 blocks for N <= 256 down to SMs / 2 at 16K (§e.7).
+        # Persistent bwd: quack uses SMs x 16 blocks for N <= 256 down to SMs / 2 at 16K.
         pps = 1
         if spec.direction == "bwd":
             pps = 16 if n <= 256 else 8 if n <= 1024 else 4 if n <= 4096 else 2 if n <= 16384 else 1
-        # Registers first (quack keeps the row in registers, anchors §e.1): widen the row's
+        # Registers first (quack keeps the row in registers): widen the row's
         # thread group until the row fits the register budget; then the shared-memory cache,
         # then chunked re-reads from global memory, which fit any N.
         reg_tpr = tpr
         while _cdiv(n, reg_tpr * vec) * vec > max_reg_elems(spec.direction, reg_tpr) and reg_tpr < 1024:
             reg_tpr *= 2
-        # Several rows per block for small N (anchors §e.4): 128-thread blocks.
+        # Several rows per block for small N: 128-thread blocks.
         candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1),
                       (tpr, 1, "shared", 2), (tpr, 1, "none", 2)]
         for t, r, cache, unroll in candidates:

@@ -20,7 +20,7 @@
         --table docs/benchmarks/search-efficiency-table-rmsnorm-4096.json \
         --transfer-table docs/benchmarks/search-efficiency-table-rmsnorm-2048.json
 
-Goal (issue 4): within 2% of the exhaustive best in at most 20% of the space.
+Goal: within 2% of the exhaustive best in at most 20% of the space.
 """
 from __future__ import annotations
 
