@@ -365,7 +365,7 @@ def triton_signature(spec: NormSpec, fn, constants: dict) -> tuple[dict, dict, d
             signature[name], aligned = x, True
         elif name in ("W", "B"):
             signature[name], aligned = w, True
-        elif name in ("MEAN", "RSTD", "DWP", "DBP"):
+        elif name in ("MEAN", "RSTD", "DWP", "DBP", "C12"):  # fp32 buffers torch allocates (C12: row scratch)
             signature[name], aligned = "*fp32", True
         elif name.startswith("stride_"):
             signature[name], aligned = "i32", spec.hidden % 16 == 0  # contiguous rows: stride = N
@@ -394,6 +394,10 @@ def _load_module(path: str, name: str):
 def _triton_compile(items: list[dict]) -> list[dict]:
     """Worker body: Triton's own compiler for each {path, spec, num_warps, cc} -> {ptx, name, shared}."""
     import triton
+
+    from . import knobs
+
+    knobs.pin_triton_fp_fusion()  # compile exactly as the runtime launches (backends/triton.py)
 
     try:
         from triton.backends.compiler import GPUTarget

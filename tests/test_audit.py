@@ -9,6 +9,7 @@ source hash under the autonorm cache folder, so a rerun is quick.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -216,7 +217,10 @@ def test_heuristics_fit_subset(backend):
 # Still open on the full grid (docs/benchmarks/hardware-fit.md, 640 of 672 bf16/fp32 kernels fit):
 # Numba LayerNorm's chunked forward (bf16, N >= 32768) and backward (N >= 12288) spill 8-20 bytes,
 # and a few CuPy backward register-cache configs (bf16 N=512, 768, 5120) spill on one architecture.
+# It compiles every heuristic of the grid (about an hour on 2 cores, over the test tier's budget), so it runs
+# only when asked: AUTONORM_TEST_FULL_AUDIT=1 python -m pytest tests/test_audit.py -m slow
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("AUTONORM_TEST_FULL_AUDIT"), reason="set AUTONORM_TEST_FULL_AUDIT=1 (~1 h)")
 @pytest.mark.xfail(reason="open misfits listed in docs/benchmarks/hardware-fit.md", strict=False)
 @pytest.mark.parametrize("backend", audit.BACKENDS)
 def test_heuristics_fit_standard_grid(backend):
