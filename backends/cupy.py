@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from autonorm.config import Config, knob
-from autonorm.audit import device_arch, register_cap, resident_blocks
+from autonorm.hardware import device_arch, register_cap, resident_blocks
 from autonorm.spec import ITEMSIZE, NormSpec
 
 from .base import Backend, new_empty

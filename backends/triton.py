@@ -18,7 +18,7 @@ import torch
 
 from autonorm import knobs
 from autonorm.config import Config, knob
-from autonorm.audit import register_cap
+from autonorm.hardware import register_cap
 from autonorm.spec import NormSpec
 
 from .base import Backend, import_generated

@@ -47,11 +47,17 @@ def test_render_every_backend(capsys, backend, op, direction, flags):
 
 def test_numba_source_compiles_and_shows_the_config(capsys):
     code, out, err = _render(capsys, "--backend", "numba", "--op", "layernorm", "--direction", "bwd",
-                             "--hidden", "300", "--config", "threads=32,items=2")
+                             "--hidden", "300", "--config", "threads=32,items=2,rows=1")
     assert code == 0, err
     compile(out, "<rendered>", "exec")  # valid Python
     assert "THREADS = 32" in out and "ITEMS = 2" in out and "NCHUNK = 5" in out
-    assert "config threads=32,items=2,rows=1" in err  # rows kept from the heuristic
+    assert "config threads=32,items=2,rows=1" in err
+    # A partial --config keeps the heuristic's other knobs (here its threads and items).
+    heuristic = get_backend("numba").heuristic(NormSpec("layernorm", "bwd", "float32", "float32", 300))
+    code, out, err = _render(capsys, "--backend", "numba", "--op", "layernorm", "--direction", "bwd",
+                             "--hidden", "300", "--config", "rows=1")
+    assert code == 0, err
+    assert f"config threads={heuristic.threads},items={heuristic.items},rows=1" in err
 
 
 def test_no_weight_flag(capsys):
