@@ -165,7 +165,7 @@ class Record:
     trials: int = 0
     failed: int = 0
     date: str = ""
-    quality: dict | None = None  # the tuner's measurement-quality verdict (autonorm/quality.py), if any
+    quality: dict | None = None  # the tuner's measurement-quality verdict (autonorm/tune/quality.py), if any
 
     def to_json(self) -> dict:
         doc = {"key": self.key.to_json(), "winner": self.winner.to_json(),

@@ -12,7 +12,7 @@ Resolution (the fallback ladder), first rung that yields a kernel wins:
   nearest-rows   same hidden, nearest rows bucket (log distance)
   nearest-hidden nearest hidden (then rows) whose config is valid for this spec
   same-arch      another GPU of the same compute capability, nearest valid record
-  tuned          AUTONORM_TUNE_ON_MISS=1: tuned now by autonorm.tuner (when installed)
+  tuned          AUTONORM_TUNE_ON_MISS=1: tuned now by autonorm.tune (when installed)
   heuristic      the first available backend of DEFAULT_ORDER, its heuristic config
   torch          torch eager
 
@@ -242,24 +242,19 @@ def _verified(choice: Choice, device, bucket) -> bool:
 
 
 def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
-    """AUTONORM_TUNE_ON_MISS=1: a quick study now (autonorm.tuner, needs optuna), saved for next time.
+    """AUTONORM_TUNE_ON_MISS=1: a quick study now (`autonorm.tune.tune_one`, needs optuna), saved for next time.
 
     The record goes to `dbload.tuned_path(slug)` under AUTONORM_CACHE_DIR, which
     is read as a database (after the shipped ones) whenever the knob is set.
-    Skipped when the tuner or Optuna is not installed, or nothing native can run.
+    Skipped when Optuna is not installed, or nothing native can run.
     """
     try:
         import optuna  # noqa: F401  (the tuner's search)
-
-        from . import measure, tuner
     except ImportError:
         return None
-    from .db import TuningDB
-    from .device import identity, software_versions
+    from .device import identity
+    from .tune import tune_one
 
-    candidates = tuner.native_backends(device, None)
-    if not candidates:
-        return None
     ident = identity(device)
     path = dbload.tuned_path(ident["slug"])
     try:
@@ -268,21 +263,10 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
         warnings.warn(f"autonorm: AUTONORM_TUNE_ON_MISS: cannot keep tuned records in {path.parent} ({exc}); "
                       "not tuning", RuntimeWarning, stacklevel=2)
         return None
-    timer = measure.timer_for(device)
-    runner = tuner.StudyRunner(
-        spec, bucket, candidates, timer, device,
-        storage=tuner.make_storage(None, path.with_suffix(".optuna.journal")),
-        name=tuner.study_name(ident["slug"], spec, bucket, candidates),
-        n_trials=tuner.QUICK["trials"], time_budget=tuner.QUICK["time_budget"],
-        seeds=[tuner.Candidate(n, b.heuristic(spec)) for n, b in candidates.items()], compile_baseline=False)
     log.warning("autonorm: AUTONORM_TUNE_ON_MISS: tuning %s rows<=%d on %s", spec.short(), bucket, ident["name"])
-    record = runner.run().record
+    record = tune_one(spec, bucket, device, path)
     if record is None:
         return None
-    device_info = {k: ident[k] for k in ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")}
-    db = TuningDB({**device_info, "copy_gbps": None}, software_versions(), timer.describe(),
-                  {record.key: record})
-    db.save(path)  # merges with the file on disk
     dbload.forget()  # the next key sees the new record through the ladder
     winner = record.winner
     return _try_choice(winner.backend, spec, winner.config, device, "tuned", f"tuned now, saved to {path}")

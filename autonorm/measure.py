@@ -1,4 +1,4 @@
-"""How the tuner measures: injectable timers, the copy-bandwidth probe, verify-before-time.
+"""How autonorm measures, in the tuner and in `autonorm bench` alike: the one timing stack.
 
 A timer turns a compiled kernel into a `Timing` (median, p20, p80 in µs). Two
 real protocols:
@@ -14,9 +14,12 @@ real protocols:
   inputs cached.
 
 Both also time several kernels interleaved (`interleaved`), which the tuner uses
-to re-time its finalists so that drift (clocks, other tenants) hits all alike.
+to re-time its finalists so that drift (clocks, other tenants) hits all alike, and
+time any callables that take an input-set index the same way (`time_calls`), which
+is how `autonorm bench` times its providers (torch, Liger, ...) with this protocol.
 The tuner takes any object with `measure`, `interleaved` and `describe`, which is
-how tests run the search with a fake timer of known optimum.
+how tests run the search with a fake timer of known optimum; `ReplayTimer` answers
+from a table of earlier timings (the search replays of scripts/search_efficiency.py).
 """
 from __future__ import annotations
 
@@ -85,67 +88,86 @@ def _input_bytes(spec: NormSpec, rows: int) -> int:
     return max(spec.bytes_moved(rows), 1)
 
 
+def _timed_rounds(calls: Sequence[Callable[[int], object]], n_sets: int, reps: int, clock, block: int) -> list:
+    """Samples (µs) of each call, `reps` apiece, interleaved: rounds over the calls, in each round a call
+    runs once untimed (a thread pool that slept while another library's ran wakes up), then up to
+    `block` timed calls on rotating input sets."""
+    samples = [[] for _ in calls]
+    for start in range(0, reps, block):
+        count = min(block, reps - start)
+        for i, call in enumerate(calls):
+            call((start + count) % n_sets)
+            samples[i] += [clock(call, (start + j) % n_sets) for j in range(count)]
+    return samples
+
+
 class CpuTimer:
-    """perf_counter_ns timing with rotating input sets larger than the LLC."""
+    """perf_counter_ns timing with rotating input sets larger than the LLC.
+
+    Repetitions are sized by time (`rep_s`, within `min_reps`..`max_reps`; equal
+    bounds fix the count) after a warm-up of `warmup_s` and at least `warmup_calls`.
+    """
 
     def __init__(self, warmup_s: float = 0.05, rep_s: float = 0.25, min_reps: int = 5, max_reps: int = 200,
-                 max_sets: int = 16):
+                 max_sets: int = 16, warmup_calls: int = 2):
         self.warmup_s, self.rep_s, self.min_reps, self.max_reps, self.max_sets = (
             warmup_s, rep_s, min_reps, max_reps, max_sets)
+        self.warmup_calls = warmup_calls
         self._sets: dict = {}
 
     def describe(self) -> dict:
         return {"timer": "cpu perf_counter_ns", "statistic": "median (p20, p80)", "warmup_s": self.warmup_s,
                 "rep_s": self.rep_s, "min_reps": self.min_reps, "max_reps": self.max_reps,
-                "cache": f"rotating input sets > LLC ({llc_bytes()} B)", "inputs": "random normal"}
+                "cache": f"rotating input sets > LLC ({llc_bytes()} B)", "inputs": "random normal",
+                "torch_threads": torch.get_num_threads()}
+
+    def n_sets(self, spec: NormSpec, rows: int) -> int:
+        """Input sets to rotate so that one rotation is twice the last-level cache."""
+        return min(self.max_sets, max(2, -(-2 * llc_bytes() // _input_bytes(spec, rows))))
 
     def _inputs(self, spec: NormSpec, rows: int) -> list[tuple]:
         key = (spec, rows)
         if key not in self._sets:
-            n_sets = min(self.max_sets, max(2, -(-2 * llc_bytes() // _input_bytes(spec, rows))))
-            self._sets = {key: [make_inputs(spec, rows, "cpu", seed=i).args(spec) for i in range(n_sets)]}
+            self._sets = {key: [make_inputs(spec, rows, "cpu", seed=i).args(spec)
+                                for i in range(self.n_sets(spec, rows))]}
         return self._sets[key]
 
-    def _run(self, kernel, sets, count, start):
-        samples = []
-        for i in range(count):
-            args = sets[(start + i) % len(sets)]
-            t0 = time.perf_counter_ns()
-            kernel(*args)
-            samples.append((time.perf_counter_ns() - t0) / 1e3)
-        return samples
+    @staticmethod
+    def clock(call, set_index: int) -> float:
+        t0 = time.perf_counter_ns()
+        call(set_index)
+        return (time.perf_counter_ns() - t0) / 1e3
 
-    def _reps(self, kernel, sets) -> int:
+    def _reps(self, call, n_sets: int) -> int:
         # Every input set once first: some kernels (torch.compile) are slow on the first call per new tensor.
-        for args in sets:
-            kernel(*args)
+        for i in range(n_sets):
+            call(i)
         t0 = time.perf_counter()
         calls = 0
-        while calls < 2 or time.perf_counter() - t0 < self.warmup_s:
-            kernel(*sets[calls % len(sets)])
+        while calls < self.warmup_calls or time.perf_counter() - t0 < self.warmup_s:
+            call(calls % n_sets)
             calls += 1
-        per_call = (time.perf_counter() - t0) / calls
+        per_call = (time.perf_counter() - t0) / max(calls, 1)
         return int(min(self.max_reps, max(self.min_reps, self.rep_s / max(per_call, 1e-9))))
 
     def measure(self, spec, kernel, rows) -> Timing:
         sets = self._inputs(spec, rows)
-        return Timing.of(self._run(kernel, sets, self._reps(kernel, sets), 0))
+
+        def call(i):
+            return kernel(*sets[i])
+        reps = self._reps(call, len(sets))
+        return Timing.of([self.clock(call, i % len(sets)) for i in range(reps)])
+
+    def time_calls(self, calls: dict[str, Callable[[int], object]], n_sets: int) -> dict[str, Timing]:
+        """Time callables that take an input-set index (`autonorm bench`'s providers), interleaved."""
+        reps = min(self._reps(c, n_sets) for c in calls.values())
+        samples = _timed_rounds(list(calls.values()), n_sets, reps, self.clock, block=3)
+        return {name: Timing.of(s) for name, s in zip(calls, samples)}
 
     def interleaved(self, spec, kernels, rows) -> list[Timing]:
-        """Rounds over the kernels; in each round a kernel runs once untimed, then `block` timed calls.
-
-        The untimed call lets a kernel's thread pool wake up after another library's
-        pool ran (OpenMP threads of torch and Numba's workers compete for the cores).
-        """
         sets = self._inputs(spec, rows)
-        block = 3
-        reps = min(self._reps(k, sets) for k in kernels)
-        samples = [[] for _ in kernels]
-        for r in range(max(1, reps // block)):
-            for i, kernel in enumerate(kernels):
-                kernel(*sets[(r * block + block) % len(sets)])
-                samples[i] += self._run(kernel, sets, block, r * block)
-        return [Timing.of(s) for s in samples]
+        calls = {str(i): (lambda j, k=k: k(*sets[j])) for i, k in enumerate(kernels)}
+        return list(self.time_calls(calls, len(sets)).values())
 
 
 class CudaTimer:
@@ -167,6 +189,9 @@ class CudaTimer:
                 "rep_ms": self.rep_ms, "min_reps": self.min_reps, "max_reps": self.max_reps,
                 "l2_flush_bytes": self.flush.numel() * 4, "inputs": "random normal, drawn on the device"}
 
+    def n_sets(self, spec: NormSpec, rows: int) -> int:
+        return 1  # the L2 is flushed before every call instead
+
     def _args(self, spec, rows):
         key = (spec, rows)
         if key not in self._inputs:
@@ -174,38 +199,50 @@ class CudaTimer:
             self._inputs[key] = make_inputs(spec, rows, self.device, on_device=True).args(spec)
         return self._inputs[key]
 
-    def _one(self, kernel, args) -> float:
+    def clock(self, call, set_index: int) -> float:
+        """µs of one call between CUDA events; its `prepare` (untimed work, e.g. restoring an input the
+        call overwrites) and the L2 flush run first."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        prepare = getattr(kernel, "prepare", None)
+        prepare = getattr(call, "prepare", None)
         if prepare is not None:
             prepare()
         self.flush.zero_()
         start.record()
-        kernel(*args)
+        call(set_index)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) * 1e3
 
-    def _reps(self, kernel, args) -> int:
+    def _reps(self, call) -> int:
         torch.cuda.synchronize(self.device)
-        est = sorted(self._one(kernel, args) for _ in range(5))[2] / 1e3  # ms, flush excluded
+        est = sorted(self.clock(call, 0) for _ in range(5))[2] / 1e3  # ms, flush excluded
         warm = int(max(1, self.warmup_ms / max(est, 1e-3)))
         for _ in range(min(warm, self.max_reps)):
-            kernel(*args)
+            call(0)
         return int(min(self.max_reps, max(self.min_reps, self.rep_ms / max(est, 1e-3))))
 
+    def _call(self, kernel, args):
+        def call(_set_index):
+            return kernel(*args)
+        if hasattr(kernel, "prepare"):
+            call.prepare = kernel.prepare
+        return call
+
     def measure(self, spec, kernel, rows) -> Timing:
-        args = self._args(spec, rows)
-        return Timing.of([self._one(kernel, args) for _ in range(self._reps(kernel, args))])
+        call = self._call(kernel, self._args(spec, rows))
+        return Timing.of([self.clock(call, 0) for _ in range(self._reps(call))])
+
+    def time_calls(self, calls: dict[str, Callable[[int], object]], n_sets: int) -> dict[str, Timing]:
+        """Time callables that take an input-set index (each gets set 0: the flush replaces rotation),
+        interleaved one call at a time."""
+        reps = min(self._reps(c) for c in calls.values())
+        samples = _timed_rounds(list(calls.values()), 1, reps, self.clock, block=1)
+        return {name: Timing.of(s) for name, s in zip(calls, samples)}
 
     def interleaved(self, spec, kernels, rows) -> list[Timing]:
         args = self._args(spec, rows)
-        reps = min(self._reps(k, args) for k in kernels)
-        samples = [[] for _ in kernels]
-        for _ in range(reps):
-            for i, kernel in enumerate(kernels):
-                samples[i].append(self._one(kernel, args))
-        return [Timing.of(s) for s in samples]
+        calls = {str(i): self._call(k, args) for i, k in enumerate(kernels)}
+        return list(self.time_calls(calls, 1).values())
 
 
 def timer_for(device) -> Timer:

@@ -91,6 +91,49 @@ def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+def forward_outputs(spec: NormSpec, x: torch.Tensor) -> tuple:
+    """(y, h, mean, rstd) of the forward contract for the 2-D input `x`, unwritten (NaN when poisoning):
+    y and h row-major in x's dtype (h only with a fused residual), mean (LayerNorm) and rstd fp32 per row."""
+    m = x.shape[0]
+    y = new_empty_like_rows(x)
+    h = new_empty_like_rows(x) if spec.residual else None
+    mean = new_empty((m,), torch.float32, x.device) if spec.is_layernorm else None
+    rstd = new_empty((m,), torch.float32, x.device)
+    return y, h, mean, rstd
+
+
+def backward_outputs(spec: NormSpec, x: torch.Tensor) -> tuple:
+    """(dx, dweight, dbias) of the backward contract for the 2-D input `x`: dx row-major in x's dtype,
+    dweight / dbias (N,) in the weight dtype when the spec has them. Unwritten, except that with no
+    rows the parameter gradients are zero, the sum over no rows, so a kernel returns at once."""
+    m, n = x.shape
+    dx = new_empty_like_rows(x)
+    dw = new_empty((n,), spec.torch_w_dtype, x.device) if spec.weight else None
+    db = new_empty((n,), spec.torch_w_dtype, x.device) if spec.bias else None
+    if m == 0:
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+    return dx, dw, db
+
+
+class CurrentStream:
+    """torch's current CUDA stream on `device`, as a backend's own stream object (`wrap(handle)`),
+    wrapped once per stream handle, not per call. Launching on it keeps a kernel ordered with
+    torch's work on that stream without a synchronization."""
+
+    def __init__(self, wrap: Callable[[int], object], device):
+        self.wrap, self.device = wrap, device
+        self._wrapped: dict[int, object] = {}
+
+    def __call__(self):
+        handle = torch.cuda.current_stream(self.device).cuda_stream
+        stream = self._wrapped.get(handle)
+        if stream is None:
+            stream = self._wrapped[handle] = self.wrap(handle)
+        return stream
+
+
 # Generated sources are tens of KiB; a cache entry far larger than that was not written by autonorm.
 MAX_SOURCE_BYTES = 4 << 20
 # A private temporary folder used instead of AUTONORM_CACHE_DIR once that proved unusable (this process only).

@@ -16,7 +16,7 @@ from autonorm.config import Config, knob
 from autonorm.hardware import device_arch, register_cap, resident_blocks
 from autonorm.spec import ITEMSIZE, NormSpec
 
-from .base import Backend, new_empty
+from .base import Backend, CurrentStream, backward_outputs, forward_outputs
 
 # Per-thread fp32 elements a row cached in registers may take. The forward keeps h
 # (1 array); the backward keeps xhat, dy and the dW/dB accumulators (4 arrays), so its
@@ -209,15 +209,7 @@ class _Launcher:
         # number of (possibly wider) elements, both capped at the 16 bytes of one access.
         self.x_align = min(16, config.vec * spec.x_itemsize)
         self.w_align = min(16, config.vec * ITEMSIZE[spec.w_dtype])
-        self._streams: dict[int, object] = {}
-
-    def _stream(self):
-        # torch's current stream, wrapped once per stream handle (not per call).
-        handle = torch.cuda.current_stream(self.index).cuda_stream
-        stream = self._streams.get(handle)
-        if stream is None:
-            stream = self._streams[handle] = self._cupy.cuda.ExternalStream(handle, self.index)
-        return stream
+        self._stream = CurrentStream(lambda handle: self._cupy.cuda.ExternalStream(handle, self.index), self.index)
 
     def _pick(self, xs, ws):
         """The vector entry point when every pointer and row stride allows packed accesses."""
@@ -246,10 +238,7 @@ class _Launcher:
     def forward(self, x, weight, bias, residual, eps, offset):
         spec, config = self.spec, self.config
         m, n = x.shape
-        y = new_empty((m, n), x.dtype, x.device)
-        h = new_empty((m, n), x.dtype, x.device) if residual is not None else None
-        mean = new_empty((m,), torch.float32, x.device) if spec.is_layernorm else None
-        rstd = new_empty((m,), torch.float32, x.device)
+        y, h, mean, rstd = forward_outputs(spec, x)
         if m == 0:
             return y, h, mean, rstd
         fn = self._pick((x, residual, y, h), (weight, bias))
@@ -263,13 +252,8 @@ class _Launcher:
     def backward(self, dy, x, weight, mean, rstd, dh, offset):
         spec, config = self.spec, self.config
         m, n = x.shape
-        dx = new_empty((m, n), x.dtype, x.device)
-        dw = new_empty((n,), spec.torch_w_dtype, x.device) if spec.weight else None
-        db = new_empty((n,), spec.torch_w_dtype, x.device) if spec.bias else None
+        dx, dw, db = backward_outputs(spec, x)
         if m == 0:
-            for t in (dw, db):
-                if t is not None:
-                    t.zero_()
             return dx, dw, db
         blocks = min(_cdiv(m, config.rows), self.max_blocks)
         partial_rows = blocks * config.rows

@@ -23,7 +23,7 @@ import torch
 from autonorm.config import Config, knob
 from autonorm.spec import NormSpec
 
-from .base import Backend, import_generated, new_empty, new_empty_like_rows
+from .base import Backend, backward_outputs, forward_outputs, import_generated, new_empty_like_rows
 
 
 def _max_threads() -> int:
@@ -208,16 +208,12 @@ SERIAL_ALWAYS = 1 << 62
 
 def _forward_launcher(spec: NormSpec, config: NumbaCpuConfig, module, parallel_from: int = SERIAL_BELOW):
     """The forward kernel: calls on at least `parallel_from` elements take the parallel variant."""
-    layernorm, residual_, rpt = spec.is_layernorm, spec.residual, config.rows_per_task
+    residual_, rpt = spec.residual, config.rows_per_task
     parallel, serial = _variants(module, config)
 
     def kernel(x, weight, bias, residual, eps, offset):
         m, n = x.shape
-        dev = x.device
-        y = new_empty_like_rows(x)
-        h = new_empty_like_rows(x) if residual_ else None
-        mean = new_empty((m,), torch.float32, dev) if layernorm else None
-        rstd = new_empty((m,), torch.float32, dev)
+        y, h, mean, rstd = forward_outputs(spec, x)
         if m == 0:
             return y, h, mean, rstd
         (serial if m * n < parallel_from else parallel)(
@@ -246,19 +242,13 @@ def _forward_launcher(spec: NormSpec, config: NumbaCpuConfig, module, parallel_f
 
 def _backward_launcher(spec: NormSpec, config: NumbaCpuConfig, module, parallel_from: int = SERIAL_BELOW // 2):
     """The backward kernel; it reads ~2x the forward's bytes per element: the same time threshold."""
-    rpt, has_bias = config.rows_per_task, spec.bias
+    rpt = config.rows_per_task
     parallel, serial = _variants(module, config)
 
     def kernel(dy, x, weight, mean, rstd, dh, offset):
         m, n = x.shape
-        dev = x.device
-        dx = new_empty_like_rows(x)
-        dw = new_empty((n,), weight.dtype, dev) if weight is not None else None
-        db = new_empty((n,), weight.dtype, dev) if has_bias else None
-        if m == 0:  # no rows: the parameter gradients are zero sums
-            for t in (dw, db):
-                if t is not None:
-                    t.zero_()
+        dx, dw, db = backward_outputs(spec, x)
+        if m == 0:
             return dx, dw, db
         # Saved tensors may come back non-contiguous only in unusual autograd paths; contiguous()
         # returns the tensor itself when it already is.

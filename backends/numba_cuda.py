@@ -25,7 +25,7 @@ import torch
 from autonorm.config import Config, knob
 from autonorm.spec import NormSpec
 
-from .base import Backend, import_generated, new_empty
+from .base import Backend, CurrentStream, backward_outputs, forward_outputs, import_generated
 
 THREADS = (32, 64, 128, 256, 512, 1024)
 MAX_BLOCK = 1024  # CUDA's limit on threads per block
@@ -99,7 +99,7 @@ class _Launcher:
         self.cuda = _numba_cuda()
         self.simulated = device.type == "cpu"
         self.device = device
-        self._streams: dict[int, object] = {}
+        self.stream = CurrentStream(lambda handle: self.cuda.external_stream(handle), device)  # GPU only
         if self.simulated:
             self.max_blocks = 2  # the simulator runs blocks one after another: fewer blocks, fewer threads
         else:
@@ -132,13 +132,8 @@ class _Launcher:
         if self.simulated:
             kernel[grid, block](*args)
             return
-        # Launch on torch's current stream, so ordering with torch ops holds without syncs.
-        handle = torch.cuda.current_stream(self.device).cuda_stream
-        stream = self._streams.get(handle)
-        if stream is None:
-            stream = self._streams[handle] = self.cuda.external_stream(handle)
         with self.cuda.gpus[self.device.index or 0]:
-            kernel[grid, block, stream](*args)
+            kernel[grid, block, self.stream()](*args)
 
 
 def _forward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launcher):
@@ -147,10 +142,7 @@ def _forward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launche
 
     def kernel(x, weight, bias, residual, eps, offset):
         m, n = x.shape
-        y = new_empty((m, n), x.dtype, x.device)
-        h = new_empty((m, n), x.dtype, x.device) if spec.residual else None
-        mean = new_empty((m,), torch.float32, x.device) if spec.is_layernorm else None
-        rstd = new_empty((m,), torch.float32, x.device)
+        y, h, mean, rstd = forward_outputs(spec, x)
         if m == 0:
             return y, h, mean, rstd
         args = launcher.rows(x)
@@ -176,11 +168,9 @@ def _backward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launch
 
     def kernel(dy, x, weight, mean, rstd, dh, offset):
         m, n = x.shape
-        dx = new_empty((m, n), x.dtype, x.device)
+        dx, dw, db = backward_outputs(spec, x)
         if m == 0:
-            # The sum over no rows is zero.
-            zero = (lambda: torch.zeros(n, dtype=weight.dtype, device=x.device)) if spec.weight else None
-            return dx, zero() if zero else None, zero() if spec.bias else None
+            return dx, dw, db
         grid = min(-(-m // config.rows), launcher.max_blocks)
         parts = grid * config.rows
         args = [*launcher.rows(dy), *launcher.rows(x)]
@@ -199,13 +189,10 @@ def _backward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launch
             args += launcher.rows(dh)
         args += [a(dx), m, np.float32(offset)]
         launcher.launch(module._kernel, grid, block, *args)
-        dw = db = None
         col_blocks = -(-n // config.threads)
         if spec.weight:
-            dw = new_empty((n,), weight.dtype, x.device)
             launcher.launch(module._sum_partials, col_blocks, config.threads, a(pw), a(dw), parts)
         if spec.bias:
-            db = new_empty((n,), weight.dtype, x.device)
             launcher.launch(module._sum_partials, col_blocks, config.threads, a(pb), a(db), parts)
         return dx, dw, db
 

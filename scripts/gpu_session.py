@@ -592,7 +592,7 @@ def _bench_row(ph: Phase, case: str, spec, rows: int, impl: str, provider: str, 
     gbps = nbytes / (timing.median_us * 1e-6) / 1e9 if timing.median_us > 0 else 0.0
     return {"case": case, "impl": impl, "provider": provider, "spec": spec.to_dict(), "rows": rows,
             "bytes_moved": nbytes, "median_us": timing.median_us, "p20_us": timing.p20_us, "p80_us": timing.p80_us,
-            "samples": timing.samples, "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps else None,
+            "samples": timing.reps, "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps else None,
             "config": choice.config.to_dict() if choice else None, "rung": choice.rung if choice else None,
             "timer": "cuda_event" if ph.device.type == "cuda" else "perf_counter_ns", "device": ph.ident["slug"],
             "date": now_iso()}
@@ -605,9 +605,9 @@ def phase_bench(ph: Phase) -> None:
 
     copy_gbps = ph.copy_gbps() or measure.copy_bandwidth(ph.device)
     if ph.device.type == "cuda":
-        timer = bench.CudaBenchTimer(ph.device, timer=measure.CudaTimer(ph.device, warmup_ms=10, rep_ms=50))
+        timer = measure.CudaTimer(ph.device, warmup_ms=10, rep_ms=50)
     else:
-        timer = bench.CpuBenchTimer(reps=3, warmup=1)
+        timer = bench.timer_for(ph.device, reps=3, warmup=1)
     # The dispatcher's choice without a database is the heuristic of the first of these that runs: its
     # row is the report's "autonorm"; the others' rows are named by their backend.
     gpu_order = [b for b in dispatch.DEFAULT_ORDER["cuda"] if b != "torch"]
@@ -638,7 +638,7 @@ def phase_bench(ph: Phase) -> None:
             impls["copy"] = lambda _i: dst.copy_(src)
         if not impls:
             return [], notes
-        timings = timer.time(spec, rows, impls, 1)
+        timings = timer.time_calls(impls, 1)
         first = next((b for b in gpu_order if f"autonorm[{b}]" in impls), None)
         out = []
         for impl, t in timings.items():
@@ -686,7 +686,7 @@ def phase_tune(ph: Phase) -> None:
 
     import optuna
 
-    from autonorm import measure, tuner
+    from autonorm import measure, tune
     from autonorm.backends import get_backend
     from autonorm.spec import NormSpec
 
@@ -696,7 +696,7 @@ def phase_tune(ph: Phase) -> None:
         timer = measure.CpuTimer(warmup_s=0.0, rep_s=0.0, min_reps=2, max_reps=2, max_sets=2)
         rows, trials, hidden = 4, 2, (32,)
     else:
-        backends = tuner.native_backends(ph.device, None)
+        backends = tune.native_backends(ph.device, None)
         timer, rows, trials, hidden = measure.CudaTimer(ph.device, warmup_ms=10, rep_ms=50), 16384, 12, (4096, 8192)
     copy_gbps = ph.copy_gbps()
     protocol = {**timer.describe(), "verify": "reference check before timing", "finalists": 3,
@@ -704,7 +704,7 @@ def phase_tune(ph: Phase) -> None:
     studies = [NormSpec(op, d, "bfloat16", "bfloat16", n) for n in hidden for op in ("rmsnorm", "layernorm")
                for d in ("fwd", "bwd")]
     with tempfile.TemporaryDirectory() as tmp:
-        storage = tuner.make_storage(None, Path(tmp) / "session.optuna.journal")
+        storage = tune.make_storage(None, Path(tmp) / "session.optuna.journal")
         for i, spec in enumerate(studies):
             case = f"{spec.short()} rows={rows}"
             if case in ph.done:
@@ -715,10 +715,10 @@ def phase_tune(ph: Phase) -> None:
             left_in_round = sum(1 for s in studies[i:] if s.hidden == spec.hidden)
             budget = max(3.0, 0.8 * ph.left() / left_in_round)
             t0 = ph.start(case)
-            runner = tuner.StudyRunner(
+            runner = tune.StudyRunner(
                 spec, rows, backends, timer, ph.device, storage=storage,
-                name=tuner.study_name(ph.ident["slug"], spec, rows, backends), n_trials=trials, time_budget=budget,
-                seeds=[tuner.Candidate(n, b.heuristic(spec)) for n, b in backends.items()],
+                name=tune.study_name(ph.ident["slug"], spec, rows, backends), n_trials=trials, time_budget=budget,
+                seeds=[tune.Candidate(n, b.heuristic(spec)) for n, b in backends.items()],
                 compile_workers=1 if ph.dry_run else 4, compile_baseline=False, copy_gbps=copy_gbps)
             try:
                 result = runner.run()
@@ -739,7 +739,7 @@ def phase_sweep(ph: Phase) -> None:
     from autonorm import measure
     from autonorm.backends import get_backend
     from autonorm.spec import NormSpec
-    from autonorm.tuner import Candidate
+    from autonorm.tune import Candidate
 
     spec = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 32 if ph.dry_run else 4096)
     rows, check_rows = (4, 3) if ph.dry_run else (16384, 2048)  # checked on rows > programs (DW_PARTIALS)
@@ -792,7 +792,7 @@ def run_phase_process(name: str, out: Path, until: float, dry_run: bool) -> int:
 
 def import_session(folder: Path, db_dir: Path, docs_dir: Path) -> list[Path]:
     """Write tuning_db/<slug>.json (validated), docs/benchmarks/<slug>.md + PNGs and the search table."""
-    from autonorm import report
+    from autonorm.bench import report
     from autonorm.db import Record, TuningDB
 
     facts = env_facts(folder)

@@ -394,7 +394,7 @@ def knob_cases(tmp: Path) -> list:
 
     results.append(("flags", "db merge -o <another device's file>", *run_case(merge_into_other)))
 
-    from autonorm import report
+    from autonorm.bench import report
 
     def report_slug(slug):
         def case():
@@ -432,7 +432,7 @@ for i in range(10 ** 6):
     "journal": """
 import sys, optuna
 from pathlib import Path
-from autonorm.tuner import make_storage
+from autonorm.tune import make_storage
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 path = Path(sys.argv[1])
 study = optuna.create_study(storage=make_storage(str(path), path), study_name="s", load_if_exists=True)
@@ -476,7 +476,7 @@ def kill_cases(tmp: Path, rng: random.Random) -> list:
     from autonorm.backends.base import import_generated
     from autonorm.db import TuningDB
     from autonorm.render import Source
-    from autonorm.tuner import make_storage
+    from autonorm.tune import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     base = tmp / "kill-base.json"
@@ -520,7 +520,7 @@ def cut_journal_cases(tmp: Path, rng: random.Random) -> list:
     import optuna
 
     from autonorm.errors import AutonormError
-    from autonorm.tuner import make_storage
+    from autonorm.tune import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     source = tmp / "whole.journal"
@@ -622,8 +622,8 @@ MUTANTS = {
         "autonorm/dispatch.py", "if record is not None and _fits(record, spec, device):", "if record is not None:",
         "tests/test_dispatch.py::test_meta_tensors_never_get_a_cpu_kernel"),
     "no claim lock in the tuner": (
-        "autonorm/tuner.py", "with file_lock(self.lock_path):\n                    measured, failed, queued",
-        "with file_lock(None):\n                    measured, failed, queued",
+        "autonorm/tune/study.py", "return fleet.claim_lock(self.storage, self.name, self.lock_path)",
+        "return fleet.claim_lock(self.storage, self.name, None)",
         "tests/test_reliability.py::test_two_workers_claiming_at_once_never_time_one_config"),
     "cache entry not checked against its hash": (
         "backends/base.py", "return hashlib.sha256(data).hexdigest() == source.sha256", "return True",

@@ -29,17 +29,16 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import optuna
 import torch
-from autonorm.backends.torch_eager import TorchBackend
 
 from autonorm import measure
 from autonorm.device import identity
 from autonorm.spec import NormSpec
-from autonorm.tuner import Candidate, SearchSpace, StudyRunner, make_storage, native_backends
+from autonorm.tune import Candidate, SearchSpace, native_backends
+from autonorm.tune.replay import replay
 
 WITHIN = 1.02
 
@@ -63,76 +62,11 @@ def exhaustive_table(spec, rows, backends, device) -> dict:
     return table
 
 
-class ReplayBackend:
-    """Stands in for a real backend: same name, configs and space; kernels carry their candidate key."""
-
-    def __init__(self, real):
-        self.real, self.name, self.config_cls = real, real.name, real.config_cls
-        self._eager = {}
-
-    def space(self, spec):
-        return self.real.space(spec)
-
-    def heuristic(self, spec):
-        return self.real.heuristic(spec)
-
-    def template_hash(self):
-        return "replay"
-
-    def compile(self, spec, config, device):
-        eager = self._eager.setdefault(spec, TorchBackend().build(None, spec, None, device))
-
-        def kernel(*args):
-            return eager(*args)
-        kernel.key = Candidate(self.name, config).key
-        return kernel
-
-
-class ReplayTimer:
-    def __init__(self, table):
-        self.table, self.order = table, []
-
-    def _us(self, kernel):
-        return self.table.get(getattr(kernel, "key", None), float("inf"))
-
-    def measure(self, spec, kernel, rows):
-        self.order.append(kernel.key)
-        us = self._us(kernel)
-        if us == float("inf"):
-            raise RuntimeError("not in the table (failed when it was measured)")
-        return measure.Timing(us, us, us, 1)
-
-    def interleaved(self, spec, kernels, rows):
-        return [measure.Timing(self._us(k), self._us(k), self._us(k), 1) for k in kernels]
-
-    def describe(self):
-        return {"timer": "replay"}
-
-
 def trials_to_target(order, table, best) -> int:
     for i, key in enumerate(order, 1):
         if table.get(key, float("inf")) <= WITHIN * best:
             return i
     return len(order) + 1
-
-
-def replay(spec, rows, backends, table, seed, extra_seeds=(), n_trials=None, patience=None) -> list[str]:
-    """The candidate keys one tuner search times, in order, replayed on `table`.
-
-    Default: a budget one below the space size and patience off, which keeps the runner in TPE mode
-    (not exhaustive) until it has seen everything. With `n_trials` (and `patience` None), the tuner's
-    own stopping rules apply: what `autonorm tune --trials n_trials` would spend."""
-    replay = {name: ReplayBackend(b) for name, b in backends.items()}
-    size = len(SearchSpace(spec, backends))
-    timer = ReplayTimer(table)
-    with tempfile.TemporaryDirectory() as tmp:
-        storage = make_storage(None, Path(tmp) / "j")
-        seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()] + list(extra_seeds)
-        StudyRunner(spec, rows, replay, timer, "cpu", storage=storage, name="replay",
-                    n_trials=n_trials or size - 1, time_budget=3600, patience=None if n_trials else size,
-                    seeds=seeds, compile_baseline=False, seed=seed, compile_workers=1,
-                    verify=lambda *args: None).run()  # the table holds only candidates verified when measured
-    return timer.order
 
 
 def replay_tpe(spec, rows, backends, table, seed, extra_seeds=()) -> int:

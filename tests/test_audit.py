@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from autonorm import audit
+from autonorm.cli import audit as audit_cli
 from autonorm.backends import get_backend
 from autonorm.grids import STANDARD
 from autonorm.spec import NormSpec
@@ -117,7 +118,7 @@ def test_heuristic_register_budgets_follow_the_block(backend):
 
 
 def test_search_space_on_cpu_is_not_audited(monkeypatch):
-    from autonorm.tuner import SearchSpace
+    from autonorm.tune import SearchSpace
 
     def fail(*args, **kwargs):
         raise AssertionError("the audit runs only for CUDA devices")
@@ -130,14 +131,14 @@ def test_search_space_on_cpu_is_not_audited(monkeypatch):
 
 def test_search_space_on_cuda_drops_what_does_not_fit(monkeypatch):
     """The tuner's hook: configs whose profile spills are gone before any timing; others stay."""
-    from autonorm.tuner import SearchSpace
+    from autonorm.tune import SearchSpace
 
     spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 4096)
     triton = get_backend("triton")
     full = triton.space(spec)
     props = types.SimpleNamespace(major=9, minor=0, multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    monkeypatch.setattr(audit, "check_backends", lambda names: None)
+    monkeypatch.setattr(audit.run, "check_backends", lambda names: None)
 
     def fake_audit(jobs, progress=None, workers=2):
         out = []
@@ -149,7 +150,7 @@ def test_search_space_on_cuda_drops_what_does_not_fit(monkeypatch):
             out.append(audit.occupancy(p, audit.ARCHS[j.arch]))
         return out
 
-    monkeypatch.setattr(audit, "audit", fake_audit)
+    monkeypatch.setattr(audit.run, "audit", fake_audit)
     space = SearchSpace(spec, {"triton": triton}, torch.device("cuda", 0))
     kept = space.configs["triton"]
     assert kept and len(kept) < len(full)
@@ -158,8 +159,8 @@ def test_search_space_on_cuda_drops_what_does_not_fit(monkeypatch):
 
 
 def test_missing_toolchain_names_what_to_install(monkeypatch, capsys):
-    monkeypatch.setattr(audit, "_TOOLS", {"ptxas": [], "cuobjdump": [], "nvcc": []})
-    rc = audit.main(_args(backends="triton", hidden=4096))
+    monkeypatch.setattr(audit.tools, "_TOOLS", {"ptxas": [], "cuobjdump": [], "nvcc": []})
+    rc = audit_cli.main(_args(backends="triton", hidden=4096))
     assert rc == 1
     err = capsys.readouterr().err
     assert "ptxas" in err and "pip install autonorm[audit]" in err
@@ -184,7 +185,7 @@ def test_cli_json_reports_vector_loads_for_unaligned_n_with_aligned_rows(capsys)
     """N=760 bf16: the row stride is not a multiple of 16 elements, but 760 * 2 bytes is a multiple of
     16: the ROW_ALIGN hint makes Triton load x 16 bytes at a time (without it: 0 of 9 loads)."""
     _skip_unless("triton")
-    assert audit.main(_args(hidden=760)) == 0
+    assert audit_cli.main(_args(hidden=760)) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     p = json.loads(line)
     assert p["backend"] == "triton" and p["arch"] == "sm_90" and p["problems"] == []
@@ -240,8 +241,9 @@ def test_num_stages_changes_nothing():
     _skip_unless("triton")
     spec = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 131072)
     job = audit.Job("triton", spec, get_backend("triton").heuristic(spec), "sm_90")
-    item = {"path": audit._module_file(job, "triton"), "spec": spec.to_dict(), "num_warps": job.config.num_warps,
-            "cc": 90}
-    ptx = [r["ptx"] for r in audit._run_worker("triton", [{**item, "options": {"num_stages": s}} for s in (1, 3)])]
+    item = {"path": audit.compilers._module_file(job, "triton"), "spec": spec.to_dict(),
+            "num_warps": job.config.num_warps, "cc": 90}
+    items = [{**item, "options": {"num_stages": s}} for s in (1, 3)]
+    ptx = [r["ptx"] for r in audit.compilers._run_worker("triton", items)]
     assert ptx[0] == ptx[1]
     assert "cp.async" not in ptx[0]

@@ -3,14 +3,17 @@ import json
 
 import pytest
 
-from autonorm import bench, cli
+import torch
+
+from autonorm import bench, cli, measure
+from autonorm.bench import providers
 
 
 def test_bench_json_rows(tmp_path, monkeypatch):
     pytest.importorskip("numba")
     import autonorm
 
-    monkeypatch.setattr(bench, "llc_bytes", lambda: 1 << 20)  # keep the copy-bandwidth buffer small
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 1 << 20)  # keep the copy-bandwidth buffer small
     monkeypatch.setenv("AUTONORM_BACKEND", "numba-cpu")  # --backend sets it; monkeypatch undoes it
     out = tmp_path / "bench.json"
     rc = cli.main(["bench", "--shapes", "33x96", "--dtypes", "bf16", "--ops", "layernorm",
@@ -32,8 +35,6 @@ def test_bench_json_rows(tmp_path, monkeypatch):
 
 
 def test_summary_and_shapes():
-    t = bench.summarize([5000, 1000, 3000, 2000, 4000])
-    assert (t.median_us, t.p20_us, t.p80_us, t.samples) == (3.0, 1.8, 4.2, 5)
     assert bench.parse_shape("8192x4096") == (8192, 4096)
     with pytest.raises(ValueError, match="ROWSxHIDDEN"):
         bench.parse_shape("8192")
@@ -57,7 +58,7 @@ def test_gpu_only_providers_are_skipped_with_a_note():
     from autonorm.spec import NormSpec
 
     spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
-    impls, choice, notes = bench.build_case(spec, 5, bench.torch.device("cpu"), 1, ["torch", "liger", "quack"])
+    impls, choice, notes = bench.build_case(spec, 5, torch.device("cpu"), 1, ["torch", "liger", "quack"])
     assert list(impls) == ["torch"] and choice is None
     assert notes == {"liger": "skipped: Liger runs on GPUs only", "quack": "skipped: quack runs on GPUs only"}
 
@@ -75,30 +76,40 @@ def test_wrong_or_crashing_provider_is_never_timed(monkeypatch):
     monkeypatch.setitem(bench.PROVIDERS, "crash", bench.Provider(crash, "test"))
     for direction in ("fwd", "bwd"):
         spec = NormSpec("layernorm", direction, "bfloat16", "bfloat16", 96)
-        impls, _, notes = bench.build_case(spec, 9, bench.torch.device("cpu"), 2, ["torch", "wrong", "crash"])
+        impls, _, notes = bench.build_case(spec, 9, torch.device("cpu"), 2, ["torch", "wrong", "crash"])
         assert list(impls) == ["torch"]
         assert notes["wrong"].startswith("skipped: wrong result (rel. L2 error")
         assert notes["crash"] == "skipped: failed: RuntimeError: no kernel for this shape"
 
 
-def test_cuda_timer_adapter_uses_measure_protocol():
-    """CudaBenchTimer hands measure.CudaTimer one kernel per impl, in order, each calling its impl on set 0."""
+class _ClockedCudaTimer(measure.CudaTimer):
+    """CudaTimer's scheduling with a clock that needs no GPU: each call "takes" 1 µs more than the last."""
+
+    def __init__(self):
+        self.min_reps, self.max_reps, self.warmup_ms, self.rep_ms = 3, 3, 0.0, 0.0
+        self.ticks = 0
+
+    def clock(self, call, set_index):
+        prepare = getattr(call, "prepare", None)
+        if prepare is not None:
+            prepare()
+        call(set_index)
+        self.ticks += 1
+        return float(self.ticks)
+
+    def _reps(self, call):
+        return 3
+
+
+def test_cuda_timer_times_bench_calls_interleaved_on_set_zero():
+    """`time_calls` (how bench times providers on a GPU) runs the calls round-robin, each on input set 0."""
     calls = []
-
-    class FakeCudaTimer:
-        def describe(self):
-            return {"timer": "cuda events", "l2_flush_bytes": 123}
-
-        def interleaved(self, spec, kernels, rows):
-            from autonorm.measure import Timing
-            for k in kernels:
-                k("ignored", "args")  # CudaTimer passes its own inputs; the adapter must ignore them
-            return [Timing(float(i + 1), float(i + 1), float(i + 2), 7) for i in range(len(kernels))]
-
-    t = bench.CudaBenchTimer("cuda", timer=FakeCudaTimer())
-    out = t.time(None, 4, {"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}, 1)
-    assert calls == [("a", 0), ("b", 0)]
-    assert out["b"] == bench.Timing(2.0, 2.0, 3.0, 7) and t.describe()["interleaved"] is True
+    out = _ClockedCudaTimer().time_calls({"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))},
+                                         n_sets=4)
+    # Each round: every call once untimed, then once timed; three rounds.
+    assert calls == [("a", 0), ("a", 0), ("b", 0), ("b", 0)] * 3
+    assert list(out) == ["a", "b"] and out["a"].reps == out["b"].reps == 3
+    assert out["a"].median_us < out["b"].median_us  # b was timed after a in every round
 
 
 def test_liger_rmsnorm_runs_in_place_as_its_users_do(monkeypatch):
@@ -130,7 +141,7 @@ def test_liger_rmsnorm_runs_in_place_as_its_users_do(monkeypatch):
     spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 16)
     sets = bench.make_sets(spec, 4, torch.device("cpu"), 1)
     dy = sets[0]["dy"].clone()
-    name, fn, _ = bench._provide_liger(spec, sets, torch.device("cuda"))
+    name, fn, _ = providers._provide_liger(spec, sets, torch.device("cuda"))
     fn(0)
     first = fn(0)[0].clone()  # the second call sees the first call's dx as its dy
     assert seen["in_place"] is True and name == "liger"
@@ -138,14 +149,11 @@ def test_liger_rmsnorm_runs_in_place_as_its_users_do(monkeypatch):
     fn.prepare()
     assert torch.equal(fn(0)[0], dy * 0.5) and torch.equal(first, dy * 0.25)
 
-    class FakeCudaTimer:
-        def interleaved(self, spec, kernels, rows):
-            seen["prepare"] = [getattr(k, "prepare", None) for k in kernels]
-            from autonorm.measure import Timing
-            return [Timing(1.0, 1.0, 1.0, 1)] * len(kernels)
-
-    bench.CudaBenchTimer("cuda", timer=FakeCudaTimer()).time(spec, 4, {"torch": lambda i: None, "liger": fn}, 1)
-    assert seen["prepare"] == [None, fn.prepare]
+    restored = []
+    real_prepare = fn.prepare
+    fn.prepare = lambda: (restored.append(1), real_prepare())
+    _ClockedCudaTimer().time_calls({"torch": lambda i: None, "liger": fn}, 1)
+    assert len(restored) == 3  # before every timed call of Liger, untimed
 
 
 def test_resume_and_time_limit(tmp_path):

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from autonorm import cli, tuner
+from autonorm import cli, measure, tune
+from autonorm.cli import tune as tune_cli
 from autonorm.db import TuningDB
 
 
@@ -83,12 +84,12 @@ def test_help_shows_defaults(capsys):
 
 def test_tune_specs_cover_torch_modules_and_quick_has_one_backward():
     parser, _, _ = cli._parser(["tune"])
-    specs = tuner.specs_from_args(parser.parse_args(["tune"]))
+    specs = tune_cli.specs_from_args(parser.parse_args(["tune"]))
     assert {(s.op, s.features) for s in specs} == {("rmsnorm", "weight"), ("layernorm", "weight+bias")}
-    quick = tuner.specs_from_args(parser.parse_args(["tune", "--quick"]))
+    quick = tune_cli.specs_from_args(parser.parse_args(["tune", "--quick"]))
     assert [(s.op, s.hidden) for s in quick if s.direction == "bwd"] == [("rmsnorm", 1024)]
     assert len([s for s in quick if s.direction == "fwd"]) == 4
-    only_fwd = tuner.specs_from_args(parser.parse_args(["tune", "--quick", "--directions", "fwd"]))
+    only_fwd = tune_cli.specs_from_args(parser.parse_args(["tune", "--quick", "--directions", "fwd"]))
     assert all(s.direction == "fwd" for s in only_fwd)
 
 
@@ -98,7 +99,7 @@ def test_long_tune_prints_its_size_before_starting(capsys, monkeypatch, tmp_path
 
     def stop(*_):
         raise Stop  # right after the announcement: nothing is measured
-    monkeypatch.setattr(tuner.measure, "timer_for", stop)
+    monkeypatch.setattr(measure, "timer_for", stop)
     with pytest.raises(Stop):
         cli.main(["tune", "--out", str(tmp_path), "--backends", "torch"])
     err = capsys.readouterr().err
@@ -111,15 +112,15 @@ def _tiny_tune(tmp_path, *extra):
 
 
 def test_ctrl_c_during_tune_saves_and_says_how_to_resume(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(tuner.measure, "copy_bandwidth", lambda device: 10.0)
-    real_run, calls = tuner.StudyRunner.run, []
+    monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 10.0)
+    real_run, calls = tune.StudyRunner.run, []
 
     def run_then_interrupt(self):
         calls.append(self.spec.hidden)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_run(self)
-    monkeypatch.setattr(tuner.StudyRunner, "run", run_then_interrupt)
+    monkeypatch.setattr(tune.StudyRunner, "run", run_then_interrupt)
     rc, out, err = run(capsys, *_tiny_tune(tmp_path))
     assert rc == 130 and "Traceback" not in err
     assert "interrupted after 1 of 2 studies" in err and "Run the same command again to resume" in err
@@ -140,7 +141,7 @@ def _umask():
 
 
 def test_tune_output_without_a_terminal_has_no_progress_bars(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(tuner.measure, "copy_bandwidth", lambda device: 10.0)
+    monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 10.0)
     rc, out, err = run(capsys, *_tiny_tune(tmp_path))  # capsys: stderr is not a TTY
     assert rc == 0
     assert "\r" not in err and "\x1b[" not in err and "studies:" not in err
@@ -209,7 +210,7 @@ def test_creating_a_study_prints_no_optuna_info(capfd):
 
     optuna.logging.set_verbosity(optuna.logging.INFO)  # what a program that uses Optuna itself may have set
     try:
-        runner = tuner.StudyRunner(NormSpec("rmsnorm", "fwd", "float32", "float32", 8), 8, {"torch": TorchBackend()},
+        runner = tune.StudyRunner(NormSpec("rmsnorm", "fwd", "float32", "float32", 8), 8, {"torch": TorchBackend()},
                                    None, storage=optuna.storages.InMemoryStorage(), name="quiet")
         runner._study()
         assert optuna.logging.get_verbosity() == optuna.logging.INFO  # the program's own setting is kept
@@ -221,7 +222,7 @@ def test_creating_a_study_prints_no_optuna_info(capfd):
 def test_a_bad_storage_fails_before_the_bandwidth_probe(capsys, monkeypatch, tmp_path):
     def probe(device):
         raise AssertionError("the bandwidth probe ran before the storage was checked")
-    monkeypatch.setattr(tuner.measure, "copy_bandwidth", probe)
+    monkeypatch.setattr(measure, "copy_bandwidth", probe)
     rc, _, err = run(capsys, *_tiny_tune(tmp_path, "--storage", "nosuchdriver://localhost/x"))
     assert rc == 2 and "autonorm tune: error: --storage nosuchdriver://localhost/x:" in err
     assert len(err.strip().splitlines()) == 1

@@ -162,3 +162,37 @@ def test_wheel_contains_templates_and_databases(tmp_path):
     assert "autonorm/tuning_db/__init__.py" in names
     assert "autonorm/backends/base.py" in names
     assert not any(n.startswith("backends/") or n.startswith("templates/") for n in names)
+
+
+def test_output_contract_helpers():
+    """forward_outputs / backward_outputs: row-major outputs of the contract's dtypes, zero parameter
+    gradients for zero rows (the sum over no rows), none for absent parameters."""
+    from autonorm.backends.base import backward_outputs, forward_outputs
+
+    ln = NormSpec("layernorm", "fwd", "bfloat16", "float32", 8, bias=True, residual=True)
+    x = torch.randn(8, 3).t()  # (3, 8) with strides (1, 3): not row-major
+    y, h, mean, rstd = forward_outputs(ln, x)
+    assert y.shape == h.shape == (3, 8) and y.is_contiguous() and h.is_contiguous()
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (3,)
+    rms = NormSpec("rmsnorm", "fwd", "float32", "float32", 8)
+    assert forward_outputs(rms, torch.empty(2, 8))[1] is None and forward_outputs(rms, torch.empty(2, 8))[2] is None
+
+    bwd = NormSpec("layernorm", "bwd", "bfloat16", "float32", 8, bias=True)
+    dx, dw, db = backward_outputs(bwd, torch.empty(0, 8, dtype=torch.bfloat16))
+    assert dx.shape == (0, 8) and dw.dtype == db.dtype == torch.float32
+    assert torch.equal(dw, torch.zeros(8)) and torch.equal(db, torch.zeros(8))
+    no_weight = NormSpec("rmsnorm", "bwd", "float32", "float32", 8, weight=False)
+    assert backward_outputs(no_weight, torch.empty(4, 8))[1:] == (None, None)
+
+
+def test_current_stream_wraps_each_stream_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from autonorm.backends.base import CurrentStream
+
+    handles = iter([7, 7, 9, 7])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=next(handles)))
+    wrapped = []
+    stream = CurrentStream(lambda handle: wrapped.append(handle) or f"stream-{handle}", 0)
+    assert [stream() for _ in range(4)] == ["stream-7", "stream-7", "stream-9", "stream-7"]
+    assert wrapped == [7, 9]  # one wrapper per stream handle, not per call

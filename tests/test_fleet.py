@@ -34,7 +34,7 @@ def _worker(url: str, host: str, slow_s: float) -> None:
     import socket
 
     socket.gethostname = lambda: host  # another machine, as far as the tuner can tell
-    from autonorm import measure, tuner
+    from autonorm import measure, tune
     from autonorm.backends.numba_cpu import NumbaCpuBackend
     from autonorm.backends.torch_eager import TorchBackend
     from autonorm.device import identity, software_versions
@@ -52,13 +52,13 @@ def _worker(url: str, host: str, slow_s: float) -> None:
 
     timer = Timer(warmup_s=0.005, rep_s=0.02, min_reps=5, max_reps=50, max_sets=2)
     backends = {"numba-cpu": TinyNumbaCpu(), "torch": TorchBackend()}
-    storage = tuner.make_storage(url, Path("unused"), heartbeat_s=HEARTBEAT_S)
+    storage = tune.make_storage(url, Path("unused"), heartbeat_s=HEARTBEAT_S)
     ident = identity("cpu")
     attrs = {"device": {k: ident[k] for k in ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")}
              | {"copy_gbps": 1.0}, "versions": software_versions(), "protocol": timer.describe()}
     for op, hidden in SPECS:
         spec = NormSpec(op, "fwd", "float32", "float32", hidden)
-        runner = tuner.StudyRunner(spec, ROWS, backends, timer, "cpu", storage=storage, name=f"fleet/{op}",
+        runner = tune.StudyRunner(spec, ROWS, backends, timer, "cpu", storage=storage, name=f"fleet/{op}",
                                    n_trials=100, compile_workers=1, compile_baseline=False, study_attrs=attrs)
         result = runner.run()
         print(json.dumps({"study": runner.name, "record": result.record is not None,
@@ -76,7 +76,7 @@ needs_postgres = pytest.mark.skipif(not URL, reason="AUTONORM_TEST_POSTGRES_URL 
 
 def test_postgresql_url_uses_psycopg3():
     pytest.importorskip("psycopg")
-    from autonorm.storage import _driver_url
+    from autonorm.tune.storage import _driver_url
 
     assert _driver_url("postgresql://u@localhost:5432/db") == "postgresql+psycopg://u@localhost:5432/db"
     assert _driver_url("sqlite:///x.db") == "sqlite:///x.db"
@@ -85,7 +85,7 @@ def test_postgresql_url_uses_psycopg3():
 def test_sqlite_storage_claim_lock_and_heartbeat(tmp_path):
     from filelock import FileLock, Timeout
 
-    from autonorm.storage import Heartbeats, claim_lock, heartbeat_enabled, open_storage
+    from autonorm.tune.storage import Heartbeats, claim_lock, heartbeat_enabled, open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 'fleet.db'}", tmp_path / "unused", heartbeat_s=1)
     assert heartbeat_enabled(storage) and storage.get_heartbeat_interval() == 1
@@ -173,7 +173,8 @@ def test_record_tuned_under_another_compiler_is_used_warned_once_and_marked(tmp_
     pytest.importorskip("numba")
     import io
 
-    from autonorm import dbload, db_cli
+    from autonorm import dbload
+    from autonorm.cli import db as db_cli
     from autonorm.db import TuningDB
     from autonorm.device import identity
 
@@ -227,7 +228,7 @@ def _wait(procs, timeout=240):
 def _trials(url: str) -> dict[str, list]:
     import optuna
 
-    from autonorm.storage import open_storage
+    from autonorm.tune.storage import open_storage
 
     storage = open_storage(url, Path("unused"))
     return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
@@ -258,7 +259,7 @@ def _victim_running(url: str) -> bool:
 def test_workers_starting_together_all_open_a_fresh_database(database, tmp_path):
     """Optuna's schema creation races (a bare RDBStorage lost 2 of 3 in one try here); every opener survives."""
     code = ("import sys, time; from pathlib import Path; import optuna, psycopg, sqlalchemy\n"
-            "from autonorm.storage import open_storage\n"
+            "from autonorm.tune.storage import open_storage\n"
             "Path(sys.argv[2] + '.ready' + sys.argv[3]).touch()\n"
             "while not Path(sys.argv[2] + '.go').exists(): time.sleep(0.001)\n"  # all at once, imports done
             "open_storage(sys.argv[1], Path('unused'))")
@@ -314,7 +315,7 @@ def test_fleet_on_postgresql(database, tmp_path):
     # Readable in optuna-dashboard: what the study is, the metric's name, each trial's config by value.
     import optuna
 
-    from autonorm.storage import open_storage
+    from autonorm.tune.storage import open_storage
 
     for summary in optuna.get_all_study_summaries(open_storage(database, Path("unused"))):
         assert {"device", "spec", "rows", "versions", "protocol", "record"} <= set(summary.user_attrs)

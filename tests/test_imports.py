@@ -1,4 +1,5 @@
-"""Every module of the package imports, and the imports between the package's modules form no cycle.
+"""Every module of the package imports, the imports between its modules form no cycle, and none
+reaches from a lower layer up to a higher one (docs/design.md, "Layers").
 
 The rule: a module imports only modules of the same or a lower layer, at its top and inside its
 functions alike (a lazy import keeps an optional dependency or the command line's cost off the import
@@ -14,7 +15,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"autonorm": ROOT / "autonorm", "autonorm.backends": ROOT / "backends"}
+PACKAGES = {"autonorm": ROOT / "autonorm", "autonorm.backends": ROOT / "backends",
+            **{f"autonorm.{sub}": ROOT / "autonorm" / sub for sub in ("audit", "bench", "cli", "tune")}}
+
+# Lowest first. A module (or a package, for all its modules) imports only from its own layer or below.
+LAYERS = [
+    ("vocabulary", ["autonorm.errors", "autonorm.spec", "autonorm.config", "autonorm.knobs", "autonorm.device",
+                    "autonorm.hardware", "autonorm.safe_files", "autonorm.grids"]),
+    ("codegen and truth", ["autonorm.render", "autonorm.reference", "autonorm.backends", "autonorm.verify",
+                           "autonorm.traffic"]),
+    ("timing and the database format", ["autonorm.measure", "autonorm.db"]),
+    ("hardware fit and the active databases", ["autonorm.audit", "autonorm.dbload"]),
+    ("tuning", ["autonorm.tune"]),
+    ("the dispatcher", ["autonorm.dispatch"]),
+    ("the torch face", ["autonorm.ops", "autonorm.functional", "autonorm.modules", "autonorm.patch",
+                        "autonorm.explain", "autonorm"]),
+    ("benchmarking", ["autonorm.bench"]),
+    ("the command line", ["autonorm.cli", "autonorm.__main__"]),
+]
 
 
 def _modules() -> dict[str, Path]:
@@ -89,3 +107,27 @@ def test_no_import_cycle():
 def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _layer(module: str) -> int:
+    """The layer of `module`: that of the longest LAYERS entry naming it or a package above it."""
+    best = None
+    for rank, (_, names) in enumerate(LAYERS):
+        for entry in names:
+            if (module == entry or module.startswith(entry + ".")) and (best is None or len(entry) > len(best[1])):
+                best = (rank, entry)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS (and to docs/design.md)"
+    return best[0]
+
+
+def test_no_import_from_a_lower_layer_to_a_higher_one():
+    upward = [f"{name} ({LAYERS[_layer(name)][0]}) imports {target} ({LAYERS[_layer(target)][0]})"
+              for name, path in MODULES.items() for target in sorted(_imported(name, path))
+              if _layer(target) > _layer(name)]
+    assert not upward, "\n".join(upward)
+
+
+def test_layer_rule_sees_an_upward_import():
+    assert _layer("autonorm.tune.study") > _layer("autonorm.measure")
+    assert _layer("autonorm.cli.tune") > _layer("autonorm.tune.study")
+    assert _layer("autonorm") > _layer("autonorm.dispatch")  # the package face, not every autonorm.* module

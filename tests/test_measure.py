@@ -95,7 +95,9 @@ def test_cuda_timer_draws_inputs_on_the_device_and_prepares_untimed(monkeypatch)
 def test_llc_bytes_reads_sysfs_and_falls_back_to_64_mib(monkeypatch, tmp_path):
     from autonorm import bench
 
-    assert bench.llc_bytes is measure.llc_bytes  # the bench sizes its input sets as the tuner does
+    # One timing stack: the bench's CPU timer is the tuner's, so it sizes its input sets the same way.
+    timer = bench.timer_for(torch.device("cpu"), reps=3, warmup=1)
+    assert type(timer) is measure.CpuTimer and timer.n_sets(SPEC, 64) == measure.CpuTimer().n_sets(SPEC, 64)
     assert measure.llc_bytes() > 0
 
     def no_sysfs(path, *args, **kwargs):

@@ -128,6 +128,9 @@ def test_bit_conversions_exhaustive(backend, dtype):
     fnan = torch.isnan(f)
     assert torch.equal(torch.isnan(got), fnan)
     assert torch.equal(got[~fnan].view(torch.uint16), want[~fnan].view(torch.uint16))
+    if dtype is torch.bfloat16:  # the bf16 contract: a NaN stays a quiet NaN with its sign
+        nan_bits = f[fnan].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        assert torch.equal(got[fnan].view(torch.uint16).to(torch.int64), (nan_bits >> 16) | 0x40)
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])

@@ -65,6 +65,45 @@ def test_configs_from_space(op, direction):
 
 
 @needs_backend
+@pytest.mark.skipif(not SIMULATED, reason="CPU tier: runs in the CUDA simulator")
+def test_bf16_narrowing_follows_the_contract():
+    """fp32 -> bf16 as numba-cpu does it: torch's round-to-nearest-even, Inf on overflow, and a NaN stays
+    a quiet NaN with its sign (docs/design.md, "bf16")."""
+    import numpy as np
+    from numba import cuda
+
+    from autonorm.backends.base import import_generated
+
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 8)
+    module = import_generated(BACKEND.render(spec, BACKEND.heuristic(spec)), "numba_cuda")
+    narrow = module._f32_to_bf16
+
+    # Defined with `cuda` and `narrow` as globals: the simulator swaps in its own `cuda` through globals.
+    scope = {"cuda": cuda, "narrow": narrow}
+    exec(textwrap.dedent("""
+        def kernel(f, out):
+            i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+            if i < f.size:
+                out[i] = narrow(f[i])
+    """), scope)
+    kernel = cuda.jit(scope["kernel"])
+
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(1 << 31), (1 << 31) - 1, (448,), generator=gen, dtype=torch.int64).to(torch.int32)
+    specials = torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.01171875, -2.5, 3.4e38, -3.4e38, float("inf"),
+                             float("-inf"), float("nan"), -float("nan")])
+    f = torch.cat([bits.view(torch.float32), specials, -specials])
+    out = np.zeros(f.numel(), np.uint16)
+    kernel[(f.numel() + 63) // 64, 64](f.numpy(), out)
+    got = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    nan = torch.isnan(f)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), f[~nan].to(torch.bfloat16).view(torch.int16))
+    nan_bits = f[nan].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(got[nan].view(torch.int16).to(torch.int64) & 0xFFFF, (nan_bits >> 16) | 0x40)
+
+
+@needs_backend
 def test_backward_is_deterministic():
     spec = NormSpec("layernorm", "bwd", "float32", "float32", 96, bias=True)
     kernel = BACKEND.compile(spec, nc.NumbaCudaConfig(threads=32, items=4, rows=2), DEVICE)

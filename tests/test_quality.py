@@ -3,7 +3,9 @@ import logging
 
 import pytest
 
-from autonorm import cli, quality, tuner
+from autonorm import cli, measure, tune
+from autonorm.cli import tune as tune_cli
+from autonorm.tune import quality
 from autonorm.backends.torch_eager import TorchBackend
 from autonorm.db import TuningDB
 from autonorm.measure import Timing
@@ -26,8 +28,8 @@ def test_judge_flags_spread_and_disagreement():
 
 
 def _study(tmp_path, timer, **kw):
-    storage = tuner.make_storage(None, tmp_path / "study.journal")
-    return tuner.StudyRunner(SPEC, 16, {"torch": TorchBackend()}, timer, "cpu", storage=storage, name="q",
+    storage = tune.make_storage(None, tmp_path / "study.journal")
+    return tune.StudyRunner(SPEC, 16, {"torch": TorchBackend()}, timer, "cpu", storage=storage, name="q",
                              n_trials=2, time_budget=60, compile_baseline=False, copy_gbps=10.0, **kw).run()
 
 
@@ -36,7 +38,7 @@ def test_steady_study_is_recorded_with_its_spread(tmp_path):
     result = _study(tmp_path, timer)
     assert timer.interleaved_calls == 1
     assert result.record.quality == {"confidence": "high", "spread": 1.105, "attempts": 1}
-    assert "1.11" in tuner.format_table([result]) and "(low)" not in tuner.format_table([result])
+    assert "1.11" in tune_cli.format_table([result]) and "(low)" not in tune_cli.format_table([result])
 
 
 def test_noise_that_passes_is_remeasured_then_recorded(tmp_path):
@@ -56,7 +58,7 @@ def test_persistent_noise_is_flagged_low_confidence_with_the_load(tmp_path, capl
     q = result.record.quality
     assert q["confidence"] == "low" and any(problem in p for p in q["problems"]) and "load average" in q["load"]
     assert "low-confidence" in caplog.text and "load average" in caplog.text
-    assert "(low)" in tuner.format_table([result])
+    assert "(low)" in tune_cli.format_table([result])
     db = TuningDB({"name": "x", "slug": "x", "kind": "cpu", "compute_capability": None, "sm_count": 2,
                    "l2_bytes": 0, "copy_gbps": 1.0}, {"autonorm": "0", "torch": "0"}, {},
                   {result.record.key: result.record})
@@ -69,12 +71,12 @@ def test_strict_refuses_to_record_persistent_noise(tmp_path, caplog):
         result = _study(tmp_path, ScriptedTimer(retimes=[WIDE]), strict=True)
     assert result.record is None and "spread p80/p20 10.00" in result.refused
     assert "not recorded (--strict)" in caplog.text
-    assert "(refused: noisy measurements)" in tuner.format_table([result])
+    assert "(refused: noisy measurements)" in tune_cli.format_table([result])
 
 
 def test_tune_strict_exits_1_and_writes_nothing_noisy(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tuner.measure, "timer_for", lambda device: ScriptedTimer(retimes=[WIDE]))
-    monkeypatch.setattr(tuner.measure, "copy_bandwidth", lambda device: 10.0)
+    monkeypatch.setattr(measure, "timer_for", lambda device: ScriptedTimer(retimes=[WIDE]))
+    monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 10.0)
     argv = ["tune", "--ops", "rmsnorm", "--directions", "fwd", "--dtypes", "fp32", "--hidden", "64", "--rows", "8",
             "--trials", "2", "--backends", "torch", "--no-compile-baseline", "--out", str(tmp_path)]
     assert cli.main([*argv, "--strict"]) == 1

@@ -76,7 +76,7 @@ def test_unusable_cache_dir_falls_back_with_one_warning(fresh_cache):
 def _journal_with_trials(path, n=3):
     import optuna
 
-    from autonorm.tuner import make_storage
+    from autonorm.tune import make_storage
 
     study = optuna.create_study(storage=make_storage(str(path), path), study_name="s")
     for i in range(n):
@@ -86,7 +86,7 @@ def _journal_with_trials(path, n=3):
 def test_storage_refuses_a_database_or_any_non_journal_file(tmp_path):
     pytest.importorskip("optuna")
     from autonorm.errors import AutonormError
-    from autonorm.tuner import make_storage
+    from autonorm.tune import make_storage
 
     db = tmp_path / "cpu.json"
     db.write_text(json.dumps({"schema_version": 1, "records": []}))
@@ -106,7 +106,7 @@ def test_storage_refuses_a_database_or_any_non_journal_file(tmp_path):
 
 def test_journal_cut_by_a_full_disk_is_repaired(tmp_path):
     optuna = pytest.importorskip("optuna")
-    from autonorm.tuner import make_storage
+    from autonorm.tune import make_storage
 
     journal = tmp_path / "study.journal"
     _journal_with_trials(journal, 3)
@@ -123,7 +123,7 @@ def test_journal_cut_by_a_full_disk_is_repaired(tmp_path):
 def test_journal_broken_in_the_middle_is_named(tmp_path):
     pytest.importorskip("optuna")
     from autonorm.errors import AutonormError
-    from autonorm.tuner import make_storage
+    from autonorm.tune import make_storage
 
     journal = tmp_path / "study.journal"
     _journal_with_trials(journal, 2)
@@ -141,7 +141,7 @@ def test_two_workers_claiming_at_once_never_time_one_config(tmp_path):
     pytest.importorskip("optuna")
     import test_tuner as tt
 
-    from autonorm.tuner import StudyRunner, make_storage
+    from autonorm.tune import StudyRunner, make_storage
 
     class SlowClaim(StudyRunner):
         def _ask(self, *args, **kw):

@@ -1,4 +1,4 @@
-"""autonorm/report.py on synthetic bench rows: the tables hold the right numbers, plots are PNGs,
+"""autonorm/bench/report.py on synthetic bench rows: the tables hold the right numbers, plots are PNGs,
 missing providers are shown as missing (no GPU needed; no timing)."""
 import json
 import re
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from autonorm import cli, report
+from autonorm import cli
+from autonorm.bench import report
 from autonorm.spec import NormSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

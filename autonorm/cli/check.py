@@ -10,12 +10,11 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
 
 
 def add_arguments(parser) -> None:
-    from .cli import add_device, add_list, positive_int
-    from .spec import DTYPES
+    from .args import add_device, add_list, positive_int
+    from ..spec import DTYPES
 
     add_list(parser, "--backends", help="backend names (default: every available one)")
     add_list(parser, "--hidden", kind=positive_int, default=[7, 760, 4096], help="hidden sizes N")
@@ -24,36 +23,13 @@ def add_arguments(parser) -> None:
     add_device(parser)
 
 
-def backend_names(requested: list[str] | None, device: torch.device) -> list[str]:
-    from .backends import BACKENDS, available
-    from .cli import UsageError
-
-    if requested:
-        unknown = [n for n in requested if n not in BACKENDS]
-        if unknown:
-            raise UsageError(f"--backends: unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)}")
-        return requested
-    return available(device)
-
-
-def dtype_names(values: list[str]) -> list[str]:
-    """Canonical dtype names for a `--dtypes` list; a UsageError names a dtype the kernels do not take."""
-    from .cli import UsageError
-    from .spec import dtype_name
-
-    try:
-        return [dtype_name(v) for v in values]
-    except ValueError as exc:
-        raise UsageError(f"--dtypes: {exc} (other dtypes run on torch's own implementation)") from None
-
-
 def main(args) -> int:
-    from . import verify
-    from .backends import get_backend
-    from .backends.base import poison_outputs
-    from .errors import AutonormError
-    from .cli import UsageError, device_arg
-    from .spec import MAX_HIDDEN, NormSpec
+    from .. import verify
+    from ..backends import get_backend
+    from ..backends.base import poison_outputs
+    from ..errors import AutonormError
+    from .args import UsageError, backend_names, device_arg, dtype_names
+    from ..spec import MAX_HIDDEN, NormSpec
 
     device = device_arg(args.device)
     hidden, dtypes = args.hidden, dtype_names(args.dtypes)

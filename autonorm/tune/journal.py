@@ -12,7 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .errors import AutonormError
+from ..errors import AutonormError
 
 # Optuna writes every log with `op_code` as its first key, with compact separators.
 _OP_PREFIX = b'{"op_code":'

@@ -1,16 +1,10 @@
-"""The `autonorm` command. Each subcommand lives in its own module, listed here as data.
-
-A subcommand module defines `add_arguments(parser)` and `main(args) -> int`
-(its one-line help is in `COMMANDS`); it is imported only when that subcommand runs, so
-`autonorm check` never pays for Optuna's import.
-
-One convention for every subcommand, kept here:
+"""What every subcommand shares: the usage error, the parser class and the typed options.
 
 - a list option takes commas, spaces or both (`--ops rmsnorm,layernorm` or
   `--ops rmsnorm layernorm`), parsed by `list_of`;
 - a usage error (a bad value, an unknown name, a device this build cannot use)
-  prints `autonorm <cmd>: error: ...` and exits 2, never a traceback: raise
-  `UsageError`; a missing optional package names the extra that installs it;
+  is raised as `UsageError`, which `autonorm.cli.main` prints as
+  `autonorm <cmd>: error: ...` with exit status 2;
 - no option matches by prefix (`--dtype` is not `--dtypes`), and `--help`
   shows every default;
 - `--device` defaults to CUDA when torch sees a GPU (`device_arg`).
@@ -18,22 +12,6 @@ One convention for every subcommand, kept here:
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
-
-COMMANDS = {
-    "check": ("autonorm.check", "run every available backend against the reference"),
-    "tune": ("autonorm.tuner", "tune kernels on this machine and write a tuning database"),
-    "bench": ("autonorm.bench", "benchmark autonorm against torch eager, torch.compile and others"),
-    "db": ("autonorm.db_cli", "show, validate, merge, diff or locate tuning databases"),
-    "render": ("autonorm.render_cli", "print the generated source of a kernel"),
-    "audit": ("autonorm.audit", "cross-compile kernels for sm_80/sm_90 (no GPU): registers, spills, occupancy"),
-}
-
-# Optional packages and the extra of pyproject.toml that installs each.
-# The extra that installs each optional package (pyproject.toml); CuPy and numba-cuda: cuda12 on a CUDA 12 driver.
-EXTRAS = {"optuna": "tune", "tqdm": "tune", "numba": "cpu", "triton": "triton", "cupy": "cuda13",
-          "numba_cuda": "cuda13", "psycopg": "postgres", "matplotlib": "report"}
 
 
 class UsageError(Exception):
@@ -139,69 +117,23 @@ def device_arg(text: str | None):
     return device
 
 
-def _parser(argv) -> tuple[argparse.ArgumentParser, object | None, argparse.ArgumentParser | None]:
-    parser = Parser(prog="autonorm", description="Autotuned RMSNorm and LayerNorm kernels.")
-    parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = argv[0] if argv else None
-    module = chosen_parser = None
-    for name, (module_name, help_text) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:
-            module, chosen_parser = importlib.import_module(module_name), sp
-            module.add_arguments(sp)
-    return parser, module, chosen_parser
+def backend_names(requested: list[str] | None, device) -> list[str]:
+    """The backends a `--backends` list names (checked), else every one available on `device`."""
+    from ..backends import BACKENDS, available
+
+    if requested:
+        unknown = [n for n in requested if n not in BACKENDS]
+        if unknown:
+            raise UsageError(f"--backends: unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)}")
+        return requested
+    return available(device)
 
 
-def _version() -> str:
-    from . import __version__
-    return f"autonorm {__version__}"
+def dtype_names(values: list[str]) -> list[str]:
+    """Canonical dtype names for a `--dtypes` list; a UsageError names a dtype the kernels do not take."""
+    from ..spec import dtype_name
 
-
-def missing_extra_message(exc: ModuleNotFoundError) -> str:
-    top = (exc.name or "").split(".")[0]
-    extra = EXTRAS.get(top)
-    hint = f'; install it with: pip install "autonorm[{extra}]"' if extra else ""
-    return f"the optional package {top!r} is not installed{hint}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser, module, sub = _parser(argv)
-    except ModuleNotFoundError as exc:
-        print(f"autonorm {argv[0]}: error: {missing_extra_message(exc)}", file=sys.stderr)
-        return 2
-    try:
-        args, unknown = parser.parse_known_args(argv)
-        if unknown:  # reported by the subcommand's parser, so the message starts `autonorm <cmd>: error:`
-            (sub or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    except SystemExit as exc:  # argparse printed usage and `autonorm <cmd>: error: ...` (or --help)
-        return exc.code if isinstance(exc.code, int) else 2
-    if module is None:
-        parser.print_help()
-        return 2
-    from .errors import AutonormError
-
-    prog = sub.prog
-    try:
-        return int(module.main(args) or 0)
-    except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as exc:
-        print(f"{prog}: error: {missing_extra_message(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return 130
-    except AutonormError as exc:  # bad data (a corrupt database, a kernel that fails): exit 1, no traceback
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    # `python -m autonorm.cli`: run the imported module's main, so that subcommands raise the same UsageError.
-    from autonorm.cli import main as _main
-
-    sys.exit(_main())
+        return [dtype_name(v) for v in values]
+    except ValueError as exc:
+        raise UsageError(f"--dtypes: {exc} (other dtypes run on torch's own implementation)") from None

@@ -10,9 +10,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .db import MERGE_RULE, TuningDB
-from .device import stale_compiler
-from .errors import AutonormError, DatabaseError
+from ..db import MERGE_RULE, TuningDB
+from ..device import stale_compiler
+from ..errors import AutonormError, DatabaseError
 
 
 def add_arguments(p) -> None:
@@ -94,7 +94,7 @@ def diff(old: TuningDB, new: TuningDB, out=None) -> int:
 
 def _database_files(paths: list[str]) -> list[Path]:
     """Files named, and every `*.json` in folders named (a folder's non-database JSON is skipped)."""
-    from .dbload import _not_a_database
+    from ..dbload import _not_a_database
 
     files = []
     for raw in paths:
@@ -115,7 +115,7 @@ def stale_records(db: TuningDB) -> tuple[Counter, int]:
 
     Stale: the record's backend runs here but its kernels changed since tuning (template hash).
     Records of backends unavailable here (a GPU database on a CPU machine) are counted, not stale."""
-    from .dbload import _usable
+    from ..dbload import _usable
 
     checks: dict = {}
     why = Counter(problem for problem in (_usable(r, checks) for r in db.records.values()) if problem)
@@ -144,8 +144,8 @@ def validate(paths: list[str], strict: bool) -> int:
 
 
 def where(out=None) -> None:
-    from . import dbload, knobs
-    from .device import identity
+    from .. import dbload, knobs
+    from ..device import identity
 
     out = out or sys.stdout
     print(f"this machine: {identity('cpu')['slug']} (cpu)" + "".join(
@@ -188,7 +188,7 @@ def main(args) -> int:
             merged.save(args.out)
             print(f"wrote {args.out} ({len(merged.records)} records)")
         elif args.db_command == "export":
-            from .storage import export_databases
+            from ..tune.storage import export_databases
 
             for slug, count in export_databases(args.storage, Path(args.out)).items():
                 print(f"wrote {Path(args.out) / (slug + '.json')} ({count} records)")

@@ -24,13 +24,16 @@ import hashlib
 import importlib.util
 import inspect
 import logging
+import os
 import random
+import socket
 import threading
 import time
 import warnings
 from pathlib import Path
 
-from .errors import AutonormError
+from ..errors import AutonormError
+from .journal import prepare_journal
 
 log = logging.getLogger("autonorm.tune")
 
@@ -94,6 +97,21 @@ def open_storage(storage: str | None, journal_path: Path, *, heartbeat_s: int = 
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def make_storage(storage: str | None, journal_path: Path, *, heartbeat_s: int = HEARTBEAT_S):
+    """`open_storage`, with a journal file checked first: never a tuning database or another file, and a
+    last line cut by a full disk is dropped (`journal.prepare_journal`)."""
+    if not is_url(storage):
+        path = Path(storage) if storage else journal_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_journal(path)
+    return open_storage(storage, journal_path, heartbeat_s=heartbeat_s)
+
+
+def worker_id() -> str:
+    """This worker's name in a study's trials: host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _rdb(storage):
     """The RDBStorage under `storage` (Optuna may wrap it in a cache), or None."""
     from optuna.storages import RDBStorage
@@ -112,7 +130,7 @@ def claim_lock(storage, study_name: str, journal_lock: Path | None = None):
     """One worker at a time claims candidates of `study_name` (the critical section of the tuner)."""
     from sqlalchemy import text
 
-    from .db import file_lock
+    from ..db import file_lock
 
     rdb = _rdb(storage)
     if rdb is None:  # a journal file: a lock file beside it (None: one process, nothing to lock)
@@ -234,7 +252,7 @@ def export_databases(storage_url: str, out: Path) -> dict[str, int]:
     """Write `out/<device-slug>.json` from every finalized study in the storage; returns records per file."""
     import optuna
 
-    from .db import Record, TuningDB
+    from ..db import Record, TuningDB
 
     storage = open_storage(storage_url, Path("unused"))
     dbs: dict[str, TuningDB] = {}

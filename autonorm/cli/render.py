@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
 
 def parse_config(config_cls, base: dict, text: str | None):
     """`base` updated with `key=value,...` from `text`, each value typed against its knob's domain."""
-    from .errors import InvalidConfigError
+    from ..errors import InvalidConfigError
 
     domain = config_cls.domain()
     values = dict(base)
@@ -55,7 +55,7 @@ def parse_config(config_cls, base: dict, text: str | None):
 
 def _domain_value(key: str, raw: str, allowed: tuple, backend: str):
     """The domain literal that `raw` spells; anything else (code included) is refused."""
-    from .errors import InvalidConfigError
+    from ..errors import InvalidConfigError
 
     for value in allowed:
         if isinstance(value, bool):
@@ -67,10 +67,10 @@ def _domain_value(key: str, raw: str, allowed: tuple, backend: str):
 
 
 def main(args) -> int:
-    from .backends import get_backend
-    from .cli import UsageError
-    from .errors import AutonormError, BackendUnavailableError
-    from .spec import NormSpec, dtype_name
+    from ..backends import get_backend
+    from .args import UsageError
+    from ..errors import AutonormError, BackendUnavailableError
+    from ..spec import NormSpec, dtype_name
 
     try:
         x_dtype = dtype_name(args.dtype)

@@ -1,0 +1,117 @@
+"""Auditing a list of jobs: profiles from the cache (by source hash and toolchain) or compiled in
+batches, `workers` at a time; and the tuner's hook that prunes a search space by them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..hardware import ARCHS, device_arch
+from ..spec import NormSpec
+from .compilers import cupy_profiles, numba_profiles, triton_profiles
+from .jobs import Job
+from .profile import Profile
+from .tools import BACKENDS, AuditToolError, check_backends, toolchain
+
+WORKERS = 2
+
+
+def _cache_dir() -> Path:
+    from ..knobs import cache_dir
+
+    path = cache_dir() / "audit"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load_cached(key: str) -> Profile | None:
+    try:
+        data = json.loads((_cache_dir() / f"{key}.json").read_text())
+        return Profile(**{f.name: data[f.name] for f in dataclasses.fields(Profile)})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store(key: str, p: Profile) -> None:
+    folder = _cache_dir()
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(dataclasses.asdict(p), f)
+    os.replace(tmp, folder / f"{key}.json")  # atomic: a concurrent reader never sees half a file
+
+
+def _batches(jobs: list[Job], size: int, workers: int) -> list[list[Job]]:
+    """Jobs of one (backend, arch) per batch (one nvcc call / numba worker each), split so every worker has one."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.backend, job.arch), []).append(job)
+    out = []
+    for group in groups.values():
+        per = max(1, min(size, -(-len(group) // workers)))
+        out += [group[i:i + per] for i in range(0, len(group), per)]
+    return out
+
+
+def cached(jobs: list[Job]) -> list[tuple[Job, Profile]]:
+    """The jobs whose profile the cache already holds, with it (nothing is compiled)."""
+    versions = toolchain(sorted({j.backend for j in jobs})) if jobs else {}
+    found = [(j, _load_cached(j.cache_key(versions))) for j in jobs]
+    return [(j, p) for j, p in found if p is not None]
+
+
+def audit(jobs: list[Job], progress=None, workers: int = WORKERS) -> list[Profile]:
+    """Profiles of `jobs` (same order), from the cache or compiled `workers` at a time."""
+    versions = toolchain(sorted({j.backend for j in jobs})) if jobs else {}
+    keys = [j.cache_key(versions) for j in jobs]
+    results: dict[int, Profile] = {}
+    todo = []
+    for i, (job, key) in enumerate(zip(jobs, keys)):
+        cached = _load_cached(key)
+        if cached is not None:
+            results[i] = cached
+        else:
+            todo.append(job)
+    index = {id(j): i for i, j in enumerate(jobs)}
+    with tempfile.TemporaryDirectory(prefix="autonorm-audit-") as workdir:
+        def run(batch: list[Job]) -> list[tuple[Job, Profile]]:
+            compile_batch = {"cupy": cupy_profiles, "numba": numba_profiles, "triton": triton_profiles}
+            return list(zip(batch, compile_batch[batch[0].backend](batch, workdir)))
+
+        batches = _batches(todo, 16, workers)  # small batches: results are cached as each finishes
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for done in pool.map(run, batches):
+                for job, p in done:
+                    i = index[id(job)]
+                    results[i] = p
+                    _store(keys[i], p)
+                    if progress:
+                        progress(p)
+    return [results[i] for i in range(len(jobs))]
+
+
+def prune_space(spec: NormSpec, configs: dict, device, workers: int | None = None) -> dict:
+    """The tuner's hook: `configs` ({backend: [config]}) without the configs that spill or cannot
+    launch on `device` (a CUDA device), judged by compiling them for its architecture.
+
+    Backends without a GPU compiler here (torch, numba-cpu) keep their configs. A missing
+    toolchain piece prunes nothing and says so once: the tuner then times every candidate.
+    """
+    import logging
+
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    arch = device_arch(props)
+    ARCHS.setdefault(arch.name, arch)
+    auditable = [name for name in configs if name in BACKENDS]
+    try:
+        check_backends(auditable)
+    except AuditToolError as exc:
+        logging.getLogger("autonorm.audit").warning("search space not pruned: %s", exc)
+        return configs
+    jobs = [Job(name, spec, c, arch.name) for name in auditable for c in configs[name]]
+    fits = {(j.backend, j.config): p.fits() for j, p in zip(jobs, audit(jobs, workers=workers or os.cpu_count()))}
+    return {name: [c for c in cs if fits.get((name, c), True)] for name, cs in configs.items()}

@@ -1,0 +1,131 @@
+"""The end of a study: its best candidates re-timed, interleaved with the torch baselines, into a record.
+
+The search ranks candidates by their own timings; before a winner is declared the
+best few (and the torch candidate, so that a winner is never slower than torch)
+are re-timed together, interleaved with torch eager and torch.compile, so that
+drift hits all alike. `quality.gate` checks that re-timing (spread, agreement with
+the search) and re-times a noisy study. One worker per study finalizes it; the
+others take its record from the study.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import measure
+from ..db import Entry, Record, RecordKey, now_iso
+from ..spec import NormSpec, rows_bucket
+from . import quality
+from . import storage as fleet
+from .space import Candidate
+
+log = logging.getLogger("autonorm.tune")
+
+
+@dataclass
+class StudyResult:
+    spec: NormSpec
+    rows: int
+    record: Record | None
+    trials: int
+    measured: int
+    failed: dict = field(default_factory=dict)  # candidate key -> reason
+    space_size: int = 0
+    refused: str | None = None  # why a measured winner was not recorded (noisy, with strict=True)
+    finalized_by: str | None = None  # another worker finalizes the study (its record: `autonorm db export`)
+
+
+
+def _entry(run, cand: Candidate, timing: measure.Timing) -> Entry:
+    gbps = measure.gbps(run.spec, run.rows, timing.median_us)
+    pct = 100 * gbps / run.copy_gbps if run.copy_gbps else None
+    return Entry(cand.backend, cand.config, timing.median_us, timing.p20_us, timing.p80_us, gbps, pct)
+
+def _baselines(run, need_eager: bool = True) -> dict:
+    """Torch eager and torch.compile kernels (verified), timed with the finalists."""
+    from ..backends.torch_eager import TorchBackend, compile_target
+
+    eager = TorchBackend().build(None, run.spec, None, run.device)
+    kernels = {"torch_eager": eager} if need_eager else {}
+    if run.compile_baseline:
+        try:
+            # One graph per study: past Dynamo's recompile limit (8 per code object) a grid's later
+            # studies would silently time eager.
+            torch._dynamo.reset()
+            compiled = torch.compile(compile_target(run.spec), dynamic=False)
+            reason = measure.verify(run.spec, compiled, run.rows, run.device, full=False)
+            if reason is None:
+                compiled(*measure.make_inputs(run.spec, run.rows, run.device).args(run.spec))
+                kernels["torch_compile"] = compiled
+            else:
+                log.warning("torch.compile baseline for %s is wrong (%s); not recorded", run.spec.short(), reason)
+        except Exception as exc:
+            log.warning("torch.compile baseline for %s failed: %s", run.spec.short(), exc)
+    return kernels
+
+def finish(run, study) -> StudyResult:
+    """The study's result: the record of its best candidates, re-timed (by one worker per study)."""
+    measured, failed, _ = run._state(study)
+    trials = len(measured) + len(failed)  # distinct candidates evaluated (duplicates cost nothing)
+    result = StudyResult(run.spec, run.rows, None, trials, len(measured), failed, len(run.space))
+    by_key = {c.key: c for c in run.space.candidates()}
+    ranked = sorted((timing["median_us"], key) for key, timing in measured.items() if key in by_key)
+    if not ranked:
+        return result
+    # One finalizer per study: the first worker to get here after the search; the others take its record
+    # from the study (or, while it is still re-timing, leave it to `autonorm db export`).
+    with run._claim():
+        role = fleet.finalizer_role(study, fleet.worker_id(), trials)
+    if role == "stored":
+        result.record = Record.from_json(study.user_attrs["record"], f"study {run.name}")
+        return result
+    if role != "mine":
+        result.finalized_by = role
+        return result
+    _final_record(run, result, measured, failed, ranked, by_key, trials)
+    if result.record is not None:
+        study.set_user_attr("record", result.record.to_json())
+        study.set_user_attr("record_trials", trials)
+    return result
+
+def _final_record(run, result: StudyResult, measured, failed, ranked, by_key, trials) -> None:
+    """The finalists re-timed interleaved with the torch baselines: sets the study's database record
+    (or, with `strict`, why noisy measurements were refused)."""
+    finalists = [by_key[k] for _, k in ranked[:run.finalists]]
+    torch_key = Candidate("torch", run.space.configs["torch"][0]).key if "torch" in run.space.configs else None
+    if torch_key in measured and not any(c.backend == "torch" for c in finalists):
+        finalists.append(by_key[torch_key])  # so that the winner is never slower than torch
+    torch_finalist = next((i for i, c in enumerate(finalists) if c.backend == "torch"), None)
+    baselines = _baselines(run, need_eager=torch_finalist is None)
+    kernels = [run.backends[c.backend].compile(run.spec, c.config, run.device) for c in finalists]
+    outcome = quality.gate(lambda: run.timer.interleaved(run.spec, kernels + list(baselines.values()), run.rows),
+                           [c.short() for c in finalists] + list(baselines),
+                           [measured[c.key] for c in finalists] + [None] * len(baselines))
+    if not outcome.verdict.ok:
+        why = (f"{run.spec.short()} rows={run.rows}: measurements stay noisy after {outcome.attempts} timings "
+               f"({outcome.verdict.summary()}); {quality.load_average()}")
+        if run.strict:
+            log.warning("%s; not recorded (--strict)", why)
+            result.refused = why
+            return
+        log.warning("%s; recorded as low-confidence: re-tune on a quieter machine, or use --strict", why)
+    timings = outcome.timings
+    base_t = dict(zip(baselines, timings[len(kernels):]))
+    if torch_finalist is not None:  # the torch candidate is the eager baseline: never time it twice
+        base_t["torch_eager"] = timings[torch_finalist]
+    entries = sorted((_entry(run, c, t) for c, t in zip(finalists, timings)), key=lambda e: e.median_us)
+    seen = {json.dumps([e.backend, e.config.to_dict()], sort_keys=True) for e in entries}
+    for median, key in ranked[run.finalists:run.finalists + 3]:  # a few more runners-up, not re-timed
+        if key not in seen:
+            t = measured[key]
+            entries.append(_entry(run, by_key[key], measure.Timing(t["median_us"], t["p20_us"], t["p80_us"], 0)))
+    winner = entries[0]
+    result.record = Record(
+        key=RecordKey.of(run.spec, rows_bucket(run.rows)), winner=winner, runners_up=entries[1:],
+        baselines={"torch_eager": base_t["torch_eager"].to_json(),
+                   "torch_compile": base_t["torch_compile"].to_json() if "torch_compile" in base_t else None},
+        template_hash=run.backends[winner.backend].template_hash(), trials=trials,
+        failed=len(failed), date=now_iso(), quality=outcome.to_json())

@@ -1,0 +1,140 @@
+"""Tuning several specs in a row: presets, the candidate backends of a device, the database they fill.
+
+`tune_grid` is `autonorm tune` without its command line: one `StudyRunner` per
+(spec, row count), each seeded with every backend's heuristic and the database's
+earlier winner for the same key, and the database saved after every study so that
+a killed run keeps what it finished (the studies themselves resume from their
+storage). `tune_one` is the same for one spec, for the dispatcher's tune-on-miss.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import measure
+from ..db import Record, RecordKey, TuningDB
+from ..device import identity, software_versions
+from ..errors import BackendUnavailableError, UnknownBackendError
+from ..spec import NormSpec, rows_bucket
+from . import quality
+from . import storage as fleet
+from .finalize import StudyResult
+from .space import Candidate
+from .study import StudyRunner, study_name
+
+# --quick: five studies that finish in a few minutes on a 2-core CPU (numba-cpu + torch): the forward of
+# each op and hidden size, and the backward of the first op at the first hidden size ("quick_backward").
+QUICK = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd"], "dtypes": ["float32"], "hidden": [1024, 4096],
+         "rows": [1024], "trials": 12, "time_budget": 45.0, "quick_backward": True}
+DEFAULTS = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtypes": ["float32", "float16", "bfloat16"],
+            "hidden": [768, 1024, 2048, 4096, 5120, 8192], "rows": [1, 64, 1024, 4096, 16384], "trials": 60,
+            "time_budget": 300.0}
+# Features tuned unless told otherwise: what torch.nn.RMSNorm and torch.nn.LayerNorm use by default.
+DEFAULT_FEATURES = {"rmsnorm": "weight", "layernorm": "weight+bias"}
+DEVICE_FIELDS = ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")
+
+
+def _print_note(text: str) -> None:
+    print(f"autonorm tune: {text}", file=sys.stderr)
+
+
+def native_backends(device: torch.device, requested: list[str] | None = None, note=_print_note) -> dict:
+    """Candidate backends that run natively on `device` (interpreter and simulator timings are never
+    recorded); each requested one left out is explained through `note`. An unknown name raises
+    UnknownBackendError."""
+    from ..backends import BACKENDS, DEFAULT_ORDER, get_backend
+
+    native = DEFAULT_ORDER.get(device.type, ("torch",))
+    unknown = [n for n in requested or () if n not in BACKENDS]
+    if unknown:
+        raise UnknownBackendError(f"unknown backend {unknown[0]!r}; known: {', '.join(BACKENDS)}")
+    chosen = {}
+    for name in requested or list(native):
+        if name not in native:
+            note(f"skipping {name}: it does not run natively on {device.type} (simulated timings are never recorded)")
+            continue
+        try:
+            backend = get_backend(name)
+        except BackendUnavailableError as exc:
+            note(f"skipping {name}: {exc}")
+            continue
+        reason = backend.unavailable_reason()
+        if reason is not None:
+            note(f"skipping {name}: {reason}")
+            continue
+        chosen[name] = backend
+    return chosen
+
+
+def protocol(timer) -> dict:
+    """How a database's timings were taken, recorded in it and in every study."""
+    return {**timer.describe(), "verify": "reference check before timing", "finalists": 3,
+            "finalists_retimed": "interleaved, with the torch baselines",
+            "quality": f"re-timed up to {quality.RETRIES} more times while p80/p20 > {quality.SPREAD_LIMIT} or "
+                       f"re-timing and search differ by > {quality.AGREEMENT_LIMIT}x"}
+
+
+def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, device: torch.device, *,
+              db_path: Path, storage, lock_path: Path | None, n_trials: int, time_budget: float,
+              results: list[StudyResult], patience: int | None = None, compile_workers: int = 2,
+              compile_baseline: bool = True, strict: bool = False, copy_gbps: float | None = None,
+              timer=None, progress=None) -> TuningDB:
+    """Tune every (spec, rows) into the database at `db_path`, saved after every study.
+
+    `results` receives each study's result as it ends, so a caller interrupted by
+    Ctrl-C still holds the finished ones. `progress(total, desc)` makes a progress
+    bar per study (tqdm-like), or None for none.
+    """
+    ident = identity(device)
+    timer = timer if timer is not None else measure.timer_for(device)
+    copy_gbps = copy_gbps if copy_gbps is not None else measure.copy_bandwidth(device)
+    device_info = {k: ident[k] for k in DEVICE_FIELDS}
+    device_info["copy_gbps"] = round(copy_gbps, 2)
+    earlier = TuningDB.load(db_path) if db_path.exists() else None
+    db = TuningDB(device_info, software_versions(), protocol(timer))
+    study_attrs = {"device": device_info, "versions": db.versions, "protocol": db.protocol}
+    for spec in specs:
+        for rows in row_counts:
+            seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
+            prior = earlier.records.get(RecordKey.of(spec, rows_bucket(rows))) if earlier else None
+            if prior is not None and prior.winner.backend in backends:
+                seeds.insert(0, Candidate(prior.winner.backend, prior.winner.config))
+            bar = progress(n_trials, f"{spec.short()} rows={rows}") if progress else None
+            runner = StudyRunner(spec, rows, backends, timer, device, storage=storage,
+                                 name=study_name(ident["slug"], spec, rows, backends), n_trials=n_trials,
+                                 time_budget=time_budget, patience=patience, seeds=seeds,
+                                 compile_workers=compile_workers, compile_baseline=compile_baseline,
+                                 copy_gbps=copy_gbps, lock_path=lock_path, progress=bar, strict=strict,
+                                 study_attrs=study_attrs)
+            result = runner.run()
+            if bar is not None:
+                bar.close()
+            results.append(result)
+            if result.record is not None:
+                db.upsert(result.record)
+                db.save(db_path)  # after every study: a killed run keeps what it finished
+    return db
+
+
+def tune_one(spec: NormSpec, rows: int, device: torch.device, db_path: Path) -> Record | None:
+    """A `--quick`-sized study of one spec, its record merged into the database at `db_path` (the
+    dispatcher's tune-on-miss). None when nothing native runs here or every candidate failed."""
+    backends = native_backends(device, None, note=lambda text: None)
+    if not backends:
+        return None
+    ident = identity(device)
+    timer = measure.timer_for(device)
+    runner = StudyRunner(
+        spec, rows, backends, timer, device,
+        storage=fleet.make_storage(None, db_path.with_suffix(".optuna.journal")),
+        name=study_name(ident["slug"], spec, rows, backends),
+        n_trials=QUICK["trials"], time_budget=QUICK["time_budget"],
+        seeds=[Candidate(n, b.heuristic(spec)) for n, b in backends.items()], compile_baseline=False)
+    record = runner.run().record
+    if record is None:
+        return None
+    device_info = {**{k: ident[k] for k in DEVICE_FIELDS}, "copy_gbps": None}
+    TuningDB(device_info, software_versions(), timer.describe(), {record.key: record}).save(db_path)  # merges
+    return record

@@ -1,0 +1,95 @@
+"""The search space of one spec: every valid config of the candidate backends, as Optuna parameters.
+
+`backend` is a categorical; each knob of a backend that takes more than one value
+in the valid space is an ordinal parameter named `<backend>.<knob>` over exactly
+those values. A sampled combination that is not in the valid space (knobs are
+sampled independently) is snapped to the nearest valid config. On a GPU, configs
+that spill or cannot launch there are pruned before anything is timed
+(`autonorm.audit.prune_space`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config
+from ..spec import NormSpec
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: str
+    config: Config
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.backend, self.config.to_dict()], sort_keys=True)
+
+    def short(self) -> str:
+        return f"{self.backend}[{self.config.short()}]"
+
+
+class SearchSpace:
+    """The valid configs of every candidate backend for one spec, and their Optuna parameters."""
+
+    def __init__(self, spec: NormSpec, backends: dict, device=None):
+        self.spec = spec
+        self.backends = backends
+        self.configs = {name: list(b.space(spec)) for name, b in backends.items()}
+        if device is not None and torch.device(device).type == "cuda":
+            # Candidates that spill or cannot launch on this GPU are dropped before any timing.
+            from ..audit import prune_space
+            self.configs = prune_space(spec, self.configs, torch.device(device))
+        self.configs = {name: cs for name, cs in self.configs.items() if cs}
+        self.knobs = {}
+        for name, configs in self.configs.items():
+            values = {}
+            for knob in configs[0].domain():
+                seen = []
+                for c in configs:
+                    v = getattr(c, knob)
+                    if v not in seen:
+                        seen.append(v)
+                if len(seen) > 1:
+                    # In declared-domain order, so "nearest" means neighbouring domain values.
+                    order = list(type(configs[0]).domain()[knob])
+                    values[knob] = sorted(seen, key=order.index)
+            self.knobs[name] = values
+
+    def __len__(self) -> int:
+        return sum(len(cs) for cs in self.configs.values())
+
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(name, c) for name, cs in self.configs.items() for c in cs]
+
+    def params(self, cand: Candidate) -> dict:
+        """Optuna params that select `cand` (for enqueue_trial)."""
+        params = {"backend": cand.backend}
+        for knob, values in self.knobs[cand.backend].items():
+            params[f"{cand.backend}.{knob}"] = values.index(getattr(cand.config, knob))
+        return params
+
+    def suggest(self, trial) -> Candidate:
+        name = trial.suggest_categorical("backend", list(self.configs))
+        # Knobs are ordinal (an index into their sorted values): TPE then learns "larger is better".
+        wanted = {knob: values[trial.suggest_int(f"{name}.{knob}", 0, len(values) - 1)]
+                  for knob, values in self.knobs[name].items()}
+        return Candidate(name, self._nearest(name, wanted))
+
+    def _distance(self, name: str, config: Config, wanted: dict) -> int:
+        return sum(abs(values.index(getattr(config, k)) - values.index(wanted[k]))
+                   for k, values in self.knobs[name].items())
+
+    def _nearest(self, name: str, wanted: dict) -> Config:
+        """The valid config closest to the sampled knob values (exact when valid)."""
+        return min(self.configs[name], key=lambda c: self._distance(name, c, wanted))
+
+    def nearest_new(self, cand: Candidate, exclude: set) -> Candidate | None:
+        """The unevaluated candidate closest to `cand` (same backend first), None when all are evaluated."""
+        wanted = {k: getattr(cand.config, k) for k in self.knobs[cand.backend]}
+        for c in sorted(self.configs[cand.backend], key=lambda c: self._distance(cand.backend, c, wanted)):
+            if Candidate(cand.backend, c).key not in exclude:
+                return Candidate(cand.backend, c)
+        return next((c for c in self.candidates() if c.key not in exclude), None)
