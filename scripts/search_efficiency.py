@@ -29,6 +29,7 @@ import json
 import random
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -69,8 +70,21 @@ def trials_to_target(order, table, best) -> int:
     return len(order) + 1
 
 
+def multivariate_tpe(seed):
+    """The sampler compared with the tuner's: multivariate, grouped TPE with 10 startup trials."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=10, multivariate=True,
+                                          group=True)
+
+
+SAMPLERS = {"tuner": None, "multivariate": multivariate_tpe}
+SAMPLER = None  # --sampler
+
+
 def replay_tpe(spec, rows, backends, table, seed, extra_seeds=()) -> int:
-    return trials_to_target(replay(spec, rows, backends, table, seed, extra_seeds), table, min(table.values()))
+    order = replay(spec, rows, backends, table, seed, extra_seeds, sampler=SAMPLER)
+    return trials_to_target(order, table, min(table.values()))
 
 
 def budgeted(spec, rows, backends, table, seeds, n_trials, extra_seeds=()) -> str:
@@ -78,7 +92,7 @@ def budgeted(spec, rows, backends, table, seeds, n_trials, extra_seeds=()) -> st
     best = min(table.values())
     spent, gaps = [], []
     for seed in range(seeds):
-        order = replay(spec, rows, backends, table, seed, extra_seeds, n_trials=n_trials)
+        order = replay(spec, rows, backends, table, seed, extra_seeds, n_trials=n_trials, sampler=SAMPLER)
         spent.append(len(order))
         gaps.append(100 * (min(table.get(k, float("inf")) for k in order) / best - 1))
     return (f"{statistics.median(spent):.0f} / {max(spent)} trials, winner {statistics.median(gaps):.1f}% / "
@@ -103,7 +117,12 @@ def main(argv=None) -> int:
     p.add_argument("--transfer-table", action="append", default=[], metavar="JSON",
                    help="a neighbouring shape's saved table: its best config seeds the search as "
                         "`autonorm tune --transfer` would seed it (repeatable); adds a second TPE row")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="tuner",
+                   help="replay with the tuner's sampler (independent TPE, 5 startup trials) or multivariate, "
+                        "grouped TPE with 10 startup trials")
     args = p.parse_args(argv)
+    global SAMPLER
+    SAMPLER = SAMPLERS[args.sampler]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,6 +137,8 @@ def main(argv=None) -> int:
             Path(args.save_table).write_text(json.dumps(
                 {"spec": spec.to_dict(), "rows": args.rows, "device": identity(device)["name"],
                  "table": table}, indent=1))
+    if args.seeds == 0:
+        return 0  # --seeds 0: measure (and save) the table only; replay it later with --table
     size = len(SearchSpace(spec, backends))
     best_key = min(table, key=table.get)
     tpe = [replay_tpe(spec, args.rows, backends, table, seed) for seed in range(args.seeds)]

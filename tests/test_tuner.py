@@ -343,6 +343,11 @@ def test_search_efficiency_replays_the_recorded_tables(tmp_path, capsys):
     spent = [line for line in out.splitlines() if line.startswith("--trials 15")]
     assert len(spent) == 2 and all("off the best" in line for line in spent)
     assert all(int(line.split(": ")[1].split(" /")[0]) <= 15 for line in spent)
+    # The sampler the tuner's was chosen over replays the same way.
+    assert search_efficiency.main(["--hidden", "2048", "--rows", "1024", "--seeds", "1", "--budget", "15",
+                                   "--table", str(tables / "search-efficiency-table-rmsnorm-2048.json"),
+                                   "--sampler", "multivariate"]) == 0
+    assert "--trials 15, heuristic seeds:" in capsys.readouterr().out
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

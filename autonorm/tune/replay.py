@@ -65,12 +65,13 @@ class ReplayTimer:
         return {"timer": "replay"}
 
 
-def replay(spec, rows, backends, table, seed, extra_seeds=(), n_trials=None, patience=None) -> list[str]:
+def replay(spec, rows, backends, table, seed, extra_seeds=(), n_trials=None, sampler=None) -> list[str]:
     """The candidate keys one tuner search times, in order, replayed on `table`.
 
     Default: a budget one below the space size and patience off, which keeps the runner in TPE mode
     (not exhaustive) until it has seen everything. With `n_trials` (and `patience` None), the tuner's
-    own stopping rules apply: what `autonorm tune --trials n_trials` would spend."""
+    own stopping rules apply: what `autonorm tune --trials n_trials` would spend. `sampler` (seed -> an
+    Optuna sampler) replaces the tuner's."""
     replay = {name: ReplayBackend(b) for name, b in backends.items()}
     size = len(SearchSpace(spec, backends))
     timer = ReplayTimer(table)
@@ -80,5 +81,6 @@ def replay(spec, rows, backends, table, seed, extra_seeds=(), n_trials=None, pat
         StudyRunner(spec, rows, replay, timer, "cpu", storage=storage, name="replay",
                     n_trials=n_trials or size - 1, time_budget=3600, patience=None if n_trials else size,
                     seeds=seeds, compile_baseline=False, seed=seed, compile_workers=1,
-                    verify=lambda *args: None).run()  # the table holds only candidates verified when measured
+                    # The table holds only candidates verified when they were measured.
+                    verify=lambda *args: None, sampler=sampler).run()
     return timer.order

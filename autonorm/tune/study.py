@@ -89,7 +89,7 @@ class StudyRunner:
                  seeds: list[Candidate] = (), compile_workers: int = 2, finalists: int = 3,
                  compile_baseline: bool = True, copy_gbps: float | None = None, lock_path: Path | None = None,
                  seed: int = 0, progress=None, strict: bool = False, study_attrs: dict | None = None,
-                 verify=measure.verify):
+                 verify=measure.verify, sampler=None):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.verify = verify  # (spec, kernel, rows, device) -> None or why the kernel is wrong
         self.device = torch.device(device)
@@ -101,6 +101,7 @@ class StudyRunner:
         self.seeds, self.compile_workers, self.finalists = list(seeds), compile_workers, finalists
         self.compile_baseline, self.copy_gbps, self.lock_path = compile_baseline, copy_gbps, lock_path
         self.seed, self.progress = seed, progress
+        self.sampler = sampler  # seed -> an Optuna sampler; None: the tuner's (below)
         self.strict = strict  # refuse to record a result whose measurements stay noisy (autonorm/tune/quality.py)
         self.study_attrs = study_attrs  # device, versions, protocol: stored in the study (storage.describe_study)
         self._beats = fleet.Heartbeats(None)
@@ -113,7 +114,8 @@ class StudyRunner:
         # 40-trial budget (docs/benchmarks/search-efficiency.md). constant_liar keeps parallel workers apart.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
-            sampler = optuna.samplers.TPESampler(seed=self.seed, constant_liar=True, n_startup_trials=STARTUP_TRIALS)
+            sampler = (self.sampler(self.seed) if self.sampler else
+                       optuna.samplers.TPESampler(seed=self.seed, constant_liar=True, n_startup_trials=STARTUP_TRIALS))
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" INFO in users' logs
         try:
