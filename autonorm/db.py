@@ -166,6 +166,7 @@ class Record:
     failed: int = 0
     date: str = ""
     quality: dict | None = None  # the tuner's measurement-quality verdict (autonorm/tune/quality.py), if any
+    profile: dict | None = None  # the winner's compiled resources on this GPU (`autonorm.audit`), if audited
 
     def to_json(self) -> dict:
         doc = {"key": self.key.to_json(), "winner": self.winner.to_json(),
@@ -174,6 +175,8 @@ class Record:
                "date": self.date}
         if self.quality is not None:
             doc["quality"] = self.quality
+        if self.profile is not None:
+            doc["profile"] = self.profile
         return doc
 
     @classmethod
@@ -187,7 +190,7 @@ class Record:
         return cls(key, Entry.from_json(obj["winner"], f"{where} winner"),
                    [Entry.from_json(e, f"{where} runner-up {i}") for i, e in enumerate(obj["runners_up"])],
                    dict(obj["baselines"]), obj["template_hash"], obj["trials"], obj["failed"], obj["date"],
-                   obj.get("quality"))
+                   obj.get("quality"), obj.get("profile"))
 
 
 def now_iso() -> str:

@@ -129,6 +129,38 @@ def test_search_space_on_cpu_is_not_audited(monkeypatch):
     assert len(space) == len(get_backend("triton").space(spec))
 
 
+def test_a_gpu_winner_records_its_profile(monkeypatch):
+    """The tuner keeps the winner's audit profile on the tuning GPU in its record; on a CPU, or for
+    torch, there is none."""
+    from autonorm.db import Entry
+    from autonorm.tune import finalize
+
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096)
+    config = get_backend("triton").heuristic(spec)
+    props = types.SimpleNamespace(major=8, minor=0, multi_processor_count=108)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(audit.run, "check_backends", lambda names: None)
+    audited = []
+
+    def fake_audit(jobs, progress=None, workers=2):
+        audited.extend(jobs)
+        p = audit.Profile(jobs[0].backend, "", "", jobs[0].arch, "k", registers=40, spill_stores=0, spill_loads=0,
+                          stack=0, smem_static=0, smem_dynamic=0, threads=256, global_loads=4, global_loads_128=4,
+                          global_stores=1, global_stores_128=1, cp_async=0, sass_sha256="")
+        return [audit.occupancy(p, audit.ARCHS[jobs[0].arch])]
+
+    monkeypatch.setattr(audit.run, "audit", fake_audit)
+    gpu = types.SimpleNamespace(device=torch.device("cuda", 0), spec=spec)
+    winner = Entry("triton", config, 10.0, 9.0, 11.0, 100.0, 50.0)
+    profile = finalize._winner_profile(gpu, winner)
+    assert [(j.backend, j.config, j.arch) for j in audited] == [("triton", config, "sm_80")]
+    assert profile["arch"] == "sm_80" and profile["registers"] == 40 and profile["spill_bytes"] == 0
+    assert 0 < profile["occupancy"] <= 1 and profile["load_share_128"] == 1.0
+    assert finalize._winner_profile(types.SimpleNamespace(device=torch.device("cpu"), spec=spec), winner) is None
+    from autonorm.config import NoConfig
+    assert finalize._winner_profile(gpu, Entry("torch", NoConfig(), 10.0, 9.0, 11.0, 1.0, 1.0)) is None
+
+
 def test_search_space_on_cuda_drops_what_does_not_fit(monkeypatch):
     """The tuner's hook: configs whose profile spills are gone before any timing; others stay."""
     from autonorm.tune import SearchSpace

@@ -349,3 +349,24 @@ def test_show_escapes_control_characters_of_the_name(tmp_path, capsys):
     assert cli_main(["db", "show", str(tmp_path / "esc.json")]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\\x1b[2Jcleared" in out
+
+
+PROFILE = {"arch": "sm_90", "registers": 40, "spill_bytes": 0, "smem": 0, "threads": 256, "blocks_per_sm": 8,
+           "occupancy": 1.0, "load_share_128": 1.0}
+
+
+def test_winner_profile_round_trips_and_is_validated(tmp_path, capsys):
+    """A record may keep its winner's audit profile; one outside the schema's domain refuses the file."""
+    db = sample_db(1)
+    key = next(iter(db.records))
+    db.records[key].profile = dict(PROFILE)
+    path = tmp_path / "db.json"
+    db.save(path)
+    assert TuningDB.load(path).records[key].profile == PROFILE
+    assert cli_main(["db", "show", str(path)]) == 0
+    assert "sm_90: 40 regs, 0 B spilled, 100% occupancy" in capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    doc["records"][0]["profile"]["registers"] = 300  # more than a thread can have
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DatabaseError, match="registers"):
+        TuningDB.load(path)

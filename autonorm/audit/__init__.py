@@ -20,10 +20,10 @@ from .compilers import cupy_translation_unit, triton_signature
 from .jobs import Job, database_jobs, heuristic_jobs, space_jobs
 from .profile import Profile, gate_failures, occupancy
 from .report import doc, table
-from .run import WORKERS, audit, cached, prune_space
+from .run import WORKERS, audit, cached, prune_space, winner_profile
 from .tools import BACKENDS, AuditToolError, check_backends, parse_ptxas_log, sass_counts, tool, toolchain
 
 __all__ = ["ARCHS", "Arch", "AuditToolError", "BACKENDS", "Job", "MAX_REGS_PER_THREAD", "Profile", "WORKERS", "audit",
            "cached", "check_backends", "cupy_translation_unit", "database_jobs", "doc", "gate_failures",
            "heuristic_jobs", "occupancy", "parse_ptxas_log", "prune_space", "register_cap", "resident_blocks",
-           "sass_counts", "space_jobs", "table", "tool", "toolchain", "triton_signature"]
+           "sass_counts", "space_jobs", "table", "tool", "toolchain", "triton_signature", "winner_profile"]

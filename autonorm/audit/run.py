@@ -92,6 +92,28 @@ def audit(jobs: list[Job], progress=None, workers: int = WORKERS) -> list[Profil
     return [results[i] for i in range(len(jobs))]
 
 
+def _device_arch(device):
+    import torch
+
+    arch = device_arch(torch.cuda.get_device_properties(device))
+    ARCHS.setdefault(arch.name, arch)
+    return arch
+
+
+def winner_profile(spec: NormSpec, backend: str, config, device) -> dict | None:
+    """What the compiler says of one kernel on `device`'s architecture (`Profile.summary()`), for the
+    database record of a winner; None for a backend without a GPU compiler or a missing toolchain.
+    After `prune_space` audited the space, this is a cache hit."""
+    if backend not in BACKENDS:
+        return None
+    arch = _device_arch(device)
+    try:
+        check_backends([backend])
+    except AuditToolError:
+        return None
+    return audit([Job(backend, spec, config, arch.name)], workers=1)[0].summary()
+
+
 def prune_space(spec: NormSpec, configs: dict, device, workers: int | None = None) -> dict:
     """The tuner's hook: `configs` ({backend: [config]}) without the configs that spill or cannot
     launch on `device` (a CUDA device), judged by compiling them for its architecture.
@@ -101,11 +123,7 @@ def prune_space(spec: NormSpec, configs: dict, device, workers: int | None = Non
     """
     import logging
 
-    import torch
-
-    props = torch.cuda.get_device_properties(device)
-    arch = device_arch(props)
-    ARCHS.setdefault(arch.name, arch)
+    arch = _device_arch(device)
     auditable = [name for name in configs if name in BACKENDS]
     try:
         check_backends(auditable)

@@ -67,8 +67,11 @@ def show(db: TuningDB, out=None) -> None:
         vs = f"{_speedup(rec.baselines['torch_eager']['median_us'], rec.winner.median_us)} vs eager" + (
             f", {_speedup(comp['median_us'], rec.winner.median_us)} vs compile" if comp else "")
         stale = stale_compiler(rec.winner.backend, db.versions)
+        fit = rec.profile
+        fit = (f"; {fit['arch']}: {fit['registers']} regs, {fit['spill_bytes']} B spilled, "
+               f"{fit['occupancy']:.0%} occupancy" if fit else "")
         print(f"  {key.short()}: {_entry(rec.winner)}; {vs}; {rec.trials} trials, {rec.failed} failed, "
-              f"{rec.date}" + (f" [STALE: tuned under another compiler, {stale}]" if stale else ""), file=out)
+              f"{rec.date}{fit}" + (f" [STALE: tuned under another compiler, {stale}]" if stale else ""), file=out)
 
 
 def diff(old: TuningDB, new: TuningDB, out=None) -> int:

@@ -128,4 +128,18 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, by_key, tr
         baselines={"torch_eager": base_t["torch_eager"].to_json(),
                    "torch_compile": base_t["torch_compile"].to_json() if "torch_compile" in base_t else None},
         template_hash=run.backends[winner.backend].template_hash(), trials=trials,
-        failed=len(failed), date=now_iso(), quality=outcome.to_json())
+        failed=len(failed), date=now_iso(), quality=outcome.to_json(), profile=_winner_profile(run, winner))
+
+
+def _winner_profile(run, winner: Entry) -> dict | None:
+    """The winner's compiled resources on this GPU, kept in its record (None on a CPU, for a backend
+    without a GPU compiler, or without the audit's toolchain)."""
+    if run.device.type != "cuda":
+        return None
+    from ..audit import winner_profile
+
+    try:
+        return winner_profile(run.spec, winner.backend, winner.config, run.device)
+    except Exception as exc:  # a record without its profile beats no record
+        log.warning("no audit profile for the winner of %s: %s", run.spec.short(), exc)
+        return None
