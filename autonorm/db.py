@@ -7,7 +7,7 @@ winner's backend, how many trials ran and how many candidates failed.
 
 Loading is defensive: only a regular file of at most `MAX_DATABASE_BYTES` is
 read; it must be UTF-8 JSON with finite numbers, no lone surrogates and at most
-`MAX_NESTING` levels; it is validated against `db_schema.json` with jsonschema,
+`safe_files.MAX_NESTING` levels; it is validated against `db_schema.json` with jsonschema,
 then every config is rebuilt through its backend's `Config.from_dict`, which
 accepts only declared domain values, so a database can never carry code into a
 template. Every refusal is a `DatabaseError` naming the file and the problem.
@@ -21,7 +21,6 @@ import contextlib
 import datetime as _dt
 import functools
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -31,75 +30,13 @@ from typing import Any
 
 from .config import Config
 from .errors import AutonormError, BackendUnavailableError, DatabaseError, InvalidConfigError, UnknownBackendError
-from .safe_files import read_regular_file
+from .safe_files import parse_database_bytes, read_regular_file, shorten
 from .spec import NormSpec
 
 SCHEMA_VERSION = 1
 # A record is about 600 bytes of JSON: 8 MiB holds some 14,000 records, several times a full tuning grid.
 # The cap bounds memory and time (schema validation costs about 1 ms a record on a 2-core VM).
 MAX_DATABASE_BYTES = 8 << 20
-# A valid database nests 5 levels (records, record, winner, config, value); anything far deeper is crafted,
-# and refusing it up front keeps every later step (schema check, saving) clear of Python's recursion limit.
-MAX_NESTING = 16
-
-
-def _short(value, limit: int = 120) -> str:
-    """A value for an error message, cut to `limit` characters (a crafted file may hold megabytes)."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"non-finite number {_short(text, 40)}")
-    return value
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"non-finite number {name} (JSON has no NaN or Infinity)")
-
-
-def _structure_problem(obj) -> str | None:
-    """Why parsed JSON cannot be a database (too deep, a string with a lone surrogate), or None."""
-    stack = [(obj, 1)]
-    while stack:  # iterative: a crafted depth must not recurse here either
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > MAX_NESTING:
-                return f"nested too deeply (more than {MAX_NESTING} levels)"
-            items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
-            for k, v in items:
-                stack.append((v, depth + 1))
-                if k is not None:
-                    stack.append((k, depth + 1))
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return f"a string holds a lone surrogate escape ({_short(ascii(value), 40)})"
-    return None
-
-
-def parse_database_bytes(data: bytes, where: str):
-    """Parsed JSON of a database file's bytes; a DatabaseError names what is wrong (no schema check yet)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DatabaseError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start}); "
-                            "a tuning database is UTF-8 JSON") from None
-    try:
-        obj = json.loads(text, parse_float=_finite, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise DatabaseError(f"{where}: JSON nested too deeply (more than {MAX_NESTING} levels)") from None
-    except ValueError as exc:  # JSONDecodeError, a refused number, an integer past Python's digit limit
-        raise DatabaseError(f"{where}: not valid JSON (truncated or corrupt?): {_short(str(exc), 200)}") from None
-    problem = _structure_problem(obj)
-    if problem is not None:
-        raise DatabaseError(f"{where}: {problem}")
-    return obj
-
-
 @functools.cache
 def schema() -> dict:
     return json.loads(resources.files("autonorm").joinpath("db_schema.json").read_text())
@@ -186,7 +123,7 @@ class Record:
         try:
             parse_date(obj["date"])
         except ValueError:
-            raise DatabaseError(f"{where}: date {_short(obj['date'], 40)!r} is not an ISO 8601 date-time") from None
+            raise DatabaseError(f"{where}: date {shorten(obj['date'], 40)!r} is not an ISO 8601 date-time") from None
         return cls(key, Entry.from_json(obj["winner"], f"{where} winner"),
                    [Entry.from_json(e, f"{where} runner-up {i}") for i, e in enumerate(obj["runners_up"])],
                    dict(obj["baselines"]), obj["template_hash"], obj["trials"], obj["failed"], obj["date"],
@@ -216,8 +153,8 @@ def config_from_json(backend: str, data: Any, where: str) -> Config:
     try:
         return config_cls.from_dict(data)
     except (InvalidConfigError, TypeError) as exc:
-        raise DatabaseError(f"{where}: config {_short(data)} refused by backend {backend!r}: "
-                            f"{_short(str(exc))}") from exc
+        raise DatabaseError(f"{where}: config {shorten(data)} refused by backend {backend!r}: "
+                            f"{shorten(str(exc))}") from exc
 
 
 class TuningDB:
@@ -235,13 +172,13 @@ class TuningDB:
         import jsonschema
 
         if isinstance(obj, dict) and "schema_version" in obj and obj["schema_version"] != SCHEMA_VERSION:
-            raise DatabaseError(f"{where}: unknown schema_version {_short(obj['schema_version'])} "
+            raise DatabaseError(f"{where}: unknown schema_version {shorten(obj['schema_version'])} "
                                 f"(this autonorm reads version {SCHEMA_VERSION})")
         try:
             jsonschema.validate(obj, schema(), format_checker=jsonschema.FormatChecker())
         except jsonschema.ValidationError as exc:
             path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-            raise DatabaseError(f"{where}: schema violation at {_short(path)}: {_short(exc.message, 200)}") from None
+            raise DatabaseError(f"{where}: schema violation at {shorten(path)}: {shorten(exc.message, 200)}") from None
         records: dict[RecordKey, Record] = {}
         for i, rec in enumerate(obj["records"]):
             record = Record.from_json(rec, f"{where}: record {i}")
