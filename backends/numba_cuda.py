@@ -237,13 +237,15 @@ class NumbaCudaBackend(Backend):
     def render_context(self, spec: NormSpec, config: NumbaCudaConfig) -> dict:
         chunk = config.threads * config.items
         nchunk = -(-spec.hidden // chunk)
-        # Chunked rows: given only the block size, ptxas aims at full occupancy (2048 threads an SM, so 32
-        # registers a thread at 512 threads) and spills the chunk loop's state (12-20 bytes for LayerNorm,
-        # sm_80 and sm_90). One block fewer per SM lifts the cap (42 registers at 512 threads), which fits.
+        # Chunked LayerNorm: given only the block size, ptxas aims at full occupancy (2048 threads an SM, so
+        # 32 registers a thread at 512 threads) and spills the chunk loop's state (12-20 bytes, sm_80 and
+        # sm_90); one block fewer per SM lifts the cap (42 registers at 512 threads), which fits. Chunked
+        # RMSNorm fits without the hint, and with it spills on sm_80 (16-32 bytes at 40 registers), so it
+        # gets none (cross-compiled with ptxas 13.4: docs/benchmarks/hardware-fit.md).
         full = 2048 // (config.threads * config.rows)
         return {
             "nchunk": nchunk,
-            "min_blocks": max(1, full - 1) if nchunk > 1 else None,
+            "min_blocks": max(1, full - 1) if nchunk > 1 and spec.is_layernorm else None,
             "cached": nchunk == 1,
             "strides": [config.threads >> i for i in range(1, config.threads.bit_length())],
             "uses_bf16": "bfloat16" in (spec.x_dtype, spec.w_dtype),
