@@ -86,10 +86,11 @@ def _now() -> str:
 def case_rows(spec, rows: int, device: torch.device, timer, providers: list[str], copy_gbps: float,
               ident: dict) -> tuple[list[dict], dict]:
     """(the rows of one case, one note per provider skipped)."""
-    impls, choice, notes = build_case(spec, rows, device, timer.n_sets(spec, rows), providers)
+    n_sets = timer.n_sets(spec, rows)
+    impls, choice, notes = build_case(spec, rows, device, n_sets, providers)
     if not impls:
         return [], notes
-    timings = timer.time_calls(impls, timer.n_sets(spec, rows))
+    timings = timer.time_calls(impls, n_sets)
     nbytes = spec.bytes_moved(rows)
     base = {name: t.median_us for name, t in timings.items()}
     anchors = [base[n] for n in base if provider_of(n) in ANCHORS]
@@ -100,7 +101,7 @@ def case_rows(spec, rows: int, device: torch.device, timer, providers: list[str]
         mine = name.startswith("autonorm") and choice is not None
         out.append({
             "case": case_name(spec, rows), "impl": name, "provider": provider_of(name), "spec": spec.to_dict(),
-            "rows": rows, "bytes_moved": nbytes, "input_sets": timer.n_sets(spec, rows),
+            "rows": rows, "bytes_moved": nbytes, "input_sets": n_sets,
             "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us, "samples": t.reps,
             "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
             "speedup_vs_torch": base["torch"] / t.median_us if "torch" in base else None,
