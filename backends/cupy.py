@@ -26,9 +26,15 @@ MAX_REG_ELEMS = {"fwd": 64, "bwd": 16}
 # Registers each cached element costs with its temporaries (`autonorm audit` on sm_80/sm_90:
 # the forward uses ~1.5 per element, the backward ~5 per element of each array).
 REGS_PER_ELEM = {"fwd": 2, "bwd": 5}
-# Shared memory a block may use without cudaFuncSetAttribute opt-in (48 KiB on every arch),
-# less 1 KiB for the static reduction slots (THREADS / 32 floats) beside the row cache.
-SMEM_BUDGET = 47 * 1024
+# The shared-memory row cache holds the row in the input dtype (x, or h with a residual; the backward
+# keeps x and dy). Its bytes a block may ask for, less 1 KiB for the static reduction slots beside it:
+# the space goes up to Hopper's per-block maximum with the opt-in (227 KiB; the tuner's audit prunes
+# what a device cannot hold), the heuristic up to A100's (163 KiB), the smaller of the two
+# architectures the audit gates. A GPU that allows less (consumer Ampere and Ada: 99 KiB) refuses such
+# a config when it is built, and the dispatcher's ladder moves on. Over 48 KiB the launcher opts in.
+SMEM_MAX = 226 * 1024
+SMEM_HEURISTIC = 162 * 1024
+SMEM_WITHOUT_OPT_IN = 48 * 1024
 C_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
@@ -74,10 +80,8 @@ class CupyConfig(Config):
                         f"(max {budget} with {c.threads} threads)")
             if c.unroll != 1:
                 return "unroll applies to the chunk loops; the registers cache is fully unrolled"
-        elif c.row_cache == "shared":
-            need = c.rows * n * 4 * (2 if spec.direction == "bwd" else 1)
-            if need > SMEM_BUDGET:
-                return f"shared row cache needs {need} bytes > {SMEM_BUDGET}"
+        elif c.row_cache == "shared" and dynamic_smem(spec, c) > SMEM_MAX:
+            return f"shared row cache needs {dynamic_smem(spec, c)} bytes > {SMEM_MAX}"
         if spec.direction == "fwd" and c.partials_per_sm != 1:
             return "partials_per_sm is a backward knob (fwd takes 1)"
         return None
@@ -100,20 +104,24 @@ class CupyConfig(Config):
         reg_tpr = tpr
         while _cdiv(n, reg_tpr * vec) * vec > max_reg_elems(spec.direction, reg_tpr) and reg_tpr < 1024:
             reg_tpr *= 2
+        # A shared row cache over 48 KiB leaves room for a few blocks an SM at most (one past 114
+        # KiB): 1024 threads keep enough loads in flight there.
+        opt_in = n * spec.x_itemsize * (2 if spec.direction == "bwd" else 1) > SMEM_WITHOUT_OPT_IN
         # Several rows per block for small N: 128-thread blocks.
         candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1),
-                      (tpr, 1, "shared", 2), (tpr, 1, "none", 2)]
+                      (1024 if opt_in else tpr, 1, "shared", 2), (tpr, 1, "none", 2)]
         for t, r, cache, unroll in candidates:
             config = cls(threads=t * r, vec=vec, rows=r, unroll=unroll, row_cache=cache, partials_per_sm=pps)
-            if cls.is_valid(spec, config) is None:
+            if cls.is_valid(spec, config) is None and dynamic_smem(spec, config) <= SMEM_HEURISTIC:
                 return config
         raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
 
 
 def dynamic_smem(spec: NormSpec, config: CupyConfig) -> int:
-    """Bytes of the shared-memory row cache the launcher asks for (0 unless row_cache="shared")."""
+    """Bytes of the shared-memory row cache the launcher asks for (0 unless row_cache="shared"):
+    ROWS rows of N input-dtype elements, twice in the backward (x and dy)."""
     cache_rows = config.rows if config.row_cache == "shared" else 0
-    return cache_rows * spec.hidden * 4 * (2 if spec.direction == "bwd" else 1)
+    return cache_rows * spec.hidden * spec.x_itemsize * (2 if spec.direction == "bwd" else 1)
 
 
 def geometry(spec: NormSpec, config: CupyConfig) -> dict:
@@ -180,6 +188,16 @@ class CupyBackend(Backend):
             # (docs.cupy.dev, cupy.RawModule / cupy.RawKernel); it loads on the current device.
             fns = (module.get_function(f"an_{d}_vec"), module.get_function(f"an_{d}_scalar"))
             reduce_fn = module.get_function("an_bwd_reduce") if d == "bwd" else None
+            smem = dynamic_smem(spec, config)
+            if smem > SMEM_WITHOUT_OPT_IN:
+                # Over 48 KiB a kernel launches only after opting in (cudaFuncSetAttribute), up to
+                # the device's per-block maximum.
+                optin = cupy.cuda.runtime.getDeviceProperties(index)["sharedMemPerBlockOptin"]
+                if smem + fns[0].shared_size_bytes > optin:
+                    raise ValueError(f"cupy config {config.short()} caches its rows in {smem} bytes of shared "
+                                     f"memory a block; this device allows {optin}")
+                for fn in fns:
+                    fn.max_dynamic_shared_size_bytes = smem
         props = torch.cuda.get_device_properties(index)
         # The persistent backward launches at most the blocks that are resident at once: more
         # would run as a partial last wave (4 launched per SM with 3 resident: the last wave

@@ -241,11 +241,15 @@ class NumbaCudaBackend(Backend):
         # 32 registers a thread at 512 threads) and spills the chunk loop's state (12-20 bytes, sm_80 and
         # sm_90); one block fewer per SM lifts the cap (42 registers at 512 threads), which fits. Chunked
         # RMSNorm fits without the hint, and with it spills on sm_80 (16-32 bytes at 40 registers), so it
-        # gets none (cross-compiled with ptxas 13.4: docs/benchmarks/hardware-fit.md).
-        full = 2048 // (config.threads * config.rows)
+        # gets none. The same holds for a LayerNorm row cached by a 1024-thread block (full occupancy: 2
+        # blocks, 32 registers; the 16-bit forward at N=8192 spilled 8 bytes): 1 block, 36 registers
+        # (cross-compiled with ptxas 13.4: docs/benchmarks/hardware-fit.md).
+        block = config.threads * config.rows
+        full = 2048 // block
+        hint = spec.is_layernorm and (nchunk > 1 or block == MAX_BLOCK)
         return {
             "nchunk": nchunk,
-            "min_blocks": max(1, full - 1) if nchunk > 1 and spec.is_layernorm else None,
+            "min_blocks": max(1, full - 1) if hint else None,
             "cached": nchunk == 1,
             "strides": [config.threads >> i for i in range(1, config.threads.bit_length())],
             "uses_bf16": "bfloat16" in (spec.x_dtype, spec.w_dtype),

@@ -850,9 +850,43 @@ def import_session(folder: Path, db_dir: Path, docs_dir: Path) -> list[Path]:
             "date": ident["date"], "versions": versions, "protocol": first["protocol"], "space": first["space"],
             "complete": len(sweep) == first["space"],
             "failed": {s["candidate"]: s.get("error") or s["status"] for s in sweep if s["status"] != "ok"},
-            "table": {s["candidate"]: s["median_us"] for s in sweep if s["status"] == "ok"}}, indent=1) + "\n")
+            "table": {s["candidate"]: s["median_us"] for s in sweep if s["status"] == "ok"},
+            "pruning": pruning_verdict(first["spec"], {s["candidate"]: s["median_us"] for s in sweep
+                                                       if s["status"] == "ok"}, device)}, indent=1) + "\n")
         written.append(table_path)
+        verdict = json.loads(table_path.read_text())["pruning"]
+        print(f"gpu_session import: audit pruning on {verdict['arch']}: " + (
+            verdict["error"] if "error" in verdict else
+            f"{verdict['kept']} kept, {len(verdict['pruned'])} pruned; best kept {verdict['best_kept_us']} µs, "
+            f"best pruned {verdict['best_pruned_us']} µs: "
+            + ("pruning would have removed the best" if verdict["removes_best"] else "no pruned config was faster")))
     return written
+
+
+def pruning_verdict(spec_dict: dict, table: dict, device: dict) -> dict:
+    """Would the tuner's audit pruning have dropped the sweep's best config? The swept configs are
+    cross-compiled here for the device's architecture (no GPU time) and split into kept and pruned."""
+    from autonorm.audit import AuditToolError, Job, audit, check_backends
+    from autonorm.backends import get_backend
+    from autonorm.spec import NormSpec
+
+    cc = device.get("compute_capability")
+    arch = f"sm_{cc.replace('.', '')}" if cc else "sm_90"  # a dry run on CPU has none: audited for sm_90
+    spec = NormSpec(**spec_dict)
+    cands = [json.loads(key) for key in table]
+    try:
+        check_backends(sorted({b for b, _ in cands}))
+        jobs = [Job(b, spec, get_backend(b).config_cls.from_dict(c), arch) for b, c in cands]
+        profiles = audit(jobs)
+    except (AuditToolError, KeyError, ValueError) as exc:
+        return {"arch": arch, "error": str(exc)}
+    kept = {k: us for (k, us), p in zip(table.items(), profiles) if p.fits()}
+    pruned = {k: us for (k, us), p in zip(table.items(), profiles) if not p.fits()}
+    best_kept = min(kept.values(), default=None)
+    best_pruned = min(pruned.values(), default=None)
+    return {"arch": arch, "kept": len(kept), "pruned": sorted(pruned), "best_kept_us": best_kept,
+            "best_pruned_us": best_pruned,
+            "removes_best": best_pruned is not None and (best_kept is None or best_pruned < best_kept)}
 
 
 def session_markdown(folder: Path, ident: dict) -> str:

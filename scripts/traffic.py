@@ -61,6 +61,23 @@ pass 2 reads h (or x) back to normalize (`tests/test_traffic.py` checks it at N 
 With the residual fused: 5 tensor passes for an ideal of 4 (1.25) for both ops; before, LayerNorm
 made three passes reading x and the residual each time (2.00) and RMSNorm two (1.50).
 
+CuPy kernels run only on a GPU, so their traffic is derived from the kernels' loop structure
+(`templates/cupy/`) instead of counted, for the same specs (ideal: 4 tensor passes forward, 3
+backward):
+- row in registers (`row_cache=registers`) or in shared memory (`shared`, in the input dtype, up to
+  226 KiB a block with the opt-in; the heuristic's choice up to A100's 163 KiB: bf16 rows of up to
+  about 80K elements forward, 40K backward): every tensor once, 1.00;
+- no cache (`none`, any N), forward: pass 1 reads x and the residual and writes h, reducing the
+  statistics (LayerNorm: per-vector count, mean and M2 merged with Chan's update), pass 2 reads h back
+  (last vector first) and writes y: 5 passes for 4 (1.25), for both ops; without a residual, x is read
+  twice: 3 for 2 (1.50). Before, RMSNorm re-read x and the residual (1.50) and LayerNorm made three
+  passes over them (2.00);
+- no cache, backward: x and dy are read twice: 5 passes for 3 (1.67);
+- dW/dB partials: with the row in registers each thread keeps its columns' sums in registers and writes
+  its partial row once per block (4 bytes per element and parameter per block-row group); with the
+  `shared` and `none` caches the partial row is read-modify-written for every row (8 bytes per element
+  and parameter per row), which on-chip accumulation would remove (not built yet).
+
 | backend | op | dir | N | path | rows / ideal | weight reads | scratch / elem |
 |---|---|---|---|---|---|---|---|
 """

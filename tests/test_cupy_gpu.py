@@ -55,6 +55,19 @@ def test_cupy_huge_row_and_many_rows():
         check_case(backend, NormSpec("rmsnorm", direction, "float32", "float32", 256), 20000, False, "cuda")
 
 
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("direction, hidden", [("fwd", 65536), ("bwd", 32768)])
+def test_cupy_shared_row_cache_over_48_kib(op, direction, hidden):
+    """The heuristic caches these rows in 128 KiB of shared memory a block (the launcher's opt-in);
+    with a residual the forward reduces the cached h as rounded to bf16."""
+    backend = _cupy()
+    spec = NormSpec(op, direction, "bfloat16", "bfloat16", hidden, bias=op == "layernorm", residual=True)
+    config = backend.heuristic(spec)
+    assert config.row_cache == "shared"
+    check_case(backend, spec, 5, False, "cuda", config=config)
+    check_case(backend, spec, 5, True, "cuda", config=config)
+
+
 def test_cupy_backward_is_deterministic():
     backend = _cupy()
     spec = NormSpec("layernorm", "bwd", "bfloat16", "float32", 760, bias=True)

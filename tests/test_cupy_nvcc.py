@@ -116,7 +116,11 @@ def test_every_config_of_the_space_renders(spec):
         text = BACKEND.render(spec, config).text
         assert f"constexpr int THREADS = {config.threads};" in text, config.short()
         assert f"constexpr int VEC = {config.vec};" in text and f"constexpr int ROWS = {config.rows};" in text
-        assert all(f"void __launch_bounds__(THREADS) {name}(" in text for name in names), config.short()
+        # The backward's register cache and the forward's shared cache state one block an SM as their
+        # minimum (ptxas spilled without it).
+        pinned = {"bwd": "registers", "fwd": "shared"}[spec.direction]
+        bounds = "THREADS, 1" if config.row_cache == pinned else "THREADS"
+        assert all(f"void __launch_bounds__({bounds}) {name}(" in text for name in names), config.short()
 
 
 def test_validity_rules():
@@ -126,8 +130,13 @@ def test_validity_rules():
     assert "16-byte" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "float32", "float32", 4096), ok)
     assert "divide" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4100), ok)
     assert "registers" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536), ok)
-    assert "shared" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536),
+    # The shared row cache holds the input dtype, up to Hopper's 227 KiB a block: 64K bf16 fit, 128K do not.
+    assert CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536),
+                               ok.replace(row_cache="shared")) is None
+    assert "shared" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 131072),
                                            ok.replace(row_cache="shared"))
+    assert "shared" in CupyConfig.is_valid(NormSpec("rmsnorm", "bwd", "float32", "float32", 32768),
+                                           ok.replace(row_cache="shared", vec=4))
     assert CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 262144),
                                ok.replace(row_cache="none")) is None
     assert "backward" in CupyConfig.is_valid(spec, ok.replace(partials_per_sm=4))
@@ -136,6 +145,24 @@ def test_validity_rules():
         for d in ("fwd", "bwd"):
             s = NormSpec("layernorm", d, "float16", "float32", n, bias=True)
             assert CupyConfig.is_valid(s, CupyConfig.heuristic(s)) is None
+
+
+def test_shared_row_cache_is_sized_in_the_input_dtype():
+    from autonorm.backends.cupy import SMEM_HEURISTIC, SMEM_WITHOUT_OPT_IN, dynamic_smem
+
+    for direction, n, copies in (("fwd", 65536, 1), ("bwd", 32768, 2)):
+        spec = NormSpec("layernorm", direction, "bfloat16", "bfloat16", n, bias=True)
+        config = CupyConfig.heuristic(spec)
+        # One read of x per row at 64K (forward) and 32K (backward: x and dy): 128 KiB of bf16, over the
+        # 48 KiB a block gets without opting in, within A100's 163 KiB; 1024 threads, one block an SM.
+        assert config.row_cache == "shared" and config.threads == 1024
+        assert dynamic_smem(spec, config) == copies * n * 2
+        assert SMEM_WITHOUT_OPT_IN < dynamic_smem(spec, config) <= SMEM_HEURISTIC
+    text = BACKEND.render(spec, config).text
+    assert "reinterpret_cast<T*>(an_smem)" in text and "float* cached" not in text
+    # Past A100's maximum the heuristic re-reads from global memory instead.
+    big = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 131072)
+    assert CupyConfig.heuristic(big).row_cache == "none"
 
 
 def test_unavailable_reason_names_the_problem():

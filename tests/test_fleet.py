@@ -322,7 +322,7 @@ def test_fleet_on_postgresql(database, tmp_path):
         assert summary.user_attrs["rows"] == ROWS and summary.user_attrs["spec"]["hidden"] == 256
     study = optuna.load_study(study_name="fleet/rmsnorm", storage=open_storage(database, Path("unused")))
     assert study.metric_names == ["median_us"]
-    assert all(t.user_attrs["config"]["backend"] in ("numba-cpu", "torch")
+    assert all(t.user_attrs["backend"] in ("numba-cpu", "torch")
                for t in trials["fleet/rmsnorm"] if t.state == TrialState.COMPLETE)
     # One finalizer per study; every worker either took its record or named the finalizer.
     for name in trials:

@@ -99,6 +99,11 @@ def test_import_writes_database_report_and_search_table(dry_run, tmp_path):
             assert (docs / f"{slug}-{op}-{d}.png").read_bytes()[:4] == b"\x89PNG"
     table = json.loads((docs / f"search-efficiency-table-{slug}-rmsnorm-bwd-32.json").read_text())
     assert {"spec", "rows", "device", "table", "date", "versions"} <= set(table) and len(table["table"]) == 3
+    # The swept configs, audited for the device's architecture (sm_90 for a CPU dry run): kept + pruned = swept.
+    verdict = table["pruning"]
+    assert verdict["arch"] == "sm_90" and "error" not in verdict, verdict
+    assert verdict["kept"] + len(verdict["pruned"]) == 3 and isinstance(verdict["removes_best"], bool)
+    assert "audit pruning on sm_90" in done.stdout
     # The keys are tuner candidates, as scripts/search_efficiency.py replays them.
     for key in table["table"]:
         backend, config = json.loads(key)

@@ -85,17 +85,20 @@ def test_patch_qwen3_head_norms():
 # patched model picks casting_mode "llama" and must give the same logits bit for bit. Without a GPU,
 # Triton runs in its interpreter and Numba CUDA ("numba") in its simulator. The interpreter case is
 # fp16: its fp32 -> bf16 casts truncate instead of rounding to nearest (Triton on a GPU, and fp16 in
-# the interpreter, round to nearest), so no bf16 kernel can match HF there.
+# the interpreter, round to nearest), so no bf16 kernel can match HF there; the bf16 Triton and CuPy
+# cases run on a GPU (the gpu tier: scripts/gpu_tests.sh).
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.bfloat16), ("numba-cpu", torch.bfloat16),
                                             pytest.param("triton", torch.float16, marks=pytest.mark.slow),
-                                            pytest.param("numba", torch.bfloat16, marks=pytest.mark.slow)])
+                                            pytest.param("numba", torch.bfloat16, marks=pytest.mark.slow),
+                                            pytest.param("triton", torch.bfloat16, marks=pytest.mark.gpu),
+                                            pytest.param("cupy", torch.bfloat16, marks=pytest.mark.gpu)])
 def test_patched_llama_logits_equal_hugging_face(use_backend, backend, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if backend != "torch":
         pytest.importorskip({"numba": "numba.cuda", "numba-cpu": "numba"}.get(backend, backend))
     use_backend(backend)
-    device = "cuda" if torch.cuda.is_available() and backend in ("triton", "numba") else "cpu"
+    device = "cuda" if torch.cuda.is_available() and backend in ("triton", "numba", "cupy") else "cpu"
     model = _tiny(LlamaConfig, LlamaForCausalLM).to(device=device, dtype=dtype)
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():

@@ -124,6 +124,18 @@ def test_tpe_finds_the_known_optimum_within_budget(tmp_path):
     assert len(timed) == len(set(timed)) and all(c.a * c.b <= 64 for c in timed)
 
 
+def test_trials_carry_their_knobs_by_value(tmp_path):
+    """optuna-dashboard readability: each knob's value beside its ordinal parameter, same name: the config
+    that was timed (a sampled combination outside the valid space is snapped to the nearest valid one)."""
+    runner(tmp_path, FakeTimer(), n_trials=10, patience=10).run()
+    measured = [t for t in _measured(_trials(tmp_path / "study.journal")) if t.user_attrs["backend"] == "fake"]
+    assert len(measured) >= 5
+    for t in measured:
+        assert {"fake.a", "fake.b"} <= set(t.params)
+        config = FakeConfig(t.user_attrs["fake.a"], t.user_attrs["fake.b"])
+        assert t.user_attrs["candidate"] == Candidate("fake", config).key
+
+
 def test_patience_starts_counting_after_the_seeds_and_startup_trials(tmp_path):
     # The startup trials are random: counting them would end a study before TPE has a model
     # (on a recorded numba-cpu table that left winners 11% off the best; search-efficiency.md).

@@ -22,6 +22,12 @@ class Job:
 
         return get_backend(self.backend).render(self.spec, self.config)
 
+    def identity(self) -> str:
+        """What is compiled, whatever compiles it: the key of a saved report (`report.save_report`)."""
+        text = json.dumps([self.backend, self.arch, self.source().sha256, self.spec.to_dict(),
+                           self.config.to_dict()], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def cache_key(self, versions: dict) -> str:
         text = json.dumps([PROFILE_VERSION, self.backend, self.arch, self.source().sha256, self.spec.to_dict(),
                            self.config.to_dict(), versions], sort_keys=True)

@@ -1,8 +1,64 @@
-"""The audit as a table (terminal or Markdown) and as the hardware-fit page (docs/benchmarks/hardware-fit.md)."""
+"""The audit as a table (terminal or Markdown), as the hardware-fit page (docs/benchmarks/hardware-fit.md),
+and as a saved report: every kernel's profile keyed by what was compiled (docs/benchmarks/hardware-fit.json),
+which the CI gate checks against the kernels the code renders today without compiling them again."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ..hardware import ARCHS
 from .jobs import Job
-from .profile import Profile, gate_failures
+from .profile import PROFILE_VERSION, Profile, gate_failures, occupancy
+
+# What a saved report keeps of a profile: what the compiler said. Occupancy is recomputed on load
+# from the architecture's limits, and the mangled kernel name is left out (it is long and says nothing).
+_SAVED = tuple(f.name for f in dataclasses.fields(Profile)
+               if f.name not in ("kernel", "blocks_per_sm", "warps_per_sm", "occupancy", "limiter"))
+
+
+class ReportError(ValueError):
+    """A saved report that cannot be read: it names the file and what is wrong."""
+
+
+def save_report(path, jobs: list[Job], profiles: list[Profile], versions: dict, command: str) -> None:
+    """Write the profiles of `jobs`, keyed by `Job.identity()`, atomically (one kernel per line)."""
+    import datetime
+
+    head = {"profile_version": PROFILE_VERSION, "generated": datetime.date.today().isoformat(),
+            "command": command, "toolchain": versions}
+    kernels = sorted((dict(identity=j.identity(), **{k: getattr(p, k) for k in _SAVED})
+                      for j, p in zip(jobs, profiles)), key=lambda k: (k["backend"], k["spec"], k["arch"]))
+    lines = [json.dumps(head, sort_keys=True)[:-1] + ', "kernels": [']
+    lines += [json.dumps(k, sort_keys=True) + ("," if i < len(kernels) - 1 else "") for i, k in enumerate(kernels)]
+    lines.append("]}")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def load_report(path) -> dict[str, Profile]:
+    """`Job.identity()` -> Profile of a saved report (occupancy recomputed); ReportError if unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if data["profile_version"] != PROFILE_VERSION:
+            raise ReportError(f"{path}: profile version {data['profile_version']}, expected {PROFILE_VERSION}; "
+                              "regenerate it with the command it names")
+        out = {}
+        for k in data["kernels"]:
+            if k["arch"] not in ARCHS:
+                raise ReportError(f"{path}: unknown arch {k['arch']!r}")
+            p = Profile(kernel="", **{name: k[name] for name in _SAVED})
+            out[k["identity"]] = occupancy(p, ARCHS[p.arch])
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, ReportError):
+            raise
+        raise ReportError(f"{path}: not a saved audit report ({type(exc).__name__}: {exc})") from exc
 
 
 COLUMNS = ("backend", "arch", "spec", "config", "regs", "spill", "stack", "smem", "threads", "blocks/SM",
@@ -43,7 +99,9 @@ def doc(jobs: list[Job], profiles: list[Profile], versions: dict, command: str) 
         "out of all global loads (from the SASS). A kernel fits when it does not spill, a block can be",
         "resident (registers x threads <= 65,536) and x is loaded 16 bytes at a time wherever",
         "N * itemsize is a multiple of 16 (Numba CUDA has no vector loads: its share is reported, not",
-        "gated). Regenerate with the command above; `tests/test_audit.py` gates the same numbers in CI.",
+        "gated). Regenerate with the command above; `autonorm audit --grid standard --save",
+        "docs/benchmarks/hardware-fit.json` writes the same profiles as JSON, keyed by the rendered source,",
+        "which `tests/test_audit.py` checks in every CI run against the kernels the code renders then.",
         "",
         f"**{fits} of {len(profiles)} kernels fit.**",
     ]

@@ -55,17 +55,22 @@ def _batches(jobs: list[Job], size: int, workers: int) -> list[list[Job]]:
     return out
 
 
+def cache_keys(jobs: list[Job]) -> list[str]:
+    """Each job's cache key: what is compiled and the versions of the tools that compile it (its own
+    backend's only, so a kernel audited alone or beside other backends' kernels is found either way)."""
+    versions = {b: toolchain([b]) for b in {j.backend for j in jobs}}
+    return [j.cache_key(versions[j.backend]) for j in jobs]
+
+
 def cached(jobs: list[Job]) -> list[tuple[Job, Profile]]:
     """The jobs whose profile the cache already holds, with it (nothing is compiled)."""
-    versions = toolchain(sorted({j.backend for j in jobs})) if jobs else {}
-    found = [(j, _load_cached(j.cache_key(versions))) for j in jobs]
+    found = [(j, _load_cached(key)) for j, key in zip(jobs, cache_keys(jobs))]
     return [(j, p) for j, p in found if p is not None]
 
 
 def audit(jobs: list[Job], progress=None, workers: int = WORKERS) -> list[Profile]:
     """Profiles of `jobs` (same order), from the cache or compiled `workers` at a time."""
-    versions = toolchain(sorted({j.backend for j in jobs})) if jobs else {}
-    keys = [j.cache_key(versions) for j in jobs]
+    keys = cache_keys(jobs)
     results: dict[int, Profile] = {}
     todo = []
     for i, (job, key) in enumerate(zip(jobs, keys)):

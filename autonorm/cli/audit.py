@@ -10,7 +10,7 @@ import json
 import sys
 
 from ..audit import (ARCHS, BACKENDS, AuditToolError, audit, cached, check_backends, database_jobs, doc,
-                     gate_failures, heuristic_jobs, space_jobs, table, toolchain)
+                     gate_failures, heuristic_jobs, save_report, space_jobs, table, toolchain)
 from ..spec import NormSpec
 
 
@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
                         help="report only kernels already in the audit cache (compile nothing)")
     parser.add_argument("--doc", action="store_true",
                         help="a Markdown page: toolchain, then one table per backend (docs/benchmarks/hardware-fit.md)")
+    parser.add_argument("--save", default=None, metavar="PATH",
+                        help="also write every profile, keyed by what was compiled, as JSON "
+                             "(docs/benchmarks/hardware-fit.json: the CI gate reads it)")
 
 
 def main(args) -> int:
@@ -78,6 +81,9 @@ def main(args) -> int:
               file=sys.stderr)
     else:
         profiles = audit(jobs)
+    if args.save:
+        save_report(args.save, jobs, profiles, toolchain(backends), " ".join(["autonorm audit", *sys.argv[2:]]))
+        print(f"autonorm audit: {len(jobs)} profiles written to {args.save}", file=sys.stderr)
     bad = 0
     for job, p in zip(jobs, profiles):
         bad += bool(gate_failures(p, job.spec))

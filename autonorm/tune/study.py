@@ -287,7 +287,12 @@ class StudyRunner:
             cand = self.space.suggest(trial)
             trial.set_user_attr("candidate", cand.key)
             if cand.key not in exclude:
-                trial.set_user_attr("config", {"backend": cand.backend, **cand.config.to_dict()})
+                # The knobs by value, one attribute each under its parameter's name (optuna-dashboard
+                # shows them as columns): the parameters themselves stay ordinal indices, which TPE
+                # searches better than categorical values (docs/fleet.md).
+                trial.set_user_attr("backend", cand.backend)
+                for knob, value in cand.config.to_dict().items():
+                    trial.set_user_attr(f"{cand.backend}.{knob}", value)
                 return trial, cand
             self._tell_duplicate(study, trial)
             if incumbent is not None and all(Candidate(cand.backend, c).key in exclude
