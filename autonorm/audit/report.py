@@ -55,9 +55,9 @@ def load_report(path) -> dict[str, Profile]:
             p = Profile(kernel="", **{name: k[name] for name in _SAVED})
             out[k["identity"]] = occupancy(p, ARCHS[p.arch])
         return out
+    except ReportError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, ReportError):
-            raise
         raise ReportError(f"{path}: not a saved audit report ({type(exc).__name__}: {exc})") from exc
 
 
