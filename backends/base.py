@@ -117,6 +117,18 @@ def backward_outputs(spec: NormSpec, x: torch.Tensor) -> tuple:
     return dx, dw, db
 
 
+def sum_partials(partials: torch.Tensor | None, out: torch.Tensor | None) -> None:
+    """dweight / dbias from a backward's (P, N) fp32 partial rows: their sum over P, written into `out`
+    in the weight dtype. torch's reduction is a fixed-order tree over many threads (no atomics), so the
+    result is deterministic for the same P, and parallel where one thread per column over P rows is not."""
+    if out is None:
+        return
+    if out.dtype == torch.float32:
+        torch.sum(partials, dim=0, out=out)
+    else:
+        out.copy_(partials.sum(dim=0))
+
+
 class CurrentStream:
     """torch's current CUDA stream on `device`, as a backend's own stream object (`wrap(handle)`),
     wrapped once per stream handle, not per call. Launching on it keeps a kernel ordered with

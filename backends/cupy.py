@@ -16,7 +16,7 @@ from autonorm.config import Config, knob
 from autonorm.hardware import device_arch, register_cap, resident_blocks
 from autonorm.spec import ITEMSIZE, NormSpec
 
-from .base import Backend, CurrentStream, backward_outputs, forward_outputs
+from .base import Backend, CurrentStream, backward_outputs, forward_outputs, sum_partials
 
 # Per-thread fp32 elements a row cached in registers may take. The forward keeps h
 # (1 array); the backward keeps xhat, dy and the dW/dB accumulators (4 arrays), so its
@@ -42,6 +42,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def max_partial_elems(threads: int) -> int:
+    """dW (+ dB) elements a thread of a `threads` block may sum in registers across its rows when the
+    row itself lives in shared or global memory: a quarter of its register cap, at most 64. The rest
+    holds one vector's temporaries, the addresses and the unrolled loop's state: at 1024 threads
+    (64 registers) 16 elements fit in 53-64 registers and 32 spilled 144 bytes (ptxas 13.4, sm_90)."""
+    return min(64, register_cap(threads) // 4)
+
+
 def max_reg_elems(direction: str, threads: int) -> int:
     """Row elements a thread of a `threads` block may cache in registers without spilling."""
     return min(MAX_REG_ELEMS[direction], register_cap(threads) // REGS_PER_ELEM[direction])
@@ -59,6 +67,8 @@ class CupyConfig(Config):
     unroll: int = knob((1, 2, 4), "unroll of the chunk loops (shared / none row cache)")
     row_cache: str = knob(("registers", "shared", "none"), "where the row lives between passes")
     partials_per_sm: int = knob((1, 2, 4, 8, 16), "bwd: persistent blocks (dW partial groups) per SM")
+    partials: str = knob(("registers", "global"), "bwd: where a thread sums its columns' dW/dB over its rows "
+                                                  "(registers: written once; global: read-modify-written per row)")
 
     @classmethod
     def is_valid(cls, spec: NormSpec, c: CupyConfig) -> str | None:
@@ -82,8 +92,19 @@ class CupyConfig(Config):
                 return "unroll applies to the chunk loops; the registers cache is fully unrolled"
         elif c.row_cache == "shared" and dynamic_smem(spec, c) > SMEM_MAX:
             return f"shared row cache needs {dynamic_smem(spec, c)} bytes > {SMEM_MAX}"
-        if spec.direction == "fwd" and c.partials_per_sm != 1:
-            return "partials_per_sm is a backward knob (fwd takes 1)"
+        if spec.direction == "fwd" or not spec.weight:
+            if c.partials_per_sm != 1 and spec.direction == "fwd":
+                return "partials_per_sm is a backward knob (fwd takes 1)"
+            if c.partials != "registers":
+                return "partials applies to a backward with dW/dB (this spec takes 'registers')"
+        elif c.partials == "registers" and c.row_cache != "registers":
+            budget = max_partial_elems(c.threads)
+            need = items * c.vec * (2 if spec.bias else 1)
+            if need > budget:
+                return (f"dW/dB partials in registers need {need} elements per thread "
+                        f"(max {budget} with {c.threads} threads)")
+        elif c.partials == "global" and c.row_cache == "registers":
+            return "a row cached in registers sums its partials in registers"
         return None
 
     @classmethod
@@ -108,10 +129,14 @@ class CupyConfig(Config):
         # KiB): 1024 threads keep enough loads in flight there.
         opt_in = n * spec.x_itemsize * (2 if spec.direction == "bwd" else 1) > SMEM_WITHOUT_OPT_IN
         # Several rows per block for small N: 128-thread blocks.
-        candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1),
-                      (1024 if opt_in else tpr, 1, "shared", 2), (tpr, 1, "none", 2)]
-        for t, r, cache, unroll in candidates:
-            config = cls(threads=t * r, vec=vec, rows=r, unroll=unroll, row_cache=cache, partials_per_sm=pps)
+        # dW/dB partials: summed in registers where a thread's columns fit, else per row in global memory.
+        candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1, "registers"),
+                      (1024 if opt_in else tpr, 1, "shared", 2, "registers"),
+                      (1024 if opt_in else tpr, 1, "shared", 2, "global"),
+                      (tpr, 1, "none", 2, "registers"), (tpr, 1, "none", 2, "global")]
+        for t, r, cache, unroll, partials in candidates:
+            config = cls(threads=t * r, vec=vec, rows=r, unroll=unroll, row_cache=cache, partials_per_sm=pps,
+                         partials=partials)
             if cls.is_valid(spec, config) is None and dynamic_smem(spec, config) <= SMEM_HEURISTIC:
                 return config
         raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
@@ -187,7 +212,6 @@ class CupyBackend(Backend):
             # get_function returns a cupy.RawKernel, called as kernel(grid, block, args, shared_mem=)
             # (docs.cupy.dev, cupy.RawModule / cupy.RawKernel); it loads on the current device.
             fns = (module.get_function(f"an_{d}_vec"), module.get_function(f"an_{d}_scalar"))
-            reduce_fn = module.get_function("an_bwd_reduce") if d == "bwd" else None
             smem = dynamic_smem(spec, config)
             if smem > SMEM_WITHOUT_OPT_IN:
                 # Over 48 KiB a kernel launches only after opting in (cudaFuncSetAttribute), up to
@@ -205,21 +229,20 @@ class CupyBackend(Backend):
         resident, _ = resident_blocks(fns[0].num_regs, config.threads,
                                       fns[0].shared_size_bytes + dynamic_smem(spec, config), device_arch(props))
         per_sm = max(1, min(config.partials_per_sm, resident))
-        launcher = _Launcher(spec, config, index, fns, reduce_fn, props.multi_processor_count * per_sm)
+        launcher = _Launcher(spec, config, index, fns, props.multi_processor_count * per_sm)
         return launcher.forward if d == "fwd" else launcher.backward
 
 
 class _Launcher:
     """Holds one compiled module's functions and launches them on torch tensors."""
 
-    def __init__(self, spec, config, index, fns, reduce_fn, max_blocks):
+    def __init__(self, spec, config, index, fns, max_blocks):
         import cupy
         import numpy
 
         self._cupy, self._f32 = cupy, numpy.float32
         self.spec, self.config, self.index = spec, config, index
         self.vec_fn, self.scalar_fn = fns
-        self.reduce_fn = reduce_fn
         self.max_blocks = max_blocks  # persistent backward: blocks resident on the whole device
         self.block = (config.threads,)
         self.smem = dynamic_smem(spec, config)
@@ -275,7 +298,8 @@ class _Launcher:
             return dx, dw, db
         blocks = min(_cdiv(m, config.rows), self.max_blocks)
         partial_rows = blocks * config.rows
-        # Internal scratch, fully written by the kernel (each group zeroes its own row first).
+        # Internal scratch, fully written by the kernel (each thread group writes its own row once, or
+        # zeroes it first when it adds into it per row).
         part_w = torch.empty((partial_rows, n), dtype=torch.float32, device=x.device) if spec.weight else None
         part_b = torch.empty((partial_rows, n), dtype=torch.float32, device=x.device) if spec.bias else None
         fn = self._pick((dy, x, dh, dx), (weight,))
@@ -283,7 +307,6 @@ class _Launcher:
                 self._ptr(mean), self._ptr(rstd), self._ptr(dh), dh.stride(0) if dh is not None else 0,
                 self._ptr(dx), self._ptr(part_w), self._ptr(part_b), m, self._f32(offset))
         self._launch(fn, (blocks,), self.block, args, self.smem)
-        if spec.weight:
-            self._launch(self.reduce_fn, (_cdiv(n, 256),), (256,),
-                         (self._ptr(part_w), self._ptr(part_b), partial_rows, self._ptr(dw), self._ptr(db)))
+        sum_partials(part_w, dw)
+        sum_partials(part_b, db)
         return dx, dw, db

@@ -25,10 +25,13 @@ import torch
 from autonorm.config import Config, knob
 from autonorm.spec import NormSpec
 
-from .base import Backend, CurrentStream, backward_outputs, forward_outputs, import_generated
+from .base import Backend, CurrentStream, backward_outputs, forward_outputs, import_generated, sum_partials
 
 THREADS = (32, 64, 128, 256, 512, 1024)
 MAX_BLOCK = 1024  # CUDA's limit on threads per block
+# Numba has no 128-bit integer: the widest access a kernel can ask for is one 64-bit word.
+WORD_BYTES = 8
+WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _pow2_at_least(n: int) -> int:
@@ -44,6 +47,7 @@ class NumbaCudaConfig(Config):
     threads: int = knob(THREADS, "threads cooperating on one row (a power of two: tree reduction)")
     items: int = knob((1, 2, 4, 8), "elements per thread per chunk; the row stays in registers when N <= threads*items")
     rows: int = knob((1, 2, 4, 8), "rows per block, for small N")
+    vec: int = knob((1, 2, 4), "elements per memory access of the row tensors (at most 8 bytes: a 64-bit word)")
 
     @classmethod
     def is_valid(cls, spec: NormSpec, config: "NumbaCudaConfig") -> str | None:
@@ -53,6 +57,10 @@ class NumbaCudaConfig(Config):
             return f"half of {config.threads} threads would already cover N={spec.hidden}"
         if config.rows > 1 and config.threads * config.items < spec.hidden:
             return "several rows per block only pay when one chunk covers the row"
+        if config.vec * spec.x_itemsize > WORD_BYTES:
+            return f"vec={config.vec} x {spec.x_dtype} exceeds a {WORD_BYTES}-byte word"
+        if spec.hidden % config.vec or config.items % config.vec:
+            return f"vec={config.vec} must divide N={spec.hidden} and items={config.items}"
         return None
 
     @classmethod
@@ -72,7 +80,14 @@ class NumbaCudaConfig(Config):
             # at 64 per thread (launch bounds), where the bf16 forward spills on sm_80.
             threads, items = 512, 8
         rows = max(1, min(8, 128 // threads)) if threads * items >= spec.hidden else 1
-        return cls(threads=threads, items=items, rows=rows)
+        # The widest word that divides the row: 4 16-bit or 2 fp32 elements an access.
+        vec = max(v for v in (1, 2, 4) if v * spec.x_itemsize <= WORD_BYTES and spec.hidden % v == 0 and items % v == 0)
+        return cls(threads=threads, items=items, rows=rows, vec=vec)
+
+
+def row_in_registers(spec: NormSpec, config: NumbaCudaConfig) -> bool:
+    """One chunk covers the row: each thread keeps its elements in registers between the passes."""
+    return config.threads * config.items >= spec.hidden
 
 
 def _numba_cuda():
@@ -95,11 +110,13 @@ def _simulator() -> bool:
 class _Launcher:
     """Turns torch tensors into Numba arrays and launches, on a GPU or in the simulator."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, spec: NormSpec, config: NumbaCudaConfig):
         self.cuda = _numba_cuda()
         self.simulated = device.type == "cpu"
         self.device = device
         self.stream = CurrentStream(lambda handle: self.cuda.external_stream(handle), device)  # GPU only
+        self.vec = config.vec
+        self.word = WORD_DTYPES[config.vec * spec.x_itemsize] if config.vec > 1 else None
         if self.simulated:
             self.max_blocks = 2  # the simulator runs blocks one after another: fewer blocks, fewer threads
         else:
@@ -114,19 +131,30 @@ class _Launcher:
             t = t.view(torch.uint16)  # kernels read bf16 as its bit pattern
         return t.numpy() if self.simulated else self.cuda.as_cuda_array(t)
 
-    def rows(self, t: torch.Tensor) -> list:
-        """[flat array, row stride] for an (M, N) input with a unit last stride and any row stride.
+    def _as_words(self, flat: torch.Tensor):
+        """A 1-D run of row elements as the kernel's word array (VEC elements a word)."""
+        return self.array(flat.detach().view(self.word) if self.word is not None else flat)
 
-        Kernels index rows as `a[row * stride + j]` (int64), over a 1-D view that
+    def words(self, t: torch.Tensor | None):
+        """A contiguous (M, N) output, flat, as words."""
+        return None if t is None else self._as_words(t.reshape(-1))
+
+    def rows(self, t: torch.Tensor) -> list:
+        """[flat word array, row stride in words] for an (M, N) input with a unit last stride and any row stride.
+
+        Kernels index rows as `a[row * stride + word]` (int64), over a 1-D view that
         spans exactly the rows' elements: no copy on a GPU, and a contiguous
-        buffer that the simulator can transfer.
+        buffer that the simulator can transfer. A word access needs word-aligned
+        rows: a view whose start or row stride is not (a rare slice) is copied once.
         """
         m, n = t.shape
         if n > 1 and t.stride(1) != 1:
             raise ValueError(f"numba kernels need a unit last stride, got strides {t.stride()}")
         stride = t.stride(0) if m > 1 else n
+        if stride % self.vec or t.data_ptr() % (self.vec * t.element_size()):
+            t, stride = t.clone(memory_format=torch.contiguous_format), n
         span = (m - 1) * stride + n
-        return [self.array(t.as_strided((span,), (1,))), stride]
+        return [self._as_words(t.as_strided((span,), (1,))), stride // self.vec]
 
     def launch(self, kernel, grid: int, block, *args):
         if self.simulated:
@@ -147,12 +175,12 @@ def _forward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launche
             return y, h, mean, rstd
         args = launcher.rows(x)
         if spec.residual:
-            args += [*launcher.rows(residual), a(h)]
+            args += [*launcher.rows(residual), launcher.words(h)]
         if spec.weight:
             args.append(a(weight))
         if spec.bias:
             args.append(a(bias))
-        args.append(a(y))
+        args.append(launcher.words(y))
         if spec.is_layernorm:
             args.append(a(mean))
         args += [a(rstd), m, np.float32(eps), np.float32(offset)]
@@ -176,24 +204,23 @@ def _backward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launch
         args = [*launcher.rows(dy), *launcher.rows(x)]
         pw = pb = None
         if spec.weight:
-            # Scratch, not an output: zeros because the kernel accumulates into it.
-            pw = torch.zeros((parts, n), dtype=torch.float32, device=x.device)
+            # Scratch: a row kept in registers writes every partial row once; chunked rows add into
+            # theirs, so those start at zero.
+            scratch = torch.empty if row_in_registers(spec, config) else torch.zeros
+            pw = scratch((parts, n), dtype=torch.float32, device=x.device)
             args += [a(weight), a(pw)]
             if spec.bias:
-                pb = torch.zeros((parts, n), dtype=torch.float32, device=x.device)
+                pb = scratch((parts, n), dtype=torch.float32, device=x.device)
                 args.append(a(pb))
         if spec.is_layernorm:
             args.append(a(mean))
         args.append(a(rstd))
         if spec.residual:
             args += launcher.rows(dh)
-        args += [a(dx), m, np.float32(offset)]
+        args += [launcher.words(dx), m, np.float32(offset)]
         launcher.launch(module._kernel, grid, block, *args)
-        col_blocks = -(-n // config.threads)
-        if spec.weight:
-            launcher.launch(module._sum_partials, col_blocks, config.threads, a(pw), a(dw), parts)
-        if spec.bias:
-            launcher.launch(module._sum_partials, col_blocks, config.threads, a(pb), a(db), parts)
+        sum_partials(pw, dw)
+        sum_partials(pb, db)
         return dx, dw, db
 
     return kernel
@@ -250,9 +277,11 @@ class NumbaCudaBackend(Backend):
         return {
             "nchunk": nchunk,
             "min_blocks": max(1, full - 1) if hint else None,
-            "cached": nchunk == 1,
+            "cached": row_in_registers(spec, config),
             "strides": [config.threads >> i for i in range(1, config.threads.bit_length())],
             "uses_bf16": "bfloat16" in (spec.x_dtype, spec.w_dtype),
+            "vec": config.vec,
+            "x_itemsize": spec.x_itemsize,
         }
 
     def build(self, source, spec, config, device):
@@ -261,6 +290,6 @@ class NumbaCudaBackend(Backend):
             raise ValueError(f"numba backend cannot launch on {device} here "
                              f"({'simulator: cpu only' if _simulator() else 'needs a CUDA device'})")
         module = import_generated(source, self.template_dir)
-        launcher = _Launcher(device)
+        launcher = _Launcher(device, spec, config)
         make = _forward if spec.direction == "fwd" else _backward
         return make(module, spec, config, launcher)

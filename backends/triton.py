@@ -52,6 +52,12 @@ def max_per_thread(direction: str, num_warps: int) -> int:
     return min(MAX_PER_THREAD[direction], register_cap(32 * num_warps) // REGS_PER_ELEM[direction])
 
 
+def prefetch_per_thread(num_warps: int) -> int:
+    """The backward's per-thread tile budget with BWD_PREFETCH=1: two more fp32 registers an element
+    (the next group's x and dy)."""
+    return min(MAX_PER_THREAD["bwd"], register_cap(32 * num_warps) // (REGS_PER_ELEM["bwd"] + 2))
+
+
 def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -74,6 +80,9 @@ class TritonConfig(Config):
     DW_COLUMN_OUTER: int = field(default=0, metadata={"domain": (0, 1), "doc": (
         "chunked backward with a weight: 1 walks column chunks outside the program's rows, keeping "
         "dW/dB partials on chip and writing them once; 0 walks rows outside, read-modify-writing them per row")})
+    BWD_PREFETCH: int = field(default=0, metadata={"domain": (0, 1), "doc": (
+        "whole-row backward: 1 issues the next row group's x and dy loads before this group's reductions "
+        "(a second register set for the two tiles)")})
 
     @classmethod
     def is_valid(cls, spec: NormSpec, config: TritonConfig) -> str | None:
@@ -101,6 +110,11 @@ class TritonConfig(Config):
             return "DW_PARTIALS only matters with a weight"
         if config.DW_COLUMN_OUTER and not (spec.direction == "bwd" and chunked and spec.weight):
             return "DW_COLUMN_OUTER only matters for a chunked backward with a weight"
+        if config.BWD_PREFETCH and (spec.direction != "bwd" or chunked):
+            return "BWD_PREFETCH applies to the whole-row backward"
+        if config.BWD_PREFETCH and tile > prefetch_per_thread(warps) * 32 * warps:
+            return (f"{tile // (32 * warps)} elements per thread with the next row group's tiles in registers "
+                    f"(BWD_PREFETCH=1, num_warps={warps}): registers would spill")
         if config.DW_COLUMN_OUTER and tile > COLUMN_OUTER_PER_THREAD * 32 * warps:
             return (f"{tile // (32 * warps)} elements per thread with dW/dB accumulators on chip "
                     f"(DW_COLUMN_OUTER=1, num_warps={warps}): registers would spill")

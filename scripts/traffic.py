@@ -59,7 +59,12 @@ it makes two passes: pass 1 reads x (and the residual, writing h) and reduces th
 (LayerNorm: each thread's count, mean and M2 by Welford's update, merged over the block with Chan's),
 pass 2 reads h (or x) back to normalize (`tests/test_traffic.py` checks it at N = 300 in 5 chunks).
 With the residual fused: 5 tensor passes for an ideal of 4 (1.25) for both ops; before, LayerNorm
-made three passes reading x and the residual each time (2.00) and RMSNorm two (1.50).
+made three passes reading x and the residual each time (2.00) and RMSNorm two (1.50). The row tensors
+move as 64-bit words (4 bf16 or fp16, 2 fp32 elements an access; Numba has no 128-bit type), unpacked in
+registers. Its backward with the row in registers sums each thread's dW/dB columns in registers and writes
+each row slot's partial row once (4 bytes per element and parameter per slot: the simulator runs 2
+blocks, so one partial row per 2 of the table's 4 rows); chunked rows read-modify-write the partial row
+for every row (8 bytes per element and parameter per row).
 
 CuPy kernels run only on a GPU, so their traffic is derived from the kernels' loop structure
 (`templates/cupy/`) instead of counted, for the same specs (ideal: 4 tensor passes forward, 3
@@ -73,10 +78,14 @@ backward):
   twice: 3 for 2 (1.50). Before, RMSNorm re-read x and the residual (1.50) and LayerNorm made three
   passes over them (2.00);
 - no cache, backward: x and dy are read twice: 5 passes for 3 (1.67);
-- dW/dB partials: with the row in registers each thread keeps its columns' sums in registers and writes
-  its partial row once per block (4 bytes per element and parameter per block-row group); with the
-  `shared` and `none` caches the partial row is read-modify-written for every row (8 bytes per element
-  and parameter per row), which on-chip accumulation would remove (not built yet).
+- dW/dB partials (`partials=registers`): each thread keeps its columns' sums in registers across its
+  rows and writes its partial row once per row group (4 bytes per element and parameter per group). With
+  the row in registers this is the only choice; with the `shared` and `none` caches it needs a thread's
+  columns to fit a quarter of its registers (16 elements at 1024 threads: the heuristic's choice for
+  RMSNorm up to 16K; LayerNorm with a bias holds twice as many sums, which past its register row cache
+  at 8K no longer fit). Beyond, `partials=global` read-modify-writes the
+  partial row for every row (8 bytes per element and parameter per row, an L2 round trip by the one
+  thread that owns the column).
 
 | backend | op | dir | N | path | rows / ideal | weight reads | scratch / elem |
 |---|---|---|---|---|---|---|---|

@@ -98,12 +98,22 @@ def test_gate_names_spills_unlaunchable_blocks_and_scalar_loads():
     spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096)
     p = audit.Profile("cupy", spec.short(), "c", "sm_90", "k", registers=72, spill_stores=8, spill_loads=8,
                       stack=16, smem_static=0, smem_dynamic=0, threads=1024, global_loads=4, global_loads_128=0,
+                      global_loads_64=0,
                       global_stores=1, global_stores_128=0, cp_async=0, sass_sha256="")
     audit.occupancy(p, audit.ARCHS["sm_90"])
     problems = audit.gate_failures(p, spec)
     assert len(problems) == 3, problems
     odd = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4097)  # rows not 16-byte aligned: no vector demand
     assert len(audit.gate_failures(p, odd)) == 2
+    # Numba CUDA's widest access is a 64-bit word: it is asked for 8-byte loads on 8-byte aligned rows.
+    scalar = audit.Profile("numba", spec.short(), "c", "sm_90", "k", registers=32, spill_stores=0, spill_loads=0,
+                           stack=0, smem_static=0, smem_dynamic=0, threads=256, global_loads=16, global_loads_128=0,
+                           global_loads_64=0, global_stores=16, global_stores_128=0, cp_async=0, sass_sha256="")
+    audit.occupancy(scalar, audit.ARCHS["sm_90"])
+    assert audit.gate_failures(scalar, spec) == ["no 64-bit global load although rows are 8-byte aligned"]
+    assert not audit.gate_failures(scalar, NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4098))
+    scalar.global_loads_64 = 4
+    assert not audit.gate_failures(scalar, spec)
 
 
 def test_triton_space_has_no_num_stages():
@@ -158,6 +168,7 @@ def test_a_gpu_winner_records_its_profile(monkeypatch):
         audited.extend(jobs)
         p = audit.Profile(jobs[0].backend, "", "", jobs[0].arch, "k", registers=40, spill_stores=0, spill_loads=0,
                           stack=0, smem_static=0, smem_dynamic=0, threads=256, global_loads=4, global_loads_128=4,
+                          global_loads_64=0,
                           global_stores=1, global_stores_128=1, cp_async=0, sass_sha256="")
         return [audit.occupancy(p, audit.ARCHS[jobs[0].arch])]
 
@@ -189,7 +200,8 @@ def test_search_space_on_cuda_drops_what_does_not_fit(monkeypatch):
         for j in jobs:  # pretend every 8-warp config spills
             p = audit.Profile(j.backend, "", "", j.arch, "k", registers=32, spill_stores=4 * (j.config.num_warps == 8),
                               spill_loads=0, stack=0, smem_static=0, smem_dynamic=0, threads=32 * j.config.num_warps,
-                              global_loads=1, global_loads_128=1, global_stores=1, global_stores_128=1, cp_async=0,
+                              global_loads=1, global_loads_128=1,
+                              global_loads_64=0, global_stores=1, global_stores_128=1, cp_async=0,
                               sass_sha256="")
             out.append(audit.occupancy(p, audit.ARCHS[j.arch]))
         return out
@@ -268,6 +280,20 @@ def test_heuristics_fit_subset(backend):
     _gate(audit.heuristic_jobs(SUBSET, [backend], ARCHS))
 
 
+def test_backward_prefetch_fits():
+    """BWD_PREFETCH=1 keeps the next row group's x and dy in registers beside the current ones: the tile
+    budget is_valid grants it compiles without spilling (not the heuristic's choice, so the grid does not
+    cover it)."""
+    _skip_unless("triton")
+    jobs = []
+    for op in ("rmsnorm", "layernorm"):
+        spec = NormSpec(op, "bwd", "bfloat16", "bfloat16", 4096, bias=op == "layernorm")
+        config = get_backend("triton").heuristic(spec).replace(BWD_PREFETCH=1)
+        assert get_backend("triton").config_cls.is_valid(spec, config) is None
+        jobs += [audit.Job("triton", spec, config, arch) for arch in ARCHS]
+    _gate(jobs)
+
+
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "hardware-fit.json"
 REGENERATE = ("autonorm audit --grid standard --save docs/benchmarks/hardware-fit.json "
               "(about 15 minutes on 2 cores from a cold cache; only changed kernels recompile)")
@@ -298,7 +324,8 @@ def test_saved_report_round_trips_and_rejects_a_corrupt_file(tmp_path):
     job = audit.Job("triton", spec, get_backend("triton").heuristic(spec), "sm_90")
     p = audit.Profile(backend="triton", spec=spec.short(), config=job.config.short(), arch="sm_90", kernel="k",
                       registers=40, spill_stores=4, spill_loads=4, stack=8, smem_static=0, smem_dynamic=0,
-                      threads=256, global_loads=4, global_loads_128=4, global_stores=2, global_stores_128=2,
+                      threads=256, global_loads=4, global_loads_128=4,
+                      global_loads_64=0, global_stores=2, global_stores_128=2,
                       cp_async=0, sass_sha256="0" * 64)
     path = tmp_path / "report.json"
     audit.save_report(path, [job], [p], {"ptxas": "13.4"}, "autonorm audit --test")

@@ -88,8 +88,8 @@ def test_sampled_configs_compile(op, direction, tmp_path):
     # The sample covers both ends of every knob (the point of including extremes).
     for name, domain in CupyConfig.domain().items():
         seen = {getattr(c, name) for _, c in pairs}
-        if direction == "fwd" and name == "partials_per_sm":
-            assert seen == {1}
+        if direction == "fwd" and name in ("partials_per_sm", "partials"):
+            assert seen == {CupyConfig.domain()[name][0]}  # backward knobs: the forward takes the first value
             continue
         assert min(domain) in seen and max(domain) in seen, (name, sorted(seen))
     path = str(tmp_path / f"{op}_{direction}.cu")
@@ -125,7 +125,8 @@ def test_every_config_of_the_space_renders(spec):
 
 def test_validity_rules():
     spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096)
-    ok = CupyConfig(threads=256, vec=8, rows=1, unroll=1, row_cache="registers", partials_per_sm=1)
+    ok = CupyConfig(threads=256, vec=8, rows=1, unroll=1, row_cache="registers", partials_per_sm=1,
+                    partials="registers")
     assert CupyConfig.is_valid(spec, ok) is None
     assert "16-byte" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "float32", "float32", 4096), ok)
     assert "divide" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4100), ok)
@@ -140,6 +141,17 @@ def test_validity_rules():
     assert CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 262144),
                                ok.replace(row_cache="none")) is None
     assert "backward" in CupyConfig.is_valid(spec, ok.replace(partials_per_sm=4))
+    assert "partials" in CupyConfig.is_valid(spec, ok.replace(partials="global"))
+    # dW/dB sums in registers: a quarter of the register cap a thread (16 elements at 1024 threads).
+    bwd = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384)
+    shared = ok.replace(threads=1024, row_cache="shared")
+    assert CupyConfig.is_valid(bwd, shared) is None  # 16 dW elements a thread
+    assert "partials in registers need 32" in CupyConfig.is_valid(NormSpec("layernorm", "bwd", "bfloat16", "bfloat16",
+                                                                            16384, bias=True), shared)
+    assert CupyConfig.is_valid(bwd, shared.replace(partials="global")) is None
+    assert "registers" in CupyConfig.is_valid(bwd, ok.replace(threads=1024, partials="global"))
+    assert "partials" in CupyConfig.is_valid(NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 16384, weight=False),
+                                             shared.replace(partials="global"))
     # Every spec size of the contract has a valid heuristic (the 'none' cache fits any N).
     for n in (1, 2, 3, 7, 123, 760, 4096, 65537, 262144, 1 << 20):
         for d in ("fwd", "bwd"):
@@ -218,8 +230,7 @@ def test_launcher_arguments_match_kernel_signatures(spec, strided):
     config = BACKEND.heuristic(spec)
     text = BACKEND.render(spec, config).text
     d = spec.direction
-    launcher = _Launcher(spec, config, 0, (f"an_{d}_vec", f"an_{d}_scalar"), "an_bwd_reduce",
-                         max_blocks=4 * config.partials_per_sm)
+    launcher = _Launcher(spec, config, 0, (f"an_{d}_vec", f"an_{d}_scalar"), max_blocks=4 * config.partials_per_sm)
     launcher._launch = recorder = _Recorder()
     rows = 37
     inputs = verify.make_inputs(spec, rows, "cpu", strided=strided)
@@ -230,7 +241,7 @@ def test_launcher_arguments_match_kernel_signatures(spec, strided):
         assert len(args) == len(decls), (name, decls, args)
         for decl, arg in zip(decls, args):
             assert type(arg) is _expected_type(decl), (name, decl, arg)
-        assert block == ((256,) if name == "an_bwd_reduce" else (config.threads,))
+        assert block == (config.threads,)
         assert smem == 0 or config.row_cache == "shared"
     # Odd row strides (strided inputs) rule out packed accesses; aligned contiguous tensors use them.
     first = recorder.calls[0][0]
@@ -242,4 +253,25 @@ def test_launcher_arguments_match_kernel_signatures(spec, strided):
         assert (h is not None) == spec.residual and (mean is not None) == spec.is_layernorm
     else:
         assert recorder.calls[0][1][0] <= 4 * config.partials_per_sm  # persistent grid: at most max_blocks
-        assert len(recorder.calls) == (2 if spec.weight else 1)  # dW/dB reduction kernel
+        assert len(recorder.calls) == 1  # the dW/dB partials are summed by torch
+        dx, dw, db = outputs
+        assert dx.shape == (rows, spec.hidden) and (dw is not None) == spec.weight and (db is not None) == spec.bias
+
+
+@pytest.mark.parametrize("cache", ["shared", "none"])
+def test_backward_partials_in_registers_are_written_once(cache):
+    """partials="registers": a thread sums its columns' dW/dB over its rows in registers and writes its partial
+    row once after the row loop; "global" adds into it for every row."""
+    spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 8192, bias=True)
+    config = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache=cache, partials_per_sm=1, partials="registers")
+    assert CupyConfig.is_valid(spec, config) is None
+    on_chip = BACKEND.render(spec, config).text
+    per_row = BACKEND.render(spec, config.replace(partials="global")).text
+    assert "accw[k][e] += dv[e] * xh[e];" in on_chip and "pw[j * VEC + e] = accw[k][e];" in on_chip
+    assert "pw[j * VEC + e] +=" not in on_chip and "pb[j * VEC + e] +=" not in on_chip
+    assert "pw[j * VEC + e] += dv[e] * xh[e];" in per_row and "accw" not in per_row
+    # Up to 16 dW/dB elements a thread: what fits the 64 registers of a 1024-thread block (the audit checks it).
+    rms_16k = CupyConfig.heuristic(NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 16384))
+    assert (rms_16k.row_cache, rms_16k.threads, rms_16k.partials) == ("shared", 1024, "registers")
+    ln_16k = CupyConfig.heuristic(NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384, bias=True))
+    assert (ln_16k.row_cache, ln_16k.partials) == ("shared", "global")

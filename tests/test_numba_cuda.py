@@ -31,7 +31,7 @@ needs_backend = pytest.mark.skipif(not BACKEND.is_available(), reason=str(BACKEN
 # Sizes the simulator affords: 1, a prime, an odd size, and 300 (> one 256-wide chunk of most configs).
 SIM_CASES = grid.params(hidden=(1, 7, 123, 300), feature_hidden=(123,))
 # threads*items = 64 < 300: the row is processed in 5 chunks, re-read from memory in each pass.
-CHUNKED = nc.NumbaCudaConfig(threads=32, items=2, rows=1)
+CHUNKED = nc.NumbaCudaConfig(threads=32, items=2, rows=1, vec=2)
 
 
 @needs_backend
@@ -106,7 +106,7 @@ def test_bf16_narrowing_follows_the_contract():
 @needs_backend
 def test_backward_is_deterministic():
     spec = NormSpec("layernorm", "bwd", "float32", "float32", 96, bias=True)
-    kernel = BACKEND.compile(spec, nc.NumbaCudaConfig(threads=32, items=4, rows=2), DEVICE)
+    kernel = BACKEND.compile(spec, nc.NumbaCudaConfig(threads=32, items=4, rows=2, vec=2), DEVICE)
     inputs = verify.make_inputs(spec, 7, DEVICE)
     first = kernel(*inputs.args(spec))
     second = kernel(*inputs.args(spec))
@@ -152,10 +152,10 @@ def test_heuristic_is_valid_and_in_space(hidden, dtype):
 
 def test_validity_rules():
     spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 4096)
-    assert "exceeds 1024" in nc.NumbaCudaConfig.is_valid(spec, nc.NumbaCudaConfig(threads=256, items=8, rows=8))
+    assert "exceeds 1024" in nc.NumbaCudaConfig.is_valid(spec, nc.NumbaCudaConfig(threads=256, items=8, rows=8, vec=1))
     small = NormSpec("rmsnorm", "fwd", "float32", "float32", 10)
-    assert "half of" in nc.NumbaCudaConfig.is_valid(small, nc.NumbaCudaConfig(threads=64, items=1, rows=1))
-    assert nc.NumbaCudaConfig.is_valid(small, nc.NumbaCudaConfig(threads=32, items=1, rows=8)) is None
+    assert "half of" in nc.NumbaCudaConfig.is_valid(small, nc.NumbaCudaConfig(threads=64, items=1, rows=1, vec=1))
+    assert nc.NumbaCudaConfig.is_valid(small, nc.NumbaCudaConfig(threads=32, items=1, rows=8, vec=1)) is None
     with pytest.raises(InvalidConfigError):
         nc.NumbaCudaConfig.from_dict({"threads": 48, "items": 1, "rows": 1})
     with pytest.raises(InvalidConfigError):
@@ -194,14 +194,15 @@ _LOWER = textwrap.dedent("""
     nvrtc.get_arch_option = lambda major, minor: f"compute_{major}{minor}"
     AR = {"float32": t.float32, "float16": t.float16, "bfloat16": t.uint16}
 
-    def signature(s):
-        x1, w, x2 = AR[s.x_dtype][::1], AR[s.w_dtype][::1], AR[s.x_dtype][:, ::1]
-        f1, f2, i, f = t.float32[::1], t.float32[:, ::1], t.int64, t.float32
+    def signature(s, vec):
+        # Row tensors as flat arrays of VEC-element words, the rest by element (as _Launcher passes them).
+        x = AR[s.x_dtype][::1] if vec == 1 else getattr(t, f"int{vec * s.x_itemsize * 8}")[::1]
+        w, f1, f2, i, f = AR[s.w_dtype][::1], t.float32[::1], t.float32[:, ::1], t.int64, t.float32
         if s.direction == "fwd":
-            a = [x1, i] + ([x1, i, x2] if s.residual else []) + [w] * (s.weight + s.bias)
-            return a + [x2] + [f1] * s.is_layernorm + [f1, i, f, f]
-        a = [x1, i, x1, i] + ([w, f2] if s.weight else []) + [f2] * s.bias
-        return a + [f1] * s.is_layernorm + [f1] + ([x1, i] if s.residual else []) + [x2, i, f]
+            a = [x, i] + ([x, i, x] if s.residual else []) + [w] * (s.weight + s.bias)
+            return a + [x] + [f1] * s.is_layernorm + [f1, i, f, f]
+        a = [x, i, x, i] + ([w, f2] if s.weight else []) + [f2] * s.bias
+        return a + [f1] * s.is_layernorm + [f1] + ([x, i] if s.residual else []) + [x, i, f]
 
     backend = get_backend("numba")
     for op in ("rmsnorm", "layernorm"):
@@ -209,16 +210,14 @@ _LOWER = textwrap.dedent("""
             feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
             for x_dtype, w_dtype, n in (("bfloat16", "float32", 123), ("float16", "float16", 70000)):
                 spec = NormSpec(op, direction, x_dtype, w_dtype, n, residual=True, **feats)
-                module = import_generated(backend.render(spec, backend.heuristic(spec)), "numba_cuda")
-                ir = compile_cuda(module._kernel.py_func, t.void, tuple(signature(spec)), cc=(8, 0))
+                config = backend.heuristic(spec)
+                module = import_generated(backend.render(spec, config), "numba_cuda")
+                ir = compile_cuda(module._kernel.py_func, t.void, tuple(signature(spec, config.vec)), cc=(8, 0))
                 ir = ir.library.get_llvm_str()
                 # fp32 math only: the one use of a double is a folded constant truncation.
                 bad = [l for l in ir.splitlines() if " double" in l and "fptrunc double" not in l
                        and not l.startswith("declare")]
                 assert not bad, (spec.short(), bad[:3])
-                if direction == "bwd":
-                    compile_cuda(module._sum_partials.py_func, t.void, (t.float32[:, ::1], AR[w_dtype][::1], t.int64),
-                                 cc=(8, 0))
     print("lowered")
 """)
 

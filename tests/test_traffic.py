@@ -126,7 +126,28 @@ def test_numba_chunked_forward_reads_the_residual_once():
 
     backend = get_backend("numba")
     spec = NormSpec("layernorm", "fwd", "bfloat16", "float32", 300, residual=True, bias=True)
-    config = NumbaCudaConfig(threads=32, items=2, rows=1)  # 5 chunks of 64
+    config = NumbaCudaConfig(threads=32, items=2, rows=1, vec=2)  # 5 chunks of 64
     m = traffic.measure(backend, spec, config, 2)
     assert m.per_tensor["x"] == m.sizes["x"] and m.per_tensor["residual"] == m.sizes["residual"]
     assert m.per_tensor["h"] == 2 * m.sizes["h"]  # written, then read back once to normalize
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_numba_backward_keeps_its_partials_in_registers(op):
+    """A row held in registers: each row slot writes its fp32 dW (and dB) partial row once, instead of a
+    read-modify-write of it for every row; chunked rows still add into it per row."""
+    if cuda is None or torch.cuda.is_available():
+        pytest.skip("counts the Numba CUDA simulator's accesses (CPU only)")
+    from autonorm.backends.numba_cuda import NumbaCudaConfig
+
+    backend = get_backend("numba")
+    n, rows = 64, 6  # the simulator launches 2 blocks: 3 rows per row slot
+    spec = NormSpec(op, "bwd", "bfloat16", "bfloat16", n, bias=op == "layernorm")
+    params = 2 if op == "layernorm" else 1
+    slots = 2  # blocks x 1 row slot
+    in_registers = traffic.measure(backend, spec, NumbaCudaConfig(threads=32, items=2, rows=1, vec=2), rows)
+    chunked = traffic.measure(backend, spec, NumbaCudaConfig(threads=32, items=1, rows=1, vec=1), rows)
+    assert in_registers.scratch == slots * n * 4 * params  # one store per slot and element
+    assert chunked.scratch == 2 * rows * n * 4 * params  # a load and a store per row and element
+    for m in (in_registers, chunked):
+        assert m.per_tensor["dx"] == m.sizes["dx"]

@@ -75,6 +75,20 @@ def test_chunked_backward_with_partials_on_chip(triton_backend, n, block, op, de
     check_case(triton_backend, spec, 3 if n > 10_000 else 37, True, device, config)
 
 
+@pytest.mark.parametrize("n,rows_per_program", [(123, 4), (1024, 1), (4096, 2)])
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_backward_prefetch_of_the_next_row_group(triton_backend, n, rows_per_program, op, device):
+    """BWD_PREFETCH=1: each iteration loads the next row group's x and dy before its own reductions. 37 rows
+    over 8 programs: programs of several groups, a partial last group and a program past the last row."""
+    feats = {"bias": True} if op == "layernorm" else {"offset": True}
+    spec = NormSpec(op, "bwd", "bfloat16", "float32", n, residual=True, **feats)
+    configs = [TritonConfig(BLOCK_N=next_pow2(n), num_warps=w, ROWS_PER_PROGRAM=rows_per_program, DW_PARTIALS=32,
+                            BWD_PREFETCH=1) for w in (1, 2, 4, 8, 16)]
+    config = next(c for c in configs if TritonConfig.is_valid(spec, c) is None)  # the fewest warps that fit
+    assert "x_next = tl.load" in triton_backend.render(spec, config).text
+    check_case(triton_backend, spec, 37, True, device, config)
+
+
 def test_single_block_path_has_no_loop_over_columns(triton_backend):
     spec = NormSpec("layernorm", "fwd", "float32", "float32", 760)
     source = triton_backend.render(spec, triton_backend.heuristic(spec)).text

@@ -191,11 +191,13 @@ def _numba_compile(items: list[dict]) -> list[dict]:
     for i, item in enumerate(items):
         spec = NormSpec(**item["spec"])
         dispatcher = _load_module(item["path"], f"autonorm_audit_numba_{i}")._kernel
-        x, w, f32 = (types.Array(scalar[spec.x_dtype], 1, "C"), types.Array(scalar[spec.w_dtype], 1, "C"),
-                     types.Array(types.float32, 1, "C"))
-        # As _Launcher passes them: inputs as flat rows, outputs and partials as 2-D arrays.
-        x2 = types.Array(scalar[spec.x_dtype], 2, "C")
-        kinds = {"x": x, "dy": x, "res": x, "dh": x, "h": x2, "y": x2, "dx": x2, "w": w, "b": w,
+        # As _Launcher passes them: row tensors as flat arrays of VEC-element words, parameters, statistics
+        # and partials by element.
+        vec = item["vec"]
+        word = types.Array(scalar[spec.x_dtype] if vec == 1 else getattr(types, f"int{vec * spec.x_itemsize * 8}"),
+                           1, "C")
+        w, f32 = types.Array(scalar[spec.w_dtype], 1, "C"), types.Array(types.float32, 1, "C")
+        kinds = {"x": word, "dy": word, "res": word, "dh": word, "h": word, "y": word, "dx": word, "w": w, "b": w,
                  "pw": types.Array(types.float32, 2, "C"), "pb": types.Array(types.float32, 2, "C"),
                  "mean_out": f32, "rstd_out": f32, "mean_in": f32, "rstd_in": f32,
                  "M": types.int64, "eps": types.float32, "offset": types.float32}
@@ -209,8 +211,8 @@ def _numba_compile(items: list[dict]) -> list[dict]:
 
 
 def numba_profiles(jobs: list[Job], workdir: str) -> list[Profile]:
-    items = [{"path": _module_file(j, "numba_cuda"), "spec": j.spec.to_dict(), "cc": divmod(ARCHS[j.arch].cc, 10)}
-             for j in jobs]
+    items = [{"path": _module_file(j, "numba_cuda"), "spec": j.spec.to_dict(), "cc": divmod(ARCHS[j.arch].cc, 10),
+              "vec": j.config.vec} for j in jobs]
     out = []
     for job, result in zip(jobs, _run_worker("numba", items)):
         log, cubin = ptxas(result["ptx"], workdir, f"numba_{job.arch}_{job.source().sha256[:16]}")

@@ -8,7 +8,7 @@ from ..hardware import ARCHS, Arch, resident_blocks
 from ..spec import ITEMSIZE, NormSpec
 
 # Bumped when what a cached profile holds changes.
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Profile:
     threads: int
     global_loads: int
     global_loads_128: int
+    global_loads_64: int  # exactly 64-bit: Numba's widest (one word of 4 16-bit or 2 fp32 elements)
     global_stores: int
     global_stores_128: int
     cp_async: int
@@ -87,7 +88,10 @@ def gate_failures(p: Profile, spec: NormSpec) -> list[str]:
         problems.append(f"spills {p.spill_bytes} bytes")
     if p.registers * p.threads > ARCHS[p.arch].regs or not p.launchable:
         problems.append(f"{p.registers} registers x {p.threads} threads cannot be resident ({p.limiter})")
-    # Numba has no vector loads; Triton and CuPy load x 16 bytes at a time on aligned rows.
-    if p.backend != "numba" and spec.hidden * ITEMSIZE[spec.x_dtype] % 16 == 0 and not p.global_loads_128:
+    # Triton and CuPy load x 16 bytes at a time on aligned rows; Numba, without a 128-bit type, 8.
+    row_bytes = spec.hidden * ITEMSIZE[spec.x_dtype]
+    if p.backend != "numba" and row_bytes % 16 == 0 and not p.global_loads_128:
         problems.append("no 128-bit global load although rows are 16-byte aligned")
+    if p.backend == "numba" and row_bytes % 8 == 0 and not p.global_loads_64:
+        problems.append("no 64-bit global load although rows are 8-byte aligned")
     return problems

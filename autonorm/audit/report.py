@@ -62,13 +62,14 @@ def load_report(path) -> dict[str, Profile]:
 
 
 COLUMNS = ("backend", "arch", "spec", "config", "regs", "spill", "stack", "smem", "threads", "blocks/SM",
-           "occupancy", "ld128", "st128", "cp.async")
+           "occupancy", "ld128", "ld64", "st128", "cp.async")
 
 
 def row(p: Profile) -> tuple:
     return (p.backend, p.arch, p.spec, p.config, p.registers, p.spill_bytes, p.stack,
             p.smem_static + p.smem_dynamic, p.threads, p.blocks_per_sm, f"{p.occupancy:.0%}",
-            f"{p.global_loads_128}/{p.global_loads}", f"{p.global_stores_128}/{p.global_stores}", p.cp_async)
+            f"{p.global_loads_128}/{p.global_loads}", f"{p.global_loads_64}/{p.global_loads}",
+            f"{p.global_stores_128}/{p.global_stores}", p.cp_async)
 
 
 def table(profiles: list[Profile], markdown: bool = False) -> str:
@@ -95,21 +96,23 @@ def doc(jobs: list[Job], profiles: list[Profile], versions: dict, command: str) 
         "Toolchain: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
         "Per kernel and architecture: registers per thread, spill bytes (stores + loads), threads per block,",
-        "resident blocks per SM and theoretical occupancy (warps resident / 64), and 128-bit global loads",
-        "out of all global loads (from the SASS). A kernel fits when it does not spill, a block can be",
-        "resident (registers x threads <= 65,536) and x is loaded 16 bytes at a time wherever",
-        "N * itemsize is a multiple of 16 (Numba CUDA has no vector loads: its share is reported, not",
-        "gated). Regenerate with the command above; `autonorm audit --grid standard --save",
-        "docs/benchmarks/hardware-fit.json` writes the same profiles as JSON, keyed by the rendered source,",
-        "which `tests/test_audit.py` checks in every CI run against the kernels the code renders then.",
+        "resident blocks per SM and theoretical occupancy (warps resident / 64), and wide global loads out",
+        "of all global loads (from the SASS): 128-bit, or 64-bit for Numba CUDA, whose widest access is one",
+        "64-bit word. A kernel fits when it does not spill, a block can be resident (registers x threads <=",
+        "65,536) and x is loaded 16 bytes at a time wherever N * itemsize is a multiple of 16 (Numba CUDA: 8",
+        "bytes wherever it is a multiple of 8). Regenerate with the command above; `autonorm audit --grid",
+        "standard --save docs/benchmarks/hardware-fit.json` writes the same profiles as JSON, keyed by the",
+        "rendered source, which `tests/test_audit.py` checks in every CI run against the kernels the code",
+        "renders then.",
         "",
         f"**{fits} of {len(profiles)} kernels fit.**",
     ]
     for backend in dict.fromkeys(j.backend for j in jobs):
         lines += ["", f"## {backend}", ""]
         head = ["op", "dir", "dtype", "N", "config"]
+        wide = "ld64" if backend == "numba" else "ld128"
         for a in archs:
-            head += [f"{a} regs", f"{a} spill", f"{a} threads", f"{a} blocks/SM", f"{a} occ.", f"{a} ld128"]
+            head += [f"{a} regs", f"{a} spill", f"{a} threads", f"{a} blocks/SM", f"{a} occ.", f"{a} {wide}"]
         head.append("fits")
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for spec in dict.fromkeys(j.spec for j in jobs if j.backend == backend):
@@ -120,8 +123,9 @@ def doc(jobs: list[Job], profiles: list[Profile], versions: dict, command: str) 
                 job, p = by_key[(backend, spec, a)]
                 config = job.config.short()
                 ok &= not gate_failures(p, spec)
+                wide_loads = p.global_loads_64 if backend == "numba" else p.global_loads_128
                 cells += [str(p.registers), str(p.spill_bytes), str(p.threads), str(p.blocks_per_sm),
-                          f"{p.occupancy:.0%}", f"{p.global_loads_128}/{p.global_loads}"]
+                          f"{p.occupancy:.0%}", f"{wide_loads}/{p.global_loads}"]
             cells.insert(4, f"`{config}`")
             cells.append("yes" if ok else "**no**")
             lines.append("| " + " | ".join(cells) + " |")

@@ -104,7 +104,8 @@ _GLOBAL = re.compile(r"\b(LDG|STG|LDGSTS)(\.[\w.]*)?")
 
 
 def sass_counts(cubin: str) -> dict[str, dict]:
-    """Per function of a cubin: global loads / stores, how many are 128-bit, cp.async (LDGSTS) count."""
+    """Per function of a cubin: global loads / stores, how many are 128-bit (loads: and 64-bit), cp.async
+    (LDGSTS) count."""
     proc = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"cuobjdump -sass {cubin} failed: {proc.stderr.strip()}")
@@ -113,8 +114,8 @@ def sass_counts(cubin: str) -> dict[str, dict]:
     text: list[str] = []
     for line in proc.stdout.splitlines():
         if m := re.search(r"Function : (\S+)", line):
-            current = out.setdefault(m.group(1), {"global_loads": 0, "global_loads_128": 0, "global_stores": 0,
-                                                  "global_stores_128": 0, "cp_async": 0})
+            current = out.setdefault(m.group(1), {"global_loads": 0, "global_loads_128": 0, "global_loads_64": 0,
+                                                  "global_stores": 0, "global_stores_128": 0, "cp_async": 0})
             text = current.setdefault("_text", [])
             continue
         if current is None:
@@ -129,6 +130,7 @@ def sass_counts(cubin: str) -> dict[str, dict]:
             elif op == "LDG":
                 current["global_loads"] += 1
                 current["global_loads_128"] += wide
+                current["global_loads_64"] += ".64" in mods
             else:
                 current["global_stores"] += 1
                 current["global_stores_128"] += wide
