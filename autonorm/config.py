@@ -72,6 +72,12 @@ class Config:
     def short(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self.to_dict().items()) or "-"
 
+    def min_compute_capability(self) -> int:
+        """The oldest GPU generation (major * 10 + minor) the config can run on: 0 for any. A config that
+        needs a newer one (thread-block clusters: 90) is refused when built on an older device and left
+        out of that device's audited search space."""
+        return 0
+
     # --- spec-dependent rules: overridden by each backend's config -------------
     @classmethod
     def is_valid(cls, spec: NormSpec, config: "Config") -> str | None:

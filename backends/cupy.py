@@ -65,10 +65,15 @@ class CupyConfig(Config):
     vec: int = knob((1, 2, 4, 8), "elements per vector access (16 bytes = 4 fp32 / 8 bf16)")
     rows: int = knob((1, 2, 4, 8, 16), "rows per block (threads / rows threads per row)")
     unroll: int = knob((1, 2, 4), "unroll of the chunk loops (shared / none row cache)")
-    row_cache: str = knob(("registers", "shared", "none"), "where the row lives between passes")
+    row_cache: str = knob(("registers", "shared", "none", "cluster2", "cluster4", "cluster8"),
+                          "where the row lives between passes; clusterC (forward, sm_90+): split over the C blocks "
+                          "of a thread-block cluster, each caching its slice in shared memory")
     partials_per_sm: int = knob((1, 2, 4, 8, 16), "bwd: persistent blocks (dW partial groups) per SM")
     partials: str = knob(("registers", "global"), "bwd: where a thread sums its columns' dW/dB over its rows "
                                                   "(registers: written once; global: read-modify-written per row)")
+
+    def min_compute_capability(self) -> int:
+        return 90 if cluster_size(self) > 1 else 0
 
     @classmethod
     def is_valid(cls, spec: NormSpec, c: CupyConfig) -> str | None:
@@ -79,6 +84,15 @@ class CupyConfig(Config):
             return f"vec={c.vec} does not divide N={n}"
         if c.rows > c.threads // 2:
             return f"rows={c.rows} leaves fewer than 2 threads per row of a {c.threads}-thread block"
+        blocks = cluster_size(c)
+        if blocks > 1:
+            if spec.direction != "fwd":
+                return f"row_cache={c.row_cache}: the cluster split is a forward path"
+            if c.rows != 1 or c.unroll != 1:
+                return f"row_cache={c.row_cache} takes one row a cluster (rows=1) and unroll=1"
+            if n % (blocks * c.vec):
+                return f"row_cache={c.row_cache}: N={n} does not split into {blocks} slices of whole vectors"
+            n //= blocks  # each block of the cluster owns a slice of the row
         tpr = c.threads // c.rows
         if tpr > 2 and (tpr // 2) * c.vec >= n:
             return f"{tpr} threads per row: half of them would have no element of an N={n} row"
@@ -90,8 +104,8 @@ class CupyConfig(Config):
                         f"(max {budget} with {c.threads} threads)")
             if c.unroll != 1:
                 return "unroll applies to the chunk loops; the registers cache is fully unrolled"
-        elif c.row_cache == "shared" and dynamic_smem(spec, c) > SMEM_MAX:
-            return f"shared row cache needs {dynamic_smem(spec, c)} bytes > {SMEM_MAX}"
+        elif c.row_cache != "none" and dynamic_smem(spec, c) > SMEM_MAX:
+            return f"{c.row_cache} row cache needs {dynamic_smem(spec, c)} bytes a block > {SMEM_MAX}"
         if spec.direction == "fwd" or not spec.weight:
             if c.partials_per_sm != 1 and spec.direction == "fwd":
                 return "partials_per_sm is a backward knob (fwd takes 1)"
@@ -142,9 +156,17 @@ class CupyConfig(Config):
         raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
 
 
+def cluster_size(config: CupyConfig) -> int:
+    """Blocks of the thread-block cluster that shares one row (1: no cluster)."""
+    return int(config.row_cache[len("cluster"):]) if config.row_cache.startswith("cluster") else 1
+
+
 def dynamic_smem(spec: NormSpec, config: CupyConfig) -> int:
-    """Bytes of the shared-memory row cache the launcher asks for (0 unless row_cache="shared"):
-    ROWS rows of N input-dtype elements, twice in the backward (x and dy)."""
+    """Bytes of the shared-memory row cache the launcher asks for: ROWS rows of N input-dtype elements,
+    twice in the backward (x and dy), with row_cache="shared"; a 1/C slice of the row with "clusterC";
+    0 otherwise."""
+    if config.row_cache.startswith("cluster"):
+        return spec.hidden // cluster_size(config) * spec.x_itemsize
     cache_rows = config.rows if config.row_cache == "shared" else 0
     return cache_rows * spec.hidden * spec.x_itemsize * (2 if spec.direction == "bwd" else 1)
 
@@ -153,7 +175,7 @@ def geometry(spec: NormSpec, config: CupyConfig) -> dict:
     """Constants rendered into the kernels (templates read them as `geo.*`)."""
     tpr = config.threads // config.rows
     return {"threads": config.threads, "rows": config.rows, "vec": config.vec,
-            "items_per_thread": _cdiv(spec.hidden, tpr * config.vec)}
+            "items_per_thread": _cdiv(spec.hidden, tpr * config.vec), "cluster": cluster_size(config)}
 
 
 class CupyBackend(Backend):
@@ -203,6 +225,11 @@ class CupyBackend(Backend):
         if device.type != "cuda":
             raise ValueError(f"cupy kernels run on CUDA tensors, not {device}")
         index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        if major * 10 + minor < config.min_compute_capability():
+            raise ValueError(f"cupy config {config.short()} needs compute capability "
+                             f"{config.min_compute_capability() / 10:.1f} (thread-block clusters); "
+                             f"this device has {major}.{minor}")
         with cupy.cuda.Device(index):
             # No -arch here: CuPy appends `-arch=sm_<cc>` of the current device itself, capped at
             # what its NVRTC supports (cupy/cuda/compiler.py, _get_arch_for_options_for_nvrtc),
@@ -287,7 +314,9 @@ class _Launcher:
         args = (self._ptr(x), x.stride(0), self._ptr(residual), residual.stride(0) if residual is not None else 0,
                 self._ptr(weight), self._ptr(bias), self._ptr(y), self._ptr(h), self._ptr(mean), self._ptr(rstd),
                 m, self._f32(eps), self._f32(offset))
-        self._launch(fn, (_cdiv(m, config.rows),), self.block, args, self.smem)
+        # A cluster takes one row: its C consecutive blocks (the kernel's __cluster_dims__) split it.
+        blocks = m * cluster_size(config) if cluster_size(config) > 1 else _cdiv(m, config.rows)
+        self._launch(fn, (blocks,), self.block, args, self.smem)
         return y, h, mean, rstd
 
     def backward(self, dy, x, weight, mean, rstd, dh, offset):

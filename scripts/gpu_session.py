@@ -14,17 +14,20 @@ process) under its own share of the budget; a share a phase leaves unused goes t
   smoke-numba
   bench          bf16 RMS/LN fwd/bwd at N = 4K..256K, M*N = 2^27: copy, torch, Liger, every
                  backend's heuristic (torch.compile after, if time is left)
+  variants       each kernel variant against its backend's heuristic, checked, then timed interleaved:
+                 CuPy's thread-block cluster forward (256K, 64K), its dW/dB partials per row instead of
+                 in registers, Triton's backward prefetch, Numba's scalar instead of 64-bit accesses
   tune           a small database: bf16 RMS/LN fwd/bwd at N=4096 (then 8192), 16K rows, <= 12 trials
   sweep          every Triton config of rmsnorm bwd bf16 N=4096 in random order until the budget ends
 
 Every finished case is appended at once as one JSON line, so a run cut at any point keeps what
 it finished. A phase process that dies (not cut) is restarted and skips its finished cases; the
 case it died in is recorded as crashed. The human summary is printed last, also after a cut or
-a signal. The out folder holds at most these 6 files:
+a signal. The out folder holds at most these 7 files:
 
   session.log    everything the phases printed
   session.jsonl  env facts (device, versions, clocks, copy bandwidth) and one line per phase run
-  smoke.jsonl  bench.jsonl  tune.jsonl  sweep.jsonl   one line per finished case
+  smoke.jsonl  bench.jsonl  variants.jsonl  tune.jsonl  sweep.jsonl   one line per finished case
 
 The dry run walks every phase on the CPU at small sizes (Triton interpreter, Numba simulator,
 CPU timers) and writes the same files; its device slug starts with `dry-run-`, and its
@@ -48,15 +51,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # (phase, weight): a phase's share is its weight's part of the budget left when it starts.
-PHASES = (("env", 1), ("smoke-triton", 3), ("smoke-cupy", 2), ("smoke-numba", 2), ("bench", 5), ("tune", 4),
-          ("sweep", 3))
+PHASES = (("env", 1), ("smoke-triton", 3), ("smoke-cupy", 2), ("smoke-numba", 2), ("bench", 5), ("variants", 2),
+          ("tune", 4), ("sweep", 3))
 DEFAULT_BUDGET = 510.0
 SUMMARY_RESERVE_S = 5.0  # kept back for the summary
 KILL_GRACE_S = 3.0  # a phase past its share gets SIGTERM, then SIGKILL after this
 MAX_RESTARTS = 3
 EXIT_OUT_OF_SHARE = 3  # a phase stopped before its next case for lack of time: cases are left
 EXIT_CONTEXT_LOST = 70  # a phase exits with this after a sticky CUDA error: restarted fresh
-FILES = ("session.log", "session.jsonl", "smoke.jsonl", "bench.jsonl", "tune.jsonl", "sweep.jsonl")
+FILES = ("session.log", "session.jsonl", "smoke.jsonl", "bench.jsonl", "variants.jsonl", "tune.jsonl", "sweep.jsonl")
 CASE_MARK = "@case "  # a phase prints this before each case: the parent knows where a cut or crash hit
 
 
@@ -294,6 +297,18 @@ def summary(out: Path) -> str:
     for c in errors[:3]:
         lines.append(f"  {c['status']}: {c['case']}: {str(c.get('error'))[:150]}")
 
+    variants = read_lines(out / "variants.jsonl")
+    if variants:
+        lines.append("variants (speedup over the heuristic; > 1: the variant is faster):")
+        for v in variants:
+            if v["status"] == "ok":
+                result = f"{v['speedup']:.2f}x, {v['variant_gbps']:.0f} GB/s"
+            elif v["status"] == "unavailable":
+                result = v["status"]
+            else:
+                result = f"{v['status']}: {str(v.get('error') or v.get('errors'))[:100]}"
+            lines.append(f"  {v['case'][:46]:<46} {result}")
+
     tune = read_lines(out / "tune.jsonl")
     if tune:
         lines.append(f"tune: {sum(t['status'] == 'ok' for t in tune)}/{len(tune)} studies recorded")
@@ -378,6 +393,41 @@ def bench_cases(dry_run: bool) -> list:
     hidden, elements = ((32,), 1 << 7) if dry_run else ((4096, 8192, 16384, 65536, 262144), 1 << 27)
     return [(NormSpec(op, d, "bfloat16", "bfloat16", n), elements // n)
             for n in hidden for op in ("rmsnorm", "layernorm") for d in ("fwd", "bwd")]
+
+
+@dataclass(frozen=True)
+class VariantCase:
+    name: str
+    backend: str
+    spec: object  # NormSpec
+    rows: int
+    changes: tuple  # (knob, value) pairs applied to the backend's heuristic
+
+
+def variant_cases(dry_run: bool) -> list[VariantCase]:
+    """Kernel variants the heuristic does not choose (or chose without a GPU), each to be timed against it."""
+    from autonorm.spec import NormSpec
+
+    out = []
+
+    def add(name, backend, op, direction, n, m, **changes):
+        # Named by the GPU size (m rows of n); the dry run runs every case at 2 x 64 (interpreter, simulator).
+        name = f"{op} {direction} {m}x{n} {backend} {name}"
+        if dry_run:
+            n, m = 64, 2
+        spec = NormSpec(op, direction, "bfloat16", "bfloat16", n, bias=op == "layernorm", residual=direction == "fwd")
+        out.append(VariantCase(name, backend, spec, m, tuple(changes.items())))
+
+    for op in ("rmsnorm", "layernorm"):
+        # The row on chip across a cluster, against the heuristic's two passes (256K) or its one block (64K).
+        for n, m, sizes in ((262144, 512, (4, 8)), (65536, 2048, (2, 4, 8))):
+            for c in sizes:
+                add(f"cluster{c}", "cupy", op, "fwd", n, m, row_cache=f"cluster{c}", threads=1024, rows=1, unroll=1)
+        add("prefetch", "triton", op, "bwd", 4096, 16384, BWD_PREFETCH=1)
+        add("scalar accesses", "numba", op, "fwd", 4096, 16384, vec=1)
+    # The heuristic sums these dW partials in registers; the variant read-modify-writes them per row.
+    add("partials per row", "cupy", "rmsnorm", "bwd", 16384, 8192, partials="global")
+    return out
 
 
 class Phase:
@@ -681,6 +731,55 @@ def phase_bench(ph: Phase) -> None:
     return True
 
 
+def phase_variants(ph: Phase) -> None:
+    from autonorm import measure
+    from autonorm.backends import get_backend
+
+    if ph.device.type == "cuda":
+        timer = measure.CudaTimer(ph.device, warmup_ms=10, rep_ms=50)
+    else:
+        timer = measure.CpuTimer(warmup_s=0.0, rep_s=0.0, min_reps=2, max_reps=2, max_sets=2)
+    for case in variant_cases(ph.dry_run):
+        if case.name in ph.done:
+            continue
+        if not ph.can_start(3.0):
+            return False
+        t0 = ph.start(case.name)
+        backend = get_backend(case.backend)
+        fields = {"backend": case.backend, "spec": case.spec.to_dict(), "rows": case.rows}
+        reason = backend.unavailable_reason()
+        if reason is None and not backend.supports_device(ph.device):
+            reason = f"{case.backend} kernels do not run on {ph.device.type}"
+        if reason is not None:
+            ph.finish(case.name, t0, status="unavailable", error=reason, **fields)
+            continue
+        heuristic = backend.heuristic(case.spec)
+        variant = heuristic.replace(**dict(case.changes))
+        fields.update(heuristic=heuristic.short(), variant=variant.short())
+        try:
+            invalid = backend.config_cls.is_valid(case.spec, variant)
+            if invalid:
+                ph.finish(case.name, t0, status="invalid", error=invalid, **fields)
+                continue
+            kernels = [backend.compile(case.spec, c, ph.device) for c in (heuristic, variant)]
+            check = check_case(ph, case.spec, kernels[1], min(case.rows, 2048))
+            if check["status"] != "pass":
+                ph.finish(case.name, t0, status="wrong result", errors=check["errors"], **fields)
+                continue
+            base, var = timer.interleaved(case.spec, kernels, case.rows)
+            nbytes = case.spec.bytes_moved(case.rows)
+            ph.finish(case.name, t0, status="ok", heuristic_us=base.median_us, variant_us=var.median_us,
+                      speedup=round(base.median_us / var.median_us, 3),
+                      variant_gbps=round(nbytes / var.median_us / 1e3, 1),
+                      heuristic_gbps=round(nbytes / base.median_us / 1e3, 1), copy_gbps=ph.copy_gbps(),
+                      protocol={**timer.describe(), "interleaved": True}, **fields)
+        except Exception as exc:
+            ph.finish(case.name, t0, status="error", error=error_text(exc), **fields)
+            if ph.context_lost():
+                sys.exit(EXIT_CONTEXT_LOST)
+    return True
+
+
 def phase_tune(ph: Phase) -> None:
     import tempfile
 
@@ -782,7 +881,8 @@ def run_phase_process(name: str, out: Path, until: float, dry_run: bool) -> int:
     if name.startswith("smoke-"):
         finished = phase_smoke(ph, name[len("smoke-"):])
     else:
-        finished = {"env": phase_env, "bench": phase_bench, "tune": phase_tune, "sweep": phase_sweep}[name](ph)
+        finished = {"env": phase_env, "bench": phase_bench, "variants": phase_variants, "tune": phase_tune,
+                    "sweep": phase_sweep}[name](ph)
     return 0 if finished else EXIT_OUT_OF_SHARE
 
 
@@ -904,6 +1004,16 @@ def session_markdown(folder: Path, ident: dict) -> str:
             worst = f"{max(errs.values()):.2g} / {r['tolerance']:.2g}" if errs else ""
             why = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
             lines.append(f"| {r['backend']} | {r['case']} | {r['status']} | {worst} | {why} |")
+        lines.append("")
+    variants = read_lines(folder / "variants.jsonl")
+    if variants:
+        lines += ["### Kernel variants against the heuristic (checked, then timed interleaved)", "",
+                  "| case | status | heuristic µs | variant µs | speedup | variant GB/s | variant config / error |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in variants:
+            detail = (r.get("error") or r.get("variant") or "").replace("|", "/").replace("\n", " ")[:200]
+            lines.append(f"| {r['case']} | {r['status']} | {r.get('heuristic_us', '')} | {r.get('variant_us', '')} | "
+                         f"{r.get('speedup', '')} | {r.get('variant_gbps', '')} | {detail} |")
         lines.append("")
     return "\n".join(lines)
 

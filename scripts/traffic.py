@@ -72,6 +72,11 @@ backward):
 - row in registers (`row_cache=registers`) or in shared memory (`shared`, in the input dtype, up to
   226 KiB a block with the opt-in; the heuristic's choice up to A100's 163 KiB: bf16 rows of up to
   about 80K elements forward, 40K backward): every tensor once, 1.00;
+- row split over a thread-block cluster (`cluster2`, `cluster4`, `cluster8`: forward, sm_90+): each of
+  the C blocks caches a 1/C slice of the row in its shared memory and the row's statistics merge through
+  distributed shared memory in rank order, so x is read once for bf16 rows up to C x 113K elements
+  (every 256K row with C = 4): 1.00. The heuristic does not pick it (one heuristic serves GPUs without
+  clusters); the tuner audits and times it on sm_90;
 - no cache (`none`, any N), forward: pass 1 reads x and the residual and writes h, reducing the
   statistics (LayerNorm: per-vector count, mean and M2 merged with Chan's update), pass 2 reads h back
   (last vector first) and writes y: 5 passes for 4 (1.25), for both ops; without a residual, x is read

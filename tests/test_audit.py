@@ -294,6 +294,16 @@ def test_backward_prefetch_fits():
     _gate(jobs)
 
 
+def test_cupy_cluster_split_fits_sm_90():
+    """The thread-block cluster forward (a quarter of a 256K bf16 row a block, 128 KiB of shared memory) compiles
+    for sm_90 without spilling; the tuner audits it there only."""
+    _skip_unless("cupy")
+    spec = NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", 262144, bias=True, residual=True)
+    config = get_backend("cupy").heuristic(spec).replace(row_cache="cluster4", threads=1024, rows=1, unroll=1)
+    assert get_backend("cupy").config_cls.is_valid(spec, config) is None
+    _gate([audit.Job("cupy", spec, config, "sm_90")])
+
+
 REPORT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "hardware-fit.json"
 REGENERATE = ("autonorm audit --grid standard --save docs/benchmarks/hardware-fit.json "
               "(about 15 minutes on 2 cores from a cold cache; only changed kernels recompile)")

@@ -87,3 +87,27 @@ def test_cupy_public_api(op, dtype, use_backend):
     use_backend("cupy")
     from autonorm.reference import tolerance
     assert public_api_3d(op, dtype, "cuda") <= tolerance(dtype)
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("row_cache", ["cluster2", "cluster4", "cluster8"])
+def test_cupy_cluster_split(op, row_cache):
+    """A row split over a thread-block cluster (sm_90+): each block caches its slice, the statistics merge
+    through distributed shared memory; with and without a residual, aligned and strided."""
+    backend = _cupy()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    for residual in (False, True):
+        spec = NormSpec(op, "fwd", "bfloat16", "bfloat16", 65536, bias=op == "layernorm", residual=residual)
+        config = backend.heuristic(spec).replace(row_cache=row_cache, threads=1024, rows=1, unroll=1)
+        check_case(backend, spec, 7, residual, "cuda", config=config)
+
+
+def test_cupy_cluster_config_is_refused_before_sm_90():
+    backend = _cupy()
+    if torch.cuda.get_device_capability()[0] >= 9:
+        pytest.skip("the refusal is for GPUs without thread-block clusters")
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536)
+    config = backend.heuristic(spec).replace(row_cache="cluster4", threads=1024, rows=1, unroll=1)
+    with pytest.raises(ValueError, match="thread-block clusters"):
+        backend.compile(spec, config, "cuda")

@@ -91,13 +91,22 @@ def test_sampled_configs_compile(op, direction, tmp_path):
         if direction == "fwd" and name in ("partials_per_sm", "partials"):
             assert seen == {CupyConfig.domain()[name][0]}  # backward knobs: the forward takes the first value
             continue
+        if name == "row_cache":  # every value: the cluster splits in the forward only
+            assert seen == {v for v in domain if direction == "fwd" or not v.startswith("cluster")}, sorted(seen)
+            continue
         assert min(domain) in seen and max(domain) in seen, (name, sorted(seen))
-    path = str(tmp_path / f"{op}_{direction}.cu")
-    with open(path, "w") as f:
-        f.write(translation_unit(pairs))
+
+    def compile_for(arch):
+        # Thread-block clusters exist from sm_90: sm_80 gets every other config.
+        cc = int(arch[len("sm_"):])
+        path = str(tmp_path / f"{op}_{direction}_{arch}.cu")
+        with open(path, "w") as f:
+            f.write(translation_unit([(s, c) for s, c in pairs if c.min_compute_capability() <= cc]))
+        return path, _nvcc(path, arch)
+
     with ThreadPoolExecutor(max_workers=2) as pool:  # the two architectures in parallel (2 CI cores)
-        results = dict(zip(ARCHS, pool.map(lambda arch: _nvcc(path, arch), ARCHS)))
-    for arch, proc in results.items():
+        results = dict(zip(ARCHS, pool.map(compile_for, ARCHS)))
+    for arch, (path, proc) in results.items():
         assert proc.returncode == 0, f"nvcc -arch={arch} failed on {path}:\n{proc.stderr[-6000:]}"
         assert os.path.getsize(f"{path}.{arch}.o") > 0
 
@@ -119,8 +128,10 @@ def test_every_config_of_the_space_renders(spec):
         # The backward's register cache and the forward's shared cache state one block an SM as their
         # minimum (ptxas spilled without it).
         pinned = {"bwd": "registers", "fwd": "shared"}[spec.direction]
-        bounds = "THREADS, 1" if config.row_cache == pinned else "THREADS"
-        assert all(f"void __launch_bounds__({bounds}) {name}(" in text for name in names), config.short()
+        cluster = config.row_cache.startswith("cluster")
+        bounds = "THREADS, 1" if config.row_cache == pinned or cluster else "THREADS"
+        attrs = ("__cluster_dims__(CLUSTER, 1, 1) " if cluster else "") + f"__launch_bounds__({bounds})"
+        assert all(f"void {attrs} {name}(" in text for name in names), config.short()
 
 
 def test_validity_rules():
@@ -275,3 +286,49 @@ def test_backward_partials_in_registers_are_written_once(cache):
     assert (rms_16k.row_cache, rms_16k.threads, rms_16k.partials) == ("shared", 1024, "registers")
     ln_16k = CupyConfig.heuristic(NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384, bias=True))
     assert (ln_16k.row_cache, ln_16k.partials) == ("shared", "global")
+
+
+def test_cluster_split_of_a_row():
+    """row_cache="clusterC" (forward, sm_90+): C blocks of a thread-block cluster each cache a 1/C slice of the
+    row in shared memory and merge the row's statistics through distributed shared memory, in rank order."""
+    from autonorm.backends.cupy import _Launcher, cluster_size, dynamic_smem
+
+    from autonorm import verify
+
+    spec = NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", 262144, bias=True, residual=True)
+    config = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="cluster4", partials_per_sm=1,
+                        partials="registers")
+    assert CupyConfig.is_valid(spec, config) is None and cluster_size(config) == 4
+    assert config.min_compute_capability() == 90 and config.replace(row_cache="shared").min_compute_capability() == 0
+    assert dynamic_smem(spec, config) == 262144 // 4 * 2  # a quarter of the row a block, in bf16
+    text = BACKEND.render(spec, config).text
+    assert "constexpr int CLUSTER = 4;" in text and "__cluster_dims__(CLUSTER, 1, 1)" in text
+    assert "mapa.shared::cluster.u32" in text and "barrier.cluster.wait.acquire.aligned" in text
+    assert "for (unsigned r = 0; r < CLUSTER; ++r)" in text  # the merge in rank order: the same bits in every block
+    # The rules: forward only, one row a cluster, whole vectors a slice, the slice within a block's shared memory.
+    assert "forward" in CupyConfig.is_valid(NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 262144), config)
+    assert "rows=1" in CupyConfig.is_valid(spec, config.replace(rows=2))
+    assert "slices" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65544), config)
+    assert "bytes a block" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "float32", "float32", 1 << 20),
+                                                  config.replace(vec=4))
+    # Every space holds cluster configs only where they are valid, and the heuristic never picks one (the
+    # same heuristic serves GPUs without clusters).
+    assert any(c.row_cache == "cluster8" for c in BACKEND.space(spec))
+    assert all(CupyConfig.heuristic(NormSpec(op, "fwd", "bfloat16", "bfloat16", n)).min_compute_capability() == 0
+               for op in ("rmsnorm", "layernorm") for n in (4096, 65536, 262144))
+    # A cluster takes one row: the launch has C blocks a row.
+    launcher = _Launcher(spec, config, 0, ("an_fwd_vec", "an_fwd_scalar"), max_blocks=1)
+    launcher._launch = recorder = _Recorder()
+    launcher.forward(*verify.make_inputs(spec, 3, "cpu").args(spec))
+    ((name, grid, block, _, smem),) = recorder.calls
+    assert (name, grid, block, smem) == ("an_fwd_vec", (12,), (1024,), 262144 // 4 * 2)
+
+
+@needs_nvcc
+def test_cluster_configs_are_not_compiled_for_sm_80():
+    from autonorm.audit import space_jobs
+
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65536)
+    jobs = space_jobs(spec, ["cupy"], ["sm_80", "sm_90"])
+    clusters = {j.arch for j in jobs if j.config.row_cache.startswith("cluster")}
+    assert clusters == {"sm_90"}

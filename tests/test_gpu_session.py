@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.py"
-FILES = ["bench.jsonl", "session.jsonl", "session.log", "smoke.jsonl", "sweep.jsonl", "tune.jsonl"]
-ALL_PHASES = ["env", "smoke-triton", "smoke-cupy", "smoke-numba", "bench", "tune", "sweep"]
+FILES = ["bench.jsonl", "session.jsonl", "session.log", "smoke.jsonl", "sweep.jsonl", "tune.jsonl", "variants.jsonl"]
+ALL_PHASES = ["env", "smoke-triton", "smoke-cupy", "smoke-numba", "bench", "variants", "tune", "sweep"]
 
 
 def lines(path):
@@ -39,7 +39,7 @@ def dry_run(tmp_path_factory):
 def test_dry_run_walks_every_phase(dry_run):
     out, r, seconds = dry_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == FILES  # at most 6 files, always the same
+    assert sorted(p.name for p in out.iterdir()) == FILES  # at most 7 files, always the same
     events = [e for e in lines(out / "session.jsonl") if e.get("event") == "phase"]
     assert [(e["phase"], e["status"]) for e in events] == [(p, "done") for p in ALL_PHASES]
     identity = next(e for e in lines(out / "session.jsonl") if e["case"] == "identity")
@@ -60,6 +60,13 @@ def test_dry_run_walks_every_phase(dry_run):
     impls = {r["impl"]: r for r in bench[1]["rows_out"]}
     assert {"torch", "copy", "autonorm[triton]"} <= set(impls) and impls["autonorm[triton]"]["provider"] == "autonorm"
     assert "liger" in bench[1]["skipped"] and all(r["gbps"] > 0 for r in impls.values())
+
+    variants = lines(out / "variants.jsonl")
+    ran = [v for v in variants if v["backend"] in ("triton", "numba")]
+    assert len(ran) == 4 and all(v["status"] == "ok" and v["speedup"] > 0 and v["variant"] != v["heuristic"]
+                                 for v in ran), ran
+    assert {v["status"] for v in variants if v["backend"] == "cupy"} == {"unavailable"}
+    assert "variants (speedup over the heuristic" in r.stdout
 
     tune = lines(out / "tune.jsonl")
     assert len(tune) == 4 and all(t["status"] == "ok" and t["record"]["winner"] for t in tune)
@@ -94,6 +101,7 @@ def test_import_writes_database_report_and_search_table(dry_run, tmp_path):
     md = (docs / f"{slug}.md").read_text()
     assert md.startswith("> **Dry run on CPU**") and "## GPU session" in md and "### rmsnorm bwd bfloat16" in md
     assert "| triton | rmsnorm.bwd bfloat16 4096x4096 | pass |" in md and "Versions: " in md
+    assert "### Kernel variants against the heuristic" in md and "| rmsnorm bwd 16384x4096 triton prefetch | ok |" in md
     for op in ("rmsnorm", "layernorm"):
         for d in ("fwd", "bwd"):
             assert (docs / f"{slug}-{op}-{d}.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,9 +5,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from ..hardware import ARCHS
 from ..spec import NormSpec
 from .profile import PROFILE_VERSION
 from .tools import BACKENDS
+
+
+def runs_on(config, arch: str) -> bool:
+    """Whether `config` can run on `arch` at all (thread-block clusters need sm_90): a config that cannot
+    is not compiled for it."""
+    return config.min_compute_capability() <= ARCHS[arch].cc
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,7 @@ def heuristic_jobs(specs, backends, archs) -> list[Job]:
 def space_jobs(spec: NormSpec, backends, archs) -> list[Job]:
     from ..backends import get_backend
 
-    return [Job(b, spec, c, a) for b in backends for c in get_backend(b).space(spec) for a in archs]
+    return [Job(b, spec, c, a) for b in backends for c in get_backend(b).space(spec) for a in archs if runs_on(c, a)]
 
 
 def database_jobs(path, archs, backends=BACKENDS) -> list[Job]:
@@ -56,5 +63,5 @@ def database_jobs(path, archs, backends=BACKENDS) -> list[Job]:
         spec = record.key.spec()
         for entry in (record.winner, *record.runners_up):
             if entry.backend in backends:
-                jobs += [Job(entry.backend, spec, entry.config, a) for a in archs]
+                jobs += [Job(entry.backend, spec, entry.config, a) for a in archs if runs_on(entry.config, a)]
     return list(dict.fromkeys(jobs))

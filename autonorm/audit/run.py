@@ -124,17 +124,20 @@ def prune_space(spec: NormSpec, configs: dict, device, workers: int | None = Non
     launch on `device` (a CUDA device), judged by compiling them for its architecture.
 
     Backends without a GPU compiler here (torch, numba-cpu) keep their configs. A missing
-    toolchain piece prunes nothing and says so once: the tuner then times every candidate.
+    toolchain piece prunes nothing more than what the architecture cannot run (a thread-block cluster
+    before sm_90) and says so once: the tuner then times every candidate.
     """
     import logging
 
     arch = _device_arch(device)
+    # A config this architecture cannot run (a thread-block cluster before sm_90) is dropped uncompiled.
+    runnable = {name: [c for c in cs if c.min_compute_capability() <= arch.cc] for name, cs in configs.items()}
     auditable = [name for name in configs if name in BACKENDS]
     try:
         check_backends(auditable)
     except AuditToolError as exc:
         logging.getLogger("autonorm.audit").warning("search space not pruned: %s", exc)
-        return configs
-    jobs = [Job(name, spec, c, arch.name) for name in auditable for c in configs[name]]
+        return runnable
+    jobs = [Job(name, spec, c, arch.name) for name in auditable for c in runnable[name]]
     fits = {(j.backend, j.config): p.fits() for j, p in zip(jobs, audit(jobs, workers=workers or os.cpu_count()))}
-    return {name: [c for c in cs if fits.get((name, c), True)] for name, cs in configs.items()}
+    return {name: [c for c in cs if fits.get((name, c), True)] for name, cs in runnable.items()}
