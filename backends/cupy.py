@@ -7,7 +7,7 @@ runtime arguments, so one compiled module serves every batch size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -26,6 +26,7 @@ MAX_REG_ELEMS = {"fwd": 64, "bwd": 16}
 # Registers each cached element costs with its temporaries (`autonorm audit` on sm_80/sm_90:
 # the forward uses ~1.5 per element, the backward ~5 per element of each array).
 REGS_PER_ELEM = {"fwd": 2, "bwd": 5}
+PREFETCH_REGS_PER_ELEM = 11
 # The shared-memory row cache holds the row in the input dtype (x, or h with a residual; the backward
 # keeps x and dy). Its bytes a block may ask for, less 1 KiB for the static reduction slots beside it:
 # the space goes up to Hopper's per-block maximum with the opt-in (227 KiB; the tuner's audit prunes
@@ -55,6 +56,14 @@ def max_reg_elems(direction: str, threads: int) -> int:
     return min(MAX_REG_ELEMS[direction], register_cap(threads) // REGS_PER_ELEM[direction])
 
 
+def max_prefetch_elems(threads: int) -> int:
+    """The backward's row elements a thread may cache in registers with prefetch=1, which also holds the
+    next row's x and dy and the weight: 11 registers an element (LayerNorm with bias and residual in
+    bf16, ptxas 13 for sm_90: 180 registers at 16 elements; at 8 elements it spilled 200 bytes under the
+    64-register cap of 1024 threads)."""
+    return min(MAX_REG_ELEMS["bwd"], register_cap(threads) // PREFETCH_REGS_PER_ELEM)
+
+
 @dataclass(frozen=True)
 class CupyConfig(Config):
     """Launch geometry of the raw CUDA kernels."""
@@ -69,8 +78,14 @@ class CupyConfig(Config):
                           "where the row lives between passes; clusterC (forward, sm_90+): split over the C blocks "
                           "of a thread-block cluster, each caching its slice in shared memory")
     partials_per_sm: int = knob((1, 2, 4, 8, 16), "bwd: persistent blocks (dW partial groups) per SM")
-    partials: str = knob(("registers", "global"), "bwd: where a thread sums its columns' dW/dB over its rows "
-                                                  "(registers: written once; global: read-modify-written per row)")
+    partials: str = knob(("registers", "global", "columns"),
+                         "bwd: where a thread sums its columns' dW/dB over its rows (registers: written once; global: "
+                         "read-modify-written per row; columns, row_cache=none: a second pass walks each column "
+                         "vector down the rows, summing in registers, written once)")
+    # A knob with a default (knob() has none), so that configs written before it still construct.
+    prefetch: int = field(default=0, metadata={"domain": (0, 1), "doc": (
+        "bwd with the row in registers: 1 reads the weight once for all rows and loads the next row's x and dy "
+        "before this row's reductions (a second register set for them)")})
 
     def min_compute_capability(self) -> int:
         return 90 if cluster_size(self) > 1 else 0
@@ -119,6 +134,14 @@ class CupyConfig(Config):
                         f"(max {budget} with {c.threads} threads)")
         elif c.partials == "global" and c.row_cache == "registers":
             return "a row cached in registers sums its partials in registers"
+        elif c.partials == "columns" and c.row_cache != "none":
+            return "partials=columns re-reads the rows column by column: it takes row_cache=none"
+        if c.prefetch:
+            if spec.direction != "bwd" or c.row_cache != "registers":
+                return "prefetch applies to the backward with its row cached in registers"
+            if items * c.vec > max_prefetch_elems(c.threads):
+                return (f"prefetch keeps {items * c.vec} elements per thread twice in registers "
+                        f"(max {max_prefetch_elems(c.threads)} with {c.threads} threads)")
         return None
 
     @classmethod
@@ -143,11 +166,13 @@ class CupyConfig(Config):
         # KiB): 1024 threads keep enough loads in flight there.
         opt_in = n * spec.x_itemsize * (2 if spec.direction == "bwd" else 1) > SMEM_WITHOUT_OPT_IN
         # Several rows per block for small N: 128-thread blocks.
-        # dW/dB partials: summed in registers where a thread's columns fit, else per row in global memory.
+        # dW/dB partials: summed in registers where a thread's columns fit; else, with the row in shared memory,
+        # per row in global memory, and with no row cache in a column-outer second pass (rows that long are
+        # read twice either way; a per-row read-modify-write would add 8 bytes an element and parameter).
         candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1, "registers"),
                       (1024 if opt_in else tpr, 1, "shared", 2, "registers"),
                       (1024 if opt_in else tpr, 1, "shared", 2, "global"),
-                      (tpr, 1, "none", 2, "registers"), (tpr, 1, "none", 2, "global")]
+                      (tpr, 1, "none", 2, "registers"), (tpr, 1, "none", 2, "columns")]
         for t, r, cache, unroll, partials in candidates:
             config = cls(threads=t * r, vec=vec, rows=r, unroll=unroll, row_cache=cache, partials_per_sm=pps,
                          partials=partials)
@@ -335,6 +360,10 @@ class _Launcher:
         args = (self._ptr(dy), dy.stride(0), self._ptr(x), x.stride(0), self._ptr(weight),
                 self._ptr(mean), self._ptr(rstd), self._ptr(dh), dh.stride(0) if dh is not None else 0,
                 self._ptr(dx), self._ptr(part_w), self._ptr(part_b), m, self._f32(offset))
+        if config.partials == "columns":
+            # The row sums dx needs (c1, and c2 for LayerNorm), kept from the first pass for the second.
+            c12 = torch.empty((2 if spec.is_layernorm else 1) * m, dtype=torch.float32, device=x.device)
+            args += (self._ptr(c12),)
         self._launch(fn, (blocks,), self.block, args, self.smem)
         sum_partials(part_w, dw)
         sum_partials(part_b, db)

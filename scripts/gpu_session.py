@@ -424,9 +424,12 @@ def variant_cases(dry_run: bool) -> list[VariantCase]:
             for c in sizes:
                 add(f"cluster{c}", "cupy", op, "fwd", n, m, row_cache=f"cluster{c}", threads=1024, rows=1, unroll=1)
         add("prefetch", "triton", op, "bwd", 4096, 16384, BWD_PREFETCH=1)
+        add("prefetch", "cupy", op, "bwd", 4096, 16384, prefetch=1)
         add("scalar accesses", "numba", op, "fwd", 4096, 16384, vec=1)
     # The heuristic sums these dW partials in registers; the variant read-modify-writes them per row.
     add("partials per row", "cupy", "rmsnorm", "bwd", 16384, 8192, partials="global")
+    # Rows re-read from global memory: the heuristic's column-outer second pass against per-row partials.
+    add("partials per row", "cupy", "layernorm", "bwd", 65536, 2048, partials="global")
     return out
 
 

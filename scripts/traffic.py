@@ -88,9 +88,12 @@ backward):
   the row in registers this is the only choice; with the `shared` and `none` caches it needs a thread's
   columns to fit a quarter of its registers (16 elements at 1024 threads: the heuristic's choice for
   RMSNorm up to 16K; LayerNorm with a bias holds twice as many sums, which past its register row cache
-  at 8K no longer fit). Beyond, `partials=global` read-modify-writes the
+  at 8K no longer fit). Beyond, with the row in shared memory, `partials=global` read-modify-writes the
   partial row for every row (8 bytes per element and parameter per row, an L2 round trip by the one
-  thread that owns the column).
+  thread that owns the column); with no row cache, `partials=columns` (the heuristic's choice there)
+  keeps the row sums dx needs (4 bytes a row, 8 for LayerNorm) and makes its second pass column-outer:
+  each thread walks its column vectors down its rows, summing dW/dB in registers, and writes each
+  partial once, so the rows' second read is the only extra traffic.
 
 | backend | op | dir | N | path | rows / ideal | weight reads | scratch / elem |
 |---|---|---|---|---|---|---|---|

@@ -294,6 +294,23 @@ def test_backward_prefetch_fits():
     _gate(jobs)
 
 
+def test_cupy_backward_prefetch_fits():
+    """prefetch=1 holds the next row's x and dy and the weight beside the row: at the per-thread budget is_valid
+    grants each block size (16 elements up to 256 threads, 8 at 512, 4 at 1024), LayerNorm with every
+    feature compiles without spilling on both architectures."""
+    _skip_unless("cupy")
+    from autonorm.backends.cupy import max_prefetch_elems
+
+    jobs = []
+    for n, threads, vec in ((4096, 256, 8), (4096, 512, 8), (4096, 1024, 4), (1128, 128, 8)):
+        spec = NormSpec("layernorm", "bwd", "bfloat16", "float32", n, bias=True, residual=True)
+        config = get_backend("cupy").heuristic(spec).replace(threads=threads, vec=vec, rows=1, prefetch=1)
+        assert get_backend("cupy").config_cls.is_valid(spec, config) is None, config.short()
+        assert -(-n // threads) >= max_prefetch_elems(threads) // 2  # near the budget, not far below it
+        jobs += [audit.Job("cupy", spec, config, arch) for arch in ARCHS]
+    _gate(jobs)
+
+
 def test_cupy_cluster_split_fits_sm_90():
     """The thread-block cluster forward (a quarter of a 256K bf16 row a block, 128 KiB of shared memory) compiles
     for sm_90 without spilling; the tuner audits it there only."""

@@ -111,3 +111,31 @@ def test_cupy_cluster_config_is_refused_before_sm_90():
     config = backend.heuristic(spec).replace(row_cache="cluster4", threads=1024, rows=1, unroll=1)
     with pytest.raises(ValueError, match="thread-block clusters"):
         backend.compile(spec, config, "cuda")
+
+
+@pytest.mark.parametrize("spec", [
+    NormSpec("rmsnorm", "bwd", "bfloat16", "float32", 4096, residual=True, offset=True),
+    NormSpec("layernorm", "bwd", "float16", "float16", 1128, bias=True, residual=True),
+    NormSpec("layernorm", "bwd", "float32", "float32", 7, weight=False),
+], ids=lambda s: s.short())
+def test_cupy_backward_prefetch(spec):
+    """prefetch=1: the next row's loads one iteration ahead and the weight read once. Row counts below, at and
+    past the persistent grid (each block's last fetch falls past M), aligned and strided."""
+    backend = _cupy()
+    config = backend.heuristic(spec).replace(prefetch=1)
+    assert backend.config_cls.is_valid(spec, config) is None, config.short()
+    for rows, strided in ((1, False), (37, True), (20000, False)):
+        check_case(backend, spec, rows, strided, "cuda", config=config)
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_cupy_backward_partials_by_columns(op):
+    """partials="columns": dx and dW/dB from the column-outer second pass, against the per-row read-modify-write,
+    with more rows than the persistent grid holds."""
+    backend = _cupy()
+    spec = NormSpec(op, "bwd", "bfloat16", "float32", 65536, bias=op == "layernorm", residual=True)
+    config = backend.heuristic(spec)
+    assert config.partials == "columns"
+    for rows, strided in ((3, True), (700, False)):
+        check_case(backend, spec, rows, strided, "cuda", config=config)
+        check_case(backend, spec, rows, strided, "cuda", config=config.replace(partials="global"))

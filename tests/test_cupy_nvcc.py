@@ -8,6 +8,7 @@ call compiles them all (one call per config would blow the CI budget).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -88,7 +89,7 @@ def test_sampled_configs_compile(op, direction, tmp_path):
     # The sample covers both ends of every knob (the point of including extremes).
     for name, domain in CupyConfig.domain().items():
         seen = {getattr(c, name) for _, c in pairs}
-        if direction == "fwd" and name in ("partials_per_sm", "partials"):
+        if direction == "fwd" and name in ("partials_per_sm", "partials", "prefetch"):
             assert seen == {CupyConfig.domain()[name][0]}  # backward knobs: the forward takes the first value
             continue
         if name == "row_cache":  # every value: the cluster splits in the forward only
@@ -230,6 +231,7 @@ class _Recorder:
     NormSpec("layernorm", "fwd", "float16", "float16", 760, bias=True),
     NormSpec("rmsnorm", "bwd", "float32", "float32", 7, weight=False),
     NormSpec("layernorm", "bwd", "bfloat16", "float32", 4096, bias=True, residual=True),
+    NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 131072, bias=True),  # partials="columns": a scratch vector
 ], ids=lambda s: s.short())
 @pytest.mark.parametrize("strided", [False, True])
 def test_launcher_arguments_match_kernel_signatures(spec, strided):
@@ -286,6 +288,63 @@ def test_backward_partials_in_registers_are_written_once(cache):
     assert (rms_16k.row_cache, rms_16k.threads, rms_16k.partials) == ("shared", 1024, "registers")
     ln_16k = CupyConfig.heuristic(NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384, bias=True))
     assert (ln_16k.row_cache, ln_16k.partials) == ("shared", "global")
+
+
+def test_backward_partials_by_columns():
+    """partials="columns" (no row cache): the first pass keeps each row's sums for dx in a scratch vector; after a
+    barrier, the second pass walks each column vector down the group's rows, writing dx and summing dW/dB in
+    registers, and writes each partial once: no read-modify-write per row."""
+    spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 262144, bias=True, residual=True)
+    config = CupyConfig.heuristic(spec)
+    assert (config.row_cache, config.partials) == ("none", "columns")
+    text = BACKEND.render(spec, config).text
+    body = text[text.index("void an_bwd_body("):]
+    assert "float* __restrict__ c12)" in body and "offset, c12);" in text
+    assert "c12[row] = c1;" in body and "c12[M + row] = c2;" in body
+    second = body[body.index("__syncthreads();\n    for (int j = lane; j < NV; j += TPR)"):]
+    assert "an_row_sum" not in second and "pw[j * VEC + e] = aw[e];" in second and "pb[j * VEC + e] = ab[e];" in second
+    assert "pw[j * VEC + e] +=" not in text and "pb[j * VEC + e] +=" not in text
+    rms = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 65536)
+    rms_text = BACKEND.render(rms, CupyConfig.heuristic(rms)).text
+    assert "c12[row] = c1;" in rms_text and "c12[M + row]" not in rms_text  # RMSNorm keeps c1 only
+    # Without the column pass the kernel takes no scratch vector.
+    assert "c12" not in BACKEND.render(spec, config.replace(partials="global")).text
+    # The rules: rows read from global memory, and dW/dB to sum.
+    mid = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384, bias=True)
+    assert CupyConfig.is_valid(mid, config.replace(threads=1024)) is None
+    assert "row_cache=none" in CupyConfig.is_valid(mid, config.replace(row_cache="shared", threads=1024))
+    assert "partials" in CupyConfig.is_valid(NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 262144,
+                                                      weight=False), config)
+
+
+def test_backward_prefetch():
+    """prefetch=1 (backward, row in registers): the weight is read once before the row loop, and the next row's
+    x, dy and statistics are loaded before this row's reductions; is_valid keeps it where it fits."""
+    from autonorm.backends.cupy import max_prefetch_elems
+
+    spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 4096, bias=True, residual=True)
+    config = CupyConfig.heuristic(spec)
+    assert (config.row_cache, config.prefetch) == ("registers", 0)  # not the heuristic's choice until measured
+    streaming = config.replace(prefetch=1)
+    assert CupyConfig.is_valid(spec, streaming) is None
+    text = BACKEND.render(spec, streaming).text
+    body = text[text.index("void an_bwd_body("):]
+    loop = body[body.index("for (long long row0"):]
+    # The weight loads precede the loop; inside it, the next row's fetch precedes the first reduction.
+    assert "an_load<ALIGNED>(w, lane + k * TPR, wo[k]);" in body[:body.index("for (long long row0")]
+    assert "an_g<" not in loop and "(w," not in loop
+    assert loop.index("an_fetch_row<ALIGNED>(") < loop.index("an_row_sum(")
+    assert "an_fetch_row" not in BACKEND.render(spec, config).text
+    # The rules: the backward with its row in registers, within the doubled register budget.
+    assert "backward" in CupyConfig.is_valid(dataclasses.replace(spec, direction="fwd"), streaming)
+    shared = config.replace(row_cache="shared", unroll=1, prefetch=1)
+    assert "registers" in CupyConfig.is_valid(spec, shared)
+    wide = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 8192, bias=True)
+    assert 8192 // 1024 > max_prefetch_elems(1024)
+    too_many = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="registers", partials_per_sm=1,
+                          partials="registers", prefetch=1)
+    assert CupyConfig.is_valid(wide, too_many.replace(prefetch=0)) is None
+    assert "twice in registers" in CupyConfig.is_valid(wide, too_many)
 
 
 def test_cluster_split_of_a_row():
