@@ -112,6 +112,10 @@ class NormSpec:
         return ITEMSIZE[self.x_dtype]
 
     @property
+    def w_itemsize(self) -> int:
+        return ITEMSIZE[self.w_dtype]
+
+    @property
     def torch_x_dtype(self) -> torch.dtype:
         return DTYPES[self.x_dtype]
 

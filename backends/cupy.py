@@ -75,8 +75,9 @@ class CupyConfig(Config):
     rows: int = knob((1, 2, 4, 8, 16), "rows per block (threads / rows threads per row)")
     unroll: int = knob((1, 2, 4), "unroll of the chunk loops (shared / none row cache)")
     row_cache: str = knob(("registers", "shared", "none", "cluster2", "cluster4", "cluster8"),
-                          "where the row lives between passes; clusterC (forward, sm_90+): split over the C blocks "
-                          "of a thread-block cluster, each caching its slice in shared memory")
+                          "where the row lives between passes; clusterC (sm_90+): split over the C blocks "
+                          "of a thread-block cluster, each caching its slice in shared memory (x, and dy in the "
+                          "backward)")
     partials_per_sm: int = knob((1, 2, 4, 8, 16), "bwd: persistent blocks (dW partial groups) per SM")
     partials: str = knob(("registers", "global", "columns"),
                          "bwd: where a thread sums its columns' dW/dB over its rows (registers: written once; global: "
@@ -101,8 +102,6 @@ class CupyConfig(Config):
             return f"rows={c.rows} leaves fewer than 2 threads per row of a {c.threads}-thread block"
         blocks = cluster_size(c)
         if blocks > 1:
-            if spec.direction != "fwd":
-                return f"row_cache={c.row_cache}: the cluster split is a forward path"
             if c.rows != 1 or c.unroll != 1:
                 return f"row_cache={c.row_cache} takes one row a cluster (rows=1) and unroll=1"
             if n % (blocks * c.vec):
@@ -187,20 +186,22 @@ def cluster_size(config: CupyConfig) -> int:
 
 
 def dynamic_smem(spec: NormSpec, config: CupyConfig) -> int:
-    """Bytes of the shared-memory row cache the launcher asks for: ROWS rows of N input-dtype elements,
-    twice in the backward (x and dy), with row_cache="shared"; a 1/C slice of the row with "clusterC";
+    """Bytes of the shared-memory row cache the launcher asks for: ROWS rows of N input-dtype elements
+    with row_cache="shared", a 1/C slice of the row with "clusterC", twice in the backward (x and dy);
     0 otherwise."""
+    tensors = 2 if spec.direction == "bwd" else 1
     if config.row_cache.startswith("cluster"):
-        return spec.hidden // cluster_size(config) * spec.x_itemsize
+        return spec.hidden // cluster_size(config) * spec.x_itemsize * tensors
     cache_rows = config.rows if config.row_cache == "shared" else 0
-    return cache_rows * spec.hidden * spec.x_itemsize * (2 if spec.direction == "bwd" else 1)
+    return cache_rows * spec.hidden * spec.x_itemsize * tensors
 
 
 def geometry(spec: NormSpec, config: CupyConfig) -> dict:
     """Constants rendered into the kernels (templates read them as `geo.*`)."""
     tpr = config.threads // config.rows
+    owned = spec.hidden // cluster_size(config)  # a block's slice of the row under a cluster split
     return {"threads": config.threads, "rows": config.rows, "vec": config.vec,
-            "items_per_thread": _cdiv(spec.hidden, tpr * config.vec), "cluster": cluster_size(config)}
+            "items_per_thread": _cdiv(owned, tpr * config.vec), "cluster": cluster_size(config)}
 
 
 class CupyBackend(Backend):
@@ -350,8 +351,14 @@ class _Launcher:
         dx, dw, db = backward_outputs(spec, x)
         if m == 0:
             return dx, dw, db
-        blocks = min(_cdiv(m, config.rows), self.max_blocks)
-        partial_rows = blocks * config.rows
+        c = cluster_size(config)
+        if c > 1:
+            # Clusters of C consecutive blocks share each row; one partial row per cluster.
+            partial_rows = min(m, max(1, self.max_blocks // c))
+            blocks = partial_rows * c
+        else:
+            blocks = min(_cdiv(m, config.rows), self.max_blocks)
+            partial_rows = blocks * config.rows
         # Internal scratch, fully written by the kernel (each thread group writes its own row once, or
         # zeroes it first when it adds into it per row).
         part_w = torch.empty((partial_rows, n), dtype=torch.float32, device=x.device) if spec.weight else None

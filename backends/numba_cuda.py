@@ -16,7 +16,7 @@ rightly won by other backends.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -48,6 +48,11 @@ class NumbaCudaConfig(Config):
     items: int = knob((1, 2, 4, 8), "elements per thread per chunk; the row stays in registers when N <= threads*items")
     rows: int = knob((1, 2, 4, 8), "rows per block, for small N")
     vec: int = knob((1, 2, 4), "elements per memory access of the row tensors (at most 8 bytes: a 64-bit word)")
+    # A knob with a default (knob() has none), so that configs written before it still construct.
+    partials: str = field(default="rows", metadata={"domain": ("rows", "columns"), "doc": (
+        "bwd with a weight, rows in chunks: rows = the dx pass follows each row's reductions and read-modify-writes "
+        "the slot's dW/dB partial row; columns = a second pass walks each column word down the slot's rows, "
+        "summing dW/dB in registers, and writes each partial once")})
 
     @classmethod
     def is_valid(cls, spec: NormSpec, config: "NumbaCudaConfig") -> str | None:
@@ -61,6 +66,11 @@ class NumbaCudaConfig(Config):
             return f"vec={config.vec} x {spec.x_dtype} exceeds a {WORD_BYTES}-byte word"
         if spec.hidden % config.vec or config.items % config.vec:
             return f"vec={config.vec} must divide N={spec.hidden} and items={config.items}"
+        if config.partials == "columns":
+            if spec.direction == "fwd" or not spec.weight:
+                return "partials=columns applies to a backward with dW/dB"
+            if config.threads * config.items >= spec.hidden:
+                return "a row in registers sums its partials in registers: partials=columns is for chunked rows"
         return None
 
     @classmethod
@@ -82,12 +92,50 @@ class NumbaCudaConfig(Config):
         rows = max(1, min(8, 128 // threads)) if threads * items >= spec.hidden else 1
         # The widest word that divides the row: 4 16-bit or 2 fp32 elements an access.
         vec = max(v for v in (1, 2, 4) if v * spec.x_itemsize <= WORD_BYTES and spec.hidden % v == 0 and items % v == 0)
-        return cls(threads=threads, items=items, rows=rows, vec=vec)
+        # Chunked backward with dW/dB: column-outer partials, so no partial row is read-modify-written per row
+        # (8 bytes per element and parameter per row, more than re-reading x and dy).
+        chunked_grads = spec.direction == "bwd" and spec.weight and threads * items < spec.hidden
+        return cls(threads=threads, items=items, rows=rows, vec=vec, partials="columns" if chunked_grads else "rows")
 
 
 def row_in_registers(spec: NormSpec, config: NumbaCudaConfig) -> bool:
     """One chunk covers the row: each thread keeps its elements in registers between the passes."""
     return config.threads * config.items >= spec.hidden
+
+
+def weight_word_elements(spec: NormSpec, vec: int) -> int:
+    """Weight (and bias) elements per access: the row's VEC, or as many as a 64-bit word holds (an fp32
+    weight under 4 16-bit elements of x moves as 2 words)."""
+    return min(vec, WORD_BYTES // spec.w_itemsize)
+
+
+def kernel_signature(spec: NormSpec, vec: int, py_func) -> tuple:
+    """Numba types of `_kernel`'s arguments as _Launcher passes them (row tensors as flat arrays of
+    VEC-element words, the weight and bias as weight words, statistics and partials by element), for
+    compiling a kernel without launching it (the hardware-fit audit, tests)."""
+    from numba import types
+
+    scalar = {"float32": types.float32, "float16": types.float16, "bfloat16": types.uint16}
+
+    def words(elements: int, dtype: str, itemsize: int):
+        return types.Array(scalar[dtype] if elements == 1 else getattr(types, f"int{elements * itemsize * 8}"), 1, "C")
+
+    row = words(vec, spec.x_dtype, spec.x_itemsize)
+    param = words(weight_word_elements(spec, vec), spec.w_dtype, spec.w_itemsize)
+    f32, partials = types.Array(types.float32, 1, "C"), types.Array(types.float32, 2, "C")
+    kinds = {"x": row, "dy": row, "res": row, "dh": row, "h": row, "y": row, "dx": row, "w": param, "b": param,
+             "pw": partials, "pb": partials, "mean_out": f32, "rstd_out": f32, "mean_in": f32, "rstd_in": f32,
+             "M": types.int64, "eps": types.float32, "offset": types.float32, "c12": f32}
+
+    def kind(name: str):
+        if name in kinds:
+            return kinds[name]
+        if name.startswith("s"):
+            return types.int64  # a row stride (sx, sdy, ...), in words
+        raise ValueError(f"_kernel argument {name!r} has no known type")
+
+    code = py_func.__code__
+    return tuple(kind(name) for name in code.co_varnames[:code.co_argcount])
 
 
 def _numba_cuda():
@@ -117,6 +165,8 @@ class _Launcher:
         self.stream = CurrentStream(lambda handle: self.cuda.external_stream(handle), device)  # GPU only
         self.vec = config.vec
         self.word = WORD_DTYPES[config.vec * spec.x_itemsize] if config.vec > 1 else None
+        wvec = weight_word_elements(spec, config.vec)
+        self.param_word = WORD_DTYPES[wvec * spec.w_itemsize] if wvec > 1 else None
         if self.simulated:
             self.max_blocks = 2  # the simulator runs blocks one after another: fewer blocks, fewer threads
         else:
@@ -156,6 +206,17 @@ class _Launcher:
         span = (m - 1) * stride + n
         return [self._as_words(t.as_strided((span,), (1,))), stride // self.vec]
 
+    def param(self, t: torch.Tensor):
+        """The weight or bias as the kernel's weight words: contiguous and word-aligned (a strided or
+        offset view, rare for a parameter, is copied)."""
+        t = t.detach()
+        if self.param_word is None:
+            return self.array(t)
+        size = self.param_word.itemsize
+        if t.stride(0) != 1 or t.data_ptr() % size:
+            t = t.clone(memory_format=torch.contiguous_format)
+        return self.array(t.view(self.param_word))
+
     def launch(self, kernel, grid: int, block, *args):
         if self.simulated:
             kernel[grid, block](*args)
@@ -177,9 +238,9 @@ def _forward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launche
         if spec.residual:
             args += [*launcher.rows(residual), launcher.words(h)]
         if spec.weight:
-            args.append(a(weight))
+            args.append(launcher.param(weight))
         if spec.bias:
-            args.append(a(bias))
+            args.append(launcher.param(bias))
         args.append(launcher.words(y))
         if spec.is_layernorm:
             args.append(a(mean))
@@ -204,11 +265,12 @@ def _backward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launch
         args = [*launcher.rows(dy), *launcher.rows(x)]
         pw = pb = None
         if spec.weight:
-            # Scratch: a row kept in registers writes every partial row once; chunked rows add into
-            # theirs, so those start at zero.
-            scratch = torch.empty if row_in_registers(spec, config) else torch.zeros
+            # Scratch: a row kept in registers, or column-outer partials, write every partial row once;
+            # chunked rows add into theirs, so those start at zero.
+            once = row_in_registers(spec, config) or config.partials == "columns"
+            scratch = torch.empty if once else torch.zeros
             pw = scratch((parts, n), dtype=torch.float32, device=x.device)
-            args += [a(weight), a(pw)]
+            args += [launcher.param(weight), a(pw)]
             if spec.bias:
                 pb = scratch((parts, n), dtype=torch.float32, device=x.device)
                 args.append(a(pb))
@@ -218,6 +280,9 @@ def _backward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launch
         if spec.residual:
             args += launcher.rows(dh)
         args += [launcher.words(dx), m, np.float32(offset)]
+        if config.partials == "columns":
+            # each row's mean(g * x_hat) and mean(g), from the reductions' pass to the column pass
+            args.append(a(torch.empty(2 * m, dtype=torch.float32, device=x.device)))
         launcher.launch(module._kernel, grid, block, *args)
         sum_partials(pw, dw)
         sum_partials(pb, db)
@@ -270,18 +335,23 @@ class NumbaCudaBackend(Backend):
         # RMSNorm fits without the hint, and with it spills on sm_80 (16-32 bytes at 40 registers), so it
         # gets none. The same holds for a LayerNorm row cached by a 1024-thread block (full occupancy: 2
         # blocks, 32 registers; the 16-bit forward at N=8192 spilled 8 bytes): 1 block, 36 registers
-        # (cross-compiled with ptxas 13.4: docs/benchmarks/hardware-fit.md).
+        # (cross-compiled with ptxas 13.4: docs/benchmarks/hardware-fit.md). The bf16 LayerNorm backward with
+        # column-outer partials in 3 chunks (N=12288 at 512 x 8) spilled 40 bytes at 42 registers on sm_80 (the
+        # compiler unrolls so short a chunk loop), and fits at 54 with one block fewer; at 4+ chunks 42 fit.
         block = config.threads * config.rows
         full = 2048 // block
         hint = spec.is_layernorm and (nchunk > 1 or block == MAX_BLOCK)
+        fewer = 2 if config.partials == "columns" and nchunk <= 3 else 1
         return {
             "nchunk": nchunk,
-            "min_blocks": max(1, full - 1) if hint else None,
+            "min_blocks": max(1, full - fewer) if hint else None,
             "cached": row_in_registers(spec, config),
             "strides": [config.threads >> i for i in range(1, config.threads.bit_length())],
             "uses_bf16": "bfloat16" in (spec.x_dtype, spec.w_dtype),
             "vec": config.vec,
             "x_itemsize": spec.x_itemsize,
+            "wvec": weight_word_elements(spec, config.vec),
+            "w_itemsize": spec.w_itemsize,
         }
 
     def build(self, source, spec, config, device):

@@ -423,6 +423,10 @@ def variant_cases(dry_run: bool) -> list[VariantCase]:
         for n, m, sizes in ((262144, 512, (4, 8)), (65536, 2048, (2, 4, 8))):
             for c in sizes:
                 add(f"cluster{c}", "cupy", op, "fwd", n, m, row_cache=f"cluster{c}", threads=1024, rows=1, unroll=1)
+        # The backward's row on chip across a cluster (dW/dB in registers: a slice of <= 8 or 16 elements a
+        # thread), against the heuristic's two passes over global memory with column-outer partials.
+        add("cluster8", "cupy", op, "bwd", 65536, 2048, row_cache="cluster8", threads=1024, rows=1, unroll=1,
+            partials="registers")
         add("prefetch", "triton", op, "bwd", 4096, 16384, BWD_PREFETCH=1)
         add("prefetch", "cupy", op, "bwd", 4096, 16384, prefetch=1)
         add("scalar accesses", "numba", op, "fwd", 4096, 16384, vec=1)

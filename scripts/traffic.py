@@ -57,14 +57,18 @@ What the chunked Triton paths (rows larger than one block) do:
 The Numba CUDA forward keeps rows up to its block's registers (N <= 4096 above, hence 1.00); beyond,
 it makes two passes: pass 1 reads x (and the residual, writing h) and reduces the statistics
 (LayerNorm: each thread's count, mean and M2 by Welford's update, merged over the block with Chan's),
-pass 2 reads h (or x) back to normalize (`tests/test_traffic.py` checks it at N = 300 in 5 chunks).
-With the residual fused: 5 tensor passes for an ideal of 4 (1.25) for both ops; before, LayerNorm
-made three passes reading x and the residual each time (2.00) and RMSNorm two (1.50). The row tensors
-move as 64-bit words (4 bf16 or fp16, 2 fp32 elements an access; Numba has no 128-bit type), unpacked in
-registers. Its backward with the row in registers sums each thread's dW/dB columns in registers and writes
-each row slot's partial row once (4 bytes per element and parameter per slot: the simulator runs 2
-blocks, so one partial row per 2 of the table's 4 rows); chunked rows read-modify-write the partial row
-for every row (8 bytes per element and parameter per row).
+pass 2 reads h (or x) back to normalize, last chunk first (`tests/test_traffic.py` checks it at N = 300
+in 5 chunks). With the residual fused: 5 tensor passes for an ideal of 4 (1.25) for both ops; before,
+LayerNorm made three passes reading x and the residual each time (2.00) and RMSNorm two (1.50). The row
+tensors move as 64-bit words (4 bf16 or fp16, 2 fp32 elements an access; Numba has no 128-bit type),
+unpacked in registers, and so do the weight and bias (an fp32 weight under 4 16-bit elements: 2 words).
+Its backward with the row in registers loads each thread's weight columns once for all the slot's rows,
+sums their dW/dB in registers and writes each row slot's partial row once (4 bytes per element and
+parameter per slot: the simulator runs 2 blocks, so the weight is read twice and there is one partial row
+per 2 of the table's 4 rows). Chunked rows (N > 4096 here) read x, dy and the weight twice a row; with
+`partials=columns` (the heuristic's choice there) the second pass walks each column word down the slot's
+rows, summing dW/dB in registers and writing each partial once, where `partials=rows` read-modify-writes
+the partial row for every row (8 bytes per element and parameter per row).
 
 CuPy kernels run only on a GPU, so their traffic is derived from the kernels' loop structure
 (`templates/cupy/`) instead of counted, for the same specs (ideal: 4 tensor passes forward, 3
@@ -72,11 +76,15 @@ backward):
 - row in registers (`row_cache=registers`) or in shared memory (`shared`, in the input dtype, up to
   226 KiB a block with the opt-in; the heuristic's choice up to A100's 163 KiB: bf16 rows of up to
   about 80K elements forward, 40K backward): every tensor once, 1.00;
-- row split over a thread-block cluster (`cluster2`, `cluster4`, `cluster8`: forward, sm_90+): each of
-  the C blocks caches a 1/C slice of the row in its shared memory and the row's statistics merge through
+- row split over a thread-block cluster (`cluster2`, `cluster4`, `cluster8`, sm_90+): each of the C
+  blocks caches a 1/C slice of the row in its shared memory and the row's statistics merge through
   distributed shared memory in rank order, so x is read once for bf16 rows up to C x 113K elements
-  (every 256K row with C = 4): 1.00. The heuristic does not pick it (one heuristic serves GPUs without
-  clusters); the tuner audits and times it on sm_90;
+  (every 256K row with C = 4): 1.00. The backward caches x and dy of the slice (bf16 rows up to C x 56K
+  elements), merges its two row sums the same way (one cluster barrier a row), and each cluster loops
+  over rows, so each block sums its slice's dW/dB over them: in registers (`partials=registers`) while
+  a thread's share of the slice fits (RMSNorm up to C x 16K, LayerNorm with a bias C x 8K: 128K and 64K
+  with C = 8): 1.00 plus one partial row per cluster. The heuristic does not pick a cluster (one
+  heuristic serves GPUs without clusters); the tuner audits and times it on sm_90;
 - no cache (`none`, any N), forward: pass 1 reads x and the residual and writes h, reducing the
   statistics (LayerNorm: per-vector count, mean and M2 merged with Chan's update), pass 2 reads h back
   (last vector first) and writes y: 5 passes for 4 (1.25), for both ops; without a residual, x is read

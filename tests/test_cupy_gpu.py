@@ -91,16 +91,23 @@ def test_cupy_public_api(op, dtype, use_backend):
 
 @pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("row_cache", ["cluster2", "cluster4", "cluster8"])
-def test_cupy_cluster_split(op, row_cache):
-    """A row split over a thread-block cluster (sm_90+): each block caches its slice, the statistics merge
-    through distributed shared memory; with and without a residual, aligned and strided."""
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_cupy_cluster_split(op, row_cache, direction):
+    """A row split over a thread-block cluster (sm_90+): each block caches its slice, the statistics (the
+    backward's two sums) merge through distributed shared memory; with and without a residual, aligned and
+    strided; the backward's dW/dB summed in registers where a thread's slice fits, else per row in global
+    memory, over more rows than clusters (each cluster takes several)."""
     backend = _cupy()
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
     for residual in (False, True):
-        spec = NormSpec(op, "fwd", "bfloat16", "bfloat16", 65536, bias=op == "layernorm", residual=residual)
-        config = backend.heuristic(spec).replace(row_cache=row_cache, threads=1024, rows=1, unroll=1)
-        check_case(backend, spec, 7, residual, "cuda", config=config)
+        spec = NormSpec(op, direction, "bfloat16", "bfloat16", 65536, bias=op == "layernorm", residual=residual)
+        config = backend.heuristic(spec).replace(row_cache=row_cache, threads=1024, rows=1, unroll=1, prefetch=0)
+        if direction == "bwd":
+            registers = config.replace(partials="registers")
+            valid = backend.config_cls.is_valid(spec, registers) is None
+            config = registers if valid else config.replace(partials="global")
+        check_case(backend, spec, 7 if direction == "fwd" else 1031, residual, "cuda", config=config)
 
 
 def test_cupy_cluster_config_is_refused_before_sm_90():

@@ -92,8 +92,8 @@ def test_sampled_configs_compile(op, direction, tmp_path):
         if direction == "fwd" and name in ("partials_per_sm", "partials", "prefetch"):
             assert seen == {CupyConfig.domain()[name][0]}  # backward knobs: the forward takes the first value
             continue
-        if name == "row_cache":  # every value: the cluster splits in the forward only
-            assert seen == {v for v in domain if direction == "fwd" or not v.startswith("cluster")}, sorted(seen)
+        if name == "row_cache":  # every value, the cluster splits included
+            assert seen == set(domain), sorted(seen)
             continue
         assert min(domain) in seen and max(domain) in seen, (name, sorted(seen))
 
@@ -364,8 +364,7 @@ def test_cluster_split_of_a_row():
     assert "constexpr int CLUSTER = 4;" in text and "__cluster_dims__(CLUSTER, 1, 1)" in text
     assert "mapa.shared::cluster.u32" in text and "barrier.cluster.wait.acquire.aligned" in text
     assert "for (unsigned r = 0; r < CLUSTER; ++r)" in text  # the merge in rank order: the same bits in every block
-    # The rules: forward only, one row a cluster, whole vectors a slice, the slice within a block's shared memory.
-    assert "forward" in CupyConfig.is_valid(NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 262144), config)
+    # The rules: one row a cluster, whole vectors a slice, the slice within a block's shared memory.
     assert "rows=1" in CupyConfig.is_valid(spec, config.replace(rows=2))
     assert "slices" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 65544), config)
     assert "bytes a block" in CupyConfig.is_valid(NormSpec("rmsnorm", "fwd", "float32", "float32", 1 << 20),
@@ -381,6 +380,39 @@ def test_cluster_split_of_a_row():
     launcher.forward(*verify.make_inputs(spec, 3, "cpu").args(spec))
     ((name, grid, block, _, smem),) = recorder.calls
     assert (name, grid, block, smem) == ("an_fwd_vec", (12,), (1024,), 262144 // 4 * 2)
+
+
+def test_cluster_backward():
+    """row_cache="clusterC" in the backward (sm_90+): each block caches x and dy of its slice, sums its slice's
+    dW/dB over the cluster's rows, and the row's two sums merge through distributed shared memory, one cluster
+    barrier a row (the published sums double-buffered by the row's parity); clusters loop over the rows."""
+    from autonorm.backends.cupy import _Launcher, dynamic_smem
+
+    from autonorm import verify
+
+    spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 65536, bias=True, residual=True)
+    config = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="cluster8", partials_per_sm=1,
+                        partials="registers")
+    assert CupyConfig.is_valid(spec, config) is None and config.min_compute_capability() == 90
+    assert dynamic_smem(spec, config) == 65536 // 8 * 2 * 2  # x and dy of an eighth of the row, in bf16
+    text = BACKEND.render(spec, config).text
+    assert "constexpr int CLUSTER = 8;" in text and "constexpr int ITEMS = 1;" in text  # 8 bf16 a thread
+    assert "an_cluster_sums(s1, s2, part + 2 * parity);" in text and "parity ^= 1" in text
+    assert "for (unsigned r = 0; r < CLUSTER; ++r)" in text  # rank order: the same bits in every block
+    assert text.count("__cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THREADS, 1)") == 2
+    # dW/dB in registers need a slice of at most 8 (LayerNorm: two sums) or 16 elements a thread.
+    assert "partials in registers" in CupyConfig.is_valid(spec, config.replace(row_cache="cluster4"))
+    assert CupyConfig.is_valid(spec, config.replace(row_cache="cluster4", partials="global")) is None
+    assert "row_cache=none" in CupyConfig.is_valid(spec, config.replace(partials="columns"))
+    assert "prefetch" in CupyConfig.is_valid(spec, config.replace(prefetch=1))
+    # Persistent: at most the resident blocks, whole clusters, one partial row per cluster, every row covered.
+    for rows, max_blocks, grid in ((7, 32, 32), (2, 32, 16), (7, 12, 8)):
+        launcher = _Launcher(spec, config, 0, ("an_bwd_vec", "an_bwd_scalar"), max_blocks=max_blocks)
+        launcher._launch = recorder = _Recorder()
+        dx, dw, db = launcher.backward(*verify.make_inputs(spec, rows, "cpu").args(spec))
+        ((name, launched, block, _, smem),) = recorder.calls
+        assert (name, launched, block, smem) == ("an_bwd_vec", (grid,), (1024,), 65536 // 8 * 4)
+        assert dx.shape == (rows, 65536) and dw.shape == db.shape == (65536,)
 
 
 @needs_nvcc

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -48,7 +49,47 @@ def test_chunked_rows(op, direction):
     feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
     spec = NormSpec(op, direction, "bfloat16", "float32", 300, residual=True, **feats)
     assert BACKEND.render_context(spec, CHUNKED)["nchunk"] == 5
-    grid.check_case(BACKEND, spec, 3, True, DEVICE, config=CHUNKED)
+    # the backward's dW/dB partials read-modify-written per row, then summed column-outer
+    for config in (CHUNKED, CHUNKED.replace(partials="columns")) if direction == "bwd" else (CHUNKED,):
+        grid.check_case(BACKEND, spec, 3, True, DEVICE, config=config)
+
+
+def test_column_partials_rules():
+    """partials=columns is the chunked backward's with a weight, and the heuristic's choice there."""
+    chunked = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 300, bias=True)
+    columns = CHUNKED.replace(partials="columns")
+    assert nc.NumbaCudaConfig.is_valid(chunked, columns) is None
+    assert "backward with dW/dB" in nc.NumbaCudaConfig.is_valid(chunked.with_direction("fwd"), columns)
+    assert "backward with dW/dB" in nc.NumbaCudaConfig.is_valid(replace(chunked, weight=False, bias=False), columns)
+    in_registers = nc.NumbaCudaConfig(threads=64, items=8, rows=1, vec=4)
+    assert "chunked rows" in nc.NumbaCudaConfig.is_valid(chunked, in_registers.replace(partials="columns"))
+    assert BACKEND.heuristic(replace(chunked, hidden=65536)).partials == "columns"
+    assert BACKEND.heuristic(replace(chunked, hidden=4096)).partials == "rows"  # in registers
+    assert BACKEND.heuristic(replace(chunked, hidden=65536, weight=False, bias=False)).partials == "rows"
+
+
+@needs_backend
+@pytest.mark.parametrize("op", grid.OPS)
+@pytest.mark.parametrize("direction", grid.DIRECTIONS)
+def test_fp32_weight_under_16bit_words(op, direction):
+    """4 bf16 elements a 64-bit word lie over 16 bytes of an fp32 weight, loaded as 2 weight words: with the
+    row in registers (the backward holds the weight across rows) and chunked, and from a strided or
+    misaligned weight view, which the launcher copies into whole words."""
+    feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
+    spec = NormSpec(op, direction, "bfloat16", "float32", 256, **feats)
+    assert nc.weight_word_elements(spec, 4) == 2
+    cached = nc.NumbaCudaConfig(threads=32, items=8, rows=1, vec=4)
+    chunked = nc.NumbaCudaConfig(threads=32, items=4, rows=1, vec=4)
+    assert nc.row_in_registers(spec, cached) and not nc.row_in_registers(spec, chunked)
+    for config in (cached, chunked):
+        grid.check_case(BACKEND, spec, 5, False, DEVICE, config=config)
+    inputs = verify.make_inputs(spec, 5, DEVICE)
+    strided = torch.empty(2 * 256, dtype=torch.float32, device=DEVICE)[::2].copy_(inputs.weight)
+    misaligned = torch.empty(256 + 1, dtype=torch.float32, device=DEVICE)[1:].copy_(inputs.weight)
+    for weight in (strided, misaligned):
+        changed = replace(inputs, weight=weight)
+        result = verify.compare(spec, changed, BACKEND.compile(spec, cached, DEVICE)(*changed.args(spec)))
+        assert result.ok, (spec.short(), result.errors)
 
 
 @needs_backend
@@ -186,33 +227,25 @@ _LOWER = textwrap.dedent("""
     from numba.cuda.compiler import compile_cuda
     from autonorm.backends import get_backend
     from autonorm.backends.base import import_generated
+    from autonorm.backends.numba_cuda import kernel_signature
     from autonorm.spec import NormSpec
 
     # Device functions ask the current device for its compute capability, and
     # codegen asks NVRTC for the arch flag: answer both for sm_80, without a GPU.
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(8, 0))
     nvrtc.get_arch_option = lambda major, minor: f"compute_{major}{minor}"
-    AR = {"float32": t.float32, "float16": t.float16, "bfloat16": t.uint16}
-
-    def signature(s, vec):
-        # Row tensors as flat arrays of VEC-element words, the rest by element (as _Launcher passes them).
-        x = AR[s.x_dtype][::1] if vec == 1 else getattr(t, f"int{vec * s.x_itemsize * 8}")[::1]
-        w, f1, f2, i, f = AR[s.w_dtype][::1], t.float32[::1], t.float32[:, ::1], t.int64, t.float32
-        if s.direction == "fwd":
-            a = [x, i] + ([x, i, x] if s.residual else []) + [w] * (s.weight + s.bias)
-            return a + [x] + [f1] * s.is_layernorm + [f1, i, f, f]
-        a = [x, i, x, i] + ([w, f2] if s.weight else []) + [f2] * s.bias
-        return a + [f1] * s.is_layernorm + [f1] + ([x, i] if s.residual else []) + [x, i, f]
-
     backend = get_backend("numba")
     for op in ("rmsnorm", "layernorm"):
         for direction in ("fwd", "bwd"):
             feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
-            for x_dtype, w_dtype, n in (("bfloat16", "float32", 123), ("float16", "float16", 70000)):
+            # scalar accesses; 4 bf16 a word under 2 words of the fp32 weight; chunked, 4 fp16 a word
+            for x_dtype, w_dtype, n in (("bfloat16", "float32", 123), ("bfloat16", "float32", 2048),
+                                        ("float16", "float16", 70000)):
                 spec = NormSpec(op, direction, x_dtype, w_dtype, n, residual=True, **feats)
                 config = backend.heuristic(spec)
                 module = import_generated(backend.render(spec, config), "numba_cuda")
-                ir = compile_cuda(module._kernel.py_func, t.void, tuple(signature(spec, config.vec)), cc=(8, 0))
+                sig = kernel_signature(spec, config.vec, module._kernel.py_func)
+                ir = compile_cuda(module._kernel.py_func, t.void, sig, cc=(8, 0))
                 ir = ir.library.get_llvm_str()
                 # fp32 math only: the one use of a double is a folded constant truncation.
                 bad = [l for l in ir.splitlines() if " double" in l and "fptrunc double" not in l

@@ -134,8 +134,9 @@ def test_numba_chunked_forward_reads_the_residual_once():
 
 @pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
 def test_numba_backward_keeps_its_partials_in_registers(op):
-    """A row held in registers: each row slot writes its fp32 dW (and dB) partial row once, instead of a
-    read-modify-write of it for every row; chunked rows still add into it per row."""
+    """A row held in registers: each row slot reads the weight once and writes its fp32 dW (and dB) partial
+    row once, instead of reading the weight twice and read-modify-writing the partials for every row;
+    chunked rows do both per row, unless their partials are summed column-outer (written once)."""
     if cuda is None or torch.cuda.is_available():
         pytest.skip("counts the Numba CUDA simulator's accesses (CPU only)")
     from autonorm.backends.numba_cuda import NumbaCudaConfig
@@ -149,5 +150,15 @@ def test_numba_backward_keeps_its_partials_in_registers(op):
     chunked = traffic.measure(backend, spec, NumbaCudaConfig(threads=32, items=1, rows=1, vec=1), rows)
     assert in_registers.scratch == slots * n * 4 * params  # one store per slot and element
     assert chunked.scratch == 2 * rows * n * 4 * params  # a load and a store per row and element
+    assert in_registers.param_reads == slots
+    assert chunked.param_reads == 2 * rows  # the reductions' pass, then the dx pass
+    # Column-outer (chunked): each partial written once; the scratch adds each row's means (c12), stored once by
+    # a row's thread 0 and read by the column pass for every word of the row (a warp broadcast on a GPU).
+    columns = traffic.measure(backend, spec, NumbaCudaConfig(threads=32, items=1, rows=1, vec=1, partials="columns"),
+                              rows)
+    means = 2 if op == "layernorm" else 1
+    assert columns.scratch == slots * n * 4 * params + rows * means * 4 + rows * n * means * 4
+    assert columns.param_reads == rows + slots  # per row in the reductions' pass, once per slot after
+    assert columns.per_tensor["dx"] == columns.sizes["dx"]
     for m in (in_registers, chunked):
         assert m.per_tensor["dx"] == m.sizes["dx"]

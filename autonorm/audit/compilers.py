@@ -176,7 +176,9 @@ def _numba_compile(items: list[dict]) -> list[dict]:
     import types as pytypes
 
     import numba.cuda.dispatcher
-    from numba import cuda, types
+    from numba import cuda
+
+    from autonorm.backends.numba_cuda import kernel_signature
 
     # Device functions called by a kernel are compiled for the *current device's* compute
     # capability (numba-cuda's dispatcher asks the driver); there is no driver here, so the
@@ -186,24 +188,11 @@ def _numba_compile(items: list[dict]) -> list[dict]:
         raise ValueError(f"one numba audit worker compiles for one architecture, got {sorted(cc)}")
     device = pytypes.SimpleNamespace(compute_capability=cc.pop() if cc else (9, 0))
     numba.cuda.dispatcher.get_current_device = lambda: device
-    scalar = {"float32": types.float32, "float16": types.float16, "bfloat16": types.uint16}
     out = []
     for i, item in enumerate(items):
         spec = NormSpec(**item["spec"])
         dispatcher = _load_module(item["path"], f"autonorm_audit_numba_{i}")._kernel
-        # As _Launcher passes them: row tensors as flat arrays of VEC-element words, parameters, statistics
-        # and partials by element.
-        vec = item["vec"]
-        word = types.Array(scalar[spec.x_dtype] if vec == 1 else getattr(types, f"int{vec * spec.x_itemsize * 8}"),
-                           1, "C")
-        w, f32 = types.Array(scalar[spec.w_dtype], 1, "C"), types.Array(types.float32, 1, "C")
-        kinds = {"x": word, "dy": word, "res": word, "dh": word, "h": word, "y": word, "dx": word, "w": w, "b": w,
-                 "pw": types.Array(types.float32, 2, "C"), "pb": types.Array(types.float32, 2, "C"),
-                 "mean_out": f32, "rstd_out": f32, "mean_in": f32, "rstd_in": f32,
-                 "M": types.int64, "eps": types.float32, "offset": types.float32}
-        code = dispatcher.py_func.__code__
-        names = code.co_varnames[:code.co_argcount]
-        sig = tuple(types.int64 if n.startswith("s") and n not in kinds else kinds[n] for n in names)
+        sig = kernel_signature(spec, item["vec"], dispatcher.py_func)
         bounds = dispatcher.targetoptions.get("launch_bounds")
         ptx, _ = cuda.compile_ptx(dispatcher.py_func, sig, cc=tuple(item["cc"]), launch_bounds=bounds)
         out.append({"ptx": ptx})
