@@ -86,7 +86,8 @@ class CupyConfig(Config):
     # A knob with a default (knob() has none), so that configs written before it still construct.
     prefetch: int = field(default=0, metadata={"domain": (0, 1), "doc": (
         "bwd with the row in registers: 1 reads the weight once for all rows and loads the next row's x and dy "
-        "before this row's reductions (a second register set for them)")})
+        "before this row's reductions (a second register set for them); with the row in shared memory: 1 copies "
+        "the next row's x and dy into a second buffer by cp.async while this row is computed")})
 
     def min_compute_capability(self) -> int:
         return 90 if cluster_size(self) > 1 else 0
@@ -136,9 +137,11 @@ class CupyConfig(Config):
         elif c.partials == "columns" and c.row_cache != "none":
             return "partials=columns re-reads the rows column by column: it takes row_cache=none"
         if c.prefetch:
-            if spec.direction != "bwd" or c.row_cache != "registers":
-                return "prefetch applies to the backward with its row cached in registers"
-            if items * c.vec > max_prefetch_elems(c.threads):
+            if spec.direction != "bwd" or c.row_cache not in ("registers", "shared"):
+                return "prefetch applies to the backward with its row cached in registers or shared memory"
+            if c.row_cache == "shared" and c.vec * isz < 4:
+                return f"prefetch into shared memory copies {c.vec * isz}-byte vectors; cp.async moves 4, 8 or 16"
+            if c.row_cache == "registers" and items * c.vec > max_prefetch_elems(c.threads):
                 return (f"prefetch keeps {items * c.vec} elements per thread twice in registers "
                         f"(max {max_prefetch_elems(c.threads)} with {c.threads} threads)")
         return None
@@ -187,12 +190,12 @@ def cluster_size(config: CupyConfig) -> int:
 
 def dynamic_smem(spec: NormSpec, config: CupyConfig) -> int:
     """Bytes of the shared-memory row cache the launcher asks for: ROWS rows of N input-dtype elements
-    with row_cache="shared", a 1/C slice of the row with "clusterC", twice in the backward (x and dy);
-    0 otherwise."""
+    with row_cache="shared" (two rows a group with prefetch: one computed, one arriving), a 1/C slice of
+    the row with "clusterC", twice in the backward (x and dy); 0 otherwise."""
     tensors = 2 if spec.direction == "bwd" else 1
     if config.row_cache.startswith("cluster"):
         return spec.hidden // cluster_size(config) * spec.x_itemsize * tensors
-    cache_rows = config.rows if config.row_cache == "shared" else 0
+    cache_rows = config.rows * (2 if config.prefetch else 1) if config.row_cache == "shared" else 0
     return cache_rows * spec.hidden * spec.x_itemsize * tensors
 
 

@@ -434,6 +434,8 @@ def variant_cases(dry_run: bool) -> list[VariantCase]:
     add("partials per row", "cupy", "rmsnorm", "bwd", 16384, 8192, partials="global")
     # Rows re-read from global memory: the heuristic's column-outer second pass against per-row partials.
     add("partials per row", "cupy", "layernorm", "bwd", 65536, 2048, partials="global")
+    # The heuristic's shared-memory row (LN bwd 16K): the next row copied in by cp.async during this one.
+    add("prefetch", "cupy", "layernorm", "bwd", 16384, 8192, prefetch=1)
     return out
 
 

@@ -94,6 +94,24 @@ def test_ptxas_log_is_parsed_per_function():
     assert info["an_fwd_scalar_0"]["registers"] == 40 and info["an_fwd_scalar_0"]["smem_static"] == 0
 
 
+def test_sass_counts_tell_cp_async_from_global_loads():
+    """LDGSTS (cp.async) is counted as such, and as a global load of its width (the gate's 128-bit loads of x
+    may arrive by cp.async); its commit LDGDEPBAR and shared-memory accesses are neither."""
+    listing = "\n".join([
+        "\t\tFunction : an_bwd_vec",
+        "        /*0360*/               @P2 LDGSTS.E.BYPASS.128 [R21], desc[UR6][R4.64] ;   /* 0x0000000004152fae */",
+        "        /*0370*/                   LDGDEPBAR ;                                       /* 0x00000000000079af */",
+        "        /*0380*/                   LDG.E.128 R8, desc[UR6][R2.64] ;                  /* 0x0000000602087981 */",
+        "        /*0390*/                   LDG.E.64 R4, desc[UR6][R6.64] ;                   /* 0x0000000606047981 */",
+        "        /*03a0*/                   LDS.128 R12, [R21] ;                              /* 0x0000000015127984 */",
+        "        /*03b0*/                   STG.E.128 desc[UR6][R10.64], R8 ;                 /* 0x000000080a007986 */",
+    ])
+    counts = audit.tools.parse_sass(listing)["an_bwd_vec"]
+    assert counts["cp_async"] == 1
+    assert (counts["global_loads"], counts["global_loads_128"], counts["global_loads_64"]) == (3, 2, 1)
+    assert (counts["global_stores"], counts["global_stores_128"]) == (1, 1)
+
+
 def test_gate_names_spills_unlaunchable_blocks_and_scalar_loads():
     spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096)
     p = audit.Profile("cupy", spec.short(), "c", "sm_90", "k", registers=72, spill_stores=8, spill_loads=8,
@@ -292,6 +310,22 @@ def test_backward_prefetch_fits():
         assert get_backend("triton").config_cls.is_valid(spec, config) is None
         jobs += [audit.Job("triton", spec, config, arch) for arch in ARCHS]
     _gate(jobs)
+
+
+def test_cupy_backward_prefetch_into_shared_memory_fits():
+    """prefetch=1 with the row in shared memory copies x and dy by cp.async (LDGSTS in the SASS, 16 bytes each)
+    into a second buffer: the LayerNorm heuristic at 16K (shared memory, partials per row) and an fp32 RMSNorm
+    with its partials in registers compile without spilling on sm_80 and sm_90."""
+    _skip_unless("cupy")
+    backend = get_backend("cupy")
+    jobs = []
+    for spec, changes in ((NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384, bias=True, residual=True), {}),
+                          (NormSpec("rmsnorm", "bwd", "float32", "float32", 8192), {"row_cache": "shared"})):
+        config = backend.heuristic(spec).replace(prefetch=1, **changes)
+        assert config.row_cache == "shared" and backend.config_cls.is_valid(spec, config) is None, config.short()
+        jobs += [audit.Job("cupy", spec, config, arch) for arch in ARCHS]
+    _gate(jobs)
+    assert all(p.cp_async > 0 and p.global_loads_128 >= p.cp_async for p in audit.audit(jobs))
 
 
 def test_cupy_backward_prefetch_fits():

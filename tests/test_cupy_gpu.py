@@ -125,11 +125,13 @@ def test_cupy_cluster_config_is_refused_before_sm_90():
     NormSpec("layernorm", "bwd", "float16", "float16", 1128, bias=True, residual=True),
     NormSpec("layernorm", "bwd", "float32", "float32", 7, weight=False),
 ], ids=lambda s: s.short())
-def test_cupy_backward_prefetch(spec):
-    """prefetch=1: the next row's loads one iteration ahead and the weight read once. Row counts below, at and
-    past the persistent grid (each block's last fetch falls past M), aligned and strided."""
+@pytest.mark.parametrize("row_cache", ["registers", "shared"])
+def test_cupy_backward_prefetch(spec, row_cache):
+    """prefetch=1: the next row's loads one iteration ahead (registers: the weight read once; shared memory: the
+    next row copied by cp.async into a second buffer, or through registers on the unaligned entry point). Row
+    counts below, at and past the persistent grid (each block's last fetch falls past M), aligned and strided."""
     backend = _cupy()
-    config = backend.heuristic(spec).replace(prefetch=1)
+    config = backend.heuristic(spec).replace(prefetch=1, row_cache=row_cache, unroll=1)
     assert backend.config_cls.is_valid(spec, config) is None, config.short()
     for rows, strided in ((1, False), (37, True), (20000, False)):
         check_case(backend, spec, rows, strided, "cuda", config=config)

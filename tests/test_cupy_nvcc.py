@@ -335,16 +335,46 @@ def test_backward_prefetch():
     assert "an_g<" not in loop and "(w," not in loop
     assert loop.index("an_fetch_row<ALIGNED>(") < loop.index("an_row_sum(")
     assert "an_fetch_row" not in BACKEND.render(spec, config).text
-    # The rules: the backward with its row in registers, within the doubled register budget.
+    # The rules: the backward with its row in registers (within the doubled register budget) or shared memory.
     assert "backward" in CupyConfig.is_valid(dataclasses.replace(spec, direction="fwd"), streaming)
-    shared = config.replace(row_cache="shared", unroll=1, prefetch=1)
-    assert "registers" in CupyConfig.is_valid(spec, shared)
+    assert "registers or shared" in CupyConfig.is_valid(spec, config.replace(row_cache="none", prefetch=1))
+    assert "registers or shared" in CupyConfig.is_valid(
+        dataclasses.replace(spec, hidden=65536), config.replace(row_cache="cluster8", threads=1024, prefetch=1))
     wide = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 8192, bias=True)
     assert 8192 // 1024 > max_prefetch_elems(1024)
     too_many = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="registers", partials_per_sm=1,
                           partials="registers", prefetch=1)
     assert CupyConfig.is_valid(wide, too_many.replace(prefetch=0)) is None
     assert "twice in registers" in CupyConfig.is_valid(wide, too_many)
+
+
+def test_backward_prefetch_into_shared_memory():
+    """prefetch=1 with the row in shared memory: two row buffers; inside the row loop each thread waits for its own
+    cp.async copies of this row, then issues the next row's into the other buffer, before any reduction; the
+    unaligned entry point loads through registers. is_valid keeps it to 4-, 8- and 16-byte copies."""
+    from autonorm.backends.cupy import dynamic_smem
+
+    spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384, bias=True, residual=True)
+    config = CupyConfig.heuristic(spec)
+    assert (config.row_cache, config.partials, config.prefetch) == ("shared", "global", 0)
+    streaming = config.replace(prefetch=1)
+    assert CupyConfig.is_valid(spec, streaming) is None
+    assert dynamic_smem(spec, streaming) == 2 * dynamic_smem(spec, config) == 2 * 2 * 16384 * 2
+    text = BACKEND.render(spec, streaming).text
+    assert "cp.async.cg.shared.global [%0], [%1], 16;" in text and "cp.async.wait_all;" in text
+    body = text[text.index("void an_bwd_body("):]
+    loop = body[body.index("for (long long row0"):]
+    assert "cur ^= 1" in loop[:loop.index("\n")]  # the buffers swap every row
+    wait, copy = loop.index("an_cp_async_wait();"), loop.index("an_copy_row(")
+    assert wait < copy < loop.index("an_row_sum(")
+    assert "an_copy_row(" in body[:body.index("for (long long row0")]  # the first row, before the loop
+    assert "cp.async" not in BACKEND.render(spec, config).text
+    # 2-byte vectors cannot be copied by cp.async; the doubled buffers must fit a block's shared memory.
+    narrow = streaming.replace(vec=1, threads=1024)
+    assert "cp.async moves 4, 8 or 16" in CupyConfig.is_valid(spec, narrow)
+    wide = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 32768, bias=True)
+    assert CupyConfig.is_valid(wide, streaming.replace(prefetch=0)) is None
+    assert "bytes a block" in CupyConfig.is_valid(wide, streaming)
 
 
 def test_cluster_split_of_a_row():

@@ -100,19 +100,26 @@ def parse_ptxas_log(log: str) -> dict[str, dict]:
     return out
 
 
-_GLOBAL = re.compile(r"\b(LDG|STG|LDGSTS)(\.[\w.]*)?")
+# LDGSTS (cp.async) first and whole opcodes only: `LDG` alone also matched the start of LDGSTS, which counted
+# every cp.async as a global load and none as cp.async (and LDGDEPBAR, its commit, as a load).
+_GLOBAL = re.compile(r"\b(LDGSTS|LDG|STG)\b(\.[\w.]*)?")
 
 
 def sass_counts(cubin: str) -> dict[str, dict]:
-    """Per function of a cubin: global loads / stores, how many are 128-bit (loads: and 64-bit), cp.async
-    (LDGSTS) count."""
+    """Per function of a cubin: global loads (cp.async included) / stores, how many are 128-bit (loads: and
+    64-bit), cp.async (LDGSTS) count."""
     proc = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"cuobjdump -sass {cubin} failed: {proc.stderr.strip()}")
+    return parse_sass(proc.stdout)
+
+
+def parse_sass(listing: str) -> dict[str, dict]:
+    """sass_counts of a `cuobjdump -sass` listing."""
     out: dict[str, dict] = {}
     current = None
     text: list[str] = []
-    for line in proc.stdout.splitlines():
+    for line in listing.splitlines():
         if m := re.search(r"Function : (\S+)", line):
             current = out.setdefault(m.group(1), {"global_loads": 0, "global_loads_128": 0, "global_loads_64": 0,
                                                   "global_stores": 0, "global_stores_128": 0, "cp_async": 0})
@@ -125,9 +132,8 @@ def sass_counts(cubin: str) -> dict[str, dict]:
             text.append(m.group(1))
         for op, mods in _GLOBAL.findall(line):
             wide = ".128" in mods
-            if op == "LDGSTS":
-                current["cp_async"] += 1
-            elif op == "LDG":
+            if op in ("LDG", "LDGSTS"):  # a cp.async reads global memory too (into shared, not registers)
+                current["cp_async"] += op == "LDGSTS"
                 current["global_loads"] += 1
                 current["global_loads_128"] += wide
                 current["global_loads_64"] += ".64" in mods
