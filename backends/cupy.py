@@ -302,6 +302,7 @@ class _Launcher:
         self.max_blocks = max_blocks  # persistent backward: blocks resident on the whole device
         self.block = (config.threads,)
         self.smem = dynamic_smem(spec, config)
+        self.cluster = cluster_size(config)  # blocks sharing a row (1: none), fixed per launcher
         # Alignment a vector access needs: x-like tensors VEC elements, weights the same
         # number of (possibly wider) elements, both capped at the 16 bytes of one access.
         self.x_align = min(16, config.vec * spec.x_itemsize)
@@ -344,7 +345,7 @@ class _Launcher:
                 self._ptr(weight), self._ptr(bias), self._ptr(y), self._ptr(h), self._ptr(mean), self._ptr(rstd),
                 m, self._f32(eps), self._f32(offset))
         # A cluster takes one row: its C consecutive blocks (the kernel's __cluster_dims__) split it.
-        blocks = m * cluster_size(config) if cluster_size(config) > 1 else _cdiv(m, config.rows)
+        blocks = m * self.cluster if self.cluster > 1 else _cdiv(m, config.rows)
         self._launch(fn, (blocks,), self.block, args, self.smem)
         return y, h, mean, rstd
 
@@ -354,11 +355,10 @@ class _Launcher:
         dx, dw, db = backward_outputs(spec, x)
         if m == 0:
             return dx, dw, db
-        c = cluster_size(config)
-        if c > 1:
+        if self.cluster > 1:
             # Clusters of C consecutive blocks share each row; one partial row per cluster.
-            partial_rows = min(m, max(1, self.max_blocks // c))
-            blocks = partial_rows * c
+            partial_rows = min(m, max(1, self.max_blocks // self.cluster))
+            blocks = partial_rows * self.cluster
         else:
             blocks = min(_cdiv(m, config.rows), self.max_blocks)
             partial_rows = blocks * config.rows

@@ -254,6 +254,9 @@ def _forward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launche
 def _backward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launcher):
     a = launcher.array
     block = (config.threads, config.rows)
+    # Scratch: a row kept in registers, or column-outer partials, write every partial row once;
+    # chunked rows add into theirs, so those start at zero.
+    scratch = torch.empty if row_in_registers(spec, config) or config.partials == "columns" else torch.zeros
 
     def kernel(dy, x, weight, mean, rstd, dh, offset):
         m, n = x.shape
@@ -265,10 +268,6 @@ def _backward(module, spec: NormSpec, config: NumbaCudaConfig, launcher: _Launch
         args = [*launcher.rows(dy), *launcher.rows(x)]
         pw = pb = None
         if spec.weight:
-            # Scratch: a row kept in registers, or column-outer partials, write every partial row once;
-            # chunked rows add into theirs, so those start at zero.
-            once = row_in_registers(spec, config) or config.partials == "columns"
-            scratch = torch.empty if once else torch.zeros
             pw = scratch((parts, n), dtype=torch.float32, device=x.device)
             args += [launcher.param(weight), a(pw)]
             if spec.bias:
