@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from autonorm.config import Config, knob
-from autonorm.hardware import device_arch, register_cap, resident_blocks
+from autonorm.hardware import ARCHS, device_arch, register_cap, resident_blocks
 from autonorm.spec import ITEMSIZE, NormSpec
 
 from .base import Backend, CurrentStream, backward_outputs, forward_outputs, sum_partials
@@ -79,8 +79,9 @@ class CupyConfig(Config):
                           "of a thread-block cluster, each caching its slice in shared memory (x, and dy in the "
                           "backward)")
     partials_per_sm: int = knob((1, 2, 4, 8, 16), "bwd: persistent blocks (dW partial groups) per SM")
-    partials: str = knob(("registers", "global", "columns"),
-                         "bwd: where a thread sums its columns' dW/dB over its rows (registers: written once; global: "
+    partials: str = knob(("registers", "shared", "global", "columns"),
+                         "bwd: where a thread sums its columns' dW/dB over its rows (registers: written once; shared, "
+                         "beside a row cached in shared memory: fp32 sums there, written once; global: "
                          "read-modify-written per row; columns, row_cache=none: a second pass walks each column "
                          "vector down the rows, summing in registers, written once)")
     # A knob with a default (knob() has none), so that configs written before it still construct.
@@ -120,7 +121,8 @@ class CupyConfig(Config):
             if c.unroll != 1:
                 return "unroll applies to the chunk loops; the registers cache is fully unrolled"
         elif c.row_cache != "none" and dynamic_smem(spec, c) > SMEM_MAX:
-            return f"{c.row_cache} row cache needs {dynamic_smem(spec, c)} bytes a block > {SMEM_MAX}"
+            what = " and dW/dB sums" if c.partials == "shared" and spec.weight and spec.direction == "bwd" else ""
+            return f"{c.row_cache} row cache{what} need {dynamic_smem(spec, c)} bytes a block > {SMEM_MAX}"
         if spec.direction == "fwd" or not spec.weight:
             if c.partials_per_sm != 1 and spec.direction == "fwd":
                 return "partials_per_sm is a backward knob (fwd takes 1)"
@@ -132,8 +134,10 @@ class CupyConfig(Config):
             if need > budget:
                 return (f"dW/dB partials in registers need {need} elements per thread "
                         f"(max {budget} with {c.threads} threads)")
-        elif c.partials == "global" and c.row_cache == "registers":
+        elif c.partials in ("global", "shared") and c.row_cache == "registers":
             return "a row cached in registers sums its partials in registers"
+        elif c.partials == "shared" and c.row_cache == "none":
+            return "partials=shared sums dW/dB beside a row cached in shared memory (row_cache=shared or clusterC)"
         elif c.partials == "columns" and c.row_cache != "none":
             return "partials=columns re-reads the rows column by column: it takes row_cache=none"
         if c.prefetch:
@@ -164,16 +168,21 @@ class CupyConfig(Config):
         reg_tpr = tpr
         while _cdiv(n, reg_tpr * vec) * vec > max_reg_elems(spec.direction, reg_tpr) and reg_tpr < 1024:
             reg_tpr *= 2
-        # A shared row cache over 48 KiB leaves room for a few blocks an SM at most (one past 114
-        # KiB): 1024 threads keep enough loads in flight there.
-        opt_in = n * spec.x_itemsize * (2 if spec.direction == "bwd" else 1) > SMEM_WITHOUT_OPT_IN
+        # A shared row cache leaves room for few blocks an SM: where A100's 164 KiB hold too few blocks of
+        # `tpr` threads for half occupancy (12K bf16 in the backward, 48 KiB a block: 3 of 128 threads),
+        # 1024-thread blocks keep enough loads in flight.
+        cache_bytes = n * spec.x_itemsize * (2 if spec.direction == "bwd" else 1)
+        per_sm = ARCHS["sm_80"].smem // (cache_bytes + ARCHS["sm_80"].smem_reserved)
+        shared_threads = tpr if min(per_sm, 2048 // tpr) * tpr >= 1024 else 1024
         # Several rows per block for small N: 128-thread blocks.
         # dW/dB partials: summed in registers where a thread's columns fit; else, with the row in shared memory,
-        # per row in global memory, and with no row cache in a column-outer second pass (rows that long are
-        # read twice either way; a per-row read-modify-write would add 8 bytes an element and parameter).
+        # in shared memory beside it where both fit, else per row in global memory, and with no row cache in a
+        # column-outer second pass (rows that long are read twice either way; a per-row read-modify-write
+        # would add 8 bytes an element and parameter).
         candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1, "registers"),
-                      (1024 if opt_in else tpr, 1, "shared", 2, "registers"),
-                      (1024 if opt_in else tpr, 1, "shared", 2, "global"),
+                      (shared_threads, 1, "shared", 2, "registers"),
+                      (1024, 1, "shared", 2, "shared"),
+                      (shared_threads, 1, "shared", 2, "global"),
                       (tpr, 1, "none", 2, "registers"), (tpr, 1, "none", 2, "columns")]
         for t, r, cache, unroll, partials in candidates:
             config = cls(threads=t * r, vec=vec, rows=r, unroll=unroll, row_cache=cache, partials_per_sm=pps,
@@ -189,14 +198,34 @@ def cluster_size(config: CupyConfig) -> int:
 
 
 def dynamic_smem(spec: NormSpec, config: CupyConfig) -> int:
-    """Bytes of the shared-memory row cache the launcher asks for: ROWS rows of N input-dtype elements
-    with row_cache="shared" (two rows a group with prefetch: one computed, one arriving), a 1/C slice of
-    the row with "clusterC", twice in the backward (x and dy); 0 otherwise."""
+    """Bytes of dynamic shared memory the launcher asks for: the row cache, ROWS rows of N input-dtype
+    elements with row_cache="shared" (two rows a group with prefetch: one computed, one arriving), a 1/C
+    slice of the row with "clusterC", twice in the backward (x and dy); then, with partials="shared", from
+    the next 16-byte boundary, each row group's fp32 dW (and dB) sums over its N (or slice) columns."""
+    return partials_smem_offset(spec, config) + partials_smem_bytes(spec, config) if _smem_partials(spec, config) \
+        else _row_cache_bytes(spec, config)
+
+
+def _row_cache_bytes(spec: NormSpec, config: CupyConfig) -> int:
     tensors = 2 if spec.direction == "bwd" else 1
     if config.row_cache.startswith("cluster"):
         return spec.hidden // cluster_size(config) * spec.x_itemsize * tensors
     cache_rows = config.rows * (2 if config.prefetch else 1) if config.row_cache == "shared" else 0
     return cache_rows * spec.hidden * spec.x_itemsize * tensors
+
+
+def _smem_partials(spec: NormSpec, config: CupyConfig) -> bool:
+    return spec.direction == "bwd" and spec.weight and config.partials == "shared"
+
+
+def partials_smem_offset(spec: NormSpec, config: CupyConfig) -> int:
+    """Where partials="shared" puts its fp32 sums in dynamic shared memory: after the row cache, 16-byte aligned."""
+    return _cdiv(_row_cache_bytes(spec, config), 16) * 16
+
+
+def partials_smem_bytes(spec: NormSpec, config: CupyConfig) -> int:
+    """The fp32 dW (+ dB) sums of partials="shared": ROWS groups of a row's (or a cluster slice's) columns."""
+    return config.rows * spec.hidden // cluster_size(config) * 4 * (2 if spec.bias else 1)
 
 
 def geometry(spec: NormSpec, config: CupyConfig) -> dict:
@@ -246,7 +275,7 @@ class CupyBackend(Backend):
 
     def render_context(self, spec, config):
         return {"geo": geometry(spec, config), "T": C_TYPES[spec.x_dtype], "W": C_TYPES[spec.w_dtype],
-                "suffix": "", "headers": True}
+                "suffix": "", "headers": True, "partials_offset": partials_smem_offset(spec, config)}
 
     def build(self, source, spec, config, device):
         import cupy

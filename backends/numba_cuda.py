@@ -32,6 +32,10 @@ MAX_BLOCK = 1024  # CUDA's limit on threads per block
 # Numba has no 128-bit integer: the widest access a kernel can ask for is one 64-bit word.
 WORD_BYTES = 8
 WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Numba declares shared memory statically (`cuda.shared.array` of a constant shape), and a static
+# allocation is capped at 48 KiB a block on every architecture (more needs dynamic shared memory
+# and a per-kernel opt-in, which numba-cuda's launcher does not make).
+STATIC_SMEM_BYTES = 48 * 1024
 
 
 def _pow2_at_least(n: int) -> int:
@@ -53,6 +57,10 @@ class NumbaCudaConfig(Config):
         "bwd with a weight, rows in chunks: rows = the dx pass follows each row's reductions and read-modify-writes "
         "the slot's dW/dB partial row; columns = a second pass walks each column word down the slot's rows, "
         "summing dW/dB in registers, and writes each partial once")})
+    row_cache: str = field(default="global", metadata={"domain": ("global", "shared"), "doc": (
+        "fwd, rows in chunks: pass 2 reads the row (h with a residual) back from global memory (L2 at best), "
+        "or from the copy pass 1 left in shared memory, in the input dtype (static shared memory: at most "
+        "48 KiB a block)")})
 
     @classmethod
     def is_valid(cls, spec: NormSpec, config: "NumbaCudaConfig") -> str | None:
@@ -71,6 +79,18 @@ class NumbaCudaConfig(Config):
                 return "partials=columns applies to a backward with dW/dB"
             if config.threads * config.items >= spec.hidden:
                 return "a row in registers sums its partials in registers: partials=columns is for chunked rows"
+        if config.row_cache == "shared":
+            if spec.direction == "bwd":
+                # x and dy cached would still leave per-row dW/dB partials in global memory (8 bytes per element
+                # and parameter per row, more than the re-read they save) or need fp32 sums in shared memory too.
+                return "row_cache=shared applies to the forward"
+            if config.threads * config.items >= spec.hidden:
+                return "the row already stays in registers (one chunk): row_cache=shared is for chunked rows"
+            need = forward_smem_bytes(spec, config)
+            if need > STATIC_SMEM_BYTES:
+                return (f"row_cache=shared needs {need} bytes of shared memory (N={spec.hidden} x "
+                        f"{spec.x_itemsize}-byte {spec.x_dtype} + reduction buffers), over Numba's static "
+                        f"{STATIC_SMEM_BYTES}")
         return None
 
     @classmethod
@@ -95,12 +115,24 @@ class NumbaCudaConfig(Config):
         # Chunked backward with dW/dB: column-outer partials, so no partial row is read-modify-written per row
         # (8 bytes per element and parameter per row, more than re-reading x and dy).
         chunked_grads = spec.direction == "bwd" and spec.weight and threads * items < spec.hidden
-        return cls(threads=threads, items=items, rows=rows, vec=vec, partials="columns" if chunked_grads else "rows")
+        config = cls(threads=threads, items=items, rows=rows, vec=vec, partials="columns" if chunked_grads else "rows")
+        # A chunked forward whose row fits in shared memory reads it once (bf16 up to ~22K elements, fp32 ~11K);
+        # at 512 threads and <= 48 KiB a block, shared memory still leaves 4 blocks an SM on A100 and Hopper.
+        shared = config.replace(row_cache="shared")
+        return shared if cls.is_valid(spec, shared) is None else config
 
 
 def row_in_registers(spec: NormSpec, config: NumbaCudaConfig) -> bool:
     """One chunk covers the row: each thread keeps its elements in registers between the passes."""
     return config.threads * config.items >= spec.hidden
+
+
+def forward_smem_bytes(spec: NormSpec, config: NumbaCudaConfig) -> int:
+    """Static shared memory of the forward: the block reduction's fp32 buffer (three for the chunked
+    LayerNorm's Welford merge: count, mean and M2), plus the row in the input dtype with row_cache=shared."""
+    buffers = 3 if spec.is_layernorm and not row_in_registers(spec, config) else 1
+    row = spec.hidden * spec.x_itemsize if config.row_cache == "shared" else 0
+    return row + buffers * config.threads * config.rows * 4
 
 
 def weight_word_elements(spec: NormSpec, vec: int) -> int:
@@ -345,6 +377,7 @@ class NumbaCudaBackend(Backend):
             "nchunk": nchunk,
             "min_blocks": max(1, full - fewer) if hint else None,
             "cached": row_in_registers(spec, config),
+            "shared_row": config.row_cache == "shared",
             "strides": [config.threads >> i for i in range(1, config.threads.bit_length())],
             "uses_bf16": "bfloat16" in (spec.x_dtype, spec.w_dtype),
             "vec": config.vec,

@@ -15,8 +15,10 @@ process) under its own share of the budget; a share a phase leaves unused goes t
   bench          bf16 RMS/LN fwd/bwd at N = 4K..256K, M*N = 2^27: copy, torch, Liger, every
                  backend's heuristic (torch.compile after, if time is left)
   variants       each kernel variant against its backend's heuristic, checked, then timed interleaved:
-                 CuPy's thread-block cluster forward (256K, 64K), its dW/dB partials per row instead of
-                 in registers, Triton's backward prefetch, Numba's scalar instead of 64-bit accesses
+                 CuPy's thread-block cluster forward (256K, 64K) and backward (64K; 128K with dW/dB in
+                 shared memory), its dW/dB partials per row instead of in registers or shared memory,
+                 Triton's backward prefetch, Numba's scalar instead of 64-bit accesses and its chunked
+                 forward reading the row back from L2 instead of shared memory
   tune           a small database: bf16 RMS/LN fwd/bwd at N=4096 (then 8192), 16K rows, <= 12 trials
   sweep          every Triton config of rmsnorm bwd bf16 N=4096 in random order until the budget ends
 
@@ -410,11 +412,13 @@ def variant_cases(dry_run: bool) -> list[VariantCase]:
 
     out = []
 
-    def add(name, backend, op, direction, n, m, **changes):
-        # Named by the GPU size (m rows of n); the dry run runs every case at 2 x 64 (interpreter, simulator).
+    def add(name, backend, op, direction, n, m, dry=None, **changes):
+        # Named by the GPU size (m rows of n); the dry run runs every case at 2 x 64 (interpreter, simulator),
+        # with `dry` changes too where the variant would otherwise be the heuristic's kernel at that size.
         name = f"{op} {direction} {m}x{n} {backend} {name}"
         if dry_run:
             n, m = 64, 2
+            changes.update(dry or {})
         spec = NormSpec(op, direction, "bfloat16", "bfloat16", n, bias=op == "layernorm", residual=direction == "fwd")
         out.append(VariantCase(name, backend, spec, m, tuple(changes.items())))
 
@@ -427,13 +431,22 @@ def variant_cases(dry_run: bool) -> list[VariantCase]:
         # thread), against the heuristic's two passes over global memory with column-outer partials.
         add("cluster8", "cupy", op, "bwd", 65536, 2048, row_cache="cluster8", threads=1024, rows=1, unroll=1,
             partials="registers")
+        # Past the registers' dW/dB budget (C x 16K RMS, C x 8K LN with a bias): the sums in shared memory beside
+        # the slice, against the heuristic's two passes over global memory with column-outer partials.
+        add("cluster8 shared partials", "cupy", op, "bwd", 131072, 1024, row_cache="cluster8", threads=1024, rows=1,
+            unroll=1, partials="shared")
         add("prefetch", "triton", op, "bwd", 4096, 16384, BWD_PREFETCH=1)
         add("prefetch", "cupy", op, "bwd", 4096, 16384, prefetch=1)
         add("scalar accesses", "numba", op, "fwd", 4096, 16384, vec=1)
+        # The heuristic's chunked Numba forward keeps the row in shared memory; the variant reads it back from L2.
+        add("row read back", "numba", op, "fwd", 16384, 8192, row_cache="global",
+            dry=dict(threads=32, items=1, rows=1, vec=1))
     # The heuristic sums these dW partials in registers; the variant read-modify-writes them per row.
     add("partials per row", "cupy", "rmsnorm", "bwd", 16384, 8192, partials="global")
     # Rows re-read from global memory: the heuristic's column-outer second pass against per-row partials.
     add("partials per row", "cupy", "layernorm", "bwd", 65536, 2048, partials="global")
+    # The heuristic sums these dW/dB in shared memory beside the row; the variant read-modify-writes them per row.
+    add("partials per row", "cupy", "layernorm", "bwd", 12288, 8192, partials="global")
     # The heuristic's shared-memory row (LN bwd 16K): the next row copied in by cp.async during this one.
     add("prefetch", "cupy", "layernorm", "bwd", 16384, 8192, prefetch=1)
     return out

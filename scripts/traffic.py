@@ -57,9 +57,13 @@ What the chunked Triton paths (rows larger than one block) do:
 The Numba CUDA forward keeps rows up to its block's registers (N <= 4096 above, hence 1.00); beyond,
 it makes two passes: pass 1 reads x (and the residual, writing h) and reduces the statistics
 (LayerNorm: each thread's count, mean and M2 by Welford's update, merged over the block with Chan's),
-pass 2 reads h (or x) back to normalize, last chunk first (`tests/test_traffic.py` checks it at N = 300
-in 5 chunks). With the residual fused: 5 tensor passes for an ideal of 4 (1.25) for both ops; before,
-LayerNorm made three passes reading x and the residual each time (2.00) and RMSNorm two (1.50). The row
+pass 2 normalizes. With `row_cache=shared` (the heuristic's choice wherever the row and the reduction
+buffers fit Numba's 48 KiB of static shared memory: bf16 rows up to about 22K elements, fp32 11K),
+pass 1 leaves the row (h with a residual) in shared memory in the input dtype and pass 2 reads it
+there: every tensor once, 1.00. Longer rows (`row_cache=global`) read h (or x) back from global memory,
+last chunk first (`tests/test_traffic.py` checks both at N = 300 in 5 chunks). With the residual fused:
+5 tensor passes for an ideal of 4 (1.25) for both ops; before, LayerNorm made three passes reading x and
+the residual each time (2.00) and RMSNorm two (1.50). The row
 tensors move as 64-bit words (4 bf16 or fp16, 2 fp32 elements an access; Numba has no 128-bit type),
 unpacked in registers, and so do the weight and bias (an fp32 weight under 4 16-bit elements: 2 words).
 Its backward with the row in registers loads each thread's weight columns once for all the slot's rows,
@@ -83,7 +87,9 @@ backward):
   elements), merges its two row sums the same way (one cluster barrier a row), and each cluster loops
   over rows, so each block sums its slice's dW/dB over them: in registers (`partials=registers`) while
   a thread's share of the slice fits (RMSNorm up to C x 16K, LayerNorm with a bias C x 8K: 128K and 64K
-  with C = 8): 1.00 plus one partial row per cluster. The heuristic does not pick a cluster (one
+  with C = 8), else in shared memory beside the slice (`partials=shared`, up to 226 KiB a block: bf16
+  RMSNorm up to C x 28K, LayerNorm with a bias C x 19K: 231K and 154K with C = 8): 1.00 plus one partial
+  row per cluster. The heuristic does not pick a cluster (one
   heuristic serves GPUs without clusters); the tuner audits and times it on sm_90;
 - no cache (`none`, any N), forward: pass 1 reads x and the residual and writes h, reducing the
   statistics (LayerNorm: per-vector count, mean and M2 merged with Chan's update), pass 2 reads h back
@@ -96,7 +102,11 @@ backward):
   the row in registers this is the only choice; with the `shared` and `none` caches it needs a thread's
   columns to fit a quarter of its registers (16 elements at 1024 threads: the heuristic's choice for
   RMSNorm up to 16K; LayerNorm with a bias holds twice as many sums, which past its register row cache
-  at 8K no longer fit). Beyond, with the row in shared memory, `partials=global` read-modify-writes the
+  at 8K no longer fit). Beyond, with the row in shared memory, `partials=shared` keeps the fp32 sums
+  beside it in shared memory (4 bytes per element and parameter a block, added to for every row by the
+  one thread that owns the column) and writes the partial row once: 1.00 plus one partial row per block,
+  the heuristic's choice where the row and the sums fit A100's 162 KiB (bf16 RMSNorm up to about 20K,
+  LayerNorm with a bias 13K); where they do not, `partials=global` read-modify-writes the
   partial row for every row (8 bytes per element and parameter per row, an L2 round trip by the one
   thread that owns the column); with no row cache, `partials=columns` (the heuristic's choice there)
   keeps the row sums dx needs (4 bytes a row, 8 for LayerNorm) and makes its second pass column-outer:

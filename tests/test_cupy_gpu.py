@@ -148,3 +148,21 @@ def test_cupy_backward_partials_by_columns(op):
     for rows, strided in ((3, True), (700, False)):
         check_case(backend, spec, rows, strided, "cuda", config=config)
         check_case(backend, spec, rows, strided, "cuda", config=config.replace(partials="global"))
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("row_cache", ["shared", "cluster8"])
+def test_cupy_backward_partials_in_shared_memory(op, row_cache):
+    """partials="shared": each block sums its columns' dW/dB in shared memory beside its row cache (one block's
+    whole row, or a cluster block's slice) and writes them once, over more rows than the persistent grid holds;
+    aligned and strided, with the residual's gradient."""
+    backend = _cupy()
+    if row_cache.startswith("cluster") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    hidden = 12288 if row_cache == "shared" else 131072
+    spec = NormSpec(op, "bwd", "bfloat16", "bfloat16", hidden, bias=op == "layernorm", residual=True)
+    config = backend.heuristic(spec).replace(row_cache=row_cache, threads=1024, rows=1, unroll=1, prefetch=0,
+                                             partials="shared")
+    assert backend.config_cls.is_valid(spec, config) is None, config.short()
+    for rows, strided in ((3, True), (1031, False)):
+        check_case(backend, spec, rows, strided, "cuda", config=config)

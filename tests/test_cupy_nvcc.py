@@ -445,6 +445,70 @@ def test_cluster_backward():
         assert dx.shape == (rows, 65536) and dw.shape == db.shape == (65536,)
 
 
+def test_backward_partials_in_shared_memory():
+    """partials="shared": fp32 dW/dB sums beside a shared-memory row cache (or a cluster block's slice), 16-byte
+    aligned after it, zeroed, added to for every row by the column's owner and copied to the partial row once;
+    the heuristic's choice where the row and the sums fit A100's shared memory and registers do not."""
+    from autonorm.backends.cupy import SMEM_MAX, dynamic_smem, partials_smem_offset
+
+    rms = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 20480)
+    config = BACKEND.heuristic(rms)
+    assert (config.row_cache, config.partials, config.threads) == ("shared", "shared", 1024)
+    assert dynamic_smem(rms, config) == 20480 * 2 * 2 + 20480 * 4
+    text = BACKEND.render(rms, config).text
+    assert "constexpr int AN_PART_OFFSET = 81920;" in text
+    assert "pw = reinterpret_cast<float*>(an_smem + AN_PART_OFFSET)" in text
+    assert "gpw[j * VEC + e] = pw[j * VEC + e];" in text
+    ln = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 12288, bias=True, residual=True)
+    config = BACKEND.heuristic(ln)
+    assert (config.row_cache, config.partials) == ("shared", "shared")
+    assert dynamic_smem(ln, config) == 12288 * 2 * 2 + 12288 * 4 * 2  # dW and dB
+    assert "gpb[j * VEC + e] = pb[j * VEC + e];" in BACKEND.render(ln, config).text
+    # The sums start at the next 16-byte boundary after the row cache.
+    odd = dataclasses.replace(ln, hidden=1002)
+    assert partials_smem_offset(odd, config.replace(vec=2)) == 4016
+    # Where the row and the sums overflow A100's shared memory, the heuristic adds into global partials.
+    assert BACKEND.heuristic(dataclasses.replace(ln, hidden=16384)).partials == "global"
+    # A cluster block sums its slice: bf16 RMSNorm over 8 blocks fits 231K elements a row.
+    big = dataclasses.replace(rms, hidden=229376)
+    cluster = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="cluster8", partials_per_sm=1,
+                         partials="shared")
+    assert CupyConfig.is_valid(big, cluster) is None
+    assert dynamic_smem(big, cluster) == 229376 // 8 * 8
+    assert "partials in registers" in CupyConfig.is_valid(big, cluster.replace(partials="registers"))
+    over = CupyConfig.is_valid(dataclasses.replace(big, hidden=262144), cluster)
+    assert "dW/dB sums" in over and str(SMEM_MAX) in over
+    # The rules: beside a shared-memory row only, and only for a backward with a weight.
+    small = dataclasses.replace(rms, hidden=4096)
+    in_registers = BACKEND.heuristic(small)
+    assert in_registers.row_cache == "registers"
+    assert "row cached in registers" in CupyConfig.is_valid(small, in_registers.replace(partials="shared"))
+    assert "row_cache=shared or clusterC" in CupyConfig.is_valid(rms, config.replace(row_cache="none"))
+    assert "backward with dW/dB" in CupyConfig.is_valid(dataclasses.replace(rms, weight=False), config)
+
+
+@needs_nvcc
+def test_backward_partials_in_shared_memory_compile(tmp_path):
+    """The shared-memory sums compile for both architectures (clusters for sm_90), with and without a bias."""
+    pairs = {"sm_80": [(NormSpec("layernorm", "bwd", "bfloat16", "float32", 12288, bias=True, residual=True),
+                        CupyConfig(threads=1024, vec=8, rows=1, unroll=2, row_cache="shared", partials_per_sm=2,
+                                   partials="shared")),
+                       (NormSpec("rmsnorm", "bwd", "float16", "float16", 1002, residual=True),
+                        CupyConfig(threads=128, vec=2, rows=2, unroll=1, row_cache="shared", partials_per_sm=1,
+                                   partials="shared"))],
+             "sm_90": [(NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 229376, offset=True),
+                        CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="cluster8", partials_per_sm=1,
+                                   partials="shared"))]}
+    for arch, arch_pairs in pairs.items():
+        for spec, config in arch_pairs:
+            assert CupyConfig.is_valid(spec, config) is None, config.short()
+        path = str(tmp_path / f"partials_{arch}.cu")
+        with open(path, "w") as f:
+            f.write(translation_unit(arch_pairs))
+        proc = _nvcc(path, arch)
+        assert proc.returncode == 0, f"nvcc -arch={arch} failed on {path}:\n{proc.stderr[-6000:]}"
+
+
 @needs_nvcc
 def test_cluster_configs_are_not_compiled_for_sm_80():
     from autonorm.audit import space_jobs

@@ -49,9 +49,49 @@ def test_chunked_rows(op, direction):
     feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
     spec = NormSpec(op, direction, "bfloat16", "float32", 300, residual=True, **feats)
     assert BACKEND.render_context(spec, CHUNKED)["nchunk"] == 5
-    # the backward's dW/dB partials read-modify-written per row, then summed column-outer
-    for config in (CHUNKED, CHUNKED.replace(partials="columns")) if direction == "bwd" else (CHUNKED,):
+    # the backward's dW/dB partials read-modify-written per row, then summed column-outer; the forward's
+    # row read back from global memory, then from its copy in shared memory
+    others = dict(bwd=dict(partials="columns"), fwd=dict(row_cache="shared"))[direction]
+    for config in (CHUNKED, CHUNKED.replace(**others)):
         grid.check_case(BACKEND, spec, 3, True, DEVICE, config=config)
+
+
+@needs_backend
+@pytest.mark.parametrize("op", grid.OPS)
+@pytest.mark.parametrize("dtype,vec", [("float16", 1), ("float32", 2), ("bfloat16", 4)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_forward_row_in_shared_memory(op, dtype, vec, residual):
+    """Chunked rows kept in shared memory by pass 1, as words of each input dtype (scalars at vec=1), with
+    and without the residual (h cached as rounded for the store)."""
+    feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
+    spec = NormSpec(op, "fwd", dtype, "float32", 296, residual=residual, **feats)
+    config = nc.NumbaCudaConfig(threads=32, items=4, rows=1, vec=vec, row_cache="shared")
+    assert BACKEND.render_context(spec, config)["nchunk"] == 3
+    grid.check_case(BACKEND, spec, 2, True, DEVICE, config=config)
+
+
+def test_shared_row_cache_rules():
+    """row_cache=shared is the chunked forward's, within Numba's 48 KiB of static shared memory, and the
+    heuristic's choice there."""
+    fwd = NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", 300, bias=True, residual=True)
+    shared = CHUNKED.replace(row_cache="shared")
+    assert nc.NumbaCudaConfig.is_valid(fwd, shared) is None
+    assert "applies to the forward" in nc.NumbaCudaConfig.is_valid(fwd.with_direction("bwd"), shared)
+    in_registers = nc.NumbaCudaConfig(threads=64, items=8, rows=1, vec=4, row_cache="shared")
+    assert "chunked rows" in nc.NumbaCudaConfig.is_valid(fwd, in_registers)
+    # 24K bf16 elements fill the 48 KiB alone, before the reduction buffers
+    big = replace(fwd, hidden=24576)
+    assert "over Numba's static 49152" in nc.NumbaCudaConfig.is_valid(big, BACKEND.heuristic(big).replace(
+        row_cache="shared"))
+    for hidden, x_dtype, expected in ((16384, "bfloat16", "shared"), (20480, "bfloat16", "shared"),
+                                      (24576, "bfloat16", "global"), (8192, "float32", "shared"),
+                                      (16384, "float32", "global"), (4096, "bfloat16", "global")):
+        spec = replace(fwd, hidden=hidden, x_dtype=x_dtype, w_dtype=x_dtype)
+        config = BACKEND.heuristic(spec)
+        assert config.row_cache == expected, (hidden, x_dtype)
+        if expected == "shared":
+            assert nc.forward_smem_bytes(spec, config) == hidden * spec.x_itemsize + 3 * config.threads * 4
+    assert BACKEND.heuristic(replace(fwd.with_direction("bwd"), hidden=16384)).row_cache == "global"
 
 
 def test_column_partials_rules():

@@ -132,6 +132,23 @@ def test_numba_chunked_forward_reads_the_residual_once():
     assert m.per_tensor["h"] == 2 * m.sizes["h"]  # written, then read back once to normalize
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_numba_chunked_forward_with_the_row_in_shared_memory_reads_it_once(residual):
+    """row_cache=shared: pass 2 reads pass 1's copy of the row in shared memory, so x (and the residual) are
+    read once and h is only written: every row tensor once, the ideal."""
+    if cuda is None or torch.cuda.is_available():
+        pytest.skip("counts the Numba CUDA simulator's accesses (CPU only)")
+    from autonorm.backends.numba_cuda import NumbaCudaConfig
+
+    backend = get_backend("numba")
+    spec = NormSpec("layernorm", "fwd", "bfloat16", "float32", 300, residual=residual, bias=True)
+    config = NumbaCudaConfig(threads=32, items=2, rows=1, vec=2, row_cache="shared")  # 5 chunks of 64
+    m = traffic.measure(backend, spec, config, 2)
+    for name in ("x", "y") + (("residual", "h") if residual else ()):
+        assert m.per_tensor[name] == m.sizes[name], name
+    assert m.row_ratio == 1.0
+
+
 @pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
 def test_numba_backward_keeps_its_partials_in_registers(op):
     """A row held in registers: each row slot reads the weight once and writes its fp32 dW (and dB) partial
