@@ -487,6 +487,27 @@ def test_backward_partials_in_shared_memory():
     assert "backward with dW/dB" in CupyConfig.is_valid(dataclasses.replace(rms, weight=False), config)
 
 
+def test_shared_row_cache_heuristics_keep_half_occupancy():
+    """A shared-memory row leaves room for few blocks an SM: the heuristic's blocks are large enough that those
+    A100 holds add up to at least 1024 threads (bf16 backward at 12K took 128-thread blocks, 3 an SM)."""
+    from autonorm.backends.cupy import dynamic_smem
+    from autonorm.hardware import ARCHS
+
+    a100, seen = ARCHS["sm_80"], 0
+    for op in ("rmsnorm", "layernorm"):
+        for direction in ("fwd", "bwd"):
+            for dtype in ("float32", "bfloat16"):
+                for n in (3072, 6144, 8192, 10240, 12288, 16384, 20480, 32768, 65536):
+                    spec = NormSpec(op, direction, dtype, dtype, n, bias=op == "layernorm")
+                    config = BACKEND.heuristic(spec)
+                    if config.row_cache != "shared":
+                        continue
+                    seen += 1
+                    blocks = min(a100.smem // (dynamic_smem(spec, config) + a100.smem_reserved), 2048 // config.threads)
+                    assert blocks * config.threads >= 1024, (spec.short(), config.short())
+    assert seen >= 8
+
+
 @needs_nvcc
 def test_backward_partials_in_shared_memory_compile(tmp_path):
     """The shared-memory sums compile for both architectures (clusters for sm_90), with and without a bias."""
