@@ -181,7 +181,7 @@ class CupyConfig(Config):
         # would add 8 bytes an element and parameter).
         candidates = [(reg_tpr, min(16, max(1, 128 // reg_tpr)), "registers", 1, "registers"),
                       (shared_threads, 1, "shared", 2, "registers"),
-                      (1024, 1, "shared", 2, "shared"),
+                      (1024, 1, "shared", 2, "shared"),  # row and sums: past 48 KiB wherever chosen
                       (shared_threads, 1, "shared", 2, "global"),
                       (tpr, 1, "none", 2, "registers"), (tpr, 1, "none", 2, "columns")]
         for t, r, cache, unroll, partials in candidates:

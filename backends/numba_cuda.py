@@ -84,7 +84,7 @@ class NumbaCudaConfig(Config):
                 # x and dy cached would still leave per-row dW/dB partials in global memory (8 bytes per element
                 # and parameter per row, more than the re-read they save) or need fp32 sums in shared memory too.
                 return "row_cache=shared applies to the forward"
-            if config.threads * config.items >= spec.hidden:
+            if row_in_registers(spec, config):
                 return "the row already stays in registers (one chunk): row_cache=shared is for chunked rows"
             need = forward_smem_bytes(spec, config)
             if need > STATIC_SMEM_BYTES:
