@@ -278,10 +278,13 @@ def test_resume_after_kill_loses_and_repeats_nothing(tmp_path):
     before = []
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.3)
-        if journal.exists():
+        try:
             before = _measured(_trials(journal))
-            if len(before) >= 4:
-                break
+        except KeyError:  # the worker has not written the study's record yet
+            continue
+        if len(before) >= 4:
+            break
+    assert proc.poll() is None, "the worker finished its study before the test could kill it"
     proc.kill()  # SIGKILL mid-trial: a RUNNING trial is left behind
     proc.wait()
     assert len(before) >= 4, "the worker finished no trial before the kill"
