@@ -52,6 +52,22 @@ class Traffic:
     def total(self) -> int:
         return self.read + self.written
 
+    def reread_start(self, tensor: torch.Tensor) -> float | None:
+        """Where the second pass over `tensor`'s first row begins (a re-read, or the read back of what was
+        written), as a fraction of the row: 0.0 at its first element, near 1.0 in its last chunk; None if
+        the row is touched only once.
+
+        A second pass that starts where the first ended finds the row's most recent bytes still in L2; one
+        that starts at the beginning meets the bytes the first pass touched longest ago."""
+        start, row = tensor.data_ptr(), tensor.shape[-1] * tensor.element_size()
+        touched = 0
+        for address, nbytes, _ in self.accesses:
+            if start <= address < start + row:
+                if touched >= row:
+                    return (address - start) / row
+                touched += min(nbytes, start + row - address)  # a run past the row's end is the next row's
+        return None
+
     def by_tensor(self, tensors: dict[str, torch.Tensor | None]) -> dict[str, int]:
         """Bytes per named tensor (by its storage's address range); the rest under "scratch"."""
         ranges = []
@@ -79,9 +95,11 @@ def _triton_hooks(traffic: Traffic) -> contextlib.AbstractContextManager:
     def account(ptrs, mask, is_store):
         addresses, active = np.broadcast_arrays(ptrs.data, mask.data)
         itemsize = ptrs.get_element_ty().primitive_bitwidth // 8
-        hit = addresses[active]
-        if hit.size:
-            traffic.record(int(hit.min()), int(hit.size) * itemsize, is_store)
+        hit = np.sort(addresses[active], axis=None)
+        # One access per contiguous run of addresses, so that a tile over several rows is one access per row
+        # (a lane that repeats an address stays in its run and is counted, as before).
+        for run in np.split(hit, np.flatnonzero(np.diff(hit) > itemsize) + 1) if hit.size else ():
+            traffic.record(int(run[0]), int(run.size) * itemsize, is_store)
 
     def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
         account(ptrs, mask, False)
@@ -119,8 +137,12 @@ def _numba_hooks(traffic: Traffic) -> contextlib.AbstractContextManager:
     def account(array, idx, is_store):
         ary = array._item._ary
         view = ary[idx]
-        count = view.size if isinstance(view, np.ndarray) else 1
-        address = address_of(view if isinstance(view, np.ndarray) else ary)
+        if isinstance(view, np.ndarray):
+            count, address = view.size, address_of(view)
+        else:  # one element: numpy hands back a scalar, so its address comes from the index and the strides
+            index = idx if isinstance(idx, tuple) else (idx,)
+            count = 1
+            address = address_of(ary) + sum((int(i) % n) * step for i, n, step in zip(index, ary.shape, ary.strides))
         host = next((h + address - lo for lo, hi, h in reversed(copies) if lo <= address < hi), address)
         traffic.record(host, count * ary.itemsize, is_store)
 
@@ -179,6 +201,7 @@ class Measurement:
     rows: int
     per_tensor: dict    # bytes moved per tensor name, plus "scratch" (buffers the kernel allocated itself)
     sizes: dict         # bytes of each tensor: the ideal is one read or one write of each
+    reread_start: dict  # per tensor: where the second pass over its first row begins (`Traffic.reread_start`)
 
     def _sum(self, table: dict, names) -> int:
         return sum(table.get(name, 0) for name in names)
@@ -220,4 +243,5 @@ def measure(backend, spec: NormSpec, config, rows: int) -> Measurement:
         names = {"dy": inputs.dy, "x": inputs.x, "weight": inputs.weight, "mean": inputs.mean,
                  "rstd": inputs.rstd, "dh": inputs.dh, "dx": outputs[0]}
     sizes = {name: t.numel() * t.element_size() for name, t in names.items() if t is not None}
-    return Measurement(spec, rows, traffic.by_tensor(names), sizes)
+    reread = {name: traffic.reread_start(t) for name, t in names.items() if t is not None and t.dim() == 2}
+    return Measurement(spec, rows, traffic.by_tensor(names), sizes, reread)

@@ -52,7 +52,8 @@ What the chunked Triton paths (rows larger than one block) do:
   `DW_COLUMN_OUTER=1` (the heuristic's choice there) walks column chunks
   outside the program's rows, so dW/dB stay in registers and each partial row is written once
   (4 bytes per element and parameter per program); `DW_COLUMN_OUTER=0` read-modify-writes the
-  partial row for every row (8 bytes per element and parameter per row).
+  partial row for every row (8 bytes per element and parameter per row), walking the row's second
+  read last chunk first.
 
 The Numba CUDA forward keeps rows up to its block's registers (N <= 4096 above, hence 1.00); beyond,
 it makes two passes: pass 1 reads x (and the residual, writing h) and reduces the statistics
@@ -61,7 +62,9 @@ pass 2 normalizes. With `row_cache=shared` (the heuristic's choice wherever the 
 buffers fit Numba's 48 KiB of static shared memory: bf16 rows up to about 22K elements, fp32 11K),
 pass 1 leaves the row (h with a residual) in shared memory in the input dtype and pass 2 reads it
 there: every tensor once, 1.00. Longer rows (`row_cache=global`) read h (or x) back from global memory,
-last chunk first (`tests/test_traffic.py` checks both at N = 300 in 5 chunks). With the residual fused:
+last chunk first (`tests/test_traffic.py` checks the counts at N = 300 and, from the order of the counted
+accesses, that the second pass over a chunked row starts in its last chunk: Triton's and Numba's forward,
+and their backward with per-row partials). With the residual fused:
 5 tensor passes for an ideal of 4 (1.25) for both ops; before, LayerNorm made three passes reading x and
 the residual each time (2.00) and RMSNorm two (1.50). The row
 tensors move as 64-bit words (4 bf16 or fp16, 2 fp32 elements an access; Numba has no 128-bit type),
@@ -72,7 +75,8 @@ parameter per slot: the simulator runs 2 blocks, so the weight is read twice and
 per 2 of the table's 4 rows). Chunked rows (N > 4096 here) read x, dy and the weight twice a row; with
 `partials=columns` (the heuristic's choice there) the second pass walks each column word down the slot's
 rows, summing dW/dB in registers and writing each partial once, where `partials=rows` read-modify-writes
-the partial row for every row (8 bytes per element and parameter per row).
+the partial row for every row (8 bytes per element and parameter per row), re-reading the row last chunk
+first.
 
 CuPy kernels run only on a GPU, so their traffic is derived from the kernels' loop structure
 (`templates/cupy/`) instead of counted, for the same specs (ideal: 4 tensor passes forward, 3
@@ -96,7 +100,8 @@ backward):
   (last vector first) and writes y: 5 passes for 4 (1.25), for both ops; without a residual, x is read
   twice: 3 for 2 (1.50). Before, RMSNorm re-read x and the residual (1.50) and LayerNorm made three
   passes over them (2.00);
-- no cache, backward: x and dy are read twice: 5 passes for 3 (1.67);
+- no cache, backward: x and dy are read twice: 5 passes for 3 (1.67); the row-by-row second pass
+  (`partials=registers` or `global`) starts at the row's last vector;
 - dW/dB partials (`partials=registers`): each thread keeps its columns' sums in registers across its
   rows and writes its partial row once per row group (4 bytes per element and parameter per group). With
   the row in registers this is the only choice; with the `shared` and `none` caches it needs a thread's

@@ -538,3 +538,32 @@ def test_cluster_configs_are_not_compiled_for_sm_80():
     jobs = space_jobs(spec, ["cupy"], ["sm_80", "sm_90"])
     clusters = {j.arch for j in jobs if j.config.row_cache.startswith("cluster")}
     assert clusters == {"sm_90"}
+
+
+@pytest.mark.parametrize("partials", ["registers", "global"])
+def test_backward_without_a_row_cache_rereads_the_row_last_vector_first(partials):
+    """row_cache=none: the second pass re-reads x and dy from global memory starting with the vector the first
+    pass read last (the likeliest still in L2); rows cached in shared memory keep the forward walk."""
+    spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 8192, bias=True)
+    config = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="none", partials_per_sm=1,
+                        partials=partials)
+    assert CupyConfig.is_valid(spec, config) is None
+    text = BACKEND.render(spec, config).text
+    walk = {"registers": "for (int k = ITEMS - 1; k >= 0; --k)", "global": "for (int j = jlast; j >= 0; j -= TPR)"}
+    assert walk[partials] in text and "an_grad_in<ALIGNED>(xr, dyr, j, mu, rs, xh, dv);" in text
+    shared = BACKEND.render(spec, config.replace(row_cache="shared")).text
+    assert "jlast" not in shared and "k = ITEMS - 1" not in shared
+
+
+@needs_nvcc
+def test_backward_without_a_row_cache_compiles(tmp_path):
+    spec = NormSpec("rmsnorm", "bwd", "bfloat16", "float32", 8200, residual=True)
+    pairs = [(spec, CupyConfig(threads=512, vec=8, rows=1, unroll=2, row_cache="none", partials_per_sm=1,
+                               partials=partials)) for partials in ("registers", "global")]
+    for s, c in pairs:
+        assert CupyConfig.is_valid(s, c) is None, c.short()
+    path = str(tmp_path / "none_sm_80.cu")
+    with open(path, "w") as f:
+        f.write(translation_unit(pairs))
+    proc = _nvcc(path, "sm_80")
+    assert proc.returncode == 0, proc.stderr[-6000:]

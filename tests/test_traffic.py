@@ -17,6 +17,12 @@ def _copy(src, dst, n, BLOCK: tl.constexpr):
     tl.store(dst + cols, tl.load(src + cols, mask=cols < n), mask=cols < n)
 
 
+@triton.jit
+def _copy_rows(src, dst, stride, BLOCK: tl.constexpr):
+    rows, cols = tl.arange(0, 2)[:, None], tl.arange(0, BLOCK)[None, :]
+    tl.store(dst + rows * stride + cols, tl.load(src + rows * stride + cols))
+
+
 try:
     from numba import cuda
 except ImportError:
@@ -45,6 +51,15 @@ def test_counter_counts_active_lanes_only(interpreted):
     assert by_tensor == {"src": 200, "dst": 200, "scratch": 0}
 
 
+def test_a_tile_over_two_rows_is_one_access_per_row(interpreted):
+    src, dst = torch.arange(24, dtype=torch.float32).reshape(2, 12), torch.zeros(2, 12)
+    with traffic.count("triton") as counted:
+        _copy_rows[(1,)](src, dst, 12, BLOCK=8)
+    base = src.data_ptr()
+    assert [(a - base, n) for a, n, store in counted.accesses if not store] == [(0, 32), (48, 32)]
+    assert counted.reread_start(src) is None  # 8 of row 0's 12 elements, once
+
+
 def test_counter_is_removed_after_the_block(interpreted):
     src, dst = torch.ones(8), torch.zeros(8)
     with traffic.count("triton") as counted:
@@ -63,6 +78,9 @@ def test_numba_counter_maps_accesses_to_the_callers_arrays():
     assert np.array_equal(out, a + 1)
     by_tensor = counted.by_tensor({"a": torch.from_numpy(a), "out": torch.from_numpy(out)})
     assert by_tensor == {"a": 40, "out": 40, "scratch": 0}
+    # each element at its own address (the order: the simulator's threads interleave)
+    base = a.__array_interface__["data"][0]
+    assert sorted(address - base for address, _, store in counted.accesses if not store) == list(range(0, 40, 4))
 
 
 def test_unknown_backend_is_refused():
@@ -179,3 +197,53 @@ def test_numba_backward_keeps_its_partials_in_registers(op):
     assert columns.per_tensor["dx"] == columns.sizes["dx"]
     for m in (in_registers, chunked):
         assert m.per_tensor["dx"] == m.sizes["dx"]
+
+
+# --- the order of a chunked row's second pass ------------------------------------------------------
+# Where the second pass over a row begins: starting with the chunk the first pass ended on (near 1.0) finds
+# it in L2; starting at the row's first element (0.0) meets what the first pass touched longest ago.
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_triton_chunked_second_pass_starts_with_the_last_chunk(interpreted, op):
+    from autonorm.backends.triton import TritonConfig
+
+    backend = get_backend("triton")
+    config = TritonConfig(BLOCK_N=1024, num_warps=4, ROWS_PER_PROGRAM=1, DW_PARTIALS=32)  # 4 chunks of 4000
+    fwd = NormSpec(op, "fwd", "bfloat16", "bfloat16", 4000, residual=True, bias=op == "layernorm")
+    assert traffic.measure(backend, fwd, config, 2).reread_start["h"] >= 0.75  # h read back
+    bwd = NormSpec(op, "bwd", "bfloat16", "bfloat16", 4000, bias=op == "layernorm")
+    m = traffic.measure(backend, bwd, config, 2)
+    assert m.reread_start["x"] >= 0.75 and m.reread_start["dy"] >= 0.75
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_numba_chunked_second_pass_starts_with_the_last_chunk(direction):
+    if cuda is None or torch.cuda.is_available():
+        pytest.skip("counts the Numba CUDA simulator's accesses (CPU only)")
+    from autonorm.backends.numba_cuda import NumbaCudaConfig
+
+    backend = get_backend("numba")
+    spec = NormSpec("layernorm", direction, "bfloat16", "bfloat16", 512, bias=True)
+    # 4 chunks of 32 words; every thread starts its second pass in the last chunk (each has a word there)
+    m = traffic.measure(backend, spec, NumbaCudaConfig(threads=32, items=4, rows=1, vec=4), 2)
+    assert m.reread_start["x"] >= 0.75
+    if direction == "bwd":
+        assert m.reread_start["dy"] >= 0.75
+
+
+def test_reread_start_of_a_row_read_once_is_none(interpreted):
+    backend = get_backend("triton")
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 1024)
+    m = traffic.measure(backend, spec, backend.heuristic(spec), 2)
+    assert m.reread_start["x"] is None and m.reread_start["y"] is None
+
+
+def test_reread_start_counts_a_write_then_a_read_back():
+    row = torch.zeros(2, 8, dtype=torch.float32)
+    counted = traffic.Traffic()
+    base = row.data_ptr()
+    for i in range(8):  # written front to back, then read back from the 7th element
+        counted.record(base + 4 * i, 4, True)
+    counted.record(base + 4 * 8, 4, False)  # the next row: not the first row's
+    counted.record(base + 4 * 6, 8, False)
+    assert counted.reread_start(row) == 0.75
