@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from autonorm.config import Config, knob
+from autonorm.hardware import device_arch, resident_blocks
 from autonorm.spec import NormSpec
 
 from .base import Backend, CurrentStream, backward_outputs, forward_outputs, import_generated, sum_partials
 
 THREADS = (32, 64, 128, 256, 512, 1024)
 MAX_BLOCK = 1024  # CUDA's limit on threads per block
+MAX_SM_THREADS = 2048  # threads an SM holds at once (A100, H100)
 # Numba has no 128-bit integer: the widest access a kernel can ask for is one 64-bit word.
 WORD_BYTES = 8
 WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -61,6 +63,10 @@ class NumbaCudaConfig(Config):
         "fwd, rows in chunks: pass 2 reads the row (h with a residual) back from global memory (L2 at best), "
         "or from the copy pass 1 left in shared memory, in the input dtype (static shared memory: at most "
         "48 KiB a block)")})
+    prefetch: int = field(default=0, metadata={"domain": (0, 1), "doc": (
+        "bwd with the row in registers: 1 loads the next row's x, dy and statistics (kept packed, as loaded) "
+        "before this row's block reductions, so their latency overlaps the reductions' barriers (a few more "
+        "registers: the audit drops it where that spills, e.g. LayerNorm with a bias at 1024 threads)")})
 
     @classmethod
     def is_valid(cls, spec: NormSpec, config: "NumbaCudaConfig") -> str | None:
@@ -79,6 +85,8 @@ class NumbaCudaConfig(Config):
                 return "partials=columns applies to a backward with dW/dB"
             if config.threads * config.items >= spec.hidden:
                 return "a row in registers sums its partials in registers: partials=columns is for chunked rows"
+        if config.prefetch and (spec.direction == "fwd" or not row_in_registers(spec, config)):
+            return "prefetch applies to the backward with the row in registers (one chunk)"
         if config.row_cache == "shared":
             if spec.direction == "bwd":
                 # x and dy cached would still leave per-row dW/dB partials in global memory (8 bytes per element
@@ -120,6 +128,13 @@ class NumbaCudaConfig(Config):
         # at 512 threads and <= 48 KiB a block, shared memory still leaves 4 blocks an SM on A100 and Hopper.
         shared = config.replace(row_cache="shared")
         return shared if cls.is_valid(spec, shared) is None else config
+
+
+def persistent_blocks_per_sm(config: NumbaCudaConfig) -> int:
+    """Blocks an SM of the persistent backward's grid: enough for half of an SM's threads (8 of 128 threads,
+    2 of 512, 1 of 1024), as CuPy's heuristic launches. More resident threads hide more latency, but each
+    block adds partial rows to write and sum, which at a few rows per block cost as much as the rows."""
+    return max(1, min(16, MAX_SM_THREADS // 2 // (config.threads * config.rows)))
 
 
 def row_in_registers(spec: NormSpec, config: NumbaCudaConfig) -> bool:
@@ -199,11 +214,21 @@ class _Launcher:
         self.word = WORD_DTYPES[config.vec * spec.x_itemsize] if config.vec > 1 else None
         wvec = weight_word_elements(spec, config.vec)
         self.param_word = WORD_DTYPES[wvec * spec.w_itemsize] if wvec > 1 else None
-        if self.simulated:
-            self.max_blocks = 2  # the simulator runs blocks one after another: fewer blocks, fewer threads
-        else:
-            props = torch.cuda.get_device_properties(device)
-            self.max_blocks = props.multi_processor_count * 4
+        # The backward's persistent grid (the forward launches a block per row group). The simulator runs
+        # blocks one after another: fewer blocks, fewer threads. On a GPU, build() lowers it to the blocks the
+        # compiled kernel can keep resident.
+        self.max_blocks = 2 if self.simulated else (
+            torch.cuda.get_device_properties(device).multi_processor_count * persistent_blocks_per_sm(config))
+
+    def cap_to_resident(self, dispatcher, spec: NormSpec, config: NumbaCudaConfig) -> None:
+        """Launch no more blocks an SM than the compiled kernel keeps resident (registers, shared memory):
+        the rest would run as a partial second wave. Compiles the kernel for the launcher's argument types."""
+        props = torch.cuda.get_device_properties(self.device)
+        with self.cuda.gpus[self.device.index or 0]:
+            kernel = dispatcher.compile(kernel_signature(spec, config.vec, dispatcher.py_func))
+            regs, smem = kernel.regs_per_thread, kernel.shared_mem_per_block
+        resident, _ = resident_blocks(regs, config.threads * config.rows, smem, device_arch(props))
+        self.max_blocks = props.multi_processor_count * max(1, min(persistent_blocks_per_sm(config), resident))
 
     def array(self, t: torch.Tensor | None):
         if t is None:
@@ -393,5 +418,7 @@ class NumbaCudaBackend(Backend):
                              f"({'simulator: cpu only' if _simulator() else 'needs a CUDA device'})")
         module = import_generated(source, self.template_dir)
         launcher = _Launcher(device, spec, config)
+        if spec.direction == "bwd" and not launcher.simulated:
+            launcher.cap_to_resident(module._kernel, spec, config)
         make = _forward if spec.direction == "fwd" else _backward
         return make(module, spec, config, launcher)

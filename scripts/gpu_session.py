@@ -17,8 +17,8 @@ process) under its own share of the budget; a share a phase leaves unused goes t
   variants       each kernel variant against its backend's heuristic, checked, then timed interleaved:
                  CuPy's thread-block cluster forward (256K, 64K) and backward (64K; 128K with dW/dB in
                  shared memory), its dW/dB partials per row instead of in registers or shared memory,
-                 Triton's backward prefetch, Numba's scalar instead of 64-bit accesses and its chunked
-                 forward reading the row back from L2 instead of shared memory
+                 Triton's and Numba's backward prefetch, Numba's scalar instead of 64-bit accesses and its
+                 chunked forward reading the row back from L2 instead of shared memory
   tune           a small database: bf16 RMS/LN fwd/bwd at N=4096 (then 8192), 16K rows, <= 12 trials
   sweep          every Triton config of rmsnorm bwd bf16 N=4096 in random order until the budget ends
 
@@ -437,6 +437,7 @@ def variant_cases(dry_run: bool) -> list[VariantCase]:
             unroll=1, partials="shared")
         add("prefetch", "triton", op, "bwd", 4096, 16384, BWD_PREFETCH=1)
         add("prefetch", "cupy", op, "bwd", 4096, 16384, prefetch=1)
+        add("prefetch", "numba", op, "bwd", 4096, 16384, prefetch=1)
         add("scalar accesses", "numba", op, "fwd", 4096, 16384, vec=1)
         # The heuristic's chunked Numba forward keeps the row in shared memory; the variant reads it back from L2.
         add("row read back", "numba", op, "fwd", 16384, 8192, row_cache="global",

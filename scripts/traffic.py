@@ -72,7 +72,9 @@ unpacked in registers, and so do the weight and bias (an fp32 weight under 4 16-
 Its backward with the row in registers loads each thread's weight columns once for all the slot's rows,
 sums their dW/dB in registers and writes each row slot's partial row once (4 bytes per element and
 parameter per slot: the simulator runs 2 blocks, so the weight is read twice and there is one partial row
-per 2 of the table's 4 rows). Chunked rows (N > 4096 here) read x, dy and the weight twice a row; with
+per 2 of the table's 4 rows); with `prefetch=1` it fetches each slot's next row (x, dy and the
+statistics) before this row's reductions and moves the same bytes (`tests/test_traffic.py` checks it).
+Chunked rows (N > 8192 with the heuristic) read x, dy and the weight twice a row; with
 `partials=columns` (the heuristic's choice there) the second pass walks each column word down the slot's
 rows, summing dW/dB in registers and writing each partial once, where `partials=rows` read-modify-writes
 the partial row for every row (8 bytes per element and parameter per row), re-reading the row last chunk

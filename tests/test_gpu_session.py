@@ -63,7 +63,7 @@ def test_dry_run_walks_every_phase(dry_run):
 
     variants = lines(out / "variants.jsonl")
     ran = [v for v in variants if v["backend"] in ("triton", "numba")]
-    assert len(ran) == 6 and all(v["status"] == "ok" and v["speedup"] > 0 and v["variant"] != v["heuristic"]
+    assert len(ran) == 8 and all(v["status"] == "ok" and v["speedup"] > 0 and v["variant"] != v["heuristic"]
                                  for v in ran), ran
     assert {v["status"] for v in variants if v["backend"] == "cupy"} == {"unavailable"}
     assert "variants (speedup over the heuristic" in r.stdout

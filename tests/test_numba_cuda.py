@@ -94,6 +94,88 @@ def test_shared_row_cache_rules():
     assert BACKEND.heuristic(replace(fwd.with_direction("bwd"), hidden=16384)).row_cache == "global"
 
 
+@needs_backend
+@pytest.mark.parametrize("op", grid.OPS)
+@pytest.mark.parametrize("dtype,vec", [("float16", 1), ("float32", 2), ("bfloat16", 4)])
+def test_backward_prefetches_the_next_row(op, dtype, vec):
+    """prefetch=1: each slot's next row is fetched (packed words, scalars at vec=1) before this row's
+    reductions. 9 rows over the simulator's 2 blocks x 2 slots: every slot walks 2-3 rows and the last
+    iteration has slots without a row, which must neither fetch nor write."""
+    feats = dict(bias=True) if op == "layernorm" else dict(offset=True)
+    spec = NormSpec(op, "bwd", dtype, "float32", 96, residual=True, **feats)
+    config = nc.NumbaCudaConfig(threads=32, items=4, rows=2, vec=vec, prefetch=1)
+    assert nc.NumbaCudaConfig.is_valid(spec, config) is None
+    assert "_fetch(x, sx, dy, sdy, nxt" in BACKEND.render(spec, config).text
+    grid.check_case(BACKEND, spec, 9, True, DEVICE, config=config)
+
+
+def test_prefetch_rules():
+    """prefetch is the backward's with the row in registers; the heuristic leaves it to the tuner."""
+    bwd = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 300)
+    in_registers = nc.NumbaCudaConfig(threads=64, items=8, rows=1, vec=4, prefetch=1)
+    assert nc.NumbaCudaConfig.is_valid(bwd, in_registers) is None
+    assert "row in registers" in nc.NumbaCudaConfig.is_valid(bwd.with_direction("fwd"), in_registers)
+    assert "row in registers" in nc.NumbaCudaConfig.is_valid(bwd, CHUNKED.replace(prefetch=1))
+    assert "_fetch" not in BACKEND.render(bwd, in_registers.replace(prefetch=0)).text
+    assert BACKEND.heuristic(bwd).prefetch == 0
+
+
+def test_backward_grid_fills_half_of_each_sm():
+    """The persistent backward launches enough blocks an SM for half of its 2048 threads (at most 16)."""
+    for threads, rows, expected in ((32, 4, 8), (128, 1, 8), (32, 1, 16), (512, 1, 2), (1024, 1, 1)):
+        config = nc.NumbaCudaConfig(threads=threads, items=8, rows=rows, vec=4)
+        assert nc.persistent_blocks_per_sm(config) == expected, (threads, rows)
+
+
+class _FakeKernel:
+    """What the launcher reads of a compiled kernel, for a given register and shared memory use."""
+
+    def __init__(self, py_func, regs, smem):
+        self.py_func, self.regs_per_thread, self.shared_mem_per_block = py_func, regs, smem
+        self.signatures = []
+
+    def compile(self, sig):
+        self.signatures.append(sig)
+        return self
+
+
+@pytest.mark.parametrize("regs,smem,rows,expected", [
+    (32, 0, 1, 8),  # 8 x 128 threads resident: half of the SM, as the rule asks
+    (32, 0, 2, 4),  # 256-thread blocks: 4
+    (128, 0, 1, 4),  # 128 registers: 4 blocks of 128 threads fill 64K registers
+    (32, 60 * 1024, 1, 3),  # 60 KiB of shared memory a block: 3 fit Hopper's 228 KiB
+])
+def test_backward_grid_is_capped_at_resident_blocks(monkeypatch, regs, smem, rows, expected):
+    """On a GPU the persistent backward launches SMs x min(blocks for half an SM's threads, blocks resident),
+    counted from the compiled kernel's registers and shared memory (faked here: no GPU), so no block waits for a
+    second wave."""
+    from types import SimpleNamespace
+
+    from autonorm.backends.base import import_generated
+
+    spec = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 1024)
+    config = nc.NumbaCudaConfig(threads=128, items=8, rows=rows, vec=4)
+    kernel = _FakeKernel(import_generated(BACKEND.render(spec, config), "numba_cuda")._kernel.py_func, regs, smem)
+    props = SimpleNamespace(major=9, minor=0, multi_processor_count=132, regs_per_multiprocessor=65536,
+                            shared_memory_per_multiprocessor=228 * 1024, max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    launcher = nc._Launcher.__new__(nc._Launcher)
+    launcher.device = torch.device("cuda", 0)
+    launcher.cuda = SimpleNamespace(gpus=[_NoContext()])
+    launcher.cap_to_resident(kernel, spec, config)
+    assert launcher.max_blocks == 132 * expected
+    assert kernel.signatures == [nc.kernel_signature(spec, 4, kernel.py_func)]  # compiled for the launch's types
+
+
+class _NoContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_column_partials_rules():
     """partials=columns is the chunked backward's with a weight, and the heuristic's choice there."""
     chunked = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 300, bias=True)
@@ -311,6 +393,23 @@ def test_kernels_lower_for_a_real_gpu(tmp_path):
 @pytest.mark.parametrize("spec,rows,strided", grid.params())
 def test_grid_gpu(spec, rows, strided):
     grid.check_case(BACKEND, spec, rows, strided, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", grid.OPS)
+def test_backward_grid_and_prefetch_on_the_device(op):
+    """The persistent backward on the device: at least a block an SM, at most the rule's, as numba-cuda reports
+    the compiled kernel's registers and shared memory; with and without prefetch, over enough rows that every
+    block walks several."""
+    from autonorm.backends.base import import_generated
+
+    spec = NormSpec(op, "bwd", "bfloat16", "bfloat16", 4096, bias=op == "layernorm", residual=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for config in (BACKEND.heuristic(spec), BACKEND.heuristic(spec).replace(prefetch=1)):
+        launcher = nc._Launcher(torch.device("cuda", 0), spec, config)
+        launcher.cap_to_resident(import_generated(BACKEND.render(spec, config), "numba_cuda")._kernel, spec, config)
+        assert sms <= launcher.max_blocks <= sms * nc.persistent_blocks_per_sm(config)
+        grid.check_case(BACKEND, spec, 3001, True, "cuda", config=config)
 
 
 @needs_backend

@@ -197,6 +197,10 @@ def test_numba_backward_keeps_its_partials_in_registers(op):
     assert columns.per_tensor["dx"] == columns.sizes["dx"]
     for m in (in_registers, chunked):
         assert m.per_tensor["dx"] == m.sizes["dx"]
+    # Fetching each slot's next row one iteration ahead moves the same bytes: no row past the last, none twice.
+    prefetched = traffic.measure(backend, spec, NumbaCudaConfig(threads=32, items=2, rows=1, vec=2, prefetch=1), rows)
+    assert prefetched.per_tensor == in_registers.per_tensor
+    assert (prefetched.scratch, prefetched.param_reads) == (in_registers.scratch, in_registers.param_reads)
 
 
 # --- the order of a chunked row's second pass ------------------------------------------------------
