@@ -251,7 +251,7 @@ def test_help_imports_neither_optuna_nor_a_backend():
 def _args(**kw):
     base = dict(arch="sm_90", backends="triton", grid=None, db=None, hidden=None, op="rmsnorm", direction="fwd",
                 dtype="bfloat16", space=False, json=True, markdown=False, doc=False, cached_only=False, dtypes=None,
-                save=None)
+                save=None, against=None)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -407,6 +407,44 @@ def test_saved_report_round_trips_and_rejects_a_corrupt_file(tmp_path):
     path.write_text(path.read_text().replace('"registers": 40', '"registers": "forty"').replace("]}", "]"))
     with pytest.raises(audit.ReportError, match="report.json"):
         audit.load_report(path)
+
+
+def test_compare_names_kernels_whose_fit_or_occupancy_changed(tmp_path, capsys, monkeypatch):
+    """Another compiler version, same sources: a kernel with more registers (lower occupancy) and one that
+    now spills are listed; an unchanged one is not; the spilling one makes the command exit 1."""
+    specs = [NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", n) for n in (1024, 4096, 8192, 16384)]
+    jobs = [audit.Job("triton", s, get_backend("triton").heuristic(s), "sm_90") for s in specs]
+
+    def profile(job, registers, spills=0):
+        p = audit.Profile(backend="triton", spec=job.spec.short(), config=job.config.short(), arch="sm_90",
+                          kernel="k", registers=registers, spill_stores=spills, spill_loads=spills, stack=0,
+                          smem_static=0, smem_dynamic=0, threads=256, global_loads=4, global_loads_128=4,
+                          global_loads_64=0, global_stores=2, global_stores_128=2, cp_async=0,
+                          sass_sha256="0" * 64)
+        return audit.occupancy(p, audit.ARCHS["sm_90"])
+
+    report = tmp_path / "report.json"
+    audit.save_report(report, jobs[:3], [profile(j, 32) for j in jobs[:3]], {"triton": "9.9"}, "autonorm audit")
+    now = [profile(jobs[0], 32), profile(jobs[1], 40), profile(jobs[2], 32, spills=8), profile(jobs[3], 32)]
+    text, lost = audit.compare(jobs, now, audit.load_report(report))
+    assert lost == 1
+    summary, _, head, *rows = text.splitlines()
+    assert summary.startswith("3 of 4 kernels compared (1 not in the report); registers differ in 1; "
+                              "occupancy lower in 1, higher in 0; 1 fit there and not here")
+    assert len(rows) == 2 and "N=4096 " in rows[0] and "N=8192 " in rows[1]
+    assert "32 -> 40" in rows[0] and "100% -> 75%" in rows[0] and "yes -> yes" in rows[0]
+    assert "0 -> 16" in rows[1] and "yes -> no" in rows[1]
+
+    # The command: compiles nothing here (the audit is faked), prints both toolchains, exits 1.
+    monkeypatch.setattr(audit_cli, "check_backends", lambda names: None)
+    monkeypatch.setattr(audit_cli, "heuristic_jobs", lambda specs, backends, archs: jobs)
+    monkeypatch.setattr(audit_cli, "audit", lambda js: now)
+    assert audit_cli.main(_args(grid="standard", against=str(report))) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"against {report} (triton 9.9); here: ") and "yes -> no" in out
+    report.write_text("{not json")
+    assert audit_cli.main(_args(grid="standard", against=str(report))) == 2
+    assert "report.json" in capsys.readouterr().err
 
 
 # Compiles every heuristic of the grid for real (about 15 minutes on 2 cores from a cold cache, over the

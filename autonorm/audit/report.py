@@ -1,6 +1,7 @@
 """The audit as a table (terminal or Markdown), as the hardware-fit page (docs/benchmarks/hardware-fit.md),
 and as a saved report: every kernel's profile keyed by what was compiled (docs/benchmarks/hardware-fit.json),
-which the CI gate checks against the kernels the code renders today without compiling them again."""
+which the CI gate checks against the kernels the code renders today without compiling them again, and
+which `compare` holds a fresh audit against (another compiler version: the same sources, other registers)."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +60,47 @@ def load_report(path) -> dict[str, Profile]:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ReportError(f"{path}: not a saved audit report ({type(exc).__name__}: {exc})") from exc
+
+
+def saved_toolchain(path) -> dict:
+    """The compiler versions a saved report was made with (empty if it does not say)."""
+    try:
+        return dict(json.loads(Path(path).read_text()).get("toolchain") or {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ReportError(f"{path}: not a saved audit report ({type(exc).__name__}: {exc})") from exc
+
+
+def compare(jobs: list[Job], profiles: list[Profile], saved: dict[str, Profile]) -> tuple[str, int]:
+    """This audit against a saved report of the same kernels (matched by `Job.identity()`), typically made
+    with another compiler version: a summary, then one row per kernel whose fit, occupancy or spills
+    changed. Returns the text and how many kernels fit in the report but do not fit now."""
+    rows, lost, gained, lower, higher, regs_changed, missing = [], 0, 0, 0, 0, 0, 0
+    for job, new in zip(jobs, profiles):
+        old = saved.get(job.identity())
+        if old is None:
+            missing += 1
+            continue
+        fit_old, fit_new = not gate_failures(old, job.spec), not gate_failures(new, job.spec)
+        lost += fit_old and not fit_new
+        gained += fit_new and not fit_old
+        lower += new.occupancy < old.occupancy
+        higher += new.occupancy > old.occupancy
+        regs_changed += new.registers != old.registers
+        if (fit_old, old.occupancy, old.spill_bytes) != (fit_new, new.occupancy, new.spill_bytes):
+            wide = "global_loads_64" if job.backend == "numba" else "global_loads_128"
+            rows.append((new.backend, new.arch, new.spec, new.config, f"{old.registers} -> {new.registers}",
+                         f"{old.spill_bytes} -> {new.spill_bytes}", f"{old.occupancy:.0%} -> {new.occupancy:.0%}",
+                         f"{getattr(old, wide)}/{old.global_loads} -> {getattr(new, wide)}/{new.global_loads}",
+                         f"{'yes' if fit_old else 'no'} -> {'yes' if fit_new else 'no'}"))
+    compared = len(jobs) - missing
+    lines = [f"{compared} of {len(jobs)} kernels compared ({missing} not in the report); registers differ in "
+             f"{regs_changed}; occupancy lower in {lower}, higher in {higher}; {lost} fit there and not here, "
+             f"{gained} fit here and not there"]
+    if rows:
+        head = ("backend", "arch", "spec", "config", "regs", "spill", "occupancy", "wide loads", "fits")
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+        lines += ["", *("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])]
+    return "\n".join(lines), lost
 
 
 COLUMNS = ("backend", "arch", "spec", "config", "regs", "spill", "stack", "smem", "threads", "blocks/SM",

@@ -2,15 +2,17 @@
 
 What is compiled and how is `autonorm.audit`; this module picks the jobs (a grid's
 heuristics, a spec's space, or a database's records), runs them, and prints a table,
-JSON lines or the hardware-fit page.
+JSON lines or the hardware-fit page, or holds them against a saved report made with
+another compiler version (`--against`).
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from ..audit import (ARCHS, BACKENDS, AuditToolError, audit, cached, check_backends, database_jobs, doc,
-                     gate_failures, heuristic_jobs, save_report, space_jobs, table, toolchain)
+from ..audit import (ARCHS, BACKENDS, AuditToolError, ReportError, audit, cached, check_backends, compare,
+                     database_jobs, doc, gate_failures, heuristic_jobs, load_report, save_report, saved_toolchain,
+                     space_jobs, table, toolchain)
 from ..spec import NormSpec
 
 
@@ -35,6 +37,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save", default=None, metavar="PATH",
                         help="also write every profile, keyed by what was compiled, as JSON "
                              "(docs/benchmarks/hardware-fit.json: the CI gate reads it)")
+    parser.add_argument("--against", default=None, metavar="PATH",
+                        help="compare with a saved report (e.g. docs/benchmarks/hardware-fit.json, made with "
+                             "another compiler version): the kernels whose fit, occupancy or spills changed; "
+                             "exit status 1 if one that fits there does not fit here")
 
 
 def main(args) -> int:
@@ -62,11 +68,12 @@ def main(args) -> int:
                 wanted = {dtype_name(d.strip()) for d in args.dtypes.split(",")}
                 specs = [s for s in specs if s.x_dtype in wanted]
             jobs = heuristic_jobs(specs, backends, archs)
+        saved = load_report(args.against) if args.against else None
         check_backends(sorted({j.backend for j in jobs}))
     except AuditToolError as exc:
         print(f"autonorm audit: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ReportError) as exc:
         print(f"autonorm audit: {exc}", file=sys.stderr)
         return 2
     print(f"autonorm audit: {len(jobs)} kernels ({', '.join(backends)} x {', '.join(archs)})", file=sys.stderr)
@@ -84,6 +91,12 @@ def main(args) -> int:
     if args.save:
         save_report(args.save, jobs, profiles, toolchain(backends), " ".join(["autonorm audit", *sys.argv[2:]]))
         print(f"autonorm audit: {len(jobs)} profiles written to {args.save}", file=sys.stderr)
+    if saved is not None:
+        text, lost = compare(jobs, profiles, saved)
+        print(f"against {args.against} ({_versions(saved_toolchain(args.against))}); "
+              f"here: {_versions(toolchain(backends))}")
+        print(text)
+        return 1 if lost else 0
     bad = 0
     for job, p in zip(jobs, profiles):
         bad += bool(gate_failures(p, job.spec))
@@ -100,3 +113,7 @@ def main(args) -> int:
         print(f"\n{len(profiles) - bad} of {len(profiles)} fit (no spill, resident, 128-bit loads of aligned x); "
               f"toolchain {json.dumps(toolchain(backends))}", file=sys.stderr)
     return 0
+
+
+def _versions(versions: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items()) or "toolchain not recorded"
