@@ -101,13 +101,14 @@ def _triton_hooks(traffic: Traffic) -> contextlib.AbstractContextManager:
         for run in np.split(hit, np.flatnonzero(np.diff(hit) > itemsize) + 1) if hit.size else ():
             traffic.record(int(run[0]), int(run.size) * itemsize, is_store)
 
-    def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # The cache/eviction arguments after these differ between Triton releases: passed through untouched.
+    def counted_load(self, ptrs, mask, *args, **kwargs):
         account(ptrs, mask, False)
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, *args, **kwargs)
 
-    def counted_store(self, ptrs, value, mask, cache_policy):
+    def counted_store(self, ptrs, value, mask, *args, **kwargs):
         account(ptrs, mask, True)
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *args, **kwargs)
 
     return _patched(InterpreterBuilder, create_masked_load=counted_load, create_masked_store=counted_store)
 

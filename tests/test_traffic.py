@@ -60,6 +60,32 @@ def test_a_tile_over_two_rows_is_one_access_per_row(interpreted):
     assert counted.reread_start(src) is None  # 8 of row 0's 12 elements, once
 
 
+def test_counter_passes_any_cache_arguments_through(monkeypatch):
+    """Triton releases differ in what follows (ptrs, mask) in the interpreter's masked load and store:
+    3.6 passes a cache modifier and an eviction policy, 3.9 one cache policy. The counter passes them on."""
+    from types import SimpleNamespace
+
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    def load_3_6(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
+        return ("load", cache_modifier, eviction_policy, is_volatile)
+
+    def store_3_6(self, ptrs, value, mask, cache_modifier, eviction_policy):
+        return ("store", cache_modifier, eviction_policy)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", load_3_6)
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_store", store_3_6)
+    fp32 = SimpleNamespace(primitive_bitwidth=32)
+    ptrs = SimpleNamespace(data=np.array([4096, 4100, 4104]), get_element_ty=lambda: fp32)
+    mask = SimpleNamespace(data=np.array([True, True, False]))
+    with traffic.count("triton") as counted:
+        builder = object.__new__(InterpreterBuilder)
+        assert builder.create_masked_load(ptrs, mask, None, ".ca", "evict_last", False) == (
+            "load", ".ca", "evict_last", False)
+        assert builder.create_masked_store(ptrs, None, mask, ".cg", "evict_first") == ("store", ".cg", "evict_first")
+    assert counted.accesses == [(4096, 8, False), (4096, 8, True)]
+
+
 def test_counter_is_removed_after_the_block(interpreted):
     src, dst = torch.ones(8), torch.zeros(8)
     with traffic.count("triton") as counted:
