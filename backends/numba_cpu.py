@@ -136,7 +136,8 @@ class _Pool:
       is aborted by Numba ("fork() called from a process already using GNU OpenMP") and torch's own
       parallel ops hang in it.
     - `workqueue` aborts the process on concurrent launches from two threads: under it a launch
-      that finds another one running takes the serial variant instead (same values). Which layer
+      that finds another one running takes the serial variant instead (the same values up to the
+      last bit: fastmath lets the compiler order each variant's row sums its own way). Which layer
       runs is known only once the pool started, so the first launch is exclusive too.
     - A forked child of a process whose pool started runs the serial variants: that pool's
       threads do not exist in the child.

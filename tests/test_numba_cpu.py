@@ -175,7 +175,10 @@ def _recording_set_num_threads(monkeypatch):
 @pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
 def test_threads_do_not_change_results(backend, op, monkeypatch):
     """Each `threads` value gets its own launcher, which applies it, restores the caller's count
-    afterwards, and computes bitwise the same values (tasks are split by rows_per_task only)."""
+    afterwards. The parallel variant computes bitwise the same values on any number of threads (tasks
+    are split by rows_per_task only); threads=1 runs the serial variant, which may differ from it in
+    the last bit: fastmath lets the compiler order each variant's row sums its own way (Numba 0.61.2:
+    2 of 301,000 bf16 dx elements one ulp apart; Numba 0.68.1: none)."""
     import numba
 
     pool = numba.config.NUMBA_NUM_THREADS
@@ -194,11 +197,12 @@ def test_threads_do_not_change_results(backend, op, monkeypatch):
     assert calls == [2, 1], "threads=2 must run on 2 threads and then restore the caller's 1"
     assert numba.get_num_threads() == 1
     numba.set_num_threads(pool)
-    for dx, dw, db in (results[1], results[2]):
-        assert torch.equal(dw, results[0][1])
-        if db is not None:
-            assert torch.equal(db, results[0][2])
-        assert torch.equal(dx, results[0][0])
+    for got, want in zip(results[2], results[0]):
+        if want is not None:
+            assert torch.equal(got, want)
+    for got, want in zip(results[1], results[0]):
+        if want is not None:
+            torch.testing.assert_close(got, want)
 
     fspec = spec.with_direction("fwd")
     finputs = verify.make_inputs(fspec, 301, strided=True)
@@ -207,7 +211,7 @@ def test_threads_do_not_change_results(backend, op, monkeypatch):
     outs = [k(*finputs.args(fspec)) for k in fkernels]
     for a, b in zip(outs[0], outs[1]):
         if a is not None:
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b)
 
 
 def test_rows_per_task_reaches_the_launch(backend):
