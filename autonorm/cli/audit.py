@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..audit import (ARCHS, BACKENDS, AuditToolError, ReportError, audit, cached, check_backends, compare,
+from ..audit import (ARCHS, BACKENDS, AuditToolError, audit, cached, check_backends, compare,
                      database_jobs, doc, gate_failures, heuristic_jobs, load_report, save_report, saved_toolchain,
                      space_jobs, table, toolchain)
 from ..spec import NormSpec
@@ -73,7 +73,7 @@ def main(args) -> int:
     except AuditToolError as exc:
         print(f"autonorm audit: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, OSError, ReportError) as exc:
+    except (ValueError, OSError) as exc:  # a ReportError is a ValueError
         print(f"autonorm audit: {exc}", file=sys.stderr)
         return 2
     print(f"autonorm audit: {len(jobs)} kernels ({', '.join(backends)} x {', '.join(archs)})", file=sys.stderr)
