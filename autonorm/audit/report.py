@@ -98,8 +98,7 @@ def compare(jobs: list[Job], profiles: list[Profile], saved: dict[str, Profile])
              f"{gained} fit here and not there"]
     if rows:
         head = ("backend", "arch", "spec", "config", "regs", "spill", "occupancy", "wide loads", "fits")
-        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-        lines += ["", *("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows])]
+        lines += ["", *_aligned([head, *rows])]
     return "\n".join(lines), lost
 
 
@@ -120,8 +119,13 @@ def table(profiles: list[Profile], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(r) + " |" for r in rows]
         lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
         return "\n".join(lines)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join(_aligned(rows))
+
+
+def _aligned(rows: list[tuple]) -> list[str]:
+    """Rows as lines of left-aligned columns, two spaces apart."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def doc(jobs: list[Job], profiles: list[Profile], versions: dict, command: str) -> str:
