@@ -16,6 +16,10 @@ instead: a fallback, never a failure. With AUTONORM_LOG=1 each reason is logged
 once, and `autonorm.explain` reports it. Bad input that torch rejects gets
 torch's kind of error (a shape mismatch is both a ValueError and, like torch's,
 a RuntimeError).
+
+Off the common call, both functions honour `__torch_function__` as torch.nn.functional's do: torch.fx
+records them as one node (autonorm's modules trace), and a tensor subclass or a TorchFunctionMode sees
+the call.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import knobs
 from .ops import norm_fwd, unit_last_stride
@@ -184,6 +189,8 @@ def _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, of
     if offset != 0.0 and weight is None:
         raise ValueError(f"{name}: offset={offset} needs a weight (y = x_hat * (offset + weight))")
     h = input + residual if residual is not None else input
+    if isinstance(normalized_shape, int):  # autonorm takes an int, as torch.nn.LayerNorm does; F's functions do not
+        normalized_shape = (normalized_shape,)
     if op == "layernorm":
         y = F.layer_norm(h, normalized_shape, weight, bias, eps)
     elif op == "rmsnorm" or weight is None:
@@ -249,6 +256,9 @@ def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tenso
                 raise
             return _call("rms_norm", op, input, normalized_shape, weight, None, eps, offset, None)
         return y if x2d is input else y.view(input.shape)
+    if has_torch_function_variadic(input, weight, residual):  # torch.fx proxies, __torch_function__ subclasses
+        return handle_torch_function(rms_norm, (input, weight, residual), input, normalized_shape, weight, eps,
+                                     offset=offset, residual=residual, casting_mode=casting_mode)
     return _call("rms_norm", op, input, normalized_shape, weight, None, eps, offset, residual)
 
 
@@ -265,6 +275,9 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
                 raise
             return _call("layer_norm", "layernorm", input, normalized_shape, weight, bias, eps, 0.0, None)
         return y if x2d is input else y.view(input.shape)
+    if has_torch_function_variadic(input, weight, bias, residual):  # as in rms_norm
+        return handle_torch_function(layer_norm, (input, weight, bias, residual), input, normalized_shape, weight,
+                                     bias, eps, residual=residual)
     if bias is not None and weight is None and isinstance(bias, Tensor):
         weight = torch.ones_like(bias)  # kernels take bias only with a weight; 1 is exact
     return _call("layer_norm", "layernorm", input, normalized_shape, weight, bias, eps, 0.0, residual)

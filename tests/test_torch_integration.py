@@ -154,3 +154,49 @@ def test_negative_views_are_read_as_negative(use_backend):
     xr = x.clone().requires_grad_()
     F.rms_norm(xr, (32,), w).backward(-torch.ones(4, 32))
     torch.testing.assert_close(xg.grad, xr.grad)
+
+
+def test_fx_traces_the_modules_to_one_node_each():
+    """torch.fx (and what builds on it: FX quantization, pipeline splitters) traces a model using autonorm."""
+    torch.manual_seed(2)
+    model = Block()
+    traced = torch.fx.symbolic_trace(model)
+    targets = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert targets.count(autonorm.functional.rms_norm) == 2 and autonorm.functional.layer_norm in targets
+    x, r = torch.randn(2, 5, 48), torch.randn(2, 5, 48)
+    torch.testing.assert_close(traced(x, r), model(x, r), rtol=0, atol=0)
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass that records the functions called on it."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w: autonorm.rms_norm(x, 32, w),
+    lambda x, w: autonorm.rms_norm(x, 32, w, residual=x)[0],
+    lambda x, w: autonorm.layer_norm(x, 32, w, w),
+])
+def test_tensor_subclasses_and_modes_see_the_call(call):
+    x, w = torch.randn(3, 32), torch.randn(32)
+    _Logged.calls = []
+    got = call(x.as_subclass(_Logged), w)
+    assert type(got) is _Logged and _Logged.calls[0] in (autonorm.functional.rms_norm, autonorm.functional.layer_norm)
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), call(x, w), rtol=0, atol=0)
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        seen: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        autonorm.rms_norm(x, 32, w, residual=x)  # (the common call without a residual skips the check: ~0.1 us)
+    assert Mode.seen[0] is autonorm.functional.rms_norm

@@ -73,6 +73,9 @@ X = torch.randn(4, 64)
     (lambda: autonorm.rms_norm(X.double(), (64,), torch.ones(64)),
      lambda: F.rms_norm(X.double(), (64,), torch.ones(64))),
     (lambda: autonorm.layer_norm(X.double(), (64,)), lambda: F.layer_norm(X.double(), (64,))),
+    (lambda: autonorm.layer_norm(X.double(), 64), lambda: F.layer_norm(X.double(), (64,))),  # an int too
+    (lambda: autonorm.rms_norm(X, 64, torch.ones(64, dtype=torch.float64)),
+     lambda: F.rms_norm(X, (64,), torch.ones(64, dtype=torch.float64))),
     (lambda: autonorm.rms_norm(X, (64,), torch.full((64,), 2.0, dtype=torch.float16)),
      lambda: F.rms_norm(X, (64,), torch.full((64,), 2.0, dtype=torch.float16))),
     (lambda: autonorm.rms_norm(X.half(), (64,), torch.ones(64, dtype=torch.bfloat16)),
