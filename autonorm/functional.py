@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -89,12 +90,22 @@ class NormShapeError(ValueError, RuntimeError):
     """A shape torch rejects too: a ValueError for autonorm's callers, a RuntimeError like torch's own."""
 
 
-def _shape_of(normalized_shape) -> tuple:
-    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+def shape_of(normalized_shape) -> tuple:
+    """`normalized_shape` as a tuple: an int, NumPy's integers included (as torch.nn's modules take them), or
+    a sequence (its elements kept as they are: under torch.compile they may be symbolic)."""
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    try:
+        return tuple(normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
+                        f"{type(normalized_shape).__name__}") from None
 
 
 def _normalized_size(x: Tensor, normalized_shape, name: str) -> int:
-    shape = _shape_of(normalized_shape)
+    shape = shape_of(normalized_shape)
     if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise NormShapeError(f"{name}: normalized_shape {list(shape)} does not match the trailing "
                              f"dimensions of input of shape {list(x.shape)}")
@@ -106,9 +117,9 @@ def _check_param(param: Tensor | None, what: str, x: Tensor, n: int, normalized_
         return None
     if not isinstance(param, Tensor):
         raise TypeError(f"{name}: {what} must be a tensor or None, got {type(param).__name__}")
-    if tuple(param.shape) != _shape_of(normalized_shape):  # as strict as torch: [8, 8] is not (64,)
+    if tuple(param.shape) != shape_of(normalized_shape):  # as strict as torch: [8, 8] is not (64,)
         raise NormShapeError(f"{name}: {what} has shape {list(param.shape)}, expected normalized_shape "
-                             f"{list(_shape_of(normalized_shape))}")
+                             f"{list(shape_of(normalized_shape))}")
     if param.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{name}: {what} dtype {param.dtype} must be float32 or the input dtype {x.dtype}")
     if param.device != x.device:
@@ -166,7 +177,7 @@ def fallback_reason(input, normalized_shape, weight, bias) -> str | None:
     if input.is_floating_point() and input.dtype not in DTYPE_NAMES:
         return f"{input.dtype} input (kernels take float32, float16, bfloat16)"
     try:
-        shape = _shape_of(normalized_shape)
+        shape = shape_of(normalized_shape)
         n = math.prod(shape)
     except TypeError:
         return None
@@ -189,8 +200,7 @@ def _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, of
     if offset != 0.0 and weight is None:
         raise ValueError(f"{name}: offset={offset} needs a weight (y = x_hat * (offset + weight))")
     h = input + residual if residual is not None else input
-    if isinstance(normalized_shape, int):  # autonorm takes an int, as torch.nn.LayerNorm does; F's functions do not
-        normalized_shape = (normalized_shape,)
+    normalized_shape = shape_of(normalized_shape)  # autonorm takes an int, as torch.nn's modules do; F's do not
     if op == "layernorm":
         y = F.layer_norm(h, normalized_shape, weight, bias, eps)
     elif op == "rmsnorm" or weight is None:

@@ -6,11 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .functional import layer_norm, rms_norm, rmsnorm_op
-
-
-def _shape(normalized_shape) -> tuple[int, ...]:
-    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+from .functional import layer_norm, rms_norm, rmsnorm_op, shape_of
 
 
 class RMSNorm(nn.Module):
@@ -27,7 +23,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         rmsnorm_op(casting_mode)  # validates it
         self.casting_mode = casting_mode
-        self.normalized_shape = _shape(normalized_shape)
+        self.normalized_shape = shape_of(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.offset = float(offset)
@@ -57,7 +53,7 @@ class LayerNorm(nn.Module):
     def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
-        self.normalized_shape = _shape(normalized_shape)
+        self.normalized_shape = shape_of(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:

@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,8 @@ def test_wrong_config_type_is_refused():
     (lambda x, w: autonorm.rms_norm(x, (64,), torch.ones(64, device="meta")), "is on meta"),
     (lambda x, w: autonorm.rms_norm(x, (64,), w, residual=torch.ones(3, 64)), "residual"),
     (lambda x, w: autonorm.rms_norm(x, (64,), None, offset=1.0), "offset"),
+    (lambda x, w: autonorm.rms_norm(x, 64.0, None), "normalized_shape must be an int or a sequence of ints, got float"),
+    (lambda x, w: autonorm.layer_norm(x.double(), 64.0), "normalized_shape must be an int or a sequence"),
 ])
 def test_bad_input_errors_name_the_problem(call, match):
     x, w = torch.randn(4, 64), torch.ones(64)
@@ -138,6 +141,18 @@ def test_modules_match_torch_state_dict_and_outputs(use_backend):
     gemma = autonorm.RMSNorm(32, offset=1.0)
     assert torch.all(gemma.weight == 0)  # (1 + w) starts as the identity scale
     torch.testing.assert_close(gemma(x), trms(x), atol=1e-5, rtol=1e-5)
+
+
+def test_modules_and_functions_take_numpy_integers_as_torch_nn_does(use_backend):
+    use_backend("torch")
+    x = torch.randn(3, 32)
+    for ours, theirs in ((autonorm.LayerNorm, torch.nn.LayerNorm), (autonorm.RMSNorm, torch.nn.RMSNorm)):
+        module = ours(np.int64(32))
+        assert module.normalized_shape == theirs(np.int64(32)).normalized_shape == (32,)
+        torch.testing.assert_close(module(x), theirs(32)(x))
+    torch.testing.assert_close(autonorm.rms_norm(x, np.int64(32)), torch.nn.functional.rms_norm(x, (32,)))
+    torch.testing.assert_close(autonorm.layer_norm(x.double(), np.int32(32)),  # the torch fallback too
+                               torch.nn.functional.layer_norm(x.double(), (32,)))
 
 
 def test_check_command_runs_torch_backend():
