@@ -240,6 +240,17 @@ def test_missing_toolchain_names_what_to_install(monkeypatch, capsys):
     assert "ptxas" in err and "pip install autonorm[audit]" in err
 
 
+def test_bad_values_are_reported_as_every_command_reports_them(capsys):
+    from autonorm.cli import main
+
+    for argv, problem in ((["audit", "--grid", "huge"], "unknown grid 'huge'"),
+                          (["audit", "--arch", "sm_70"], "unknown --arch 'sm_70'"),
+                          (["audit", "--hidden", "64", "--dtype", "int8"], "int8")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("autonorm audit: error: ") and problem in err, err
+
+
 def test_help_imports_neither_optuna_nor_a_backend():
     code = ("import sys, contextlib, io\nfrom autonorm.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n    main([])\n"

@@ -73,8 +73,8 @@ def main(args) -> int:
     except AuditToolError as exc:
         print(f"autonorm audit: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:  # a ReportError is a ValueError
-        print(f"autonorm audit: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # a bad value, an unreadable database or report (a ReportError)
+        print(f"autonorm audit: error: {exc}", file=sys.stderr)
         return 2
     print(f"autonorm audit: {len(jobs)} kernels ({', '.join(backends)} x {', '.join(archs)})", file=sys.stderr)
     if args.cached_only:
