@@ -70,8 +70,8 @@ def main(args) -> int:
             jobs = heuristic_jobs(specs, backends, archs)
         saved = load_report(args.against) if args.against else None
         check_backends(sorted({j.backend for j in jobs}))
-    except AuditToolError as exc:
-        print(f"autonorm audit: {exc}", file=sys.stderr)
+    except AuditToolError as exc:  # a compiler is missing: exit 1, as for bad data
+        print(f"autonorm audit: error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as exc:  # a bad value, an unreadable database or report (a ReportError)
         print(f"autonorm audit: error: {exc}", file=sys.stderr)

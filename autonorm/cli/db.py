@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..db import MERGE_RULE, TuningDB
 from ..device import stale_compiler
-from ..errors import AutonormError, DatabaseError
+from ..errors import DatabaseError
 
 
 def add_arguments(p) -> None:
@@ -173,31 +173,28 @@ def _cuda_count() -> int:
 
 
 def main(args) -> int:
-    try:
-        if args.db_command == "show":
-            show(TuningDB.load(args.path))
-        elif args.db_command == "validate":
-            return validate(args.paths, args.strict)
-        elif args.db_command == "where":
-            where()
-        elif args.db_command == "merge":
-            paths = list(args.paths)
-            if Path(args.out).exists() and not any(Path(p).resolve() == Path(args.out).resolve() for p in paths):
-                paths.insert(0, args.out)  # its records compete by the same rule, not silently by order
-            dbs = [TuningDB.load(p) for p in paths]
-            merged = dbs[0]
-            for other in dbs[1:]:
-                merged.merge(other)
-            merged.save(args.out)
-            print(f"wrote {args.out} ({len(merged.records)} records)")
-        elif args.db_command == "export":
-            from ..tune.storage import export_databases
+    # A DatabaseError (a corrupt or unreadable file) is printed by autonorm.cli.main: `autonorm db: error: ...`, exit 1.
+    if args.db_command == "show":
+        show(TuningDB.load(args.path))
+    elif args.db_command == "validate":
+        return validate(args.paths, args.strict)
+    elif args.db_command == "where":
+        where()
+    elif args.db_command == "merge":
+        paths = list(args.paths)
+        if Path(args.out).exists() and not any(Path(p).resolve() == Path(args.out).resolve() for p in paths):
+            paths.insert(0, args.out)  # its records compete by the same rule, not silently by order
+        dbs = [TuningDB.load(p) for p in paths]
+        merged = dbs[0]
+        for other in dbs[1:]:
+            merged.merge(other)
+        merged.save(args.out)
+        print(f"wrote {args.out} ({len(merged.records)} records)")
+    elif args.db_command == "export":
+        from ..tune.storage import export_databases
 
-            for slug, count in export_databases(args.storage, Path(args.out)).items():
-                print(f"wrote {Path(args.out) / (slug + '.json')} ({count} records)")
-        elif args.db_command == "diff":
-            return 1 if diff(TuningDB.load(args.old), TuningDB.load(args.new)) else 0
-    except AutonormError as exc:  # DatabaseError included
-        print(f"autonorm db: {exc}", file=sys.stderr)
-        return 1
+        for slug, count in export_databases(args.storage, Path(args.out)).items():
+            print(f"wrote {Path(args.out) / (slug + '.json')} ({count} records)")
+    elif args.db_command == "diff":
+        return 1 if diff(TuningDB.load(args.old), TuningDB.load(args.new)) else 0
     return 0
