@@ -200,3 +200,19 @@ def test_tensor_subclasses_and_modes_see_the_call(call):
     with Mode():
         autonorm.rms_norm(x, 32, w, residual=x)  # (the common call without a residual skips the check: ~0.1 us)
     assert Mode.seen[0] is autonorm.functional.rms_norm
+
+
+def test_export_with_a_dynamic_batch_saves_loads_and_matches_eager(tmp_path):
+    """torch.export (the way to AOTInductor and ExecuTorch) records the custom op; the saved program loads
+    wherever autonorm is imported and takes another batch size."""
+    torch.manual_seed(3)
+    model = Block()
+    x, r = torch.randn(2, 5, 48), torch.randn(2, 5, 48)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (x, r), dynamic_shapes=({0: batch}, {0: batch}))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "autonorm.norm_fwd.default" in targets
+    torch.export.save(program, tmp_path / "block.pt2")
+    loaded = torch.export.load(tmp_path / "block.pt2")
+    x, r = torch.randn(7, 5, 48), torch.randn(7, 5, 48)
+    torch.testing.assert_close(loaded.module()(x, r), model(x, r), rtol=0, atol=0)
