@@ -135,34 +135,44 @@ def test_journal_broken_in_the_middle_is_named(tmp_path):
 
 
 # --- the tuner's claim lock -------------------------------------------------------------------------------
-def test_two_workers_claiming_at_once_never_time_one_config(tmp_path):
+def test_two_workers_claiming_at_once_never_time_one_config(tmp_path, monkeypatch):
     """Two workers sample with the same seed (the same proposals) and read the study at the same moment;
     only the claim lock keeps the second from timing the candidate the first just took."""
     pytest.importorskip("optuna")
     import test_tuner as tt
 
+    from autonorm import backends as registry
     from autonorm.tune import StudyRunner, make_storage
+
+    # The worker that does not finalize reads the other's record back from the study, through the registry.
+    monkeypatch.setitem(registry.BACKENDS, "fake", "test_tuner:FakeBackend")
+    monkeypatch.setitem(registry._instances, "fake", tt.FakeBackend())
 
     class SlowClaim(StudyRunner):
         def _ask(self, *args, **kw):
             time.sleep(0.15)  # widen the window between reading the study and claiming a candidate
             return super()._ask(*args, **kw)
 
-    timed = []
+    timed, results, errors = [], [], []
     storage = make_storage(None, tmp_path / "study.journal")
 
     def work():
         timer = tt.FakeTimer()
         timer.timed = timed  # one list for both workers (appends are atomic)
-        SlowClaim(tt.SPEC, tt.ROWS, tt.backends(with_torch=False), timer, "cpu", storage=storage, name="race",
-                  n_trials=8, time_budget=120, compile_baseline=False, compile_workers=1,
-                  lock_path=tmp_path / "claims.lock").run()
+        try:
+            results.append(SlowClaim(tt.SPEC, tt.ROWS, tt.backends(with_torch=False), timer, "cpu", storage=storage,
+                                     name="race", n_trials=8, time_budget=120, compile_baseline=False,
+                                     compile_workers=1, lock_path=tmp_path / "claims.lock").run())
+        except Exception as exc:  # a thread's exception is otherwise only a warning
+            errors.append(exc)
 
     workers = [threading.Thread(target=work) for _ in range(2)]
     for w in workers:
         w.start()
     for w in workers:
         w.join(180)
+    assert not errors, errors
+    assert len(results) == 2 and all(r.record is not None or r.finalized_by for r in results)
     configs = [c for c in timed if c != "torch"]
     assert len(configs) >= 4
     assert len(configs) == len(set(configs)), f"a config was timed twice: {configs}"
