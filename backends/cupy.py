@@ -91,7 +91,7 @@ class CupyConfig(Config):
         "the next row's x and dy into a second buffer by cp.async while this row is computed")})
 
     def min_compute_capability(self) -> int:
-        return 90 if cluster_size(self) > 1 else 0
+        return _required_feature(self)[0]
 
     @classmethod
     def is_valid(cls, spec: NormSpec, c: CupyConfig) -> str | None:
@@ -192,6 +192,15 @@ class CupyConfig(Config):
         raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
 
 
+def _required_feature(config: CupyConfig) -> tuple[int, str]:
+    """The oldest compute capability a config's source compiles for, and the feature that sets it."""
+    if cluster_size(config) > 1:
+        return 90, "thread-block clusters"
+    if config.prefetch and config.row_cache == "shared":
+        return 80, "cp.async"  # the backward's prefetch copies the next row into shared memory with it
+    return 0, ""
+
+
 def cluster_size(config: CupyConfig) -> int:
     """Blocks of the thread-block cluster that shares one row (1: no cluster)."""
     return int(config.row_cache[len("cluster"):]) if config.row_cache.startswith("cluster") else 1
@@ -285,8 +294,8 @@ class CupyBackend(Backend):
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         if major * 10 + minor < config.min_compute_capability():
-            raise ValueError(f"cupy config {config.short()} needs compute capability "
-                             f"{config.min_compute_capability() / 10:.1f} (thread-block clusters); "
+            need, feature = _required_feature(config)
+            raise ValueError(f"cupy config {config.short()} needs compute capability {need / 10:.1f} ({feature}); "
                              f"this device has {major}.{minor}")
         with cupy.cuda.Device(index):
             # No -arch here: CuPy appends `-arch=sm_<cc>` of the current device itself, capped at

@@ -540,6 +540,17 @@ def test_cluster_configs_are_not_compiled_for_sm_80():
     assert clusters == {"sm_90"}
 
 
+def test_no_config_below_sm_80_emits_cp_async():
+    """cp.async exists from sm_80 on: a config whose source uses it says so, so a device or audit below sm_80 never
+    offers it (the backward's prefetch into shared memory; before, its minimum stayed 0 and it failed to build)."""
+    spec = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 4096)
+    older = [c for c in BACKEND.space(spec) if c.min_compute_capability() < 80]
+    assert any(c.prefetch for c in older)  # the register prefetch needs no cp.async and stays
+    assert all("cp.async" not in BACKEND.render(spec, c).text for c in older if c.row_cache == "shared")
+    streaming = CupyConfig.heuristic(NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384)).replace(prefetch=1)
+    assert streaming.row_cache == "shared" and streaming.min_compute_capability() == 80
+
+
 @pytest.mark.parametrize("partials", ["registers", "global"])
 def test_backward_without_a_row_cache_rereads_the_row_last_vector_first(partials):
     """row_cache=none: the second pass re-reads x and dy from global memory starting with the vector the first
