@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -45,12 +46,30 @@ def tune_on_miss() -> bool:
     return _flag("AUTONORM_TUNE_ON_MISS")
 
 
+def _dir_from_env(name: str) -> Path | None:
+    """The folder an environment variable names, or None when it is unset, empty or relative.
+
+    The XDG base-directory rules say to ignore an empty or relative value; autonorm's own folder knobs
+    follow the same rule, because a relative folder moves with the working directory (a cache folder
+    named `autonorm` made in the project root would shadow the package on the next import). A relative
+    AUTONORM_* value is ignored with a warning: someone set it on purpose."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        return path
+    if name.startswith("AUTONORM_"):
+        warnings.warn(f"autonorm: {name}={raw!r} is a relative path, which would move with the working "
+                      f"directory; ignored (give an absolute path)", RuntimeWarning, stacklevel=3)
+    return None
+
+
 def cache_dir() -> Path:
-    """AUTONORM_CACHE_DIR: where compiled kernels and scratch files are kept."""
-    raw = os.environ.get("AUTONORM_CACHE_DIR")
-    if raw:
-        return Path(raw)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "autonorm"
+    """AUTONORM_CACHE_DIR: where compiled kernels and scratch files are kept. Default: `$XDG_CACHE_HOME/autonorm`,
+    else `~/.cache/autonorm` (an empty or relative value of either variable counts as unset)."""
+    xdg = _dir_from_env("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return _dir_from_env("AUTONORM_CACHE_DIR") or xdg / "autonorm"
 
 
 def user_db_dir() -> Path:
@@ -58,14 +77,14 @@ def user_db_dir() -> Path:
     dispatcher reads. Default: the platform's per-user data folder + `autonorm` (Linux:
     `$XDG_DATA_HOME/autonorm`, else `~/.local/share/autonorm`; macOS: `~/Library/Application Support/autonorm`;
     Windows: `%LOCALAPPDATA%\\autonorm`)."""
-    raw = os.environ.get("AUTONORM_USER_DB_DIR", "").strip()
-    if raw:
-        return Path(raw).expanduser()
+    chosen = _dir_from_env("AUTONORM_USER_DB_DIR")  # empty or relative: unset, as for the cache folder
+    if chosen:
+        return chosen
     if sys.platform == "win32":
         return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "autonorm"
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "autonorm"
-    return Path(os.environ.get("XDG_DATA_HOME", "").strip() or Path.home() / ".local" / "share") / "autonorm"
+    return (_dir_from_env("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "autonorm"
 
 
 def verify_db() -> bool:
