@@ -250,15 +250,56 @@ def timer_for(device) -> Timer:
     return CudaTimer(device) if device.type == "cuda" else CpuTimer()
 
 
-def copy_bandwidth(device="cpu", nbytes: int | None = None, reps: int = 20) -> float:
-    """GB/s of a large tensor copy on `device`, counting read + write (the roofline every report divides by)."""
+# The CPU copy probe's buffers: big enough to leave the last-level cache (4x it), never more than this
+# each nor more than PROBE_MEMORY_SHARE of the memory left (a tuning worker in a small container must not be
+# killed by its own probe before tuning begins), and sampled for at most PROBE_TIME_S.
+PROBE_MAX_BYTES = 512 << 20
+PROBE_MEMORY_SHARE = 16
+PROBE_TIME_S = 3.0
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still take: the smaller of /proc/meminfo's MemAvailable and the
+    cgroup's limit less its use (a container), None when neither is readable."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def probe_bytes(llc: int, available: int | None) -> int:
+    """Size of each of the CPU copy probe's two buffers (see PROBE_MAX_BYTES)."""
+    nbytes = min(max(64 << 20, 4 * llc), PROBE_MAX_BYTES)
+    if available is not None:
+        nbytes = min(nbytes, available // PROBE_MEMORY_SHARE)
+    return max(nbytes, 1 << 20)
+
+
+def copy_bandwidth(device="cpu", nbytes: int | None = None, reps: int = 20, max_s: float = PROBE_TIME_S) -> float:
+    """GB/s of a large tensor copy on `device`, counting read + write (the roofline every report divides by);
+    at least 5 samples, then no more than `reps` and none started after `max_s` seconds."""
     device = torch.device(device)
     if nbytes is None:
-        nbytes = (256 << 20) if device.type == "cuda" else max(64 << 20, 4 * llc_bytes())
-    src = torch.randn(nbytes // 4, device=device)
+        nbytes = (256 << 20) if device.type == "cuda" else probe_bytes(llc_bytes(), available_memory())
+    src = torch.ones(nbytes // 4, device=device)  # the values do not matter, and randn of 512 MiB takes seconds
     dst = torch.empty_like(src)
     samples = []
+    t_start = time.perf_counter()
     for i in range(reps + 3):
+        if i >= 8 and time.perf_counter() - t_start > max_s:
+            break
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
