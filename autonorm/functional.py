@@ -10,8 +10,9 @@ checks in `_prepare`, which own every error message. On 1x64 inputs the full
 path cost ~4 us more per call than the norm itself (scripts/overhead.py).
 
 Inputs that torch takes but the kernels do not (float64, N above the kernels'
-maximum, weight or bias dtypes other than float32 or the input's, tensors inside
-a torch.func transform such as torch.vmap) run torch's own implementation
+maximum or 0, weight or bias dtypes other than float32 or the input's, an input,
+weight, bias or residual inside a torch.func transform such as torch.vmap or
+torch.func.grad) run torch's own implementation
 instead: a fallback, never a failure. With AUTONORM_LOG=1 each reason is logged
 once, and `autonorm.explain` reports it. Bad input that torch rejects gets
 torch's kind of error (a shape mismatch is both a ValueError and, like torch's,
@@ -44,7 +45,10 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _Tensor = torch.Tensor
 _PARAM_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: subclasses take the checked path
 _FLOAT32 = torch.float32
-_DEFAULT_EPS = {dtype: torch.finfo(dtype).eps for dtype in DTYPE_NAMES}  # finfo() costs ~1 us a call
+# rms_norm's eps=None: torch computes 16-bit inputs in fp32 and takes fp32's eps for every input dtype it
+# widens to fp32 (its docs say the input dtype's; bf16's 2**-7 would move every output element).
+# A table: finfo() costs ~1 us a call.
+_DEFAULT_EPS = {dtype: torch.finfo(torch.promote_types(dtype, torch.float32)).eps for dtype in DTYPE_NAMES}
 
 
 def _fast_n(input, normalized_shape, weight, bias) -> int:
@@ -137,7 +141,7 @@ def _prepare(name, input, normalized_shape, weight, bias, residual):
     bias = _check_param(bias, "bias", input, n, normalized_shape, name)
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise TypeError(f"{name}: weight dtype {weight.dtype} and bias dtype {bias.dtype} differ")
-    x2d = unit_last_stride(input).reshape(-1, n) if n > 0 else input.reshape(-1, 0)
+    x2d = unit_last_stride(input).reshape(-1, n)
     r2d = None
     if residual is not None:
         if not isinstance(residual, Tensor) or residual.shape != input.shape:
@@ -167,13 +171,21 @@ class TorchFallback:
     __str__ = describe
 
 
-def fallback_reason(input, normalized_shape, weight, bias) -> str | None:
+def _in_functorch(*tensors) -> bool:
+    """Whether a tensor among `tensors` is wrapped by a torch.func transform (grad or vmap over the input,
+    or over the weight and bias as in `functional_call`): wrapped tensors have no storage for the kernels,
+    and the kernels' autograd is not a transform's."""
+    return any(isinstance(t, Tensor) and _is_functorch_wrapped(t) for t in tensors)
+
+
+def fallback_reason(input, normalized_shape, weight, bias, residual=None) -> str | None:
     """Why the kernels cannot take a call that torch may (None when they can, or when the input is bad:
     then `_prepare` raises). Never raises."""
     if not isinstance(input, Tensor):
         return None
-    if not torch.compiler.is_compiling() and _is_functorch_wrapped(input):  # (Dynamo cannot trace the test)
-        return "input inside a torch.func transform (torch.vmap, torch.func.grad, ...)"
+    # (is_compiling first: Dynamo cannot trace the wrapped-tensor test)
+    if not torch.compiler.is_compiling() and _in_functorch(input, weight, bias, residual):
+        return "tensors inside a torch.func transform (torch.vmap, torch.func.grad, ...)"
     if input.is_floating_point() and input.dtype not in DTYPE_NAMES:
         return f"{input.dtype} input (kernels take float32, float16, bfloat16)"
     try:
@@ -183,6 +195,8 @@ def fallback_reason(input, normalized_shape, weight, bias) -> str | None:
         return None
     if n > MAX_HIDDEN:
         return f"normalized size {n} above the kernels' maximum {MAX_HIDDEN}"
+    if n == 0:  # torch returns the empty input's shape; kernels need a row of at least one element
+        return "empty normalized shape"
     params = [p for p in (weight, bias) if isinstance(p, Tensor) and p.is_floating_point()]
     if any(p.dtype not in (input.dtype, torch.float32) for p in params) or len({p.dtype for p in params}) > 1:
         dtypes = ", ".join(str(p.dtype) for p in params)
@@ -216,7 +230,7 @@ def _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, of
 
 
 def _call(name, op, input, normalized_shape, weight, bias, eps, offset, residual):
-    reason = fallback_reason(input, normalized_shape, weight, bias)
+    reason = fallback_reason(input, normalized_shape, weight, bias, residual)
     if reason is not None:
         return _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, offset, residual)
     n, x2d, weight, bias, r2d = _prepare(name, input, normalized_shape, weight, bias, residual)
@@ -224,8 +238,6 @@ def _call(name, op, input, normalized_shape, weight, bias, eps, offset, residual
         eps = _DEFAULT_EPS[input.dtype]
     if offset != 0.0 and weight is None:
         raise ValueError(f"{name}: offset={offset} needs a weight (y = x_hat * (offset + weight))")
-    if n == 0:
-        raise ValueError(f"{name}: cannot normalize over an empty dimension")
     y, h, _, _ = norm_fwd(x2d, weight, bias, r2d, op, float(eps), float(offset))
     y = y.view(input.shape)
     return (y, h.view(input.shape)) if residual is not None else y
@@ -249,7 +261,8 @@ def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tenso
     """RMSNorm over the trailing `normalized_shape` dims: `x / rms(x) * (offset + weight)`.
 
     With `residual`, normalizes `h = input + residual` and returns `(y, h)`.
-    `eps=None` uses `torch.finfo(input.dtype).eps`, as `torch.nn.functional.rms_norm` does.
+    `eps=None` uses the eps that `torch.nn.functional.rms_norm` uses: float32's for every input dtype
+    (torch computes 16-bit inputs in float32).
     `casting_mode` says where a 16-bit input is rounded: "gemma" (default) multiplies x_hat by the
     weight in fp32, "llama" rounds x_hat to the input dtype first (Hugging Face LlamaRMSNorm),
     "none" rounds the weight too.
@@ -262,7 +275,7 @@ def rms_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Tenso
             y = norm_fwd(x2d, weight, None, None, op,
                          _DEFAULT_EPS[input.dtype] if eps is None else float(eps), float(offset))[0]
         except RuntimeError:
-            if not _is_functorch_wrapped(input):  # torch.vmap: tensors without storage for the kernels
+            if not _in_functorch(input, weight):  # torch.func: see _in_functorch
                 raise
             return _call("rms_norm", op, input, normalized_shape, weight, None, eps, offset, None)
         return y if x2d is input else y.view(input.shape)
@@ -281,7 +294,7 @@ def layer_norm(input: Tensor, normalized_shape: int | Sequence[int], weight: Ten
         try:
             y = norm_fwd(x2d, weight, bias, None, "layernorm", float(eps), 0.0)[0]
         except RuntimeError:
-            if not _is_functorch_wrapped(input):  # torch.vmap: tensors without storage for the kernels
+            if not _in_functorch(input, weight, bias):  # torch.func: see _in_functorch
                 raise
             return _call("layer_norm", "layernorm", input, normalized_shape, weight, bias, eps, 0.0, None)
         return y if x2d is input else y.view(input.shape)
