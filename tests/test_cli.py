@@ -1,4 +1,5 @@
 """The command line's one convention: usage errors, lists, defaults, exit codes, files (no timing assertions)."""
+import argparse
 import json
 import os
 import stat
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from autonorm import cli, measure, tune
+from autonorm.cli import args as args_module
 from autonorm.cli import tune as tune_cli
 from autonorm.db import TuningDB
 
@@ -80,6 +82,30 @@ def test_help_shows_defaults(capsys):
                               ("bench", "(default: 20)")):
         assert cli.main([command, "--help"]) == 0
         assert expected in capsys.readouterr().out
+
+
+def _subparsers(parser):
+    """`parser` and every parser below it (db's actions)."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _subparsers(child)
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_default_is_in_help(command):
+    """Every option with a real default shows it, options without a help text of their own included."""
+    _, _, sub = cli._parser([command])
+    for parser in _subparsers(sub):
+        text = " ".join(parser.format_help().split())  # (argparse wraps lines)
+        for action in parser._actions:
+            shown = args_module.shown_default(action)
+            if shown is not None:
+                line = " ".join(parser._get_formatter()._format_action(action).split())
+                assert "default" in line and line in text, (parser.prog, action.option_strings, line)
+                if "(default:" in line:
+                    assert f"(default: {shown})" in line, (parser.prog, line)
 
 
 def test_tune_specs_cover_torch_modules_and_quick_has_one_backward():

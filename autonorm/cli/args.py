@@ -12,22 +12,37 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 
 class UsageError(Exception):
     """A command-line value that cannot be used; `main` prints it as `autonorm <cmd>: error: ...`, exit 2."""
 
 
+def shown_default(action: argparse.Action) -> str | None:
+    """An option's default as `--help` shows it (lists as they are typed, `a,b,c`), or None when it has
+    no real default (None, a False flag, --help's own)."""
+    default = action.default
+    if default is None or default is False or default is argparse.SUPPRESS:
+        return None
+    return ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+
+
 class _HelpFormatter(argparse.HelpFormatter):
-    """Appends `(default: ...)` to options that have a real default (not None, not a False flag); lists
-    are shown as they are typed, `a,b,c`."""
+    """Appends `(default: ...)` to options that have a real default, those without a help text included
+    (argparse leaves their help line out)."""
+
+    def _format_action(self, action):
+        if not action.help and shown_default(action) is not None:
+            action = copy.copy(action)
+            action.help = f"(default: {shown_default(action).replace('%', '%%')})"
+        return super()._format_action(action)
 
     def _get_help_string(self, action):
         text = action.help or ""
-        default = action.default
-        if default is None or default is False or default is argparse.SUPPRESS or "default" in text:
+        shown = shown_default(action)
+        if shown is None or "default" in text:
             return text
-        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"  # argparse %-formats help strings
 
 

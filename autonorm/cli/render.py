@@ -18,8 +18,8 @@ _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--backend", required=True, help="backend name (see `autonorm check`), e.g. triton, numba")
-    parser.add_argument("--op", default="rmsnorm", choices=("rmsnorm", "layernorm"))
-    parser.add_argument("--direction", default="fwd", choices=("fwd", "bwd"))
+    parser.add_argument("--op", default="rmsnorm", choices=("rmsnorm", "layernorm"), help="the norm")
+    parser.add_argument("--direction", default="fwd", choices=("fwd", "bwd"), help="forward or backward kernel")
     parser.add_argument("--dtype", default="float32",
                         help="input dtype: float32, float16, bfloat16 (or fp32/fp16/bf16)")
     parser.add_argument("--w-dtype", default=None,
