@@ -1,7 +1,6 @@
 """Edges a new user and an adversarial run hit: work lost to a wrong path, figures that mislead, memory,
 tracebacks where one line says it, and the database's and the fleet's edges."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -61,3 +60,124 @@ def test_the_copy_probe_stops_sampling_at_its_time_limit(monkeypatch):
     monkeypatch.setattr(measure.statistics, "median", lambda xs: sampled.append(len(xs)) or real_median(xs))
     assert measure.copy_bandwidth("cpu", nbytes=1 << 20, reps=1000, max_s=1.0) > 0
     assert sampled == [5]  # the minimum after 3 fault-in copies, not 1,000
+
+
+# --- bench: outputs, inputs, figures ----------------------------------------------------------------------
+
+
+def _tiny_bench(*extra):
+    return ["bench", "--shapes", "17x64", "--dtypes", "fp32", "--ops", "rmsnorm", "--directions", "fwd",
+            "--providers", "torch", "--reps", "2", "--warmup", "1", "--copy-bw", "10", *extra]
+
+
+def test_bench_makes_the_json_folder_before_measuring(tmp_path):
+    from autonorm import cli
+
+    out = tmp_path / "rep" / "sub" / "bench.json"  # a folder that does not exist yet
+    assert cli.main(_tiny_bench("--json", str(out))) == 0
+    assert [r["case"] for r in json.loads(out.read_text())["rows"]] == ["rmsnorm.fwd float32 17x64"]
+
+
+def test_bench_refuses_an_unwritable_json_path_before_measuring(tmp_path, monkeypatch, capsys):
+    from autonorm import cli
+    from autonorm.bench import run
+
+    monkeypatch.setattr(run, "run_cases", lambda *a, **k: pytest.fail("measured before checking --json"))
+    (tmp_path / "file").write_text("")
+    assert cli.main(_tiny_bench("--json", str(tmp_path / "file" / "bench.json"))) == 2
+    assert "--json" in capsys.readouterr().err
+    assert cli.main(_tiny_bench("--json", str(tmp_path))) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"not json at all", b"{}", b"", b"\x89PNG\r\n\x1a\n\x00\xff",
+                                     b'{"rows": [1]}', b'{"rows": [{"case": "x"}]}'])
+def test_bench_input_that_is_not_bench_rows_is_one_line(tmp_path, capsys, content):
+    from autonorm import cli
+
+    bad = tmp_path / "in.json"
+    bad.write_bytes(content)
+    assert cli.main(["bench", "--report", str(tmp_path / "out"), "--input", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"autonorm bench: error: {bad}: ") and err.count("\n") == 1
+
+
+def test_bench_input_dev_null_and_a_missing_file(tmp_path, capsys):
+    from autonorm import cli
+
+    for path in ("/dev/null", str(tmp_path / "missing.json")):
+        assert cli.main(["bench", "--report", str(tmp_path / "out"), "--input", path]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"autonorm bench: error: {path}: ") and err.count("\n") == 1
+
+
+def test_a_cache_resident_cell_is_labelled_never_a_share_of_dram_copy(monkeypatch):
+    import torch
+
+    from autonorm.bench import run
+    from autonorm.spec import NormSpec
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    timer = run.timer_for(torch.device("cpu"), 2, 1)
+    rows, _ = run.case_rows(spec, 17, torch.device("cpu"), timer, ["torch"], 10.0, {"slug": "cpu-test"})
+    assert rows[0]["cache_resident"] is True and rows[0]["pct_copy_bw"] is None
+    assert "cache" in run.format_row(rows[0])
+    # Beating the copy probe means a cache served the bytes, whatever the footprint: on a GPU too.
+    assert run.cache_resident(torch.device("cuda"), 1 << 40, gbps=7.43, copy_gbps=1.0)
+    assert not run.cache_resident(torch.device("cuda"), 1 << 40, gbps=0.9, copy_gbps=1.0)
+    monkeypatch.setattr(run.measure, "llc_bytes", lambda: 1 << 20)
+    assert not run.cache_resident(torch.device("cpu"), 4 << 20, gbps=0.9, copy_gbps=1.0)
+
+
+def _report_row(n, pct, resident=None):
+    from autonorm.spec import NormSpec
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", n)
+    row = {"case": f"rmsnorm.fwd float32 4096x{n}", "impl": "autonorm[numba-cpu]", "provider": "autonorm",
+           "spec": spec.to_dict(), "rows": 4096, "median_us": 10.0, "p20_us": 10.0, "p80_us": 10.0,
+           "gbps": pct / 10, "pct_copy_bw": pct, "device": "cpu-x"}
+    if resident is not None:
+        row.update(cache_resident=resident, pct_copy_bw=None if resident else pct)
+    return row
+
+
+def test_the_report_labels_cache_cells_and_leaves_them_out_of_the_goals(tmp_path):
+    from autonorm.bench import report
+
+    rows = [_report_row(1024, 151.0), _report_row(2048, 743.0, resident=True), _report_row(4096, 95.0)]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"device": {"slug": "cpu-x"}, "copy_bandwidth_gbps": 10.0, "rows": rows}))
+    written = report.write_report([str(path)], str(tmp_path / "out"))
+    md = Path(written[0]).read_text()
+    assert "| 1024 | 4096 | 15 (cache) |" in md and "| 2048 | 4096 | 74 (cache) |" in md  # an old file's 151%
+    assert "| 4096 | 4096 | 10 (95%) |" in md
+    assert "| fwd ≥ 90% of copy bandwidth, N ≥ 1024 | 1/1 cells; 2 cache-resident cells not counted | yes |" in md
+    assert "743%" not in md and "151%" not in md
+
+
+def test_a_compile_inside_the_timed_region_drops_that_figure(monkeypatch):
+    import itertools
+
+    import torch
+
+    from autonorm.bench import providers, run
+    from autonorm.spec import NormSpec
+
+    def recompiling(spec, sets, device):
+        # A new Python int per call: a guard fails and Dynamo compiles again on every call.
+        f = torch.compile(lambda x, w, k: torch.nn.functional.rms_norm(x, (x.shape[-1],), w, providers.EPS) + 0 * k,
+                          backend="eager", dynamic=False)
+        calls = itertools.count()
+        return "torch.compile", (lambda i: f(sets[i]["x"], sets[i]["w"], next(calls))), None
+
+    monkeypatch.setitem(providers.PROVIDERS, "torch.compile", providers.Provider(recompiling, "a fake"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 10_000)
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    timer = run.measure.CpuTimer(warmup_s=0.0, warmup_calls=1, min_reps=2, max_reps=2, max_sets=2)
+    try:
+        rows, notes = run.case_rows(spec, 17, torch.device("cpu"), timer, ["torch", "torch.compile"], 10.0,
+                                    {"slug": "cpu-test"})
+    finally:
+        torch._dynamo.reset()
+    assert [r["impl"] for r in rows] == ["torch"] and rows[0]["speedup_vs_compile"] is None
+    assert "inside the timed region" in notes["torch.compile"]

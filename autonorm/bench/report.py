@@ -5,10 +5,11 @@ the rows:
 
 - `<out_dir>/<device-slug>.md`: for each (op, direction, dtype) a table with one
   line per hidden size N (the largest row count measured for it): each
-  provider's GB/s and % of measured copy bandwidth, autonorm's speedup over
+  provider's GB/s and % of measured copy bandwidth (`cache` where the inputs
+  were read from a cache, which a DRAM copy probe cannot bound), autonorm's speedup over
   torch.compile and over the best anchor (the fastest of torch, torch.compile,
-  Liger and quack on that cell), and a geometric-mean line; then the issue-7
-  goals, each with whether it is met and, where not, by how much; skipped
+  Liger and quack on that cell), and a geometric-mean line; then the performance
+  goals (cache-resident cells not counted), each with whether it is met and, where not, by how much; skipped
   providers and why; optionally a summary of a tuning database.
 - `<out_dir>/<device-slug>-<op>-<direction>.png`: GB/s against N (log2 axis),
   one line per provider, one panel per dtype, the copy bandwidth dashed.
@@ -23,6 +24,8 @@ import math
 import os
 import re
 from collections import defaultdict
+
+from ..errors import AutonormError
 
 # The implementations `autonorm bench` compares (`autonorm.bench.PROVIDERS` builds them), in report
 # order, and the anchors among them: the leading implementations autonorm must beat.
@@ -46,18 +49,51 @@ def _provider(row: dict) -> str:
     return row.get("provider") or provider_of(row["impl"])
 
 
+class BenchFileError(AutonormError, ValueError):
+    """A file given as `autonorm bench` rows that is not one (not JSON, no rows, a row missing a field)."""
+
+
+# The fields of a row that the report reads; a row without one is refused by name, not met as a KeyError.
+ROW_FIELDS = ("case", "impl", "spec", "rows", "median_us", "gbps")
+SPEC_FIELDS = ("op", "direction", "x_dtype", "hidden")
+
+
+def read_bench_json(path: str) -> dict:
+    """The document in an `autonorm bench --json` file; BenchFileError naming the file and what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as exc:
+        raise BenchFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: /dev/null, a PNG, a truncated file
+        raise BenchFileError(f"{path}: not an `autonorm bench --json` file (not JSON: {exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise BenchFileError(f"{path}: not an `autonorm bench --json` file (no rows list)")
+    for number, row in enumerate(doc["rows"]):
+        missing = [k for k in ROW_FIELDS if not isinstance(row, dict) or k not in row]
+        missing += [f"spec.{k}" for k in SPEC_FIELDS if not missing and not (
+            isinstance(row["spec"], dict) and k in row["spec"])]
+        if missing:
+            raise BenchFileError(f"{path}: row {number} is not a bench row (missing {', '.join(missing)})")
+    return doc
+
+
+def is_cache_resident(row: dict) -> bool:
+    """Whether a row's inputs were (partly) read from a cache, so that its GB/s is no DRAM figure: marked so
+    by `autonorm bench`, or, in files older than that mark, faster than the DRAM copy probe."""
+    return bool(row.get("cache_resident")) or (row.get("pct_copy_bw") or 0) > 100
+
+
 def load(json_paths: list[str]) -> dict[str, dict]:
     """Bench documents merged per device slug: {slug: {"device", "versions", "copy_gbps", "dates", "rows",
     "skipped"}}. A later file's row for the same (case, provider) replaces an earlier one. The slug is
     made safe as a file name (`file_slug`): it names the output files."""
     out: dict[str, dict] = {}
     for path in json_paths:
-        with open(path) as f:
-            doc = json.load(f)
-        if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
-            raise ValueError(f"{path}: not an `autonorm bench --json` file (no rows list)")
-        slug = file_slug(doc.get("device", {}).get("slug") or "unknown")
-        d = out.setdefault(slug, {"device": doc.get("device", {}), "versions": {}, "copy_gbps": [],
+        doc = read_bench_json(path)
+        device = doc.get("device") if isinstance(doc.get("device"), dict) else {}
+        slug = file_slug(device.get("slug") or "unknown")
+        d = out.setdefault(slug, {"device": device, "versions": {}, "copy_gbps": [],
                                   "dates": [], "rows": {}, "skipped": {}, "protocol": doc.get("protocol", {})})
         d["versions"].update(doc.get("versions") or {})
         if doc.get("copy_bandwidth_gbps"):
@@ -117,6 +153,12 @@ def _fmt(v, spec=".2f", suffix=""):
     return "–" if v is None else f"{v:{spec}}{suffix}"
 
 
+def pct_text(row: dict) -> str:
+    """A row's share of the copy bandwidth, or `cache` where its inputs came from a cache: a DRAM copy
+    probe is no roofline for those (a cache-resident cell measured 743% of it)."""
+    return "cache" if is_cache_resident(row) else f"{row['pct_copy_bw']:.0f}%"
+
+
 def table_markdown(key, table: dict) -> str:
     op, direction, dtype = key
     provs = _providers(table)
@@ -131,7 +173,7 @@ def table_markdown(key, table: dict) -> str:
         line = [str(n), str(rows)]
         for p in provs:
             r = by_p.get(p)
-            line.append("–" if r is None else f"{r['gbps']:.0f} ({r['pct_copy_bw']:.0f}%)")
+            line.append("–" if r is None else f"{r['gbps']:.0f} ({pct_text(r)})")
             if r is not None:
                 per_prov[p].append(r["gbps"])
         x_comp, x_anchor, best = speedups(by_p)
@@ -150,17 +192,22 @@ def goals(tables: dict) -> list[tuple[str, str, str]]:
     out = []
     for direction in ("fwd", "bwd"):
         want = GOAL_PCT[direction]
-        cells_ = [(k, n, t[n]["autonorm"]) for k, t in tables.items() if k[1] == direction
-                  for n in t if n >= GOAL_MIN_N and "autonorm" in t[n]]
-        if not cells_:
+        every = [(k, n, t[n]["autonorm"]) for k, t in tables.items() if k[1] == direction
+                 for n in t if n >= GOAL_MIN_N and "autonorm" in t[n]]
+        # A cache-resident cell says nothing about DRAM bandwidth: left out of the count, and said so.
+        cells_ = [c for c in every if not is_cache_resident(c[2])]
+        resident = len(every) - len(cells_)
+        if not every:
             continue
         misses = [(r["pct_copy_bw"], k, n) for k, n, r in cells_ if r["pct_copy_bw"] < want]
         text = f"{len(cells_) - len(misses)}/{len(cells_)} cells"
         if misses:
             pct, k, n = min(misses)
             text += f"; worst {pct:.0f}% ({k[0]} {k[2]} N={n}, {want - pct:.0f} points short)"
+        if resident:
+            text += f"; {resident} cache-resident cells not counted"
         out.append((f"{direction} ≥ {want:.0f}% of copy bandwidth, N ≥ {GOAL_MIN_N}", text,
-                    "yes" if not misses else "no"))
+                    "no" if misses else "yes" if cells_ else "–"))
     anchor_cells = [(speedups(t[n])[1:], k, n) for k, t in tables.items() for n in t]
     anchor_cells = [(x, best, k, n) for (x, best), k, n in anchor_cells if x is not None]
     if anchor_cells:
@@ -204,11 +251,17 @@ def plot(slug: str, key2: tuple[str, str], tables: dict, copy_gbps: float | None
 
     keys = [k for k in _order(tables) if k[:2] == key2]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False, sharey=True)
+    cache_note = False
     for ax, key in zip(axes[0], keys):
         table = tables[key]
         for p in _providers(table):
-            pts = sorted((n, table[n][p]["gbps"]) for n in table if p in table[n])
-            ax.plot([n for n, _ in pts], [g for _, g in pts], marker="o", label=p)
+            pts = sorted((n, table[n][p]["gbps"], is_cache_resident(table[n][p])) for n in table if p in table[n])
+            line, = ax.plot([n for n, _, _ in pts], [g for _, g, _ in pts], marker="o", label=p)
+            cached = [(n, g) for n, g, resident in pts if resident]
+            if cached:  # hollow markers: read from a cache, so above what the DRAM copy line means
+                ax.plot([n for n, _ in cached], [g for _, g in cached], linestyle="none", marker="o",
+                        markersize=9, markerfacecolor="white", color=line.get_color())
+                cache_note = True
         if copy_gbps:
             ax.axhline(copy_gbps, linestyle="--", color="gray", label="copy bandwidth")
             frac = ax.secondary_yaxis("right", functions=(lambda g: g / copy_gbps, lambda f: f * copy_gbps))
@@ -220,7 +273,7 @@ def plot(slug: str, key2: tuple[str, str], tables: dict, copy_gbps: float | None
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("GB/s")
     axes[0][-1].legend(fontsize="small")
-    fig.suptitle(slug)
+    fig.suptitle(slug + ("  (hollow: cache-resident, not a DRAM figure)" if cache_note else ""))
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=90)
     plt.close(fig)
@@ -245,7 +298,9 @@ def device_markdown(slug: str, d: dict, png_names: list[str], db_path: str | Non
            (f"- Protocol: {proto.get('timer', '?')}, median (p20/p80 in the JSON), {cache}, implementations "
             "interleaved; GB/s = `NormSpec.bytes_moved(rows)` / median"),
            ("- Anchors: torch eager, torch.compile, Liger, quack (each when installed); "
-            "'× best anchor' divides the fastest anchor's time in that cell by autonorm's"), ""]
+            "'× best anchor' divides the fastest anchor's time in that cell by autonorm's"),
+           ("- `cache` in place of a % of copy bandwidth: the cell's inputs were read from a cache (their rotation "
+            "fits in the last-level cache, or the cell beat the DRAM copy probe), so no DRAM figure"), ""]
     g = goals(tables)
     if g:
         out += ["## Goals", "", "| goal | result | met |", "|---|---|---|"]

@@ -21,7 +21,7 @@ import torch
 from .. import device as device_mod
 from .. import measure
 from .providers import build_case
-from .report import ANCHORS, provider_of
+from .report import ANCHORS, pct_text, provider_of, read_bench_json
 
 DEFAULT_SHAPES = ("8192x4096", "65536x512")
 SCHEMA_VERSION = 1
@@ -48,9 +48,9 @@ def timer_for(device: torch.device, reps: int, warmup: int):
 
 
 def load_previous(path: str, slug: str) -> tuple[list, dict]:
-    """The rows and skipped notes of an earlier run's JSON (for resuming); ValueError for another device's."""
-    with open(path) as f:
-        doc = json.load(f)
+    """The rows and skipped notes of an earlier run's JSON (for resuming); ValueError for another device's
+    or for a file that is not bench rows."""
+    doc = read_bench_json(path)
     if doc.get("device", {}).get("slug") != slug:
         raise ValueError(f"{path} holds rows of {doc.get('device', {}).get('slug')!r}, "
                          f"not of this device ({slug}); use another --json file")
@@ -83,6 +83,25 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def cache_resident(device: torch.device, footprint: int, gbps: float, copy_gbps: float) -> bool:
+    """Whether a cell's inputs come (partly) from a cache, so that the DRAM copy probe is no roofline for it.
+
+    On a CPU the timer rotates input sets to twice the last-level cache, but at most `max_sets` of them:
+    a small shape's whole rotation (`footprint` bytes) can stay cached. On a GPU the L2 is flushed
+    before every call. Either way a cell faster than the copy probe read some bytes from a cache."""
+    if device.type == "cpu" and footprint < 2 * measure.llc_bytes():
+        return True
+    return gbps > copy_gbps
+
+
+def compiles_so_far() -> int:
+    """Frames Dynamo has compiled (or tried to) in this process: any change across a timed region means
+    torch.compile compiled inside it, and its figure would time the compiler."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
 def case_rows(spec, rows: int, device: torch.device, timer, providers: list[str], copy_gbps: float,
               ident: dict) -> tuple[list[dict], dict]:
     """(the rows of one case, one note per provider skipped)."""
@@ -90,7 +109,13 @@ def case_rows(spec, rows: int, device: torch.device, timer, providers: list[str]
     impls, choice, notes = build_case(spec, rows, device, n_sets, providers)
     if not impls:
         return [], notes
+    compiled = compiles_so_far()
     timings = timer.time_calls(impls, n_sets)
+    compiled = compiles_so_far() - compiled
+    if compiled and "torch.compile" in timings:
+        del timings["torch.compile"]
+        notes["torch.compile"] = (f"skipped: Dynamo compiled {compiled} frame(s) inside the timed region "
+                                  "(a recompile per input), so its time would be the compiler's")
     nbytes = spec.bytes_moved(rows)
     base = {name: t.median_us for name, t in timings.items()}
     anchors = [base[n] for n in base if provider_of(n) in ANCHORS]
@@ -98,12 +123,13 @@ def case_rows(spec, rows: int, device: torch.device, timer, providers: list[str]
     out = []
     for name, t in timings.items():
         gbps = measure.gbps(spec, rows, t.median_us)
+        resident = cache_resident(device, n_sets * nbytes, gbps, copy_gbps)
         mine = name.startswith("autonorm") and choice is not None
         out.append({
             "case": case_name(spec, rows), "impl": name, "provider": provider_of(name), "spec": spec.to_dict(),
             "rows": rows, "bytes_moved": nbytes, "input_sets": n_sets,
             "median_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us, "samples": t.reps,
-            "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
+            "gbps": gbps, "cache_resident": resident, "pct_copy_bw": None if resident else 100 * gbps / copy_gbps,
             "speedup_vs_torch": base["torch"] / t.median_us if "torch" in base else None,
             "speedup_vs_compile": base["torch.compile"] / t.median_us if "torch.compile" in base else None,
             "speedup_vs_best_anchor": min(anchors) / t.median_us if anchors else None,
@@ -149,6 +175,6 @@ HEADER = (f"{'case':<42} {'impl':<20} {'median us':>10} {'p20':>9} {'p80':>9} {'
 def format_row(row: dict) -> str:
     st, sc = row["speedup_vs_torch"], row["speedup_vs_compile"]
     return (f"{row['case']:<42} {row['impl']:<20} {row['median_us']:>10.1f} {row['p20_us']:>9.1f} "
-            f"{row['p80_us']:>9.1f} {row['gbps']:>7.1f} {row['pct_copy_bw']:>5.0f}% "
+            f"{row['p80_us']:>9.1f} {row['gbps']:>7.1f} {pct_text(row):>6} "
             + (f"{st:>7.2f}x " if st is not None else f"{'-':>8} ")
             + (f"{sc:>8.2f}x" if sc is not None else f"{'-':>9}"))

@@ -15,6 +15,7 @@ import tempfile
 import torch
 
 from ..bench.providers import PROVIDERS, check_providers
+from ..bench.report import BenchFileError
 from ..bench.run import DEFAULT_SHAPES, parse_shape
 from .args import UsageError, add_device, add_list, backend_names, device_arg, dtype_names
 
@@ -72,6 +73,31 @@ def cases_from_args(args):
     return out
 
 
+def prepare_outputs(args) -> None:
+    """Make the folders of --json and --report before anything is measured (a missing folder once cost a
+    329 s run at its end), and refuse paths that cannot be written, as a usage error."""
+    if args.json:
+        if os.path.isdir(args.json):
+            raise UsageError(f"--json {args.json}: is a folder; name a file, "
+                             f"e.g. {os.path.join(args.json, 'bench.json')}")
+        _make_folder("--json", args.json, os.path.dirname(args.json) or ".")
+        try:  # the rows are written through this file after every case
+            with open(f"{args.json}.tmp", "w"):
+                pass
+            os.remove(f"{args.json}.tmp")
+        except OSError as exc:
+            raise UsageError(f"--json {args.json}: cannot be written ({exc.strerror or exc})") from None
+    if args.report:
+        _make_folder("--report", args.report, args.report)
+
+
+def _make_folder(option: str, value: str, folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option} {value}: cannot make the folder {folder} ({exc.strerror or exc})") from None
+
+
 def _make_report(args, json_paths: list[str]) -> None:
     from ..bench import report
 
@@ -87,6 +113,7 @@ def main(args) -> int:
     if args.input:
         if not args.report:
             raise UsageError("--input needs --report DIR")
+        prepare_outputs(args)
         _make_report(args, args.input)
         return 0
     try:
@@ -104,6 +131,7 @@ def main(args) -> int:
         dispatch.reset()
     dev = device_arg(args.device)
     cases = cases_from_args(args)  # bad values fail here, before any probe
+    prepare_outputs(args)
     ident = device_mod.identity(dev)
     bw = args.copy_bw or measure.copy_bandwidth(dev)
     timer = run.timer_for(dev, args.reps, args.warmup)
@@ -111,6 +139,8 @@ def main(args) -> int:
     if args.resume and args.json and os.path.exists(args.json):
         try:
             rows_out, skipped = run.load_previous(args.json, ident["slug"])
+        except BenchFileError:
+            raise  # a file that is not bench rows: a data error (exit 1), printed in one line
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     doc = run.new_document(dev, timer, bw, providers, rows_out, skipped)
