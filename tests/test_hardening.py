@@ -1,6 +1,7 @@
 """Edges a new user and an adversarial run hit: work lost to a wrong path, figures that mislead, memory,
 tracebacks where one line says it, and the database's and the fleet's edges."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,46 @@ def test_a_compile_inside_the_timed_region_drops_that_figure(monkeypatch):
         torch._dynamo.reset()
     assert [r["impl"] for r in rows] == ["torch"] and rows[0]["speedup_vs_compile"] is None
     assert "inside the timed region" in notes["torch.compile"]
+
+
+# --- tune: --out, Ctrl-C ----------------------------------------------------------------------------------
+
+
+def _tiny_tune(out, *extra):
+    return ["tune", "--ops", "rmsnorm", "--directions", "fwd", "--dtypes", "fp32", "--hidden", "64,96", "--rows", "8",
+            "--trials", "2", "--backends", "torch", "--no-compile-baseline", "--no-progress", "--out", str(out),
+            *extra]
+
+
+@pytest.mark.parametrize("name", ["existing-file", "mydb.json"])
+def test_tune_out_must_be_a_folder(tmp_path, monkeypatch, capsys, name):
+    from autonorm import cli, measure
+
+    monkeypatch.setattr(measure, "copy_bandwidth", lambda *a, **k: pytest.fail("probed before checking --out"))
+    out = tmp_path / name
+    if name == "existing-file":
+        out.write_text("keep me")
+    assert cli.main(_tiny_tune(out)) == 2
+    assert "--out names a folder" in capsys.readouterr().err
+    assert not out.exists() or out.read_text() == "keep me"  # no folder called mydb.json, the file intact
+
+
+def test_ctrl_c_inside_the_journal_lock_is_a_clean_interruption(tmp_path, monkeypatch, capsys):
+    from autonorm import cli, measure, tune
+
+    monkeypatch.setattr(measure, "copy_bandwidth", lambda *a, **k: 10.0)
+    real_run, calls = tune.StudyRunner.run, []
+
+    def interrupted_in_the_lock(self):
+        calls.append(self.spec.hidden)
+        if len(calls) == 2:
+            try:  # what Optuna's lock does: Ctrl-C in acquire, then its release finds no lock file
+                raise KeyboardInterrupt
+            except BaseException:
+                os.rename(tmp_path / "x.optuna.journal.lock", tmp_path / "renamed")
+        return real_run(self)
+    monkeypatch.setattr(tune.StudyRunner, "run", interrupted_in_the_lock)
+    assert cli.main(_tiny_tune(tmp_path / "db")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after 1 of 2 studies" in err and "Run the same command again to resume" in err
+    assert "Traceback" not in err

@@ -43,8 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--patience", type=positive_int, help="stop a TPE study after this many trials without a 0.5%% gain")
     p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path "
                                      "(default: OUT/.autonorm-journal/<device-slug>.optuna.journal)")
-    p.add_argument("--out", help="output folder; the database is OUT/<device-slug>.json (default: this user's "
-                                 "database folder, read automatically by the dispatcher; see `autonorm db where`)")
+    p.add_argument("--out", help="output folder, never a file; the database is OUT/<device-slug>.json (default: "
+                                 "this user's database folder, read automatically by the dispatcher; see "
+                                 "`autonorm db where`)")
     p.add_argument("--heartbeat", type=positive_int, default=fleet.HEARTBEAT_S,
                    help=f"seconds between a worker's heartbeats on a URL storage; a trial silent for "
                         f"{fleet.GRACE_BEATS} of them returns to the queue")
@@ -149,6 +150,33 @@ def _where_used(db_path: Path) -> str:
             f"(without --out, tune writes where autonorm looks by default)")
 
 
+def was_interrupted(exc: BaseException) -> bool:
+    """Whether `exc` is a Ctrl-C or was raised while one was being handled. Optuna's journal lock releases
+    itself when interrupted inside `acquire`, and that release can fail (FileNotFoundError on
+    `*.optuna.journal.lock`), so the error that reaches us is not the KeyboardInterrupt but carries it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def out_folder(value: str) -> Path:
+    """The folder --out names. It is always a folder (the database in it is named after the device, so one
+    folder holds a fleet's several GPU kinds): an existing file, or a new name ending in `.json`, is refused
+    before anything runs rather than ending in NotADirectoryError or a folder called `mydb.json`."""
+    out = Path(value).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {value}: is a file; --out names a folder, and the database is "
+                         f"OUT/<device-slug>.json (`autonorm db merge` combines files)")
+    if not out.exists() and out.suffix == ".json":
+        raise UsageError(f"--out {value}: --out names a folder, and the database is OUT/<device-slug>.json; "
+                         f"give a folder, e.g. --out {out.with_suffix('')}")
+    return out
+
+
 def main(args) -> int:
     import optuna
     from tqdm import tqdm
@@ -175,7 +203,7 @@ def main(args) -> int:
         raise UsageError(f"no candidate backend can run natively on {device}")
 
     ident = identity(device)
-    out = Path(args.out).expanduser() if args.out else knobs.user_db_dir()
+    out = out_folder(args.out) if args.out else knobs.user_db_dir()
     db_path = out / f"{ident['slug']}.json"
     journal = side_folder(out) / f"{ident['slug']}.optuna.journal"
     try:  # a bad storage URL or a missing driver fails here, in one line, before the bandwidth probe
@@ -207,7 +235,9 @@ def main(args) -> int:
                        n_trials=n_trials, time_budget=time_budget, results=results, patience=args.patience,
                        compile_workers=args.compile_workers, compile_baseline=not args.no_compile_baseline,
                        strict=args.strict, copy_gbps=copy_gbps, timer=timer, progress=study_bar)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not was_interrupted(exc):
+            raise
         overall.close()
         print(format_table(results))
         saved = sum(r.record is not None for r in results)
