@@ -31,7 +31,7 @@ from typing import Any
 from .config import Config
 from .errors import AutonormError, BackendUnavailableError, DatabaseError, InvalidConfigError, UnknownBackendError
 from .safe_files import parse_database_bytes, read_regular_file, shorten
-from .spec import NormSpec
+from .spec import NormSpec, rows_bucket
 
 SCHEMA_VERSION = 1
 # A record is about 600 bytes of JSON: 8 MiB holds some 14,000 records, several times a full tuning grid.
@@ -40,6 +40,29 @@ MAX_DATABASE_BYTES = 8 << 20
 @functools.cache
 def schema() -> dict:
     return json.loads(resources.files("autonorm").joinpath("db_schema.json").read_text())
+
+
+@functools.cache
+def _strict_validator():
+    """The schema's validator with two Python-specific holes closed: "integer" takes only ints (JSON Schema
+    lets `64.0` pass, which would reach the kernels as a float hidden size), and a "pattern" must match the
+    whole string (`$` in Python's `re` also matches before a final newline: a slug `"cpu\n"`)."""
+    import re
+
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    integers = base.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+
+    def whole_pattern(validator, pattern, instance, schema):
+        if not validator.is_type(instance, "string"):
+            return
+        anchored = pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")
+        if not (re.fullmatch(pattern[1:-1], instance) if anchored else re.search(pattern, instance)):
+            yield jsonschema.ValidationError(f"{shorten(instance, 60)!r} does not match {pattern!r}")
+
+    return jsonschema.validators.extend(base, {"pattern": whole_pattern}, type_checker=integers)
 
 
 @dataclass(frozen=True, order=True)
@@ -64,6 +87,20 @@ class RecordKey:
         """The NormSpec this key was tuned for."""
         return NormSpec(self.op, self.direction, self.x_dtype, self.w_dtype, self.hidden,
                         **NormSpec.feature_kwargs(self.features))
+
+    def problem(self) -> str | None:
+        """Why no tuner could have written this key, or None: the schema passes `rows_bucket: 3` (no
+        power of two, so no row count ever looks it up), `weight+weight` and other tags autonorm never
+        writes, and dtype or feature combinations that are no spec."""
+        if rows_bucket(self.rows_bucket) != self.rows_bucket:
+            return f"rows_bucket {self.rows_bucket} is not a power of two (the buckets are 1, 2, 4, ...)"
+        try:
+            spec = self.spec()
+        except ValueError as exc:
+            return f"not a valid spec: {exc}"
+        if spec.features != self.features:
+            return f"features {self.features!r} are not written as autonorm writes them ({spec.features!r})"
+        return None
 
     def short(self) -> str:
         return (f"{self.op}.{self.direction} x={self.x_dtype} w={self.w_dtype} N={self.hidden} "
@@ -120,6 +157,9 @@ class Record:
     def from_json(cls, obj: dict, where: str = "record") -> "Record":
         key = RecordKey(**obj["key"])
         where = f"{where} ({key.short()})"
+        problem = key.problem()
+        if problem:
+            raise DatabaseError(f"{where}: {problem}")
         try:
             parse_date(obj["date"])
         except ValueError:
@@ -175,7 +215,7 @@ class TuningDB:
             raise DatabaseError(f"{where}: unknown schema_version {shorten(obj['schema_version'])} "
                                 f"(this autonorm reads version {SCHEMA_VERSION})")
         try:
-            jsonschema.validate(obj, schema(), format_checker=jsonschema.FormatChecker())
+            _strict_validator()(schema(), format_checker=jsonschema.FormatChecker()).validate(obj)
         except jsonschema.ValidationError as exc:
             path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
             raise DatabaseError(f"{where}: schema violation at {shorten(path)}: {shorten(exc.message, 200)}") from None

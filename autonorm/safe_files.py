@@ -69,6 +69,21 @@ def _refuse_constant(name: str):
     raise ValueError(f"non-finite number {name} (JSON has no NaN or Infinity)")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all distinct: with a repeated key, the last value would silently win
+    (two `winner`s, two `hidden`s), so which one counts would depend on the parser."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"the key {shorten(repeated, 40)!r} appears twice in one object")
+    return obj
+
+
 def _structure_problem(obj) -> str | None:
     """Why parsed JSON cannot be a database (too deep, a string with a lone surrogate), or None."""
     stack = [(obj, 1)]
@@ -98,7 +113,9 @@ def parse_database_bytes(data: bytes, where: str):
         raise DatabaseError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start}); "
                             "a tuning database is UTF-8 JSON") from None
     try:
-        obj = json.loads(text, parse_float=_finite, parse_constant=_refuse_constant)
+        obj = json.loads(text, parse_float=_finite, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise DatabaseError(f"{where}: {exc}") from None
     except RecursionError:
         raise DatabaseError(f"{where}: JSON nested too deeply (more than {MAX_NESTING} levels)") from None
     except ValueError as exc:  # JSONDecodeError, a refused number, an integer past Python's digit limit

@@ -86,7 +86,8 @@ class NormSpec:
                 raise ValueError(f"{field}={getattr(self, field)!r}: expected one of {list(DTYPES)}")
         if self.w_dtype not in ("float32", self.x_dtype):
             raise ValueError(f"weight dtype {self.w_dtype} must be float32 or the input dtype {self.x_dtype}")
-        if not isinstance(self.hidden, int) or isinstance(self.hidden, bool) or not 1 <= self.hidden <= MAX_HIDDEN:
+        # Exactly int: a subclass (bool among them) could render any `str()` into the generated source.
+        if type(self.hidden) is not int or not 1 <= self.hidden <= MAX_HIDDEN:
             raise ValueError(f"hidden size {self.hidden!r} must be an int in [1, {MAX_HIDDEN}]")
         if self.bias and self.op != "layernorm":
             raise ValueError("bias is a LayerNorm feature; RMSNorm has none")

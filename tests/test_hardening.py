@@ -225,3 +225,103 @@ def test_ctrl_c_inside_the_journal_lock_is_a_clean_interruption(tmp_path, monkey
     err = capsys.readouterr().err
     assert "interrupted after 1 of 2 studies" in err and "Run the same command again to resume" in err
     assert "Traceback" not in err
+
+
+# --- tuning databases -------------------------------------------------------------------------------------
+
+
+def _db_doc():
+    from autonorm.config import NoConfig
+    from autonorm.db import Entry, Record, RecordKey, TuningDB
+    from autonorm.spec import NormSpec
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    entry = Entry("torch", NoConfig(), 10.0, 9.0, 11.0, 100.0, 50.0)
+    rec = Record(RecordKey.of(spec, 1024), entry, [], {"torch_eager": {"median_us": 20.0, "p20_us": 19.0,
+                                                                         "p80_us": 21.0}, "torch_compile": None},
+                 "torch-2.0", 12, 1, "2026-01-01T00:00:00+00:00",
+                 quality={"confidence": "low", "spread": 1.37, "attempts": 3, "problems": ["noisy"],
+                          "load": "load average 7.9 on 2 cores"})
+    db = TuningDB({"name": "Test CPU", "slug": "test-cpu", "kind": "cpu", "compute_capability": None,
+                   "sm_count": 2, "l2_bytes": 0, "copy_gbps": 20.0}, {"autonorm": "0.1.0", "torch": "2.0"},
+                  {"timer": "test"}, {rec.key: rec})
+    return db.to_json()
+
+
+def _dubious(tmp_path, name):
+    doc = _db_doc()
+    key = doc["records"][0]["key"]
+    text = None
+    if name == "slug-newline":
+        doc["device"]["slug"] = "test-cpu\n"
+    elif name == "hidden-float":
+        key["hidden"] = 64.0
+    elif name == "rows-bucket-3":
+        key["rows_bucket"] = 3
+    elif name == "feature-twice":
+        key["features"] = "weight+weight"
+    elif name == "duplicated-key":  # two `hidden` keys: which one counts depends on the parser
+        text = json.dumps(doc).replace('"hidden": 64', '"hidden": 64, "hidden": 128')
+    path = tmp_path / f"{name}.json"
+    path.write_text(text or json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("name", ["slug-newline", "hidden-float", "rows-bucket-3", "feature-twice",
+                                  "duplicated-key"])
+def test_db_validate_refuses_the_dubious_files(tmp_path, capsys, name):
+    from autonorm import cli
+
+    assert cli.main(["db", "validate", str(_dubious(tmp_path, "clean"))]) == 0
+    capsys.readouterr()
+    assert cli.main(["db", "validate", str(_dubious(tmp_path, name))]) == 1
+    assert "INVALID" in capsys.readouterr().err
+
+
+def test_normspec_hidden_is_exactly_an_int():
+    from autonorm.spec import NormSpec
+
+    class Sneaky(int):
+        def __str__(self):
+            return "64; import os"
+
+    with pytest.raises(ValueError, match="hidden size"):
+        NormSpec("rmsnorm", "fwd", "float32", "float32", Sneaky(64))
+    with pytest.raises(ValueError, match="hidden size"):
+        NormSpec("rmsnorm", "fwd", "float32", "float32", True)
+    assert NormSpec("rmsnorm", "fwd", "float32", "float32", 64).hidden == 64
+
+
+def test_db_show_flags_low_confidence_records(tmp_path, capsys):
+    from autonorm import cli
+
+    path = _dubious(tmp_path, "clean")
+    assert cli.main(["db", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[LOW CONFIDENCE: noisy measurements, spread 1.37, load average 7.9 on 2 cores]" in out
+
+
+def test_db_show_and_validate_without_a_path_act_on_the_listed_databases(tmp_path, monkeypatch, capsys):
+    from autonorm import cli
+
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.setenv("AUTONORM_USER_DB_DIR", str(user))
+    monkeypatch.delenv("AUTONORM_DB_PATH", raising=False)
+    monkeypatch.setattr("autonorm.dbload._shipped", lambda: [])
+    assert cli.main(["db", "validate"]) == 1  # nothing listed: said so, not a usage error
+    assert "no databases here" in capsys.readouterr().err
+    (user / "test-cpu.json").write_text(json.dumps(_db_doc()))
+    assert cli.main(["db", "show"]) == 0
+    assert "device: Test CPU (test-cpu" in capsys.readouterr().out
+    assert cli.main(["db", "validate"]) == 0
+    assert f"{user / 'test-cpu.json'}: OK" in capsys.readouterr().out
+
+
+def test_db_exit_status_usage_2_bad_data_1(tmp_path, capsys):
+    from autonorm import cli
+
+    assert cli.main(["db", "show", "--bogus"]) == 2
+    (tmp_path / "bad.json").write_text("{")
+    assert cli.main(["db", "show", str(tmp_path / "bad.json")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith("autonorm db: error: ")

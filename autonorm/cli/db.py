@@ -1,8 +1,10 @@
 """`autonorm db show|validate|merge|diff|where|export`: inspect, combine and locate tuning databases.
 
-Exit status: 0 when all is well, 1 when a database is invalid (or, with
-`validate --strict`, holds stale records) and when `diff` finds differences,
-2 for a usage error.
+Exit status: 0 when all is well; 1 for bad data: a database that is invalid or
+unreadable (printed as `autonorm db: error: ...` or `INVALID: ...`), with
+`validate --strict` one that holds stale records, and a `diff` that finds
+differences; 2 for a usage error (a bad command line). Without a path, `show` and
+`validate` act on the databases `autonorm db where` lists.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from ..errors import DatabaseError
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
-    show = sub.add_parser("show", help="print a database's device, versions and records")
-    show.add_argument("path")
+    show = sub.add_parser("show", help="print a database's device, versions and records (default: every "
+                                       "database `db where` lists)")
+    show.add_argument("paths", nargs="*", metavar="path")
     validate = sub.add_parser("validate", help="check databases (files or folders) against the schema and every "
-                                               "config's domain, and report stale records")
-    validate.add_argument("paths", nargs="+")
+                                               "config's domain, and report stale records (default: every "
+                                               "database `db where` lists)")
+    validate.add_argument("paths", nargs="*", metavar="path")
     validate.add_argument("--strict", action="store_true",
                           help="also fail on stale records (tuned for kernels that have changed since)")
     merge = sub.add_parser("merge", help="merge databases of one device",
@@ -70,8 +74,12 @@ def show(db: TuningDB, out=None) -> None:
         fit = rec.profile
         fit = (f"; {fit['arch']}: {fit['registers']} regs, {fit['spill_bytes']} B spilled, "
                f"{fit['occupancy']:.0%} occupancy" if fit else "")
+        low = (f" [LOW CONFIDENCE: noisy measurements, spread {rec.quality.get('spread', 0):.2f}"
+               + (f", {_printable(str(rec.quality['load']))}" if rec.quality.get("load") else "") + "]"
+               if (rec.quality or {}).get("confidence") == "low" else "")
         print(f"  {key.short()}: {_entry(rec.winner)}; {vs}; {rec.trials} trials, {rec.failed} failed, "
-              f"{rec.date}{fit}" + (f" [STALE: tuned under another compiler, {stale}]" if stale else ""), file=out)
+              f"{rec.date}{fit}" + (f" [STALE: tuned under another compiler, {stale}]" if stale else "")
+              + low, file=out)
 
 
 def diff(old: TuningDB, new: TuningDB, out=None) -> int:
@@ -172,10 +180,27 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def listed_databases() -> list[str]:
+    """The files `autonorm db where` lists (what `show` and `validate` act on without a path)."""
+    from .. import dbload
+
+    return [str(path) for _, path, _ in dbload.sources(lenient=True)]
+
+
 def main(args) -> int:
     # A DatabaseError (a corrupt or unreadable file) is printed by autonorm.cli.main: `autonorm db: error: ...`, exit 1.
+    if args.db_command in ("show", "validate") and not args.paths:
+        args.paths = listed_databases()
+        if not args.paths:
+            print(f"autonorm db {args.db_command}: no databases here (`autonorm db where` lists none); "
+                  f"name a file or folder", file=sys.stderr)
+            return 1
     if args.db_command == "show":
-        show(TuningDB.load(args.path))
+        files = _database_files(args.paths)
+        for number, path in enumerate(files):
+            if len(files) > 1:
+                print(("\n" if number else "") + f"== {path}")
+            show(TuningDB.load(path))
     elif args.db_command == "validate":
         return validate(args.paths, args.strict)
     elif args.db_command == "where":
