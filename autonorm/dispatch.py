@@ -19,8 +19,12 @@ Resolution (the fallback ladder), first rung that yields a kernel wins:
 A new choice is launched once on a 2-row input inside the ladder (Triton and
 Numba compile at the first launch): a record or heuristic whose kernel fails to
 compile or to launch is reported with a warning and the ladder goes on; it is
-never used silently, and never fails in the caller's step. Only resolution pays
-for this: a resolved key is one dict lookup and the launch.
+never used silently, and never fails in the caller's step. A kernel no tuning
+run verified (every rung but exact, forced, disabled and torch) is then checked
+on the first rows of its first real call (autonorm/first_use.py): a wrong one is
+disabled with one warning and that call, like every later one, is served by the
+next rung. Only resolution and that first call pay for this: a resolved key is
+one dict lookup and the launch.
 """
 from __future__ import annotations
 
@@ -28,11 +32,11 @@ import logging
 import math
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from . import dbload, knobs
+from . import dbload, first_use, knobs
 from .backends import DEFAULT_ORDER
 from .config import Config
 from .errors import AutonormError, BackendUnavailableError
@@ -52,6 +56,8 @@ class Choice:
     rung: str
     kernel: object
     source: str = ""
+    check: str = ""  # the verdict key while the kernel's first-use check is still to come
+
 
     def describe(self) -> str:
         text = f"{self.spec.short()} -> {self.backend} [{self.config.short()}] (rung: {self.rung})"
@@ -72,6 +78,7 @@ def reset(*, keep_databases: bool = False) -> None:
     """
     with _lock:
         _choices.clear()
+        first_use.forget()  # verdicts are read back from the cache, whose folder may have changed
     if not keep_databases:
         dbload.forget()
 
@@ -103,6 +110,8 @@ def choice_for(key) -> Choice:
             choice = _choices.get(key)
             if choice is None:
                 choice = _resolve(spec_from_key(key), key[9], key[10])
+                if choice.check:
+                    choice = _checked_at_first_use(key, choice)
                 _choices[key] = choice
                 if knobs.log_choices():
                     log.warning("autonorm: %s (device %s, rows<=%d)", choice.describe(), key[9], key[10])
@@ -156,7 +165,52 @@ def _try_choice(backend_name: str, spec: NormSpec, config: Config | None, device
         warnings.warn(f"autonorm: skipping {what} ({backend_name} [{choice.config.short()}]) for {spec.short()}: "
                       f"its first launch failed: {error}", RuntimeWarning, stacklevel=3)
         return None
-    return choice
+    return _with_verdict(choice, device, what)
+
+
+# Rungs whose kernels no tuning run verified on this shape and device: checked at their first call.
+_UNVERIFIED_RUNGS = frozenset({"nearest-rows", "nearest-hidden", "same-arch", "tuned", "heuristic"})
+_DATABASE_RUNGS = frozenset({"exact", "nearest-rows", "nearest-hidden", "same-arch"})
+
+
+def _with_verdict(choice: Choice, device, what: str) -> Choice | None:
+    """`choice` when its kernel needs no check or passed one, marked for its first-use check when it has
+    no verdict yet, None (the ladder goes on) when it failed one."""
+    checked = ((choice.rung in _UNVERIFIED_RUNGS and not knobs.skip_first_use_check())
+               or (choice.rung in _DATABASE_RUNGS and knobs.verify_db()))
+    if not checked or choice.backend == "torch":
+        return choice
+    from .backends import get_backend
+
+    key = first_use.verdict_key(get_backend(choice.backend), choice.spec, choice.config, device)
+    ok, where = first_use.lookup(key)
+    if ok is None:
+        return replace(choice, check=key)
+    if not ok and where:  # this process's own verdict was warned about when it was reached
+        warnings.warn(f"autonorm: skipping {what} ({choice.backend} [{choice.config.short()}]) for "
+                      f"{choice.spec.short()}: it gave a wrong result at its first use (verdict kept in {where}; "
+                      "delete the file to check it again)", RuntimeWarning, stacklevel=4)
+    return choice if ok else None
+
+
+def _checked_at_first_use(key, choice: Choice) -> Choice:
+    """`choice` with its kernel behind a `first_use.FirstUseCheck`, which settles the memo once it has run."""
+    def settle(ok: bool):
+        with _lock:
+            current = _choices.get(key) is pending
+            if ok:
+                if current:
+                    _choices[key] = replace(choice, check="")
+                return choice.kernel
+            if current:
+                del _choices[key]  # resolved again below: the ladder now skips the failed kernel
+        return choice_for(key).kernel
+
+    torch_kernel = _make_choice("torch", choice.spec, None, key[9], "torch").kernel
+    label = f"{choice.backend} [{choice.config.short()}] for {choice.spec.short()} (rung: {choice.rung})"
+    pending = replace(choice, kernel=first_use.FirstUseCheck(choice.spec, choice.kernel, torch_kernel,
+                                                              choice.check, label, settle))
+    return pending
 
 
 # --- the database rungs -------------------------------------------------------------------
@@ -222,23 +276,9 @@ def _from_databases(spec: NormSpec, device, bucket) -> Choice | None:
         winner = record.winner
         source = f"{table.device.get('slug')} record {k.short()}"
         choice = _try_choice(winner.backend, spec, winner.config, device, rung, source)
-        if choice is None:
-            continue
-        if knobs.verify_db() and not _verified(choice, device, bucket):
-            continue
-        return choice
+        if choice is not None:
+            return choice
     return None
-
-
-def _verified(choice: Choice, device, bucket) -> bool:
-    """AUTONORM_VERIFY_DB=1: check a database kernel against the reference once before using it."""
-    from .verify import check_kernel
-
-    result = check_kernel(choice.spec, choice.kernel, min(bucket, 64), device)
-    if not result.ok:
-        warnings.warn(f"autonorm: {choice.describe()} failed verification (errors {result.errors}); not used",
-                      RuntimeWarning, stacklevel=3)
-    return result.ok
 
 
 def _tuned(spec: NormSpec, device, bucket) -> Choice | None:

@@ -41,6 +41,12 @@ def log_choices() -> bool:
     return _flag("AUTONORM_LOG")
 
 
+def skip_first_use_check() -> bool:
+    """AUTONORM_SKIP_FIRST_USE_CHECK=1: use a kernel no tuning run verified (heuristic, nearest or same-arch
+    record, tuned now) without checking it against torch on the first rows of its first call."""
+    return _flag("AUTONORM_SKIP_FIRST_USE_CHECK")
+
+
 def tune_on_miss() -> bool:
     """AUTONORM_TUNE_ON_MISS=1: tune a key that no database covers, at first use."""
     return _flag("AUTONORM_TUNE_ON_MISS")
@@ -88,7 +94,7 @@ def user_db_dir() -> Path:
 
 
 def verify_db() -> bool:
-    """AUTONORM_VERIFY_DB=1: check a database's kernel against the reference once per key before use."""
+    """AUTONORM_VERIFY_DB=1: give database kernels, exact records too, the first-use check (dispatch.py)."""
     return _flag("AUTONORM_VERIFY_DB")
 
 

@@ -27,7 +27,7 @@ LAYERS = [
     ("timing and the database format", ["autonorm.measure", "autonorm.db"]),
     ("hardware fit and the active databases", ["autonorm.audit", "autonorm.dbload"]),
     ("tuning", ["autonorm.tune"]),
-    ("the dispatcher", ["autonorm.dispatch"]),
+    ("the dispatcher", ["autonorm.first_use", "autonorm.dispatch"]),
     ("the torch face", ["autonorm.ops", "autonorm.functional", "autonorm.modules", "autonorm.patch",
                         "autonorm.explain", "autonorm"]),
     ("benchmarking", ["autonorm.bench"]),
