@@ -22,12 +22,13 @@ def tolerance(dtype: torch.dtype) -> float:
     return TOLERANCES[dtype]
 
 
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / max(||expected||, 0.01 * sqrt(numel)), in fp64; NaN anywhere gives inf.
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """||actual - expected|| / max(||expected||, ||scale||, 0.01 * sqrt(numel)), in fp64; NaN anywhere gives inf.
 
-    The floor keeps outputs that are mathematically ~0 (dx of RMSNorm at N=1 is
-    O(eps)) from turning fp32 cancellation noise into a huge relative error;
-    the inputs' elements are O(1), so any real output norm is far above it.
+    `scale` is the size of the terms the output is computed from (`backward_scales`): where they cancel, the
+    rounding error of any correct kernel is relative to them, not to the small result. The floor keeps
+    outputs that are mathematically ~0 from turning cancellation noise into a huge relative error; the
+    inputs' elements are O(1), so any real output norm is far above it.
     """
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     if a.shape != e.shape:
@@ -36,7 +37,39 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
         return 0.0
     if not torch.isfinite(a).all():
         return float("inf")
-    return float((a - e).norm() / e.norm().clamp_min(0.01 * a.numel() ** 0.5))
+    size = e.norm().clamp_min(0.01 * a.numel() ** 0.5)
+    if scale is not None:
+        size = torch.maximum(size, scale.detach().double().cpu().norm())
+    return float((a - e).norm() / size)
+
+
+def backward_scales(op: str, dy, x, weight=None, bias=None, eps: float = 1e-6, offset: float = 0.0) -> dict:
+    """The size of what each backward output is a difference or a sum of, in fp64 (None: no output).
+
+    dx = rstd * (g - xhat * mean(g * xhat) [- mean(g)]) with g = dy * (w + offset): its terms are of the size
+    rstd * |g|. When the row is short they cancel (RMSNorm at N = 1: xhat = +-1, dx ~ eps), and fp32 rounding
+    of a correct kernel is ~1e-7 of rstd * |g|, not of dx. For long rows the correction removes about 1/N of
+    g's energy, so ||dx|| ~ ||rstd * g|| and the check is as tight as before.
+    dW and dB are column sums over rows of dy * xhat and dy: a sum of independent terms has the size of
+    their root sum of squares, the size the rounding error is relative to; a column whose terms cancel by
+    chance (few rows, N = 1) is not held to a relative error no summation order meets. With many columns
+    ||dW|| ~ ||rss|| and nothing is loosened.
+    LayerNorm also loses digits to centering where a row's mean is larger than its spread (a nearly constant
+    row: x_hat carries the error of h - mean): such a row's terms are scaled up by |mean| * rstd; the rows of
+    ordinary data (mean below the spread) are not.
+    """
+    h = x.detach().double()
+    mean = h.mean(-1, keepdim=True)
+    centered = h - mean if op == "layernorm" else h
+    rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
+    lost = (mean.abs() * rstd).clamp_min(1.0) if op == "layernorm" else 1.0
+    g = dy.detach().double()
+    if weight is not None:
+        g = g * (weight.detach().double() + offset)
+    terms_w = dy.detach().double() * centered * rstd * lost
+    return {"dx": rstd * g.abs() * lost,
+            "dweight": terms_w.square().sum(0).sqrt() if weight is not None else None,
+            "dbias": dy.detach().double().square().sum(0).sqrt() if bias is not None else None}
 
 
 def forward(op: str, x, weight=None, bias=None, residual=None, eps: float = 1e-6,

@@ -1,0 +1,72 @@
+"""The verifier's comparison: a correct fp32 backward passes wherever its outputs are ill-conditioned, and the
+check is as tight as before where they are not."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autonorm import reference, verify
+from autonorm.spec import NormSpec
+
+
+def plain_fp32_backward(spec: NormSpec):
+    """The textbook backward in fp32 (what every backend's kernel computes), as a kernel."""
+    def kernel(dy, x, w, mean, rstd, dh, offset):
+        xhat = (x - mean[:, None] if mean is not None else x) * rstd[:, None]
+        g = dy * (w + offset) if w is not None else dy
+        dx = g - xhat * (g * xhat).mean(1, keepdim=True)
+        if mean is not None:
+            dx = dx - g.mean(1, keepdim=True)
+        dx = dx * rstd[:, None] + (dh if dh is not None else 0)
+        dw = (dy * xhat).sum(0) if w is not None else None
+        return dx, dw, dy.sum(0) if spec.bias else None
+    return kernel
+
+
+# (op, N, rows, strided): the shortest rows, where dx is a difference of near-equal terms (RMSNorm at N = 1: x_hat
+# is +-1 and dx ~ eps; LayerNorm at N = 2: a nearly constant row loses digits to centering), and few rows, where
+# a dW column's sum can cancel by chance. Before the comparison knew this, these reached 2.6e-5 to 1.7e-4.
+ILL_CONDITIONED = [("rmsnorm", 1, verify.FEW_ROWS, False), ("rmsnorm", 1, 13, True), ("rmsnorm", 1, 1031, False),
+                   ("layernorm", 2, verify.FEW_ROWS, False), ("layernorm", 3, 13, True)]
+
+
+@pytest.mark.parametrize("op,n,rows,strided", ILL_CONDITIONED)
+def test_a_correct_fp32_backward_passes_where_its_outputs_cancel(op, n, rows, strided):
+    spec = NormSpec(op, "bwd", "float32", "float32", n, bias=op == "layernorm")
+    kernel = plain_fp32_backward(spec)
+    for seed in range(20):
+        inputs = verify.make_inputs(spec, rows, seed=seed, strided=strided)
+        result = verify.compare(spec, inputs, kernel(*inputs.args(spec)))
+        assert result.ok, (seed, result.errors)
+
+
+def test_a_wrong_backward_still_fails_at_n_1():
+    """The scale is the size of dx's terms: a kernel that drops x_hat's correction is off by 100% of it."""
+    spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 1)
+    inputs = verify.make_inputs(spec, verify.FEW_ROWS)
+    dx, dw, db = plain_fp32_backward(spec)(*inputs.args(spec))
+    uncorrected = inputs.dy * inputs.weight * inputs.rstd[:, None]
+    assert verify.compare(spec, inputs, (uncorrected, dw, db)).errors["dx"] > 0.5
+    assert verify.compare(spec, inputs, (dx, dw * 1.01, db)).errors["dweight"] > 10 * verify.compare(
+        spec, inputs, (dx, dw, db)).tolerance
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_well_conditioned_outputs_are_held_as_tightly_as_before(op):
+    """At N = 4096 the terms' size is the output's own (dW's root sum of squares differs from the sum by
+    the chance of 4096 columns, a few percent either way): an error of twice the tolerance in any output fails."""
+    spec = NormSpec(op, "bwd", "float32", "float32", 4096, bias=op == "layernorm")
+    inputs = verify.make_inputs(spec, 257)
+    expected = verify.expected_outputs(spec, inputs)
+    scales = reference.backward_scales(op, inputs.dy, inputs.x, inputs.weight, inputs.bias, inputs.eps,
+                                       inputs.offset)
+    tol = reference.tolerance(torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    for name in ("dx", "dweight", "dbias"):
+        exp = expected[name]
+        if exp is None:
+            continue
+        assert scales[name].norm() < 1.05 * exp.norm(), name
+        noise = torch.randn(exp.shape, generator=gen, dtype=torch.float64)
+        off = exp + noise * (2 * tol * exp.norm() / noise.norm())
+        assert reference.rel_l2(off, exp, scales[name]) > 1.9 * tol, name
