@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from autonorm.config import Config, knob
-from autonorm.hardware import ARCHS, device_arch, register_cap, resident_blocks
+from autonorm.hardware import ARCHS, Arch, device_arch, register_cap, resident_blocks
 from autonorm.spec import ITEMSIZE, NormSpec
 
 from .base import Backend, CurrentStream, backward_outputs, forward_outputs, sum_partials
@@ -245,6 +245,35 @@ def geometry(spec: NormSpec, config: CupyConfig) -> dict:
             "items_per_thread": _cdiv(owned, tpr * config.vec), "cluster": cluster_size(config)}
 
 
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What a launch of these kernels depends on: the SM count (the persistent backward's grid), the largest
+    shared memory a block may opt in to, and the per-SM limits of the architecture (blocks resident at once)."""
+
+    sm_count: int
+    smem_optin: int
+    arch: Arch
+
+
+def configure_launch(spec: NormSpec, config: CupyConfig, fns, device: DeviceLimits) -> int:
+    """Opt the entry points `fns` in to the shared memory the launch needs and return the persistent backward's
+    block count. A launch may use 48 KiB of static plus dynamic shared memory without the opt-in
+    (cudaFuncAttributeMaxDynamicSharedMemorySize), and static plus the attribute up to the device's maximum;
+    `fns` carry `shared_size_bytes` (static), `num_regs` and a settable `max_dynamic_shared_size_bytes`."""
+    smem, static = dynamic_smem(spec, config), fns[0].shared_size_bytes
+    if static + smem > SMEM_WITHOUT_OPT_IN:
+        if static + smem > device.smem_optin:
+            raise ValueError(f"cupy config {config.short()} needs {static} + {smem} bytes of static + dynamic shared "
+                             f"memory a block; this device allows {device.smem_optin}")
+        for fn in fns:
+            fn.max_dynamic_shared_size_bytes = smem
+    # The persistent backward launches at most the blocks that are resident at once: more
+    # would run as a partial last wave (4 launched per SM with 3 resident: the last wave
+    # runs on a quarter of the machine).
+    resident, _ = resident_blocks(fns[0].num_regs, config.threads, static + smem, device.arch)
+    return device.sm_count * max(1, min(config.partials_per_sm, resident))
+
+
 class CupyBackend(Backend):
     name = "cupy"
     config_cls = CupyConfig
@@ -306,36 +335,48 @@ class CupyBackend(Backend):
             # get_function returns a cupy.RawKernel, called as kernel(grid, block, args, shared_mem=)
             # (docs.cupy.dev, cupy.RawModule / cupy.RawKernel); it loads on the current device.
             fns = (module.get_function(f"an_{d}_vec"), module.get_function(f"an_{d}_scalar"))
-            smem = dynamic_smem(spec, config)
-            if smem > SMEM_WITHOUT_OPT_IN:
-                # Over 48 KiB a kernel launches only after opting in (cudaFuncSetAttribute), up to
-                # the device's per-block maximum.
-                optin = cupy.cuda.runtime.getDeviceProperties(index)["sharedMemPerBlockOptin"]
-                if smem + fns[0].shared_size_bytes > optin:
-                    raise ValueError(f"cupy config {config.short()} caches its rows in {smem} bytes of shared "
-                                     f"memory a block; this device allows {optin}")
-                for fn in fns:
-                    fn.max_dynamic_shared_size_bytes = smem
-        props = torch.cuda.get_device_properties(index)
-        # The persistent backward launches at most the blocks that are resident at once: more
-        # would run as a partial last wave (4 launched per SM with 3 resident: the last wave
-        # runs on a quarter of the machine).
-        resident, _ = resident_blocks(fns[0].num_regs, config.threads,
-                                      fns[0].shared_size_bytes + dynamic_smem(spec, config), device_arch(props))
-        per_sm = max(1, min(config.partials_per_sm, resident))
-        launcher = _Launcher(spec, config, index, fns, props.multi_processor_count * per_sm)
+            props = torch.cuda.get_device_properties(index)
+            limits = DeviceLimits(props.multi_processor_count,
+                                  cupy.cuda.runtime.getDeviceProperties(index)["sharedMemPerBlockOptin"],
+                                  device_arch(props))
+            max_blocks = configure_launch(spec, config, fns, limits)
+        launcher = _Launcher(spec, config, fns, max_blocks, _CupyLaunch(index))
         return launcher.forward if d == "fwd" else launcher.backward
 
 
-class _Launcher:
-    """Holds one compiled module's functions and launches them on torch tensors."""
+class _CupyLaunch:
+    """Launches a compiled function on torch's current stream of one device."""
 
-    def __init__(self, spec, config, index, fns, max_blocks):
+    def __init__(self, index):
         import cupy
+
+        self._cupy, self.index = cupy, index
+        self._stream = CurrentStream(lambda handle: cupy.cuda.ExternalStream(handle, index), index)
+
+    @staticmethod
+    def ptr(t):
+        # CuPy passes a Python int kernel argument as numpy.int64 by value (8 bytes), which is
+        # exactly a 64-bit device pointer parameter (cupy/cuda/function.pyx `_pointer`:
+        # `isinstance(x, int): x = numpy.int64(x)`); 0 is the null pointer of absent tensors.
+        return 0 if t is None else t.data_ptr()
+
+    def __call__(self, fn, grid, block, args, smem):
+        with self._cupy.cuda.Device(self.index), self._stream():
+            fn(grid, block, args, shared_mem=smem)
+
+
+class _Launcher:
+    """Holds one compiled module's functions and launches them on torch tensors through `launch`, which
+    turns a tensor into a kernel argument (`launch.ptr`) and runs a function (`launch(fn, grid, block, args,
+    smem)`): on the GPU by CuPy, on the CPU by autonorm.cuda_host, with the same grid, entry point and
+    shared memory."""
+
+    def __init__(self, spec, config, fns, max_blocks, launch):
         import numpy
 
-        self._cupy, self._f32 = cupy, numpy.float32
-        self.spec, self.config, self.index = spec, config, index
+        self._f32 = numpy.float32
+        self.spec, self.config = spec, config
+        self._launch, self._ptr = launch, launch.ptr
         self.vec_fn, self.scalar_fn = fns
         self.max_blocks = max_blocks  # persistent backward: blocks resident on the whole device
         self.block = (config.threads,)
@@ -345,7 +386,6 @@ class _Launcher:
         # number of (possibly wider) elements, both capped at the 16 bytes of one access.
         self.x_align = min(16, config.vec * spec.x_itemsize)
         self.w_align = min(16, config.vec * ITEMSIZE[spec.w_dtype])
-        self._stream = CurrentStream(lambda handle: self._cupy.cuda.ExternalStream(handle, self.index), self.index)
 
     def _pick(self, xs, ws):
         """The vector entry point when every pointer and row stride allows packed accesses."""
@@ -359,17 +399,6 @@ class _Launcher:
             if t is not None and t.data_ptr() % self.w_align:
                 return self.scalar_fn
         return self.vec_fn
-
-    @staticmethod
-    def _ptr(t):
-        # CuPy passes a Python int kernel argument as numpy.int64 by value (8 bytes), which is
-        # exactly a 64-bit device pointer parameter (cupy/cuda/function.pyx `_pointer`:
-        # `isinstance(x, int): x = numpy.int64(x)`); 0 is the null pointer of absent tensors.
-        return 0 if t is None else t.data_ptr()
-
-    def _launch(self, fn, grid, block, args, smem=0):
-        with self._cupy.cuda.Device(self.index), self._stream():
-            fn(grid, block, args, shared_mem=smem)
 
     def forward(self, x, weight, bias, residual, eps, offset):
         spec, config = self.spec, self.config

@@ -222,6 +222,11 @@ class _Recorder:
     def __init__(self):
         self.calls = []
 
+    @staticmethod
+    def ptr(t):
+        from autonorm.backends.cupy import _CupyLaunch
+        return _CupyLaunch.ptr(t)
+
     def __call__(self, fn, grid, block, args, smem=0):
         self.calls.append((fn, grid, block, args, smem))
 
@@ -243,8 +248,8 @@ def test_launcher_arguments_match_kernel_signatures(spec, strided):
     config = BACKEND.heuristic(spec)
     text = BACKEND.render(spec, config).text
     d = spec.direction
-    launcher = _Launcher(spec, config, 0, (f"an_{d}_vec", f"an_{d}_scalar"), max_blocks=4 * config.partials_per_sm)
-    launcher._launch = recorder = _Recorder()
+    launcher = _Launcher(spec, config, (f"an_{d}_vec", f"an_{d}_scalar"), 4 * config.partials_per_sm,
+                         recorder := _Recorder())
     rows = 37
     inputs = verify.make_inputs(spec, rows, "cpu", strided=strided)
     outputs = getattr(launcher, "forward" if d == "fwd" else "backward")(*inputs.args(spec))
@@ -405,8 +410,7 @@ def test_cluster_split_of_a_row():
     assert all(CupyConfig.heuristic(NormSpec(op, "fwd", "bfloat16", "bfloat16", n)).min_compute_capability() == 0
                for op in ("rmsnorm", "layernorm") for n in (4096, 65536, 262144))
     # A cluster takes one row: the launch has C blocks a row.
-    launcher = _Launcher(spec, config, 0, ("an_fwd_vec", "an_fwd_scalar"), max_blocks=1)
-    launcher._launch = recorder = _Recorder()
+    launcher = _Launcher(spec, config, ("an_fwd_vec", "an_fwd_scalar"), 1, recorder := _Recorder())
     launcher.forward(*verify.make_inputs(spec, 3, "cpu").args(spec))
     ((name, grid, block, _, smem),) = recorder.calls
     assert (name, grid, block, smem) == ("an_fwd_vec", (12,), (1024,), 262144 // 4 * 2)
@@ -437,8 +441,7 @@ def test_cluster_backward():
     assert "prefetch" in CupyConfig.is_valid(spec, config.replace(prefetch=1))
     # Persistent: at most the resident blocks, whole clusters, one partial row per cluster, every row covered.
     for rows, max_blocks, grid in ((7, 32, 32), (2, 32, 16), (7, 12, 8)):
-        launcher = _Launcher(spec, config, 0, ("an_bwd_vec", "an_bwd_scalar"), max_blocks=max_blocks)
-        launcher._launch = recorder = _Recorder()
+        launcher = _Launcher(spec, config, ("an_bwd_vec", "an_bwd_scalar"), max_blocks, recorder := _Recorder())
         dx, dw, db = launcher.backward(*verify.make_inputs(spec, rows, "cpu").args(spec))
         ((name, launched, block, _, smem),) = recorder.calls
         assert (name, launched, block, smem) == ("an_bwd_vec", (grid,), (1024,), 65536 // 8 * 4)

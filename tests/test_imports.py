@@ -25,7 +25,7 @@ LAYERS = [
     ("codegen and truth", ["autonorm.render", "autonorm.reference", "autonorm.backends", "autonorm.verify",
                            "autonorm.traffic"]),
     ("timing and the database format", ["autonorm.measure", "autonorm.db"]),
-    ("hardware fit and the active databases", ["autonorm.audit", "autonorm.dbload"]),
+    ("hardware fit and the active databases", ["autonorm.audit", "autonorm.dbload", "autonorm.cuda_host"]),
     ("tuning", ["autonorm.tune"]),
     ("the dispatcher", ["autonorm.first_use", "autonorm.dispatch"]),
     ("the torch face", ["autonorm.ops", "autonorm.functional", "autonorm.modules", "autonorm.patch",
