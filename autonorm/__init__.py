@@ -5,23 +5,45 @@
     norm = autonorm.RMSNorm(4096)                       # like torch.nn.RMSNorm
     model = autonorm.patch(model)                       # swap a model's norms in place
 
-Importing needs only torch, numpy and jinja2; backends load when first used.
+Using it needs only torch, numpy and jinja2; backends load when first used.
+
+The names below load on first use (PEP 562), so that `autonorm --help` and the other
+command-line paths that need no tensor never import torch (seconds). Where torch is
+already imported, `import autonorm` loads them at once: the import itself registers the
+custom ops, as `torch.export.load` of a saved program needs.
 """
-from .config import Config
-from .dbload import load_db
-from .dispatch import reset
-from .errors import (AutonormError, BackendUnavailableError, DatabaseError, InvalidConfigError, KernelError,
-                     UnknownBackendError)
-from .explain import explain
-from .functional import layer_norm, rms_norm
-from .modules import LayerNorm, RMSNorm
-from .patch import patch
-from .spec import NormSpec
+import sys
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "rms_norm", "layer_norm", "RMSNorm", "LayerNorm", "NormSpec", "Config", "reset", "patch", "explain", "load_db",
-    "AutonormError", "BackendUnavailableError", "DatabaseError", "InvalidConfigError", "KernelError",
-    "UnknownBackendError", "__version__",
-]
+# Each public name and the module that defines it.
+_API = {
+    "rms_norm": ".functional", "layer_norm": ".functional", "RMSNorm": ".modules", "LayerNorm": ".modules",
+    "NormSpec": ".spec", "Config": ".config", "reset": ".dispatch", "patch": ".patch", "explain": ".explain",
+    "load_db": ".dbload", "AutonormError": ".errors", "BackendUnavailableError": ".errors",
+    "DatabaseError": ".errors", "InvalidConfigError": ".errors", "KernelError": ".errors",
+    "UnknownBackendError": ".errors",
+}
+
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autonorm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_API})
+
+
+if "torch" in sys.modules:  # torch's import is paid already: load everything, the custom ops included
+    for _name in _API:
+        __getattr__(_name)
+    del _name

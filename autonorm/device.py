@@ -7,8 +7,10 @@ import os
 import platform
 import re
 from importlib import metadata
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `autonorm db` and `--help` run without it
+    import torch
 
 
 def slugify(name: str) -> str:
@@ -63,6 +65,8 @@ def cpu_flags() -> frozenset[str]:
 
 @functools.cache
 def _cuda_identity(index: int) -> dict:
+    import torch
+
     props = torch.cuda.get_device_properties(index)
     return {
         "name": props.name,
@@ -96,6 +100,8 @@ def _cpu_identity() -> dict:
 
 def identity(device: torch.device | str | None = None) -> dict:
     """Name, slug, kind, compute capability and size of a device (memoized)."""
+    import torch
+
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda":
         return _cuda_identity(device.index if device.index is not None else torch.cuda.current_device())
@@ -111,6 +117,8 @@ def slug_aliases(slug: str) -> tuple[str, ...]:
 def device_key(device: torch.device) -> str:
     """The compile-cache part of a device: kernels compiled for one run on it."""
     if device.type == "cuda":
+        import torch
+
         ident = identity(device)
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index}:sm{ident['compute_capability']}"
@@ -128,6 +136,8 @@ def _dist_version(*names: str) -> str | None:
 
 def software_versions() -> dict:
     """Versions of everything a measurement depends on (None: not installed); databases and reports record it."""
+    import torch
+
     from . import __version__
 
     driver = None

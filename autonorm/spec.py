@@ -7,20 +7,20 @@ tuning database and the dispatcher).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 OPS = ("rmsnorm", "layernorm")
 DIRECTIONS = ("fwd", "bwd")
 
-# dtype names as they appear in specs, databases and CLI flags.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# dtype names as they appear in specs, databases and CLI flags. Their torch dtypes, `DTYPES` (name ->
+# torch.dtype) and `DTYPE_NAMES` (torch.dtype -> name), are made on first use (`__getattr__` below):
+# the command line parses its arguments with this module, without paying for torch's import.
+DTYPE_LIST = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
                  "f32": "float32", "f16": "float16", "half": "float16", "float": "float32"}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -36,15 +36,34 @@ _FEATURE_FLAGS = ("weight", "bias", "residual", "offset")
 MAX_HIDDEN = 1 << 20
 
 
+def _torch_dtypes() -> dict:
+    """`DTYPES`, made (with `DTYPE_NAMES`) on first use."""
+    if "DTYPES" not in globals():
+        import torch
+
+        dtypes = {n: getattr(torch, n) for n in DTYPE_LIST}
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})  # later lookups skip this
+    return globals()["DTYPES"]
+
+
+def __getattr__(name: str):
+    if name not in ("DTYPES", "DTYPE_NAMES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _torch_dtypes()
+    return globals()[name]
+
+
 def dtype_name(dtype: torch.dtype | str) -> str:
     """Canonical name of a dtype given as a torch dtype or a (short) string."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPE_NAMES:
-            raise TypeError(f"unsupported dtype {dtype}: autonorm supports {', '.join(DTYPES)}")
-        return DTYPE_NAMES[dtype]
+    torch = sys.modules.get("torch")  # a torch.dtype means torch is imported; a string never imports it
+    if torch is not None and isinstance(dtype, torch.dtype):
+        names = __getattr__("DTYPE_NAMES")
+        if dtype not in names:
+            raise TypeError(f"unsupported dtype {dtype}: autonorm supports {', '.join(DTYPE_LIST)}")
+        return names[dtype]
     name = DTYPE_ALIASES.get(dtype, dtype)
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if name not in DTYPE_LIST:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPE_LIST)}")
     return name
 
 
@@ -82,8 +101,8 @@ class NormSpec:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {self.direction!r}: expected one of {DIRECTIONS}")
         for field in ("x_dtype", "w_dtype"):
-            if getattr(self, field) not in DTYPES:
-                raise ValueError(f"{field}={getattr(self, field)!r}: expected one of {list(DTYPES)}")
+            if getattr(self, field) not in DTYPE_LIST:
+                raise ValueError(f"{field}={getattr(self, field)!r}: expected one of {list(DTYPE_LIST)}")
         if self.w_dtype not in ("float32", self.x_dtype):
             raise ValueError(f"weight dtype {self.w_dtype} must be float32 or the input dtype {self.x_dtype}")
         # Exactly int: a subclass (bool among them) could render any `str()` into the generated source.
@@ -118,11 +137,11 @@ class NormSpec:
 
     @property
     def torch_x_dtype(self) -> torch.dtype:
-        return DTYPES[self.x_dtype]
+        return _torch_dtypes()[self.x_dtype]
 
     @property
     def torch_w_dtype(self) -> torch.dtype:
-        return DTYPES[self.w_dtype]
+        return _torch_dtypes()[self.w_dtype]
 
     @property
     def features(self) -> str:

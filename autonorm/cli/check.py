@@ -14,11 +14,11 @@ import time
 
 def add_arguments(parser) -> None:
     from .args import add_device, add_list, positive_int
-    from ..spec import DTYPES
+    from ..spec import DTYPE_LIST
 
     add_list(parser, "--backends", help="backend names (default: every available one)")
     add_list(parser, "--hidden", kind=positive_int, default=[7, 760, 4096], help="hidden sizes N")
-    add_list(parser, "--dtypes", default=list(DTYPES), help="input dtypes (float32, float16, bfloat16 or fp32 ...)")
+    add_list(parser, "--dtypes", default=list(DTYPE_LIST), help="input dtypes (float32, float16, bfloat16 or fp32 ...)")
     parser.add_argument("--rows", type=positive_int, default=4, help="rows per check")
     add_device(parser)
 
