@@ -66,6 +66,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def kernel_flags(spec: NormSpec, config: TritonConfig) -> dict[str, tuple[bool, str]]:
+    """The kernel's tl.constexpr switches for this spec and config: name -> (value, what it turns on).
+
+    The templates pass them to the kernel as compile-time arguments, so each variant is one kernel
+    text whose `if FLAG:` branches Triton keeps or drops when it compiles."""
+    chunked = config.BLOCK_N < next_pow2(spec.hidden)
+    flags = {
+        "CHUNKED": (chunked, "loop over the row in chunks of BLOCK_N (else the whole row on chip)"),
+        "LAYERNORM": (spec.is_layernorm, "subtract the row mean (else RMSNorm)"),
+        "HAS_RESIDUAL": (spec.residual, "fused residual add: h = x + residual is normalized"),
+        "HAS_WEIGHT": (spec.weight, "scale by the weight"),
+        "HAS_BIAS": (spec.bias, "add the bias"),
+        "HAS_OFFSET": (spec.offset, "scale by offset + weight (Gemma)"),
+    }
+    if spec.direction == "fwd":
+        flags["CAST_X_HAT"] = (spec.casting_mode != "gemma", "round x_hat to the input dtype before the weight")
+        flags["CAST_SCALE"] = (spec.casting_mode == "none", "round the scale to the input dtype too")
+    else:
+        flags["COLUMN_OUTER"] = (chunked and bool(config.DW_COLUMN_OUTER),
+                                 "column chunks outside the rows, dW/dB partials on chip (DW_COLUMN_OUTER)")
+        flags["PREFETCH"] = (bool(config.BWD_PREFETCH), "load the next row group before this one's reductions")
+    return {name: (bool(value), meaning) for name, (value, meaning) in flags.items()}
+
+
 @dataclass(frozen=True)
 class TritonConfig(Config):
     """Launch parameters of the Triton kernels (every value a literal of its domain)."""
@@ -181,7 +205,10 @@ class TritonBackend(Backend):
         return f"triton/{spec.direction}.py.j2"
 
     def render_context(self, spec: NormSpec, config: Config) -> dict:
-        return {"chunked": config.BLOCK_N < next_pow2(spec.hidden)}
+        flags = kernel_flags(spec, config)
+        chunks = -(-spec.hidden // config.BLOCK_N)
+        path = f"chunked loop over the row ({chunks} chunks)" if flags["CHUNKED"][0] else "whole row on chip"
+        return {"flags": flags, "path": path}
 
     def build(self, source, spec, config, device):
         knobs.pin_triton_fp_fusion()  # before the first launch, where Triton compiles

@@ -5,6 +5,7 @@ generated kernels in Triton's interpreter on CPU tensors; tests marked `gpu`
 run the same checks (and the ones too big for the interpreter) on CUDA.
 """
 import random
+import re
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_chunked_path(triton_backend, n, block, op, direction, device):
     config = TritonConfig(BLOCK_N=block, num_warps=8, ROWS_PER_PROGRAM=1,
                           DW_PARTIALS=32)
     source = triton_backend.render(spec, config).text
-    assert "chunked loop over the row" in source and "for start in range(0, N, BLOCK_N)" in source
+    assert "chunked loop over the row" in source and "    CHUNKED=True," in source
     # More rows than partials, so that programs accumulate several rows into their dW partial.
     check_case(triton_backend, spec, 3 if n > 10_000 else 37, True, device, config)
 
@@ -85,14 +86,14 @@ def test_backward_prefetch_of_the_next_row_group(triton_backend, n, rows_per_pro
     configs = [TritonConfig(BLOCK_N=next_pow2(n), num_warps=w, ROWS_PER_PROGRAM=rows_per_program, DW_PARTIALS=32,
                             BWD_PREFETCH=1) for w in (1, 2, 4, 8, 16)]
     config = next(c for c in configs if TritonConfig.is_valid(spec, c) is None)  # the fewest warps that fit
-    assert "x_next = tl.load" in triton_backend.render(spec, config).text
+    assert "    PREFETCH=True," in triton_backend.render(spec, config).text
     check_case(triton_backend, spec, 37, True, device, config)
 
 
 def test_single_block_path_has_no_loop_over_columns(triton_backend):
     spec = NormSpec("layernorm", "fwd", "float32", "float32", 760)
     source = triton_backend.render(spec, triton_backend.heuristic(spec)).text
-    assert "whole row on chip" in source and "range(0, N, BLOCK_N)" not in source
+    assert "whole row on chip" in source and "    CHUNKED=False," in source
 
 
 # --- configs: domain, validity, heuristic, space ---------------------------------------------
@@ -166,11 +167,33 @@ def test_row_offsets_are_int64(triton_backend, direction, block):
     text = triton_backend.render(spec, config).text
     assert "tl.program_id(0).to(tl.int64)" in text
     assert "tl.arange(0, ROWS_PER_PROGRAM).to(tl.int64)" in text
-    # every 2-D access goes through the int64 row index times the tensor's own row stride
+    # Every 2-D access goes through the int64 row index (rows2, or the prefetch's next_rows = rows2 + k)
+    # times the tensor's own row stride: inline, or through _load_tile, which does the same.
+    assert "return tl.load(P + rows2 * stride + cols[None, :]" in text
     for tensor, stride in (("X", "stride_x"), ("DY", "stride_dy"), ("DX", "stride_dx"), ("DH", "stride_dh"),
                            ("R", "stride_r"), ("H", "stride_h"), ("Y", "stride_y")):
-        if f"    {tensor}, {stride}," in text:
-            assert f"{tensor} + rows2 * {stride}" in text
+        accesses = re.findall(rf"(?:tl\.load\(|tl\.store\(|_load_tile\()({tensor}\b[^\n]*)", text)
+        assert (len(accesses) > 0) == (f"    {tensor}, {stride}," in text), tensor
+        for access in accesses:
+            assert access.startswith((f"{tensor} + rows2 * {stride} ", f"{tensor}, {stride}, rows2,",
+                                      f"{tensor}, {stride}, next_rows,")), access
+
+
+def test_every_variant_of_a_direction_is_one_kernel_text(triton_backend):
+    """Features and paths are tl.constexpr flags the kernels branch on, not template branches: every spec
+    and config of a direction renders the same jit code and launcher; only the constants above them differ."""
+    def code(spec, config):
+        text = triton_backend.render(spec, config).text
+        return text[text.index("@triton.jit"):].replace(f"_{spec.op}_", "_op_")
+
+    for direction in ("fwd", "bwd"):
+        variants = [(NormSpec("rmsnorm", direction, "bfloat16", "float32", 123), None),
+                    (NormSpec("layernorm", direction, "float16", "float16", 5120, bias=True, residual=True), None),
+                    (NormSpec("rmsnorm", direction, "float32", "float32", 65537, weight=False), None),
+                    (NormSpec("rmsnorm", direction, "float16", "float32", 4096, offset=True, residual=True),
+                     TritonConfig(BLOCK_N=1024, num_warps=8, ROWS_PER_PROGRAM=1, DW_PARTIALS=32))]
+        codes = {code(spec, config or triton_backend.heuristic(spec)) for spec, config in variants}
+        assert len(codes) == 1, direction
 
 
 def test_scalars_stay_fp32_and_source_is_readable(triton_backend):

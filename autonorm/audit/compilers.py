@@ -40,17 +40,23 @@ def _only(d: dict, pattern: str, what: str) -> tuple[str, dict]:
 
 # Triton -------------------------------------------------------------------------------------
 _TT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+# Arguments the launcher passes as None (a compile-time constant to Triton) when this flag is off.
+_OPTIONAL = {"R": "HAS_RESIDUAL", "stride_r": "HAS_RESIDUAL", "H": "HAS_RESIDUAL", "stride_h": "HAS_RESIDUAL",
+             "DH": "HAS_RESIDUAL", "stride_dh": "HAS_RESIDUAL", "W": "HAS_WEIGHT", "DWP": "HAS_WEIGHT",
+             "B": "HAS_BIAS", "DBP": "HAS_BIAS", "MEAN": "LAYERNORM", "C12": "COLUMN_OUTER", "offset": "HAS_OFFSET"}
 
 
 def triton_signature(spec: NormSpec, fn, constants: dict) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of a kernel as Triton's launcher specializes it for contiguous
-    rows: pointers of aligned tensors and 16-divisible ints get `tt.divisibility=16`."""
+    rows: pointers of aligned tensors and 16-divisible ints get `tt.divisibility=16`; the tensors and
+    scalars a flag in `constants` leaves out are None."""
     x, w = "*" + _TT[spec.x_dtype], "*" + _TT[spec.w_dtype]
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        if param.is_constexpr:
+        absent = name in _OPTIONAL and not constants[_OPTIONAL[name]]
+        if param.is_constexpr or absent:
             signature[name] = "constexpr"
-            constexprs[(i,)] = constants[name]
+            constexprs[(i,)] = None if absent else constants[name]
             continue
         if name in ("X", "Y", "R", "H", "DY", "DX", "DH"):
             signature[name], aligned = x, True
@@ -102,6 +108,7 @@ def _triton_compile(items: list[dict]) -> list[dict]:
         module = _load_module(item["path"], f"autonorm_audit_triton_{i}")
         fn = getattr(module, f"_{spec.op}_{spec.direction}")
         constants = {name: getattr(module, name) for name in ("N", "BLOCK_N", "ROWS_PER_PROGRAM")}
+        constants.update(module.FLAGS)  # the kernel's switches (tl.constexpr)
         constants["ROW_ALIGN"] = module.row_align(spec.hidden)  # contiguous rows: the stride is N
         signature, constexprs, attrs = triton_signature(spec, fn, constants)
         try:
