@@ -1,6 +1,7 @@
-"""scripts/gpu_session.py on the CPU: the dry run walks every phase and writes the session's files, a cut
-or interrupted run keeps its finished cases and still prints the summary last, and the import turns the
-files into a valid database, the report and the search table."""
+"""The GPU session (scripts/gpu_session.py over autonorm.session) on the CPU: the budget's shares and what a
+phase process's end means, the dry run walking every phase and writing the session's files, a cut or
+interrupted run keeping its finished cases and still printing the summary last, the import turning the
+files into a valid database, the report and the search table, and the on-device check through verify."""
 import json
 import signal
 import subprocess
@@ -9,6 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from autonorm.session import driver
+from autonorm.session.driver import Session
+from autonorm.session.records import EXIT_CONTEXT_LOST, EXIT_OUT_OF_SHARE
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_session.py"
@@ -31,7 +37,9 @@ def dry_run(tmp_path_factory):
     pytest.importorskip("optuna")
     out = tmp_path_factory.mktemp("session")
     started = time.monotonic()
-    r = session(out, "--dry-run")
+    # A budget far above the default: on a loaded machine the default's shares cut the interpreter's phases,
+    # and the dry run ends when its last phase is done, so the larger budget costs nothing.
+    r = session(out, "--dry-run", "--budget", "3000", timeout=1500)
     return out, r, time.monotonic() - started
 
 
@@ -183,23 +191,12 @@ def test_gpu_session_env_and_triton_smoke_on_the_gpu(tmp_path):
     assert smoke and smoke[0]["case"] == "rmsnorm.fwd bfloat16 4096x4096" and smoke[0]["spec"]["hidden"] == 4096
 
 
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gpu_session", module)  # its dataclasses look their module up there
-    spec.loader.exec_module(sys.modules["gpu_session"])
-    return sys.modules["gpu_session"]
-
-
-def test_a_phase_that_dies_is_restarted_and_its_case_recorded_as_crashed(tmp_path, monkeypatch, capsys):
-    gs = load_script()
-    session_ = gs.Session(tmp_path, 60.0, True, ["smoke-triton"])
+def test_a_phase_that_dies_is_restarted_and_its_case_recorded_as_crashed(tmp_path, monkeypatch):
+    session_ = Session(tmp_path, 60.0, True, ["smoke-triton"], ["unused"])
     session_.log = open(tmp_path / "session.log", "a")
     runs = iter([(-11, "rmsnorm.bwd bfloat16 4096x4096"), (0, None)])  # a segfault in a case, then the rest
     monkeypatch.setattr(session_, "_run_child", lambda phase, until: next(runs))
-    session_.run_phase("smoke-triton", 3, 3)
+    session_.run_phase("smoke-triton", ["smoke-triton"])
     crashed = lines(tmp_path / "smoke.jsonl")
     assert [(c["case"], c["status"], c["backend"]) for c in crashed] == [
         ("rmsnorm.bwd bfloat16 4096x4096", "crashed", "triton")]
@@ -208,18 +205,84 @@ def test_a_phase_that_dies_is_restarted_and_its_case_recorded_as_crashed(tmp_pat
     assert (event["phase"], event["status"], event["restarts"]) == ("smoke-triton", "done", 1)
 
 
+def test_a_phase_that_keeps_dying_is_given_up_after_its_restarts(tmp_path, monkeypatch):
+    session_ = Session(tmp_path, 60.0, True, ["tune"], ["unused"])
+    session_.log = open(tmp_path / "session.log", "a")
+    calls = []
+    monkeypatch.setattr(session_, "_run_child", lambda phase, until: calls.append(phase) or (-6, "rmsnorm.fwd"))
+    session_.run_phase("tune", ["tune", "sweep"])
+    assert len(calls) == 1 + driver.MAX_RESTARTS
+    assert [c["status"] for c in lines(tmp_path / "tune.jsonl")] == ["crashed"]  # once: the restarts skip it
+    event = lines(tmp_path / "session.jsonl")[-1]
+    assert (event["status"], event["restarts"], event["last_case"]) == ("exit status -6", 3, "rmsnorm.fwd")
+
+
+def test_a_share_is_the_phase_weight_part_of_the_time_left_after_the_summary_reserve():
+    weights = dict(driver.PHASES)
+    total = sum(weights.values())
+    left = driver.SUMMARY_RESERVE_S + total
+    assert driver.share_of("env", list(driver.PHASE_NAMES), left) == pytest.approx(weights["env"])
+    assert driver.share_of("bench", list(driver.PHASE_NAMES), left) == pytest.approx(weights["bench"])
+    # Time an earlier phase left unused goes to the later ones, in proportion to their weights.
+    later = ["tune", "sweep"]
+    share = driver.share_of("tune", later, driver.SUMMARY_RESERVE_S + 70)
+    assert share == pytest.approx(70 * weights["tune"] / (weights["tune"] + weights["sweep"]))
+    assert driver.share_of("sweep", ["sweep"], driver.SUMMARY_RESERVE_S + 70 - share) == pytest.approx(70 - share)
+    assert driver.share_of("sweep", ["sweep"], driver.SUMMARY_RESERVE_S - 1) == 0.0  # never below zero
+
+
+def test_what_the_end_of_a_phase_process_means():
+    assert driver.outcome(0, None, share_over=False) == "done"
+    assert driver.outcome(EXIT_OUT_OF_SHARE, None, share_over=False) == "cut at the end of its share"
+    assert driver.outcome(-15, None, share_over=True) == "cut at the end of its share"  # killed at its share's end
+    assert driver.outcome(-11, None, share_over=False) == "exit status -11"  # died: restarted
+    assert driver.outcome(EXIT_CONTEXT_LOST, None, share_over=False) == f"exit status {EXIT_CONTEXT_LOST}"
+    assert driver.outcome(-15, "SIGINT", share_over=False) == "stopped by SIGINT"
+    assert driver.outcome(0, "SIGTERM", share_over=False) == "stopped by SIGTERM"
+
+
+def test_unknown_phases_are_named_in_order():
+    assert driver.unknown_phases(["env", "warp-drive", "bench", "a"]) == ["a", "warp-drive"]
+    assert driver.unknown_phases(list(driver.PHASE_NAMES)) == []
+
+
 def test_device_errors_catch_a_few_wrong_rows_and_sum_dweight_over_chunks():
     from autonorm import verify
     from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.session.phase import device_errors
     from autonorm.spec import NormSpec
 
-    gs = load_script()
     for direction in ("fwd", "bwd"):
         spec = NormSpec("layernorm", direction, "float32", "float32", 64, bias=True)
         inputs = verify.make_inputs(spec, 1000, "cpu", on_device=True)
         outputs = TorchBackend().build(None, spec, None, "cpu")(*inputs.args(spec))
-        errors = gs.device_errors(spec, inputs, outputs, 16 * 64)  # 63 chunks of 16 rows
-        assert max(errors.values()) < 1e-5 and len(errors) == (4 if direction == "fwd" else 3)
-        outputs[0][-1] += 0.01  # one wrong row of 1000: 3e-4 over the whole tensor, 2.5e-3 in its chunk
-        assert gs.device_errors(spec, inputs, outputs, 16 * 64)["y" if direction == "fwd" else "dx"] > 1e-3
-    assert gs.device_errors(spec, inputs, (outputs[0], outputs[1], None), 16 * 64)["dbias"] == float("inf")
+        result = device_errors(spec, inputs, outputs, 16 * 64)  # 63 chunks of 16 rows
+        assert result.ok and result.max_error < 1e-5
+        assert set(result.errors) == ({"y", "mean", "rstd"} if direction == "fwd" else {"dx", "dweight", "dbias"})
+        # The whole tensor, compared at once: the same verdict as verify's own check.
+        assert verify.compare(spec, inputs, outputs).ok
+        outputs[0][500] += 0.01  # one wrong row of 1000: 3e-4 over the whole tensor, 2.5e-3 in its chunk
+        assert device_errors(spec, inputs, outputs, 16 * 64).errors["y" if direction == "fwd" else "dx"] > 1e-3
+    missing = device_errors(spec, inputs, (outputs[0], outputs[1], None), 16 * 64)
+    assert missing.errors["dbias"] == float("inf") and not missing.ok
+    rms = NormSpec("rmsnorm", "bwd", "float32", "float32", 64)
+    rms_inputs = verify.make_inputs(rms, 100, "cpu")
+    dx, dweight, _ = TorchBackend().build(None, rms, None, "cpu")(*rms_inputs.args(rms))
+    extra = device_errors(rms, rms_inputs, (dx, dweight, torch.ones(64)), 16 * 64)  # a dbias RMSNorm has not
+    assert extra.errors["dbias"] == float("inf") and extra.errors["dx"] < 1e-5
+
+
+def test_device_errors_fail_a_wrong_dweight_that_no_single_chunk_shows():
+    from autonorm import verify
+    from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.session.phase import device_errors
+    from autonorm.spec import NormSpec
+
+    spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 64)
+    inputs = verify.make_inputs(spec, 300, "cpu", on_device=True)
+    dx, dweight, dbias = TorchBackend().build(None, spec, None, "cpu")(*inputs.args(spec))
+    first_chunk = verify.expected_outputs(spec, verify.Inputs(
+        inputs.x[:16], inputs.weight, None, None, inputs.dy[:16], None, inputs.mean, inputs.rstd[:16]))["dweight"]
+    wrong = dweight - first_chunk.to(dweight.dtype)  # the sum of every chunk but the first
+    assert device_errors(spec, inputs, (dx, dweight, dbias), 16 * 64).ok
+    assert not device_errors(spec, inputs, (dx, wrong, dbias), 16 * 64).ok

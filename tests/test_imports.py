@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"autonorm": ROOT / "autonorm", "autonorm.backends": ROOT / "backends",
-            **{f"autonorm.{sub}": ROOT / "autonorm" / sub for sub in ("audit", "bench", "cli", "tune")}}
+            **{f"autonorm.{sub}": ROOT / "autonorm" / sub for sub in ("audit", "bench", "cli", "session", "tune")}}
 
 # Lowest first. A module (or a package, for all its modules) imports only from its own layer or below.
 LAYERS = [
@@ -31,6 +31,7 @@ LAYERS = [
     ("the torch face", ["autonorm.ops", "autonorm.functional", "autonorm.modules", "autonorm.patch",
                         "autonorm.explain", "autonorm"]),
     ("benchmarking", ["autonorm.bench"]),
+    ("the GPU session", ["autonorm.session"]),
     ("the command line", ["autonorm.cli", "autonorm.__main__"]),
 ]
 
@@ -131,3 +132,4 @@ def test_layer_rule_sees_an_upward_import():
     assert _layer("autonorm.tune.study") > _layer("autonorm.measure")
     assert _layer("autonorm.cli.tune") > _layer("autonorm.tune.study")
     assert _layer("autonorm") > _layer("autonorm.dispatch")  # the package face, not every autonorm.* module
+    assert _layer("autonorm.bench.run") < _layer("autonorm.session.phases") < _layer("autonorm.cli.bench")
