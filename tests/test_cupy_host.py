@@ -172,6 +172,17 @@ def test_rows_times_hidden_over_2_31(monkeypatch):
     assert got.ok, got.errors
 
 
+def test_check_command_runs_cupy_on_the_cpu(capsys):
+    """`autonorm check --cupy-on-cpu`: a contributor without a GPU runs the CuPy kernels as the tests do."""
+    from autonorm import cli
+
+    rc = cli.main(["check", "--cupy-on-cpu", "--hidden", "7", "--dtypes", "bf16", "--rows", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "(cupy: its CUDA C++ on the CPU)" in out and "4 passed, 0 failed" in out
+    assert out.count("cupy ") == 4 and "skipped" not in out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("hidden", [1, 7, 1023, 1025, 12288, 65536])
