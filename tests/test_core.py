@@ -176,6 +176,7 @@ def test_wheel_contains_templates_and_databases(tmp_path):
         assert f"autonorm/tuning_db/{db.name}" in names
     assert "autonorm/tuning_db/__init__.py" in names
     assert "autonorm/backends/base.py" in names
+    assert "autonorm/cuda_host.h" in names  # the CPU harness of the CuPy kernels compiles against it
     assert not any(n.startswith("backends/") or n.startswith("templates/") for n in names)
 
 
