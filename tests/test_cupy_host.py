@@ -145,30 +145,42 @@ def test_shared_memory_opt_in_counts_static_memory(default_kernels):
     _check(kernel, spec, CupyConfig.heuristic(spec), rows=3)
 
 
-def _harness_forward_outputs(spec, x):
-    """The forward's outputs in harness memory (forward_outputs would allocate them in torch's)."""
+def _harness_outputs(spec, x):
+    """The kernel's outputs in harness memory (forward_outputs / backward_outputs allocate them in torch's)."""
     m, n = x.shape
+    if spec.direction == "bwd":  # no weight: no dW partials, which would span every row
+        return cuda_host.host_empty((m, n), x.dtype), None, None
     stats = (cuda_host.host_empty((m,), torch.float32) if spec.is_layernorm else None,
              cuda_host.host_empty((m,), torch.float32))
     return (cuda_host.host_empty((m, n), x.dtype), None, *stats)
 
 
-def test_rows_times_hidden_over_2_31(monkeypatch):
+@pytest.mark.parametrize("spec", [NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", 65536, bias=True),
+                                  NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 65536, weight=False)],
+                         ids=lambda s: s.short())
+def test_rows_times_hidden_over_2_31(monkeypatch, spec):
     """Row offsets in 64 bits: M x N > 2^31 elements, running only the last blocks of the grid on the last rows
-    (the tensors live in harness memory, materialized only where the kernel touches them)."""
+    (the tensors live in harness memory, materialized only where the kernel touches them). The backward's
+    persistent grid gets a block a row from a device of M SMs, so that its last blocks take only the last rows."""
     from autonorm.backends import cupy as cupy_backend
 
-    monkeypatch.setattr(cupy_backend, "forward_outputs", _harness_forward_outputs)
-    n, m, last = 65536, (1 << 31) // 65536 + 3, 2
-    spec = NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", n, bias=True)
+    n, m, last = spec.hidden, (1 << 31) // spec.hidden + 3, 2
+    monkeypatch.setattr(cupy_backend, f"{'forward' if spec.direction == 'fwd' else 'backward'}_outputs",
+                        _harness_outputs)
     config = CupyConfig.heuristic(spec)
     assert config.rows == 1 and cluster_size(config) == 1  # a block a row: the last blocks take the last rows
-    kernel = cuda_host.compile_kernel(spec, config, cuda_host.HostDevice(first_block=m - last))
+    kernel = cuda_host.compile_kernel(spec, config, cuda_host.HostDevice(sm_count=m, first_block=m - last))
     small = verify.make_inputs(spec, last)
     x = cuda_host.host_empty((m, n), torch.bfloat16)
     x[-last:] = small.x
-    y, _, mean, rstd = kernel(x, small.weight, small.bias, None, small.eps, small.offset)
-    got = verify.compare(spec, small, (y[-last:], None, mean[-last:], rstd[-last:]))
+    if spec.direction == "fwd":
+        y, _, mean, rstd = kernel(x, small.weight, small.bias, None, small.eps, small.offset)
+        got = verify.compare(spec, small, (y[-last:], None, mean[-last:], rstd[-last:]))
+    else:
+        dy, rstd = cuda_host.host_empty((m, n), torch.bfloat16), cuda_host.host_empty((m,), torch.float32)
+        dy[-last:], rstd[-last:] = small.dy, small.rstd
+        dx, _, _ = kernel(dy, x, None, None, rstd, None, small.offset)
+        got = verify.compare(spec, small, (dx[-last:], None, None))
     assert got.ok, got.errors
 
 
