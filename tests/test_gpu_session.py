@@ -176,6 +176,14 @@ def test_a_budget_under_the_summary_reserve_skips_every_phase(tmp_path):
     assert r.stdout.rstrip().endswith("=" * 100)
 
 
+def test_import_of_a_folder_without_the_env_phase_names_the_problem_and_writes_nothing(tmp_path):
+    (tmp_path / "in").mkdir()
+    r = subprocess.run([sys.executable, str(SCRIPT), "import", str(tmp_path / "in"), "--db-dir", str(tmp_path / "db"),
+                        "--docs-dir", str(tmp_path / "docs")], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1 and "has no device identity" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_unknown_phase_is_named(tmp_path):
     r = session(tmp_path, "--phases", "env,warp-drive", timeout=60)
     assert r.returncode == 2 and "warp-drive" in r.stderr

@@ -1,5 +1,6 @@
 """The session's parent process: each phase in a process of its own under its share of the budget,
-then the summary. It never imports torch, so nothing a phase does to the GPU can stop the summary."""
+then the summary. It makes no CUDA call (torch comes with the package's import, the GPU is never
+touched here), so nothing a phase does to the GPU can stop the summary."""
 from __future__ import annotations
 
 import os
