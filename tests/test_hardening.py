@@ -325,3 +325,237 @@ def test_db_exit_status_usage_2_bad_data_1(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{")
     assert cli.main(["db", "show", str(tmp_path / "bad.json")]) == 1
     assert capsys.readouterr().err.splitlines()[-1].startswith("autonorm db: error: ")
+
+
+# --- the journal: a trial re-queued after the budget is spent ------------------------------------------
+
+
+def test_a_trial_requeued_after_the_budget_is_spent_never_stays_waiting(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.config import Config, knob
+    from autonorm.spec import NormSpec
+    from autonorm.tune import Candidate, StudyRunner, make_storage
+    from fakes import FakeBackendBase, ScriptedTimer
+
+    @dataclass(frozen=True)
+    class EightConfig(Config):
+        backend: ClassVar[str] = "fake"
+        a: int = knob(tuple(range(1, 9)))
+
+    class Eight(FakeBackendBase):
+        config_cls = EightConfig
+
+        def build(self, source, spec, config, device):
+            return TorchBackend().build(None, spec, None, device)
+
+    from autonorm import backends as registry
+
+    # A second run reads its record back from the study, through the registry.
+    monkeypatch.setitem(registry.BACKENDS, "fake", "test_hardening:unused")
+    monkeypatch.setitem(registry._instances, "fake", Eight())
+    storage = make_storage(None, tmp_path / "s.journal")
+
+    def runner():
+        return StudyRunner(NormSpec("rmsnorm", "fwd", "float32", "float32", 64), 16, {"fake": Eight()},
+                           ScriptedTimer(), "cpu", storage=storage, name="budget", n_trials=3, time_budget=600,
+                           compile_baseline=False)
+
+    runner().run()  # the budget of 3 candidates is spent
+    study = optuna.load_study(study_name="budget", storage=storage)
+    timed = {t.user_attrs["candidate"] for t in study.get_trials() if t.state == TrialState.COMPLETE}
+    assert len(timed) == 3
+    # A worker of this host killed (kill -9) while it timed a fourth candidate: its trial stays RUNNING.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    space = runner().space
+    untimed = next(c for c in (Candidate("fake", EightConfig(a)) for a in range(1, 9)) if c.key not in timed)
+    study.enqueue_trial(space.params(untimed))
+    trial = study.ask()
+    space.suggest(trial)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    trial.set_user_attr("candidate", untimed.key)
+    runner().run()  # the same command again: the dead trial is failed, and nothing waits on a spent budget
+    states = [t.state for t in optuna.load_study(study_name="budget", storage=storage).get_trials()]
+    assert TrialState.WAITING not in states and TrialState.RUNNING not in states
+    assert sum(s == TrialState.COMPLETE for s in states) == 3
+
+
+# --- a PostgreSQL outage during a fleet run ---------------------------------------------------------------
+POSTGRES_URL = os.environ.get("AUTONORM_TEST_POSTGRES_URL")
+
+
+class _Proxy:
+    """A TCP proxy on localhost in front of the PostgreSQL server: `down()` refuses new connections and cuts
+    the open ones (an outage), `up()` serves again on the same port."""
+
+    def __init__(self, target: tuple[str, int]):
+        import socket
+
+        self.target, self.conns, self.listener = target, [], None
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.up()
+
+    def up(self):
+        import socket
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # down()
+            server = socket.create_connection(self.target)
+            self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def down(self):
+        import socket
+
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self.listener.close()
+        for s in self.conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+        self.conns = []
+
+
+@pytest.fixture
+def postgres_behind_a_proxy():
+    """(storage URL through a proxy, the proxy) on a fresh database, dropped afterwards."""
+    if not POSTGRES_URL:
+        pytest.skip("AUTONORM_TEST_POSTGRES_URL is not set (.ci/run starts a server)")
+    psycopg = pytest.importorskip("psycopg")
+    from urllib.parse import urlsplit
+
+    import uuid
+
+    name = f"autonorm_outage_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(POSTGRES_URL)
+    proxy = _Proxy((parts.hostname, parts.port or 5432))
+    user = f"{parts.username}@" if parts.username else ""
+    yield f"postgresql://{user}127.0.0.1:{proxy.port}/{name}", proxy
+    proxy.down()
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask and tell here, not Study.optimize
+def test_a_postgres_outage_is_waited_out_then_named_in_one_line(postgres_behind_a_proxy, monkeypatch, caplog):
+    import threading
+
+    import optuna
+
+    from autonorm.tune import make_storage, outage
+    from autonorm.tune.storage import claim_lock
+
+    url, proxy = postgres_behind_a_proxy
+    storage = make_storage(url, Path("unused"), heartbeat_s=1)
+    study = optuna.create_study(storage=storage, study_name="outage", direction="minimize")
+    study.tell(study.ask(), 1.0)
+    monkeypatch.setattr(outage, "RETRY_FIRST_S", 0.05)
+    proxy.down()  # an outage shorter than the bound: the call waits it out
+    threading.Timer(1.0, proxy.up).start()
+    with claim_lock(storage, "outage"):
+        study.tell(study.ask(), 2.0)
+    assert [t.value for t in study.get_trials()] == [1.0, 2.0]
+    assert "retrying" in caplog.text
+    # An outage past the bound: one error naming the storage and the connection error; the CLI prints one line.
+    monkeypatch.setattr(outage, "STORAGE_OUTAGE_S", 1.0)
+    proxy.down()
+    with pytest.raises(outage.StorageUnavailableError) as info:
+        study.ask()
+    message = str(info.value)
+    assert f"127.0.0.1:{proxy.port}" in message and "refused" in message.lower()
+    assert "run the same command again to resume" in message and "\n" not in message
+    assert "exceeding max length" not in message
+
+
+def test_the_outage_error_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    from autonorm import cli
+    from autonorm.tune.outage import StorageUnavailableError
+
+    def outage(*args, **kwargs):
+        raise StorageUnavailableError("storage 'db:5432/x' unreachable for 120 s (connection refused); "
+                                            "nothing is lost: run the same command again to resume")
+    monkeypatch.setattr("autonorm.tune.tune_grid", outage)
+    monkeypatch.setattr("autonorm.measure.copy_bandwidth", lambda *a, **k: 10.0)
+    assert cli.main(_tiny_tune(tmp_path / "db")) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("autonorm tune: error: storage 'db:5432/x' unreachable")
+    assert "Traceback" not in err
+
+
+def test_a_trial_failed_by_heartbeat_while_its_worker_times_it_does_not_end_the_worker(tmp_path, monkeypatch):
+    from optuna.trial import TrialState
+
+    from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.measure import Timing
+    from autonorm.spec import NormSpec
+    from autonorm.tune import StudyRunner, make_storage
+    from fakes import ScriptedTimer
+
+    storage = make_storage(None, tmp_path / "s.journal")
+    holder = {}
+
+    class StalledTimer(ScriptedTimer):
+        def measure(self, spec, kernel, rows):
+            # While this worker times, the others fail its trial (its beats stopped during an outage).
+            study = holder["study"]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            return Timing(10.0, 9.9, 10.1, 10)
+
+    class Runner(StudyRunner):
+        def _study(self):
+            holder["study"] = super()._study()
+            return holder["study"]
+
+    result = Runner(NormSpec("rmsnorm", "fwd", "float32", "float32", 64), 16, {"torch": TorchBackend()},
+                    StalledTimer(), "cpu", storage=storage, name="stalled", n_trials=2, time_budget=30,
+                    compile_baseline=False).run()
+    assert result.record is None  # its only candidate's result was dropped, the worker did not crash

@@ -8,6 +8,10 @@ PostgreSQL (or SQLite) URL. What makes that waste nothing (docs/fleet.md):
   (killed, on any host, or PID 1 in a container) is failed after a grace period and
   re-queued with its parameters (`RetryHeartbeatStaleTrialCallback`). Workers that start
   together race to create Optuna's schema; the losers retry.
+- `outage.py`: a storage call that loses its connection (a database restart, a
+  network blip) is retried with backoff for a bounded time; past that the worker
+  stops with one line naming the storage and the connection error: nothing is
+  lost, the same command resumes.
 - `claim_lock`: the claim of candidates (read what others measure, ask, tag)
   is one critical section per study: a PostgreSQL advisory lock keyed by the
   study name, a file lock beside a SQLite file or a journal file.
@@ -34,6 +38,7 @@ from pathlib import Path
 
 from ..errors import AutonormError
 from .journal import prepare_journal
+from .outage import connection_error, patient_storage, with_retry
 
 log = logging.getLogger("autonorm.tune")
 
@@ -76,7 +81,7 @@ def _rdb_storage(url: str, heartbeat_s: int):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return storages.RDBStorage(url, **kwargs)
+                return patient_storage(storages.RDBStorage(url, **kwargs), url)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as exc:
             # Concurrent CREATE TABLE / version-row inserts: another worker is creating the schema.
             if attempt == SCHEMA_TRIES - 1 or "could not connect" in str(exc) or "Connection refused" in str(exc):
@@ -139,14 +144,28 @@ def claim_lock(storage, study_name: str, journal_lock: Path | None = None):
         return
     dialect = rdb.engine.dialect.name
     if dialect == "postgresql":
-        with rdb.engine.connect() as conn:
-            key = _advisory_key(study_name)
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        key = _advisory_key(study_name)
+
+        def locked():
+            conn = rdb.engine.connect()
             try:
-                yield
-            finally:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        conn = with_retry(locked, getattr(storage, "where", "(PostgreSQL)"))
+        try:
+            yield
+        finally:
+            try:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.commit()
+            except Exception as exc:
+                if connection_error(exc) is None:
+                    raise  # a lost connection took its session's lock with it: nothing to release
+            finally:
+                conn.close()
     elif dialect == "sqlite" and rdb.engine.url.database not in (None, "", ":memory:"):
         with file_lock(Path(rdb.engine.url.database + ".autonorm-lock")):
             yield

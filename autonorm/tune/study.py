@@ -207,6 +207,8 @@ class StudyRunner:
             self._prepare(study)
         with fleet.Heartbeats(self.storage) as self._beats:
             self._search(study)
+            with self._claim():
+                self._close_unused(study)
             return finalize.finish(self, study)
 
     def _claim(self):
@@ -265,6 +267,19 @@ class StudyRunner:
                             self.progress.set_postfix_str(f"best {best:.1f} us")
         finally:
             pool.shutdown(wait=True)
+
+    def _close_unused(self, study) -> None:
+        """Close the WAITING trials of a study whose trial budget is spent (PRUNED, marked `unused`): a seed
+        never reached, or a dead worker's trial that a heartbeat re-queued after the last candidate was
+        claimed. No worker pops them any more, and left WAITING they would stay so for good."""
+        from optuna.trial import TrialState
+
+        measured, failed, _ = self._state(study)
+        if len(measured) + len(failed) < self.n_trials:
+            return  # stopped by time or patience: the same command resumes and pops them
+        for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            study._storage.set_trial_user_attr(t._trial_id, "unused", "the trial budget was spent first")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
 
     def _others_running(self, study) -> bool:
         """Whether other workers hold RUNNING trials that can still end (with heartbeats: not yet stale)."""
@@ -331,21 +346,34 @@ class StudyRunner:
                 reason = f"timing failed: {type(exc).__name__}: {exc}"
         if reason is not None:
             log.info("candidate %s failed: %s", cand.short(), reason)
-            trial.set_user_attr("failed", reason)
-            failed[cand.key] = reason
-            study.tell(trial, state=TrialState.FAIL)
-            self._beats.discard(trial._trial_id)
+            if self._close(study, trial, "failed", reason, state=TrialState.FAIL):
+                failed[cand.key] = reason
             return None
-        trial.set_user_attr("timing", timing.to_json())
+        if not self._close(study, trial, "timing", timing.to_json(), values=timing.median_us):
+            return None
         measured[cand.key] = timing.to_json()
-        study.tell(trial, timing.median_us)
-        self._beats.discard(trial._trial_id)
         return timing.median_us
 
     def _tell_duplicate(self, study, trial) -> None:
         """A trial that drew an evaluated candidate: PRUNED (no timing), so FAIL means a broken candidate."""
         from optuna.trial import TrialState
 
-        trial.set_user_attr("duplicate", True)
-        study.tell(trial, state=TrialState.PRUNED)
-        self._beats.discard(trial._trial_id)
+        self._close(study, trial, "duplicate", True, state=TrialState.PRUNED)
+
+    def _close(self, study, trial, attr: str, value, **tell) -> bool:
+        """Set the trial's result attribute and tell Optuna; False when other workers had already failed the
+        trial by heartbeat while this one still held it (its beats stopped: a storage outage longer than the
+        grace period, a starved process). Its candidate was re-queued then, so this result is dropped, not
+        an error that ends the worker."""
+        import optuna
+
+        try:
+            trial.set_user_attr(attr, value)
+            study.tell(trial, skip_if_finished=True, **tell)  # failed in between: Optuna logs it
+            return True
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.warning("trial %d was failed by heartbeat while this worker still held it; its candidate "
+                        "was re-queued and this result is dropped", trial.number)
+            return False
+        finally:
+            self._beats.discard(trial._trial_id)
