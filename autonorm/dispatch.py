@@ -174,18 +174,19 @@ _DATABASE_RUNGS = frozenset({"exact", "nearest-rows", "nearest-hidden", "same-ar
 
 
 def _with_verdict(choice: Choice, device, what: str) -> Choice | None:
-    """`choice` when its kernel needs no check or passed one, marked for its first-use check when it has
-    no verdict yet, None (the ladder goes on) when it failed one."""
-    checked = ((choice.rung in _UNVERIFIED_RUNGS and not knobs.skip_first_use_check())
-               or (choice.rung in _DATABASE_RUNGS and knobs.verify_db()))
-    if not checked or choice.backend == "torch":
+    """None (the ladder goes on) when the kernel failed a first-use check, whatever its rung now (a tuned
+    kernel comes back as an exact record); else `choice`, marked for its first-use check when its rung
+    needs one and it has no verdict yet."""
+    if choice.backend == "torch":
         return choice
     from .backends import get_backend
 
     key = first_use.verdict_key(get_backend(choice.backend), choice.spec, choice.config, device)
     ok, where = first_use.lookup(key)
     if ok is None:
-        return replace(choice, check=key)
+        checked = ((choice.rung in _UNVERIFIED_RUNGS and not knobs.skip_first_use_check())
+                   or (choice.rung in _DATABASE_RUNGS and knobs.verify_db()))
+        return replace(choice, check=key) if checked else choice
     if not ok and where:  # this process's own verdict was warned about when it was reached
         warnings.warn(f"autonorm: skipping {what} ({choice.backend} [{choice.config.short()}]) for "
                       f"{choice.spec.short()}: it gave a wrong result at its first use (verdict kept in {where}; "

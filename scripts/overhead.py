@@ -12,6 +12,9 @@ For each op it times, per call (best of several repeats of many calls):
             `y_only` entry when it has one): what autonorm cannot go below
   op        the same call through the torch.library custom op (the path torch.compile uses)
   added     autonorm - kernel: validation, key, dict lookup (goal on a GPU: <= 2 us)
+With --first-call, what a key's first call costs instead: the first-use check of a kernel no tuning
+run verified (timed alone on the resolved kernel), and the whole first call in fresh processes
+with the check and with AUTONORM_SKIP_FIRST_USE_CHECK=1.
 Then a per-layer breakdown of the no-grad call (each layer timed alone, so the rows add up
 only roughly). GPU timings synchronize once per batch of calls, so they measure host cost.
 The header prints the load average: on a shared machine, quote it with the numbers.
@@ -21,15 +24,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 import timeit
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from autonorm.backends.base import new_empty
 
 import autonorm
-from autonorm import dispatch, functional, ops
+from autonorm import dispatch, first_use, functional, ops
 from autonorm.device import identity
 
 
@@ -78,6 +87,78 @@ def breakdown(name, op, x, w, b, eps, torch_fn, autonorm_fn, kernel, device, num
         print(f"  {label:<48} {per_call_us(fn, device, number):7.2f} us")
 
 
+# One process: import, tensors, then the timed first call (resolution, compile or cache load, check), and
+# the part of it spent in the first-use check.
+_FIRST_CALL = """
+import time, torch, autonorm
+from autonorm import first_use
+spent = []
+real_check = first_use.check_call
+def timed_check(*args):
+    start = time.perf_counter()
+    try:
+        return real_check(*args)
+    finally:
+        spent.append(time.perf_counter() - start)
+first_use.check_call = timed_check
+x = torch.randn({rows}, {n}, device="{device}", dtype=torch.{dtype})
+w = torch.randn({n}, device="{device}", dtype=torch.{dtype})
+start = time.perf_counter()
+autonorm.{call}
+{sync}
+print((time.perf_counter() - start) * 1e3, sum(spent) * 1e3)
+"""
+
+
+def first_call(args, device, x, w, b) -> None:
+    """ms of the first-use check alone (warm), and of a whole first call in fresh processes with the part
+    spent checking: with no verdict yet, and with the verdict on file. The processes share a private
+    AUTONORM_CACHE_DIR, warmed once, so compiled kernels load from it as they would for a user."""
+    cache = tempfile.mkdtemp(prefix="autonorm-first-call-")
+    n = args.hidden
+    for name, op, bias, eps, call in (("rms_norm", "rmsnorm", None, 1e-6, f"rms_norm(x, ({n},), w, 1e-6)"),
+                                      ("layer_norm", "layernorm", b, 1e-5, f"layer_norm(x, ({n},), w, w, 1e-5)")):
+        auto = autonorm.rms_norm if bias is None else partial(autonorm.layer_norm, bias=bias)
+        auto(x, (n,), w, eps=eps)
+        choice = dispatch.choice_for(dispatch.make_key(op, "fwd", x, w, bias, None, 0.0))
+        torch_kernel = dispatch._make_choice("torch", choice.spec, None, device, "torch").kernel
+        check = partial(first_use.check_call, choice.spec, choice.kernel, torch_kernel, (x, w, bias, None, eps, 0.0),
+                        device)
+        assert check() is None, "the resolved kernel fails its first-use check"
+        check_ms = min(timeit.repeat(check, number=20, repeat=5)) / 20 * 1e3
+        code = _FIRST_CALL.format(rows=args.rows, n=n, device=device, dtype=args.dtype, call=call,
+                                  sync="torch.cuda.synchronize()" if device.type == "cuda" else "")
+
+        def run() -> tuple[float, float]:
+            env = {**os.environ, "AUTONORM_CACHE_DIR": cache}
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            total, checking = out.stdout.strip().splitlines()[-1].split()
+            return float(total), float(checking)
+
+        run()  # fills the private compile cache
+        times = {"no verdict yet": [], "verdict on file": []}
+        for _ in range(args.first_call_runs):
+            shutil.rmtree(Path(cache) / "verdicts", ignore_errors=True)
+            times["no verdict yet"].append(run())
+            times["verdict on file"].append(run())
+        first = "; ".join(f"{label}: {statistics.median(t for t, _ in v):.0f} ms, of which checking "
+                          f"{statistics.median(c for _, c in v):.1f} ms" for label, v in times.items())
+        print(f"{name:<11} {choice.backend} [{choice.config.short()}] (rung: {choice.rung}): check alone, warm "
+              f"{check_ms:.2f} ms. First call (median of {args.first_call_runs} processes) {first}")
+        # Steady state: the same key resolved with and without the check, alternated, best of each.
+        steady = {"checked": [], "unchecked": []}
+        for _ in range(args.first_call_runs):
+            for label, skip in (("checked", "0"), ("unchecked", "1")):
+                os.environ["AUTONORM_SKIP_FIRST_USE_CHECK"] = skip
+                dispatch.reset()
+                auto(x, (n,), w, eps=eps)  # resolves, and checks unless skipped
+                steady[label].append(per_call_us(partial(auto, x, (n,), w, eps=eps), device, args.number))
+        os.environ.pop("AUTONORM_SKIP_FIRST_USE_CHECK")
+        print(f"{'':<11} steady state, best of {args.first_call_runs} alternated runs: "
+              + ", ".join(f"{label} {min(v):.2f} us" for label, v in steady.items()))
+    shutil.rmtree(cache, ignore_errors=True)
+
+
 def _calls(torch_f, auto_f, n, eps, plain, grad):
     """The four timed calls (torch / autonorm, without / with grad); bias only when given."""
     def bind(fn, x, w, b):
@@ -93,6 +174,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--number", type=int, default=5000)
     parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument("--first-call", action="store_true", help="time a key's first call instead (see above)")
+    parser.add_argument("--first-call-runs", type=int, default=5)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -111,6 +194,9 @@ def main() -> None:
           f"torch {torch.__version__}, autonorm {autonorm.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, load average {load}; "
           f"microseconds per call")
+    if args.first_call:
+        first_call(args, device, x, w, b)
+        return
     header = (f"{'op':<11} {'backend':<10} {'torch':>7} {'autonorm':>9} {'ratio':>6} {'goal':>5} "
               f"{'torch(g)':>8} {'auto(g)':>8} {'ratio(g)':>8} {'kernel':>7} {'op':>7} {'added':>6}")
     print(header)
@@ -119,6 +205,7 @@ def main() -> None:
     for name, (op, bias, eps, torch_f, auto_f) in cases.items():
         torch_fn, auto_fn, torch_g, auto_g = _calls(torch_f, auto_f, n, eps, (x, w, bias),
                                                     (xg, wg, bg if bias is not None else None))
+        auto_fn()  # the first call resolves the key and runs any first-use check: the memo then holds the kernel
         choice = dispatch.choice_for(dispatch.make_key(op, "fwd", x, w, bias, None, 0.0))
         kernel = choice.kernel
         y_only = getattr(kernel, "y_only", None)

@@ -169,6 +169,10 @@ def test_exact_records_are_trusted_unless_verify_db(tmp_path, monkeypatch, check
     with pytest.warns(RuntimeWarning, match=r"\(rung: exact\)"):
         torch.testing.assert_close(rms(x, w), F.rms_norm(x, (64,), w, 1e-6))
     assert len(checks) == 2  # the exact record, then the fake heuristic the ladder moved on to
+    monkeypatch.delenv("AUTONORM_VERIFY_DB")
+    autonorm.reset(keep_databases=True)
+    with pytest.warns(RuntimeWarning, match="verdict kept in"):  # a kernel known to be wrong is never used
+        torch.testing.assert_close(rms(x, w), F.rms_norm(x, (64,), w, 1e-6))
 
 
 def test_the_environment_variable_turns_the_check_off(monkeypatch, checks):
