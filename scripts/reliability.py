@@ -13,6 +13,12 @@ Every case is built here, programmatically, in a temporary folder:
   kill -9     processes killed at random moments while saving a database, appending to an
               Optuna journal, or writing compile-cache entries; then the files must still load
   cut         journals cut at random bytes (what a full disk leaves), then tuned again
+  edges       what a new user hits: dubious databases the schema alone passes (must be refused),
+              `bench --json` into a missing folder, `bench --input` of non-bench files, `tune --out`
+              a file, empty or relative cache folders, the copy probe's memory on a huge L3, an
+              int subclass as a hidden size, Ctrl-C inside Optuna's journal lock, a journal trial
+              re-queued after the budget is spent, and (with AUTONORM_TEST_POSTGRES_URL) a
+              PostgreSQL outage through a proxy that is stopped and started
 
 A case *holds* when autonorm either does the right thing or refuses with its own clear error
 (an AutonormError, or a CLI exit code with a message), within 20 s and 2 GiB of extra memory;
@@ -412,6 +418,169 @@ def knob_cases(tmp: Path) -> list:
     return results
 
 
+# --- what a new user hits: dubious files, lost work, misleading figures, tracebacks ---------------------------
+def _dubious_databases() -> dict:
+    """Databases the JSON schema alone accepts but no tuner writes: each must be refused."""
+    rec = lambda o: o["records"][0]  # noqa: E731
+    return {
+        "slug ending in a newline": _edit(lambda o: o["device"].update(slug=o["device"]["slug"] + "\n")),
+        "hidden 64.0": _edit(lambda o: rec(o)["key"].update(hidden=64.0)),
+        "rows_bucket 3": _edit(lambda o: rec(o)["key"].update(rows_bucket=3)),
+        "features weight+weight": _edit(lambda o: rec(o)["key"].update(features="weight+weight")),
+        "a JSON key twice": _text_edit('"hidden": 64', '"hidden": 64, "hidden": 128'),
+    }
+
+
+def edge_cases(tmp: Path) -> list:
+    from autonorm import knobs, measure
+    from autonorm.db import TuningDB
+    from autonorm.errors import DatabaseError
+    from autonorm.spec import NormSpec
+
+    results = []
+    (tmp / "dubious").mkdir()
+    for name, make in _dubious_databases().items():
+        path = place(tmp / "dubious", name, make)
+
+        def refused(path=path):
+            rc, err = cli("db", "validate", path)
+            try:
+                TuningDB.load(path)
+                loaded = True
+            except DatabaseError:
+                loaded = False
+            return rc == 1 and "INVALID" in err and not loaded, f"validate exit {rc}, load_db refused: {not loaded}"
+        results.append(("edges", f"db validate refuses: {name}", *run_case(refused)))
+
+    def one_line(rc_wanted, *argv):
+        rc, err = cli(*argv)
+        return rc == rc_wanted and err.count("\n") == 1 and "Traceback" not in err, f"exit {rc}: {err.strip()[:80]}"
+
+    bench = ("bench", "--shapes", "17x64", "--dtypes", "fp32", "--ops", "rmsnorm", "--directions", "fwd",
+             "--providers", "torch", "--reps", "2", "--warmup", "1", "--copy-bw", "10")
+
+    def bench_into_a_missing_folder():
+        out = tmp / "no-such-folder" / "deeper" / "bench.json"
+        rc, _ = cli(*bench, "--json", out)
+        return rc == 0 and len(json.loads(out.read_text())["rows"]) == 1, f"exit {rc}"
+    results.append(("edges", "bench --json into a missing folder", *run_case(bench_into_a_missing_folder)))
+    for label, content in (("not JSON", b"<html>"), ("{}", b"{}"), ("rows of numbers", b'{"rows": [1]}')):
+        path = tmp / f"bench-input-{len(results)}.json"
+        path.write_bytes(content)
+        results.append(("edges", f"bench --input {label}", *run_case(
+            lambda path=path: one_line(1, "bench", "--report", tmp / "report-bad", "--input", path))))
+    results.append(("edges", "bench --input /dev/null", *run_case(
+        lambda: one_line(1, "bench", "--report", tmp / "report-bad", "--input", "/dev/null"))))
+
+    tune = ("tune", "--backends", "torch", "--ops", "rmsnorm", "--directions", "fwd", "--dtypes", "float32",
+            "--rows", "4", "--hidden", "64", "--no-compile-baseline", "--no-progress", "--trials", "1")
+    a_file = tmp / "an-existing-file"
+    a_file.write_text("keep")
+
+    def tune_out(out):
+        def case():
+            ok, note = one_line(2, *tune, "--out", out)
+            return ok and (not out.exists() or out.read_text() == "keep"), note
+        return case
+    results.append(("edges", "tune --out <an existing file>", *run_case(tune_out(a_file))))
+    results.append(("edges", "tune --out mydb.json", *run_case(tune_out(tmp / "mydb.json"))))
+
+    def cache_dir_with(env):
+        def case():
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                folder = knobs.cache_dir()
+            finally:
+                for k, v in old.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            return folder.is_absolute(), str(folder)
+        return case
+    for env in ({"AUTONORM_CACHE_DIR": "", "XDG_CACHE_HOME": ""}, {"AUTONORM_CACHE_DIR": "", "XDG_CACHE_HOME": "rel"},
+                {"AUTONORM_CACHE_DIR": "autonorm"}):
+        results.append(("edges", f"cache folder with {env}", *run_case(cache_dir_with(env))))
+
+    results.append(("edges", "copy probe on a 480 MiB L3 in a 2 GiB container", *run_case(
+        lambda: ((n := measure.probe_bytes(480 << 20, 2 << 30)) <= 128 << 20, f"{n >> 20} MiB a buffer"))))
+
+    def int_subclass():
+        class Sneaky(int):
+            def __str__(self):
+                return "64; import os"
+        try:
+            NormSpec("rmsnorm", "fwd", "float32", "float32", Sneaky(64))
+            return False, "accepted"
+        except ValueError:
+            return True, "refused"
+    results.append(("edges", "NormSpec hidden of an int subclass", *run_case(int_subclass)))
+    results.append(("edges", "Ctrl-C inside the journal lock", *run_case(lambda: _ctrl_c_in_the_lock(tmp, tune))))
+    results.append(("edges", "journal trial re-queued after the budget", *run_case(
+        _requeued_after_budget, KILL_SECONDS)))
+    if os.environ.get("AUTONORM_TEST_POSTGRES_URL"):
+        results.append(("edges", "PostgreSQL outage past the bound", *run_case(_postgres_outage, KILL_SECONDS)))
+    return results
+
+
+def _ctrl_c_in_the_lock(tmp: Path, tune_args) -> tuple[bool, str]:
+    """A Ctrl-C that lands in Optuna's journal lock, whose release then fails: the summary, exit 130."""
+    from autonorm import measure
+    from autonorm.tune import study
+
+    real_run, real_probe = study.StudyRunner.run, measure.copy_bandwidth
+
+    def interrupted(self):
+        try:
+            raise KeyboardInterrupt
+        except BaseException:
+            os.rename(tmp / "no.optuna.journal.lock", tmp / "renamed")  # FileNotFoundError, as Optuna's release
+    study.StudyRunner.run, measure.copy_bandwidth = interrupted, lambda *a, **k: 10.0
+    try:
+        rc, err = cli(*tune_args, "--out", tmp / "ctrl-c")
+    finally:
+        study.StudyRunner.run, measure.copy_bandwidth = real_run, real_probe
+    return rc == 130 and "interrupted" in err and "Traceback" not in err, f"exit {rc}"
+
+
+def _requeued_after_budget() -> tuple[bool, str]:
+    """A worker of this host killed on a candidate after the budget was spent, then the same study run
+    again: no trial may stay WAITING. The scenario (a fake backend, a study, a planted dead trial) is the
+    test's; it runs here against whichever autonorm is importable (the baseline's, with --baseline)."""
+    test = "tests/test_hardening.py::test_a_trial_requeued_after_the_budget_is_spent_never_stays_waiting"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / test)],
+                          cwd=tempfile.gettempdir(),  # not REPO: `-m` would import autonorm from the cwd
+                          capture_output=True, text=True, timeout=KILL_SECONDS)
+    return proc.returncode == 0, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "no output"
+
+
+def _postgres_outage() -> tuple[bool, str]:
+    """A storage call while PostgreSQL stopped answering (its engine rebound to a port where nothing listens),
+    past a bounded wait: one error that names the storage and says the same command resumes."""
+    import socket
+
+    import optuna
+    import sqlalchemy
+
+    from autonorm.tune import make_storage, outage
+
+    storage = make_storage(os.environ["AUTONORM_TEST_POSTGRES_URL"], Path("unused"))
+    rdb = storage._backend
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # a free port: connections are refused, as while the server restarts
+    rdb.scoped_session.remove()
+    rdb.scoped_session.configure(bind=sqlalchemy.create_engine(rdb.engine.url.set(host="127.0.0.1", port=port)))
+    real = outage.STORAGE_OUTAGE_S
+    outage.STORAGE_OUTAGE_S = 2.0
+    try:
+        optuna.get_all_study_summaries(storage)
+        return False, "no error"
+    except outage.StorageUnavailableError as exc:
+        return "run the same command again" in str(exc) and "\n" not in str(exc), str(exc)[:100]
+    finally:
+        outage.STORAGE_OUTAGE_S = real
+
+
 # --- kill -9 and cut journals -------------------------------------------------------------------------------------
 CHILD = {
     "save": """
@@ -558,7 +727,7 @@ def cut_journal_cases(tmp: Path, rng: random.Random) -> list:
 
 
 # --- driver ---------------------------------------------------------------------------------------------------
-def run_all(seed: int) -> list:
+def run_all(seed: int, only: str | None = None) -> list:
     import logging
 
     import autonorm  # noqa: F401  (import before the memory cap)
@@ -578,10 +747,12 @@ def run_all(seed: int) -> list:
     with tempfile.TemporaryDirectory(prefix="autonorm-reliability-") as tmp:
         tmp = Path(tmp)
         os.environ["AUTONORM_CACHE_DIR"] = str(tmp / "cache")
+        steps = {"databases": database_cases, "knobs": knob_cases, "edges": edge_cases,
+                 "kill -9": lambda t: kill_cases(t, rng), "cut journal": lambda t: cut_journal_cases(t, rng)}
         results = []
-        for step in (database_cases, knob_cases):
-            results += step(tmp)
-        results += kill_cases(tmp, rng) + cut_journal_cases(tmp, rng)
+        for name, step in steps.items():
+            if only is None or only == name:
+                results += step(tmp)
     return results
 
 
@@ -597,14 +768,14 @@ def _export(rev: str, folder: Path) -> Path:
     return tree
 
 
-def _baseline(rev: str, time_scale: float) -> dict:
+def _baseline(rev: str, time_scale: float, only: str | None = None) -> dict:
     """{(category, case): held} of the same cases on commit `rev`."""
     with tempfile.TemporaryDirectory(prefix="autonorm-baseline-") as tmp:
         tree = _export(rev, Path(tmp))
         out = Path(tmp) / "baseline.json"
         env = {**os.environ, "PYTHONPATH": str(tree)}
         subprocess.run([sys.executable, __file__, "--json", str(out), "--expect-root", str(tree),
-                        "--time-scale", str(time_scale)], env=env,
+                        "--time-scale", str(time_scale), *(["--only", only] if only else [])], env=env,
                        check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return {(c, n): held for c, n, held, _ in json.loads(out.read_text())}
 
@@ -663,6 +834,8 @@ def main() -> int:
     p.add_argument("--json", metavar="OUT", help="write every case's result as JSON")
     p.add_argument("--mutants", action="store_true", help="also check that each known mutant is killed by its test")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=("databases", "knobs", "edges", "kill -9", "cut journal"),
+                   help="run one category (knobs includes the flags)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply every case's time limit (a loaded machine: 3 for a load average of 6 on 2 cores)")
     p.add_argument("--verbose", action="store_true", help="print every case that did not hold")
@@ -674,10 +847,10 @@ def main() -> int:
     if args.expect_root:
         import autonorm
         assert Path(autonorm.__file__).resolve().is_relative_to(Path(args.expect_root).resolve()), autonorm.__file__
-    results = run_all(args.seed) + (mutant_cases() if args.mutants else [])
+    results = run_all(args.seed, args.only) + (mutant_cases() if args.mutants else [])
     if args.json:
         Path(args.json).write_text(json.dumps(results))
-    before = _baseline(args.baseline, args.time_scale) if args.baseline else None
+    before = _baseline(args.baseline, args.time_scale, args.only) if args.baseline else None
     categories = list(dict.fromkeys(c for c, *_ in results))
     print(f"{'category':<12} {'cases':>6} {'held':>6} {'failed':>7}" + (f" {'failed at ' + args.baseline:>20}"
                                                                          f" {'fixed':>6}" if before else ""))
