@@ -559,3 +559,16 @@ def test_a_trial_failed_by_heartbeat_while_its_worker_times_it_does_not_end_the_
                     StalledTimer(), "cpu", storage=storage, name="stalled", n_trials=2, time_budget=30,
                     compile_baseline=False).run()
     assert result.record is None  # its only candidate's result was dropped, the worker did not crash
+
+
+def test_tuner_figures_above_the_copy_probe_say_cache(tmp_path, capsys):
+    from autonorm import cli
+    from autonorm.cli.tune import _pct_copy
+
+    assert [_pct_copy(p) for p in (None, 64.4, 100.0, 743.0)] == ["-", "64", "100", "cache"]
+    doc = _db_doc()
+    doc["records"][0]["winner"]["pct_copy_bw"] = 743.0  # a shape that fits in the cache, over a DRAM probe
+    (tmp_path / "db.json").write_text(json.dumps(doc))
+    assert cli.main(["db", "show", str(tmp_path / "db.json")]) == 0
+    out = capsys.readouterr().out
+    assert "cache-resident (faster than the DRAM copy probe)" in out and "743%" not in out

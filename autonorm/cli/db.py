@@ -43,7 +43,8 @@ def add_arguments(p) -> None:
 
 
 def _entry(e) -> str:
-    pct = f", {e.pct_copy_bw:.0f}% copy bw" if e.pct_copy_bw is not None else ""
+    pct = "" if e.pct_copy_bw is None else (f", {e.pct_copy_bw:.0f}% copy bw" if e.pct_copy_bw <= 100 else
+                                            ", cache-resident (faster than the DRAM copy probe)")
     return (f"{e.backend}[{e.config.short()}] {e.median_us:.2f} us ({e.p20_us:.2f}-{e.p80_us:.2f}), "
             f"{e.gbps:.1f} GB/s{pct}")
 
@@ -77,7 +78,8 @@ def show(db: TuningDB, out=None) -> None:
         low = (f" [LOW CONFIDENCE: noisy measurements, spread {rec.quality.get('spread', 0):.2f}"
                + (f", {_printable(str(rec.quality['load']))}" if rec.quality.get("load") else "") + "]"
                if (rec.quality or {}).get("confidence") == "low" else "")
-        print(f"  {key.short()}: {_entry(rec.winner)}; {vs}; {rec.trials} trials, {rec.failed} failed, "
+        search = f" ({rec.completeness})" if rec.completeness else ""  # how complete the search was
+        print(f"  {key.short()}: {_entry(rec.winner)}; {vs}; {rec.trials} trials{search}, {rec.failed} failed, "
               f"{rec.date}{fit}" + (f" [STALE: tuned under another compiler, {stale}]" if stale else "")
               + low, file=out)
 

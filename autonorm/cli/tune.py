@@ -40,6 +40,10 @@ def add_arguments(p) -> None:
     add_list(p, "--backends", help="candidate backends (default: those that run natively here)")
     p.add_argument("--trials", type=positive_int, help=f"trial budget per study ({preset('trials')})")
     p.add_argument("--time-budget", type=float, help=f"seconds per study ({preset('time_budget')})")
+    p.add_argument("--budget", type=duration,
+                   help="the whole run's time, e.g. 10m, 90s, 1h: a plan divides it across the studies (printed "
+                        "first), the cost model's best candidates are timed first, and the run ends within it, "
+                        "start-up and the bandwidth probe included; the same command resumes")
     p.add_argument("--patience", type=positive_int, help="stop a TPE study after this many trials without a 0.5%% gain")
     p.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal file path "
                                      "(default: OUT/.autonorm-journal/<device-slug>.optuna.journal)")
@@ -60,6 +64,21 @@ def add_arguments(p) -> None:
                    help="threads compiling candidates while timing stays serial")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are off when stderr is not a terminal)")
+
+
+def duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `10m` or `1h` (argparse type for --budget)."""
+    import argparse
+
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit.lower()]
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is no duration: give seconds or a number with s, m or h (10m)")
+    return seconds
 
 
 def _feature_kwargs(tag: str) -> dict:
@@ -122,13 +141,19 @@ def format_table(results: list[StudyResult]) -> str:
         low = " (low)" if (rec.quality or {}).get("confidence") == "low" else ""
         rows.append((r.spec.short(), str(r.rows), w.backend, w.config.short(), f"{w.median_us:.1f}",
                      f"{quality.spread(w):.2f}{low}",
-                     f"{w.gbps:.1f}", f"{w.pct_copy_bw:.0f}" if w.pct_copy_bw is not None else "-",
+                     f"{w.gbps:.1f}", _pct_copy(w.pct_copy_bw),
                      f"{eager:.2f}", f"{comp['median_us'] / w.median_us:.2f}" if comp else "-",
-                     f"{r.trials} ({len(r.failed)} failed)"))
+                     f"{r.trials} ({len(r.failed)} failed)" + (f" {r.completeness}" if r.completeness else "")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(wd) for cell, wd in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * wd for wd in widths))
     return "\n".join(lines)
+
+
+def _pct_copy(pct: float | None) -> str:
+    """A winner's share of the copy bandwidth; `cache` above 100%: its inputs stayed in a cache, and a DRAM
+    copy probe is no roofline for it (as in `autonorm bench`)."""
+    return "-" if pct is None else "cache" if pct > 100 else f"{pct:.0f}"
 
 
 def _estimate(studies: int, n_trials: int, time_budget: float) -> str:
@@ -195,6 +220,8 @@ def main(args) -> int:
     row_counts = args.rows or preset["rows"]
     n_trials = args.trials or preset["trials"]
     time_budget = args.time_budget or preset["time_budget"]
+    if args.budget is not None and args.time_budget is not None:
+        raise UsageError("--budget divides the run's time across the studies itself; give it or --time-budget")
     try:
         backends = native_backends(device, args.backends)
     except UnknownBackendError as exc:
@@ -214,7 +241,7 @@ def main(args) -> int:
         raise UsageError(f"--storage {args.storage}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     studies = len(specs) * len(row_counts)
     estimate = _estimate(studies, n_trials, time_budget)
-    if studies * time_budget > LONG_RUN_S:
+    if args.budget is None and studies * time_budget > LONG_RUN_S:
         print(f"autonorm tune: {estimate}; Ctrl-C stops it and the same command resumes", file=sys.stderr)
     timer = measure.timer_for(device)
     copy_gbps = measure.copy_bandwidth(device)
@@ -234,7 +261,8 @@ def main(args) -> int:
         db = tune_grid(specs, row_counts, backends, device, db_path=db_path, storage=storage, lock_path=lock_path,
                        n_trials=n_trials, time_budget=time_budget, results=results, patience=args.patience,
                        compile_workers=args.compile_workers, compile_baseline=not args.no_compile_baseline,
-                       strict=args.strict, copy_gbps=copy_gbps, timer=timer, progress=study_bar)
+                       strict=args.strict, copy_gbps=copy_gbps, timer=timer, progress=study_bar,
+                       budget_s=args.budget, show_plan=lambda text: print(text, file=sys.stderr))
     except BaseException as exc:
         if not was_interrupted(exc):
             raise
