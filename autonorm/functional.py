@@ -12,7 +12,7 @@ path cost ~4 us more per call than the norm itself (scripts/overhead.py).
 Inputs that torch takes but the kernels do not (float64, N above the kernels'
 maximum or 0, weight or bias dtypes other than float32 or the input's, an input,
 weight, bias or residual inside a torch.func transform such as torch.vmap or
-torch.func.grad) run torch's own implementation
+torch.func.grad, forward-mode AD) run torch's own implementation
 instead: a fallback, never a failure. With AUTONORM_LOG=1 each reason is logged
 once, and `autonorm.explain` reports it. Bad input that torch rejects gets
 torch's kind of error (a shape mismatch is both a ValueError and, like torch's,
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -56,7 +57,7 @@ def _fast_n(input, normalized_shape, weight, bias) -> int:
 
     Weight and bias qualify when None or 1-D (n,), contiguous, float32 or the input dtype, on the
     input's device, and of one dtype. Written inline: each helper call costs ~0.1 us here."""
-    if type(input) is not _Tensor:
+    if type(input) is not _Tensor or _forward_ad._current_level >= 0:  # (inside forward_ad.dual_level)
         return 0
     dtype = input.dtype
     if dtype not in DTYPE_NAMES:
@@ -186,6 +187,8 @@ def fallback_reason(input, normalized_shape, weight, bias, residual=None) -> str
     # (is_compiling first: Dynamo cannot trace the wrapped-tensor test)
     if not torch.compiler.is_compiling() and _in_functorch(input, weight, bias, residual):
         return "tensors inside a torch.func transform (torch.vmap, torch.func.grad, ...)"
+    if _forward_ad._current_level >= 0:  # the kernels would drop the tangents of dual tensors
+        return "forward-mode AD (inside torch.autograd.forward_ad.dual_level)"
     if input.is_floating_point() and input.dtype not in DTYPE_NAMES:
         return f"{input.dtype} input (kernels take float32, float16, bfloat16)"
     try:

@@ -106,6 +106,25 @@ def test_grad_and_vmap_over_weight_and_bias_match_torch(use_backend, backend):
     torch.testing.assert_close(h, X + residuals)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_carries_tangents_as_torch(use_backend, backend):
+    """Dual tensors of torch.autograd.forward_ad: the kernels would return y without its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    _backend(use_backend, backend)
+    tangent_w, tangent_x = torch.randn(64), torch.randn(4, 64)
+    with fwAD.dual_level():
+        w, x = fwAD.make_dual(W, tangent_w), fwAD.make_dual(X, tangent_x)
+        pairs = [(autonorm.rms_norm(X, (64,), w), F.rms_norm(X, (64,), w)),
+                 (autonorm.layer_norm(x, (64,), W, B), F.layer_norm(x, (64,), W, B))]
+        for ours, theirs in pairs:
+            ours, theirs = fwAD.unpack_dual(ours), fwAD.unpack_dual(theirs)
+            assert ours.tangent is not None
+            torch.testing.assert_close(ours.primal, theirs.primal)
+            torch.testing.assert_close(ours.tangent, theirs.tangent)
+    assert autonorm.explain("rms_norm", X, (64,), W).rung != "fallback"  # outside the dual level: the kernels
+
+
 def test_explain_names_a_transformed_weight_as_a_fallback():
     reasons = []
     grad(lambda w: reasons.append(autonorm.explain("rms_norm", X, (64,), w)) or w.sum())(W)
