@@ -141,6 +141,10 @@ class Record:
     date: str = ""
     quality: dict | None = None  # the tuner's measurement-quality verdict (autonorm/tune/quality.py), if any
     profile: dict | None = None  # the winner's compiled resources on this GPU (`autonorm.audit`), if audited
+    # How complete the search behind the winner was: "exhaustive" (every candidate evaluated), "converged"
+    # (patience: no gain for a while) or "budget" (the trial or time budget ran out first); None: not recorded
+    # (databases written before the field), which reads as unknown.
+    completeness: str | None = None
 
     def to_json(self) -> dict:
         doc = {"key": self.key.to_json(), "winner": self.winner.to_json(),
@@ -151,6 +155,8 @@ class Record:
             doc["quality"] = self.quality
         if self.profile is not None:
             doc["profile"] = self.profile
+        if self.completeness is not None:
+            doc["completeness"] = self.completeness
         return doc
 
     @classmethod
@@ -167,7 +173,7 @@ class Record:
         return cls(key, Entry.from_json(obj["winner"], f"{where} winner"),
                    [Entry.from_json(e, f"{where} runner-up {i}") for i, e in enumerate(obj["runners_up"])],
                    dict(obj["baselines"]), obj["template_hash"], obj["trials"], obj["failed"], obj["date"],
-                   obj.get("quality"), obj.get("profile"))
+                   obj.get("quality"), obj.get("profile"), obj.get("completeness"))
 
 
 def now_iso() -> str:

@@ -7,6 +7,8 @@
     storage.py   Optuna storage for one machine (a journal file) or a fleet (a database URL)
     journal.py   the journal file's safety: never a tuning database, a cut last line dropped
     run.py       presets, native backends, `tune_grid` (what `autonorm tune` runs) and `tune_one`
+    plan.py      `--budget`: the plan that divides one time budget across a grid's studies
+    rank.py      the static cost model that orders each study's candidates before any timing
 
 Needs Optuna (`pip install "autonorm[tune]"`); importing this package imports it
 only when a study starts.

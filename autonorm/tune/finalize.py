@@ -36,6 +36,7 @@ class StudyResult:
     space_size: int = 0
     refused: str | None = None  # why a measured winner was not recorded (noisy, with strict=True)
     finalized_by: str | None = None  # another worker finalizes the study (its record: `autonorm db export`)
+    completeness: str | None = None  # how complete the search was: exhaustive, converged or budget
 
 
 

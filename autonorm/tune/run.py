@@ -9,6 +9,7 @@ storage). `tune_one` is the same for one spec, for the dispatcher's tune-on-miss
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,10 +19,11 @@ from ..db import Record, RecordKey, TuningDB
 from ..device import identity, software_versions
 from ..errors import BackendUnavailableError, UnknownBackendError
 from ..spec import NormSpec, rows_bucket
-from . import quality
+from . import plan as planner
+from . import quality, rank
 from . import storage as fleet
 from .finalize import StudyResult
-from .space import Candidate
+from .space import Candidate, SearchSpace
 from .study import StudyRunner, study_name
 
 # --quick: five studies that finish in a few minutes on a 2-core CPU (numba-cpu + torch): the forward of
@@ -34,6 +36,7 @@ DEFAULTS = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtyp
 # Features tuned unless told otherwise: what torch.nn.RMSNorm and torch.nn.LayerNorm use by default.
 DEFAULT_FEATURES = {"rmsnorm": "weight", "layernorm": "weight+bias"}
 DEVICE_FIELDS = ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")
+RANKED_SEEDS = 8  # with --budget: the cost model's best candidates, timed after the seeds and before TPE
 
 
 def _print_note(text: str) -> None:
@@ -76,16 +79,37 @@ def protocol(timer) -> dict:
                        f"re-timing and search differ by > {quality.AGREEMENT_LIMIT}x"}
 
 
+def _seeds(spec: NormSpec, rows: int, backends: dict, earlier: TuningDB | None) -> list[Candidate]:
+    """The database's earlier winner for the same key (first), then each backend's heuristic."""
+    seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
+    prior = earlier.records.get(RecordKey.of(spec, rows_bucket(rows))) if earlier else None
+    if prior is not None and prior.winner.backend in backends:
+        seeds.insert(0, Candidate(prior.winner.backend, prior.winner.config))
+    return seeds
+
+
+def _with_ranked(seeds: list[Candidate], space: SearchSpace, rows: int, facts: rank.DeviceFacts) -> list[Candidate]:
+    """The seeds, then the cost model's RANKED_SEEDS best candidates not among them."""
+    keys = {c.key for c in seeds}
+    best = [c for c in rank.ranked(space, rows, facts) if c.key not in keys][:RANKED_SEEDS]
+    return seeds + best
+
+
 def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, device: torch.device, *,
               db_path: Path, storage, lock_path: Path | None, n_trials: int, time_budget: float,
               results: list[StudyResult], patience: int | None = None, compile_workers: int = 2,
               compile_baseline: bool = True, strict: bool = False, copy_gbps: float | None = None,
-              timer=None, progress=None) -> TuningDB:
+              timer=None, progress=None, budget_s: float | None = None, elapsed=planner.process_age_s,
+              show_plan=None, costs: planner.Costs | None = None, clock=time.monotonic) -> TuningDB:
     """Tune every (spec, rows) into the database at `db_path`, saved after every study.
 
     `results` receives each study's result as it ends, so a caller interrupted by
     Ctrl-C still holds the finished ones. `progress(total, desc)` makes a progress
-    bar per study (tqdm-like), or None for none.
+    bar per study (tqdm-like), or None for none. With `budget_s`, the grid is planned
+    to end `budget_s` seconds after `elapsed()` was 0 (`autonorm.tune.plan`): the plan
+    goes to `show_plan(text)`, `time_budget` is replaced by each study's share, and the
+    cost model's best candidates are timed right after the seeds. `costs` replaces the plan's estimates
+    (`Costs.estimate` from the timer's protocol); `clock` is the seconds the deadline and studies count in.
     """
     ident = identity(device)
     timer = timer if timer is not None else measure.timer_for(device)
@@ -95,27 +119,59 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     earlier = TuningDB.load(db_path) if db_path.exists() else None
     db = TuningDB(device_info, software_versions(), protocol(timer))
     study_attrs = {"device": device_info, "versions": db.versions, "protocol": db.protocol}
-    for spec in specs:
-        for rows in row_counts:
-            seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
-            prior = earlier.records.get(RecordKey.of(spec, rows_bucket(rows))) if earlier else None
-            if prior is not None and prior.winner.backend in backends:
-                seeds.insert(0, Candidate(prior.winner.backend, prior.winner.config))
-            bar = progress(n_trials, f"{spec.short()} rows={rows}") if progress else None
-            runner = StudyRunner(spec, rows, backends, timer, device, storage=storage,
-                                 name=study_name(ident["slug"], spec, rows, backends), n_trials=n_trials,
-                                 time_budget=time_budget, patience=patience, seeds=seeds,
-                                 compile_workers=compile_workers, compile_baseline=compile_baseline,
-                                 copy_gbps=copy_gbps, lock_path=lock_path, progress=bar, strict=strict,
-                                 study_attrs=study_attrs)
-            result = runner.run()
-            if bar is not None:
-                bar.close()
-            results.append(result)
-            if result.record is not None:
-                db.upsert(result.record)
-                db.save(db_path)  # after every study: a killed run keeps what it finished
+    jobs = [(spec, rows, study_name(ident["slug"], spec, rows, backends), SearchSpace(spec, backends, device),
+             _seeds(spec, rows, backends, earlier)) for spec in specs for rows in row_counts]
+    plans = None
+    if budget_s is not None:
+        costs = costs or planner.Costs.estimate(db.protocol, compile_baseline)
+        plans = planner.split(planner.study_plans(jobs, costs, n_trials, planner.complete_studies(storage)),
+                              budget_s, elapsed()).studies
+        if show_plan is not None:
+            show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans)))
+        deadline = clock() + budget_s - elapsed()
+        facts = rank.DeviceFacts.of(ident, copy_gbps)
+    for i, (spec, rows, name, space, seeds) in enumerate(jobs):
+        share = time_budget
+        if plans is not None:
+            plan = plans[i]
+            if plan.status == "complete":  # taken from the storage as it is: nothing re-timed
+                record = Record.from_json(plan.stored, f"study {name}")
+                results.append(StudyResult(spec, rows, record, record.trials, record.trials - record.failed,
+                                           space_size=plan.space, completeness=record.completeness))
+                db.upsert(record)
+                continue
+            share = _share(plans, i, deadline - clock())
+            if plan.status != "run" or share is None:
+                if plan.status == "run" and show_plan is not None:
+                    show_plan(f"left out {spec.short()} rows={rows}: the budget was spent before it started")
+                continue
+            seeds = _with_ranked(seeds, space, rows, facts)
+        bar = progress(n_trials, f"{spec.short()} rows={rows}") if progress else None
+        runner = StudyRunner(spec, rows, backends, timer, device, storage=storage, name=name, n_trials=n_trials,
+                             time_budget=share, patience=patience, seeds=seeds,
+                             compile_workers=compile_workers, compile_baseline=compile_baseline,
+                             copy_gbps=copy_gbps, lock_path=lock_path, progress=bar, strict=strict,
+                             study_attrs=study_attrs, clock=clock)
+        result = runner.run()
+        if bar is not None:
+            bar.close()
+        results.append(result)
+        if result.record is not None:
+            db.upsert(result.record)
+            db.save(db_path)  # after every study: a killed run keeps what it finished
+    if plans is not None and db.records:
+        db.save(db_path)  # the records taken from complete studies, too
     return db
+
+
+def _share(plans: list, i: int, left_s: float) -> float | None:
+    """Search seconds for study `i` now: its planned share rescaled by the time left over the time planned
+    for it and the studies after it; None when what is left cannot time one candidate and finish."""
+    plan = plans[i]
+    to_come = sum(p.search_s + p.finish_s for p in plans[i:] if p.status == "run")
+    if left_s < plan.finish_s + plan.candidate_s:
+        return None
+    return max(0.0, left_s * (plan.search_s + plan.finish_s) / to_come - plan.finish_s)
 
 
 def tune_one(spec: NormSpec, rows: int, device: torch.device, db_path: Path) -> Record | None:

@@ -90,7 +90,7 @@ class StudyRunner:
                  seeds: list[Candidate] = (), compile_workers: int = 2, finalists: int = 3,
                  compile_baseline: bool = True, copy_gbps: float | None = None, lock_path: Path | None = None,
                  seed: int = 0, progress=None, strict: bool = False, study_attrs: dict | None = None,
-                 verify=measure.verify, sampler=None):
+                 verify=measure.verify, sampler=None, clock=time.monotonic):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.verify = verify  # (spec, kernel, rows, device) -> None or why the kernel is wrong
         self.device = torch.device(device)
@@ -106,6 +106,7 @@ class StudyRunner:
         self.strict = strict  # refuse to record a result whose measurements stay noisy (autonorm/tune/quality.py)
         self.study_attrs = study_attrs  # device, versions, protocol: stored in the study (storage.describe_study)
         self._beats = fleet.Heartbeats(None)
+        self.clock = clock  # seconds, for time_budget: a planned grid's deadline shares it (tests script it)
 
     def _study(self):
         import optuna
@@ -169,7 +170,9 @@ class StudyRunner:
                 requeue.append(t.params)
         measured, failed, queued = self._state(study)
         # A seed outside today's space (an old database winner, a heuristic invalid for this spec) is dropped.
-        wanted = [self.space.params(c) for c in (self.space.candidates() if self.exhaustive else self.seeds)
+        # Seeds first, in their order (a ranked order times the best-ranked first), then in an exhaustive
+        # study the rest of the space (a candidate already queued is skipped below).
+        wanted = [self.space.params(c) for c in self.seeds + (self.space.candidates() if self.exhaustive else [])
                   if c.config in self.space.configs.get(c.backend, ())]
         for params in requeue + wanted:
             cand = self._candidate(params)
@@ -206,18 +209,30 @@ class StudyRunner:
         with self._claim():
             self._prepare(study)
         with fleet.Heartbeats(self.storage) as self._beats:
-            self._search(study)
+            stopped_by = self._search(study)
             with self._claim():
                 self._close_unused(study)
-            return finalize.finish(self, study)
+            result = finalize.finish(self, study)
+        measured, failed, _ = self._state(study)
+        result.completeness = "exhaustive" if len(measured) + len(failed) >= len(self.space) else stopped_by
+        study.set_user_attr("completeness", result.completeness)  # a rerun leaves a complete study alone
+        if result.record is not None and result.record.completeness != result.completeness:
+            result.record.completeness = result.completeness
+            if study.user_attrs.get("record") is not None:
+                study.set_user_attr("record", result.record.to_json())
+        return result
 
     def _claim(self):
         return fleet.claim_lock(self.storage, self.name, self.lock_path)
 
-    def _search(self, study) -> None:
+    def _search(self, study) -> str:
+        """Search until a budget, patience or the space runs out; returns why it stopped: "budget" (trials
+        or time), "converged" (patience, or a sampler that keeps proposing evaluated candidates) or
+        "exhaustive"."""
         import optuna
 
-        started, best, since_best = time.monotonic(), float("inf"), 0
+        started, best, since_best = self.clock(), float("inf"), 0
+        batch_s = 0.0  # the last batch's compile and timing: a batch that would end past the budget is not begun
         pool = ThreadPoolExecutor(max_workers=max(1, self.compile_workers))
         try:
             while True:
@@ -225,19 +240,20 @@ class StudyRunner:
                 # The budget counts distinct candidates evaluated; a sampled duplicate costs no timing,
                 # but Optuna trials are capped too so that a converged sampler cannot loop forever.
                 done = len(measured) + len(failed)
-                if (done >= self.n_trials or len(self._finished(study)) >= MAX_TRIALS_FACTOR * self.n_trials
-                        or time.monotonic() - started > self.time_budget):
-                    break
+                if done >= self.n_trials or self.clock() - started + batch_s > self.time_budget:
+                    return "budget"
+                if len(self._finished(study)) >= MAX_TRIALS_FACTOR * self.n_trials:
+                    return "converged"
                 if self.exhaustive and not any(t.state == optuna.trial.TrialState.WAITING
                                                for t in study.get_trials(deepcopy=False)):
                     if not self._others_running(study):
-                        break  # every config is measured or failed
+                        return "exhaustive"  # every config is measured or failed
                     time.sleep(1.0)  # another worker may die: its trials then return to the queue
                     continue
                 if self.patience is not None and since_best >= self.patience:
-                    break
+                    return "converged"
                 if done >= len(self.space):
-                    break  # every candidate is evaluated
+                    return "exhaustive"  # every candidate is evaluated
                 batch = []
                 # Claiming candidates is atomic across workers: under the lock, re-read what the others
                 # have measured or are measuring (`queued`), then ask; a worker that enters after us sees
@@ -252,6 +268,7 @@ class StudyRunner:
                             batch.append(picked)
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
+                batch_started = self.clock()
                 fresh = [c for _, c in batch if c.key not in measured and c.key not in failed]
                 kernels = dict(zip([c.key for c in fresh], pool.map(self._compile, fresh)))
                 for trial, cand in batch:  # timing stays serial
@@ -265,6 +282,7 @@ class StudyRunner:
                         self.progress.update(1)
                         if best < float("inf"):
                             self.progress.set_postfix_str(f"best {best:.1f} us")
+                batch_s = self.clock() - batch_started
         finally:
             pool.shutdown(wait=True)
 

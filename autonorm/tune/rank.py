@@ -1,0 +1,93 @@
+"""A static cost model: each spec's candidates ranked before anything is timed.
+
+The tuner times the best-ranked candidates first (after the heuristics and the
+database's earlier winner), so that a study cut by its budget has timed the likely
+winners. The model uses only facts known without a measurement:
+
+- the bytes one call moves (`NormSpec.bytes_moved`: every row tensor read or written
+  once) over the device's copy bandwidth: the time of a kernel at the memory floor;
+- how much of the device a config keeps busy: its parallel units (rows / the config's
+  rows per task or program) against the device's workers (CPU cores, or a GPU's SMs
+  times `BLOCKS_PER_SM`, the blocks one SM needs resident to hide memory latency);
+  a CPU config asking for more threads than cores is oversubscribed;
+- a fixed cost per parallel unit on a CPU (a task's scheduling);
+- among configs the first three cannot tell apart (within `TIE`), the distance from
+  the backend's heuristic, which encodes what was measured when it was written.
+
+What it does not know: vector width, fastmath, unrolling, registers. Those are left
+to the measurement (TPE), and where a saved audit profile exists the GPU search space is
+already pruned of spilling or unlaunchable configs (`autonorm.audit.prune_space`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..spec import NormSpec
+from .space import Candidate, SearchSpace
+
+# The knob that sets how many rows one parallel unit (task, program, block) handles, per backend.
+ROWS_KNOBS = ("rows_per_task", "ROWS_PER_PROGRAM", "rows")
+BLOCKS_PER_SM = 4   # resident blocks a GPU SM needs to hide memory latency (a rule of thumb, not measured here)
+TASK_US = 1.0       # a Numba CPU task's scheduling cost (workqueue), per task
+TIE = 1.05          # predictions within 5% are a tie, broken by the distance from the heuristic
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the model knows of a device: its kind, cores or SMs, and copy bandwidth (GB/s)."""
+
+    kind: str
+    workers: int
+    copy_gbps: float
+
+    @classmethod
+    def of(cls, ident: dict, copy_gbps: float | None) -> "DeviceFacts":
+        kind = ident["kind"]
+        units = max(1, int(ident.get("sm_count") or 1))
+        # Without a measured bandwidth every candidate shares the same floor: the ranking is unchanged.
+        return cls(kind, units * (BLOCKS_PER_SM if kind == "cuda" else 1), copy_gbps or 10.0)
+
+
+def _rows_per_unit(config) -> int:
+    return next((getattr(config, k) for k in ROWS_KNOBS if hasattr(config, k)), 1)
+
+
+def predict_us(spec: NormSpec, rows: int, cand: Candidate, facts: DeviceFacts) -> float:
+    """The model's time (µs) of one call: the memory floor stretched by the idle share of the device,
+    plus the per-task cost on a CPU."""
+    floor_us = spec.bytes_moved(rows) / (facts.copy_gbps * 1e3)
+    units = math.ceil(rows / _rows_per_unit(cand.config))
+    workers = facts.workers
+    oversubscribed = 1.0
+    threads = getattr(cand.config, "threads", 0) if facts.kind == "cpu" else 0
+    if threads:
+        workers = min(threads, facts.workers)
+        oversubscribed = max(1.0, threads / facts.workers)
+    busy = min(units, workers) / facts.workers
+    task_us = TASK_US * units / min(units, workers) if facts.kind == "cpu" else 0.0
+    return floor_us / busy * oversubscribed + task_us
+
+
+def heuristic_distance(space: SearchSpace, cand: Candidate, heuristic) -> int:
+    """Steps between `cand` and its backend's heuristic config over the ordinal knobs (0: it is the heuristic)."""
+    if heuristic is None or heuristic not in space.configs.get(cand.backend, ()):
+        return 0
+    return sum(abs(values.index(getattr(cand.config, k)) - values.index(getattr(heuristic, k)))
+               for k, values in space.knobs[cand.backend].items())
+
+
+def ranked(space: SearchSpace, rows: int, facts: DeviceFacts) -> list[Candidate]:
+    """Every candidate of `space`, the model's best first."""
+    heuristics = {}
+    for name in space.configs:
+        try:
+            heuristics[name] = space.backends[name].heuristic(space.spec)
+        except Exception:  # a backend without a heuristic for this spec: no tie-break for it
+            heuristics[name] = None
+
+    def score(cand):
+        predicted = predict_us(space.spec, rows, cand, facts)
+        return (round(math.log(max(predicted, 1e-9)) / math.log(TIE)),
+                heuristic_distance(space, cand, heuristics[cand.backend]))
+    return sorted(space.candidates(), key=score)

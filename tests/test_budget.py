@@ -1,0 +1,234 @@
+"""`autonorm tune --budget`: the plan's numbers, the budget split, stopping at the budget, resume, ranked order.
+
+A fake backend whose config has a rows-per-block knob (so the cost model can tell
+configs apart) and a scripted timer that advances a scripted clock by a fixed time
+per candidate (and per finish): the budget, the deadline and each study's time all
+count on that clock, so what a budget buys is exact whatever the machine's load.
+"""
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from autonorm.backends.torch_eager import TorchBackend
+
+from autonorm.config import Config, knob
+from autonorm.db import TuningDB
+from autonorm.measure import Timing
+from autonorm.spec import NormSpec
+from autonorm.tune import SearchSpace, make_storage, tune_grid
+from autonorm.tune import plan as planner
+from autonorm.tune import rank
+from fakes import FakeBackendBase
+
+pytest.importorskip("optuna")
+
+SPECS = [NormSpec("rmsnorm", "fwd", "float32", "float32", 64), NormSpec("rmsnorm", "fwd", "float32", "float32", 128)]
+ROWS = 64
+SLEEP_S = 0.05  # the scripted clock's cost of one candidate
+COSTS = planner.Costs({"fake": 0.0, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
+
+
+@dataclass(frozen=True)
+class RowsConfig(Config):
+    backend: ClassVar[str] = "fake"
+    rows: int = knob((1, 4, 16, 64))
+    b: int = knob((1, 2))
+
+
+class RowsBackend(FakeBackendBase):
+    config_cls = RowsConfig
+
+    def build(self, source, spec, config, device):
+        inner = TorchBackend().build(None, spec, None, device)
+
+        def kernel(*args):
+            return inner(*args)
+        kernel.config = config
+        return kernel
+
+
+class ScriptedClockTimer:
+    """Each search timing advances the clock by SLEEP_S (a finish by COSTS.finish_s) and returns the config's
+    known cost; records the order it timed."""
+
+    def __init__(self):
+        self.timed, self.interleaved_calls, self.now = [], 0, 0.0
+
+    def clock(self):
+        return self.now
+
+    @staticmethod
+    def _us(kernel):
+        config = getattr(kernel, "config", None)
+        return 50.0 if config is None else 10.0 + abs(config.rows - 8) + config.b
+
+    def measure(self, spec, kernel, rows):
+        self.now += SLEEP_S
+        self.timed.append((spec.hidden, getattr(kernel, "config", "torch")))
+        us = self._us(kernel)
+        return Timing(us, us * 0.97, us * 1.03, 10)
+
+    def interleaved(self, spec, kernels, rows):
+        self.interleaved_calls += 1
+        self.now += COSTS.finish_s
+        return [Timing(self._us(k), self._us(k) * 0.97, self._us(k) * 1.03, 10) for k in kernels]
+
+    def describe(self):
+        return {"timer": "scripted"}
+
+
+def backends():
+    return {"fake": RowsBackend(), "torch": TorchBackend()}
+
+
+@pytest.fixture(autouse=True)
+def fake_is_a_backend(monkeypatch):
+    """Databases rebuild each config through its backend: the fake must be one by name."""
+    from autonorm import backends as registry
+
+    monkeypatch.setitem(registry.BACKENDS, "fake", "tests:RowsBackend")
+    monkeypatch.setitem(registry._instances, "fake", RowsBackend())
+
+
+def tune(tmp_path, budget_s, timer, shown=None, n_trials=40):
+    results = []
+    db = tune_grid(SPECS, [ROWS], backends(), torch.device("cpu"), db_path=tmp_path / "db.json",
+                   storage=make_storage(None, tmp_path / "j.journal"), lock_path=None, n_trials=n_trials,
+                   time_budget=600, results=results, compile_workers=1, compile_baseline=False, copy_gbps=10.0,
+                   timer=timer, budget_s=budget_s, elapsed=lambda: 0.0, costs=COSTS,
+                   show_plan=(shown.append if shown is not None else None), clock=timer.clock)
+    return db, results
+
+
+def _plans(n_trials=40, complete=()):
+    jobs = [(spec, ROWS, f"study-{spec.hidden}", SearchSpace(spec, backends()), ["seed-a", "seed-b"])
+            for spec in SPECS]
+    return planner.study_plans(jobs, COSTS, n_trials, {f"study-{h}": {} for h in complete})
+
+
+# --- the plan ---------------------------------------------------------------------------------------
+def test_the_plan_gives_every_study_its_floor_then_shares_the_rest_by_the_search_it_wants():
+    plans = _plans(n_trials=40)
+    assert [p.space for p in plans] == [9, 9] and [p.wanted for p in plans] == [9, 9]
+    floor = 2 * SLEEP_S + 0.2
+    assert plans[0].floor_s == pytest.approx(floor)
+    plan = planner.split(plans, budget_s=1.0, spent_s=0.2)
+    # 0.8 s to share: floors first, the remaining 0.8 - 2 floors split equally (equal spaces)
+    extra = (0.8 - 2 * floor) / 2
+    assert [p.search_s for p in plan.studies] == pytest.approx([2 * SLEEP_S + extra] * 2)
+    assert plan.studies[0].planned == int((2 * SLEEP_S + extra) / SLEEP_S)
+
+
+def test_a_study_gets_no_more_than_its_space_and_the_excess_goes_to_the_others():
+    plans = _plans(n_trials=40)
+    plans[0].wanted = 4  # a small space: 4 candidates at most
+    plan = planner.split(plans, budget_s=10.0, spent_s=0.0)
+    assert plan.studies[0].search_s == pytest.approx(4 * SLEEP_S)
+    assert plan.studies[1].search_s == pytest.approx(9 * SLEEP_S)  # all it can use; the rest stays unspent
+
+
+def test_studies_whose_floor_does_not_fit_are_left_out_with_the_reason():
+    plan = planner.split(_plans(), budget_s=0.4, spent_s=0.0)
+    assert [p.status for p in plan.studies] == ["run", "left out"]
+    assert plan.studies[1].why == "its seeds and finish need 0.3 s, 0.1 s of the budget were left"
+    text = planner.format_plan(plan)
+    assert "1 studies to run" in text and "1 left out" in text and "left out: its seeds and finish need" in text
+
+
+def test_a_study_complete_in_the_storage_is_planned_as_complete_and_costs_nothing():
+    plan = planner.split(_plans(complete=[64]), budget_s=0.35, spent_s=0.0)
+    assert [p.status for p in plan.studies] == ["complete", "run"]
+    assert "1 complete from an earlier run" in planner.format_plan(plan)
+
+
+# --- the cost model ---------------------------------------------------------------------------------
+def test_the_cost_model_penalizes_an_idle_device_and_oversubscribed_threads():
+    spec = SPECS[0]
+    facts = rank.DeviceFacts("cpu", workers=4, copy_gbps=10.0)
+    one_task, four_tasks = (rank.Candidate("fake", RowsConfig(r, 1)) for r in (64, 16))
+    # one task keeps 1 of 4 cores busy: 4x the memory floor (each pays one task's scheduling)
+    assert rank.predict_us(spec, 64, one_task, facts) - rank.TASK_US == pytest.approx(
+        4 * (rank.predict_us(spec, 64, four_tasks, facts) - rank.TASK_US))
+
+    @dataclass(frozen=True)
+    class Threads(Config):
+        backend: ClassVar[str] = "fake"
+        rows: int = knob((16,))
+        threads: int = knob((0, 4, 8))
+    t = {n: rank.predict_us(spec, 64, rank.Candidate("fake", Threads(16, n)), facts) for n in (0, 4, 8)}
+    assert t[0] == t[4] < t[8]
+
+
+def test_ties_are_broken_by_the_distance_from_the_heuristic():
+    space = SearchSpace(SPECS[0], {"fake": RowsBackend()})
+    order = rank.ranked(space, ROWS, rank.DeviceFacts("cpu", workers=1, copy_gbps=10.0))
+    # one worker: every config fills it, so the fewest tasks first; b is invisible to the model, so the
+    # two configs of 64 rows per task tie and the nearer the heuristic (rows=1, b=1) comes first
+    assert [c.config for c in order[:3]] == [RowsConfig(64, 1), RowsConfig(64, 2), RowsConfig(16, 1)]
+
+
+# --- the run: budget, resume, order -----------------------------------------------------------------
+def test_the_budget_stops_the_grid_records_say_budget_and_the_same_command_continues(tmp_path):
+    shown, first = [], ScriptedClockTimer()
+    _, results = tune(tmp_path, 0.9, first, shown)
+    assert shown and "2 studies to run" in shown[0]
+    assert [r.completeness for r in results] == ["budget", "budget"]
+    assert all(r.record.completeness == "budget" and r.trials < 9 for r in results)
+    saved = TuningDB.load(tmp_path / "db.json")
+    assert {r.completeness for r in saved.records.values()} == {"budget"}
+
+    again = ScriptedClockTimer()
+    _, resumed = tune(tmp_path, 0.9, again)
+    assert not set(first.timed) & set(again.timed)  # nothing timed twice
+    assert all(b.trials > a.trials for a, b in zip(results, resumed))
+
+
+def test_a_complete_study_is_taken_from_the_storage_without_timing(tmp_path):
+    _, results = tune(tmp_path, 60.0, ScriptedClockTimer(), n_trials=4)  # a small trial budget with room to spare
+    assert [r.completeness for r in results] == ["budget", "budget"]  # the trial budget, not patience
+    _, done = tune(tmp_path, 60.0, ScriptedClockTimer(), n_trials=40)
+    assert [r.completeness for r in done] == ["exhaustive", "exhaustive"]
+    timer, shown = ScriptedClockTimer(), []
+    _, again = tune(tmp_path, 60.0, timer, shown, n_trials=40)
+    assert timer.timed == [] and timer.interleaved_calls == 0
+    assert "2 complete from an earlier run" in shown[0]
+    assert [r.record.winner.config for r in again] == [r.record.winner.config for r in done]
+
+
+def test_the_cost_models_best_are_timed_right_after_the_seeds(tmp_path):
+    from autonorm.device import identity
+    from autonorm.tune.run import RANKED_SEEDS
+
+    timer = ScriptedClockTimer()
+    tune(tmp_path, 5.0, timer)  # room for every candidate: the whole order is seen
+    spec = SPECS[0]
+    space = SearchSpace(spec, backends())
+    seeds = [RowsConfig.heuristic(spec), "torch"]
+    best = [c.config for c in rank.ranked(space, ROWS, rank.DeviceFacts.of(identity("cpu"), 10.0))
+            if c.config not in (RowsConfig.heuristic(spec),) and c.backend == "fake"][:RANKED_SEEDS]
+    timed = [config for hidden, config in timer.timed if hidden == spec.hidden]
+    assert timed[:2] == seeds
+    assert len(best) == 7 and timed[2:] == best  # the 7 candidates left after the seeds, best-ranked first
+
+
+def test_db_show_prints_completeness_and_databases_without_it_still_load(tmp_path, capsys):
+    import json
+
+    from autonorm.cli import main
+    from autonorm.errors import DatabaseError
+
+    tune(tmp_path, 0.9, ScriptedClockTimer())
+    path = tmp_path / "db.json"
+    assert main(["db", "show", str(path)]) == 0
+    assert capsys.readouterr().out.count(" trials (budget), ") == 2
+    doc = json.loads(path.read_text())
+    for rec in doc["records"]:
+        del rec["completeness"]  # as written before the field existed
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc))
+    assert all(r.completeness is None for r in TuningDB.load(old).records.values())
+    doc["records"][0]["completeness"] = "nearly"
+    old.write_text(json.dumps(doc))
+    with pytest.raises(DatabaseError, match="nearly"):
+        TuningDB.load(old)
