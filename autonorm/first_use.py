@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import knobs, verify
 from .backends.base import _write_atomically
@@ -148,9 +149,10 @@ def check_call(spec: NormSpec, kernel, torch_kernel, args: tuple, device: torch.
 
 
 def _no_values(args: tuple) -> bool:
-    """Whether the call's tensors hold no values to check (meta or fake tensors, a tracer's proxies)."""
+    """Whether the call's tensors hold no values to check: meta or fake tensors, or a tracer's (any other
+    tensor subclass, an nn.Parameter passed as the input say, holds values and is checked)."""
     x = args[0]
-    return type(x) is not torch.Tensor or x.device.type == "meta" or torch.compiler.is_compiling()
+    return x.device.type == "meta" or isinstance(x, FakeTensor) or torch.compiler.is_compiling()
 
 
 def _capturing(device: torch.device) -> bool:
