@@ -232,3 +232,23 @@ def test_db_show_prints_completeness_and_databases_without_it_still_load(tmp_pat
     old.write_text(json.dumps(doc))
     with pytest.raises(DatabaseError, match="nearly"):
         TuningDB.load(old)
+
+
+def test_tune_budget_on_the_command_line_prints_the_plan_and_refuses_bad_durations(tmp_path, capsys, monkeypatch):
+    from autonorm import measure
+    from autonorm.cli import main
+
+    monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 10.0)
+    monkeypatch.setattr(planner, "process_age_s", lambda: 5.0)  # this process's age is pytest's, not tune's
+    tiny = ["tune", "--ops", "rmsnorm", "--directions", "fwd", "--dtypes", "fp32", "--hidden", "64", "--rows", "8",
+            "--trials", "2", "--backends", "torch", "--no-compile-baseline", "--no-progress",
+            "--out", str(tmp_path / "db")]
+    assert main([*tiny, "--budget", "10m"]) == 0
+    out, err = capsys.readouterr()
+    assert "plan: budget 600 s, 5 s spent on start-up and the bandwidth probe; 1 studies to run" in err
+    assert "1 (0 failed) exhaustive" in out  # torch alone: a space of one
+    for bad in ("0", "10x", "-5m", "inf"):
+        assert main([*tiny, f"--budget={bad}"]) == 2
+        assert "is no duration" in capsys.readouterr().err
+    assert main([*tiny, "--budget", "10m", "--time-budget", "5"]) == 2
+    assert "give it or --time-budget" in capsys.readouterr().err

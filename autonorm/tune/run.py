@@ -99,14 +99,15 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
               db_path: Path, storage, lock_path: Path | None, n_trials: int, time_budget: float,
               results: list[StudyResult], patience: int | None = None, compile_workers: int = 2,
               compile_baseline: bool = True, strict: bool = False, copy_gbps: float | None = None,
-              timer=None, progress=None, budget_s: float | None = None, elapsed=planner.process_age_s,
+              timer=None, progress=None, budget_s: float | None = None, elapsed=None,
               show_plan=None, costs: planner.Costs | None = None, clock=time.monotonic) -> TuningDB:
     """Tune every (spec, rows) into the database at `db_path`, saved after every study.
 
     `results` receives each study's result as it ends, so a caller interrupted by
     Ctrl-C still holds the finished ones. `progress(total, desc)` makes a progress
     bar per study (tqdm-like), or None for none. With `budget_s`, the grid is planned
-    to end `budget_s` seconds after `elapsed()` was 0 (`autonorm.tune.plan`): the plan
+    to end `budget_s` seconds after `elapsed()` was 0 (default: the process start;
+    `autonorm.tune.plan`): the plan
     goes to `show_plan(text)`, `time_budget` is replaced by each study's share, and the
     cost model's best candidates are timed right after the seeds. `costs` replaces the plan's estimates
     (`Costs.estimate` from the timer's protocol); `clock` is the seconds the deadline and studies count in.
@@ -123,6 +124,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
              _seeds(spec, rows, backends, earlier)) for spec in specs for rows in row_counts]
     plans = None
     if budget_s is not None:
+        elapsed = elapsed or planner.process_age_s
         costs = costs or planner.Costs.estimate(db.protocol, compile_baseline)
         plans = planner.split(planner.study_plans(jobs, costs, n_trials, planner.complete_studies(storage)),
                               budget_s, elapsed()).studies
