@@ -365,7 +365,7 @@ inline void on_fault(int sig, siginfo_t* info, void*) {
             const uintptr_t end = reinterpret_cast<uintptr_t>(b.dynamic) + g->launch->dynamic_smem;
             if (at >= end && at < end + 16 + g->page) { where = ": past the dynamic shared memory of block "; past = b.idx.x; }
         }
-    int n = snprintf(line, sizeof line, "memory fault (signal %d) at address 0x%llx in thread %u of block %u%s",
+    int n = snprintf(line, sizeof line, "signal %d at address 0x%llx in thread %u of block %u%s",
                      sig, (unsigned long long)at, f ? lin(f->tid) : 0u, f ? g->blocks[f->block].idx.x : 0u, where);
     if (*where) n += snprintf(line + n, sizeof line - n, "%u", past);
     line[n++] = '\n';

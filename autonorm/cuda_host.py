@@ -14,6 +14,7 @@ synchronize), timing, and what NVRTC alone would reject.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import mmap
@@ -59,14 +60,12 @@ class HostKernelError(KernelError):
 
 @dataclass(frozen=True)
 class HostDevice:
-    """The device the launcher plans for (grid of the persistent backward, shared-memory opt-in), plus how
-    the harness runs: `seeds` (two or more: the outputs must agree bit for bit) and `first_block` (run only
-    blocks [first_block, grid), for inputs too large to run whole)."""
+    """The device the launcher plans for (grid of the persistent backward, shared-memory opt-in), and
+    `first_block`: run only blocks [first_block, grid), for inputs too large to run whole."""
 
     sm_count: int = 132               # H100 SXM
     smem_optin: int = 227 * 1024
     arch: str = "sm_90"
-    seeds: tuple = (0,)
     first_block: int = 0
 
     def limits(self) -> DeviceLimits:
@@ -88,6 +87,19 @@ _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MAP_NORESERVE = 0x4000
 _host_buffers: dict[int, tuple[int, int]] = {}  # start -> (end, mapping) of live host_empty tensors
+_seeds = (0,)
+
+
+@contextlib.contextmanager
+def schedules(*seeds: int):
+    """Every launch in the block runs once per seed (0: threads advance together; others: random thread
+    priorities), from the same inputs; outputs that differ are a race (HostKernelError "race")."""
+    global _seeds
+    previous, _seeds = _seeds, seeds
+    try:
+        yield
+    finally:
+        _seeds = previous
 
 
 def _guarded(span: int, misalign: int) -> tuple[int, int, int]:
@@ -161,7 +173,7 @@ class _Args:
         """The tensor (and byte offset) an address falls in or just past."""
         for name, _, start, span in self.tensors:
             if start <= address < start + span + mmap.PAGESIZE:
-                return f"{name} byte {address - start} (its {span} bytes end at {span})"
+                return f"{name} byte {address - start} (the tensor spans {span} bytes)"
         return "no tensor (dynamic shared memory or a thread's stack)"
 
     def close(self):
@@ -298,7 +310,7 @@ class HostFunction:
         self._args = _Args(args, ARG_NAMES[self.direction])
         try:
             outputs = None
-            for seed in self.device.seeds:
+            for seed in _seeds:
                 self._args.load()
                 self._run(_LaunchDesc(blocks, threads, self.cluster, min(first, blocks), shared_mem,
                                       -1 if attr is None else attr, self.device.smem_optin, seed, self._args.array))
@@ -308,7 +320,7 @@ class HostFunction:
                 elif result != outputs:
                     differ = [t[0] for t, a, b in zip(self._args.tensors, outputs, result) if a != b]
                     raise HostKernelError("race", f"{self.name}: {', '.join(differ)} differ between seeds "
-                                          f"{self.device.seeds[0]} and {seed}")
+                                          f"{_seeds[0]} and {seed}")
             self._args.store(outputs)
         finally:
             self._args.close()

@@ -26,7 +26,7 @@ CLUSTER8 = REGISTERS.replace(threads=128, row_cache="cluster8")
 PREFETCH_SPEC = NormSpec("rmsnorm", "bwd", "float16", "float16", 4096)
 PREFETCH = CupyConfig(threads=256, vec=4, rows=2, unroll=2, row_cache="shared", partials_per_sm=1,
                       partials="registers", prefetch=1)
-SEEDS = cuda_host.HostDevice(seeds=tuple(range(6)))
+SEEDS = tuple(range(6))
 FIRST_BARRIER = "__syncthreads();  // the previous reduction's readers are done with `red`"
 
 
@@ -42,14 +42,14 @@ def _break(monkeypatch, old: str, new: str):
     monkeypatch.setattr(cuda_host, "render", render)
 
 
-def _run(spec, config, rows=5, device=cuda_host.HostDevice(), strided=False):
-    with poisoned_outputs():
-        return verify.check_kernel(spec, cuda_host.compile_kernel(spec, config, device), rows, strided=strided)
+def _run(spec, config, rows=5, seeds=(0,), strided=False):
+    with poisoned_outputs(), cuda_host.schedules(*seeds):
+        return verify.check_kernel(spec, cuda_host.compile_kernel(spec, config), rows, strided=strided)
 
 
 def test_correct_kernels_agree_across_seeds():
-    assert _run(LN_FWD, REGISTERS, device=SEEDS).ok
-    assert _run(PREFETCH_SPEC, PREFETCH, rows=9, device=SEEDS).ok
+    assert _run(LN_FWD, REGISTERS, seeds=SEEDS).ok
+    assert _run(PREFETCH_SPEC, PREFETCH, rows=9, seeds=SEEDS).ok
 
 
 def test_removed_barrier_is_a_race(monkeypatch):
@@ -57,7 +57,7 @@ def test_removed_barrier_is_a_race(monkeypatch):
     reduction's sums (the LayerNorm mean) before a slower warp has read them: the schedule decides the result."""
     _break(monkeypatch, FIRST_BARRIER, "")
     with pytest.raises(cuda_host.HostKernelError, match="differ between seeds") as err:
-        _run(LN_FWD, REGISTERS, device=SEEDS)
+        _run(LN_FWD, REGISTERS, seeds=SEEDS)
     assert err.value.kind == "race"
 
 
@@ -70,17 +70,17 @@ def test_missing_cp_async_wait_reads_poison(monkeypatch):
 
 def test_missing_cluster_exit_barrier(monkeypatch):
     """A block of a cluster exits while the others may still read its partial statistics."""
-    assert _run(RMS_FWD, CLUSTER8, rows=3, device=SEEDS).ok
+    assert _run(RMS_FWD, CLUSTER8, rows=3, seeds=SEEDS).ok
     _break(monkeypatch, "an_cluster_wait();  // every block of the cluster is done reading", "//")
     with pytest.raises(cuda_host.HostKernelError, match="which has exited") as err:
-        _run(RMS_FWD, CLUSTER8, rows=3, device=SEEDS)
+        _run(RMS_FWD, CLUSTER8, rows=3, seeds=SEEDS)
     assert err.value.kind == "exited cluster block"
 
 
 def test_out_of_bounds_tail_hits_the_guard_page(monkeypatch):
     """A loop one vector too long reads past the end of the last row of x."""
     _break(monkeypatch, "j < NV; j += TPR) {", "j <= NV; j += TPR) {")
-    with pytest.raises(cuda_host.HostKernelError, match=r"x byte 819\d\d \(its 81920 bytes") as err:
+    with pytest.raises(cuda_host.HostKernelError, match=r"x byte 819\d\d \(the tensor spans 81920 bytes") as err:
         _run(RMS_FWD, CHUNKED, rows=5)
     assert err.value.kind == "memory fault"
 
