@@ -250,10 +250,18 @@ def _saved_registers() -> dict:
         return {}
 
 
-def registers(spec: NormSpec, config: CupyConfig, arch: str) -> int | None:
+def registers(pairs, arch: str, nvcc: bool = False) -> list[int | None]:
+    """Registers of each (spec, config)'s kernel on `arch`: from the audit's saved report (None where it lacks
+    the kernel), or with `nvcc`, from `nvcc -cubin -Xptxas -v` (one call for all)."""
     from .audit.jobs import Job
 
-    return _saved_registers().get(Job("cupy", spec, config, arch).identity())
+    jobs = [Job("cupy", spec, config, arch) for spec, config in pairs]
+    if not nvcc:
+        return [_saved_registers().get(job.identity()) for job in jobs]
+    from .audit.compilers import cupy_profiles
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return [p.registers for p in cupy_profiles(jobs, tmp)]
 
 
 @dataclass(eq=False)
@@ -337,14 +345,16 @@ class _HostLaunch:
         fn(grid, block, args, shared_mem=smem)
 
 
-def compile_kernels(pairs, device: HostDevice = HostDevice()) -> list:
-    """Kernels (the backend's calling convention, on CPU tensors) for every (spec, config), from one g++ call."""
+def compile_kernels(pairs, device: HostDevice = HostDevice(), nvcc_registers: bool = False) -> list:
+    """Kernels (the backend's calling convention, on CPU tensors) for every (spec, config), from one g++ call.
+    Registers (the launch rule, the persistent backward's resident blocks) come from the audit's saved report,
+    from nvcc with `nvcc_registers`, else the most the launch bounds allow."""
     pairs = list(pairs)
     lib = build_library(pairs)
     kernels = []
-    for i, (spec, config) in enumerate(pairs):
+    for i, ((spec, config), regs) in enumerate(zip(pairs, registers(pairs, device.arch, nvcc_registers))):
         d = spec.direction
-        regs = registers(spec, config, device.arch) or register_cap(config.threads)
+        regs = regs or register_cap(config.threads)
         fns = tuple(HostFunction(lib, f"an_{d}_{kind}_{i}", d, cluster_size(config), _static_bytes(lib, i), regs,
                                  device) for kind in ("vec", "scalar"))
         launcher = _Launcher(spec, config, fns, configure_launch(spec, config, fns, device.limits()), _HostLaunch())

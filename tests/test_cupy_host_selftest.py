@@ -137,3 +137,18 @@ def test_launch_rules():
         fn.max_dynamic_shared_size_bytes, fn.num_regs = 49152, 72  # 72 x 1024 threads > 65536 registers
     with pytest.raises(cuda_host.HostKernelError, match="exceed the SM's registers"):
         kernel(*inputs.args(spec))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc counts the registers")
+def test_registers_from_nvcc():
+    """The launch rule and the resident blocks with the registers ptxas gives the kernel (the audit's saved
+    report covers only the standard grid's heuristics), not the 255 its launch bounds would allow."""
+    spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 4096, bias=True)
+    config = CupyConfig(threads=256, vec=8, rows=1, unroll=1, row_cache="registers", partials_per_sm=8,
+                        partials="registers")
+    kernel = cuda_host.compile_kernels([(spec, config)], nvcc_registers=True)[0]
+    regs = kernel.__self__.vec_fn.num_regs
+    assert 16 < regs < 255
+    assert kernel.__self__.max_blocks == 132 * min(8, 65536 // (256 * -(-regs // 8) * 8))
+    with poisoned_outputs():
+        assert verify.check_kernel(spec, kernel, 3).ok
