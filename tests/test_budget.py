@@ -252,3 +252,17 @@ def test_tune_budget_on_the_command_line_prints_the_plan_and_refuses_bad_duratio
         assert "is no duration" in capsys.readouterr().err
     assert main([*tiny, "--budget", "10m", "--time-budget", "5"]) == 2
     assert "give it or --time-budget" in capsys.readouterr().err
+
+
+def test_the_rank_correlation_script_computes_spearmans_rho_with_ties():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        from rank_correlation import spearman
+    finally:
+        sys.path.pop(0)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [9, 7, 5, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(3 ** 0.5 / 2)  # tied ranks are averaged
