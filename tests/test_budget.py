@@ -252,6 +252,11 @@ def test_tune_budget_on_the_command_line_prints_the_plan_and_refuses_bad_duratio
         assert "is no duration" in capsys.readouterr().err
     assert main([*tiny, "--budget", "10m", "--time-budget", "5"]) == 2
     assert "give it or --time-budget" in capsys.readouterr().err
+    monkeypatch.setattr(planner, "process_age_s", lambda: 30.0)  # start-up took the whole budget
+    assert main([*tiny, "--out", str(tmp_path / "none"), "--budget", "20s"]) == 1
+    err = capsys.readouterr().err
+    assert "left out: its seeds and finish need" in err and "Give a larger --budget" in err
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").glob("*.json"))
 
 
 def test_the_rank_correlation_script_computes_spearmans_rho_with_ties():

@@ -275,6 +275,10 @@ def main(args) -> int:
         return 130
     overall.update(len(results) - overall.n)
     overall.close()
+    if args.budget is not None and not results:
+        print(f"autonorm tune: the budget left no study time to run (the plan above says what each needed); "
+              f"nothing was written. Give a larger --budget.", file=sys.stderr)
+        return 1
     print(format_table(results))
     refused = [r for r in results if r.refused]
     if refused:
