@@ -104,7 +104,7 @@ def tune(tmp_path, budget_s, timer, shown=None, n_trials=40):
 def _plans(n_trials=40, complete=()):
     jobs = [(spec, ROWS, f"study-{spec.hidden}", SearchSpace(spec, backends()), ["seed-a", "seed-b"])
             for spec in SPECS]
-    return planner.study_plans(jobs, COSTS, n_trials, {f"study-{h}": {} for h in complete})
+    return planner.study_plans(jobs, COSTS, n_trials, {f"study-{h}": ("converged", {}) for h in complete})
 
 
 # --- the plan ---------------------------------------------------------------------------------------
@@ -187,6 +187,9 @@ def test_the_budget_stops_the_grid_records_say_budget_and_the_same_command_conti
 def test_a_complete_study_is_taken_from_the_storage_without_timing(tmp_path):
     _, results = tune(tmp_path, 60.0, ScriptedClockTimer(), n_trials=4)  # a small trial budget with room to spare
     assert [r.completeness for r in results] == ["budget", "budget"]  # the trial budget, not patience
+    timer, shown = ScriptedClockTimer(), []
+    tune(tmp_path, 60.0, timer, shown, n_trials=4)  # the same trial budget again: nothing left to time
+    assert timer.timed == [] and timer.interleaved_calls == 0 and "its 4 trials were spent" in shown[0]
     _, done = tune(tmp_path, 60.0, ScriptedClockTimer(), n_trials=40)
     assert [r.completeness for r in done] == ["exhaustive", "exhaustive"]
     timer, shown = ScriptedClockTimer(), []

@@ -5,9 +5,9 @@ compilation included). Before any study runs the planner prints, per study: the
 space size, the seeds, the candidates it expects to time and the seconds it gets.
 The rule that divides the budget:
 
-1. A study whose search is already complete in the storage (exhaustive or
-   converged, by an earlier run of the same command) is not run again: its stored
-   record is taken as it is. A study cut by the budget last time runs again and
+1. A study whose search is already complete in the storage (exhaustive,
+   converged, or its `--trials` spent, by an earlier run of the same command) is not
+   run again: its stored record is taken as it is. A study cut by the budget last time runs again and
    continues where it stopped (the storage keeps its measured trials).
 2. Every study to run first gets its floor: its seeds (heuristics, the database's
    earlier winner) compiled and timed, plus its finish (finalists re-timed with the
@@ -107,29 +107,31 @@ class Plan:
 COMPLETE = ("exhaustive", "converged")
 
 
-def complete_studies(storage) -> dict:
-    """Study name -> its stored record (JSON) for every study whose search ended complete (exhaustive or
-    converged) and whose record was written: a rerun takes these as they are."""
+def recorded_studies(storage) -> dict:
+    """Study name -> (how complete its search was, its stored record as JSON) for every study with a record."""
     import optuna
 
     done = {}
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         attrs = summary.user_attrs
-        if attrs.get("completeness") in COMPLETE and attrs.get("record") is not None:
-            done[summary.study_name] = attrs["record"]
+        if attrs.get("record") is not None:
+            done[summary.study_name] = (attrs.get("completeness"), attrs["record"])
     return done
 
 
-def study_plans(studies: list, costs: Costs, n_trials: int, complete: dict) -> list:
-    """A StudyPlan per (spec, rows, name, SearchSpace, seeds) in `studies`, marked complete where `complete`
-    (from `complete_studies`) holds its name."""
+def study_plans(studies: list, costs: Costs, n_trials: int, recorded: dict) -> list:
+    """A StudyPlan per (spec, rows, name, SearchSpace, seeds) in `studies`, marked complete where `recorded`
+    (from `recorded_studies`) holds its name with a search that was exhaustive, converged or spent `n_trials`."""
     plans = []
     for spec, rows, name, space, seeds in studies:
         sizes = {backend: len(configs) for backend, configs in space.configs.items()}
         plan = StudyPlan(spec, rows, name, len(space), len(seeds), min(len(space), n_trials),
                          costs.mean_compile_s(sizes), costs.time_s, costs.finish_s)
-        if name in complete:
-            plan.status, plan.why, plan.stored = "complete", "searched by an earlier run", complete[name]
+        completeness, record = recorded.get(name, (None, None))
+        if completeness in COMPLETE:
+            plan.status, plan.why, plan.stored = "complete", f"{completeness} in an earlier run", record
+        elif record is not None and record["trials"] >= n_trials:
+            plan.status, plan.why, plan.stored = "complete", f"its {n_trials} trials were spent in an earlier run", record
         plans.append(plan)
     return plans
 

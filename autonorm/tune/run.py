@@ -126,7 +126,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     if budget_s is not None:
         elapsed = elapsed or planner.process_age_s
         costs = costs or planner.Costs.estimate(db.protocol, compile_baseline)
-        plans = planner.split(planner.study_plans(jobs, costs, n_trials, planner.complete_studies(storage)),
+        plans = planner.split(planner.study_plans(jobs, costs, n_trials, planner.recorded_studies(storage)),
                               budget_s, elapsed()).studies
         if show_plan is not None:
             show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans)))
