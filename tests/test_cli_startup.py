@@ -3,11 +3,11 @@
 import subprocess
 import sys
 
-# tune and bench are not here: their modules import torch with the tuner and the benchmark providers.
 QUICK_ANSWERS = [["--help"], ["--version"], [], ["check", "--help"], ["db", "--help"], ["db", "show", "--help"],
-                 ["db", "validate", "--help"], ["render", "--help"], ["audit", "--help"],
-                 ["check", "--hidden", "abc"], ["check", "--dtypes", "fp32", "--nope"], ["render", "--op", "x"],
-                 ["audit", "--dtype"], ["nope"]]
+                 ["db", "validate", "--help"], ["render", "--help"], ["audit", "--help"], ["tune", "--help"],
+                 ["bench", "--help"], ["check", "--hidden", "abc"], ["check", "--dtypes", "fp32", "--nope"],
+                 ["render", "--op", "x"], ["audit", "--dtype"], ["tune", "--hidden", "abc"], ["bench", "--shapes"],
+                 ["nope"]]
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -38,3 +38,11 @@ def test_import_autonorm_after_torch_registers_the_custom_ops():
     """What `torch.export.load` of a program that records autonorm's op needs."""
     done = _python("import torch, autonorm\nprint(torch.ops.autonorm.norm_fwd.default)")
     assert done.stdout.strip() == "autonorm.norm_fwd.default", done.stderr
+
+
+def test_bench_offers_every_provider_in_report_order():
+    """The command line's provider names are plain data (no torch); the providers themselves must match them."""
+    from autonorm.bench.options import PROVIDER_NAMES
+    from autonorm.bench.providers import PROVIDERS
+
+    assert tuple(PROVIDERS) == PROVIDER_NAMES

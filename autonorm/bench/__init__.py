@@ -1,14 +1,23 @@
 """Benchmarking: autonorm's dispatched kernels against torch eager, torch.compile, Liger and quack.
 
+    options.py    the command line's choices (provider names, default shapes), torch-free
     providers.py  what is compared, as data (a provider builds a callable per case)
     run.py        cases timed with the tuner's protocol (`autonorm.measure`), one JSON row each
     report.py     markdown tables and PNG plots from those rows
 
 The `autonorm bench` command is `autonorm/cli/bench.py`.
 """
-from .providers import PROVIDERS, Provider, ProviderUnavailable, build_case, check_providers, make_sets
-from .report import provider_of, write_report
-from .run import SCHEMA_VERSION, case_name, parse_shape, run_cases, timer_for
+import importlib
 
-__all__ = ["PROVIDERS", "Provider", "ProviderUnavailable", "SCHEMA_VERSION", "build_case", "case_name",
-           "check_providers", "make_sets", "parse_shape", "provider_of", "run_cases", "timer_for", "write_report"]
+# Names load on first use, so that `autonorm bench --help` (which needs only .options) does not import torch.
+_WHERE = {"PROVIDERS": "providers", "Provider": "providers", "ProviderUnavailable": "providers",
+          "build_case": "providers", "check_providers": "providers", "make_sets": "providers",
+          "provider_of": "report", "write_report": "report", "SCHEMA_VERSION": "run", "case_name": "run",
+          "parse_shape": "options", "run_cases": "run", "timer_for": "run"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

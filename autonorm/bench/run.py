@@ -23,16 +23,7 @@ from .. import measure
 from .providers import build_case
 from .report import ANCHORS, pct_text, provider_of, read_bench_json
 
-DEFAULT_SHAPES = ("8192x4096", "65536x512")
 SCHEMA_VERSION = 1
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    try:
-        rows, hidden = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"shape {text!r} must look like ROWSxHIDDEN, e.g. 8192x4096") from None
-    return rows, hidden
 
 
 def case_name(spec, rows: int) -> str:

@@ -12,11 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-import torch
-
-from ..bench.providers import PROVIDERS, check_providers
-from ..bench.report import BenchFileError
-from ..bench.run import DEFAULT_SHAPES, parse_shape
+from ..bench.options import DEFAULT_SHAPES, PROVIDER_NAMES, parse_shape
 from .args import UsageError, add_device, add_list, backend_names, device_arg, dtype_names
 
 
@@ -28,8 +24,8 @@ def add_arguments(p) -> None:
     add_list(p, "--directions", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     p.add_argument("--grid", choices=["standard", "quick"],
                    help="take ops, directions, dtypes and shapes from autonorm/grids.py (overrides those options)")
-    add_list(p, "--providers", default=list(PROVIDERS),
-             help=f"what to compare (missing packages are skipped): {', '.join(PROVIDERS)}")
+    add_list(p, "--providers", default=list(PROVIDER_NAMES),
+             help=f"what to compare (missing packages are skipped): {', '.join(PROVIDER_NAMES)}")
     add_list(p, "--backends", "--backend", dest="backends",
              help="force one autonorm backend (as AUTONORM_BACKEND; default: the dispatcher's choice)")
     add_device(p)
@@ -47,7 +43,6 @@ def add_arguments(p) -> None:
     p.add_argument("--input", nargs="+", metavar="JSON",
                    help="with --report: make the report from these bench JSON files, measuring nothing")
     p.add_argument("--db", metavar="PATH", help="with --report: a tuning database to summarize too")
-
 
 
 def cases_from_args(args):
@@ -106,9 +101,13 @@ def _make_report(args, json_paths: list[str]) -> None:
 
 
 def main(args) -> int:
+    import torch
+
     from .. import device as device_mod
     from .. import dispatch, measure
     from ..bench import run
+    from ..bench.providers import check_providers
+    from ..bench.report import BenchFileError
 
     if args.input:
         if not args.report:

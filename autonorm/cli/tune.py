@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..spec import NormSpec
 from ..tune import quality
 from ..tune import storage as fleet
-from ..tune.finalize import StudyResult
-from ..tune.run import DEFAULT_FEATURES, DEFAULTS, QUICK
+from ..tune.presets import DEFAULT_FEATURES, DEFAULTS, QUICK
 from .args import UsageError, add_device, add_list, device_arg, dtype_names, positive_int
+
+if TYPE_CHECKING:  # the tuner's modules import torch: only the summary's type is named here
+    from ..tune.finalize import StudyResult
 
 LONG_RUN_S = 300  # above this worst case, the run's size and estimate are printed before it starts
 
@@ -276,8 +279,8 @@ def main(args) -> int:
     overall.update(len(results) - overall.n)
     overall.close()
     if args.budget is not None and not results:
-        print(f"autonorm tune: the budget left no study time to run (the plan above says what each needed); "
-              f"nothing was written. Give a larger --budget.", file=sys.stderr)
+        print("autonorm tune: the budget left no study time to run (the plan above says what each needed); "
+              "nothing was written. Give a larger --budget.", file=sys.stderr)
         return 1
     print(format_table(results))
     refused = [r for r in results if r.refused]

@@ -6,19 +6,26 @@
     quality.py   the measurement gate: noisy re-timings are re-timed, then flagged or refused
     storage.py   Optuna storage for one machine (a journal file) or a fleet (a database URL)
     journal.py   the journal file's safety: never a tuning database, a cut last line dropped
-    run.py       presets, native backends, `tune_grid` (what `autonorm tune` runs) and `tune_one`
+    presets.py   the default and --quick grids (plain data)
+    run.py       native backends, `tune_grid` (what `autonorm tune` runs) and `tune_one`
     plan.py      `--budget`: the plan that divides one time budget across a grid's studies
     rank.py      the static cost model that orders each study's candidates before any timing
 
 Needs Optuna (`pip install "autonorm[tune]"`); importing this package imports it
 only when a study starts.
 """
-from .finalize import StudyResult
-from .run import DEFAULT_FEATURES, DEFAULTS, QUICK, native_backends, tune_grid, tune_one
-from .space import Candidate, SearchSpace
-from .storage import make_storage
-from .study import IMPROVEMENT, MAX_TRIALS_FACTOR, STARTUP_TRIALS, StudyRunner, study_name
+import importlib
 
-__all__ = ["Candidate", "DEFAULTS", "DEFAULT_FEATURES", "IMPROVEMENT", "MAX_TRIALS_FACTOR", "QUICK", "STARTUP_TRIALS",
-           "SearchSpace", "StudyResult", "StudyRunner", "make_storage", "native_backends", "study_name", "tune_grid",
-           "tune_one"]
+# Names load on first use, so that `autonorm tune --help` (which needs only the presets, the fleet's
+# defaults and the quality gate) does not import torch.
+_WHERE = {"StudyResult": "finalize", "DEFAULT_FEATURES": "presets", "DEFAULTS": "presets", "QUICK": "presets",
+          "native_backends": "run", "tune_grid": "run", "tune_one": "run", "Candidate": "space",
+          "SearchSpace": "space", "make_storage": "storage", "IMPROVEMENT": "study", "MAX_TRIALS_FACTOR": "study",
+          "STARTUP_TRIALS": "study", "StudyRunner": "study", "study_name": "study"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

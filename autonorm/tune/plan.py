@@ -131,7 +131,8 @@ def study_plans(studies: list, costs: Costs, n_trials: int, recorded: dict) -> l
         if completeness in COMPLETE:
             plan.status, plan.why, plan.stored = "complete", f"{completeness} in an earlier run", record
         elif record is not None and record["trials"] >= n_trials:
-            plan.status, plan.why, plan.stored = "complete", f"its {n_trials} trials were spent in an earlier run", record
+            plan.status, plan.stored = "complete", record
+            plan.why = f"its {n_trials} trials were spent in an earlier run"
         plans.append(plan)
     return plans
 

@@ -1,4 +1,4 @@
-"""Tuning several specs in a row: presets, the candidate backends of a device, the database they fill.
+"""Tuning several specs in a row: the candidate backends of a device, the database they fill.
 
 `tune_grid` is `autonorm tune` without its command line: one `StudyRunner` per
 (spec, row count), each seeded with every backend's heuristic and the database's
@@ -23,18 +23,10 @@ from . import plan as planner
 from . import quality, rank
 from . import storage as fleet
 from .finalize import StudyResult
+from .presets import QUICK
 from .space import Candidate, SearchSpace
 from .study import StudyRunner, study_name
 
-# --quick: five studies that finish in a few minutes on a 2-core CPU (numba-cpu + torch): the forward of
-# each op and hidden size, and the backward of the first op at the first hidden size ("quick_backward").
-QUICK = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd"], "dtypes": ["float32"], "hidden": [1024, 4096],
-         "rows": [1024], "trials": 12, "time_budget": 45.0, "quick_backward": True}
-DEFAULTS = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtypes": ["float32", "float16", "bfloat16"],
-            "hidden": [768, 1024, 2048, 4096, 5120, 8192], "rows": [1, 64, 1024, 4096, 16384], "trials": 60,
-            "time_budget": 300.0}
-# Features tuned unless told otherwise: what torch.nn.RMSNorm and torch.nn.LayerNorm use by default.
-DEFAULT_FEATURES = {"rmsnorm": "weight", "layernorm": "weight+bias"}
 DEVICE_FIELDS = ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")
 RANKED_SEEDS = 8  # with --budget: the cost model's best candidates, timed after the seeds and before TPE
 
