@@ -223,3 +223,24 @@ def test_recorded_studies_from_a_database(tmp_path):
     db.write_text('{"records": [')  # truncated: skips nothing (the tuner reports it)
     assert grids.recorded_studies(str(db)) == frozenset()
     assert grids.recorded_studies(str(tmp_path / "missing.json")) == frozenset()
+
+
+def test_the_autonorm_provider_times_the_kernel_the_key_settles_on(tmp_path, monkeypatch):
+    """A kernel no tuning run verified is checked at its first call; the bench makes that call before it binds
+    the kernel it times, so it times the bare kernel (not the check's stand-in) under the backend that serves."""
+    pytest.importorskip("numba")
+    import autonorm
+    from autonorm import first_use
+    from autonorm.spec import NormSpec
+
+    monkeypatch.setattr(first_use, "verdict_path", lambda key: tmp_path / f"{key}.json")  # no verdict known yet
+    autonorm.reset()
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 96)
+    sets = providers.make_sets(spec, 17, torch.device("cpu"), 2)
+    try:
+        impl, fn, choice = providers.PROVIDERS["autonorm"].build(spec, sets, torch.device("cpu"))
+        assert choice.rung == "heuristic" and impl == f"autonorm[{choice.backend}]"
+        assert not isinstance(choice.kernel, first_use.FirstUseCheck)
+        assert fn.__closure__ and any(c.cell_contents is choice.kernel for c in fn.__closure__)
+    finally:
+        autonorm.reset()
