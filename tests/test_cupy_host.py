@@ -117,6 +117,15 @@ def test_variant_group(default_kernels, spec, config):
     _check(kernel, spec, config, rows=5, seeds=(0, 2))
 
 
+def test_standard_grid_registers_come_from_the_saved_report():
+    """The persistent backward's grid is planned with each kernel's registers on sm_90 as the audit's saved
+    report has them (stale: `autonorm audit --grid standard --save docs/benchmarks/hardware-fit.json`)."""
+    regs = cuda_host.registers(STANDARD_PAIRS, "sm_90")
+    missing = [s.short() for (s, _), r in zip(STANDARD_PAIRS, regs) if r is None]
+    assert not missing, f"{len(missing)} kernels lack registers in the saved report, first {missing[0]}"
+    assert all(0 < r <= 255 for r in regs)
+
+
 def test_variant_groups_cover_every_structure():
     """Every row cache, partials strategy, prefetch and cluster size the spaces hold is in the default run."""
     groups = {group(*p) for p in GROUP_PAIRS}
