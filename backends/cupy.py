@@ -7,6 +7,7 @@ runtime arguments, so one compiled module serves every batch size.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -151,6 +152,45 @@ class CupyConfig(Config):
         return None
 
     @classmethod
+    def menu(cls, spec: NormSpec) -> list[CupyConfig]:
+        """What the tuner times for `spec`: a few dozen to a few hundred of the valid configs (`space`, up to
+        ~10,000, most differing only in knobs that cannot matter), every structural variant (row cache x partials
+        x prefetch x cluster) that moves no more bytes than one that fits. `is_valid` still judges any config a
+        database names; the menu only cuts what is not worth timing, by the traffic model and the heuristic:
+        - the widest vector the spec allows (16-byte accesses move the same bytes in the fewest instructions;
+          a misaligned tensor takes the scalar entry point at run time whatever the width);
+        - threads per row from half to four times the heuristic's (quack's table by N), any width the register
+          cache or a cluster needs; several rows a block only in 128- or 256-thread blocks;
+        - unroll 1 or 2, and the heuristic's persistent blocks per SM with their neighbours;
+        - `_least_traffic`: no variant that moves more bytes where a leaner one fits;
+        - the heuristic itself, always.
+        On a GPU the audit then drops what spills or cannot be resident (`autonorm.audit.prune_space`)."""
+        heuristic = cls.heuristic(spec)
+        tpr = heuristic.threads // heuristic.rows
+        steps = cls.domain()["partials_per_sm"]
+        at = steps.index(heuristic.partials_per_sm)
+        per_sm = steps[max(0, at - 1):at + 2] if spec.direction == "bwd" and spec.weight else steps[at:at + 1]
+        widths = [v for v in sorted(cls.domain()["vec"], reverse=True)
+                  if v * spec.x_itemsize <= 16 and spec.hidden % v == 0]
+        menu = []
+        for cache in cls.domain()["row_cache"]:
+            blocks = int(cache[len("cluster"):]) if cache.startswith("cluster") else 1
+            vec = next((v for v in widths if spec.hidden % (v * blocks) == 0), None)
+            any_width = cache == "registers" or blocks > 1
+            for threads, rows, unroll, pps, partials, prefetch in itertools.product(
+                    cls.domain()["threads"], cls.domain()["rows"], (1, 2), per_sm, cls.domain()["partials"], (0, 1)):
+                if vec is None or (rows > 1 and threads not in (128, 256)):
+                    continue
+                if not any_width and not tpr // 2 <= threads // rows <= 4 * tpr:
+                    continue
+                config = cls(threads=threads, vec=vec, rows=rows, unroll=unroll, row_cache=cache,
+                             partials_per_sm=pps, partials=partials, prefetch=prefetch)
+                if cls.is_valid(spec, config) is None:
+                    menu.append(config)
+        menu = _least_traffic(spec, menu)
+        return menu if heuristic in menu else [heuristic, *menu]
+
+    @classmethod
     def heuristic(cls, spec: NormSpec) -> CupyConfig:
         n = spec.hidden
         # quack: vecsize = gcd(N, 128 / bits).
@@ -190,6 +230,19 @@ class CupyConfig(Config):
             if cls.is_valid(spec, config) is None and dynamic_smem(spec, config) <= SMEM_HEURISTIC:
                 return config
         raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
+
+
+def _least_traffic(spec: NormSpec, configs: list[CupyConfig]) -> list[CupyConfig]:
+    """`configs` less the variants that move more bytes where a leaner one is among them: the row re-read from
+    global memory (row_cache=none) where a register or shared-memory row cache fits, and, per row cache, the dW/dB
+    sums read-modify-written every row (partials=global) or summed by a second pass (columns) where they fit in
+    registers or shared memory. Clusters (sm_90 only) do not count as a fit: elsewhere `none` is what is left."""
+    if any(c.row_cache in ("registers", "shared") for c in configs):
+        configs = [c for c in configs if c.row_cache != "none"]
+    if spec.direction == "bwd" and spec.weight:
+        lean = {c.row_cache for c in configs if c.partials in ("registers", "shared")}
+        configs = [c for c in configs if c.partials in ("registers", "shared") or c.row_cache not in lean]
+    return configs
 
 
 def _required_feature(config: CupyConfig) -> tuple[int, str]:
@@ -307,6 +360,10 @@ class CupyBackend(Backend):
 
     def supports_device(self, device):
         return torch.device(device).type == "cuda"
+
+    def space(self, spec):
+        """What the tuner searches: `CupyConfig.menu`, not every valid config (`CupyConfig.space`)."""
+        return CupyConfig.menu(spec)
 
     def template_name(self, spec):
         return f"cupy/{spec.direction}.cu.j2"
