@@ -140,7 +140,6 @@ struct Block {
     uint3 idx;
     std::vector<unsigned char> statics;       // static shared memory, one slot per declaration site
     std::vector<std::pair<int, size_t>> slots;  // (site, offset in statics)
-    size_t static_bytes = 0;
     unsigned char* dynamic = nullptr;         // dynamic shared memory: its end abuts a guard page
     int live = 0;
     bool exited = false;
@@ -152,6 +151,7 @@ struct Block {
 struct Launch {  // filled by cuda_host.py (ctypes), field for field
     unsigned grid, block, cluster, first_block;
     long long dynamic_smem;
+    long long static_smem;       // what the compiler allocates (cuda_host.py: the audit's number, else the sites')
     long long max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize, or -1 when not set
     long long smem_optin;        // the device's per-block maximum with the opt-in
     unsigned long long seed;
@@ -211,14 +211,18 @@ inline void switch_out(bool blocked, const char* what = "", int line = 0) {
 }
 
 // ---- shared memory ----
-inline void check_smem_rule(size_t static_bytes) {
+inline void check_smem_rule() {
     const Launch& L = *g->launch;
+    const long long static_bytes = L.static_smem;
     if (L.max_dynamic_smem < 0) {
         if (static_bytes + L.dynamic_smem > 48 * 1024)
-            fail(AN_EXIT_LAUNCH_RULE, "launch rule: %zu bytes of static + %lld of dynamic shared memory exceed 48 KiB "
+            fail(AN_EXIT_LAUNCH_RULE, "launch rule: %lld bytes of static + %lld of dynamic shared memory exceed 48 KiB "
                  "without the opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize)", static_bytes, L.dynamic_smem);
-    } else if ((long long)static_bytes + L.max_dynamic_smem > L.smem_optin) {
-        fail(AN_EXIT_LAUNCH_RULE, "launch rule: %zu bytes of static + %lld of opted-in dynamic shared memory exceed the "
+    } else if (L.dynamic_smem > L.max_dynamic_smem) {
+        fail(AN_EXIT_LAUNCH_RULE, "launch rule: %lld bytes of dynamic shared memory over the %lld opted in",
+             L.dynamic_smem, L.max_dynamic_smem);
+    } else if (static_bytes + L.max_dynamic_smem > L.smem_optin) {
+        fail(AN_EXIT_LAUNCH_RULE, "launch rule: %lld bytes of static + %lld of opted-in dynamic shared memory exceed the "
              "device's %lld a block", static_bytes, L.max_dynamic_smem, L.smem_optin);
     }
 }
@@ -232,8 +236,6 @@ inline unsigned char* static_slot(int site) {
         fail(AN_EXIT_LAUNCH_RULE, "launch rule: over %zu bytes of static shared memory", b.statics.capacity());
     b.statics.resize(off + sites()[site].bytes, 0xFF);  // poisoned until written
     b.slots.push_back({site, off});
-    b.static_bytes += sites()[site].bytes;
-    check_smem_rule(b.static_bytes);
     return b.statics.data() + off;
 }
 
@@ -456,7 +458,7 @@ template <class... A> int launch(void (*kernel)(A...), const Launch* L) {
     if (L->cluster == 0 || L->grid % L->cluster || L->first_block % L->cluster || L->block == 0 || L->block > 1024)
         fail(AN_EXIT_LAUNCH_RULE, "launch rule: grid %u, block %u, cluster %u, first block %u", L->grid, L->block,
              L->cluster, L->first_block);
-    check_smem_rule(0);
+    check_smem_rule();
     // One mapping: each block's dynamic shared memory and its guard page, then each fiber's guard page and stack.
     const size_t dyn = (L->dynamic_smem + s.page - 1) / s.page * s.page + s.page;
     const size_t nfib = size_t(L->block) * L->cluster, per = s.stack_bytes + s.page;

@@ -74,7 +74,7 @@ class HostDevice:
 
 class _LaunchDesc(ctypes.Structure):  # an_host::Launch
     _fields_ = [("grid", ctypes.c_uint), ("block", ctypes.c_uint), ("cluster", ctypes.c_uint),
-                ("first_block", ctypes.c_uint), ("dynamic_smem", ctypes.c_longlong),
+                ("first_block", ctypes.c_uint), ("dynamic_smem", ctypes.c_longlong), ("static_smem", ctypes.c_longlong),
                 ("max_dynamic_smem", ctypes.c_longlong), ("smem_optin", ctypes.c_longlong),
                 ("seed", ctypes.c_ulonglong), ("args", ctypes.POINTER(ctypes.c_void_p))]
 
@@ -226,9 +226,10 @@ def build_library(pairs) -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def _static_bytes(lib: ctypes.CDLL, case: int) -> int:
+def static_bytes(lib: ctypes.CDLL, case: int) -> int:
     """Static shared memory of case `case`: its declaration sites (an_site_<name> local to its namespace),
-    each counted once (the vector and scalar entry points declare the same arrays)."""
+    each counted once (the vector and scalar entry points declare the same arrays). An upper bound of what
+    nvcc allocates: it drops an array the kernel never uses (`red` where a row fits one warp)."""
     lib.an_host_site_name.restype = ctypes.c_char_p
     lib.an_host_site_bytes.restype = ctypes.c_ulong
     tag, sizes = f"N{len(f'an_case_{case}')}an_case_{case}", {}
@@ -240,28 +241,29 @@ def _static_bytes(lib: ctypes.CDLL, case: int) -> int:
 
 
 @cache
-def _saved_registers() -> dict:
-    """`Job.identity()` -> registers of the audit's saved report, when this checkout has one."""
+def _saved_profiles() -> dict:
+    """`Job.identity()` -> profile in the audit's saved report, when this checkout has one."""
     from .audit.report import ReportError, load_report
 
     try:
-        return {k: p.registers for k, p in load_report(REPORT).items()} if REPORT.exists() else {}
+        return load_report(REPORT) if REPORT.exists() else {}
     except ReportError:
         return {}
 
 
-def registers(pairs, arch: str, nvcc: bool = False) -> list[int | None]:
-    """Registers of each (spec, config)'s kernel on `arch`: from the audit's saved report (None where it lacks
-    the kernel), or with `nvcc`, from `nvcc -cubin -Xptxas -v` (one call for all)."""
+def profiles(pairs, arch: str, nvcc: bool = False) -> list:
+    """The compiler's profile (registers, static shared memory) of each (spec, config)'s kernel on `arch`: from
+    the audit's saved report (None where it lacks the kernel), or with `nvcc`, from `nvcc -cubin -Xptxas -v`
+    (one call for all)."""
     from .audit.jobs import Job
 
     jobs = [Job("cupy", spec, config, arch) for spec, config in pairs]
     if not nvcc:
-        return [_saved_registers().get(job.identity()) for job in jobs]
+        return [_saved_profiles().get(job.identity()) for job in jobs]
     from .audit.compilers import cupy_profiles
 
     with tempfile.TemporaryDirectory() as tmp:
-        return [p.registers for p in cupy_profiles(jobs, tmp)]
+        return cupy_profiles(jobs, tmp)
 
 
 @dataclass(eq=False)
@@ -315,13 +317,14 @@ class HostFunction:
                                   f"and {total} bytes of shared memory exceed the SM's {limiter}")
         first = self.device.first_block // self.cluster * self.cluster
         attr = self.max_dynamic_shared_size_bytes
+        launch = (blocks, threads, self.cluster, min(first, blocks), shared_mem, self.shared_size_bytes,
+                  -1 if attr is None else attr, self.device.smem_optin)
         self._args = _Args(args, ARG_NAMES[self.direction])
         try:
             outputs = None
             for seed in _seeds:
                 self._args.load()
-                self._run(_LaunchDesc(blocks, threads, self.cluster, min(first, blocks), shared_mem,
-                                      -1 if attr is None else attr, self.device.smem_optin, seed, self._args.array))
+                self._run(_LaunchDesc(*launch, seed, self._args.array))
                 result = self._args.snapshot()
                 if outputs is None:
                     outputs = result
@@ -347,16 +350,17 @@ class _HostLaunch:
 
 def compile_kernels(pairs, device: HostDevice = HostDevice(), nvcc_registers: bool = False) -> list:
     """Kernels (the backend's calling convention, on CPU tensors) for every (spec, config), from one g++ call.
-    Registers (the launch rule, the persistent backward's resident blocks) come from the audit's saved report,
-    from nvcc with `nvcc_registers`, else the most the launch bounds allow."""
+    Registers and static shared memory (the launch rules, the persistent backward's resident blocks) come from
+    the audit's saved report, from nvcc with `nvcc_registers`, else the most the launch bounds allow and the
+    arrays the kernel declares."""
     pairs = list(pairs)
     lib = build_library(pairs)
     kernels = []
-    for i, ((spec, config), regs) in enumerate(zip(pairs, registers(pairs, device.arch, nvcc_registers))):
+    for i, ((spec, config), p) in enumerate(zip(pairs, profiles(pairs, device.arch, nvcc_registers))):
         d = spec.direction
-        regs = regs or register_cap(config.threads)
-        fns = tuple(HostFunction(lib, f"an_{d}_{kind}_{i}", d, cluster_size(config), _static_bytes(lib, i), regs,
-                                 device) for kind in ("vec", "scalar"))
+        regs, static = (p.registers, p.smem_static) if p else (register_cap(config.threads), static_bytes(lib, i))
+        fns = tuple(HostFunction(lib, f"an_{d}_{kind}_{i}", d, cluster_size(config), static, regs, device)
+                    for kind in ("vec", "scalar"))
         launcher = _Launcher(spec, config, fns, configure_launch(spec, config, fns, device.limits()), _HostLaunch())
         kernels.append(launcher.forward if d == "fwd" else launcher.backward)
     return kernels
