@@ -96,59 +96,10 @@ class CupyConfig(Config):
 
     @classmethod
     def is_valid(cls, spec: NormSpec, c: CupyConfig) -> str | None:
-        n, isz = spec.hidden, spec.x_itemsize
-        if c.vec * isz > 16:
-            return f"vec={c.vec} x {spec.x_dtype} exceeds a 16-byte access"
-        if n % c.vec:
-            return f"vec={c.vec} does not divide N={n}"
-        if c.rows > c.threads // 2:
-            return f"rows={c.rows} leaves fewer than 2 threads per row of a {c.threads}-thread block"
-        blocks = cluster_size(c)
-        if blocks > 1:
-            if c.rows != 1 or c.unroll != 1:
-                return f"row_cache={c.row_cache} takes one row a cluster (rows=1) and unroll=1"
-            if n % (blocks * c.vec):
-                return f"row_cache={c.row_cache}: N={n} does not split into {blocks} slices of whole vectors"
-            n //= blocks  # each block of the cluster owns a slice of the row
-        tpr = c.threads // c.rows
-        if tpr > 2 and (tpr // 2) * c.vec >= n:
-            return f"{tpr} threads per row: half of them would have no element of an N={n} row"
-        items = _cdiv(n, tpr * c.vec)
-        if c.row_cache == "registers":
-            budget = max_reg_elems(spec.direction, c.threads)
-            if items * c.vec > budget:
-                return (f"registers row cache needs {items * c.vec} elements per thread "
-                        f"(max {budget} with {c.threads} threads)")
-            if c.unroll != 1:
-                return "unroll applies to the chunk loops; the registers cache is fully unrolled"
-        elif c.row_cache != "none" and dynamic_smem(spec, c) > SMEM_MAX:
-            what = " and dW/dB sums" if c.partials == "shared" and spec.weight and spec.direction == "bwd" else ""
-            return f"{c.row_cache} row cache{what} need {dynamic_smem(spec, c)} bytes a block > {SMEM_MAX}"
-        if spec.direction == "fwd" or not spec.weight:
-            if c.partials_per_sm != 1 and spec.direction == "fwd":
-                return "partials_per_sm is a backward knob (fwd takes 1)"
-            if c.partials != "registers":
-                return "partials applies to a backward with dW/dB (this spec takes 'registers')"
-        elif c.partials == "registers" and c.row_cache != "registers":
-            budget = max_partial_elems(c.threads)
-            need = items * c.vec * (2 if spec.bias else 1)
-            if need > budget:
-                return (f"dW/dB partials in registers need {need} elements per thread "
-                        f"(max {budget} with {c.threads} threads)")
-        elif c.partials in ("global", "shared") and c.row_cache == "registers":
-            return "a row cached in registers sums its partials in registers"
-        elif c.partials == "shared" and c.row_cache == "none":
-            return "partials=shared sums dW/dB beside a row cached in shared memory (row_cache=shared or clusterC)"
-        elif c.partials == "columns" and c.row_cache != "none":
-            return "partials=columns re-reads the rows column by column: it takes row_cache=none"
-        if c.prefetch:
-            if spec.direction != "bwd" or c.row_cache not in ("registers", "shared"):
-                return "prefetch applies to the backward with its row cached in registers or shared memory"
-            if c.row_cache == "shared" and c.vec * isz < 4:
-                return f"prefetch into shared memory copies {c.vec * isz}-byte vectors; cp.async moves 4, 8 or 16"
-            if c.row_cache == "registers" and items * c.vec > max_prefetch_elems(c.threads):
-                return (f"prefetch keeps {items * c.vec} elements per thread twice in registers "
-                        f"(max {max_prefetch_elems(c.threads)} with {c.threads} threads)")
+        for rule in (_geometry_rule, _row_cache_rule, _partials_rule, _prefetch_rule):
+            problem = rule(spec, c)
+            if problem is not None:
+                return problem
         return None
 
     @classmethod
@@ -230,6 +181,79 @@ class CupyConfig(Config):
             if cls.is_valid(spec, config) is None and dynamic_smem(spec, config) <= SMEM_HEURISTIC:
                 return config
         raise AssertionError(f"no valid heuristic cupy config for {spec.short()}")  # 'none' is always valid
+
+
+def _items(spec: NormSpec, c: CupyConfig) -> int:
+    """Vectors of its block's part of a row (the whole row, or a cluster's slice) each thread owns."""
+    return _cdiv(spec.hidden // cluster_size(c), (c.threads // c.rows) * c.vec)
+
+
+def _geometry_rule(spec: NormSpec, c: CupyConfig) -> str | None:
+    n, isz = spec.hidden, spec.x_itemsize
+    if c.vec * isz > 16:
+        return f"vec={c.vec} x {spec.x_dtype} exceeds a 16-byte access"
+    if n % c.vec:
+        return f"vec={c.vec} does not divide N={n}"
+    if c.rows > c.threads // 2:
+        return f"rows={c.rows} leaves fewer than 2 threads per row of a {c.threads}-thread block"
+    blocks = cluster_size(c)
+    if blocks > 1:
+        if c.rows != 1 or c.unroll != 1:
+            return f"row_cache={c.row_cache} takes one row a cluster (rows=1) and unroll=1"
+        if n % (blocks * c.vec):
+            return f"row_cache={c.row_cache}: N={n} does not split into {blocks} slices of whole vectors"
+        n //= blocks  # each block of the cluster owns a slice of the row
+    tpr = c.threads // c.rows
+    if tpr > 2 and (tpr // 2) * c.vec >= n:
+        return f"{tpr} threads per row: half of them would have no element of an N={n} row"
+    return None
+
+
+def _row_cache_rule(spec: NormSpec, c: CupyConfig) -> str | None:
+    if c.row_cache == "registers":
+        need, budget = _items(spec, c) * c.vec, max_reg_elems(spec.direction, c.threads)
+        if need > budget:
+            return f"registers row cache needs {need} elements per thread (max {budget} with {c.threads} threads)"
+        if c.unroll != 1:
+            return "unroll applies to the chunk loops; the registers cache is fully unrolled"
+    elif c.row_cache != "none" and dynamic_smem(spec, c) > SMEM_MAX:
+        what = " and dW/dB sums" if c.partials == "shared" and spec.weight and spec.direction == "bwd" else ""
+        return f"{c.row_cache} row cache{what} need {dynamic_smem(spec, c)} bytes a block > {SMEM_MAX}"
+    return None
+
+
+def _partials_rule(spec: NormSpec, c: CupyConfig) -> str | None:
+    if spec.direction == "fwd" or not spec.weight:
+        if c.partials_per_sm != 1 and spec.direction == "fwd":
+            return "partials_per_sm is a backward knob (fwd takes 1)"
+        if c.partials != "registers":
+            return "partials applies to a backward with dW/dB (this spec takes 'registers')"
+    elif c.partials == "registers" and c.row_cache != "registers":
+        budget = max_partial_elems(c.threads)
+        need = _items(spec, c) * c.vec * (2 if spec.bias else 1)
+        if need > budget:
+            return (f"dW/dB partials in registers need {need} elements per thread "
+                    f"(max {budget} with {c.threads} threads)")
+    elif c.partials in ("global", "shared") and c.row_cache == "registers":
+        return "a row cached in registers sums its partials in registers"
+    elif c.partials == "shared" and c.row_cache == "none":
+        return "partials=shared sums dW/dB beside a row cached in shared memory (row_cache=shared or clusterC)"
+    elif c.partials == "columns" and c.row_cache != "none":
+        return "partials=columns re-reads the rows column by column: it takes row_cache=none"
+    return None
+
+
+def _prefetch_rule(spec: NormSpec, c: CupyConfig) -> str | None:
+    if not c.prefetch:
+        return None
+    if spec.direction != "bwd" or c.row_cache not in ("registers", "shared"):
+        return "prefetch applies to the backward with its row cached in registers or shared memory"
+    if c.row_cache == "shared" and c.vec * spec.x_itemsize < 4:
+        return f"prefetch into shared memory copies {c.vec * spec.x_itemsize}-byte vectors; cp.async moves 4, 8 or 16"
+    if c.row_cache == "registers" and _items(spec, c) * c.vec > max_prefetch_elems(c.threads):
+        return (f"prefetch keeps {_items(spec, c) * c.vec} elements per thread twice in registers "
+                f"(max {max_prefetch_elems(c.threads)} with {c.threads} threads)")
+    return None
 
 
 def _least_traffic(spec: NormSpec, configs: list[CupyConfig]) -> list[CupyConfig]:

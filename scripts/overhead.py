@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from autonorm.backends.base import new_empty
 
 import autonorm
 from autonorm import dispatch, first_use, functional, ops
+from autonorm.backends.base import new_empty
 from autonorm.device import identity
 
 

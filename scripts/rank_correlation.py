@@ -44,8 +44,7 @@ def main(argv=None) -> int:
     from autonorm.backends import get_backend
     from autonorm.device import identity
     from autonorm.spec import NormSpec
-    from autonorm.tune import SearchSpace
-    from autonorm.tune import rank
+    from autonorm.tune import SearchSpace, rank
     from autonorm.tune.quality import load_average
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -378,6 +378,14 @@ def knob_cases(tmp: Path) -> list:
     results.append(("knobs", "AUTONORM_TUNE_ON_MISS=1 with a file as cache", *run_case(
         with_env({"AUTONORM_TUNE_ON_MISS": "1", "AUTONORM_CACHE_DIR": str(a_file)}, call_or_own_error))))
 
+    return results + _flag_cases(tmp, good, other_file)
+
+
+def _flag_cases(tmp: Path, good: Path, other_file: Path) -> list:
+    """Command-line flags pointed at the wrong things: a database as tune's storage, another device's file as
+    merge's output, a bench JSON whose slug would write outside the report folder."""
+    results = []
+
     def tune_storage(storage):
         def case():
             before = storage.read_bytes() if storage.is_file() else None
@@ -431,6 +439,33 @@ def _dubious_databases() -> dict:
     }
 
 
+def _one_line(rc_wanted: int, *argv) -> tuple[bool, str]:
+    """The command exits `rc_wanted` with one line on stderr and no traceback."""
+    rc, err = cli(*argv)
+    return rc == rc_wanted and err.count("\n") == 1 and "Traceback" not in err, f"exit {rc}: {err.strip()[:80]}"
+
+
+def _bench_edges(tmp: Path) -> list:
+    """bench with a missing output folder, and given files that are not bench JSON."""
+    results = []
+    bench = ("bench", "--shapes", "17x64", "--dtypes", "fp32", "--ops", "rmsnorm", "--directions", "fwd",
+             "--providers", "torch", "--reps", "2", "--warmup", "1", "--copy-bw", "10")
+
+    def bench_into_a_missing_folder():
+        out = tmp / "no-such-folder" / "deeper" / "bench.json"
+        rc, _ = cli(*bench, "--json", out)
+        return rc == 0 and len(json.loads(out.read_text())["rows"]) == 1, f"exit {rc}"
+    results.append(("edges", "bench --json into a missing folder", *run_case(bench_into_a_missing_folder)))
+    for label, content in (("not JSON", b"<html>"), ("{}", b"{}"), ("rows of numbers", b'{"rows": [1]}')):
+        path = tmp / f"bench-input-{len(results)}.json"
+        path.write_bytes(content)
+        results.append(("edges", f"bench --input {label}", *run_case(
+            lambda path=path: _one_line(1, "bench", "--report", tmp / "report-bad", "--input", path))))
+    results.append(("edges", "bench --input /dev/null", *run_case(
+        lambda: _one_line(1, "bench", "--report", tmp / "report-bad", "--input", "/dev/null"))))
+    return results
+
+
 def edge_cases(tmp: Path) -> list:
     from autonorm import knobs, measure
     from autonorm.db import TuningDB
@@ -452,25 +487,7 @@ def edge_cases(tmp: Path) -> list:
             return rc == 1 and "INVALID" in err and not loaded, f"validate exit {rc}, load_db refused: {not loaded}"
         results.append(("edges", f"db validate refuses: {name}", *run_case(refused)))
 
-    def one_line(rc_wanted, *argv):
-        rc, err = cli(*argv)
-        return rc == rc_wanted and err.count("\n") == 1 and "Traceback" not in err, f"exit {rc}: {err.strip()[:80]}"
-
-    bench = ("bench", "--shapes", "17x64", "--dtypes", "fp32", "--ops", "rmsnorm", "--directions", "fwd",
-             "--providers", "torch", "--reps", "2", "--warmup", "1", "--copy-bw", "10")
-
-    def bench_into_a_missing_folder():
-        out = tmp / "no-such-folder" / "deeper" / "bench.json"
-        rc, _ = cli(*bench, "--json", out)
-        return rc == 0 and len(json.loads(out.read_text())["rows"]) == 1, f"exit {rc}"
-    results.append(("edges", "bench --json into a missing folder", *run_case(bench_into_a_missing_folder)))
-    for label, content in (("not JSON", b"<html>"), ("{}", b"{}"), ("rows of numbers", b'{"rows": [1]}')):
-        path = tmp / f"bench-input-{len(results)}.json"
-        path.write_bytes(content)
-        results.append(("edges", f"bench --input {label}", *run_case(
-            lambda path=path: one_line(1, "bench", "--report", tmp / "report-bad", "--input", path))))
-    results.append(("edges", "bench --input /dev/null", *run_case(
-        lambda: one_line(1, "bench", "--report", tmp / "report-bad", "--input", "/dev/null"))))
+    results += _bench_edges(tmp)
 
     tune = ("tune", "--backends", "torch", "--ops", "rmsnorm", "--directions", "fwd", "--dtypes", "float32",
             "--rows", "4", "--hidden", "64", "--no-compile-baseline", "--no-progress", "--trials", "1")
@@ -479,7 +496,7 @@ def edge_cases(tmp: Path) -> list:
 
     def tune_out(out):
         def case():
-            ok, note = one_line(2, *tune, "--out", out)
+            ok, note = _one_line(2, *tune, "--out", out)
             return ok and (not out.exists() or out.read_text() == "keep"), note
         return case
     results.append(("edges", "tune --out <an existing file>", *run_case(tune_out(a_file))))
@@ -730,8 +747,9 @@ def cut_journal_cases(tmp: Path, rng: random.Random) -> list:
 def run_all(seed: int, only: str | None = None) -> list:
     import logging
 
-    import autonorm  # noqa: F401  (import before the memory cap)
     import optuna  # noqa: F401
+
+    import autonorm  # noqa: F401  (import before the memory cap)
     from autonorm import dispatch
 
     logging.getLogger("autonorm").addHandler(logging.NullHandler())  # AUTONORM_LOG cases: not on the console

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from autonorm import audit
-from autonorm.cli import audit as audit_cli
 from autonorm.backends import get_backend
+from autonorm.cli import audit as audit_cli
 from autonorm.grids import STANDARD
 from autonorm.spec import NormSpec
 

@@ -10,16 +10,15 @@ from typing import ClassVar
 
 import pytest
 import torch
-from autonorm.backends.torch_eager import TorchBackend
+from fakes import FakeBackendBase
 
+from autonorm.backends.torch_eager import TorchBackend
 from autonorm.config import Config, knob
 from autonorm.db import TuningDB
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
-from autonorm.tune import SearchSpace, make_storage, tune_grid
+from autonorm.tune import SearchSpace, make_storage, rank, tune_grid
 from autonorm.tune import plan as planner
-from autonorm.tune import rank
-from fakes import FakeBackendBase
 
 pytest.importorskip("optuna")
 

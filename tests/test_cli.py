@@ -234,6 +234,7 @@ def test_non_database_json_in_a_database_folder_is_skipped(tmp_path, monkeypatch
 def test_creating_a_study_prints_no_optuna_info(capfd):
     """AUTONORM_TUNE_ON_MISS tunes inside the user's program: Optuna's INFO lines must not reach its output."""
     import optuna
+
     from autonorm.backends.torch_eager import TorchBackend
     from autonorm.spec import NormSpec
 

@@ -5,9 +5,9 @@ skipped without one (conftest's `gpu` marker); tests/test_cupy_nvcc.py is the CP
 """
 import pytest
 import torch
-from autonorm.backends import get_backend
 from grid import check_case, params, public_api_3d
 
+from autonorm.backends import get_backend
 from autonorm.spec import NormSpec
 
 pytestmark = pytest.mark.gpu

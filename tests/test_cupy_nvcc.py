@@ -16,9 +16,9 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from autonorm.audit import cupy_translation_unit as translation_unit
 from autonorm.backends.cupy import CupyBackend, CupyConfig
-
 from autonorm.spec import NormSpec
 
 NVCC = shutil.which("nvcc")
@@ -241,9 +241,8 @@ class _Recorder:
 @pytest.mark.parametrize("strided", [False, True])
 def test_launcher_arguments_match_kernel_signatures(spec, strided):
     pytest.importorskip("cupy")
-    from autonorm.backends.cupy import _Launcher
-
     from autonorm import verify
+    from autonorm.backends.cupy import _Launcher
 
     config = BACKEND.heuristic(spec)
     text = BACKEND.render(spec, config).text
@@ -385,9 +384,8 @@ def test_backward_prefetch_into_shared_memory():
 def test_cluster_split_of_a_row():
     """row_cache="clusterC" (forward, sm_90+): C blocks of a thread-block cluster each cache a 1/C slice of the
     row in shared memory and merge the row's statistics through distributed shared memory, in rank order."""
-    from autonorm.backends.cupy import _Launcher, cluster_size, dynamic_smem
-
     from autonorm import verify
+    from autonorm.backends.cupy import _Launcher, cluster_size, dynamic_smem
 
     spec = NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", 262144, bias=True, residual=True)
     config = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="cluster4", partials_per_sm=1,
@@ -420,9 +418,8 @@ def test_cluster_backward():
     """row_cache="clusterC" in the backward (sm_90+): each block caches x and dy of its slice, sums its slice's
     dW/dB over the cluster's rows, and the row's two sums merge through distributed shared memory, one cluster
     barrier a row (the published sums double-buffered by the row's parity); clusters loop over the rows."""
-    from autonorm.backends.cupy import _Launcher, dynamic_smem
-
     from autonorm import verify
+    from autonorm.backends.cupy import _Launcher, dynamic_smem
 
     spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 65536, bias=True, residual=True)
     config = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="cluster8", partials_per_sm=1,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import FakeBackendBase
 
 import autonorm
 from autonorm import backends, dbload, dispatch
@@ -22,7 +23,6 @@ from autonorm.config import Config, knob
 from autonorm.db import now_iso
 from autonorm.device import identity
 from autonorm.errors import DatabaseError, UnknownBackendError
-from fakes import FakeBackendBase
 
 FAKE_HASH = "fake-template-v1"
 TIMING = {"median_us": 2.0, "p20_us": 1.9, "p80_us": 2.1}

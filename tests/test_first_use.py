@@ -13,11 +13,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+import test_dispatch as td
 import torch
 import torch.nn.functional as F
 
 import autonorm
-import test_dispatch as td
 from autonorm import backends, dbload, dispatch, first_use
 
 

@@ -338,13 +338,13 @@ def test_a_trial_requeued_after_the_budget_is_spent_never_stays_waiting(tmp_path
     from typing import ClassVar
 
     import optuna
+    from fakes import FakeBackendBase, ScriptedTimer
     from optuna.trial import TrialState
 
     from autonorm.backends.torch_eager import TorchBackend
     from autonorm.config import Config, knob
     from autonorm.spec import NormSpec
     from autonorm.tune import Candidate, StudyRunner, make_storage
-    from fakes import FakeBackendBase, ScriptedTimer
 
     @dataclass(frozen=True)
     class EightConfig(Config):
@@ -468,9 +468,8 @@ def postgres_behind_a_proxy():
     if not POSTGRES_URL:
         pytest.skip("AUTONORM_TEST_POSTGRES_URL is not set (.ci/run starts a server)")
     psycopg = pytest.importorskip("psycopg")
-    from urllib.parse import urlsplit
-
     import uuid
+    from urllib.parse import urlsplit
 
     name = f"autonorm_outage_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
@@ -531,13 +530,13 @@ def test_the_outage_error_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys
 
 
 def test_a_trial_failed_by_heartbeat_while_its_worker_times_it_does_not_end_the_worker(tmp_path, monkeypatch):
+    from fakes import ScriptedTimer
     from optuna.trial import TrialState
 
     from autonorm.backends.torch_eager import TorchBackend
     from autonorm.measure import Timing
     from autonorm.spec import NormSpec
     from autonorm.tune import StudyRunner, make_storage
-    from fakes import ScriptedTimer
 
     storage = make_storage(None, tmp_path / "s.journal")
     holder = {}

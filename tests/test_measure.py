@@ -1,9 +1,9 @@
 """Measurement: statistics, the CPU protocol's rotating inputs, verify-before-time, the copy probe."""
 import pytest
 import torch
-from autonorm.backends.torch_eager import TorchBackend
 
 from autonorm import measure
+from autonorm.backends.torch_eager import TorchBackend
 from autonorm.spec import NormSpec
 
 SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 256)

@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("numba")
 
+from grid import check_case, params, public_api_3d  # noqa: E402
+
 from autonorm import verify  # noqa: E402
 from autonorm.backends import get_backend  # noqa: E402
 from autonorm.spec import NormSpec  # noqa: E402
-
-from grid import check_case, params, public_api_3d  # noqa: E402
 
 BACKEND = "numba-cpu"
 
@@ -278,8 +278,9 @@ def test_public_api(use_backend, op):
 @pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
 def test_overlapping_rows_match_torch(use_backend, op):
     """Rows that overlap in memory (unfold: strides (1, 1)) give torch's values and gradients."""
-    import autonorm
     import torch.nn.functional as F
+
+    import autonorm
 
     use_backend(BACKEND)
     base = torch.randn(70, requires_grad=True)
@@ -300,8 +301,9 @@ def test_overlapping_rows_match_torch(use_backend, op):
 @pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
 def test_zero_eps_on_a_zero_row_matches_torch(use_backend, op):
     """eps=0 on a constant row divides by a zero variance: NaN as in torch, not an exception."""
-    import autonorm
     import torch.nn.functional as F
+
+    import autonorm
 
     use_backend(BACKEND)
     x = torch.randn(3, 32)

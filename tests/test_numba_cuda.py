@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install autonorm[cuda13])")
 
 import grid  # noqa: E402
+
 from autonorm import knobs, verify  # noqa: E402
 from autonorm.backends import get_backend  # noqa: E402
 from autonorm.backends import numba_cuda as nc  # noqa: E402

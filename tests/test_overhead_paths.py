@@ -7,10 +7,10 @@ scripts/overhead.py times them; these tests only check values (no timing asserts
 """
 import pytest
 import torch
-from autonorm.backends import get_backend
 
 import autonorm
 from autonorm import functional, verify
+from autonorm.backends import get_backend
 from autonorm.spec import NormSpec
 
 

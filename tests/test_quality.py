@@ -2,15 +2,15 @@
 import logging
 
 import pytest
+from fakes import ScriptedTimer
 
 from autonorm import cli, measure, tune
-from autonorm.cli import tune as tune_cli
-from autonorm.tune import quality
 from autonorm.backends.torch_eager import TorchBackend
+from autonorm.cli import tune as tune_cli
 from autonorm.db import TuningDB
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
-from fakes import ScriptedTimer
+from autonorm.tune import quality
 
 SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
 STEADY = (10.0, 9.5, 10.5)

@@ -1,10 +1,10 @@
 """README's claims hold as written: what `all` installs, what `--quick` tunes, what `tuning_db/` ships,
 and what is bit-exact against torch in bf16."""
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import torch.nn.functional as F
 

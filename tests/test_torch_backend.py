@@ -1,9 +1,8 @@
 """The torch backend passes the shared grid: it proves the grid and the reference agree."""
 import pytest
+from grid import check_case, params
 
 from autonorm.backends import get_backend
-
-from grid import check_case, params
 
 
 @pytest.mark.parametrize("spec,rows,strided", params(hidden=(1, 7, 760, 4096, 65537)))

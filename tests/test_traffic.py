@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from autonorm.backends import get_backend
 
 from autonorm import traffic
+from autonorm.backends import get_backend
 from autonorm.spec import NormSpec
 
 triton = pytest.importorskip("triton")

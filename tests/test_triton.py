@@ -9,11 +9,11 @@ import re
 
 import pytest
 import torch
-from autonorm.backends import get_backend
-from autonorm.backends.triton import TritonConfig, next_pow2
 from grid import check_case, params, public_api_3d
 
 from autonorm import InvalidConfigError, verify
+from autonorm.backends import get_backend
+from autonorm.backends.triton import TritonConfig, next_pow2
 from autonorm.spec import NormSpec
 
 pytest.importorskip("triton")

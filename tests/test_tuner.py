@@ -14,13 +14,13 @@ from typing import ClassVar
 
 import pytest
 import torch
-from autonorm.backends.torch_eager import TorchBackend
+from fakes import FakeBackendBase
 
+from autonorm.backends.torch_eager import TorchBackend
 from autonorm.config import Config, knob
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
 from autonorm.tune import STARTUP_TRIALS, Candidate, SearchSpace, StudyRunner, make_storage
-from fakes import FakeBackendBase
 
 SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
 ROWS = 16

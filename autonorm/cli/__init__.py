@@ -11,8 +11,17 @@ import argparse
 import importlib
 import sys
 
-from .args import (Parser, UsageError, add_device, add_list, backend_names, device_arg, dtype_names, list_of,
-                   positive_int)
+from .args import (
+    Parser,
+    UsageError,
+    add_device,
+    add_list,
+    backend_names,
+    device_arg,
+    dtype_names,
+    list_of,
+    positive_int,
+)
 
 COMMANDS = {
     "check": ("autonorm.cli.check", "run every available backend against the reference"),

@@ -10,9 +10,25 @@ from __future__ import annotations
 import json
 import sys
 
-from ..audit import (ARCHS, BACKENDS, AuditToolError, audit, cached, check_backends, compare,
-                     database_jobs, doc, gate_failures, heuristic_jobs, load_report, save_report, saved_toolchain,
-                     space_jobs, table, toolchain)
+from ..audit import (
+    ARCHS,
+    BACKENDS,
+    AuditToolError,
+    audit,
+    cached,
+    check_backends,
+    compare,
+    database_jobs,
+    doc,
+    gate_failures,
+    heuristic_jobs,
+    load_report,
+    save_report,
+    saved_toolchain,
+    space_jobs,
+    table,
+    toolchain,
+)
 from ..spec import NormSpec
 
 
@@ -45,31 +61,36 @@ def add_arguments(parser) -> None:
                              "exit status 1 if one that fits there does not fit here")
 
 
-def main(args) -> int:
+def _requested_jobs(args, archs: list[str], backends: list[str]) -> list:
+    """The kernels the command line asks for: a database's records, one spec (heuristic or whole space), or a
+    grid's heuristics. A bad value raises ValueError."""
     from ..grids import get
     from ..spec import dtype_name
 
+    for a in archs:
+        if a not in ARCHS:
+            raise ValueError(f"unknown --arch {a!r}: expected some of {', '.join(ARCHS)}")
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"backend {b!r} has no GPU compiler to audit: expected some of {', '.join(BACKENDS)}")
+    if args.db:
+        return database_jobs(args.db, archs, backends)
+    if args.hidden is not None:
+        dt = dtype_name(args.dtype)
+        spec = NormSpec(args.op, args.direction, dt, dt, args.hidden)
+        return space_jobs(spec, backends, archs) if args.space else heuristic_jobs([spec], backends, archs)
+    specs = get(args.grid or "quick").specs()
+    if args.dtypes:
+        wanted = {dtype_name(d.strip()) for d in args.dtypes.split(",")}
+        specs = [s for s in specs if s.x_dtype in wanted]
+    return heuristic_jobs(specs, backends, archs)
+
+
+def main(args) -> int:
     try:
         archs = [a.strip() for a in args.arch.split(",") if a.strip()]
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        for a in archs:
-            if a not in ARCHS:
-                raise ValueError(f"unknown --arch {a!r}: expected some of {', '.join(ARCHS)}")
-        for b in backends:
-            if b not in BACKENDS:
-                raise ValueError(f"backend {b!r} has no GPU compiler to audit: expected some of {', '.join(BACKENDS)}")
-        if args.db:
-            jobs = database_jobs(args.db, archs, backends)
-        elif args.hidden is not None:
-            dt = dtype_name(args.dtype)
-            spec = NormSpec(args.op, args.direction, dt, dt, args.hidden)
-            jobs = space_jobs(spec, backends, archs) if args.space else heuristic_jobs([spec], backends, archs)
-        else:
-            specs = get(args.grid or "quick").specs()
-            if args.dtypes:
-                wanted = {dtype_name(d.strip()) for d in args.dtypes.split(",")}
-                specs = [s for s in specs if s.x_dtype in wanted]
-            jobs = heuristic_jobs(specs, backends, archs)
+        jobs = _requested_jobs(args, archs, backends)
         saved = load_report(args.against) if args.against else None
         check_backends(sorted({j.backend for j in jobs}))
     except AuditToolError as exc:  # a compiler is missing: exit 1, as for bad data

@@ -12,10 +12,9 @@ import sys
 import time
 
 
-
 def add_arguments(parser) -> None:
-    from .args import add_device, add_list, positive_int
     from ..spec import DTYPE_LIST
+    from .args import add_device, add_list, positive_int
 
     add_list(parser, "--backends", help="backend names (default: every available one)")
     add_list(parser, "--hidden", kind=positive_int, default=[7, 760, 4096], help="hidden sizes N")
@@ -33,8 +32,8 @@ def main(args) -> int:
     from ..backends import get_backend
     from ..backends.base import poison_outputs
     from ..errors import AutonormError
-    from .args import UsageError, backend_names, device_arg, dtype_names
     from ..spec import MAX_HIDDEN, NormSpec
+    from .args import UsageError, backend_names, device_arg, dtype_names
 
     device = device_arg(args.device)
     hidden, dtypes = args.hidden, dtype_names(args.dtypes)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -68,9 +67,9 @@ def _domain_value(key: str, raw: str, allowed: tuple, backend: str):
 
 def main(args) -> int:
     from ..backends import get_backend
-    from .args import UsageError
     from ..errors import AutonormError, BackendUnavailableError
     from ..spec import NormSpec, dtype_name
+    from .args import UsageError
 
     try:
         x_dtype = dtype_name(args.dtype)

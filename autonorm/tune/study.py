@@ -52,8 +52,8 @@ from .. import measure
 from ..errors import AutonormError
 from ..spec import NormSpec, rows_bucket
 from . import finalize
-from .finalize import StudyResult
 from . import storage as fleet
+from .finalize import StudyResult
 from .space import Candidate, SearchSpace
 
 log = logging.getLogger("autonorm.tune")
@@ -254,18 +254,7 @@ class StudyRunner:
                     return "converged"
                 if done >= len(self.space):
                     return "exhaustive"  # every candidate is evaluated
-                batch = []
-                # Claiming candidates is atomic across workers: under the lock, re-read what the others
-                # have measured or are measuring (`queued`), then ask; a worker that enters after us sees
-                # our RUNNING trials and their candidates, so no config is timed twice.
-                with self._claim():
-                    fleet.fail_stale_trials(study)
-                    measured, failed, queued = self._state(study)
-                    for _ in range(min(self.compile_workers, self.n_trials - done)):
-                        picked = self._ask(study, set(measured) | set(failed) | queued | {c.key for _, c in batch},
-                                           self._incumbent(measured))
-                        if picked is not None:
-                            batch.append(picked)
+                batch, measured, failed = self._claim_batch(study, done)
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
                 batch_started = self.clock()
@@ -285,6 +274,22 @@ class StudyRunner:
                 batch_s = self.clock() - batch_started
         finally:
             pool.shutdown(wait=True)
+
+    def _claim_batch(self, study, done: int):
+        """Up to `compile_workers` new (trial, candidate) pairs, with what the storage holds as measured and
+        failed. Claiming is atomic across workers: under the lock, re-read what the others have measured or
+        are measuring (`queued`), then ask; a worker that enters after us sees our RUNNING trials and their
+        candidates, so no config is timed twice."""
+        batch = []
+        with self._claim():
+            fleet.fail_stale_trials(study)
+            measured, failed, queued = self._state(study)
+            for _ in range(min(self.compile_workers, self.n_trials - done)):
+                picked = self._ask(study, set(measured) | set(failed) | queued | {c.key for _, c in batch},
+                                   self._incumbent(measured))
+                if picked is not None:
+                    batch.append(picked)
+        return batch, measured, failed
 
     def _close_unused(self, study) -> None:
         """Close the WAITING trials of a study whose trial budget is spent (PRUNED, marked `unused`): a seed
