@@ -295,12 +295,13 @@ class Backend(abc.ABC):
     def template_hash(self) -> str:
         """Identity of the code this backend generates and launches (databases record it).
 
-        Covers the templates and the backend's own module, whose launch code and
-        `render_context` shape the kernels as much as the templates do.
+        Covers the templates, the backend's own module and its config's (when apart), whose launch code,
+        geometry and `render_context` shape the kernels as much as the templates do.
         """
         if self.template_dir is None:
             return f"{self.name}-{self.version()}"
-        return template_hash(self.template_dir, sys.modules[type(self).__module__].__file__)
+        modules = dict.fromkeys((type(self).__module__, self.config_cls.__module__))
+        return template_hash(self.template_dir, *(sys.modules[m].__file__ for m in modules))
 
     def compile(self, spec: NormSpec, config: Config, device: torch.device | str = "cpu") -> Kernel:
         """Render and compile, memoized by source hash, config, backend version and device.

@@ -151,7 +151,7 @@ def test_heuristic_register_budgets_follow_the_block(backend):
             assert tile // (32 * c.num_warps) <= max_per_thread(spec.direction, c.num_warps), (spec.short(), c)
             assert c.BLOCK_N <= next_pow2(spec.hidden)
         else:
-            from autonorm.backends.cupy import max_reg_elems
+            from autonorm.backends.cupy_config import max_reg_elems
             if c.row_cache == "registers":
                 items = -(-spec.hidden // (c.threads // c.rows * c.vec)) * c.vec
                 assert items <= max_reg_elems(spec.direction, c.threads), (spec.short(), c)
@@ -344,7 +344,7 @@ def test_cupy_backward_prefetch_fits():
     grants each block size (16 elements up to 256 threads, 8 at 512, 4 at 1024), LayerNorm with every
     feature compiles without spilling on both architectures."""
     _skip_unless("cupy")
-    from autonorm.backends.cupy import max_prefetch_elems
+    from autonorm.backends.cupy_config import max_prefetch_elems
 
     jobs = []
     for n, threads, vec in ((4096, 256, 8), (4096, 512, 8), (4096, 1024, 4), (1128, 128, 8)):

@@ -172,7 +172,7 @@ def test_validity_rules():
 
 
 def test_shared_row_cache_is_sized_in_the_input_dtype():
-    from autonorm.backends.cupy import SMEM_HEURISTIC, SMEM_WITHOUT_OPT_IN, dynamic_smem
+    from autonorm.backends.cupy_config import SMEM_HEURISTIC, SMEM_WITHOUT_OPT_IN, dynamic_smem
 
     for direction, n, copies in (("fwd", 65536, 1), ("bwd", 32768, 2)):
         spec = NormSpec("layernorm", direction, "bfloat16", "bfloat16", n, bias=True)
@@ -324,7 +324,7 @@ def test_backward_partials_by_columns():
 def test_backward_prefetch():
     """prefetch=1 (backward, row in registers): the weight is read once before the row loop, and the next row's
     x, dy and statistics are loaded before this row's reductions; is_valid keeps it where it fits."""
-    from autonorm.backends.cupy import max_prefetch_elems
+    from autonorm.backends.cupy_config import max_prefetch_elems
 
     spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 4096, bias=True, residual=True)
     config = CupyConfig.heuristic(spec)
@@ -356,7 +356,7 @@ def test_backward_prefetch_into_shared_memory():
     """prefetch=1 with the row in shared memory: two row buffers; inside the row loop each thread waits for its own
     cp.async copies of this row, then issues the next row's into the other buffer, before any reduction; the
     unaligned entry point loads through registers. is_valid keeps it to 4-, 8- and 16-byte copies."""
-    from autonorm.backends.cupy import dynamic_smem
+    from autonorm.backends.cupy_config import dynamic_smem
 
     spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 16384, bias=True, residual=True)
     config = CupyConfig.heuristic(spec)
@@ -385,7 +385,8 @@ def test_cluster_split_of_a_row():
     """row_cache="clusterC" (forward, sm_90+): C blocks of a thread-block cluster each cache a 1/C slice of the
     row in shared memory and merge the row's statistics through distributed shared memory, in rank order."""
     from autonorm import verify
-    from autonorm.backends.cupy import _Launcher, cluster_size, dynamic_smem
+    from autonorm.backends.cupy import _Launcher
+    from autonorm.backends.cupy_config import cluster_size, dynamic_smem
 
     spec = NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", 262144, bias=True, residual=True)
     config = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="cluster4", partials_per_sm=1,
@@ -419,7 +420,8 @@ def test_cluster_backward():
     dW/dB over the cluster's rows, and the row's two sums merge through distributed shared memory, one cluster
     barrier a row (the published sums double-buffered by the row's parity); clusters loop over the rows."""
     from autonorm import verify
-    from autonorm.backends.cupy import _Launcher, dynamic_smem
+    from autonorm.backends.cupy import _Launcher
+    from autonorm.backends.cupy_config import dynamic_smem
 
     spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 65536, bias=True, residual=True)
     config = CupyConfig(threads=1024, vec=8, rows=1, unroll=1, row_cache="cluster8", partials_per_sm=1,
@@ -449,7 +451,7 @@ def test_backward_partials_in_shared_memory():
     """partials="shared": fp32 dW/dB sums beside a shared-memory row cache (or a cluster block's slice), 16-byte
     aligned after it, zeroed, added to for every row by the column's owner and copied to the partial row once;
     the heuristic's choice where the row and the sums fit A100's shared memory and registers do not."""
-    from autonorm.backends.cupy import SMEM_MAX, dynamic_smem, partials_smem_offset
+    from autonorm.backends.cupy_config import SMEM_MAX, dynamic_smem, partials_smem_offset
 
     rms = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 20480)
     config = BACKEND.heuristic(rms)
@@ -490,7 +492,7 @@ def test_backward_partials_in_shared_memory():
 def test_shared_row_cache_heuristics_keep_half_occupancy():
     """A shared-memory row leaves room for few blocks an SM: the heuristic's blocks are large enough that those
     A100 holds add up to at least 1024 threads (bf16 backward at 12K took 128-thread blocks, 3 an SM)."""
-    from autonorm.backends.cupy import dynamic_smem
+    from autonorm.backends.cupy_config import dynamic_smem
     from autonorm.hardware import ARCHS
 
     a100, seen = ARCHS["sm_80"], 0
