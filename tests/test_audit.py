@@ -303,12 +303,14 @@ def _gate(jobs):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # compiles afresh (~50 s cold); the saved-report gate covers every heuristic in the default run
 @pytest.mark.parametrize("backend", audit.BACKENDS)
 def test_heuristics_fit_subset(backend):
     _skip_unless(backend)
     _gate(audit.heuristic_jobs(SUBSET, [backend], ARCHS))
 
 
+@pytest.mark.slow  # compiles the prefetch variants of several specs (~10 s)
 def test_backward_prefetch_fits():
     """BWD_PREFETCH=1 keeps the next row group's x and dy in registers beside the current ones: the tile
     budget is_valid grants it compiles without spilling (not the heuristic's choice, so the grid does not

@@ -172,12 +172,14 @@ def test_a_compile_inside_the_timed_region_drops_that_figure(monkeypatch):
         return "torch.compile", (lambda i: f(sets[i]["x"], sets[i]["w"], next(calls))), None
 
     monkeypatch.setitem(providers.PROVIDERS, "torch.compile", providers.Provider(recompiling, "a fake"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 10_000)
     spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
     timer = run.measure.CpuTimer(warmup_s=0.0, warmup_calls=1, min_reps=2, max_reps=2, max_sets=2)
+    # Dynamo's own patch, not monkeypatch: undoing a setattr deletes the key, which hides it from every later
+    # compile in the process ("torch._dynamo.config.recompile_limit does not exist").
     try:
-        rows, notes = run.case_rows(spec, 17, torch.device("cpu"), timer, ["torch", "torch.compile"], 10.0,
-                                    {"slug": "cpu-test"})
+        with torch._dynamo.config.patch(recompile_limit=10_000):
+            rows, notes = run.case_rows(spec, 17, torch.device("cpu"), timer, ["torch", "torch.compile"], 10.0,
+                                        {"slug": "cpu-test"})
     finally:
         torch._dynamo.reset()
     assert [r["impl"] for r in rows] == ["torch"] and rows[0]["speedup_vs_compile"] is None

@@ -172,6 +172,7 @@ def _recording_set_num_threads(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # a determinism property over thread counts, not a kernel variant: ~27 s of compiles
 @pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
 def test_threads_do_not_change_results(backend, op, monkeypatch):
     """Each `threads` value gets its own launcher, which applies it, restores the caller's count
@@ -230,6 +231,7 @@ def test_rows_per_task_reaches_the_launch(backend):
 
 # --- compile cache across processes --------------------------------------------------------
 
+@pytest.mark.slow  # a second interpreter importing torch and numba (~8 s)
 def test_second_process_reuses_compile_cache(backend, tmp_path):
     script = textwrap.dedent("""
         import json, sys

@@ -192,8 +192,9 @@ def test_column_partials_rules():
 
 
 @needs_backend
-@pytest.mark.parametrize("op", grid.OPS)
-@pytest.mark.parametrize("direction", grid.DIRECTIONS)
+@pytest.mark.parametrize("op,direction", [("rmsnorm", "fwd"), ("layernorm", "bwd"),  # both directions and ops...
+                                          pytest.param("layernorm", "fwd", marks=pytest.mark.slow),  # ...the rest slow
+                                          pytest.param("rmsnorm", "bwd", marks=pytest.mark.slow)])
 def test_fp32_weight_under_16bit_words(op, direction):
     """4 bf16 elements a 64-bit word lie over 16 bytes of an fp32 weight, loaded as 2 weight words: with the
     row in registers (the backward holds the weight across rows) and chunked, and from a strided or
@@ -378,6 +379,7 @@ _LOWER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # every kernel lowered by NVVM in a subprocess (~20 s); the audit's saved report gates them too
 def test_kernels_lower_for_a_real_gpu(tmp_path):
     """The simulator runs Python, not Numba's CUDA compiler: compile the same sources for sm_80 too."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}

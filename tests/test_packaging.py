@@ -59,6 +59,10 @@ def test_ci_runs_readme_test_command():
     command = next(line for line in ci.splitlines() if line.startswith("pip install") and "pytest" in line)
     assert command in readme
     assert "set -euo pipefail" in ci
+    # The default run leaves the slow tier out; CI runs it after, with the command README gives for it.
+    assert PYPROJECT["tool"]["pytest"]["ini_options"]["addopts"] == ["-m", "not slow"]
+    slow_tier = next(line for line in ci.splitlines() if line.startswith("python -m pytest") and "-m slow" in line)
+    assert slow_tier in readme
 
 
 def _dry_run(tmp_path, extra: str) -> dict[str, str]:
