@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _API = {
     "rms_norm": ".functional", "layer_norm": ".functional", "RMSNorm": ".modules", "LayerNorm": ".modules",
     "NormSpec": ".spec", "Config": ".config", "reset": ".dispatch", "patch": ".patch", "explain": ".explain",
-    "load_db": ".dbload", "AutonormError": ".errors", "BackendUnavailableError": ".errors",
+    "load_db": ".db_sources", "AutonormError": ".errors", "BackendUnavailableError": ".errors",
     "DatabaseError": ".errors", "InvalidConfigError": ".errors", "KernelError": ".errors",
     "UnknownBackendError": ".errors",
 }

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import knobs
+from . import settings
 from .backends import get_backend
 from .backends.cupy import CupyConfig, DeviceLimits, _Launcher, cluster_size, configure_launch
 from .errors import KernelError
@@ -211,7 +211,7 @@ def build_library(pairs) -> ctypes.CDLL:
     """The kernels of `pairs` built into one shared library, cached on disk by source, header and compiler."""
     text = translation_unit(pairs)
     key = hashlib.sha256("\0".join([text, HEADER.read_text(), _compiler_version(), *CXX_FLAGS]).encode()).hexdigest()
-    folder = knobs.cache_dir() / "cuda_host"
+    folder = settings.cache_dir() / "cuda_host"
     lib = folder / f"{key[:32]}.so"
     if not lib.exists():
         folder.mkdir(parents=True, exist_ok=True)

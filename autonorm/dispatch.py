@@ -33,10 +33,11 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
-from . import dbload, first_use, knobs
+from . import db_sources, first_use, settings
 from .backends import DEFAULT_ORDER
 from .config import Config
 from .errors import AutonormError, BackendUnavailableError
@@ -71,7 +72,7 @@ _lock = threading.RLock()
 
 
 def reset(*, keep_databases: bool = False) -> None:
-    """Forget every resolution (after changing knobs or loading a database).
+    """Forget every resolution (after changing settings or loading a database).
 
     Databases are re-read at the next resolution too (so a changed
     AUTONORM_DB_PATH takes effect); files given to `autonorm.load_db` stay.
@@ -80,14 +81,32 @@ def reset(*, keep_databases: bool = False) -> None:
         _choices.clear()
         first_use.forget()  # verdicts are read back from the cache, whose folder may have changed
     if not keep_databases:
-        dbload.forget()
+        db_sources.forget()
 
 
-dbload.on_load(lambda: reset(keep_databases=True))  # a loaded database may answer keys resolved before
+db_sources.on_load(lambda: reset(keep_databases=True))  # a loaded database may answer keys resolved before
 
 
-def make_key(op, direction, x, weight, bias, residual, offset):
-    """The memo key of a call on a 2-D `x` (M, N); on every call's path, so kept to cheap attribute reads."""
+class CallKey(NamedTuple):
+    """The fields of a memo key, by name. `make_key` builds a plain tuple in this order (a named tuple
+    costs a measurable share of a tiny call); a resolution reads it through `CallKey._make(key)`."""
+
+    op: str  # "rmsnorm", "layernorm", or "rmsnorm:<casting mode>"
+    direction: str
+    x_dtype: torch.dtype
+    w_dtype: torch.dtype
+    hidden: int
+    has_weight: bool
+    has_bias: bool
+    has_residual: bool
+    has_offset: bool
+    device: torch.device
+    rows_bucket: int
+
+
+def make_key(op, direction, x, weight, bias, residual, offset) -> tuple:
+    """The memo key of a call on a 2-D `x` (M, N), a tuple in `CallKey`'s order; on every call's path, so
+    kept to cheap attribute reads."""
     m, n = x.shape
     # rows_bucket(m), inlined: a function call here is a measurable share of a tiny call.
     bucket = 1 if m <= 1 else 1 << (m - 1).bit_length()
@@ -96,10 +115,11 @@ def make_key(op, direction, x, weight, bias, residual, offset):
 
 
 def spec_from_key(key) -> NormSpec:
-    op, direction, x_dtype, w_dtype, n, has_w, has_b, has_r, has_off, _device, _bucket = key
-    op, _, casting_mode = op.partition(":")  # "rmsnorm:llama": functional.rmsnorm_op
-    return NormSpec(op, direction, DTYPE_NAMES[x_dtype], DTYPE_NAMES[w_dtype], n,
-                    weight=has_w, bias=has_b, residual=has_r, offset=has_off, casting_mode=casting_mode or "gemma")
+    k = CallKey._make(key)
+    op, _, casting_mode = k.op.partition(":")  # "rmsnorm:llama": functional.rmsnorm_op
+    return NormSpec(op, k.direction, DTYPE_NAMES[k.x_dtype], DTYPE_NAMES[k.w_dtype], k.hidden,
+                    weight=k.has_weight, bias=k.has_bias, residual=k.has_residual, offset=k.has_offset,
+                    casting_mode=casting_mode or "gemma")
 
 
 def choice_for(key) -> Choice:
@@ -109,12 +129,14 @@ def choice_for(key) -> Choice:
         with _lock:
             choice = _choices.get(key)
             if choice is None:
-                choice = _resolve(spec_from_key(key), key[9], key[10])
+                fields = CallKey._make(key)
+                choice = _resolve(spec_from_key(key), fields.device, fields.rows_bucket)
                 if choice.check:
                     choice = _checked_at_first_use(key, choice)
                 _choices[key] = choice
-                if knobs.log_choices():
-                    log.warning("autonorm: %s (device %s, rows<=%d)", choice.describe(), key[9], key[10])
+                if settings.log_choices():
+                    log.warning("autonorm: %s (device %s, rows<=%d)", choice.describe(), fields.device,
+                                fields.rows_bucket)
     return choice
 
 
@@ -184,8 +206,8 @@ def _with_verdict(choice: Choice, device, what: str) -> Choice | None:
     key = first_use.verdict_key(get_backend(choice.backend), choice.spec, choice.config, device)
     ok, where = first_use.lookup(key)
     if ok is None:
-        checked = ((choice.rung in _UNVERIFIED_RUNGS and not knobs.skip_first_use_check())
-                   or (choice.rung in _DATABASE_RUNGS and knobs.verify_db()))
+        checked = ((choice.rung in _UNVERIFIED_RUNGS and not settings.skip_first_use_check())
+                   or (choice.rung in _DATABASE_RUNGS and settings.verify_db()))
         return replace(choice, check=key) if checked else choice
     if not ok and where:  # this process's own verdict was warned about when it was reached
         warnings.warn(f"autonorm: skipping {what} ({choice.backend} [{choice.config.short()}]) for "
@@ -207,7 +229,7 @@ def _checked_at_first_use(key, choice: Choice) -> Choice:
                 del _choices[key]  # resolved again below: the ladder now skips the failed kernel
         return choice_for(key).kernel
 
-    torch_kernel = _make_choice("torch", choice.spec, None, key[9], "torch").kernel
+    torch_kernel = _make_choice("torch", choice.spec, None, CallKey._make(key).device, "torch").kernel
     label = f"{choice.backend} [{choice.config.short()}] for {choice.spec.short()} (rung: {choice.rung})"
     pending = replace(choice, kernel=first_use.FirstUseCheck(choice.spec, choice.kernel, torch_kernel,
                                                               choice.check, label, settle))
@@ -254,7 +276,7 @@ def _database_candidates(spec: NormSpec, device, bucket):
 
     ident = identity(device)
     key = RecordKey.of(spec, bucket)
-    own = dbload.table(ident["slug"])
+    own = db_sources.table(ident["slug"])
     if own is not None and own.records:
         record = own.records.get(key)
         # Every rung, the exact one too, checks that the record's backend runs on this device: a CPU
@@ -267,7 +289,7 @@ def _database_candidates(spec: NormSpec, device, bucket):
         for k, r in _nearest(own, key, spec, device, bucket, same_hidden=False):
             if k.hidden != key.hidden:
                 yield "nearest-hidden", k, r, own
-    for other in dbload.same_architecture(ident):
+    for other in db_sources.same_architecture(ident):
         for k, r in _nearest(other, key, spec, device, bucket, same_hidden=False):
             yield "same-arch", k, r, other
 
@@ -285,7 +307,7 @@ def _from_databases(spec: NormSpec, device, bucket) -> Choice | None:
 def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
     """AUTONORM_TUNE_ON_MISS=1: a quick study now (`autonorm.tune.tune_one`, needs optuna), saved for next time.
 
-    The record goes to `dbload.tuned_path(slug)` under AUTONORM_CACHE_DIR, which
+    The record goes to `db_sources.tuned_path(slug)` under AUTONORM_CACHE_DIR, which
     is read as a database (after the shipped ones) whenever the knob is set.
     Skipped when Optuna is not installed, or nothing native can run.
     """
@@ -297,7 +319,7 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
     from .tune import tune_one
 
     ident = identity(device)
-    path = dbload.tuned_path(ident["slug"])
+    path = db_sources.tuned_path(ident["slug"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # nowhere to keep the record: tuning now would be lost work on every miss
@@ -308,7 +330,7 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
     record = tune_one(spec, bucket, device, path)
     if record is None:
         return None
-    dbload.forget()  # the next key sees the new record through the ladder
+    db_sources.forget()  # the next key sees the new record through the ladder
     winner = record.winner
     return _try_choice(winner.backend, spec, winner.config, device, "tuned", f"tuned now, saved to {path}")
 
@@ -316,9 +338,9 @@ def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
 def _resolve(spec: NormSpec, device: torch.device, bucket: int) -> Choice:
     from .backends import get_backend
 
-    if knobs.disabled():
+    if settings.disabled():
         return _make_choice("torch", spec, None, device, "disabled")
-    forced = knobs.backend()
+    forced = settings.backend()
     if forced is not None:
         backend = get_backend(forced)  # unknown names raise with the list of known ones
         backend.check_available()
@@ -329,7 +351,7 @@ def _resolve(spec: NormSpec, device: torch.device, bucket: int) -> Choice:
                    if forced == "triton" and device.type == "cpu" else ""))
         return _make_choice(forced, spec, None, device, "forced")
     choice = _from_databases(spec, device, bucket)
-    if choice is None and knobs.tune_on_miss():
+    if choice is None and settings.tune_on_miss():
         choice = _tuned(spec, device, bucket)
     if choice is not None:
         return choice

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import knobs, verify
+from . import settings, verify
 from .backends.base import _write_atomically
 from .device import device_key
 from .safe_files import read_regular_file
@@ -54,7 +54,7 @@ def verdict_key(backend, spec: NormSpec, config, device: torch.device) -> str:
 
 def verdict_path(key: str) -> Path:
     """Where a verdict is kept: the compile cache's folder (AUTONORM_CACHE_DIR), `verdicts/<key>.json`."""
-    return knobs.cache_dir() / "verdicts" / f"{key}.json"
+    return settings.cache_dir() / "verdicts" / f"{key}.json"
 
 
 def lookup(key: str) -> tuple[bool | None, str]:

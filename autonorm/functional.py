@@ -35,7 +35,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import knobs
+from . import settings
 from .ops import norm_fwd, unit_last_stride
 from .spec import CASTING_MODES, DTYPE_NAMES, MAX_HIDDEN
 
@@ -211,7 +211,7 @@ def _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, of
     """The call on torch.nn.functional (which raises its own errors for inputs it rejects)."""
     import torch.nn.functional as F
 
-    if knobs.log_choices() and (name, reason) not in _logged_fallbacks:
+    if settings.log_choices() and (name, reason) not in _logged_fallbacks:
         _logged_fallbacks.add((name, reason))
         log.warning("autonorm: %s falls back to torch's own implementation: %s", name, reason)
     if offset != 0.0 and weight is None:

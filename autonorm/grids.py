@@ -13,14 +13,12 @@ directions, dtypes and hidden sizes; rows are derived per hidden size:
   the cells the performance goals speak of (quack's plots use the same shape of
   sweep: 32K x 256 ... 1K x 262K).
 
-Run `python -m autonorm.grids tune-batches --grid standard` to print the
-`autonorm tune` argument lists that tune the grid one batch at a time.
+`autonorm grids tune-batches --grid standard` prints the `autonorm tune` argument
+lists that tune the grid one batch at a time.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 
 from .spec import NormSpec, rows_bucket
@@ -130,29 +128,3 @@ def recorded_studies(db_path: str) -> frozenset:
                          if k.get("features") == "weight" and k.get("w_dtype") == k.get("x_dtype"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return frozenset()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m autonorm.grids", description="print a grid as data")
-    p.add_argument("what", choices=("tune-batches", "bench-cases", "summary"))
-    p.add_argument("--grid", default="standard", choices=sorted(GRIDS))
-    p.add_argument("--skip-recorded", metavar="DB", help="tune-batches: leave out studies this database holds")
-    args = p.parse_args(argv)
-    grid = get(args.grid)
-    if args.what == "tune-batches":
-        recorded = recorded_studies(args.skip_recorded) if args.skip_recorded else frozenset()
-        # One JSON object per line: shell loops read it with a small python one-liner or jq.
-        for b in grid.tune_batches(recorded):
-            print(json.dumps(b))
-    elif args.what == "bench-cases":
-        for spec, rows in grid.bench_cases():
-            print(f"{spec.op} {spec.direction} {spec.x_dtype} {rows}x{spec.hidden}")
-    else:
-        batches = grid.tune_batches()
-        print(f"grid {grid.name}: {len(grid.specs())} specs, {sum(b['studies'] for b in batches)} tuning studies "
-              f"in {len(batches)} batches, {len(grid.bench_cases())} bench cases")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

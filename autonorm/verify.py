@@ -169,10 +169,18 @@ def _variants(kernel) -> list[tuple[str, object, bool]]:
 
 
 def check_candidate(spec: NormSpec, kernel, rows: int, device="cpu", *, full: bool = True) -> str | None:
-    """None when `kernel` is right on every verification case, else the first case that is wrong.
+    """None when `kernel`, to be timed at `rows` rows, is right on every verification case, else the first
+    case that is wrong; never raises (a candidate that crashes is a failed candidate, not a tuner crash).
 
     `full=False` checks only the timed row count, contiguous, on `kernel` itself (for torch's own
     compiled baseline, where every further case would be another compile)."""
+    try:
+        return _first_wrong_case(spec, kernel, rows, device, full)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _first_wrong_case(spec: NormSpec, kernel, rows: int, device, full: bool) -> str | None:
     device = str(torch.device(device))
     rows_v = verify_rows(rows, spec.hidden)
     cases = [(rows_v, False, EPS)]

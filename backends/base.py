@@ -37,7 +37,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from autonorm import knobs
+from autonorm import settings
 from autonorm.config import Config
 from autonorm.device import device_key
 from autonorm.errors import BackendUnavailableError, InvalidConfigError, KernelError
@@ -185,7 +185,7 @@ def _cached_source_path(source: Source, folder_name: str) -> Path:
     global _fallback_cache
     while True:
         fallback = _fallback_cache
-        path = (fallback or knobs.cache_dir()) / folder_name / f"{source.sha256}.py"
+        path = (fallback or settings.cache_dir()) / folder_name / f"{source.sha256}.py"
         if _holds(path, source):
             return path
         try:
@@ -197,7 +197,7 @@ def _cached_source_path(source: Source, folder_name: str) -> Path:
             with _fallback_lock:
                 if _fallback_cache is None:
                     _fallback_cache = Path(tempfile.mkdtemp(prefix="autonorm-cache-"))
-                    warnings.warn(f"autonorm: the compile cache AUTONORM_CACHE_DIR={knobs.cache_dir()} is unusable "
+                    warnings.warn(f"autonorm: the compile cache AUTONORM_CACHE_DIR={settings.cache_dir()} is unusable "
                                   f"({exc}); this process compiles into {_fallback_cache} instead",
                                   RuntimeWarning, stacklevel=4)
 

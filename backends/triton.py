@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from autonorm import knobs
+from autonorm import settings
 from autonorm.config import Config, knob
 from autonorm.hardware import register_cap
 from autonorm.spec import NormSpec
@@ -211,6 +211,6 @@ class TritonBackend(Backend):
         return {"flags": flags, "path": path}
 
     def build(self, source, spec, config, device):
-        knobs.pin_triton_fp_fusion()  # before the first launch, where Triton compiles
+        settings.pin_triton_fp_fusion()  # before the first launch, where Triton compiles
         module = import_generated(source, self.template_dir)
         return module.launch

@@ -253,7 +253,7 @@ def _call_correct() -> bool:
 
 def database_cases(tmp: Path) -> list:
     import autonorm
-    from autonorm import dbload
+    from autonorm import db_sources
     from autonorm.db import TuningDB
     from autonorm.errors import DatabaseError
 
@@ -298,7 +298,7 @@ def database_cases(tmp: Path) -> list:
             except DatabaseError:
                 return True, "refused"
             finally:
-                dbload.forget(user_paths=True)
+                db_sources.forget(user_paths=True)
                 autonorm.reset()
 
         for label, fn in (("validate", validate), ("show", show), ("merge", merge), ("kernel call", runtime),
@@ -467,7 +467,7 @@ def _bench_edges(tmp: Path) -> list:
 
 
 def edge_cases(tmp: Path) -> list:
-    from autonorm import knobs, measure
+    from autonorm import measure, settings
     from autonorm.db import TuningDB
     from autonorm.errors import DatabaseError
     from autonorm.spec import NormSpec
@@ -507,7 +507,7 @@ def edge_cases(tmp: Path) -> list:
             old = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             try:
-                folder = knobs.cache_dir()
+                folder = settings.cache_dir()
             finally:
                 for k, v in old.items():
                     os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -209,18 +209,18 @@ def test_db_validate_folders_stale_records_and_diff_exit(capsys, tmp_path):
 
 def test_non_database_json_in_a_database_folder_is_skipped(tmp_path, monkeypatch):
     import autonorm
-    from autonorm import dbload
+    from autonorm import db_sources
 
     (tmp_path / "notes.json").write_text(json.dumps({"hello": 1}))
     monkeypatch.setenv("AUTONORM_DB_PATH", str(tmp_path))
     autonorm.reset()
     try:
         with pytest.warns(RuntimeWarning, match="notes.json.*not a tuning database"):
-            assert dbload.files() == [] or all("notes" not in str(p) for p, _ in dbload.files())
+            assert db_sources.files() == [] or all("notes" not in str(p) for p, _ in db_sources.files())
         (tmp_path / "broken.json").write_text('{"schema_version": 1')  # a corrupt database: named, then skipped
         autonorm.reset()
         with pytest.warns(RuntimeWarning) as warned:  # after reset(): the notes again, and the corrupt file
-            dbload.files()
+            db_sources.files()
         messages = sorted(str(w.message) for w in warned)
         assert len(messages) == 2 and "ignoring tuning database" in messages[0] and "broken.json" in messages[0]
         assert "notes.json" in messages[1]
@@ -256,3 +256,11 @@ def test_a_bad_storage_fails_before_the_bandwidth_probe(capsys, monkeypatch, tmp
     rc, _, err = run(capsys, *_tiny_tune(tmp_path, "--storage", "nosuchdriver://localhost/x"))
     assert rc == 2 and "autonorm tune: error: --storage nosuchdriver://localhost/x:" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_module_of_autonorm_itself_is_a_traceback_not_an_extra_to_install(monkeypatch):
+    from autonorm import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "check", ("autonorm.cli.no_such_module", "help"))
+    with pytest.raises(ModuleNotFoundError, match="autonorm.cli.no_such_module"):
+        cli.main(["check"])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fakes import FakeBackendBase
 
 import autonorm
-from autonorm import backends, dbload, dispatch
+from autonorm import backends, db_sources, dispatch
 from autonorm.config import Config, knob
 from autonorm.db import now_iso
 from autonorm.device import identity
@@ -65,13 +65,13 @@ def clean(monkeypatch):
         monkeypatch.setitem(backends.BACKENDS, name, f"tests:{cls.__name__}")
         monkeypatch.setitem(backends._instances, name, cls())
     # Only the crafted databases count: no shipped file may answer for this machine.
-    monkeypatch.setattr(dbload, "_shipped", lambda: [])
+    monkeypatch.setattr(db_sources, "_shipped", lambda: [])
     # The automatic rung without databases: the fake backend, then torch.
     monkeypatch.setitem(dispatch.DEFAULT_ORDER, "cpu", ("gone", "fake", "torch"))
-    dbload.forget(user_paths=True)
+    db_sources.forget(user_paths=True)
     dispatch.reset()
     yield
-    dbload.forget(user_paths=True)
+    db_sources.forget(user_paths=True)
     dispatch.reset()
 
 
@@ -281,7 +281,7 @@ def test_tune_on_miss_tunes_once_and_keeps_the_record(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTONORM_TUNE_ON_MISS", "1")
     autonorm.reset()
     c = choose(3, 64)
-    assert c.rung == "tuned" and dbload.tuned_path(identity("cpu")["slug"]).exists()
+    assert c.rung == "tuned" and db_sources.tuned_path(identity("cpu")["slug"]).exists()
     autonorm.reset()
     again = choose(3, 64)  # a new process would find it the same way: from the saved database
     assert (again.rung, again.backend, again.config) == ("exact", c.backend, c.config)
@@ -378,13 +378,13 @@ def test_changed_launch_code_makes_records_stale(tmp_path, monkeypatch):
                                                              config=numba.heuristic(spec).to_dict(),
                                                              template_hash=numba.template_hash())]))
     slug = identity("cpu")["slug"]
-    assert len(dbload.table(slug).records) == 1  # tuned for this launcher: usable
+    assert len(db_sources.table(slug).records) == 1  # tuned for this launcher: usable
     changed = tmp_path / "numba_cpu.py"
     changed.write_text(Path(module.__file__).read_text() + "\n# the launch code changed\n")
     monkeypatch.setattr(module, "__file__", str(changed))
-    dbload.forget()
+    db_sources.forget()
     with pytest.warns(RuntimeWarning, match="stale template hash for numba-cpu"):
-        assert not dbload.table(slug).records
+        assert not db_sources.table(slug).records
 
 
 def test_tune_on_miss_with_an_unusable_cache_dir_falls_back(tmp_path, monkeypatch):

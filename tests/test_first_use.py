@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import autonorm
-from autonorm import backends, dbload, dispatch, first_use
+from autonorm import backends, db_sources, dispatch, first_use
 
 
 class WrongConfig(td.FakeConfig):
@@ -60,7 +60,7 @@ def register(order=("wrong", "fake", "torch")):
         backends.BACKENDS[name] = f"tests:{cls.__name__}"
         backends._instances[name] = cls()
     dispatch.DEFAULT_ORDER["cpu"] = order
-    dbload._shipped = lambda: []
+    db_sources._shipped = lambda: []
     dispatch.reset()
 
 
@@ -74,11 +74,11 @@ def clean(monkeypatch, tmp_path):
         monkeypatch.setitem(backends.BACKENDS, name, "")
         monkeypatch.setitem(backends._instances, name, None)
     monkeypatch.setitem(dispatch.DEFAULT_ORDER, "cpu", ())
-    monkeypatch.setattr(dbload, "_shipped", lambda: [])
+    monkeypatch.setattr(db_sources, "_shipped", lambda: [])
     register()
-    dbload.forget(user_paths=True)
+    db_sources.forget(user_paths=True)
     yield
-    dbload.forget(user_paths=True)
+    db_sources.forget(user_paths=True)
     dispatch.reset()
 
 

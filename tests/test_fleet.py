@@ -76,7 +76,7 @@ needs_postgres = pytest.mark.skipif(not URL, reason="AUTONORM_TEST_POSTGRES_URL 
 
 def test_postgresql_url_uses_psycopg3():
     pytest.importorskip("psycopg")
-    from autonorm.tune.storage import _driver_url
+    from autonorm.tune.fleet import _driver_url
 
     assert _driver_url("postgresql://u@localhost:5432/db") == "postgresql+psycopg://u@localhost:5432/db"
     assert _driver_url("sqlite:///x.db") == "sqlite:///x.db"
@@ -85,7 +85,7 @@ def test_postgresql_url_uses_psycopg3():
 def test_sqlite_storage_claim_lock_and_heartbeat(tmp_path):
     from filelock import FileLock, Timeout
 
-    from autonorm.tune.storage import Heartbeats, claim_lock, heartbeat_enabled, open_storage
+    from autonorm.tune.fleet import Heartbeats, claim_lock, heartbeat_enabled, open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 'fleet.db'}", tmp_path / "unused", heartbeat_s=1)
     assert heartbeat_enabled(storage) and storage.get_heartbeat_interval() == 1
@@ -116,7 +116,7 @@ def test_db_file_lock_is_exclusive(tmp_path):
 
 
 def test_cpu_slug_names_the_isa_level_and_old_databases_still_load(tmp_path):
-    from autonorm import dbload
+    from autonorm import db_sources
     from autonorm.device import identity, isa_level, slug_aliases
 
     v2 = {"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"}
@@ -131,7 +131,7 @@ def test_cpu_slug_names_the_isa_level_and_old_databases_still_load(tmp_path):
     # A database written before the ISA level was in the slug is still this CPU's.
     path = _write_db(tmp_path / "old.json", ident["legacy_slug"], {})
     autonorm_load(path)
-    table = dbload.table(ident["slug"])
+    table = db_sources.table(ident["slug"])
     assert table is not None and len(table.records) == 1
 
 
@@ -162,10 +162,10 @@ def autonorm_load(path):
 @pytest.fixture
 def _clean_databases():
     import autonorm
-    from autonorm import dbload
+    from autonorm import db_sources
 
     yield
-    dbload.forget(user_paths=True)
+    db_sources.forget(user_paths=True)
     autonorm.reset()
 
 
@@ -173,7 +173,7 @@ def test_record_tuned_under_another_compiler_is_used_warned_once_and_marked(tmp_
     pytest.importorskip("numba")
     import io
 
-    from autonorm import dbload
+    from autonorm import db_sources
     from autonorm.cli import db as db_cli
     from autonorm.db import TuningDB
     from autonorm.device import identity
@@ -182,13 +182,13 @@ def test_record_tuned_under_another_compiler_is_used_warned_once_and_marked(tmp_
     path = _write_db(tmp_path / "old-numba.json", slug, {"numba": "0.1.0"})
     autonorm_load(path)
     with pytest.warns(RuntimeWarning, match=r"another compiler \(1 x numba 0.1 -> "):
-        table = dbload.table(slug)
+        table = db_sources.table(slug)
     assert len(table.records) == 1  # still used
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dbload.table(slug)  # once per database
+        db_sources.table(slug)  # once per database
     out = io.StringIO()
     db_cli.show(TuningDB.load(path), out)
     assert "[STALE: tuned under another compiler, numba 0.1 -> " in out.getvalue()
@@ -228,7 +228,7 @@ def _wait(procs, timeout=240):
 def _trials(url: str) -> dict[str, list]:
     import optuna
 
-    from autonorm.tune.storage import open_storage
+    from autonorm.tune.fleet import open_storage
 
     storage = open_storage(url, Path("unused"))
     return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
@@ -259,7 +259,7 @@ def _victim_running(url: str) -> bool:
 def test_workers_starting_together_all_open_a_fresh_database(database, tmp_path):
     """Optuna's schema creation races (a bare RDBStorage lost 2 of 3 in one try here); every opener survives."""
     code = ("import sys, time; from pathlib import Path; import optuna, psycopg, sqlalchemy\n"
-            "from autonorm.tune.storage import open_storage\n"
+            "from autonorm.tune.fleet import open_storage\n"
             "Path(sys.argv[2] + '.ready' + sys.argv[3]).touch()\n"
             "while not Path(sys.argv[2] + '.go').exists(): time.sleep(0.001)\n"  # all at once, imports done
             "open_storage(sys.argv[1], Path('unused'))")
@@ -315,7 +315,7 @@ def test_fleet_on_postgresql(database, tmp_path):
     # Readable in optuna-dashboard: what the study is, the metric's name, each trial's config by value.
     import optuna
 
-    from autonorm.tune.storage import open_storage
+    from autonorm.tune.fleet import open_storage
 
     for summary in optuna.get_all_study_summaries(open_storage(database, Path("unused"))):
         assert {"device", "spec", "rows", "versions", "protocol", "record"} <= set(summary.user_attrs)

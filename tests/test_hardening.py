@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autonorm import knobs
+from autonorm import settings
 
 # --- folders from the environment ------------------------------------------------------------------------
 
@@ -15,26 +15,26 @@ from autonorm import knobs
 def test_an_empty_or_relative_xdg_cache_home_counts_as_unset(monkeypatch, value):
     monkeypatch.delenv("AUTONORM_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", value)
-    assert knobs.cache_dir() == Path.home() / ".cache" / "autonorm"
+    assert settings.cache_dir() == Path.home() / ".cache" / "autonorm"
 
 
 def test_a_relative_autonorm_cache_dir_is_ignored_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("AUTONORM_CACHE_DIR", "autonorm")  # from the project root: the package folder
     with pytest.warns(RuntimeWarning, match="AUTONORM_CACHE_DIR='autonorm' is a relative path"):
-        assert knobs.cache_dir() == tmp_path / "autonorm"
+        assert settings.cache_dir() == tmp_path / "autonorm"
     monkeypatch.setenv("AUTONORM_CACHE_DIR", str(tmp_path / "mine"))
-    assert knobs.cache_dir() == tmp_path / "mine"
+    assert settings.cache_dir() == tmp_path / "mine"
 
 
 def test_the_user_database_folder_follows_the_same_rule(monkeypatch, tmp_path):
     monkeypatch.setattr("sys.platform", "linux")
     monkeypatch.setenv("XDG_DATA_HOME", "relative")
     monkeypatch.setenv("AUTONORM_USER_DB_DIR", "")
-    assert knobs.user_db_dir() == Path.home() / ".local" / "share" / "autonorm"
+    assert settings.user_db_dir() == Path.home() / ".local" / "share" / "autonorm"
     monkeypatch.setenv("AUTONORM_USER_DB_DIR", "db")
     with pytest.warns(RuntimeWarning, match="AUTONORM_USER_DB_DIR"):
-        assert knobs.user_db_dir() == Path.home() / ".local" / "share" / "autonorm"
+        assert settings.user_db_dir() == Path.home() / ".local" / "share" / "autonorm"
 
 
 # --- memory: the copy-bandwidth probe ---------------------------------------------------------------------
@@ -310,7 +310,7 @@ def test_db_show_and_validate_without_a_path_act_on_the_listed_databases(tmp_pat
     user.mkdir()
     monkeypatch.setenv("AUTONORM_USER_DB_DIR", str(user))
     monkeypatch.delenv("AUTONORM_DB_PATH", raising=False)
-    monkeypatch.setattr("autonorm.dbload._shipped", lambda: [])
+    monkeypatch.setattr("autonorm.db_sources._shipped", lambda: [])
     assert cli.main(["db", "validate"]) == 1  # nothing listed: said so, not a usage error
     assert "no databases here" in capsys.readouterr().err
     (user / "test-cpu.json").write_text(json.dumps(_db_doc()))
@@ -492,7 +492,7 @@ def test_a_postgres_outage_is_waited_out_then_named_in_one_line(postgres_behind_
     import optuna
 
     from autonorm.tune import make_storage, outage
-    from autonorm.tune.storage import claim_lock
+    from autonorm.tune.fleet import claim_lock
 
     url, proxy = postgres_behind_a_proxy
     storage = make_storage(url, Path("unused"), heartbeat_s=1)

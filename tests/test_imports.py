@@ -20,12 +20,12 @@ PACKAGES = {"autonorm": ROOT / "autonorm", "autonorm.backends": ROOT / "backends
 
 # Lowest first. A module (or a package, for all its modules) imports only from its own layer or below.
 LAYERS = [
-    ("vocabulary", ["autonorm.errors", "autonorm.spec", "autonorm.config", "autonorm.knobs", "autonorm.device",
+    ("vocabulary", ["autonorm.errors", "autonorm.spec", "autonorm.config", "autonorm.settings", "autonorm.device",
                     "autonorm.hardware", "autonorm.safe_files", "autonorm.grids"]),
     ("codegen and truth", ["autonorm.render", "autonorm.reference", "autonorm.backends", "autonorm.verify",
                            "autonorm.traffic"]),
     ("timing and the database format", ["autonorm.measure", "autonorm.db"]),
-    ("hardware fit and the active databases", ["autonorm.audit", "autonorm.dbload", "autonorm.cuda_host"]),
+    ("hardware fit and the active databases", ["autonorm.audit", "autonorm.db_sources", "autonorm.cuda_host"]),
     ("tuning", ["autonorm.tune"]),
     ("the dispatcher", ["autonorm.first_use", "autonorm.dispatch"]),
     ("the torch face", ["autonorm.ops", "autonorm.functional", "autonorm.modules", "autonorm.patch",

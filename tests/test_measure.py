@@ -5,6 +5,7 @@ import torch
 from autonorm import measure
 from autonorm.backends.torch_eager import TorchBackend
 from autonorm.spec import NormSpec
+from autonorm.verify import check_candidate
 
 SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 256)
 
@@ -37,7 +38,7 @@ def test_cpu_timer_rotates_random_inputs_and_reports_quantiles(monkeypatch):
 
 def test_verify_before_time():
     eager = TorchBackend().build(None, SPEC, None, "cpu")
-    assert measure.verify(SPEC, eager, 8, "cpu") is None
+    assert check_candidate(SPEC, eager, 8, "cpu") is None
 
     def wrong(*args):
         y, h, mean, rstd = eager(*args)
@@ -46,8 +47,8 @@ def test_verify_before_time():
     def crash(*args):
         raise RuntimeError("illegal memory access")
 
-    assert "wrong result: y" in measure.verify(SPEC, wrong, 8, "cpu")
-    assert measure.verify(SPEC, crash, 8, "cpu") == "RuntimeError: illegal memory access"
+    assert "wrong result: y" in check_candidate(SPEC, wrong, 8, "cpu")
+    assert check_candidate(SPEC, crash, 8, "cpu") == "RuntimeError: illegal memory access"
 
 
 def test_copy_bandwidth_and_gbps():

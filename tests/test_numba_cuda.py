@@ -19,7 +19,7 @@ pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip insta
 
 import grid  # noqa: E402
 
-from autonorm import knobs, verify  # noqa: E402
+from autonorm import settings, verify  # noqa: E402
 from autonorm.backends import get_backend  # noqa: E402
 from autonorm.backends import numba_cuda as nc  # noqa: E402
 from autonorm.errors import InvalidConfigError  # noqa: E402
@@ -285,7 +285,7 @@ def test_source_is_written_to_the_cache_dir():
     config = BACKEND.heuristic(spec)
     BACKEND.compile(spec, config, DEVICE)
     source = BACKEND.render(spec, config)
-    path = knobs.cache_dir() / "numba_cuda" / f"{source.sha256}.py"
+    path = settings.cache_dir() / "numba_cuda" / f"{source.sha256}.py"
     assert path.read_text() == source.text
 
 

@@ -314,19 +314,19 @@ def test_int64_offsets_gpu(triton_backend, direction):
 
 
 def test_fp_fusion_is_pinned_before_the_first_launch(triton_backend, monkeypatch):
-    """Triton 3.10 turns FP fusion off by default; autonorm keeps it on (knobs.TRITON_FP_FUSION), and a
+    """Triton 3.10 turns FP fusion off by default; autonorm keeps it on (settings.TRITON_FP_FUSION), and a
     value the user set wins."""
     import os
 
-    from autonorm import knobs
+    from autonorm import settings
 
     spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 48)
     monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
     triton_backend._cache.clear()
     triton_backend.compile(spec, triton_backend.heuristic(spec))
-    assert os.environ["TRITON_DEFAULT_FP_FUSION"] == knobs.TRITON_FP_FUSION == "1"
+    assert os.environ["TRITON_DEFAULT_FP_FUSION"] == settings.TRITON_FP_FUSION == "1"
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
-    assert knobs.pin_triton_fp_fusion() == "0"
+    assert settings.pin_triton_fp_fusion() == "0"
 
 
 def test_chunked_layernorm_variance_is_centered(triton_backend, device):

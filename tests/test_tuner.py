@@ -21,6 +21,7 @@ from autonorm.config import Config, knob
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
 from autonorm.tune import STARTUP_TRIALS, Candidate, SearchSpace, StudyRunner, make_storage
+from autonorm.verify import check_candidate
 
 SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
 ROWS = 16
@@ -199,12 +200,11 @@ INJECTED = ("wrong past row 64", "wrong on strided rows", "ignores eps", "unwrit
 
 @pytest.mark.parametrize("kind", INJECTED)
 def test_verification_rejects_kernels_wrong_only_somewhere(kind):
-    from autonorm import measure
 
-    assert measure.verify(SPEC, _injected(None), ROWS, "cpu") is None
-    reason = measure.verify(SPEC, _injected(kind), ROWS, "cpu")
+    assert check_candidate(SPEC, _injected(None), ROWS, "cpu") is None
+    reason = check_candidate(SPEC, _injected(kind), ROWS, "cpu")
     assert reason is not None and "wrong result" in reason
-    assert measure.verify(SPEC, _injected(kind), 0, "cpu") is not None  # rows 0 still verifies on rows
+    assert check_candidate(SPEC, _injected(kind), 0, "cpu") is not None  # rows 0 still verifies on rows
 
 
 def test_verification_rows():

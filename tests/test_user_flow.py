@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import autonorm
-from autonorm import dbload
+from autonorm import db_sources
 
 
 def _env(tmp_path, **extra):
@@ -56,11 +56,11 @@ def test_search_order_shipped_user_env_then_load_db(tmp_path, monkeypatch):
     autonorm.reset()
     try:
         autonorm.load_db(extra)
-        found = [(origin, path) for origin, path, _ in dbload.sources() if origin != "shipped"]
+        found = [(origin, path) for origin, path, _ in db_sources.sources() if origin != "shipped"]
         assert found == [("user", user / "a.json"), ("AUTONORM_DB_PATH", env_dir / "b.json"),
                          ("autonorm.load_db", extra)]
     finally:
-        dbload.forget(user_paths=True)
+        db_sources.forget(user_paths=True)
         monkeypatch.delenv("AUTONORM_DB_PATH")
         autonorm.reset()
 

@@ -92,9 +92,9 @@ def _triton_compile(items: list[dict]) -> list[dict]:
     """Worker body: Triton's own compiler for each {path, spec, num_warps, cc} -> {ptx, name, shared}."""
     import triton
 
-    from .. import knobs
+    from .. import settings
 
-    knobs.pin_triton_fp_fusion()  # compile exactly as the runtime launches (backends/triton.py)
+    settings.pin_triton_fp_fusion()  # compile exactly as the runtime launches (backends/triton.py)
 
     try:
         from triton.backends.compiler import GPUTarget
@@ -221,7 +221,7 @@ def numba_profiles(jobs: list[Job], workdir: str) -> list[Profile]:
 # Compile workers ------------------------------------------------------------------------------
 def _module_file(job: Job, folder: str) -> str:
     """The generated module's file, where the backend itself writes it (cache folder, by source hash)."""
-    from ..knobs import cache_dir
+    from ..settings import cache_dir
 
     source = job.source()
     path = cache_dir() / folder / f"{source.sha256}.py"

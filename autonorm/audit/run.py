@@ -20,7 +20,7 @@ WORKERS = 2
 
 
 def _cache_dir() -> Path:
-    from ..knobs import cache_dir
+    from ..settings import cache_dir
 
     path = cache_dir() / "audit"
     path.mkdir(parents=True, exist_ok=True)

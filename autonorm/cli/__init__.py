@@ -29,6 +29,7 @@ COMMANDS = {
     "bench": ("autonorm.cli.bench", "benchmark autonorm against torch eager, torch.compile and others"),
     "db": ("autonorm.cli.db", "show, validate, merge, diff or locate tuning databases"),
     "render": ("autonorm.cli.render", "print the generated source of a kernel"),
+    "grids": ("autonorm.cli.grids", "print the standard or quick grid as data: tune batches, bench cases, size"),
     "audit": ("autonorm.cli.audit", "cross-compile kernels for sm_80/sm_90 (no GPU): registers, spills, occupancy"),
 }
 
@@ -56,6 +57,11 @@ def _version() -> str:
     return f"autonorm {__version__}"
 
 
+def _ours(exc: ModuleNotFoundError) -> bool:
+    """A module of autonorm itself is missing: a bug to show with its traceback, not an extra to install."""
+    return (exc.name or "").split(".")[0] == "autonorm"
+
+
 def missing_extra_message(exc: ModuleNotFoundError) -> str:
     top = (exc.name or "").split(".")[0]
     extra = EXTRAS.get(top)
@@ -68,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser, module, sub = _parser(argv)
     except ModuleNotFoundError as exc:
+        if _ours(exc):
+            raise
         print(f"autonorm {argv[0]}: error: {missing_extra_message(exc)}", file=sys.stderr)
         return 2
     try:
@@ -88,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
+        if _ours(exc):
+            raise
         print(f"{prog}: error: {missing_extra_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -107,7 +107,7 @@ def diff(old: TuningDB, new: TuningDB, out=None) -> int:
 
 def _database_files(paths: list[str]) -> list[Path]:
     """Files named, and every `*.json` in folders named (a folder's non-database JSON is skipped)."""
-    from ..dbload import _not_a_database
+    from ..db_sources import _not_a_database
 
     files = []
     for raw in paths:
@@ -128,7 +128,7 @@ def stale_records(db: TuningDB) -> tuple[Counter, int]:
 
     Stale: the record's backend runs here but its kernels changed since tuning (template hash).
     Records of backends unavailable here (a GPU database on a CPU machine) are counted, not stale."""
-    from ..dbload import _usable
+    from ..db_sources import _usable
 
     checks: dict = {}
     why = Counter(problem for problem in (_usable(r, checks) for r in db.records.values()) if problem)
@@ -157,14 +157,14 @@ def validate(paths: list[str], strict: bool) -> int:
 
 
 def where(out=None) -> None:
-    from .. import dbload, knobs
+    from .. import db_sources, settings
     from ..device import identity
 
     out = out or sys.stdout
     print(f"this machine: {identity('cpu')['slug']} (cpu)" + "".join(
         f", {identity(f'cuda:{i}')['slug']} (cuda:{i})" for i in range(_cuda_count())), file=out)
-    print(f"user folder (AUTONORM_USER_DB_DIR, where `autonorm tune` writes): {knobs.user_db_dir()}", file=out)
-    found = dbload.sources()
+    print(f"user folder (AUTONORM_USER_DB_DIR, where `autonorm tune` writes): {settings.user_db_dir()}", file=out)
+    found = db_sources.sources()
     print("databases, in load order (a later one wins on equal device and key):" if found else
           "databases: none", file=out)
     for origin, path, _ in found:
@@ -184,9 +184,9 @@ def _cuda_count() -> int:
 
 def listed_databases() -> list[str]:
     """The files `autonorm db where` lists (what `show` and `validate` act on without a path)."""
-    from .. import dbload
+    from .. import db_sources
 
-    return [str(path) for _, path, _ in dbload.sources(lenient=True)]
+    return [str(path) for _, path, _ in db_sources.sources(lenient=True)]
 
 
 def main(args) -> int:
@@ -218,7 +218,7 @@ def main(args) -> int:
         merged.save(args.out)
         print(f"wrote {args.out} ({len(merged.records)} records)")
     elif args.db_command == "export":
-        from ..tune.storage import export_databases
+        from ..tune.fleet import export_databases
 
         for slug, count in export_databases(args.storage, Path(args.out)).items():
             print(f"wrote {Path(args.out) / (slug + '.json')} ({count} records)")

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..spec import NormSpec
-from ..tune import quality
-from ..tune import storage as fleet
+from ..tune import fleet, quality
 from ..tune.presets import DEFAULT_FEATURES, DEFAULTS, QUICK
 from .args import UsageError, add_device, add_list, device_arg, dtype_names, positive_int
 
@@ -167,12 +166,12 @@ def _estimate(studies: int, n_trials: int, time_budget: float) -> str:
 
 def _where_used(db_path: Path) -> str:
     """What the dispatcher does with a database written to `db_path` (for tune's last line)."""
-    from .. import knobs
+    from .. import settings
 
     folder = db_path.parent.resolve()
-    if folder == knobs.user_db_dir().resolve():
+    if folder == settings.user_db_dir().resolve():
         return "the next `import autonorm` on this machine uses it (`autonorm db where` lists what is loaded)"
-    if any(folder == p.resolve() or db_path.resolve() == p.resolve() for p in knobs.db_paths()):
+    if any(folder == p.resolve() or db_path.resolve() == p.resolve() for p in settings.db_paths()):
         return "AUTONORM_DB_PATH names it, so the next `import autonorm` uses it"
     return (f"to use it, set AUTONORM_DB_PATH={folder} or call autonorm.load_db({str(db_path)!r}) "
             f"(without --out, tune writes where autonorm looks by default)")
@@ -209,7 +208,7 @@ def main(args) -> int:
     import optuna
     from tqdm import tqdm
 
-    from .. import knobs, measure
+    from .. import measure, settings
     from ..db import side_folder
     from ..device import identity
     from ..errors import UnknownBackendError
@@ -233,7 +232,7 @@ def main(args) -> int:
         raise UsageError(f"no candidate backend can run natively on {device}")
 
     ident = identity(device)
-    out = out_folder(args.out) if args.out else knobs.user_db_dir()
+    out = out_folder(args.out) if args.out else settings.user_db_dir()
     db_path = out / f"{ident['slug']}.json"
     journal = side_folder(out) / f"{ident['slug']}.optuna.journal"
     try:  # a bad storage URL or a missing driver fails here, in one line, before the bandwidth probe

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import bench, dispatch, knobs, measure, tune
+from .. import bench, dispatch, measure, settings, tune
 from ..backends import base, get_backend
 from ..device import software_versions
 from ..spec import NormSpec
@@ -23,7 +23,7 @@ from .records import EXIT_OUT_OF_SHARE, now_iso
 
 def phase_env(ph: Phase) -> bool:
     t0 = ph.start("identity")
-    versions = {**software_versions(), "triton_default_fp_fusion": knobs.pin_triton_fp_fusion()}
+    versions = {**software_versions(), "triton_default_fp_fusion": settings.pin_triton_fp_fusion()}
     clocks = None
     if ph.device.type == "cuda":
         query = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.draw,temperature.gpu,driver_version"

@@ -4,7 +4,7 @@
     study.py     one study: seeds, TPE, patience, verify-then-time every candidate
     finalize.py  the best few re-timed with the torch baselines into the study's record
     quality.py   the measurement gate: noisy re-timings are re-timed, then flagged or refused
-    storage.py   Optuna storage for one machine (a journal file) or a fleet (a database URL)
+    fleet.py     Optuna storage for one machine (a journal file) or a fleet (a database URL)
     journal.py   the journal file's safety: never a tuning database, a cut last line dropped
     presets.py   the default and --quick grids (plain data)
     run.py       native backends, `tune_grid` (what `autonorm tune` runs) and `tune_one`
@@ -20,7 +20,7 @@ import importlib
 # defaults and the quality gate) does not import torch.
 _WHERE = {"StudyResult": "finalize", "DEFAULT_FEATURES": "presets", "DEFAULTS": "presets", "QUICK": "presets",
           "native_backends": "run", "tune_grid": "run", "tune_one": "run", "Candidate": "space",
-          "SearchSpace": "space", "make_storage": "storage", "IMPROVEMENT": "study", "MAX_TRIALS_FACTOR": "study",
+          "SearchSpace": "space", "make_storage": "fleet", "IMPROVEMENT": "study", "MAX_TRIALS_FACTOR": "study",
           "STARTUP_TRIALS": "study", "StudyRunner": "study", "study_name": "study"}
 __all__ = sorted(_WHERE)
 

@@ -18,8 +18,8 @@ import torch
 from .. import measure
 from ..db import Entry, Record, RecordKey, now_iso
 from ..spec import NormSpec, rows_bucket
-from . import quality
-from . import storage as fleet
+from ..verify import check_candidate
+from . import fleet, quality
 from .space import Candidate
 
 log = logging.getLogger("autonorm.tune")
@@ -57,7 +57,7 @@ def _baselines(run, need_eager: bool = True) -> dict:
             # studies would silently time eager.
             torch._dynamo.reset()
             compiled = torch.compile(compile_target(run.spec), dynamic=False)
-            reason = measure.verify(run.spec, compiled, run.rows, run.device, full=False)
+            reason = check_candidate(run.spec, compiled, run.rows, run.device, full=False)
             if reason is None:
                 compiled(*measure.make_inputs(run.spec, run.rows, run.device).args(run.spec))
                 kernels["torch_compile"] = compiled

@@ -86,7 +86,7 @@ def _patient_storage_class():
     methods = {name: _patient(fn) for name, fn in inspect.getmembers(_CachedStorage, inspect.isfunction)
                if not name.startswith("_")}
     return type("PatientStorage", (_CachedStorage,), {**methods, "__doc__": "An RDB storage that waits out "
-                                                      "an outage of up to STORAGE_OUTAGE_S (storage.py)."})
+                                                      "an outage of up to STORAGE_OUTAGE_S (fleet.py)."})
 
 
 def patient_storage(rdb, url: str):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .. import measure
 from ..backends.torch_eager import TorchBackend
+from .fleet import make_storage
 from .space import Candidate, SearchSpace
-from .storage import make_storage
 from .study import StudyRunner
 
 

@@ -19,9 +19,8 @@ from ..db import Record, RecordKey, TuningDB
 from ..device import identity, software_versions
 from ..errors import BackendUnavailableError, UnknownBackendError
 from ..spec import NormSpec, rows_bucket
+from . import fleet, quality, rank
 from . import plan as planner
-from . import quality, rank
-from . import storage as fleet
 from .finalize import StudyResult
 from .presets import QUICK
 from .space import Candidate, SearchSpace

@@ -32,7 +32,7 @@ folder's `.autonorm-journal/`, which git ignores). Restarting finds completed tr
 them; a RUNNING trial left by a killed worker on this host is failed and its
 config re-queued. Several workers may share one study: candidates are claimed
 under a lock, on a URL storage a dead worker's trials return to the queue by
-heartbeat, and one worker finalizes each study (`storage.py`, docs/fleet.md).
+heartbeat, and one worker finalizes each study (`fleet.py`, docs/fleet.md).
 """
 from __future__ import annotations
 
@@ -48,11 +48,10 @@ from pathlib import Path
 
 import torch
 
-from .. import measure
 from ..errors import AutonormError
 from ..spec import NormSpec, rows_bucket
-from . import finalize
-from . import storage as fleet
+from ..verify import check_candidate
+from . import finalize, fleet
 from .finalize import StudyResult
 from .space import Candidate, SearchSpace
 
@@ -90,7 +89,7 @@ class StudyRunner:
                  seeds: list[Candidate] = (), compile_workers: int = 2, finalists: int = 3,
                  compile_baseline: bool = True, copy_gbps: float | None = None, lock_path: Path | None = None,
                  seed: int = 0, progress=None, strict: bool = False, study_attrs: dict | None = None,
-                 verify=measure.verify, sampler=None, clock=time.monotonic):
+                 verify=check_candidate, sampler=None, clock=time.monotonic):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.verify = verify  # (spec, kernel, rows, device) -> None or why the kernel is wrong
         self.device = torch.device(device)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import knobs
+from . import settings
 from .device import slug_aliases, stale_compiler
 from .errors import AutonormError, DatabaseError
 
@@ -71,7 +71,7 @@ def _shipped() -> list[Path]:
 
 def tuned_path(slug: str) -> Path:
     """Where AUTONORM_TUNE_ON_MISS=1 keeps the records it tuned for device `slug`."""
-    return knobs.cache_dir() / "tuned" / f"{slug}.json"
+    return settings.cache_dir() / "tuned" / f"{slug}.json"
 
 
 def _expand(path: Path, origin: str) -> list[Path]:
@@ -88,11 +88,11 @@ def sources(*, lenient: bool = False) -> list[tuple[str, Path, bool]]:
     Lists folders only; nothing is parsed. A later file overrides an earlier one on equal keys.
     `lenient`: an entry that cannot be listed is skipped with a warning instead of raising."""
     found = [("shipped", p, True) for p in _shipped()]
-    user = knobs.user_db_dir()
+    user = settings.user_db_dir()
     found += [("user", p, True) for p in (sorted(user.glob("*.json")) if user.is_dir() else [])]
-    if knobs.tune_on_miss():
-        found += [("AUTONORM_TUNE_ON_MISS", p, True) for p in sorted((knobs.cache_dir() / "tuned").glob("*.json"))]
-    for origin, paths in (("AUTONORM_DB_PATH", knobs.db_paths()), ("autonorm.load_db", list(_user_paths))):
+    if settings.tune_on_miss():
+        found += [("AUTONORM_TUNE_ON_MISS", p, True) for p in sorted((settings.cache_dir() / "tuned").glob("*.json"))]
+    for origin, paths in (("AUTONORM_DB_PATH", settings.db_paths()), ("autonorm.load_db", list(_user_paths))):
         for path in paths:
             try:
                 expanded = _expand(path, origin)
