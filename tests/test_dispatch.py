@@ -396,3 +396,15 @@ def test_tune_on_miss_with_an_unusable_cache_dir_falls_back(tmp_path, monkeypatc
     autonorm.reset()
     with pytest.warns(RuntimeWarning, match="not-a-folder"):
         assert choose(3, 64).rung == "heuristic"
+
+
+def test_a_call_key_reads_by_name_in_make_keys_order():
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    w = torch.ones(24, dtype=torch.float32)
+    key = dispatch.CallKey._make(dispatch.make_key("rmsnorm", "bwd", x, w, None, x, 1.0))
+    assert (key.op, key.direction, key.x_dtype, key.w_dtype, key.hidden) == (
+        "rmsnorm", "bwd", torch.bfloat16, torch.float32, 24)
+    assert (key.has_weight, key.has_bias, key.has_residual, key.has_offset) == (True, False, True, True)
+    assert (key.device, key.rows_bucket) == (x.device, 8)
+    spec = dispatch.spec_from_key(key)
+    assert (spec.hidden, spec.x_dtype, spec.w_dtype, spec.residual, spec.offset) == (24, "bfloat16", "float32", True, True)
