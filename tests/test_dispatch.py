@@ -407,4 +407,5 @@ def test_a_call_key_reads_by_name_in_make_keys_order():
     assert (key.has_weight, key.has_bias, key.has_residual, key.has_offset) == (True, False, True, True)
     assert (key.device, key.rows_bucket) == (x.device, 8)
     spec = dispatch.spec_from_key(key)
-    assert (spec.hidden, spec.x_dtype, spec.w_dtype, spec.residual, spec.offset) == (24, "bfloat16", "float32", True, True)
+    assert (spec.hidden, spec.x_dtype, spec.w_dtype, spec.residual, spec.offset) == (
+        24, "bfloat16", "float32", True, True)
