@@ -373,13 +373,15 @@ def test_winner_profile_round_trips_and_is_validated(tmp_path, capsys):
         TuningDB.load(path)
 
 
-def test_a_backends_template_hash_covers_its_config_module(monkeypatch):
-    """A record is stale when the code that shapes its kernel changes: CuPy's geometry lives in cupy_config.py,
-    apart from the launcher, and both are hashed with the templates."""
+@pytest.mark.parametrize("backend, modules", [("cupy", ["cupy.py", "cupy_config.py"]),
+                                              ("numba", ["numba_cuda.py", "numba_cuda_config.py"])])
+def test_a_backends_template_hash_covers_its_config_module(monkeypatch, backend, modules):
+    """A record is stale when the code that shapes its kernel changes: a backend's geometry lives in its config
+    module, apart from the launcher, and both are hashed with the templates."""
     import autonorm.backends.base as base
     from autonorm.backends import get_backend
 
     hashed = []
     monkeypatch.setattr(base, "template_hash", lambda folder, *files: hashed.extend(files) or "h")
-    get_backend("cupy").template_hash()
-    assert sorted(p.rsplit("/", 1)[-1] for p in hashed) == ["cupy.py", "cupy_config.py"]
+    get_backend(backend).template_hash()
+    assert sorted(p.rsplit("/", 1)[-1] for p in hashed) == modules

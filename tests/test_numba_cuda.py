@@ -22,6 +22,7 @@ import grid  # noqa: E402
 from autonorm import settings, verify  # noqa: E402
 from autonorm.backends import get_backend  # noqa: E402
 from autonorm.backends import numba_cuda as nc  # noqa: E402
+from autonorm.backends import numba_cuda_config as ncc  # noqa: E402
 from autonorm.errors import InvalidConfigError  # noqa: E402
 from autonorm.spec import NormSpec  # noqa: E402
 
@@ -91,7 +92,7 @@ def test_shared_row_cache_rules():
         config = BACKEND.heuristic(spec)
         assert config.row_cache == expected, (hidden, x_dtype)
         if expected == "shared":
-            assert nc.forward_smem_bytes(spec, config) == hidden * spec.x_itemsize + 3 * config.threads * 4
+            assert ncc.forward_smem_bytes(spec, config) == hidden * spec.x_itemsize + 3 * config.threads * 4
     assert BACKEND.heuristic(replace(fwd.with_direction("bwd"), hidden=16384)).row_cache == "global"
 
 
