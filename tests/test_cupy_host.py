@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from autonorm import cuda_host, grids, verify
+from autonorm import cuda_host, cuda_host_build, grids, verify
 from autonorm.backends.base import poisoned_outputs
 from autonorm.backends.cupy import CupyBackend, CupyConfig, cluster_size
 from autonorm.spec import NormSpec
@@ -121,13 +121,13 @@ def test_standard_grid_plans_with_the_compilers_numbers(default_kernels):
     """The launch rules and the persistent backward's grid use each kernel's registers and static shared memory
     on sm_90 as the audit's saved report has them (stale: `autonorm audit --grid standard --save
     docs/benchmarks/hardware-fit.json`); the arrays the harness allocates hold at least what nvcc does."""
-    found = cuda_host.profiles(STANDARD_PAIRS, "sm_90")
+    found = cuda_host_build.profiles(STANDARD_PAIRS, "sm_90")
     missing = [s.short() for (s, _), p in zip(STANDARD_PAIRS, found) if p is None]
     assert not missing, f"{len(missing)} kernels are not in the saved report, first {missing[0]}"
     for pair, p in zip(STANDARD_PAIRS, found):
         fn = default_kernels[pair].__self__.vec_fn
         assert (fn.num_regs, fn.shared_size_bytes) == (p.registers, p.smem_static)
-        assert cuda_host.static_bytes(fn.lib, int(fn.name.rsplit("_", 1)[1])) >= p.smem_static
+        assert cuda_host_build.static_bytes(fn.lib, int(fn.name.rsplit("_", 1)[1])) >= p.smem_static
 
 
 def test_variant_groups_cover_every_structure():

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from autonorm import cuda_host, verify
+from autonorm import cuda_host, cuda_host_build, verify
 from autonorm.backends.base import poisoned_outputs
 from autonorm.backends.cupy import CupyConfig, _Launcher
 from autonorm.render import Source
@@ -32,14 +32,14 @@ FIRST_BARRIER = "__syncthreads();  // the previous reduction's readers are done 
 
 def _break(monkeypatch, old: str, new: str):
     """Render every kernel with the first `old` replaced by `new` (which must be there)."""
-    real = cuda_host.render
+    real = cuda_host_build.render
 
     def render(*args, **kwargs):
         source = real(*args, **kwargs)
         assert old in source.text, old
         return Source.of(source.text.replace(old, new, 1), source.template)
 
-    monkeypatch.setattr(cuda_host, "render", render)
+    monkeypatch.setattr(cuda_host_build, "render", render)
 
 
 def _run(spec, config, rows=5, seeds=(0,), strided=False):
