@@ -20,6 +20,8 @@ is how `autonorm bench` times its providers (torch, Liger, ...) with this protoc
 The tuner takes any object with `measure`, `interleaved` and `describe`, which is
 how tests run the search with a fake timer of known optimum; `ReplayTimer` answers
 from a table of earlier timings (the search replays of scripts/search_efficiency.py).
+A timer with `start` (both real ones) also hands out a `TimingRun`, a warmed-up kernel
+sampled a few repetitions at a time, which the tuner races candidates with.
 """
 from __future__ import annotations
 
@@ -49,6 +51,28 @@ class Timing:
 
     def to_json(self) -> dict:
         return {"median_us": self.median_us, "p20_us": self.p20_us, "p80_us": self.p80_us}
+
+
+class TimingRun:
+    """One kernel's samples under a timer's protocol, taken a few at a time: the tuner's race
+    (autonorm/tune/race.py) looks at a candidate first and extends only the close ones.
+
+    `cap` is the repetition count the timer's fixed protocol would take (sized by time in its
+    warm-up), so a race never times a candidate longer than `measure` would.
+    """
+
+    def __init__(self, clock_one: Callable[[int], float], n_sets: int, cap: int):
+        self._clock_one, self._n_sets, self.cap = clock_one, n_sets, cap
+        self.samples: list[float] = []
+
+    def extend(self, reps: int) -> Timing:
+        """`reps` more samples (input sets rotating on from where the last ones stopped); all of them so far."""
+        start = len(self.samples)
+        self.samples += [self._clock_one((start + i) % self._n_sets) for i in range(reps)]
+        return self.timing()
+
+    def timing(self) -> Timing:
+        return Timing.of(self.samples)
 
 
 class Timer(Protocol):
@@ -139,13 +163,18 @@ class CpuTimer:
         per_call = (time.perf_counter() - t0) / max(calls, 1)
         return int(min(self.max_reps, max(self.min_reps, self.rep_s / max(per_call, 1e-9))))
 
-    def measure(self, spec, kernel, rows) -> Timing:
+    def start(self, spec, kernel, rows) -> TimingRun:
+        """A warmed-up kernel whose samples are taken on demand (`TimingRun.extend`)."""
         sets = self._inputs(spec, rows)
 
         def call(i):
             return kernel(*sets[i])
         reps = self._reps(call, len(sets))
-        return Timing.of([self.clock(call, i % len(sets)) for i in range(reps)])
+        return TimingRun(lambda i: self.clock(call, i), len(sets), reps)
+
+    def measure(self, spec, kernel, rows) -> Timing:
+        run = self.start(spec, kernel, rows)
+        return run.extend(run.cap)
 
     def time_calls(self, calls: dict[str, Callable[[int], object]], n_sets: int) -> dict[str, Timing]:
         """Time callables that take an input-set index (`autonorm bench`'s providers), interleaved."""
@@ -217,9 +246,14 @@ class CudaTimer:
             call.prepare = kernel.prepare
         return call
 
-    def measure(self, spec, kernel, rows) -> Timing:
+    def start(self, spec, kernel, rows) -> TimingRun:
+        """A warmed-up kernel whose samples are taken on demand (`TimingRun.extend`), each after the flush."""
         call = self._call(kernel, self._args(spec, rows))
-        return Timing.of([self.clock(call, 0) for _ in range(self._reps(call))])
+        return TimingRun(lambda i: self.clock(call, 0), 1, self._reps(call))
+
+    def measure(self, spec, kernel, rows) -> Timing:
+        run = self.start(spec, kernel, rows)
+        return run.extend(run.cap)
 
     def time_calls(self, calls: dict[str, Callable[[int], object]], n_sets: int) -> dict[str, Timing]:
         """Time callables that take an input-set index (each gets set 0: the flush replaces rotation),
