@@ -12,23 +12,22 @@ then every config is rebuilt through its backend's `Config.from_dict`, which
 accepts only declared domain values, so a database can never carry code into a
 template. Every refusal is a `DatabaseError` naming the file and the problem.
 Saving is atomic and merges with whatever another process wrote meanwhile
-(exclusive lock on a side file, re-read, merge, temp file, `os.replace`); it
-never writes one device's records into another device's file.
+(exclusive lock on a side file, re-read, merge, then autonorm/db_folder.py's atomic
+write); it never writes one device's records into another device's file.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import functools
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .db_folder import file_lock, side_folder, write_json_atomically
 from .errors import AutonormError, BackendUnavailableError, DatabaseError, InvalidConfigError, UnknownBackendError
 from .safe_files import parse_database_bytes, read_regular_file, shorten
 from .spec import NormSpec, rows_bucket
@@ -37,6 +36,8 @@ SCHEMA_VERSION = 1
 # A record is about 600 bytes of JSON: 8 MiB holds some 14,000 records, several times a full tuning grid.
 # The cap bounds memory and time (schema validation costs about 1 ms a record on a 2-core VM).
 MAX_DATABASE_BYTES = 8 << 20
+
+
 @functools.cache
 def schema() -> dict:
     return json.loads(resources.files("autonorm").joinpath("db_schema.json").read_text())
@@ -273,19 +274,7 @@ class TuningDB:
                 on_disk._check_same_device(self, f"refusing to write into {path}: it holds another device's "
                                                  "records")
                 self.records = {**on_disk.records, **self.records}
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self.to_json(), f, indent=1)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a shared database must be readable
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_json_atomically(path, self.to_json())
 
     def _check_same_device(self, other: "TuningDB", what: str) -> None:
         if self.device.get("slug") != other.device.get("slug"):
@@ -325,31 +314,3 @@ def preferred(a: Record, b: Record) -> Record:
                 json.dumps(r.to_json(), sort_keys=True))  # last: any fixed order, for exact ties
 
     return max(a, b, key=rank)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def side_folder(folder: Path) -> Path:
-    """`folder/.autonorm-journal/`: locks and Optuna journals, kept apart from the databases users ship
-    and ignored by git (the folder holds a `.gitignore` of `*`)."""
-    side = Path(folder) / ".autonorm-journal"
-    if not side.is_dir():
-        side.mkdir(parents=True, exist_ok=True)
-        (side / ".gitignore").write_text("# locks and tuning journals of autonorm: never commit them\n*\n")
-    return side
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path | None):
-    """Hold an exclusive lock on `lock_path` (no-op for None): one writer at a time, on any OS (filelock)."""
-    if lock_path is None:
-        yield
-        return
-    from filelock import FileLock
-
-    with FileLock(str(lock_path)):
-        yield

@@ -801,7 +801,7 @@ def _baseline(rev: str, time_scale: float, only: str | None = None) -> dict:
 # Single-line mutants that once survived the test suite, and the tests that must now fail on each.
 MUTANTS = {
     "database save writes in place": (
-        "autonorm/db.py", 'fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
+        "autonorm/db_folder.py", 'fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
         "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
         "tests/test_db.py::test_save_interrupted_mid_write_leaves_the_old_file_intact"),
     "no device check in _fits": (

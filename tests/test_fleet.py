@@ -108,7 +108,7 @@ def test_sqlite_storage_claim_lock_and_heartbeat(tmp_path):
 def test_db_file_lock_is_exclusive(tmp_path):
     from filelock import FileLock, Timeout
 
-    from autonorm.db import file_lock
+    from autonorm.db_folder import file_lock
 
     with file_lock(tmp_path / "x.lock"):
         with pytest.raises(Timeout):

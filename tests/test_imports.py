@@ -24,7 +24,7 @@ LAYERS = [
                     "autonorm.hardware", "autonorm.safe_files", "autonorm.grids"]),
     ("codegen and truth", ["autonorm.render", "autonorm.reference", "autonorm.backends", "autonorm.verify",
                            "autonorm.traffic"]),
-    ("timing and the database format", ["autonorm.measure", "autonorm.db"]),
+    ("timing and the database format", ["autonorm.measure", "autonorm.db", "autonorm.db_folder"]),
     ("hardware fit and the active databases", ["autonorm.audit", "autonorm.db_sources", "autonorm.cuda_host",
                                                 "autonorm.cuda_host_build"]),
     ("tuning", ["autonorm.tune"]),

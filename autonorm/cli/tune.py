@@ -209,7 +209,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from .. import measure, settings
-    from ..db import side_folder
+    from ..db_folder import side_folder
     from ..device import identity
     from ..errors import UnknownBackendError
     from ..tune import make_storage, native_backends, tune_grid

@@ -135,7 +135,7 @@ def claim_lock(storage, study_name: str, journal_lock: Path | None = None):
     """One worker at a time claims candidates of `study_name` (the critical section of the tuner)."""
     from sqlalchemy import text
 
-    from ..db import file_lock
+    from ..db_folder import file_lock
 
     rdb = _rdb(storage)
     if rdb is None:  # a journal file: a lock file beside it (None: one process, nothing to lock)
