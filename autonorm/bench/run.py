@@ -21,7 +21,8 @@ import torch
 from .. import device as device_mod
 from .. import measure
 from .providers import build_case
-from .report import ANCHORS, pct_text, provider_of, read_bench_json
+from .report import ANCHORS, pct_text
+from .rows import provider_of, read_bench_json
 
 SCHEMA_VERSION = 1
 

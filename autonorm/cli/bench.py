@@ -107,7 +107,7 @@ def main(args) -> int:
     from .. import dispatch, measure
     from ..bench import run
     from ..bench.providers import check_providers
-    from ..bench.report import BenchFileError
+    from ..bench.rows import BenchFileError
 
     if args.input:
         if not args.report:
