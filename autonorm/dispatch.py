@@ -29,7 +29,6 @@ one dict lookup and the launch.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -37,14 +36,13 @@ from typing import NamedTuple
 
 import torch
 
-from . import db_sources, first_use, settings
+from . import db_sources, dispatch_records, first_use, settings
 from .backends import DEFAULT_ORDER
 from .config import Config
 from .errors import AutonormError, BackendUnavailableError
 from .spec import DTYPE_NAMES, NormSpec
 
 log = logging.getLogger("autonorm")
-
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,6 @@ class Choice:
     kernel: object
     source: str = ""
     check: str = ""  # the verdict key while the kernel's first-use check is still to come
-
 
     def describe(self) -> str:
         text = f"{self.spec.short()} -> {self.backend} [{self.config.short()}] (rung: {self.rung})"
@@ -236,66 +233,8 @@ def _checked_at_first_use(key, choice: Choice) -> Choice:
     return pending
 
 
-# --- the database rungs -------------------------------------------------------------------
-def _log_distance(a: int, b: int) -> float:
-    return abs(math.log2(a) - math.log2(b))
-
-
-def _fits(record, spec: NormSpec, device) -> bool:
-    """Whether a record's winner can run `spec` on `device`: its backend supports the device and its
-    config is valid for this hidden size."""
-    from .backends import get_backend
-
-    winner = record.winner
-    try:
-        backend = get_backend(winner.backend)
-    except AutonormError:
-        return False
-    return (backend.supports_device(device) and type(winner.config) is backend.config_cls
-            and backend.config_cls.is_valid(spec, winner.config) is None)
-
-
-def _nearest(table, key, spec, device, bucket, *, same_hidden: bool):
-    """Records of `table` for `key`'s problem ordered by (hidden distance, rows distance), fitting `spec`."""
-    found = []
-    for k, record in table.by_problem(key):
-        if same_hidden and k.hidden != key.hidden:
-            continue
-        if _fits(record, spec, device):
-            # Ties go to the larger size: a config tuned for more work rarely under-fills the device.
-            found.append(((_log_distance(k.hidden, key.hidden), _log_distance(k.rows_bucket, bucket),
-                           -k.hidden, -k.rows_bucket), k, record))
-    found.sort(key=lambda t: t[0])
-    return [(k, r) for _, k, r in found]
-
-
-def _database_candidates(spec: NormSpec, device, bucket):
-    """(rung, record key, record, table) in ladder order, lazily (only as far as needed)."""
-    from .db import RecordKey
-    from .device import identity
-
-    ident = identity(device)
-    key = RecordKey.of(spec, bucket)
-    own = db_sources.table(ident["slug"])
-    if own is not None and own.records:
-        record = own.records.get(key)
-        # Every rung, the exact one too, checks that the record's backend runs on this device: a CPU
-        # database answers for meta tensors too, whose missing data pointer crashes a CPU kernel.
-        if record is not None and _fits(record, spec, device):
-            yield "exact", key, record, own
-        for k, r in _nearest(own, key, spec, device, bucket, same_hidden=True):
-            if k != key:
-                yield "nearest-rows", k, r, own
-        for k, r in _nearest(own, key, spec, device, bucket, same_hidden=False):
-            if k.hidden != key.hidden:
-                yield "nearest-hidden", k, r, own
-    for other in db_sources.same_architecture(ident):
-        for k, r in _nearest(other, key, spec, device, bucket, same_hidden=False):
-            yield "same-arch", k, r, other
-
-
 def _from_databases(spec: NormSpec, device, bucket) -> Choice | None:
-    for rung, k, record, table in _database_candidates(spec, device, bucket):
+    for rung, k, record, table in dispatch_records.candidates(spec, device, bucket):
         winner = record.winner
         source = f"{table.device.get('slug')} record {k.short()}"
         choice = _try_choice(winner.backend, spec, winner.config, device, rung, source)

@@ -804,11 +804,11 @@ MUTANTS = {
         "autonorm/db_folder.py", 'fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
         "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
         "tests/test_db.py::test_save_interrupted_mid_write_leaves_the_old_file_intact"),
-    "no device check in _fits": (
-        "autonorm/dispatch.py", "return (backend.supports_device(device) and type(winner.config)",
+    "no device check in fits": (
+        "autonorm/dispatch_records.py", "return (backend.supports_device(device) and type(winner.config)",
         "return (type(winner.config)", "tests/test_dispatch.py::test_every_database_rung_checks_the_device"),
-    "exact rung without _fits": (
-        "autonorm/dispatch.py", "if record is not None and _fits(record, spec, device):", "if record is not None:",
+    "exact rung without fits": (
+        "autonorm/dispatch_records.py", "if record is not None and fits(record, spec, device):", "if record is not None:",
         "tests/test_dispatch.py::test_meta_tensors_never_get_a_cpu_kernel"),
     "no claim lock in the tuner": (
         "autonorm/tune/study.py", "return fleet.claim_lock(self.storage, self.name, self.lock_path)",

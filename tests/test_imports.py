@@ -28,7 +28,7 @@ LAYERS = [
     ("hardware fit and the active databases", ["autonorm.audit", "autonorm.db_sources", "autonorm.cuda_host",
                                                 "autonorm.cuda_host_build"]),
     ("tuning", ["autonorm.tune"]),
-    ("the dispatcher", ["autonorm.first_use", "autonorm.dispatch"]),
+    ("the dispatcher", ["autonorm.first_use", "autonorm.dispatch", "autonorm.dispatch_records"]),
     ("the torch face", ["autonorm.ops", "autonorm.functional", "autonorm.modules", "autonorm.patch",
                         "autonorm.explain", "autonorm"]),
     ("benchmarking", ["autonorm.bench"]),
