@@ -808,8 +808,8 @@ MUTANTS = {
         "autonorm/dispatch_records.py", "return (backend.supports_device(device) and type(winner.config)",
         "return (type(winner.config)", "tests/test_dispatch.py::test_every_database_rung_checks_the_device"),
     "exact rung without fits": (
-        "autonorm/dispatch_records.py", "if record is not None and fits(record, spec, device):", "if record is not None:",
-        "tests/test_dispatch.py::test_meta_tensors_never_get_a_cpu_kernel"),
+        "autonorm/dispatch_records.py", "if record is not None and fits(record, spec, device):",
+        "if record is not None:", "tests/test_dispatch.py::test_meta_tensors_never_get_a_cpu_kernel"),
     "no claim lock in the tuner": (
         "autonorm/tune/study.py", "return fleet.claim_lock(self.storage, self.name, self.lock_path)",
         "return fleet.claim_lock(self.storage, self.name, None)",
