@@ -1,0 +1,182 @@
+"""Compilation off the timer's critical path: worker processes fill the backends' on-disk compile caches.
+
+A compiled kernel cannot be pickled back to the timing process, so a worker compiles a
+candidate and runs the reference check on it (which launches every variant at the row counts
+the timing process's own check uses: each launch-time specialization gets compiled), and the
+compilers write their results to disk. The timing process then compiles the same candidate
+and finds each piece on disk. What persists, per backend:
+
+- numba-cpu: Numba's `cache=True` writes `<cache dir>/numba_cpu/__pycache__/*.nbi` (index) and
+  `*.nbc` (machine code), keyed by the generated source file (path, mtime, size) and the argument
+  types, which the launcher keeps independent of the shape. Tested: the parent's dispatchers
+  report cache hits and no misses.
+- numba-cuda (GPU only): `cache=True` on the `@cuda.jit` kernel writes the same files, keyed by
+  signature and compute capability.
+- triton (GPU only): Triton's cache (`TRITON_CACHE_DIR`, default `~/.triton/cache`) holds the
+  compiled cubin keyed by source, constexprs and argument specialization; the parent still runs
+  Triton's Python-side binding, not its MLIR passes or ptxas.
+- cupy (GPU only): CuPy's kernel cache (`CUPY_CACHE_DIR`, default `~/.cupy/kernel_cache`) holds
+  NVRTC's cubin keyed by source, options, architecture and NVRTC version.
+- the rendered sources (`<cache dir>/<backend>/<sha256>.py`, backends/base.py) are written by the
+  worker and used as they are by the parent: a source file is never rewritten, so Numba's index
+  stays valid.
+
+The three GPU backends are warmed only on a CUDA device; under Triton's interpreter or Numba's
+simulator nothing compiles to disk. Those, torch (nothing to compile) and any other backend
+compile in a thread pool in the timing process, as before. Workers start with `spawn` (CUDA and
+fork do not mix). On a GPU they compile while the timer runs; on a CPU they share the timer's
+cores, so the timer waits until the batch is compiled (`prepare`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+
+import torch
+
+from .. import settings
+from .space import Candidate
+
+log = logging.getLogger("autonorm.tune")
+
+# The device type each backend's compile is warmed out of process for (the module docstring says why).
+WARMED_ON = {"numba-cpu": "cpu", "numba-cuda": "cuda", "triton": "cuda", "cupy": "cuda"}
+
+
+def _start_worker(cache_dir: str) -> None:
+    # The parent's cache folder, whatever the environment the worker inherited: the caches must be shared.
+    os.environ["AUTONORM_CACHE_DIR"] = cache_dir
+    torch.set_num_threads(1)  # a worker's reference checks are small; the cores are the compilers'
+
+
+def _warm(backend_name: str, spec, config, device: str, rows: int) -> float:
+    """Compile one candidate and check it (each variant launched, so each is compiled); its seconds."""
+    from ..backends import get_backend
+    from ..verify import check_candidate
+
+    started = time.perf_counter()
+    backend = get_backend(backend_name)
+    check_candidate(spec, backend.compile(spec, config, device), rows, device)  # a wrong one: the parent says so
+    return time.perf_counter() - started
+
+
+class CompilePool:
+    """Compiles a study's candidates ahead of its timer; `compile` hands each one over, compiled.
+
+    `compile_s` holds the seconds spent compiling per backend: the workers' (compile and check)
+    plus the timing process's own compiles (cache loads, or the whole compile where not warmed).
+    """
+
+    def __init__(self, backends: dict, device, workers: int, *, context: str = "spawn"):
+        self.backends, self.device, self.workers, self.context = backends, torch.device(device), workers, context
+        self.compile_s: dict[str, float] = {}
+        self._count_lock = threading.Lock()  # the thread pool's compiles count their seconds too
+        self._threads = ThreadPoolExecutor(max_workers=max(1, workers))
+        self._processes: ProcessPoolExecutor | None = None
+        self._jobs: dict[tuple, Future] = {}  # (backend, source sha256) -> the worker's warm job
+        self._counted: set[tuple] = set()  # the jobs whose seconds are in compile_s
+        self._compiles: dict[str, Future] = {}  # candidate key -> the thread pool's compile
+
+    def warmed(self, backend_name: str) -> bool:
+        """Whether `backend_name`'s candidates compile in worker processes on this device."""
+        return WARMED_ON.get(backend_name) == self.device.type and self.workers > 0
+
+    def prepare(self, spec, rows: int, cands: list[Candidate]) -> None:
+        """Start compiling `cands`. Returns at once on a GPU (workers compile while the timer runs), after the
+        workers finished on a CPU (they would share the timer's cores)."""
+        started = []
+        for cand in cands:
+            if self.warmed(cand.backend):
+                started.append(self._warm_job(spec, rows, cand))
+            elif cand.key not in self._compiles:
+                self._compiles[cand.key] = self._threads.submit(self._compile_here, spec, cand)
+        if self.device.type == "cpu":
+            for job in started:
+                self._wait(job)
+
+    def compile(self, spec, rows: int, cand: Candidate):
+        """(kernel, None), or (None, why it failed to compile); waits for the candidate's compile."""
+        future = self._compiles.pop(cand.key, None)
+        if future is not None:
+            return future.result()
+        if self.warmed(cand.backend):
+            self._wait(self._warm_job(spec, rows, cand))
+        return self._compile_here(spec, cand)
+
+    def close(self) -> None:
+        """Stop the workers; jobs not begun are dropped, the finished ones' seconds counted."""
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=True, cancel_futures=True)
+        for key, job in self._jobs.items():
+            if job.done() and not job.cancelled():
+                self._wait(key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- mechanics --
+    def _compile_here(self, spec, cand: Candidate):
+        started = time.perf_counter()
+        try:
+            return self.backends[cand.backend].compile(spec, cand.config, self.device), None
+        except Exception as exc:  # a config that does not compile is a failed candidate
+            return None, f"compile failed: {type(exc).__name__}: {exc}"
+        finally:
+            self._count(cand.backend, time.perf_counter() - started)
+
+    def _count(self, backend_name: str, seconds: float) -> None:
+        with self._count_lock:
+            self.compile_s[backend_name] = self.compile_s.get(backend_name, 0.0) + seconds
+
+    def _warm_job(self, spec, rows: int, cand: Candidate) -> tuple | None:
+        """The key of the worker job that warms `cand`'s source (one per source: configs that differ only in
+        launch knobs share it), started now if it is not yet; None when none runs (the parent compiles alone)."""
+        try:
+            key = (cand.backend, self.backends[cand.backend].render(spec, cand.config).sha256)
+        except Exception:
+            return None  # an invalid config: the parent's compile reports it
+        if key not in self._jobs:
+            pool = self._process_pool()
+            if pool is None:
+                return None
+            try:
+                self._jobs[key] = pool.submit(_warm, cand.backend, spec, cand.config, str(self.device), rows)
+            except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: submitted after a shutdown
+                self._give_up(exc)
+                return None
+        return key
+
+    def _process_pool(self) -> ProcessPoolExecutor | None:
+        if self._processes is None and self.workers > 0:
+            self._processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context(self.context),
+                                                  initializer=_start_worker, initargs=(str(settings.cache_dir()),))
+        return self._processes
+
+    def _wait(self, key: tuple | None) -> None:
+        """Wait for a warm job and count its seconds once; a worker that died leaves the parent to compile."""
+        if key is None or key in self._counted:
+            return
+        self._counted.add(key)
+        try:
+            self._count(key[0], self._jobs[key].result())
+        except BrokenProcessPool as exc:
+            self._give_up(exc)
+        except Exception as exc:  # the parent's own compile meets the same error and reports it
+            log.debug("warming a %s candidate failed in a worker: %s", key[0], exc)
+
+    def _give_up(self, exc: BaseException) -> None:
+        """No more worker processes (one died, or they could not start): the parent compiles on its own."""
+        log.warning("compile workers stopped (%s: %s); compiling in the tuning process", type(exc).__name__, exc)
+        self.workers = 0
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
+        self._processes = None

@@ -1,0 +1,126 @@
+"""The compile pool: a Numba CPU candidate compiled in a worker process is loaded from Numba's on-disk cache by
+the tuning process (its dispatchers count cache hits, no misses); backends that cannot be warmed out of process
+compile in a thread pool; a pool whose workers die leaves the tuning process to compile alone."""
+import sys
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import pytest
+from fakes import FakeBackendBase
+
+from autonorm.config import Config, knob
+from autonorm.spec import NormSpec
+from autonorm.tune.compile_pool import CompilePool
+from autonorm.tune.space import Candidate
+from autonorm.verify import check_candidate
+
+SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+
+
+def _warmed_in_a_worker_then_compiled_here(tmp_path, monkeypatch, spec, config):
+    """The kernel the tuning process compiles after a worker compiled `config`, checked (every variant
+    launched, so each one loads), and the pool's compile seconds."""
+    from autonorm.backends import get_backend
+
+    monkeypatch.setenv("AUTONORM_CACHE_DIR", str(tmp_path))
+    backend = get_backend("numba-cpu")
+    cand = Candidate("numba-cpu", config)
+    # a config no other test compiles: its module must not be in this process yet, or nothing would load
+    module = f"autonorm_numba_cpu_{backend.render(spec, config).sha256[:24]}"
+    assert module not in sys.modules
+    with CompilePool({"numba-cpu": backend}, "cpu", workers=1) as pool:
+        pool.prepare(spec, 64, [cand])  # on a CPU: returns once the worker is done
+        assert module not in sys.modules  # the worker compiled, not this process
+        assert list((tmp_path / "numba_cpu" / "__pycache__").glob("*.nbi")), "the worker left no Numba cache index"
+        kernel, reason = pool.compile(spec, 64, cand)
+        assert reason is None
+        assert check_candidate(spec, kernel, 64, "cpu") is None
+        assert pool.compile_s["numba-cpu"] > 0  # the worker's compile is counted
+    return kernel
+
+
+def _cache_counts(dispatcher) -> tuple[int, int]:
+    return sum(dispatcher.stats.cache_hits.values()), sum(dispatcher.stats.cache_misses.values())
+
+
+def test_a_candidate_compiled_in_a_worker_is_a_cache_hit_in_the_tuning_process(tmp_path, monkeypatch):
+    pytest.importorskip("numba")
+    from autonorm.backends.numba_cpu import NumbaCpuConfig
+
+    # threads=1: only the serial variant exists, the cheapest compile that shows the mechanism
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 80, weight=False)
+    kernel = _warmed_in_a_worker_then_compiled_here(
+        tmp_path, monkeypatch, spec, NumbaCpuConfig(rows_per_task=2, vector_width=16, threads=1, fastmath=False))
+    hits, misses = _cache_counts(kernel.dispatchers[1])
+    assert hits >= 1 and misses == 0
+
+
+@pytest.mark.slow  # Numba's parallel variant takes minutes to compile on a loaded 2-core machine
+def test_both_variants_compiled_in_a_worker_are_cache_hits(tmp_path, monkeypatch):
+    pytest.importorskip("numba")
+    from autonorm.backends.numba_cpu import NumbaCpuConfig
+
+    spec = NormSpec("layernorm", "fwd", "float16", "float32", 96, bias=True, residual=True)
+    kernel = _warmed_in_a_worker_then_compiled_here(
+        tmp_path, monkeypatch, spec, NumbaCpuConfig(rows_per_task=2, vector_width=16, threads=0, fastmath=False))
+    for dispatcher in kernel.dispatchers:  # parallel, then serial
+        hits, misses = _cache_counts(dispatcher)
+        assert hits >= 1 and misses == 0
+
+
+@dataclass(frozen=True)
+class Knob(Config):
+    backend = "fake"
+    k: int = knob((1, 2, 3))
+
+
+class FakeBackend(FakeBackendBase):
+    config_cls = Knob
+
+    def build(self, source, spec, config, device):
+        if config.k == 3:
+            raise RuntimeError("does not compile")
+        return lambda *args: config.k
+
+
+def test_a_backend_not_warmed_out_of_process_compiles_in_threads_and_failures_say_why():
+    with CompilePool({"fake": FakeBackend()}, "cpu", workers=2) as pool:
+        assert not pool.warmed("fake")
+        good, bad = Candidate("fake", Knob(k=2)), Candidate("fake", Knob(k=3))
+        pool.prepare(SPEC, 8, [good, bad])
+        assert pool._processes is None  # no worker process was started for it
+        kernel, reason = pool.compile(SPEC, 8, good)
+        assert reason is None and kernel() == 2
+        kernel, reason = pool.compile(SPEC, 8, bad)
+        assert kernel is None and reason == "compile failed: RuntimeError: does not compile"
+        assert set(pool.compile_s) == {"fake"}
+
+
+def test_which_backends_are_warmed_depends_on_the_device():
+    cpu, cuda = CompilePool({}, "cpu", workers=2), CompilePool({}, "cuda", workers=2)
+    assert cpu.warmed("numba-cpu") and not cpu.warmed("triton") and not cpu.warmed("numba-cuda")
+    assert cuda.warmed("triton") and cuda.warmed("cupy") and cuda.warmed("numba-cuda")
+    assert not cuda.warmed("numba-cpu") and not cuda.warmed("torch")
+    assert not CompilePool({}, "cpu", workers=0).warmed("numba-cpu")
+
+
+def test_workers_that_die_leave_the_tuning_process_to_compile(caplog):
+    pytest.importorskip("numba")
+    from autonorm.backends import get_backend
+
+    class DeadPool:
+        def submit(self, *args, **kwargs):
+            raise BrokenProcessPool("a worker died")
+
+        def shutdown(self, **kwargs):
+            pass
+
+    backend = get_backend("numba-cpu")
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    cand = Candidate("numba-cpu", backend.heuristic(spec))
+    with CompilePool({"numba-cpu": backend}, "cpu", workers=2) as pool:
+        pool._processes = DeadPool()
+        pool.prepare(spec, 8, [cand])
+        assert not pool.warmed("numba-cpu") and "compile workers stopped" in caplog.text
+        kernel, reason = pool.compile(spec, 8, cand)
+        assert reason is None and callable(kernel)
