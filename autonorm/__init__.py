@@ -14,33 +14,23 @@ custom ops, as `torch.export.load` of a saved program needs.
 """
 import sys
 
+from .lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 # Each public name and the module that defines it.
 _API = {
-    "rms_norm": ".functional", "layer_norm": ".functional", "RMSNorm": ".modules", "LayerNorm": ".modules",
-    "NormSpec": ".spec", "Config": ".config", "reset": ".dispatch", "patch": ".patch", "explain": ".explain",
-    "load_db": ".db_sources", "AutonormError": ".errors", "BackendUnavailableError": ".errors",
-    "DatabaseError": ".errors", "InvalidConfigError": ".errors", "KernelError": ".errors",
-    "UnknownBackendError": ".errors",
+    "rms_norm": "functional", "layer_norm": "functional", "RMSNorm": "modules", "LayerNorm": "modules",
+    "NormSpec": "spec", "Config": "config", "reset": "dispatch", "patch": "patch", "explain": "explain",
+    "load_db": "db_sources", "AutonormError": "errors", "BackendUnavailableError": "errors",
+    "DatabaseError": "errors", "InvalidConfigError": "errors", "KernelError": "errors",
+    "UnknownBackendError": "errors",
 }
 
 __all__ = [*_API, "__version__"]
 
-
-def __getattr__(name: str):
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'autonorm' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__():
-    return sorted({*globals(), *_API})
+# Bound once loaded: `autonorm.rms_norm` is read on every step of a user's model.
+__getattr__, __dir__ = lazy_exports(globals(), _API, bind=True)
 
 
 if "torch" in sys.modules:  # torch's import is paid already: load everything, the custom ops included

@@ -21,7 +21,7 @@ PACKAGES = {"autonorm": ROOT / "autonorm", "autonorm.backends": ROOT / "backends
 # Lowest first. A module (or a package, for all its modules) imports only from its own layer or below.
 LAYERS = [
     ("vocabulary", ["autonorm.errors", "autonorm.spec", "autonorm.config", "autonorm.settings", "autonorm.device",
-                    "autonorm.hardware", "autonorm.safe_files", "autonorm.grids"]),
+                    "autonorm.hardware", "autonorm.safe_files", "autonorm.grids", "autonorm.lazy"]),
     ("codegen and truth", ["autonorm.render", "autonorm.reference", "autonorm.backends", "autonorm.verify",
                            "autonorm.traffic"]),
     ("timing and the database format", ["autonorm.measure", "autonorm.db", "autonorm.db_folder"]),

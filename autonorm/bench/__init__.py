@@ -8,7 +8,7 @@
 
 The `autonorm bench` command is `autonorm/cli/bench.py`.
 """
-import importlib
+from ..lazy import lazy_exports
 
 # Names load on first use, so that `autonorm bench --help` (which needs only .options) does not import torch.
 _WHERE = {"PROVIDERS": "providers", "Provider": "providers", "ProviderUnavailable": "providers",
@@ -16,9 +16,4 @@ _WHERE = {"PROVIDERS": "providers", "Provider": "providers", "ProviderUnavailabl
           "provider_of": "rows", "write_report": "report", "SCHEMA_VERSION": "run", "case_name": "run",
           "parse_shape": "options", "run_cases": "run", "timer_for": "run"}
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+__getattr__, __dir__ = lazy_exports(globals(), _WHERE)

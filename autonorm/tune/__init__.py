@@ -14,7 +14,7 @@
 Needs Optuna (`pip install "autonorm[tune]"`); importing this package imports it
 only when a study starts.
 """
-import importlib
+from ..lazy import lazy_exports
 
 # Names load on first use, so that `autonorm tune --help` (which needs only the presets, the fleet's
 # defaults and the quality gate) does not import torch.
@@ -23,9 +23,4 @@ _WHERE = {"StudyResult": "finalize", "DEFAULT_FEATURES": "presets", "DEFAULTS": 
           "SearchSpace": "space", "make_storage": "fleet", "IMPROVEMENT": "study", "MAX_TRIALS_FACTOR": "study",
           "STARTUP_TRIALS": "study", "StudyRunner": "study", "study_name": "study"}
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+__getattr__, __dir__ = lazy_exports(globals(), _WHERE)
