@@ -59,20 +59,17 @@ class NumbaCpuConfig(Config):
 
     @classmethod
     def heuristic(cls, spec: NormSpec) -> "NumbaCpuConfig":
-        # Measured on the 2-core AMD EPYC CI machine (rmsnorm 8192x4096, outputs reused so only
-        # the kernel is timed): fastmath (reassoc lets LLVM vectorize the plain reduction loops)
-        # with vector_width=1 ran fp32 fwd in 24 ms vs 48 ms without fastmath and 51 ms with 8
-        # hand-unrolled lanes; bf16 fwd 16.5 vs 50 ms; fp32 bwd 72 vs 114 ms. rows_per_task
-        # mattered little (8 vs 32: within noise); ~32 KiB of input per task keeps tasks coarse.
+        # fastmath with vector_width=1: reassociation lets LLVM vectorize the plain reduction loops, which
+        # beat hand-unrolled lanes and strict order alike; rows_per_task matters little, and ~32 KiB of
+        # input per task keeps tasks coarse (measurements: docs/benchmarks/cpu-numba.md, "Constants").
         row_bytes = spec.hidden * spec.x_itemsize
         rpt = 1
         while rpt < 256 and rpt * row_bytes < 32 * 1024:
             rpt *= 2
         if spec.direction == "bwd" and spec.weight:
             # one fp32 dW (dB) partial row per task, zeroed, updated per row and summed at the end:
-            # ~1/rpt extra traffic per input row. Kernel-only layernorm fp32 bwd, one process,
-            # 2026-11-22: 8192x4096 rpt 8/16/64/256 best 17.0/15.6/14.5/14.7 ms; 65536x512 rpt
-            # 16/64/256 median 15.7/14.9/14.2 ms. 32 keeps >= 2 tasks per thread from 128 rows.
+            # ~1/rpt extra traffic per input row, so at least 32 rows a task (no slower than more in
+            # docs/benchmarks/cpu-numba.md, "Constants"), which still keeps >= 2 tasks per thread from 128 rows.
             rpt = max(rpt, 32)
         # Nothing rendered depends on N, so one compiled kernel serves every hidden size.
         return cls(rows_per_task=rpt, vector_width=1, threads=0, fastmath=True)
@@ -87,12 +84,9 @@ def _row_stride(t: torch.Tensor, m: int, n: int) -> int:
 
 
 # Below this many elements (rows * N) a call runs `kernel_serial`: waking Numba's thread
-# pool costs more than splitting the rows saves. Measured 2026-11-22 on the 2-core AMD EPYC VM
-# (load ~3.3), fp32 fwd through the launcher (outputs allocated per call), serial vs parallel, us:
-#   rmsnorm    1x64 4.3 vs 11.5   32x512 5.4 vs 6.2   64x512 7.4 vs 7.4   128x512 9.7 vs 11.1   64x2048 16.1 vs 10.4
-#   layernorm  1x64 5.5 vs 25.3   32x512 7.7 vs 7.9   64x512 9.6 vs 8.9   128x512 13.7 vs 11.1  64x2048 21.3 vs 13.8
-# (the parallel variant's cost at 1x64 is 3.5 us on a quiet machine, 30-100 us while the other
-# core is busy). The crossover is ~32K elements; backward (twice the bytes per element) uses half.
+# pool costs more than splitting the rows saves. The serial and parallel variants cross over at
+# about 32K elements (docs/benchmarks/cpu-numba.md, "Constants"); the backward, with twice the bytes
+# per element, uses half.
 SERIAL_BELOW = 1 << 15
 
 

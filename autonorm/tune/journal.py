@@ -1,9 +1,10 @@
 """Optuna journal files of `autonorm tune`: refuse a path that is not one, repair a line cut short.
 
-Optuna's `JournalFileBackend` appends one JSON object per line. Two things used to
-destroy data: `--storage cpu.json` appended journal lines into a tuning database,
-and a write cut by a full disk left a partial last line that, once the next line
-was appended after it, made the journal unreadable for every later run.
+Optuna's `JournalFileBackend` appends one JSON object per line. Left alone, two things would
+destroy data: `--storage cpu.json` would append journal lines into a tuning database, and a
+write cut by a full disk leaves a partial last line that, once the next line is appended after
+it, makes the journal unreadable for every later run. This module refuses the first and repairs
+the second.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """A fleet's storage outage: wait it out for a bounded time, then stop in one line.
 
-A PostgreSQL restart or a network blip used to kill a worker whose storage call fell in it,
-with a 60-line traceback whose last line (Optuna's StorageInternalError) blamed "invalid data
-... exceeding max length", the real cause, `Connection refused`, buried in the chain. Now every
+A PostgreSQL restart or a network blip must not kill a worker whose storage call falls in it, nor
+end it in Optuna's 60-line traceback, whose last line (StorageInternalError) blames "invalid data
+... exceeding max length" with the real cause, `Connection refused`, buried in the chain. Every
 call of the RDB storage (`patient_storage`) and the claim lock's connection (`with_retry`) is
 tried again with backoff while the connection is lost or refused, for up to STORAGE_OUTAGE_S;
 past that, `StorageUnavailableError` names the storage and the connection error and says that
