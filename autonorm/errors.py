@@ -26,3 +26,7 @@ class DatabaseError(AutonormError, ValueError):
 
 class KernelError(AutonormError, RuntimeError):
     """A kernel failed to render, compile or launch."""
+
+
+class TuneOptionError(AutonormError, ValueError):
+    """A tuner option with a value it cannot mean (no trials, a negative time budget, zero finalists)."""

@@ -17,7 +17,7 @@ from autonorm.config import Config, knob
 from autonorm.db import TuningDB
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
-from autonorm.tune import SearchSpace, make_storage, rank, tune_grid
+from autonorm.tune import SearchSpace, StudyOptions, make_storage, rank, tune_grid
 from autonorm.tune import plan as planner
 
 pytest.importorskip("optuna")
@@ -92,10 +92,10 @@ def fake_is_a_backend(monkeypatch):
 
 def tune(tmp_path, budget_s, timer, shown=None, n_trials=40):
     results = []
-    db = tune_grid(SPECS, [ROWS], backends(), torch.device("cpu"), db_path=tmp_path / "db.json",
-                   storage=make_storage(None, tmp_path / "j.journal"), lock_path=None, n_trials=n_trials,
-                   time_budget=600, results=results, compile_workers=1, compile_baseline=False, copy_gbps=10.0,
-                   timer=timer, budget_s=budget_s, elapsed=lambda: 0.0, costs=COSTS,
+    options = StudyOptions(trials=n_trials, time_budget=600, compile_workers=1, compile_baseline=False)
+    db = tune_grid(SPECS, [ROWS], backends(), torch.device("cpu"), options, db_path=tmp_path / "db.json",
+                   storage=make_storage(None, tmp_path / "j.journal"), lock_path=None, results=results,
+                   copy_gbps=10.0, timer=timer, budget_s=budget_s, elapsed=lambda: 0.0, costs=COSTS,
                    show_plan=(shown.append if shown is not None else None), clock=timer.clock)
     return db, results
 

@@ -58,8 +58,9 @@ def _worker(url: str, host: str, slow_s: float) -> None:
              | {"copy_gbps": 1.0}, "versions": software_versions(), "protocol": timer.describe()}
     for op, hidden in SPECS:
         spec = NormSpec(op, "fwd", "float32", "float32", hidden)
-        runner = tune.StudyRunner(spec, ROWS, backends, timer, "cpu", storage=storage, name=f"fleet/{op}",
-                                   n_trials=100, compile_workers=1, compile_baseline=False, study_attrs=attrs)
+        runner = tune.StudyRunner(spec, ROWS, backends, timer,
+                                   tune.StudyOptions(trials=100, compile_workers=1, compile_baseline=False),
+                                   storage=storage, name=f"fleet/{op}", study_attrs=attrs)
         result = runner.run()
         print(json.dumps({"study": runner.name, "record": result.record is not None,
                           "finalized_by": result.finalized_by}), flush=True)

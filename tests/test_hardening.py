@@ -346,7 +346,7 @@ def test_a_trial_requeued_after_the_budget_is_spent_never_stays_waiting(tmp_path
     from autonorm.backends.torch_eager import TorchBackend
     from autonorm.config import Config, knob
     from autonorm.spec import NormSpec
-    from autonorm.tune import Candidate, StudyRunner, make_storage
+    from autonorm.tune import Candidate, StudyOptions, StudyRunner, make_storage
 
     @dataclass(frozen=True)
     class EightConfig(Config):
@@ -368,8 +368,8 @@ def test_a_trial_requeued_after_the_budget_is_spent_never_stays_waiting(tmp_path
 
     def runner():
         return StudyRunner(NormSpec("rmsnorm", "fwd", "float32", "float32", 64), 16, {"fake": Eight()},
-                           ScriptedTimer(), "cpu", storage=storage, name="budget", n_trials=3, time_budget=600,
-                           compile_baseline=False)
+                           ScriptedTimer(), StudyOptions(trials=3, time_budget=600, compile_baseline=False),
+                           storage=storage, name="budget")
 
     runner().run()  # the budget of 3 candidates is spent
     study = optuna.load_study(study_name="budget", storage=storage)
@@ -538,7 +538,7 @@ def test_a_trial_failed_by_heartbeat_while_its_worker_times_it_does_not_end_the_
     from autonorm.backends.torch_eager import TorchBackend
     from autonorm.measure import Timing
     from autonorm.spec import NormSpec
-    from autonorm.tune import StudyRunner, make_storage
+    from autonorm.tune import StudyOptions, StudyRunner, make_storage
 
     storage = make_storage(None, tmp_path / "s.journal")
     holder = {}
@@ -557,8 +557,8 @@ def test_a_trial_failed_by_heartbeat_while_its_worker_times_it_does_not_end_the_
             return holder["study"]
 
     result = Runner(NormSpec("rmsnorm", "fwd", "float32", "float32", 64), 16, {"torch": TorchBackend()},
-                    StalledTimer(), "cpu", storage=storage, name="stalled", n_trials=2, time_budget=30,
-                    compile_baseline=False).run()
+                    StalledTimer(), StudyOptions(trials=2, time_budget=30, compile_baseline=False), storage=storage,
+                    name="stalled").run()
     assert result.record is None  # its only candidate's result was dropped, the worker did not crash
 
 

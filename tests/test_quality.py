@@ -29,8 +29,9 @@ def test_judge_flags_spread_and_disagreement():
 
 def _study(tmp_path, timer, **kw):
     storage = tune.make_storage(None, tmp_path / "study.journal")
-    return tune.StudyRunner(SPEC, 16, {"torch": TorchBackend()}, timer, "cpu", storage=storage, name="q",
-                             n_trials=2, time_budget=60, compile_baseline=False, copy_gbps=10.0, **kw).run()
+    options = tune.StudyOptions(trials=2, time_budget=60, compile_baseline=False, **kw)
+    return tune.StudyRunner(SPEC, 16, {"torch": TorchBackend()}, timer, options, storage=storage, name="q",
+                             copy_gbps=10.0).run()
 
 
 def test_steady_study_is_recorded_with_its_spread(tmp_path):

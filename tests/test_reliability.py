@@ -142,7 +142,7 @@ def test_two_workers_claiming_at_once_never_time_one_config(tmp_path, monkeypatc
     import test_tuner as tt
 
     from autonorm import backends as registry
-    from autonorm.tune import StudyRunner, make_storage
+    from autonorm.tune import StudyOptions, StudyRunner, make_storage
 
     # The worker that does not finalize reads the other's record back from the study, through the registry.
     monkeypatch.setitem(registry.BACKENDS, "fake", "test_tuner:FakeBackend")
@@ -160,9 +160,9 @@ def test_two_workers_claiming_at_once_never_time_one_config(tmp_path, monkeypatc
         timer = tt.FakeTimer()
         timer.timed = timed  # one list for both workers (appends are atomic)
         try:
-            results.append(SlowClaim(tt.SPEC, tt.ROWS, tt.backends(with_torch=False), timer, "cpu", storage=storage,
-                                     name="race", n_trials=8, time_budget=120, compile_baseline=False,
-                                     compile_workers=1, lock_path=tmp_path / "claims.lock").run())
+            options = StudyOptions(trials=8, time_budget=120, compile_baseline=False, compile_workers=1)
+            results.append(SlowClaim(tt.SPEC, tt.ROWS, tt.backends(with_torch=False), timer, options, storage=storage,
+                                     name="race", lock_path=tmp_path / "claims.lock").run())
         except Exception as exc:  # a thread's exception is otherwise only a warning
             errors.append(exc)
 

@@ -20,7 +20,7 @@ from autonorm.backends.torch_eager import TorchBackend
 from autonorm.config import Config, knob
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
-from autonorm.tune import STARTUP_TRIALS, Candidate, SearchSpace, StudyRunner, make_storage
+from autonorm.tune import STARTUP_TRIALS, Candidate, SearchSpace, StudyOptions, StudyRunner, make_storage
 from autonorm.verify import check_candidate
 
 SPEC = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
@@ -92,11 +92,11 @@ def backends(with_torch=True):
     return out
 
 
-def runner(tmp_path, timer, n_trials, with_torch=True, **kw):
+def runner(tmp_path, timer, n_trials, with_torch=True, **options):
     storage = make_storage(None, tmp_path / "study.journal")
-    return StudyRunner(SPEC, ROWS, backends(with_torch), timer, "cpu", storage=storage, name="fake-study",
-                       n_trials=n_trials, time_budget=600, compile_baseline=False, copy_gbps=10.0,
-                       seeds=[Candidate("fake", FakeConfig(1, 1))], **kw)
+    return StudyRunner(SPEC, ROWS, backends(with_torch), timer,
+                       StudyOptions(trials=n_trials, time_budget=600, compile_baseline=False, **options),
+                       storage=storage, name="fake-study", copy_gbps=10.0, seeds=[Candidate("fake", FakeConfig(1, 1))])
 
 
 def valid_fake_configs():
@@ -110,7 +110,31 @@ def test_space_is_pruned_by_validity_before_sampling():
     assert len(space) == 31  # plus torch's single config
     # b only takes 1..2 when a is 32: still 6 values overall; the snapped config is always valid
     assert space.knobs["fake"] == {"a": [1, 2, 4, 8, 16, 32], "b": [1, 2, 3, 4, 5, 6]}
-    assert space._nearest("fake", {"a": 32, "b": 6}) in fakes
+    snapped = space.candidate({"backend": "fake", "fake.a": 5, "fake.b": 5})  # a=32, b=6: invalid
+    assert snapped.config in fakes and snapped.config.a * snapped.config.b <= 64
+    assert space.params(snapped) != {"backend": "fake", "fake.a": 5, "fake.b": 5}
+    assert all(space.candidate(space.params(c)) == c for c in space.candidates())  # one map, both ways
+    assert all(space.named(c.key) == c for c in space.candidates()) and space.named("[]") is None
+
+
+@pytest.mark.parametrize("option, value", [("trials", 0), ("trials", 2.5), ("time_budget", -1.0),
+                                           ("time_budget", float("nan")), ("patience", 0), ("compile_workers", 0),
+                                           ("finalists", 0), ("strict", "yes"), ("seed", None), ("sampler", 3)])
+def test_a_bad_option_is_refused_by_name(option, value):
+    from autonorm.errors import TuneOptionError
+
+    with pytest.raises(TuneOptionError, match=f"tuner option {option}="):
+        StudyOptions(**{option: value})
+    assert StudyOptions.quick(compile_baseline=False).trials == 12  # --quick's preset, the rest as given
+    with pytest.raises(AttributeError):
+        StudyOptions().trials = 5  # frozen: one run's options are the same in every study
+
+
+def test_tune_names_the_flag_of_a_bad_option(tmp_path, capsys):
+    from autonorm.cli import main
+
+    assert main(["tune", "--time-budget", "-5", "--backends", "torch", "--out", str(tmp_path)]) == 2
+    assert "--time-budget -5.0: must be seconds >= 0" in capsys.readouterr().err
 
 
 def test_tpe_finds_the_known_optimum_within_budget(tmp_path):
@@ -238,9 +262,9 @@ def test_tuner_records_no_injected_wrong_kernel(tmp_path):
             config = getattr(kernel, "config", None)
             return TORCH_US if config is None else 5.0 + config.a + (10.0 if config.b == len(INJECTED) else 0.0)
     storage = make_storage(None, tmp_path / "s.journal")
-    result = StudyRunner(SPEC, ROWS, {"fake": InjectedBackend(), "torch": TorchBackend()}, Timer(), "cpu",
-                         storage=storage, name="injected", n_trials=40, time_budget=600, compile_baseline=False,
-                         seeds=[Candidate("fake", InjectedConfig(1, 0))]).run()
+    result = StudyRunner(SPEC, ROWS, {"fake": InjectedBackend(), "torch": TorchBackend()}, Timer(),
+                         StudyOptions(trials=40, time_budget=600, compile_baseline=False),
+                         storage=storage, name="injected", seeds=[Candidate("fake", InjectedConfig(1, 0))]).run()
     assert len(result.failed) == 4 * len(INJECTED)
     entries = [result.record.winner, *result.record.runners_up]
     assert entries and all(e.backend == "torch" or e.config.b == len(INJECTED) for e in entries)
@@ -251,8 +275,8 @@ def test_failed_candidate_only_space_gives_no_record(tmp_path):
         def build(self, source, spec, config, device):
             raise RuntimeError("nvrtc: error")
     storage = make_storage(None, tmp_path / "s.journal")
-    result = StudyRunner(SPEC, ROWS, {"fake": AllWrong()}, FakeTimer(), storage=storage, name="x",
-                         n_trials=40, compile_baseline=False).run()
+    result = StudyRunner(SPEC, ROWS, {"fake": AllWrong()}, FakeTimer(), StudyOptions(trials=40, compile_baseline=False),
+                         storage=storage, name="x").run()
     assert result.record is None and len(result.failed) == 30
 
 
@@ -368,8 +392,8 @@ def test_search_efficiency_replays_the_recorded_tables(tmp_path, capsys):
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _, _, journal, sleep = sys.argv
     journal = Path(journal)
-    r = StudyRunner(SPEC, ROWS, backends(), FakeTimer(sleep=float(sleep)), "cpu",
-                    storage=make_storage(str(journal), journal), name="fake-study", n_trials=40,
-                    compile_baseline=False, lock_path=Path(str(journal) + ".autonorm-lock"),
-                    compile_workers=1)
+    r = StudyRunner(SPEC, ROWS, backends(), FakeTimer(sleep=float(sleep)),
+                    StudyOptions(trials=40, compile_baseline=False, compile_workers=1),
+                    storage=make_storage(str(journal), journal), name="fake-study",
+                    lock_path=Path(str(journal) + ".autonorm-lock"))
     sys.exit(0 if r.run().record is not None else 1)

@@ -6,13 +6,14 @@ specs, prints the plan and the summary table, and says where the database went.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import TuneOptionError
 from ..spec import NormSpec
 from ..tune import fleet, quality
+from ..tune.options import StudyOptions, default_compile_workers
 from ..tune.presets import DEFAULT_FEATURES, DEFAULTS, QUICK
 from .args import UsageError, add_device, add_list, device_arg, dtype_names, positive_int
 
@@ -62,8 +63,8 @@ def add_arguments(p) -> None:
                    help="refuse to record a study whose measurements stay noisy (default: record it flagged "
                         "low-confidence, with a warning)")
     p.add_argument("--no-compile-baseline", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--compile-workers", type=positive_int, default=min(4, os.cpu_count() or 1),
-                   help="threads compiling candidates while timing stays serial")
+    p.add_argument("--compile-workers", type=positive_int,
+                   help=f"threads compiling candidates while timing stays serial (default {default_compile_workers()})")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are off when stderr is not a terminal)")
 
@@ -158,10 +159,23 @@ def _pct_copy(pct: float | None) -> str:
     return "-" if pct is None else "cache" if pct > 100 else f"{pct:.0f}"
 
 
-def _estimate(studies: int, n_trials: int, time_budget: float) -> str:
-    worst = studies * time_budget
-    return (f"{studies} studies of up to {n_trials} trials; at most {worst / 60:.0f} min "
-            f"(each study stops within its {time_budget:.0f} s --time-budget)")
+def options_from_args(args) -> StudyOptions:
+    """How every study of this run searches; a value no study can use is a UsageError naming its flag."""
+    preset = QUICK if args.quick else DEFAULTS
+    given = {"trials": args.trials, "time_budget": args.time_budget, "patience": args.patience,
+             "compile_workers": args.compile_workers}
+    try:
+        return StudyOptions(**{"trials": preset["trials"], "time_budget": preset["time_budget"],
+                               **{k: v for k, v in given.items() if v is not None}},
+                            compile_baseline=not args.no_compile_baseline, strict=args.strict)
+    except TuneOptionError as exc:
+        raise UsageError(f"--{exc.option.replace('_', '-')} {given.get(exc.option)}: must be {exc.meaning}") from None
+
+
+def _estimate(studies: int, options: StudyOptions) -> str:
+    worst = studies * options.time_budget
+    return (f"{studies} studies of up to {options.trials} trials; at most {worst / 60:.0f} min "
+            f"(each study stops within its {options.time_budget:.0f} s --time-budget)")
 
 
 def _where_used(db_path: Path) -> str:
@@ -220,8 +234,7 @@ def main(args) -> int:
     device = device_arg(args.device)
     specs = specs_from_args(args)
     row_counts = args.rows or preset["rows"]
-    n_trials = args.trials or preset["trials"]
-    time_budget = args.time_budget or preset["time_budget"]
+    options = options_from_args(args)
     if args.budget is not None and args.time_budget is not None:
         raise UsageError("--budget divides the run's time across the studies itself; give it or --time-budget")
     try:
@@ -242,8 +255,8 @@ def main(args) -> int:
     except Exception as exc:  # drivers raise their own kinds (sqlalchemy, psycopg): all are a bad --storage
         raise UsageError(f"--storage {args.storage}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     studies = len(specs) * len(row_counts)
-    estimate = _estimate(studies, n_trials, time_budget)
-    if args.budget is None and studies * time_budget > LONG_RUN_S:
+    estimate = _estimate(studies, options)
+    if args.budget is None and studies * options.time_budget > LONG_RUN_S:
         print(f"autonorm tune: {estimate}; Ctrl-C stops it and the same command resumes", file=sys.stderr)
     timer = measure.timer_for(device)
     copy_gbps = measure.copy_bandwidth(device)
@@ -260,10 +273,8 @@ def main(args) -> int:
         return tqdm(total=total, desc=desc, position=1, leave=False, disable=no_bars)
 
     try:
-        db = tune_grid(specs, row_counts, backends, device, db_path=db_path, storage=storage, lock_path=lock_path,
-                       n_trials=n_trials, time_budget=time_budget, results=results, patience=args.patience,
-                       compile_workers=args.compile_workers, compile_baseline=not args.no_compile_baseline,
-                       strict=args.strict, copy_gbps=copy_gbps, timer=timer, progress=study_bar,
+        db = tune_grid(specs, row_counts, backends, device, options, db_path=db_path, storage=storage,
+                       lock_path=lock_path, results=results, copy_gbps=copy_gbps, timer=timer, progress=study_bar,
                        budget_s=args.budget, show_plan=lambda text: print(text, file=sys.stderr))
     except BaseException as exc:
         if not was_interrupted(exc):

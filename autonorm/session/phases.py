@@ -2,6 +2,7 @@
 in the phase's file at once; a phase returns False when it stopped for lack of time with cases left."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -212,8 +213,8 @@ def phase_tune(ph: Phase) -> bool:
         rows, trials, hidden = 16384, 12, (4096, 8192)
     timer = ph.timer()
     copy_gbps = ph.copy_gbps()
-    protocol = {**timer.describe(), "verify": "reference check before timing", "finalists": 3,
-                "finalists_retimed": "interleaved, with torch eager", "trials": trials}
+    options = tune.StudyOptions(trials=trials, compile_workers=1 if ph.dry_run else 4, compile_baseline=False)
+    protocol = {**tune.protocol(timer, options), "trials": trials}
     studies = [NormSpec(op, d, "bfloat16", "bfloat16", n) for n in hidden for op in ("rmsnorm", "layernorm")
                for d in ("fwd", "bwd")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,10 +230,9 @@ def phase_tune(ph: Phase) -> bool:
             budget = max(3.0, 0.8 * ph.left() / left_in_round)
             t0 = ph.start(case)
             runner = tune.StudyRunner(
-                spec, rows, backends, timer, ph.device, storage=storage,
-                name=tune.study_name(ph.ident["slug"], spec, rows, backends), n_trials=trials, time_budget=budget,
-                seeds=[tune.Candidate(n, b.heuristic(spec)) for n, b in backends.items()],
-                compile_workers=1 if ph.dry_run else 4, compile_baseline=False, copy_gbps=copy_gbps)
+                spec, rows, backends, timer, dataclasses.replace(options, time_budget=budget), storage=storage,
+                name=tune.study_name(ph.ident["slug"], spec, rows, backends), device=ph.device,
+                seeds=[tune.Candidate(n, b.heuristic(spec)) for n, b in backends.items()], copy_gbps=copy_gbps)
             try:
                 result = runner.run()
             except Exception as exc:

@@ -1,7 +1,9 @@
 """Tuning: search each spec's kernel space with Optuna and record the winners in a database.
 
-    space.py     the valid configs of every candidate backend, as Optuna parameters
+    options.py   StudyOptions: how every study of a run searches and records (frozen; the defaults)
+    space.py     the valid configs of every candidate backend, and the one map to and from Optuna params
     study.py     one study: seeds, TPE, patience, verify-then-time every candidate
+    trials.py    a study's trials in Optuna storage: what is measured, failed, queued; closing trials
     finalize.py  the best few re-timed with the torch baselines into the study's record
     quality.py   the measurement gate: noisy re-timings are re-timed, then flagged or refused
     fleet.py     Optuna storage for one machine (a journal file) or a fleet (a database URL)
@@ -19,8 +21,8 @@ from ..lazy import lazy_exports
 # Names load on first use, so that `autonorm tune --help` (which needs only the presets, the fleet's
 # defaults and the quality gate) does not import torch.
 _WHERE = {"StudyResult": "finalize", "DEFAULT_FEATURES": "presets", "DEFAULTS": "presets", "QUICK": "presets",
-          "native_backends": "run", "tune_grid": "run", "tune_one": "run", "Candidate": "space",
+          "native_backends": "run", "protocol": "run", "tune_grid": "run", "tune_one": "run", "Candidate": "space",
           "SearchSpace": "space", "make_storage": "fleet", "IMPROVEMENT": "study", "MAX_TRIALS_FACTOR": "study",
-          "STARTUP_TRIALS": "study", "StudyRunner": "study", "study_name": "study"}
+          "STARTUP_TRIALS": "trials", "StudyOptions": "options", "StudyRunner": "study", "study_name": "study"}
 __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_exports(globals(), _WHERE)

@@ -9,7 +9,6 @@ others take its record from the study.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -51,7 +50,7 @@ def _baselines(run, need_eager: bool = True) -> dict:
 
     eager = TorchBackend().build(None, run.spec, None, run.device)
     kernels = {"torch_eager": eager} if need_eager else {}
-    if run.compile_baseline:
+    if run.options.compile_baseline:
         try:
             # One graph per study: past Dynamo's recompile limit (8 per code object) a grid's later
             # studies would silently time eager.
@@ -69,16 +68,17 @@ def _baselines(run, need_eager: bool = True) -> dict:
 
 def finish(run, study) -> StudyResult:
     """The study's result: the record of its best candidates, re-timed (by one worker per study)."""
-    measured, failed, _ = run._state(study)
-    trials = len(measured) + len(failed)  # distinct candidates evaluated (duplicates cost nothing)
+    state = run.state(study)
+    measured, failed, trials = state.measured, state.failed, state.done  # duplicates cost nothing
     result = StudyResult(run.spec, run.rows, None, trials, len(measured), failed, len(run.space))
-    by_key = {c.key: c for c in run.space.candidates()}
-    ranked = sorted((timing["median_us"], key) for key, timing in measured.items() if key in by_key)
+    ranked = [(timing["median_us"], run.space.named(key)) for key, timing in measured.items()
+              if run.space.named(key) is not None]
+    ranked.sort(key=lambda pair: (pair[0], pair[1].key))  # ties by key: the same order in every worker
     if not ranked:
         return result
     # One finalizer per study: the first worker to get here after the search; the others take its record
     # from the study (or, while it is still re-timing, leave it to `autonorm db export`).
-    with run._claim():
+    with run.claim():
         role = fleet.finalizer_role(study, fleet.worker_id(), trials)
     if role == "stored":
         result.record = Record.from_json(study.user_attrs["record"], f"study {run.name}")
@@ -86,19 +86,20 @@ def finish(run, study) -> StudyResult:
     if role != "mine":
         result.finalized_by = role
         return result
-    _final_record(run, result, measured, failed, ranked, by_key, trials)
+    _final_record(run, result, measured, failed, ranked, trials)
     if result.record is not None:
         study.set_user_attr("record", result.record.to_json())
         study.set_user_attr("record_trials", trials)
     return result
 
-def _final_record(run, result: StudyResult, measured, failed, ranked, by_key, trials) -> None:
+def _final_record(run, result: StudyResult, measured, failed, ranked, trials) -> None:
     """The finalists re-timed interleaved with the torch baselines: sets the study's database record
-    (or, with `strict`, why noisy measurements were refused)."""
-    finalists = [by_key[k] for _, k in ranked[:run.finalists]]
-    torch_key = Candidate("torch", run.space.configs["torch"][0]).key if "torch" in run.space.configs else None
-    if torch_key in measured and not any(c.backend == "torch" for c in finalists):
-        finalists.append(by_key[torch_key])  # so that the winner is never slower than torch
+    (or, with `strict`, why noisy measurements were refused). `ranked`: (median, candidate), fastest first."""
+    n_finalists = run.options.finalists
+    finalists = [c for _, c in ranked[:n_finalists]]
+    torch_cand = Candidate("torch", run.space.configs["torch"][0]) if "torch" in run.space.configs else None
+    if torch_cand is not None and torch_cand.key in measured and not any(c.backend == "torch" for c in finalists):
+        finalists.append(torch_cand)  # so that the winner is never slower than torch
     torch_finalist = next((i for i, c in enumerate(finalists) if c.backend == "torch"), None)
     baselines = _baselines(run, need_eager=torch_finalist is None)
     kernels = [run.backends[c.backend].compile(run.spec, c.config, run.device) for c in finalists]
@@ -108,7 +109,7 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, by_key, tr
     if not outcome.verdict.ok:
         why = (f"{run.spec.short()} rows={run.rows}: measurements stay noisy after {outcome.attempts} timings "
                f"({outcome.verdict.summary()}); {quality.load_average()}")
-        if run.strict:
+        if run.options.strict:
             log.warning("%s; not recorded (--strict)", why)
             result.refused = why
             return
@@ -118,11 +119,11 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, by_key, tr
     if torch_finalist is not None:  # the torch candidate is the eager baseline: never time it twice
         base_t["torch_eager"] = timings[torch_finalist]
     entries = sorted((_entry(run, c, t) for c, t in zip(finalists, timings)), key=lambda e: e.median_us)
-    seen = {json.dumps([e.backend, e.config.to_dict()], sort_keys=True) for e in entries}
-    for median, key in ranked[run.finalists:run.finalists + 3]:  # a few more runners-up, not re-timed
-        if key not in seen:
-            t = measured[key]
-            entries.append(_entry(run, by_key[key], measure.Timing(t["median_us"], t["p20_us"], t["p80_us"], 0)))
+    seen = {Candidate(e.backend, e.config).key for e in entries}
+    for _, cand in ranked[n_finalists:n_finalists + 3]:  # a few more runners-up, not re-timed
+        if cand.key not in seen:
+            t = measured[cand.key]
+            entries.append(_entry(run, cand, measure.Timing(t["median_us"], t["p20_us"], t["p80_us"], 0)))
     winner = entries[0]
     result.record = Record(
         key=RecordKey.of(run.spec, rows_bucket(run.rows)), winner=winner, runners_up=entries[1:],

@@ -174,6 +174,31 @@ def claim_lock(storage, study_name: str, journal_lock: Path | None = None):
                             "SQLite or a journal file")
 
 
+# --- Optuna internals the tuner needs, reached here only ----------------------------------------
+# Optuna's public API changes only the trial a worker asked for (`tell`). The tuner must also change trials
+# it did not ask for: a RUNNING trial whose worker on this host died (failed, so its config is re-queued) and
+# WAITING trials left when the trial budget is spent (pruned, or they would wait for good). Only the storage
+# can, given the trial's id; a study's storage and a trial's id are private attributes in Optuna 3 and 4.
+
+def storage_of(study):
+    """The storage `study` reads and writes (Optuna's `Study._storage`)."""
+    return study._storage
+
+
+def trial_id(trial) -> int:
+    """A trial's id in its storage (Optuna's `Trial._trial_id`, `FrozenTrial._trial_id`): heartbeats and
+    state changes name the trial by it."""
+    return trial._trial_id
+
+
+def force_state(study, trial, state, **user_attrs) -> None:
+    """Set a trial this worker does not hold to `state` (with `user_attrs` first, which say why)."""
+    storage = storage_of(study)
+    for key, value in user_attrs.items():
+        storage.set_trial_user_attr(trial_id(trial), key, value)
+    storage.set_trial_state_values(trial_id(trial), state)
+
+
 def heartbeat_enabled(storage) -> bool:
     rdb = _rdb(storage)
     return rdb is not None and rdb.get_heartbeat_interval() is not None
@@ -183,7 +208,7 @@ def fail_stale_trials(study) -> None:
     """Fail (and re-queue) trials whose workers stopped beating."""
     import optuna
 
-    if heartbeat_enabled(study._storage):
+    if heartbeat_enabled(storage_of(study)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)

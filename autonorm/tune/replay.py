@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import measure
 from ..backends.torch_eager import TorchBackend
 from .fleet import make_storage
+from .options import StudyOptions
 from .space import Candidate, SearchSpace
 from .study import StudyRunner
 
@@ -78,9 +79,8 @@ def replay(spec, rows, backends, table, seed, extra_seeds=(), n_trials=None, sam
     with tempfile.TemporaryDirectory() as tmp:
         storage = make_storage(None, Path(tmp) / "j")
         seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()] + list(extra_seeds)
-        StudyRunner(spec, rows, replay, timer, "cpu", storage=storage, name="replay",
-                    n_trials=n_trials or size - 1, time_budget=3600, patience=None if n_trials else size,
-                    seeds=seeds, compile_baseline=False, seed=seed, compile_workers=1,
-                    # The table holds only candidates verified when they were measured.
-                    verify=lambda *args: None, sampler=sampler).run()
+        # The table holds only candidates verified when they were measured: nothing to verify again.
+        options = StudyOptions(trials=n_trials or size - 1, time_budget=3600, patience=None if n_trials else size,
+                               compile_workers=1, compile_baseline=False, seed=seed, sampler=sampler, verify=False)
+        StudyRunner(spec, rows, replay, timer, options, storage=storage, name="replay", seeds=seeds).run()
     return timer.order

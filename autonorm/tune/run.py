@@ -1,13 +1,15 @@
 """Tuning several specs in a row: the candidate backends of a device, the database they fill.
 
 `tune_grid` is `autonorm tune` without its command line: one `StudyRunner` per
-(spec, row count), each seeded with every backend's heuristic and the database's
-earlier winner for the same key, and the database saved after every study so that
-a killed run keeps what it finished (the studies themselves resume from their
-storage). `tune_one` is the same for one spec, for the dispatcher's tune-on-miss.
+(spec, row count), all with the run's `StudyOptions`, each seeded with every
+backend's heuristic and the database's earlier winner for the same key, and the
+database saved after every study so that a killed run keeps what it finished (the
+studies themselves resume from their storage). `tune_one`, the dispatcher's
+tune-on-miss, is `tune_grid` of one spec: the same protocol, the same record.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from ..spec import NormSpec, rows_bucket
 from . import fleet, quality, rank
 from . import plan as planner
 from .finalize import StudyResult
-from .presets import QUICK
+from .options import StudyOptions
 from .space import Candidate, SearchSpace
 from .study import StudyRunner, study_name
 
@@ -62,10 +64,12 @@ def native_backends(device: torch.device, requested: list[str] | None = None, no
     return chosen
 
 
-def protocol(timer) -> dict:
+def protocol(timer, options: StudyOptions) -> dict:
     """How a database's timings were taken, recorded in it and in every study."""
-    return {**timer.describe(), "verify": "reference check before timing", "finalists": 3,
-            "finalists_retimed": "interleaved, with the torch baselines",
+    baselines = "torch eager and torch.compile" if options.compile_baseline else "torch eager"
+    return {**timer.describe(),
+            "verify": "reference check before timing" if options.verify else "none: a replay of verified timings",
+            "finalists": options.finalists, "finalists_retimed": f"interleaved, with {baselines}",
             "quality": f"re-timed up to {quality.RETRIES} more times while p80/p20 > {quality.SPREAD_LIMIT} or "
                        f"re-timing and search differ by > {quality.AGREEMENT_LIMIT}x"}
 
@@ -86,22 +90,20 @@ def _with_ranked(seeds: list[Candidate], space: SearchSpace, rows: int, facts: r
     return seeds + best
 
 
-def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, device: torch.device, *,
-              db_path: Path, storage, lock_path: Path | None, n_trials: int, time_budget: float,
-              results: list[StudyResult], patience: int | None = None, compile_workers: int = 2,
-              compile_baseline: bool = True, strict: bool = False, copy_gbps: float | None = None,
-              timer=None, progress=None, budget_s: float | None = None, elapsed=None,
-              show_plan=None, costs: planner.Costs | None = None, clock=time.monotonic) -> TuningDB:
-    """Tune every (spec, rows) into the database at `db_path`, saved after every study.
+def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, device: torch.device,
+              options: StudyOptions, *, db_path: Path, storage, lock_path: Path | None, results: list[StudyResult],
+              copy_gbps: float | None = None, timer=None, progress=None, budget_s: float | None = None,
+              elapsed=None, show_plan=None, costs: planner.Costs | None = None, clock=time.monotonic) -> TuningDB:
+    """Tune every (spec, rows) with `options` into the database at `db_path`, saved after every study.
 
     `results` receives each study's result as it ends, so a caller interrupted by
     Ctrl-C still holds the finished ones. `progress(total, desc)` makes a progress
     bar per study (tqdm-like), or None for none. With `budget_s`, the grid is planned
     to end `budget_s` seconds after `elapsed()` was 0 (default: the process start;
-    `autonorm.tune.plan`): the plan
-    goes to `show_plan(text)`, `time_budget` is replaced by each study's share, and the
-    cost model's best candidates are timed right after the seeds. `costs` replaces the plan's estimates
-    (`Costs.estimate` from the timer's protocol); `clock` is the seconds the deadline and studies count in.
+    `autonorm.tune.plan`): the plan goes to `show_plan(text)`, each study's
+    `time_budget` is its share, and the cost model's best candidates are timed right
+    after the seeds. `costs` replaces the plan's estimates (`Costs.estimate` from the
+    timer's protocol); `clock` is the seconds the deadline and studies count in.
     """
     ident = identity(device)
     timer = timer if timer is not None else measure.timer_for(device)
@@ -109,22 +111,22 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     device_info = {k: ident[k] for k in DEVICE_FIELDS}
     device_info["copy_gbps"] = round(copy_gbps, 2)
     earlier = TuningDB.load(db_path) if db_path.exists() else None
-    db = TuningDB(device_info, software_versions(), protocol(timer))
+    db = TuningDB(device_info, software_versions(), protocol(timer, options))
     study_attrs = {"device": device_info, "versions": db.versions, "protocol": db.protocol}
     jobs = [(spec, rows, study_name(ident["slug"], spec, rows, backends), SearchSpace(spec, backends, device),
              _seeds(spec, rows, backends, earlier)) for spec in specs for rows in row_counts]
     plans = None
     if budget_s is not None:
         elapsed = elapsed or planner.process_age_s
-        costs = costs or planner.Costs.estimate(db.protocol, compile_baseline)
-        plans = planner.split(planner.study_plans(jobs, costs, n_trials, planner.recorded_studies(storage)),
+        costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline)
+        plans = planner.split(planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage)),
                               budget_s, elapsed()).studies
         if show_plan is not None:
             show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans)))
         deadline = clock() + budget_s - elapsed()
         facts = rank.DeviceFacts.of(ident, copy_gbps)
     for i, (spec, rows, name, space, seeds) in enumerate(jobs):
-        share = time_budget
+        study_options = options
         if plans is not None:
             plan = plans[i]
             if plan.status == "complete":  # taken from the storage as it is: nothing re-timed
@@ -138,13 +140,12 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
                 if plan.status == "run" and show_plan is not None:
                     show_plan(f"left out {spec.short()} rows={rows}: the budget was spent before it started")
                 continue
+            study_options = dataclasses.replace(options, time_budget=share)
             seeds = _with_ranked(seeds, space, rows, facts)
-        bar = progress(n_trials, f"{spec.short()} rows={rows}") if progress else None
-        runner = StudyRunner(spec, rows, backends, timer, device, storage=storage, name=name, n_trials=n_trials,
-                             time_budget=share, patience=patience, seeds=seeds,
-                             compile_workers=compile_workers, compile_baseline=compile_baseline,
-                             copy_gbps=copy_gbps, lock_path=lock_path, progress=bar, strict=strict,
-                             study_attrs=study_attrs, clock=clock)
+        bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None
+        runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,
+                             seeds=seeds, copy_gbps=copy_gbps, lock_path=lock_path, study_attrs=study_attrs,
+                             progress=bar, clock=clock)
         result = runner.run()
         if bar is not None:
             bar.close()
@@ -167,23 +168,21 @@ def _share(plans: list, i: int, left_s: float) -> float | None:
     return max(0.0, left_s * (plan.search_s + plan.finish_s) / to_come - plan.finish_s)
 
 
-def tune_one(spec: NormSpec, rows: int, device: torch.device, db_path: Path) -> Record | None:
-    """A `--quick`-sized study of one spec, its record merged into the database at `db_path` (the
-    dispatcher's tune-on-miss). None when nothing native runs here or every candidate failed."""
+def tune_one(spec: NormSpec, rows: int, device: torch.device, db_path: Path,
+             options: StudyOptions | None = None) -> Record | None:
+    """The dispatcher's tune-on-miss: `tune_grid` of one spec with `options` (default: `--quick`'s, without
+    the torch.compile baseline), its record merged into the database at `db_path`. None when nothing
+    native runs here or every candidate failed.
+
+    The torch.compile baseline is off by default because it resets Dynamo (`finalize.py`), which would drop
+    the compiled graphs of the program this runs inside; the protocol recorded says so."""
     backends = native_backends(device, None, note=lambda text: None)
     if not backends:
         return None
-    ident = identity(device)
-    timer = measure.timer_for(device)
-    runner = StudyRunner(
-        spec, rows, backends, timer, device,
-        storage=fleet.make_storage(None, db_path.with_suffix(".optuna.journal")),
-        name=study_name(ident["slug"], spec, rows, backends),
-        n_trials=QUICK["trials"], time_budget=QUICK["time_budget"],
-        seeds=[Candidate(n, b.heuristic(spec)) for n, b in backends.items()], compile_baseline=False)
-    record = runner.run().record
-    if record is None:
-        return None
-    device_info = {**{k: ident[k] for k in DEVICE_FIELDS}, "copy_gbps": None}
-    TuningDB(device_info, software_versions(), timer.describe(), {record.key: record}).save(db_path)  # merges
-    return record
+    options = options if options is not None else StudyOptions.quick(compile_baseline=False)
+    journal = db_path.with_suffix(".optuna.journal")
+    results: list[StudyResult] = []
+    tune_grid([spec], [rows], backends, device, options, db_path=db_path,
+              storage=fleet.make_storage(None, journal), lock_path=Path(f"{journal}.autonorm-lock"),
+              results=results)
+    return results[0].record if results else None

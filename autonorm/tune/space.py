@@ -57,6 +57,7 @@ class SearchSpace:
                     order = list(type(configs[0]).domain()[knob])
                     values[knob] = sorted(seen, key=order.index)
             self.knobs[name] = values
+        self._by_key = None  # key -> candidate, made on first use
 
     def __len__(self) -> int:
         return sum(len(cs) for cs in self.configs.values())
@@ -64,19 +65,38 @@ class SearchSpace:
     def candidates(self) -> list[Candidate]:
         return [Candidate(name, c) for name, cs in self.configs.items() for c in cs]
 
+    def named(self, key: str) -> Candidate | None:
+        """The candidate whose `Candidate.key` is `key` (None when it is not in this space)."""
+        if self._by_key is None:
+            self._by_key = {c.key: c for c in self.candidates()}
+        return self._by_key.get(key)
+
+    # -- the Optuna boundary: a candidate is known by its key everywhere else --
     def params(self, cand: Candidate) -> dict:
-        """Optuna params that select `cand` (for enqueue_trial)."""
+        """Optuna params that select `cand` (for enqueue_trial): the inverse of `candidate`."""
         params = {"backend": cand.backend}
         for knob, values in self.knobs[cand.backend].items():
             params[f"{cand.backend}.{knob}"] = values.index(getattr(cand.config, knob))
         return params
 
+    def candidate(self, params: dict) -> Candidate | None:
+        """The candidate Optuna params select, snapped to the nearest valid config as `suggest` does (None
+        when they name no backend of this space or an index outside a knob's values)."""
+        name = params.get("backend")
+        if name not in self.configs:
+            return None
+        try:
+            wanted = {k: values[params.get(f"{name}.{k}", 0)] for k, values in self.knobs[name].items()}
+        except (IndexError, TypeError):
+            return None
+        return Candidate(name, self._nearest(name, wanted))
+
     def suggest(self, trial) -> Candidate:
         name = trial.suggest_categorical("backend", list(self.configs))
         # Knobs are ordinal (an index into their sorted values): TPE then learns "larger is better".
-        wanted = {knob: values[trial.suggest_int(f"{name}.{knob}", 0, len(values) - 1)]
-                  for knob, values in self.knobs[name].items()}
-        return Candidate(name, self._nearest(name, wanted))
+        params = {"backend": name, **{f"{name}.{knob}": trial.suggest_int(f"{name}.{knob}", 0, len(values) - 1)
+                                      for knob, values in self.knobs[name].items()}}
+        return self.candidate(params)
 
     def _distance(self, name: str, config: Config, wanted: dict) -> int:
         return sum(abs(values.index(getattr(config, k)) - values.index(wanted[k]))

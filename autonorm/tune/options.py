@@ -1,0 +1,69 @@
+"""How a study searches and records: one frozen object, built once per run and passed to every study.
+
+`autonorm tune` builds it from its command line, the dispatcher's tune-on-miss and
+the GPU session from `StudyOptions.quick()`; a grid planned with `--budget` gives
+each study its share with `dataclasses.replace(options, time_budget=share)`. The
+defaults live here and nowhere else. Plain data: no torch, no Optuna, so that
+`autonorm tune --help` can state them.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import TuneOptionError
+from .presets import DEFAULTS, QUICK
+
+
+def default_compile_workers() -> int:
+    """Threads compiling candidates ahead of the (serial) timer: up to 4, never more than the cores."""
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """What every study of a run shares; each field is checked when the object is made."""
+
+    trials: int = DEFAULTS["trials"]  # distinct candidates evaluated per study (a space this small is exhaustive)
+    time_budget: float = DEFAULTS["time_budget"]  # seconds one study may search (its finish comes on top)
+    patience: int | None = None  # TPE trials without a 0.5% gain that end a study; None: max(10, trials // 3)
+    compile_workers: int = field(default_factory=default_compile_workers)
+    finalists: int = 3  # the best candidates re-timed, interleaved with the torch baselines
+    compile_baseline: bool = True  # time torch.compile beside the finalists (torch eager always is)
+    strict: bool = False  # refuse to record a study whose measurements stay noisy (else: flagged low-confidence)
+    seed: int = 0  # the sampler's seed
+    sampler: Callable | None = None  # seed -> an Optuna sampler; None: the tuner's own (study.make_sampler)
+    verify: bool = True  # check each candidate against the reference before timing it; off only for a replay
+
+    def __post_init__(self):
+        for name in ("trials", "compile_workers", "finalists"):
+            _require(name, getattr(self, name), _is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                     "a whole number >= 1")
+        _require("patience", self.patience, self.patience is None or (_is_int(self.patience) and self.patience >= 1),
+                 "a whole number >= 1, or None for the default")
+        budget = self.time_budget
+        _require("time_budget", budget, isinstance(budget, (int, float)) and not isinstance(budget, bool)
+                 and not math.isnan(budget) and budget >= 0, "seconds >= 0")
+        _require("seed", self.seed, _is_int(self.seed), "a whole number")
+        for name in ("compile_baseline", "strict", "verify"):
+            _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "True or False")
+        _require("sampler", self.sampler, self.sampler is None or callable(self.sampler),
+                 "a function of the seed that returns an Optuna sampler, or None")
+
+    @classmethod
+    def quick(cls, **changes) -> StudyOptions:
+        """`autonorm tune --quick`'s options: the trial and time budgets of its preset."""
+        return cls(**{"trials": QUICK["trials"], "time_budget": QUICK["time_budget"], **changes})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(name: str, value, ok: bool, meaning: str) -> None:
+    if not ok:
+        error = TuneOptionError(f"tuner option {name}={value!r}: must be {meaning}")
+        error.option, error.meaning = name, meaning  # a command line names its own flag for it
+        raise error
