@@ -181,7 +181,7 @@ def test_resume_refuses_another_device(tmp_path, capsys):
 
 # --- the grids -----------------------------------------------------------------------------
 
-def test_standard_grid_is_issue_7s():
+def test_the_standard_grid_its_row_counts_and_tune_batches():
     from autonorm import grids
 
     g = grids.STANDARD
