@@ -3,7 +3,7 @@
 The rendered source is the one the GPU compiles (rendered without the CUDA headers); g++ builds it
 against cuda_host.h, which defines AN_HOST and runs every thread of a block as a fiber that switches at
 barriers, warp shuffles, cluster barriers and cp.async waits, in an order a seed picks. The launch goes
-through the backend's own launcher (backends/cupy.py `_Launcher`): the same grid, entry point (chosen on
+through the backend's own launcher (backends/cupy.py `CupyLauncher`): the same grid, entry point (chosen on
 the real pointers), dynamic shared memory and persistent row loop as on a device profile (an H100 by
 default). Each launch runs in a forked child on copies of its tensors in shared mappings whose end abuts
 a PROT_NONE page, so a read past a tensor, a misaligned vector access, a deadlock or a launch a GPU would
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends.cupy import CupyConfig, DeviceLimits, _Launcher, cluster_size, configure_launch
+from .backends.cupy import CupyConfig, CupyLauncher, DeviceLimits, cluster_size, configure_launch
 from .cuda_host_build import build_library, profiles, static_bytes
 from .errors import KernelError
 from .hardware import ARCHS, register_cap, resident_blocks
@@ -265,7 +265,7 @@ def compile_kernels(pairs, device: HostDevice = HostDevice(), nvcc_registers: bo
         regs, static = (p.registers, p.smem_static) if p else (register_cap(config.threads), static_bytes(lib, i))
         fns = tuple(HostFunction(lib, f"an_{d}_{kind}_{i}", d, cluster_size(config), static, regs, device)
                     for kind in ("vec", "scalar"))
-        launcher = _Launcher(spec, config, fns, configure_launch(spec, config, fns, device.limits()), _HostLaunch())
+        launcher = CupyLauncher(spec, config, fns, configure_launch(spec, config, fns, device.limits()), _HostLaunch())
         kernels.append(launcher.forward if d == "fwd" else launcher.backward)
     return kernels
 

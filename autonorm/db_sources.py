@@ -117,7 +117,7 @@ def _read_all(paths: list[tuple[Path, bool]], *, lenient: bool = False) -> list:
         try:
             loaded.append((path, _read(path)))
         except Exception as exc:  # untrusted input: whatever it breaks, this file is skipped, not the call
-            if in_folder and isinstance(exc, DatabaseError) and _not_a_database(path):
+            if in_folder and isinstance(exc, DatabaseError) and not_a_database(path):
                 warnings.warn(f"autonorm: skipped {str(path)!r}: a JSON file that is not a tuning database "
                               f"(no schema_version)", RuntimeWarning, stacklevel=3)
             elif lenient:
@@ -130,7 +130,7 @@ def _read_all(paths: list[tuple[Path, bool]], *, lenient: bool = False) -> list:
     return loaded
 
 
-def _not_a_database(path: Path) -> bool:
+def not_a_database(path: Path) -> bool:
     """True for a readable JSON file that does not even claim to be a tuning database (e.g. bench output)."""
     import json
 
@@ -204,8 +204,9 @@ def files() -> list:
         return _files
 
 
-def _usable(record, backend_checks: dict) -> str | None:
-    """None when a record may be used here, else why not (one short phrase)."""
+def why_unusable(record, backend_checks: dict) -> str | None:
+    """None when a record may be used here, else why not (one short phrase); `backend_checks` caches each
+    backend's verdict across records (name -> (why it cannot run or None, its template hash))."""
     from .backends import get_backend
 
     name = record.winner.backend
@@ -239,7 +240,7 @@ def table(slug: str) -> DeviceTable | None:
             tbl.sources.append(path)
             skipped, stale = Counter(), Counter()
             for key, record in db.records.items():
-                problem = _usable(record, checks)
+                problem = why_unusable(record, checks)
                 if problem is None:
                     tbl.records[key] = record
                     stale[stale_compiler(record.winner.backend, db.versions)] += 1

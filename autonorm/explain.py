@@ -44,6 +44,6 @@ def explain(fn, input, *args, direction: str = "fwd", **kwargs):
     fallback = functional.fallback_reason(input, params["normalized_shape"], params.get("weight"), bias)
     if fallback is not None:  # a call the kernels do not take runs torch's own implementation
         return functional.TorchFallback(name, fallback)
-    _, x2d, weight, bias, r2d = functional._prepare(name, input, params["normalized_shape"], params.get("weight"),
-                                                   bias, params.get("residual"))
+    _, x2d, weight, bias, r2d = functional.prepare_2d(name, input, params["normalized_shape"], params.get("weight"),
+                                                     bias, params.get("residual"))
     return choice_for_tensors(op, direction, x2d, weight, bias, r2d, offset)

@@ -34,7 +34,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from . import settings, verify
-from .backends.base import _write_atomically
+from .backends.base import write_atomically
 from .device import device_key
 from .safe_files import read_regular_file
 from .spec import NormSpec
@@ -77,7 +77,7 @@ def record(key: str, ok: bool, about: dict) -> None:
     """Keep a verdict for this process and, when the cache folder is writable, for later ones."""
     _verdicts[key] = ok
     try:
-        _write_atomically(verdict_path(key), json.dumps({"ok": ok, **about}, indent=1))
+        write_atomically(verdict_path(key), json.dumps({"ok": ok, **about}, indent=1))
     except OSError:  # an unusable cache costs a check per process, never the call
         pass
 

@@ -6,7 +6,7 @@ ever see 2-D `(M, N)` views with a unit last stride.
 The common call (plain tensor input, one normalized dim, a packed last dim,
 absent or matching 1-D contiguous weight/bias, no residual) is recognized by
 `_fast_n` with a few cheap tests; anything else, valid or not, takes the full
-checks in `_prepare`, which own every error message. On 1x64 inputs the full
+checks in `prepare_2d`, which own every error message. On 1x64 inputs the full
 path cost ~4 us more per call than the norm itself (scripts/overhead.py).
 
 Inputs that torch takes but the kernels do not (float64, N above the kernels'
@@ -132,7 +132,9 @@ def _check_param(param: Tensor | None, what: str, x: Tensor, n: int, normalized_
     return param.reshape(n) if param.is_contiguous() else param.contiguous().reshape(n)
 
 
-def _prepare(name, input, normalized_shape, weight, bias, residual):
+def prepare_2d(name, input, normalized_shape, weight, bias, residual):
+    """Check a call's tensors (each error names `name` and the argument) and view them as the kernels take
+    them: (hidden size n, input as rows x n, weight, bias, residual as rows x n or None)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: input must be a tensor, got {type(input).__name__}")
     if input.dtype not in DTYPE_NAMES:
@@ -181,7 +183,7 @@ def _in_functorch(*tensors) -> bool:
 
 def fallback_reason(input, normalized_shape, weight, bias, residual=None) -> str | None:
     """Why the kernels cannot take a call that torch may (None when they can, or when the input is bad:
-    then `_prepare` raises). Never raises."""
+    then `prepare_2d` raises). Never raises."""
     if not isinstance(input, Tensor):
         return None
     # (is_compiling first: Dynamo cannot trace the wrapped-tensor test)
@@ -236,7 +238,7 @@ def _call(name, op, input, normalized_shape, weight, bias, eps, offset, residual
     reason = fallback_reason(input, normalized_shape, weight, bias, residual)
     if reason is not None:
         return _torch_norm(name, op, reason, input, normalized_shape, weight, bias, eps, offset, residual)
-    n, x2d, weight, bias, r2d = _prepare(name, input, normalized_shape, weight, bias, residual)
+    n, x2d, weight, bias, r2d = prepare_2d(name, input, normalized_shape, weight, bias, residual)
     if eps is None:  # rms_norm's default, as torch.nn.functional.rms_norm's
         eps = _DEFAULT_EPS[input.dtype]
     if offset != 0.0 and weight is None:

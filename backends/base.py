@@ -162,7 +162,9 @@ def _holds(path: Path, source: Source) -> bool:
     return hashlib.sha256(data).hexdigest() == source.sha256
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, so that a concurrent reader sees
+    the old file or the new one, never half of one (its folder is made when missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
@@ -189,7 +191,7 @@ def _cached_source_path(source: Source, folder_name: str) -> Path:
         if _holds(path, source):
             return path
         try:
-            _write_atomically(path, source.text)
+            write_atomically(path, source.text)
             return path
         except OSError as exc:
             if fallback is not None:

@@ -19,12 +19,12 @@ from .cupy_config import (
     C_TYPES,
     SMEM_WITHOUT_OPT_IN,
     CupyConfig,
-    _cdiv,
-    _required_feature,
+    cdiv,
     cluster_size,
     dynamic_smem,
     geometry,
     partials_smem_offset,
+    required_feature,
 )
 
 
@@ -110,7 +110,7 @@ class CupyBackend(Backend):
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         if major * 10 + minor < config.min_compute_capability():
-            need, feature = _required_feature(config)
+            need, feature = required_feature(config)
             raise ValueError(f"cupy config {config.short()} needs compute capability {need / 10:.1f} ({feature}); "
                              f"this device has {major}.{minor}")
         with cupy.cuda.Device(index):
@@ -127,7 +127,7 @@ class CupyBackend(Backend):
                                   cupy.cuda.runtime.getDeviceProperties(index)["sharedMemPerBlockOptin"],
                                   device_arch(props))
             max_blocks = configure_launch(spec, config, fns, limits)
-        launcher = _Launcher(spec, config, fns, max_blocks, _CupyLaunch(index))
+        launcher = CupyLauncher(spec, config, fns, max_blocks, _CupyLaunch(index))
         return launcher.forward if d == "fwd" else launcher.backward
 
 
@@ -152,7 +152,7 @@ class _CupyLaunch:
             fn(grid, block, args, shared_mem=smem)
 
 
-class _Launcher:
+class CupyLauncher:
     """Holds one compiled module's functions and launches them on torch tensors through `launch`, which
     turns a tensor into a kernel argument (`launch.ptr`) and runs a function (`launch(fn, grid, block, args,
     smem)`): on the GPU by CuPy, on the CPU by autonorm.cuda_host, with the same grid, entry point and
@@ -199,7 +199,7 @@ class _Launcher:
                 self._ptr(weight), self._ptr(bias), self._ptr(y), self._ptr(h), self._ptr(mean), self._ptr(rstd),
                 m, self._f32(eps), self._f32(offset))
         # A cluster takes one row: its C consecutive blocks (the kernel's __cluster_dims__) split it.
-        blocks = m * self.cluster if self.cluster > 1 else _cdiv(m, config.rows)
+        blocks = m * self.cluster if self.cluster > 1 else cdiv(m, config.rows)
         self._launch(fn, (blocks,), self.block, args, self.smem)
         return y, h, mean, rstd
 
@@ -214,7 +214,7 @@ class _Launcher:
             partial_rows = min(m, max(1, self.max_blocks // self.cluster))
             blocks = partial_rows * self.cluster
         else:
-            blocks = min(_cdiv(m, config.rows), self.max_blocks)
+            blocks = min(cdiv(m, config.rows), self.max_blocks)
             partial_rows = blocks * config.rows
         # Internal scratch, fully written by the kernel (each thread group writes its own row once, or
         # zeroes it first when it adds into it per row).

@@ -32,7 +32,8 @@ SMEM_WITHOUT_OPT_IN = 48 * 1024
 C_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """a / b rounded up (blocks for a rows, items per thread...)."""
     return -(-a // b)
 
 
@@ -84,7 +85,7 @@ class CupyConfig(Config):
         "the next row's x and dy into a second buffer by cp.async while this row is computed")})
 
     def min_compute_capability(self) -> int:
-        return _required_feature(self)[0]
+        return required_feature(self)[0]
 
     @classmethod
     def is_valid(cls, spec: NormSpec, c: CupyConfig) -> str | None:
@@ -140,7 +141,7 @@ class CupyConfig(Config):
         vec = max(v for v in (1, 2, 4, 8) if v * spec.x_itemsize <= 16 and n % v == 0)
         # quack's threads per row by N, capped so that no thread idles.
         tpr = 8 if n <= 64 else 32 if n <= 3072 else 64 if n <= 6144 else 128 if n <= 16384 else 256
-        tpr = max(2, min(tpr, 1 << (_cdiv(n, vec) - 1).bit_length()))
+        tpr = max(2, min(tpr, 1 << (cdiv(n, vec) - 1).bit_length()))
         # Persistent bwd: quack uses SMs x 16 blocks for N <= 256 down to SMs / 2 at 16K.
         pps = 1
         if spec.direction == "bwd":
@@ -149,7 +150,7 @@ class CupyConfig(Config):
         # thread group until the row fits the register budget; then the shared-memory cache,
         # then chunked re-reads from global memory, which fit any N.
         reg_tpr = tpr
-        while _cdiv(n, reg_tpr * vec) * vec > max_reg_elems(spec.direction, reg_tpr) and reg_tpr < 1024:
+        while cdiv(n, reg_tpr * vec) * vec > max_reg_elems(spec.direction, reg_tpr) and reg_tpr < 1024:
             reg_tpr *= 2
         # A shared row cache leaves room for few blocks an SM: where A100's 164 KiB hold too few blocks of
         # `tpr` threads for half occupancy (12K bf16 in the backward, 48 KiB a block: 3 of 128 threads),
@@ -177,7 +178,7 @@ class CupyConfig(Config):
 
 def _items(spec: NormSpec, c: CupyConfig) -> int:
     """Vectors of its block's part of a row (the whole row, or a cluster's slice) each thread owns."""
-    return _cdiv(spec.hidden // cluster_size(c), (c.threads // c.rows) * c.vec)
+    return cdiv(spec.hidden // cluster_size(c), (c.threads // c.rows) * c.vec)
 
 
 def _geometry_rule(spec: NormSpec, c: CupyConfig) -> str | None:
@@ -261,7 +262,7 @@ def _least_traffic(spec: NormSpec, configs: list[CupyConfig]) -> list[CupyConfig
     return configs
 
 
-def _required_feature(config: CupyConfig) -> tuple[int, str]:
+def required_feature(config: CupyConfig) -> tuple[int, str]:
     """The oldest compute capability a config's source compiles for, and the feature that sets it."""
     if cluster_size(config) > 1:
         return 90, "thread-block clusters"
@@ -298,7 +299,7 @@ def _smem_partials(spec: NormSpec, config: CupyConfig) -> bool:
 
 def partials_smem_offset(spec: NormSpec, config: CupyConfig) -> int:
     """Where partials="shared" puts its fp32 sums in dynamic shared memory: after the row cache, 16-byte aligned."""
-    return _cdiv(_row_cache_bytes(spec, config), 16) * 16
+    return cdiv(_row_cache_bytes(spec, config), 16) * 16
 
 
 def partials_smem_bytes(spec: NormSpec, config: CupyConfig) -> int:
@@ -311,4 +312,4 @@ def geometry(spec: NormSpec, config: CupyConfig) -> dict:
     tpr = config.threads // config.rows
     owned = spec.hidden // cluster_size(config)  # a block's slice of the row under a cluster split
     return {"threads": config.threads, "rows": config.rows, "vec": config.vec,
-            "items_per_thread": _cdiv(owned, tpr * config.vec), "cluster": cluster_size(config)}
+            "items_per_thread": cdiv(owned, tpr * config.vec), "cluster": cluster_size(config)}

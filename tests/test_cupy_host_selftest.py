@@ -9,7 +9,7 @@ import pytest
 
 from autonorm import cuda_host, cuda_host_build, verify
 from autonorm.backends.base import poisoned_outputs
-from autonorm.backends.cupy import CupyConfig, _Launcher
+from autonorm.backends.cupy import CupyConfig, CupyLauncher
 from autonorm.render import Source
 from autonorm.spec import NormSpec
 
@@ -95,7 +95,7 @@ def test_out_of_bounds_dynamic_shared_memory(monkeypatch):
 def test_misaligned_vector_access(monkeypatch):
     """The vector entry point on rows whose stride is no multiple of VEC: a packed 16-byte access off its
     alignment (the launcher picks the scalar entry point there; here it is forced)."""
-    monkeypatch.setattr(_Launcher, "_pick", lambda self, xs, ws: self.vec_fn)
+    monkeypatch.setattr(CupyLauncher, "_pick", lambda self, xs, ws: self.vec_fn)
     with pytest.raises(cuda_host.HostKernelError, match="misaligned address") as err:
         _run(RMS_FWD, REGISTERS, rows=3, strided=True)
     assert err.value.kind == "misaligned access"

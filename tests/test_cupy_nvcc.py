@@ -244,12 +244,12 @@ class _Recorder:
 def test_launcher_arguments_match_kernel_signatures(spec, strided):
     pytest.importorskip("cupy")
     from autonorm import verify
-    from autonorm.backends.cupy import _Launcher
+    from autonorm.backends.cupy import CupyLauncher
 
     config = BACKEND.heuristic(spec)
     text = BACKEND.render(spec, config).text
     d = spec.direction
-    launcher = _Launcher(spec, config, (f"an_{d}_vec", f"an_{d}_scalar"), 4 * config.partials_per_sm,
+    launcher = CupyLauncher(spec, config, (f"an_{d}_vec", f"an_{d}_scalar"), 4 * config.partials_per_sm,
                          recorder := _Recorder())
     rows = 37
     inputs = verify.make_inputs(spec, rows, "cpu", strided=strided)
@@ -387,7 +387,7 @@ def test_cluster_split_of_a_row():
     """row_cache="clusterC" (forward, sm_90+): C blocks of a thread-block cluster each cache a 1/C slice of the
     row in shared memory and merge the row's statistics through distributed shared memory, in rank order."""
     from autonorm import verify
-    from autonorm.backends.cupy import _Launcher
+    from autonorm.backends.cupy import CupyLauncher
     from autonorm.backends.cupy_config import cluster_size, dynamic_smem
 
     spec = NormSpec("layernorm", "fwd", "bfloat16", "bfloat16", 262144, bias=True, residual=True)
@@ -411,7 +411,7 @@ def test_cluster_split_of_a_row():
     assert all(CupyConfig.heuristic(NormSpec(op, "fwd", "bfloat16", "bfloat16", n)).min_compute_capability() == 0
                for op in ("rmsnorm", "layernorm") for n in (4096, 65536, 262144))
     # A cluster takes one row: the launch has C blocks a row.
-    launcher = _Launcher(spec, config, ("an_fwd_vec", "an_fwd_scalar"), 1, recorder := _Recorder())
+    launcher = CupyLauncher(spec, config, ("an_fwd_vec", "an_fwd_scalar"), 1, recorder := _Recorder())
     launcher.forward(*verify.make_inputs(spec, 3, "cpu").args(spec))
     ((name, grid, block, _, smem),) = recorder.calls
     assert (name, grid, block, smem) == ("an_fwd_vec", (12,), (1024,), 262144 // 4 * 2)
@@ -422,7 +422,7 @@ def test_cluster_backward():
     dW/dB over the cluster's rows, and the row's two sums merge through distributed shared memory, one cluster
     barrier a row (the published sums double-buffered by the row's parity); clusters loop over the rows."""
     from autonorm import verify
-    from autonorm.backends.cupy import _Launcher
+    from autonorm.backends.cupy import CupyLauncher
     from autonorm.backends.cupy_config import dynamic_smem
 
     spec = NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 65536, bias=True, residual=True)
@@ -442,7 +442,7 @@ def test_cluster_backward():
     assert "prefetch" in CupyConfig.is_valid(spec, config.replace(prefetch=1))
     # Persistent: at most the resident blocks, whole clusters, one partial row per cluster, every row covered.
     for rows, max_blocks, grid in ((7, 32, 32), (2, 32, 16), (7, 12, 8)):
-        launcher = _Launcher(spec, config, ("an_bwd_vec", "an_bwd_scalar"), max_blocks, recorder := _Recorder())
+        launcher = CupyLauncher(spec, config, ("an_bwd_vec", "an_bwd_scalar"), max_blocks, recorder := _Recorder())
         dx, dw, db = launcher.backward(*verify.make_inputs(spec, rows, "cpu").args(spec))
         ((name, launched, block, _, smem),) = recorder.calls
         assert (name, launched, block, smem) == ("an_bwd_vec", (grid,), (1024,), 65536 // 8 * 4)

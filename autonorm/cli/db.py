@@ -107,14 +107,14 @@ def diff(old: TuningDB, new: TuningDB, out=None) -> int:
 
 def _database_files(paths: list[str]) -> list[Path]:
     """Files named, and every `*.json` in folders named (a folder's non-database JSON is skipped)."""
-    from ..db_sources import _not_a_database
+    from ..db_sources import not_a_database
 
     files = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             for p in sorted(path.glob("*.json")):
-                if _not_a_database(p):
+                if not_a_database(p):
                     print(f"{p}: skipped: JSON that is not a tuning database (no schema_version)", file=sys.stderr)
                 else:
                     files.append(p)
@@ -128,10 +128,10 @@ def stale_records(db: TuningDB) -> tuple[Counter, int]:
 
     Stale: the record's backend runs here but its kernels changed since tuning (template hash).
     Records of backends unavailable here (a GPU database on a CPU machine) are counted, not stale."""
-    from ..db_sources import _usable
+    from ..db_sources import why_unusable
 
     checks: dict = {}
-    why = Counter(problem for problem in (_usable(r, checks) for r in db.records.values()) if problem)
+    why = Counter(problem for problem in (why_unusable(r, checks) for r in db.records.values()) if problem)
     return why, sum(n for problem, n in why.items() if problem.startswith("stale"))
 
 

@@ -121,6 +121,8 @@ def _rdb(storage):
     """The RDBStorage under `storage` (Optuna may wrap it in a cache), or None."""
     from optuna.storages import RDBStorage
 
+    # `create_study` wraps an RDBStorage in its private _CachedStorage, which keeps it as `_backend` (Optuna
+    # 3 and 4); the claim lock and the heartbeats need the RDBStorage's engine and heartbeat calls.
     storage = getattr(storage, "_backend", storage)
     return storage if isinstance(storage, RDBStorage) else None
 
