@@ -1,21 +1,30 @@
 """How well the tuner's static cost model ranks candidates: Spearman's rho against measured times.
 
-    python scripts/rank_correlation.py --hidden 4096 --rows 1024 [--sample 40] [--backend numba-cpu]
+    python scripts/rank_correlation.py --ops rmsnorm,layernorm --dtypes float32,bfloat16 --hidden 1024,4096 \\
+        --rows 1024 [--sample 40] [--backend numba-cpu]
+    python scripts/rank_correlation.py --storage OUT/.autonorm-journal/<slug>.optuna.journal
 
-Times a sample of the spec's candidates (every one with --sample 0) with the tuner's
-timer, then prints the rank correlation of the measured medians with (a) the cost
-model's order (`autonorm.tune.rank.ranked`) and (b) the distance from the backend's
-heuristic alone, which is the model's tie-break: a model that does not beat (b) adds
-nothing and should be dropped. The load average is printed beside the numbers: on a
+Per spec, the rank correlation of the measured medians with (a) the cost model's order
+(`autonorm.tune.rank.ranked`, the order the tuner times candidates in) and (b) the
+distance from the backend's heuristic alone, which is the model's tie-break. The first
+form times a random sample of each spec's candidates (every one with --sample 0); the
+second reads the medians an exhaustive `autonorm tune` already measured (every candidate
+of every study in that storage, nothing timed again). Positive rho is good: the model's
+first candidates are the fast ones.
+
+The verdict line applies the rule the planner's model is held to: a model that does not
+rank better than the heuristic alone is dropped. It ranks better when its rho is higher
+on most specs and on average. The load average is printed beside the numbers: on a
 loaded machine they mean little (docs/benchmarks/planner.md).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
-
-import torch
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -39,48 +48,151 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else 0.0
 
 
-def main(argv=None) -> int:
+@dataclass
+class SpecRho:
+    spec: str
+    rows: int
+    candidates: int
+    model: float      # rho(model's order, measured median)
+    distance: float   # rho(distance from the heuristic, measured median)
+
+
+def spec_rho(space, rows: int, facts, measured: dict) -> SpecRho:
+    """Both correlations over the candidates of `space` that `measured` (candidate key -> median µs) holds."""
+    from autonorm.tune import rank
+
+    order = {c.key: i for i, c in enumerate(rank.ranked(space, rows, facts))}
+    heuristics = {name: backend.heuristic(space.spec) for name, backend in space.backends.items()}
+    cands = [space.named(k) for k in measured if space.named(k) is not None]
+    times = [measured[c.key] for c in cands]
+    distance = [rank.heuristic_distance(space, c, heuristics[c.backend]) for c in cands]
+    return SpecRho(space.spec.short(), rows, len(cands), spearman([order[c.key] for c in cands], times),
+                   spearman(distance, times))
+
+
+def timed(spec, rows: int, backend_name: str, sample: int, seed: int) -> SpecRho:
+    """Time `sample` random candidates of `spec` (all with 0) on this machine and correlate."""
+    import torch
+
     from autonorm import measure
     from autonorm.backends import get_backend
     from autonorm.device import identity
-    from autonorm.spec import NormSpec
     from autonorm.tune import SearchSpace, rank
+
+    device = torch.device("cuda" if backend_name in ("triton", "cupy", "numba") else "cpu")
+    backend = get_backend(backend_name)
+    space = SearchSpace(spec, {backend_name: backend}, device)
+    facts = rank.DeviceFacts.of(identity(device), measure.copy_bandwidth(device))
+    cands = space.candidates()
+    if sample:
+        cands = random.Random(seed).sample(cands, min(sample, len(cands)))
+    timer = measure.timer_for(device)
+    measured = {c.key: timer.measure(spec, backend.compile(spec, c.config, device), rows).median_us for c in cands}
+    return spec_rho(space, rows, facts, measured)
+
+
+def from_storage(journal: Path) -> list[SpecRho]:
+    """One SpecRho per study in an `autonorm tune` journal, from the medians its trials recorded."""
+    import optuna
+    import torch
+    from optuna.trial import TrialState
+
+    from autonorm.backends import get_backend
+    from autonorm.spec import NormSpec
+    from autonorm.tune import SearchSpace, make_storage, rank
+
+    if not journal.is_file():
+        raise SystemExit(f"--storage {journal}: no such journal file (autonorm tune writes "
+                         f"OUT/.autonorm-journal/<device-slug>.optuna.journal)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(None, journal)
+    out = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        attrs = summary.user_attrs
+        if "spec" not in attrs:
+            continue  # a study that never started
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        measured = {t.user_attrs["candidate"]: t.user_attrs["timing"]["median_us"]
+                    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if "timing" in t.user_attrs and "candidate" in t.user_attrs}
+        names = sorted({json.loads(k)[0] for k in measured})  # a candidate key is JSON [backend, config]
+        device = torch.device("cpu" if attrs["device"]["kind"] == "cpu" else "cuda")
+        space = SearchSpace(NormSpec(**attrs["spec"]), {n: get_backend(n) for n in names}, device)
+        facts = rank.DeviceFacts.of(attrs["device"], attrs["device"].get("copy_gbps"))
+        out.append(spec_rho(space, attrs["rows"], facts, measured))
+    return out
+
+
+def verdict(rows: list[SpecRho]) -> str:
+    """Keep or drop the model: it must rank better than the heuristic distance alone on most specs and on average."""
+    if not rows:
+        return "verdict: none (no spec measured)"
+    better = sum(r.model > r.distance for r in rows)
+    mean_model = sum(r.model for r in rows) / len(rows)
+    mean_distance = sum(r.distance for r in rows) / len(rows)
+    keep = better * 2 > len(rows) and mean_model > mean_distance
+    head = ("keep the cost model: it ranks better than the heuristic distance alone" if keep else
+            "drop the cost model: it does not rank better than the heuristic distance alone")
+    return (f"verdict: {head} (higher rho on {better} of {len(rows)} specs; mean rho {mean_model:+.2f} "
+            f"vs {mean_distance:+.2f})")
+
+
+def markdown(rows: list[SpecRho]) -> str:
+    lines = ["| spec | rows | candidates | rho(model, measured) | rho(heuristic distance, measured) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r.spec} | {r.rows} | {r.candidates} | {r.model:+.2f} | {r.distance:+.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_json(rows: list[SpecRho]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def _specs(args):
+    from autonorm.spec import NormSpec
+
+    default_features = {"rmsnorm": "weight", "layernorm": "weight+bias"}
+    return [NormSpec(op, d, dt, dt, n, **NormSpec.feature_kwargs(default_features[op]))
+            for op in args.ops for d in args.directions for dt in args.dtypes for n in args.hidden]
+
+
+def main(argv=None) -> int:
     from autonorm.tune.quality import load_average
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--op", default="rmsnorm", choices=("rmsnorm", "layernorm"))
-    p.add_argument("--direction", default="fwd", choices=("fwd", "bwd"))
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--rows", type=int, default=1024)
-    p.add_argument("--backend", default="numba-cpu")
-    p.add_argument("--sample", type=int, default=40, help="candidates timed, drawn at random (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    def names(text):
+        return [v for v in text.split(",") if v]
 
-    device = torch.device("cuda" if args.backend in ("triton", "cupy", "numba") else "cpu")
-    spec = NormSpec(args.op, args.direction, args.dtype, args.dtype, args.hidden,
-                    **NormSpec.feature_kwargs("weight" if args.op == "rmsnorm" else "weight+bias"))
-    backend = get_backend(args.backend)
-    space = SearchSpace(spec, {args.backend: backend}, device)
-    facts = rank.DeviceFacts.of(identity(device), measure.copy_bandwidth(device))
-    order = {c.key: i for i, c in enumerate(rank.ranked(space, args.rows, facts))}
-    cands = space.candidates()
-    if args.sample:
-        cands = random.Random(args.seed).sample(cands, min(args.sample, len(cands)))
-    timer = measure.timer_for(device)
-    heuristic = backend.heuristic(spec)
-    measured, model, distance = [], [], []
-    print(f"{spec.short()} rows={args.rows}: timing {len(cands)} of {len(space)} candidates; {load_average()}",
-          file=sys.stderr)
-    for cand in cands:
-        kernel = backend.compile(spec, cand.config, device)
-        measured.append(timer.measure(spec, kernel, args.rows).median_us)
-        model.append(order[cand.key])
-        distance.append(rank.heuristic_distance(space, cand, heuristic))
-    print(f"{spec.short()} rows={args.rows} {args.backend}: {len(cands)} candidates; "
-          f"rho(model, measured) {spearman(model, measured):+.2f}; "
-          f"rho(heuristic distance, measured) {spearman(distance, measured):+.2f}; {load_average()}")
+    def ints(text):
+        return [int(v) for v in names(text)]
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", type=names, default=["rmsnorm"], help="comma list of rmsnorm, layernorm")
+    p.add_argument("--directions", type=names, default=["fwd"], help="comma list of fwd, bwd")
+    p.add_argument("--dtypes", type=names, default=["float32"])
+    p.add_argument("--hidden", type=ints, default=[4096])
+    p.add_argument("--rows", type=ints, default=[1024])
+    p.add_argument("--backend", default="numba-cpu")
+    p.add_argument("--sample", type=int, default=40, help="candidates timed per spec, drawn at random (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", type=Path, help="read the medians from this autonorm tune journal instead of timing")
+    args = p.parse_args(argv)
+    for op in args.ops:
+        if op not in ("rmsnorm", "layernorm"):
+            p.error(f"--ops {op}: rmsnorm or layernorm")
+    print(f"before: {load_average()}", file=sys.stderr)
+    if args.storage:
+        rows = from_storage(args.storage)
+    else:
+        rows = []
+        for spec in _specs(args):
+            for n_rows in args.rows:
+                rows.append(timed(spec, n_rows, args.backend, args.sample, args.seed))
+                r = rows[-1]
+                print(f"{r.spec} rows={r.rows}: {r.candidates} candidates; rho(model) {r.model:+.2f}; "
+                      f"rho(heuristic distance) {r.distance:+.2f}", file=sys.stderr)
+    print(markdown(rows))
+    print(verdict(rows))
+    print(f"after: {load_average()}")
     return 0
 
 
