@@ -210,6 +210,17 @@ def retime_pair(spec, rows: int, budget_entry, best_entry, timer=None) -> tuple[
     return budget_t.median_us, best_t.median_us
 
 
+def threading_layer() -> str | None:
+    """The Numba threading layer this process's re-timed kernels ran on (the tune runs choose it the same way:
+    backends/numba_cpu.py), or None when no parallel kernel ran."""
+    try:
+        import numba
+
+        return numba.threading_layer()
+    except (ImportError, ValueError):  # ValueError: no parallel launch yet
+        return None
+
+
 def _entry_json(record) -> dict:
     w = record.winner
     return {"candidate": f"{w.backend}[{w.config.short()}]", "search_us": round(w.median_us, 2),
@@ -271,7 +282,8 @@ def evidence(grid: dict, work: Path, *, share: float = 0.2, budget_s: float | No
     results = {
         "started": started, "ended": _now(), "cpu": {"name": ident["name"], "slug": ident["slug"],
                                                       "cores": os.cpu_count()},
-        "versions": software_versions(), "grid": grid, "share": round(budget_s / exhaustive["wall_s"], 3),
+        "versions": software_versions(), "numba_threading_layer": threading_layer(), "grid": grid,
+        "share": round(budget_s / exhaustive["wall_s"], 3),
         "exhaustive": exhaustive, "budget": {**budget, "budget_s": budget_s},
         "wall_ratio": round(budget["wall_s"] / exhaustive["wall_s"], 3),
         "within_2pct": within, "studies_compared": len(studies),
@@ -293,7 +305,8 @@ def markdown(r: dict) -> str:
         "# `autonorm tune --budget` against an exhaustive search (numba-cpu + torch)", "",
         f"Produced by `scripts/budget_evidence.py`, {r['started']} to {r['ended']}.", "",
         f"- CPU: {r['cpu']['name']} (`{r['cpu']['slug']}`), {r['cpu']['cores']} cores",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v),
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
+        + f"; Numba threading layer {r['numba_threading_layer'] or 'not started'}",
         f"- Load: 1-minute load average {load['before']:.2f} before, {load['after']:.2f} after, at most "
         f"{load['max_load_average']:.2f} (this run's own two busy threads included); other processes' runnable "
         f"threads at most {load['others_max_1min']:.2f} over a minute; limit {load['limit']}",
