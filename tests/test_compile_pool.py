@@ -102,6 +102,7 @@ def test_which_backends_are_warmed_depends_on_the_device():
     assert cuda.warmed("triton") and cuda.warmed("cupy") and cuda.warmed("numba-cuda")
     assert not cuda.warmed("numba-cpu") and not cuda.warmed("torch")
     assert not CompilePool({}, "cpu", workers=0).warmed("numba-cpu")
+    assert not CompilePool({}, "cpu", workers=2, processes=False).warmed("numba-cpu")
 
 
 def test_workers_that_die_leave_the_tuning_process_to_compile(caplog):
@@ -124,3 +125,14 @@ def test_workers_that_die_leave_the_tuning_process_to_compile(caplog):
         assert not pool.warmed("numba-cpu") and "compile workers stopped" in caplog.text
         kernel, reason = pool.compile(spec, 8, cand)
         assert reason is None and callable(kernel)
+
+
+def test_the_tune_summary_adds_compile_seconds_per_backend_and_the_share_spent_timing():
+    from autonorm.tune.finalize import StudyResult
+    from autonorm.tune.run import time_summary
+
+    ran = [StudyResult(SPEC, 8, None, 4, 4, compile_s={"numba-cpu": 3.0, "torch": 0.5}, timing_s=6.0, wall_s=10.0),
+           StudyResult(SPEC, 16, None, 4, 4, compile_s={"numba-cpu": 1.0}, timing_s=9.0, wall_s=20.0)]
+    stored = StudyResult(SPEC, 32, None, 4, 4)  # taken from the storage: nothing ran
+    assert time_summary(ran + [stored]) == "compiling: numba-cpu 4.0 s, torch 0.5 s; timing: 50% of 30 s in 2 studies"
+    assert time_summary([stored]) == "no study ran: nothing compiled or timed"

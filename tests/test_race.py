@@ -123,3 +123,75 @@ def test_the_cpu_timers_run_rotates_input_sets_on_across_extensions(monkeypatch)
     assert run.extend(2).reps == 2
     assert run.extend(3).reps == 5 and len(run.samples) == 5
     assert seen == [sets[i % len(sets)] for i in range(5)]  # the second extension goes on from set 2
+
+
+# --- in a study: every trial says how many repetitions it got, and the result where its time went ----------
+
+def test_a_study_races_its_candidates_and_reports_reps_compile_and_timing_seconds(tmp_path):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from fakes import FakeBackendBase
+
+    from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.config import Config, knob
+    from autonorm.tune import Candidate, StudyOptions, StudyRunner, make_storage
+
+    @dataclass(frozen=True)
+    class K(Config):
+        backend: ClassVar[str] = "fake"
+        k: int = knob((1, 2, 3))
+
+    us = {1: 10.0, 2: 30.0, 3: 10.0}  # 2 is a clear loser, 3 ties with 1
+
+    class Backend(FakeBackendBase):
+        config_cls = K
+
+        def build(self, source, spec, config, device):
+            kernel = TorchBackend().build(None, spec, None, device)  # right, so the reference check passes
+
+            def timed(*args):
+                return kernel(*args)
+            timed.us = us[config.k]
+            return timed
+
+    class Timer:
+        """Each sample (and each kernel of an interleaved round) advances the clock by one second."""
+
+        def __init__(self):
+            self.now = 0.0
+
+        def clock(self):
+            return self.now
+
+        def start(self, spec, kernel, rows):
+            def sample(i):
+                self.now += 1.0
+                return steady(kernel.us)(i)
+            return ScriptedRun(sample, cap=40)
+
+        def interleaved(self, spec, kernels, rows):
+            self.now += len(kernels)
+            return [Timing(getattr(k, "us", 20.0), getattr(k, "us", 20.0), getattr(k, "us", 20.0), 10) for k in kernels]
+
+        def describe(self):
+            return {"timer": "scripted"}
+
+    timer = Timer()
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    runner = StudyRunner(spec, 16, {"fake": Backend()}, timer,
+                         StudyOptions(trials=10, time_budget=600, compile_baseline=False, finalists=2),
+                         storage=make_storage(None, tmp_path / "s.journal"), name="race", clock=timer.clock,
+                         seeds=[Candidate("fake", K(1))])
+    result = runner.run()
+    import optuna
+
+    study = optuna.load_study(study_name="race", storage=runner.storage)
+    races = {t.user_attrs["fake.k"]: t.user_attrs["race"] for t in study.get_trials() if "race" in t.user_attrs}
+    assert races == {1: {"reps": 40, "verdict": "reference"}, 2: {"reps": FIRST_REPS, "verdict": "dropped"},
+                     3: {"reps": 40, "verdict": "tied"}}
+    assert result.record.winner.median_us == 10.0
+    # 85 samples in the search, then one interleaved round of the 2 finalists and torch eager
+    assert result.timing_s == 40 + FIRST_REPS + 40 + 3
+    assert result.wall_s == timer.now and result.timing_share == result.timing_s / timer.now
+    assert set(result.compile_s) == {"fake"}  # compiled in threads: the fake has no disk cache

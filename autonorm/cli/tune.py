@@ -228,6 +228,7 @@ def main(args) -> int:
     from ..errors import UnknownBackendError
     from ..tune import make_storage, native_backends, tune_grid
     from ..tune.journal import JournalError
+    from ..tune.run import time_summary
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     preset = QUICK if args.quick else DEFAULTS
@@ -293,6 +294,7 @@ def main(args) -> int:
               "nothing was written. Give a larger --budget.", file=sys.stderr)
         return 1
     print(format_table(results))
+    print(f"autonorm tune: {time_summary(results)}", file=sys.stderr)
     refused = [r for r in results if r.refused]
     if refused:
         print(f"\n{len(refused)} noisy studies not recorded (--strict); {quality.load_average()}", file=sys.stderr)

@@ -3,6 +3,8 @@
     options.py   StudyOptions: how every study of a run searches and records (frozen; the defaults)
     space.py     the valid configs of every candidate backend, and the one map to and from Optuna params
     study.py     one study: seeds, TPE, patience, verify-then-time every candidate
+    race.py      how many repetitions a candidate gets: clear losers few, close contenders more
+    compile_pool.py  candidates compiled ahead of the timer, in worker processes that fill the disk caches
     trials.py    a study's trials in Optuna storage: what is measured, failed, queued; closing trials
     finalize.py  the best few re-timed with the torch baselines into the study's record
     quality.py   the measurement gate: noisy re-timings are re-timed, then flagged or refused

@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
@@ -72,8 +72,9 @@ class CompilePool:
     plus the timing process's own compiles (cache loads, or the whole compile where not warmed).
     """
 
-    def __init__(self, backends: dict, device, workers: int, *, context: str = "spawn"):
+    def __init__(self, backends: dict, device, workers: int, *, processes: bool = True, context: str = "spawn"):
         self.backends, self.device, self.workers, self.context = backends, torch.device(device), workers, context
+        self.processes = processes and workers > 0  # False: every backend compiles in threads
         self.compile_s: dict[str, float] = {}
         self._count_lock = threading.Lock()  # the thread pool's compiles count their seconds too
         self._threads = ThreadPoolExecutor(max_workers=max(1, workers))
@@ -84,7 +85,7 @@ class CompilePool:
 
     def warmed(self, backend_name: str) -> bool:
         """Whether `backend_name`'s candidates compile in worker processes on this device."""
-        return WARMED_ON.get(backend_name) == self.device.type and self.workers > 0
+        return self.processes and WARMED_ON.get(backend_name) == self.device.type
 
     def prepare(self, spec, rows: int, cands: list[Candidate]) -> None:
         """Start compiling `cands`. Returns at once on a GPU (workers compile while the timer runs), after the
@@ -98,6 +99,7 @@ class CompilePool:
         if self.device.type == "cpu":
             for job in started:
                 self._wait(job)
+            wait([self._compiles[c.key] for c in cands if c.key in self._compiles])
 
     def compile(self, spec, rows: int, cand: Candidate):
         """(kernel, None), or (None, why it failed to compile); waits for the candidate's compile."""
@@ -156,7 +158,7 @@ class CompilePool:
         return key
 
     def _process_pool(self) -> ProcessPoolExecutor | None:
-        if self._processes is None and self.workers > 0:
+        if self._processes is None and self.processes:
             self._processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context(self.context),
                                                   initializer=_start_worker, initargs=(str(settings.cache_dir()),))
         return self._processes
@@ -176,7 +178,7 @@ class CompilePool:
     def _give_up(self, exc: BaseException) -> None:
         """No more worker processes (one died, or they could not start): the parent compiles on its own."""
         log.warning("compile workers stopped (%s: %s); compiling in the tuning process", type(exc).__name__, exc)
-        self.workers = 0
+        self.processes = False
         if self._processes is not None:
             self._processes.shutdown(wait=False, cancel_futures=True)
         self._processes = None

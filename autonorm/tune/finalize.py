@@ -36,6 +36,14 @@ class StudyResult:
     refused: str | None = None  # why a measured winner was not recorded (noisy, with strict=True)
     finalized_by: str | None = None  # another worker finalizes the study (its record: `autonorm db export`)
     completeness: str | None = None  # how complete the search was: exhaustive, converged or budget
+    compile_s: dict = field(default_factory=dict)  # backend -> seconds compiling its candidates (compile_pool.py)
+    timing_s: float = 0.0  # seconds the timer ran: the search's candidates and the finish's re-timing
+    wall_s: float = 0.0  # the study's seconds from start to record
+
+    @property
+    def timing_share(self) -> float | None:
+        """The fraction of the study's wall time spent timing (None for a study taken from the storage)."""
+        return self.timing_s / self.wall_s if self.wall_s > 0 else None
 
 
 
@@ -103,7 +111,10 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, trials) ->
     torch_finalist = next((i for i, c in enumerate(finalists) if c.backend == "torch"), None)
     baselines = _baselines(run, need_eager=torch_finalist is None)
     kernels = [run.backends[c.backend].compile(run.spec, c.config, run.device) for c in finalists]
-    outcome = quality.gate(lambda: run.timer.interleaved(run.spec, kernels + list(baselines.values()), run.rows),
+    def retime():  # its seconds count as timing (the study's share of wall time spent timing)
+        return run.timed(lambda: run.timer.interleaved(run.spec, kernels + list(baselines.values()), run.rows))
+
+    outcome = quality.gate(retime,
                            [c.short() for c in finalists] + list(baselines),
                            [measured[c.key] for c in finalists] + [None] * len(baselines))
     if not outcome.verdict.ok:

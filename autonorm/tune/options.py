@@ -18,7 +18,7 @@ from .presets import DEFAULTS, QUICK
 
 
 def default_compile_workers() -> int:
-    """Threads compiling candidates ahead of the (serial) timer: up to 4, never more than the cores."""
+    """Workers compiling candidates ahead of the (serial) timer: up to 4, never more than the cores."""
     return min(4, os.cpu_count() or 1)
 
 
@@ -36,6 +36,9 @@ class StudyOptions:
     seed: int = 0  # the sampler's seed
     sampler: Callable | None = None  # seed -> an Optuna sampler; None: the tuner's own (study.make_sampler)
     verify: bool = True  # check each candidate against the reference before timing it; off only for a replay
+    race: bool = True  # clear losers get a few repetitions, close ones more (tune/race.py); off: every one the same
+    # compile in worker processes that fill the backends' disk caches (tune/compile_pool.py); off: threads
+    compile_processes: bool = True
 
     def __post_init__(self):
         for name in ("trials", "compile_workers", "finalists"):
@@ -47,7 +50,7 @@ class StudyOptions:
         _require("time_budget", budget, isinstance(budget, (int, float)) and not isinstance(budget, bool)
                  and not math.isnan(budget) and budget >= 0, "seconds >= 0")
         _require("seed", self.seed, _is_int(self.seed), "a whole number")
-        for name in ("compile_baseline", "strict", "verify"):
+        for name in ("compile_baseline", "strict", "verify", "race", "compile_processes"):
             _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "True or False")
         _require("sampler", self.sampler, self.sampler is None or callable(self.sampler),
                  "a function of the seed that returns an Optuna sampler, or None")

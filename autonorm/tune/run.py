@@ -21,8 +21,9 @@ from ..db import Record, RecordKey, TuningDB
 from ..device import identity, software_versions
 from ..errors import BackendUnavailableError, UnknownBackendError
 from ..spec import NormSpec, rows_bucket
-from . import fleet, quality, rank
+from . import fleet, quality, race, rank
 from . import plan as planner
+from .compile_pool import CompilePool
 from .finalize import StudyResult
 from .options import StudyOptions
 from .space import Candidate, SearchSpace
@@ -70,6 +71,9 @@ def protocol(timer, options: StudyOptions) -> dict:
     return {**timer.describe(),
             "verify": "reference check before timing" if options.verify else "none: a replay of verified timings",
             "finalists": options.finalists, "finalists_retimed": f"interleaved, with {baselines}",
+            "repetitions": (f"raced: {race.FIRST_REPS} first, a clear loser (p20 > best p80 x {1 + race.MARGIN}) no "
+                            f"more, a contender doubled until it separates, to the timer's count" if options.race
+                            else "the timer's count for every candidate"),
             "quality": f"re-timed up to {quality.RETRIES} more times while p80/p20 > {quality.SPREAD_LIMIT} or "
                        f"re-timing and search differ by > {quality.AGREEMENT_LIMIT}x"}
 
@@ -125,6 +129,9 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
             show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans)))
         deadline = clock() + budget_s - elapsed()
         facts = rank.DeviceFacts.of(ident, copy_gbps)
+    # One pool for the grid, so its worker processes start once. Closed after the loop; an exception leaves
+    # its idle workers to the executor's own exit hook.
+    pool = CompilePool(backends, device, options.compile_workers, processes=options.compile_processes)
     for i, (spec, rows, name, space, seeds) in enumerate(jobs):
         study_options = options
         if plans is not None:
@@ -145,7 +152,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,
                              seeds=seeds, copy_gbps=copy_gbps, lock_path=lock_path, study_attrs=study_attrs,
-                             progress=bar, clock=clock)
+                             progress=bar, clock=clock, compile_pool=pool)
         result = runner.run()
         if bar is not None:
             bar.close()
@@ -153,6 +160,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         if result.record is not None:
             db.upsert(result.record)
             db.save(db_path)  # after every study: a killed run keeps what it finished
+    pool.close()
     if plans is not None and db.records:
         db.save(db_path)  # the records taken from complete studies, too
     return db
@@ -175,14 +183,30 @@ def tune_one(spec: NormSpec, rows: int, device: torch.device, db_path: Path,
     native runs here or every candidate failed.
 
     The torch.compile baseline is off by default because it resets Dynamo (`finalize.py`), which would drop
-    the compiled graphs of the program this runs inside; the protocol recorded says so."""
+    the compiled graphs of the program this runs inside; the protocol recorded says so. Candidates compile
+    in threads: worker processes would start interpreters inside the user's program."""
     backends = native_backends(device, None, note=lambda text: None)
     if not backends:
         return None
-    options = options if options is not None else StudyOptions.quick(compile_baseline=False)
+    options = options if options is not None else StudyOptions.quick(compile_baseline=False, compile_processes=False)
     journal = db_path.with_suffix(".optuna.journal")
     results: list[StudyResult] = []
     tune_grid([spec], [rows], backends, device, options, db_path=db_path,
               storage=fleet.make_storage(None, journal), lock_path=Path(f"{journal}.autonorm-lock"),
               results=results)
     return results[0].record if results else None
+
+
+def time_summary(results: list[StudyResult]) -> str:
+    """Where the studies' time went: seconds compiling per backend, and the share of wall time spent timing."""
+    ran = [r for r in results if r.wall_s > 0]  # not the studies taken from the storage
+    if not ran:
+        return "no study ran: nothing compiled or timed"
+    compile_s: dict[str, float] = {}
+    for r in ran:
+        for name, seconds in r.compile_s.items():
+            compile_s[name] = compile_s.get(name, 0.0) + seconds
+    wall = sum(r.wall_s for r in ran)
+    compiled = ", ".join(f"{name} {s:.1f} s" for name, s in sorted(compile_s.items())) or "nothing"
+    timing = sum(r.timing_s for r in ran)
+    return f"compiling: {compiled}; timing: {100 * timing / wall:.0f}% of {wall:.0f} s in {len(ran)} studies"

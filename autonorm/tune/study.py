@@ -22,9 +22,13 @@ gain, counted only after the seeds and STARTUP_TRIALS more candidates: TPE sampl
 at random until then, and patience counted over that phase could end a study
 before TPE had a model.
 
-Every candidate is compiled (in a thread pool, a batch at a time), verified
-against the reference, then timed serially; a failing or wrong candidate is
-recorded in the study as FAIL with its reason and never reaches the database.
+Every candidate is compiled ahead of the timer, a batch at a time (`compile_pool.py`:
+worker processes filling the compilers' disk caches where a backend has one, else
+threads), verified against the reference, then timed serially and raced against the
+best so far (`race.py`: a clear loser stops after a first look, close ones are timed
+until they separate; the trial's `race` attribute says how many repetitions it got);
+a failing or wrong candidate is recorded in the study as FAIL with its reason and
+never reaches the database.
 `finalize.py` re-times the best few with the torch baselines and records the winner.
 
 Resume and workers: the study lives in Optuna storage (`trials.py` reads and
@@ -39,17 +43,19 @@ import json
 import logging
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from ..errors import AutonormError
+from ..measure import Timing
 from ..spec import NormSpec, rows_bucket
 from ..verify import check_candidate
 from . import finalize, fleet, trials
+from .compile_pool import CompilePool
 from .finalize import StudyResult
 from .options import StudyOptions
+from .race import Racer
 from .space import Candidate, SearchSpace
 from .trials import STARTUP_TRIALS, StudyState
 
@@ -76,6 +82,7 @@ class StudyRunner:
     def __init__(self, spec: NormSpec, rows: int, backends: dict, timer, options: StudyOptions | None = None, *,
                  storage, name: str, device="cpu", seeds: list[Candidate] = (), copy_gbps: float | None = None,
                  lock_path: Path | None = None, study_attrs: dict | None = None, progress=None,
+                 compile_pool: CompilePool | None = None,
                  clock=time.monotonic):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.options = options if options is not None else StudyOptions()
@@ -88,6 +95,9 @@ class StudyRunner:
         self.exhaustive = len(self.space) <= n_trials
         self.patience = None if self.exhaustive else (self.options.patience or max(10, n_trials // 3))
         self._beats = fleet.Heartbeats(None)
+        self.compile_pool = compile_pool  # a grid's pool, shared by its studies (None: the study makes its own)
+        self.timing_s = 0.0  # seconds inside the timer, search and finish (`timed`)
+        self._compile_s: dict = {}  # backend -> seconds compiling this study's candidates
 
     # -- what finalize.py and the loop share --
     def claim(self):
@@ -108,6 +118,7 @@ class StudyRunner:
     def run(self) -> StudyResult:
         if not len(self.space):
             raise AutonormError(f"no backend has a valid config for {self.spec.short()}")
+        started = self.clock()
         study = self._study()
         with self.claim():
             self._prepare(study)
@@ -117,6 +128,7 @@ class StudyRunner:
                 if self.state(study).done >= self.options.trials:  # else the same command resumes and pops them
                     trials.close_waiting(study)
             result = finalize.finish(self, study)
+        result.compile_s, result.timing_s, result.wall_s = self._compile_s, self.timing_s, self.clock() - started
         state = self.state(study)
         result.completeness = "exhaustive" if state.done >= len(self.space) else stopped_by
         study.set_user_attr("completeness", result.completeness)  # a rerun leaves a complete study alone
@@ -144,11 +156,13 @@ class StudyRunner:
                 skip.add(cand.key)
 
     # -- the loop --
-    def _compile(self, cand: Candidate):
+    def timed(self, fn):
+        """`fn()`, its seconds counted as timing (the search's and the finish's alike)."""
+        started = self.clock()
         try:
-            return self.backends[cand.backend].compile(self.spec, cand.config, self.device), None
-        except Exception as exc:  # a config that does not compile is a failed candidate
-            return None, f"compile failed: {type(exc).__name__}: {exc}"
+            return fn()
+        finally:
+            self.timing_s += self.clock() - started
 
     def _search(self, study) -> str:
         """Search until a budget, patience or the space runs out; returns why it stopped: "budget" (trials
@@ -157,7 +171,10 @@ class StudyRunner:
         n_trials, time_budget = self.options.trials, self.options.time_budget
         started, best, since_best = self.clock(), float("inf"), 0
         batch_s = 0.0  # the last batch's compile and timing: a batch that would end past the budget is not begun
-        pool = ThreadPoolExecutor(max_workers=self.options.compile_workers)
+        pool = self.compile_pool or CompilePool(self.backends, self.device, self.options.compile_workers,
+                                                processes=self.options.compile_processes)
+        compiled_before = dict(pool.compile_s)
+        self._racer = Racer(self.timer, out_of_time=lambda: self.clock() - started > time_budget)
         try:
             while True:
                 done = self.state(study).done
@@ -180,11 +197,11 @@ class StudyRunner:
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
                 batch_started = self.clock()
-                fresh = [c for _, c in batch if c.key not in state.evaluated]
-                kernels = dict(zip([c.key for c in fresh], pool.map(self._compile, fresh)))
+                pool.prepare(self.spec, self.rows, [c for _, c in batch if c.key not in state.evaluated])
                 for trial, cand in batch:  # timing stays serial
                     is_new = cand.key not in state.evaluated
-                    value = self._evaluate(study, trial, cand, state, kernels.get(cand.key))
+                    compiled = pool.compile(self.spec, self.rows, cand) if is_new else None
+                    value = self._evaluate(study, trial, cand, state, compiled)
                     if value is not None and value < best * (1 - IMPROVEMENT):
                         best, since_best = value, 0
                     elif is_new and state.done > len(self.seeds) + STARTUP_TRIALS:
@@ -195,7 +212,10 @@ class StudyRunner:
                             self.progress.set_postfix_str(f"best {best:.1f} us")
                 batch_s = self.clock() - batch_started
         finally:
-            pool.shutdown(wait=True)
+            if pool is not self.compile_pool:
+                pool.close()
+            self._compile_s = {name: seconds - compiled_before.get(name, 0.0) for name, seconds
+                               in pool.compile_s.items() if seconds > compiled_before.get(name, 0.0)}
 
     def _claim_batch(self, study, done: int) -> tuple[list, StudyState]:
         """Up to `compile_workers` new (trial, candidate) pairs, with the study's state as read under the
@@ -261,7 +281,8 @@ class StudyRunner:
             reason = check_candidate(self.spec, kernel, self.rows, self.device)
         if reason is None:
             try:
-                timing = self.timer.measure(self.spec, kernel, self.rows)
+                raced = self.timed(lambda: self._time(kernel, state))
+                timing = raced.timing
             except Exception as exc:
                 reason = f"timing failed: {type(exc).__name__}: {exc}"
         if reason is not None:
@@ -269,7 +290,16 @@ class StudyRunner:
             if trials.close(study, trial, self._beats, "failed", reason, state=TrialState.FAIL):
                 state.failed[cand.key] = reason
             return None
+        trial.set_user_attr("race", raced.to_json())
         if not trials.close(study, trial, self._beats, "timing", timing.to_json(), values=timing.median_us):
             return None
         state.measured[cand.key] = timing.to_json()
         return timing.median_us
+
+    def _time(self, kernel, state: StudyState):
+        """A verified kernel's timing: raced against the best so far, or (race off) the timer's full count."""
+        best = min(state.measured.values(), key=lambda t: t["median_us"], default=None)
+        if best is None or not self.options.race:
+            return self._racer.time(self.spec, kernel, self.rows, None)
+        return self._racer.time(self.spec, kernel, self.rows, Timing(best["median_us"], best["p20_us"],
+                                                                     best["p80_us"], 0))
