@@ -244,7 +244,8 @@ def _from_databases(spec: NormSpec, device, bucket) -> Choice | None:
 
 
 def _tuned(spec: NormSpec, device, bucket) -> Choice | None:
-    """AUTONORM_TUNE_ON_MISS=1: a quick study now (`autonorm.tune.tune_one`, needs optuna), saved for next time.
+    """AUTONORM_TUNE_ON_MISS=1: a `--quick` study now, saved for next time (`autonorm.tune.tune_one`, needs optuna:
+    the protocol of `autonorm tune`, the torch.compile baseline left out so as not to reset this program's Dynamo).
 
     The record goes to `db_sources.tuned_path(slug)` under AUTONORM_CACHE_DIR, which
     is read as a database (after the shipped ones) whenever the knob is set.

@@ -358,7 +358,43 @@ def test_tune_quick_end_to_end_writes_a_valid_database(tmp_path, capsys):
     assert (out / ".autonorm-journal" / f"{identity('cpu')['slug']}.optuna.journal").exists()
 
 
+def test_a_tune_on_miss_record_is_taken_by_the_protocol_of_autonorm_tune(tmp_path, monkeypatch, capsys):
+    """The dispatcher's tune-on-miss runs `tune_grid` with `--quick`'s options: the same verification,
+    finalists re-timed with the baselines, quality gate, completeness and device facts as `autonorm tune`."""
+    import autonorm
+    from autonorm import backends as registry
+    from autonorm import db_sources, measure
+    from autonorm.cli import main
+    from autonorm.device import identity
+
+    monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 10.0)  # the probe's seconds are not at stake
+    monkeypatch.setitem(registry.DEFAULT_ORDER, "cpu", ("torch",))  # a space of one: both searches are exhaustive
+    assert main(["tune", "--ops", "rmsnorm", "--directions", "fwd", "--dtypes", "fp32", "--hidden", "64",
+                 "--rows", "8", "--no-compile-baseline", "--no-progress", "--out", str(tmp_path / "tuned")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("AUTONORM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTONORM_TUNE_ON_MISS", "1")
+    autonorm.reset()
+    x, w = torch.randn(8, 64), torch.randn(64)
+    try:
+        assert autonorm.explain("rms_norm", x, (64,), w, 1e-6).rung == "tuned"
+    finally:
+        autonorm.reset()
+    slug = identity("cpu")["slug"]
+    by_tune = json.loads((tmp_path / "tuned" / f"{slug}.json").read_text())
+    on_miss = json.loads(db_sources.tuned_path(slug).read_text())
+    # tune-on-miss leaves the torch.compile baseline out (it would reset the program's Dynamo); so did this tune
+    assert on_miss["protocol"] == by_tune["protocol"] and on_miss["protocol"]["finalists"] == 3
+    assert on_miss["device"] == by_tune["device"] and on_miss["device"]["copy_gbps"] == 10.0
+    (miss,), (tuned,) = on_miss["records"], by_tune["records"]
+    assert miss["key"] == tuned["key"] and set(miss) == set(tuned)
+    for rec in (miss, tuned):
+        assert rec["completeness"] == "exhaustive" and rec["quality"]["attempts"] >= 1
+        assert rec["winner"]["pct_copy_bw"] is not None and rec["baselines"]["torch_eager"]["median_us"] > 0
+
+
 # --- scripts/search_efficiency.py on a recorded table (a replay: no timing) ---------------------------
+@pytest.mark.slow  # replays of a 217-candidate space: 95-150 s; the TPE tests above stay in the default tier
 def test_search_efficiency_replays_the_recorded_tables(tmp_path, capsys):
     pytest.importorskip("numba")
     root = Path(__file__).resolve().parent.parent
