@@ -190,3 +190,21 @@ def test_the_real_commands_tune_twice_and_correlate_from_the_journal(be, tmp_pat
     assert results["studies"][0]["exhaustive"]["completeness"] == "exhaustive"
     assert results["studies"][0]["within"]  # torch eager against itself
     assert results["rank_correlation"][0]["candidates"] == 1
+
+
+def test_the_rank_correlation_follows_each_measured_candidate_to_its_place_in_the_models_order(be):
+    import torch
+
+    from autonorm.backends import get_backend
+    from autonorm.tune import SearchSpace, rank
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 1024, **NormSpec.feature_kwargs("weight"))
+    space = SearchSpace(spec, {"numba-cpu": get_backend("numba-cpu"), "torch": get_backend("torch")},
+                        torch.device("cpu"))
+    facts = rank.DeviceFacts("cpu", 2, 20.0)
+    order = rank.ranked(space, 1024, facts)[::7]  # a sample, timed as the model predicts: rho +1
+    as_predicted = {c.key: 10.0 + i for i, c in enumerate(order)}
+    row = be.rank_correlation.spec_rho(space, 1024, facts, as_predicted)
+    assert row.candidates == len(order) and row.model == pytest.approx(1.0)
+    reversed_times = {c.key: 10.0 - i for i, c in enumerate(order)}
+    assert be.rank_correlation.spec_rho(space, 1024, facts, reversed_times).model == pytest.approx(-1.0)
