@@ -161,13 +161,12 @@ def _pct_copy(pct: float | None) -> str:
 
 def options_from_args(args) -> StudyOptions:
     """How every study of this run searches; a value no study can use is a UsageError naming its flag."""
-    preset = QUICK if args.quick else DEFAULTS
     given = {"trials": args.trials, "time_budget": args.time_budget, "patience": args.patience,
              "compile_workers": args.compile_workers}
+    make = StudyOptions.quick if args.quick else StudyOptions  # a flag left out keeps its default there
     try:
-        return StudyOptions(**{"trials": preset["trials"], "time_budget": preset["time_budget"],
-                               **{k: v for k, v in given.items() if v is not None}},
-                            compile_baseline=not args.no_compile_baseline, strict=args.strict)
+        return make(**{k: v for k, v in given.items() if v is not None},
+                    compile_baseline=not args.no_compile_baseline, strict=args.strict)
     except TuneOptionError as exc:
         raise UsageError(f"--{exc.option.replace('_', '-')} {given.get(exc.option)}: must be {exc.meaning}") from None
 
