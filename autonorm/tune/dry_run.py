@@ -1,0 +1,204 @@
+"""A dry run of `autonorm tune --budget` for a GPU that is not here: the real planner, scripted costs.
+
+Nothing is compiled for or launched on a GPU. The planner (`plan.study_plans`, `plan.split`) plans the
+grid as it would on the device, from costs that stand in for the ones it would meet there:
+
+- a recorded device profile (`GpuProfile`: SMs, HBM bandwidth, L2, shared memory, memory; each number's
+  source is stated with it);
+- a scripted timer: each candidate's kernel time from the static cost model (`rank.predict_us`: the
+  bytes one call moves over the device's bandwidth, stretched by the idle share of its SMs), turned into
+  the seconds `measure.CudaTimer` spends on it with its own default windows (read from its signature):
+  5 calls to size the windows, the warm-up calls, then the timed repetitions, each after an L2 flush of
+  twice the L2;
+- compile seconds per candidate measured here for sm_90 (`docs/benchmarks/compile-times.json`, made
+  by `scripts/compile_times.py`), divided over the device machine's cores: the assumption is that
+  candidates compile in parallel across all of them (a process pool, not the tuner's default threads);
+- what is spent before the plan (counted in the budget): start-up and the copy probe, and the audit's
+  compiles of every config of every spec's space (`SearchSpace` prunes a GPU space by compiling it for
+  the device; `CompileFigures.audit_s`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..hardware import ARCHS
+from ..spec import NormSpec
+from . import plan as planner
+from . import rank
+from .space import Candidate, SearchSpace
+
+AUDITED = ("triton", "cupy", "numba")  # the backends the audit compiles (autonorm.audit.BACKENDS)
+AUDIT_BATCH = 16         # configs per audit worker call (autonorm/audit/run.py: `_batches(todo, 16, workers)`)
+ESTIMATE_CALLS = 5       # CudaTimer._reps times 5 calls to size its windows before the warm-up
+# Host time per timed repetition beyond the GPU's: launching the flush and the kernel, two events and the
+# synchronize round trip; and the shortest a warm-up call can take (a launch). Assumed, not measured (no GPU
+# here): at the 1,000-repetition cap they add 20 ms to a candidate.
+HOST_US_PER_REP = 20.0
+LAUNCH_US = 10.0
+STARTUP_S = 10.0         # imports, the CUDA context and the copy-bandwidth probe; assumed, not measured
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    """A device as the tuner would see it, and where each number comes from."""
+
+    name: str
+    sm_count: int
+    copy_gbps: float        # HBM bandwidth (peak; the tuner's copy probe measures somewhat less)
+    l2_bytes: int
+    smem_per_sm: int
+    memory_bytes: int
+    sources: str
+
+    def identity(self) -> dict:
+        return {"name": self.name, "kind": "cuda", "compute_capability": "9.0", "sm_count": self.sm_count,
+                "l2_bytes": self.l2_bytes, "memory_bytes": self.memory_bytes}
+
+
+_HOPPER = ("132 SMs and 50 MB of L2: NVIDIA H100 Tensor Core GPU Architecture whitepaper (H100 SXM5; the "
+           "H200 is the same GH100 chip), 132 also in autonorm/cuda_host.py; 228 KiB shared memory per SM: "
+           "autonorm/hardware.py ARCHS['sm_90'] (CUDA C Programming Guide)")
+PROFILES = {
+    "h100-sxm": GpuProfile("NVIDIA H100 SXM5 80GB", 132, 3350.0, 50 << 20, ARCHS["sm_90"].smem, 80 * 10**9,
+                           f"3.35 TB/s HBM3 and 80 GB: NVIDIA H100 datasheet (SXM); {_HOPPER}"),
+    "h200": GpuProfile("NVIDIA H200 141GB HBM3e", 132, 4800.0, 50 << 20, ARCHS["sm_90"].smem, 141 * 10**9,
+                       f"4.8 TB/s HBM3e and 141 GB: NVIDIA H200 datasheet; {_HOPPER}"),
+}
+
+
+def timer_defaults() -> dict:
+    """CudaTimer's default warm-up and repetition windows (ms) and repetition bounds: the real protocol's."""
+    from ..measure import CudaTimer
+
+    params = inspect.signature(CudaTimer.__init__).parameters
+    return {k: params[k].default for k in ("warmup_ms", "rep_ms", "min_reps", "max_reps")}
+
+
+def measure_s(kernel_us: float, profile: GpuProfile, windows: dict) -> float:
+    """Seconds `CudaTimer.measure` spends on a kernel of `kernel_us`: the same window arithmetic as `_reps`."""
+    flush_us = 2 * profile.l2_bytes / (profile.copy_gbps * 1e3)  # zeroing twice the L2
+    est_ms = max(kernel_us / 1e3, 1e-3)
+    warm = min(windows["max_reps"], int(max(1, windows["warmup_ms"] / est_ms)))
+    reps = int(min(windows["max_reps"], max(windows["min_reps"], windows["rep_ms"] / est_ms)))
+    rep_us = flush_us + kernel_us + HOST_US_PER_REP
+    return ((ESTIMATE_CALLS + reps) * rep_us + warm * max(kernel_us, LAUNCH_US)) / 1e6
+
+
+@dataclass(frozen=True)
+class CompileFigures:
+    """Per backend, CPU seconds of one core: compiling one config alone (a worker's start-up included),
+    each further config of a batch, and rendering one config's source (compile-times.json)."""
+
+    alone_s: dict
+    marginal_s: dict
+    render_s: dict
+    source: str
+
+    @classmethod
+    def load(cls, path: Path) -> "CompileFigures":
+        try:
+            doc = json.loads(Path(path).read_text())
+            figures = doc["backends"]
+            missing = [b for b in AUDITED if b not in figures]
+            if missing:
+                raise KeyError(f"no figures for {', '.join(missing)}")
+            return cls({b: float(f["alone_s"]) for b, f in figures.items()},
+                       {b: float(f["marginal_s"]) for b, f in figures.items()},
+                       {b: float(f["render_s"]) for b, f in figures.items()},
+                       f"{Path(path).name} ({doc['date']}, {doc['machine']})")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a compile-times file of scripts/compile_times.py ({exc!r})") from None
+
+    def candidate_s(self, backend: str) -> float:
+        """One core's seconds for the tuner to compile one candidate of `backend`. Triton and Numba compile
+        in the tuner's process (their import paid once): a batch's marginal config. CuPy's NVRTC compiles
+        each kernel as a translation unit of its own, headers included: a config alone."""
+        if backend not in AUDITED:
+            return 0.0  # torch eager: nothing to compile
+        return self.alone_s[backend] if backend == "cupy" else self.marginal_s[backend]
+
+    def audit_s(self, backend: str, configs: int, cores: int) -> float:
+        """One core's seconds for the audit to compile `configs` configs of a spec: in batches of at most
+        AUDIT_BATCH, at least one a core (autonorm/audit/run.py), each batch paying one start-up."""
+        if backend not in AUDITED or not configs:
+            return 0.0
+        per = max(1, min(AUDIT_BATCH, math.ceil(configs / cores)))
+        start = max(0.0, self.alone_s[backend] - self.marginal_s[backend])
+        return math.ceil(configs / per) * start + configs * self.marginal_s[backend]
+
+
+@dataclass
+class DryRun:
+    plan: planner.Plan
+    profile: GpuProfile
+    cores: int
+    spent: dict             # seconds before the plan, by what spends them
+    by_backend: dict        # backend -> (compile seconds, timing seconds) the plan expects
+    rebuild_s: float        # each study rebuilding its space (not in the plan's estimate), summed
+    unburdened: planner.Plan  # the same studies planned with only the start-up spent before them
+
+
+def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfile, figures: CompileFigures,
+                cores: int, compile_baseline: bool) -> planner.Costs:
+    """The planner's `Costs` for one study: the timer's seconds at the model's median kernel time over the
+    space (through `Costs.estimate`, which adds the reference check and sizes the finish), and each
+    backend's compile seconds over `cores`."""
+    facts = rank.DeviceFacts.of(profile.identity(), profile.copy_gbps)
+    kernel_us = statistics.median(rank.predict_us(spec, rows, c, facts) for c in space.candidates())
+    costs = planner.Costs.estimate({"warmup_s": 0.0, "rep_s": measure_s(kernel_us, profile, timer_defaults())},
+                                   compile_baseline)
+    return dataclasses.replace(costs, compile_s={b: figures.candidate_s(b) / cores for b in space.configs})
+
+
+def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
+            cores: int = 16, n_trials: int = 60, compile_baseline: bool = True, audit_cached: bool = False,
+            built: dict | None = None) -> DryRun:
+    """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`.
+
+    `tune_grid` builds every study's space before the plan and each study builds it again when it runs: each
+    build enumerates the backends' spaces (CPU seconds measured here, once per spec) and renders every config
+    to find its audit profile in the cache. `audit_cached`: the audit's cache already holds every config
+    (compiled earlier with the device machine's toolchain), so nothing is compiled before the plan. `built`
+    (spec -> (space, CPU seconds)) keeps the spaces for another call over the same backends."""
+    built = {} if built is None else built
+    jobs, costs = [], []
+    for spec, rows in studies:
+        if spec not in built:
+            started = time.process_time()
+            space = SearchSpace(spec, backends)  # unpruned: the audit drops 1-9% of it on sm_90
+            built[spec] = (space, time.process_time() - started)
+        space = built[spec][0]
+        seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
+        jobs.append((spec, rows, f"{spec.short()} rows={rows}", space, seeds))
+        costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline))
+    plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
+    spaces = {spec: built[spec][0] for spec, _ in studies}
+    build = {spec: built[spec][1] + sum(figures.render_s.get(b, 0.0) * len(cs) for b, cs in space.configs.items())
+             for spec, space in spaces.items()}
+    audit_cpu_s = sum(figures.audit_s(b, len(cs), cores) for space in spaces.values()
+                      for b, cs in space.configs.items())
+    spent = {"start-up and copy probe (assumed)": STARTUP_S,
+             "audit compiles of every space": 0.0 if audit_cached else audit_cpu_s / cores,
+             "building each study's space (serial)": sum(build[spec] for spec, _ in studies)}
+    # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
+    unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
+    plan = planner.split(plans, budget_s, sum(spent.values()))
+    by_backend = {}
+    for (spec, *_), p in zip(jobs, plan.studies):
+        if p.status != "run":
+            continue
+        sizes = spaces[spec].configs
+        total = sum(len(cs) for cs in sizes.values())
+        for b, cs in sizes.items():
+            share = p.planned * len(cs) / total
+            c, t = by_backend.get(b, (0.0, 0.0))
+            by_backend[b] = (c + share * figures.candidate_s(b) / cores, t + share * p.time_s)
+    rebuild = sum(build[p.spec] for p in plan.running())
+    return DryRun(plan, profile, cores, spent, by_backend, rebuild, unburdened)

@@ -1,0 +1,113 @@
+"""The dry run of `autonorm tune --budget` for a GPU (autonorm/tune/dry_run.py) on a slice of the standard grid:
+the real planner with the recorded compile figures and the scripted CudaTimer protocol; nothing compiled or launched.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from autonorm.backends import get_backend
+from autonorm.grids import STANDARD
+from autonorm.tune import dry_run as dr
+from autonorm.tune import plan as planner
+
+FIGURES = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "compile-times.json"
+SLICE = [(spec, rows) for spec in STANDARD.specs() if spec.hidden == 256 and spec.x_dtype == "float32"
+         and spec.op == "rmsnorm" for rows in STANDARD.tune_rows_for(spec.hidden)]  # fwd and bwd, 6 rows each
+BACKENDS = {name: get_backend(name) for name in ("triton", "cupy", "numba", "torch")}
+H100 = dr.PROFILES["h100-sxm"]
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {}  # the slice's spaces, built once for every test here
+
+
+def _run(budget_s, built, **kw):
+    return dr.dry_run(SLICE, BACKENDS, H100, dr.CompileFigures.load(FIGURES), budget_s, built=built, **kw)
+
+
+def _studies_s(plan):
+    return sum(p.search_s + p.finish_s for p in plan.running())
+
+
+@pytest.mark.parametrize("budget_s", [480.0, 120.0, 20.0])
+@pytest.mark.parametrize("which", ["plan", "unburdened"])
+def test_the_plan_stays_in_the_budget_and_accounts_for_every_study(budget_s, which, built):
+    plan = getattr(_run(budget_s, built), which)
+    assert [(p.spec, p.rows) for p in plan.studies] == SLICE  # each study once, in grid order
+    # What runs fits what the start-up left; a start-up that spent the whole budget leaves nothing to run.
+    assert _studies_s(plan) <= max(0.0, budget_s - plan.spent_s) + 1e-6
+    if plan.spent_s >= budget_s:
+        assert plan.running() == []
+    else:
+        assert plan.spent_s + _studies_s(plan) <= budget_s + 1e-6
+    for p in plan.studies:
+        assert p.status in ("run", "left out")
+        if p.status == "left out":
+            assert p.why.startswith("its seeds and finish need ")
+        else:
+            assert p.planned >= p.seeds  # a study that runs times at least its seeds
+
+
+def test_a_tight_budget_leaves_studies_out_and_a_loose_one_runs_them_all(built):
+    loose, tight = _run(3600.0, built).plan, _run(120.0, built).plan
+    assert all(p.status == "run" for p in loose.studies)
+    assert any(p.status == "left out" for p in tight.studies) and tight.running()
+
+
+def test_the_unburdened_plan_is_the_same_studies_with_only_the_start_up_spent(built):
+    run = _run(120.0, built)
+    assert run.unburdened.spent_s == dr.STARTUP_S < run.plan.spent_s
+    assert all(a is not b for a, b in zip(run.plan.studies, run.unburdened.studies))  # planned apart
+    assert [p.floor_s for p in run.unburdened.studies] == [p.floor_s for p in run.plan.studies]
+    assert len(run.unburdened.running()) > len(run.plan.running())
+
+
+def test_compile_seconds_are_the_recorded_figures_over_the_cores(built):
+    recorded = json.loads(FIGURES.read_text())["backends"]
+    figures = dr.CompileFigures.load(FIGURES)
+    # Triton and Numba compile in the tuner's process: a batch's marginal config; CuPy's NVRTC, a config alone.
+    assert [figures.candidate_s(b) for b in ("triton", "numba", "cupy", "torch")] == [
+        recorded["triton"]["marginal_s"], recorded["numba"]["marginal_s"], recorded["cupy"]["alone_s"], 0.0]
+    for cores in (16, 4):
+        run = _run(480.0, built, cores=cores)
+        for p in run.plan.studies:
+            sizes = {b: len(cs) for b, cs in built[p.spec][0].configs.items()}
+            expected = sum(figures.candidate_s(b) * n for b, n in sizes.items()) / sum(sizes.values()) / cores
+            assert p.compile_s == pytest.approx(expected)
+
+
+def test_the_audit_compiles_before_the_plan_count_in_the_budget_unless_cached(built):
+    cold, warm = _run(480.0, built), _run(480.0, built, audit_cached=True)
+    assert cold.spent["audit compiles of every space"] > 0 == warm.spent["audit compiles of every space"]
+    assert cold.plan.spent_s == pytest.approx(sum(cold.spent.values()))
+    assert warm.plan.spent_s < cold.plan.spent_s
+
+
+def test_the_scripted_timer_spends_cudatimers_windows():
+    windows = dr.timer_defaults()
+    assert windows == {"warmup_ms": 25, "rep_ms": 100, "min_reps": 10, "max_reps": 1000}
+    flush_us = 2 * H100.l2_bytes / (H100.copy_gbps * 1e3)
+    # A 1 ms kernel: 25 warm-up calls fill the 25 ms window, 100 timed repetitions the 100 ms one, each after
+    # an L2 flush, plus the 5 calls that size the windows.
+    rep_us = flush_us + 1000.0 + dr.HOST_US_PER_REP
+    assert dr.measure_s(1000.0, H100, windows) == pytest.approx(((5 + 100) * rep_us + 25 * 1000.0) / 1e6)
+    # A 1 us kernel hits the 1,000 repetition cap on both windows.
+    rep_us = flush_us + 1.0 + dr.HOST_US_PER_REP
+    assert dr.measure_s(1.0, H100, windows) == pytest.approx(((5 + 1000) * rep_us + 1000 * dr.LAUNCH_US) / 1e6)
+
+
+def test_the_finish_and_timing_come_from_the_planners_own_estimate(built):
+    with_baseline = _run(480.0, built).plan.studies[0]
+    without = _run(480.0, built, compile_baseline=False).plan.studies[0]
+    assert with_baseline.time_s > planner.VERIFY_S
+    assert with_baseline.finish_s - without.finish_s == pytest.approx(planner.COMPILE_BASELINE_S)
+    assert without.finish_s == pytest.approx(planner.FINISH_TIMINGS * without.time_s)
+
+
+def test_a_file_that_is_not_compile_times_is_refused_by_name(tmp_path):
+    bad = tmp_path / "ct.json"
+    bad.write_text(json.dumps({"backends": {"triton": {"alone_s": 1, "marginal_s": 1, "render_s": 0}}}))
+    with pytest.raises(ValueError, match="ct.json: not a compile-times file.*cupy, numba"):
+        dr.CompileFigures.load(bad)
