@@ -57,7 +57,7 @@ class SearchSpace:
                     order = list(type(configs[0]).domain()[knob])
                     values[knob] = sorted(seen, key=order.index)
             self.knobs[name] = values
-        self._by_key = None  # key -> candidate, made on first use
+        self._by_key = self._by_params = None  # key -> candidate, params -> candidate: made on first use
 
     def __len__(self) -> int:
         return sum(len(cs) for cs in self.configs.values())
@@ -82,6 +82,11 @@ class SearchSpace:
     def candidate(self, params: dict) -> Candidate | None:
         """The candidate Optuna params select, snapped to the nearest valid config as `suggest` does (None
         when they name no backend of this space or an index outside a knob's values)."""
+        if self._by_params is None:  # a study reads every queued trial's params on each step: exact ones by lookup
+            self._by_params = {_frozen(self.params(c)): c for c in self.candidates()}
+        exact = self._by_params.get(_frozen(params))
+        if exact is not None:
+            return exact
         name = params.get("backend")
         if name not in self.configs:
             return None
@@ -113,3 +118,7 @@ class SearchSpace:
             if Candidate(cand.backend, c).key not in exclude:
                 return Candidate(cand.backend, c)
         return next((c for c in self.candidates() if c.key not in exclude), None)
+
+
+def _frozen(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
