@@ -11,14 +11,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-from test_budget import RowsBackend
+import torch
+from test_budget import COSTS, RowsBackend, ScriptedClockTimer
 
 from autonorm import db_sources
 from autonorm.backends.torch_eager import TorchBackend
 from autonorm.config import Config, knob
 from autonorm.db import Entry, Record, RecordKey
 from autonorm.spec import NormSpec
-from autonorm.tune import SearchSpace, transfer
+from autonorm.tune import SearchSpace, StudyOptions, make_storage, transfer, tune_grid
 from autonorm.tune.space import Candidate
 
 pytest.importorskip("optuna")
@@ -32,7 +33,7 @@ def spec(hidden: int, direction: str = "fwd") -> NormSpec:
 class BlockConfig(Config):
     backend: ClassVar[str] = "fake"
     block: int = knob((32, 64, 128, 256, 512))
-    rows: int = knob((1, 2, 4, 8))
+    rows: int = knob((2, 4))
     unroll: int = knob((1, 2))
 
     @classmethod
@@ -84,7 +85,7 @@ def test_each_problem_has_its_own_anchors_and_a_study_without_sources_is_an_anch
 # --- seeds ------------------------------------------------------------------------------------------
 def test_a_config_invalid_in_the_neighbours_space_maps_to_its_nearest_valid_config():
     space = SearchSpace(spec(256), backends())  # block at most 128
-    valid = Candidate("fake", BlockConfig(64, 8, 2))
+    valid = Candidate("fake", BlockConfig(64, 2, 2))
     assert transfer.map_into(space, valid) is valid
     mapped = transfer.map_into(space, Candidate("fake", BlockConfig(512, 4, 2)))
     assert mapped == Candidate("fake", BlockConfig(128, 4, 2))
@@ -95,12 +96,12 @@ def test_seeds_are_mapped_kept_in_order_and_each_candidate_is_timed_once_with_al
     space = SearchSpace(spec(256), backends())
     seeds = transfer.study_seeds(space, [
         transfer.Seed(Candidate("fake", BlockConfig(512, 4, 2)), "anchor N=1024 R=64"),
-        transfer.Seed(Candidate("fake", BlockConfig(32, 1, 1)), "heuristic"),
+        transfer.Seed(Candidate("fake", BlockConfig(32, 2, 1)), "heuristic"),
         transfer.Seed(Candidate("fake", BlockConfig(128, 4, 2)), "same-arch gpu-b"),
     ])
     assert [(s.candidate.config, s.source) for s in seeds] == [
         (BlockConfig(128, 4, 2), "anchor N=1024 R=64 (nearest valid) + same-arch gpu-b"),
-        (BlockConfig(32, 1, 1), "heuristic")]
+        (BlockConfig(32, 2, 1), "heuristic")]
     assert transfer.sources_summary(seeds) == "anchor N=1024 R=64, same-arch gpu-b, heuristic"
 
 
@@ -115,7 +116,7 @@ def _table(slug: str, cc: str, *records: Record) -> db_sources.DeviceTable:
 
 
 def test_a_table_seeds_its_record_for_the_key_else_its_nearest_of_the_same_problem():
-    exact, near, far = BlockConfig(64, 1, 1), BlockConfig(128, 2, 1), BlockConfig(256, 8, 2)
+    exact, near, far = BlockConfig(64, 2, 1), BlockConfig(128, 2, 1), BlockConfig(256, 4, 2)
     table = _table("gpu-b", "9.0", _record(512, 64, exact), _record(1024, 64, near), _record(4096, 1024, far))
     assert [s.candidate.config for s in transfer.from_tables(spec(512), 64, [("same-arch gpu-b", table)])] == [exact]
     seeds = transfer.from_tables(spec(1024), 50, [("same-arch gpu-b", table)])  # 50 rows: bucket 64
@@ -124,10 +125,10 @@ def test_a_table_seeds_its_record_for_the_key_else_its_nearest_of_the_same_probl
 
 
 def test_seed_tables_are_the_same_architecture_then_the_newest_generation_below(monkeypatch):
-    tables = {"a100": _table("a100", "8.0", _record(512, 64, BlockConfig(32, 1, 1))),
-              "l40": _table("l40", "8.9", _record(512, 64, BlockConfig(32, 1, 1))),
-              "h100-pcie": _table("h100-pcie", "9.0", _record(512, 64, BlockConfig(32, 1, 1))),
-              "b200": _table("b200", "10.0", _record(512, 64, BlockConfig(32, 1, 1)))}
+    tables = {"a100": _table("a100", "8.0", _record(512, 64, BlockConfig(32, 2, 1))),
+              "l40": _table("l40", "8.9", _record(512, 64, BlockConfig(32, 2, 1))),
+              "h100-pcie": _table("h100-pcie", "9.0", _record(512, 64, BlockConfig(32, 2, 1))),
+              "b200": _table("b200", "10.0", _record(512, 64, BlockConfig(32, 2, 1)))}
 
     class File:
         def __init__(self, device):
@@ -151,8 +152,132 @@ def test_a_neighbour_is_planned_short_with_its_sources_among_its_seeds():
             for s, r in shapes]
     plans = planner.study_plans(jobs, costs, 60, {})
     found = transfer.roles(shapes)
-    transfer.shape_plans(plans, found)
+    heuristic = transfer.Seed(Candidate("fake", BlockConfig(32, 2, 1)), "heuristic")
+    transfer.shape_plans(plans, found, [[heuristic, heuristic]] * 3)
     assert [p.role for p in plans] == ["anchor", "from N=256 R=64, N=1024 R=64", "anchor"]
+    assert plans[1].seeds_from == "heuristic x2"
     assert [p.wanted for p in plans] == [len(jobs[0][3]), 2 + 2 + transfer.NEIGHBOUR_SEARCH, len(jobs[2][3])]
     assert plans[1].seeds == 4
     assert math.isclose(planner.split(plans, 100.0, 0.0).studies[1].search_s, plans[1].wanted * 0.05)
+
+
+# --- a grid run: anchors, then a neighbour seeded from them -----------------------------------------
+def cost_us(config) -> float:
+    """Lowest at the largest block a shape allows (block 512 needs hidden 1024), rows 4 and unroll 2."""
+    return 10.0 + (9 - math.log2(config.block)) + abs(math.log2(config.rows) - 2) + (config.unroll != 2)
+
+
+class BlockTimer(ScriptedClockTimer):
+    """test_budget's scripted clock and timer, with `cost_us` for the fake's configs (torch: 50 us)."""
+
+    @staticmethod
+    def _us(kernel):
+        config = getattr(kernel, "config", None)
+        return 50.0 if config is None else cost_us(config)
+
+
+ROWS = 64
+TRIALS = 24  # every space of these shapes (13 to 21 candidates with torch) is exhaustive: anchors time it all
+
+
+def tune(folder, hiddens, timer, shown, trials=TRIALS):
+    results = []
+    options = StudyOptions(trials=trials, time_budget=600, compile_workers=1, compile_baseline=False)
+    tune_grid([spec(h) for h in hiddens], [ROWS], backends(), torch.device("cpu"), options,
+              db_path=folder / "db.json", storage=make_storage(None, folder / "j.journal"), lock_path=None,
+              results=results, copy_gbps=10.0, timer=timer, budget_s=30.0, elapsed=lambda: 0.0,
+              costs=COSTS, show_plan=shown.append, clock=timer.clock)
+    return results
+
+
+def register_fake(mp):
+    """Databases rebuild each config through its backend: the fake must be one by name."""
+    from autonorm import backends as registry
+
+    mp.setitem(registry.BACKENDS, "fake", "tests:BlockBackend")
+    mp.setitem(registry._instances, "fake", BlockBackend())
+
+
+@dataclass
+class GridRun:
+    folder: object
+    timer: BlockTimer
+    shown: list
+    results: list
+
+    def winner(self, hidden):
+        return next(r.record.winner.config for r in self.results if r.spec.hidden == hidden)
+
+    def timed(self, hidden):
+        return [config for h, config in self.timer.timed if h == hidden]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """One budgeted run over hidden 256, 512 and 1024 (anchors 256 and 1024, 4x apart; 512 their neighbour)."""
+    with pytest.MonkeyPatch.context() as mp:
+        register_fake(mp)
+        run = GridRun(tmp_path_factory.mktemp("grid"), BlockTimer(), [], [])
+        run.results = tune(run.folder, [256, 512, 1024], run.timer, run.shown)
+    return run
+
+
+def test_anchors_run_before_their_neighbours(grid):
+    hiddens = [hidden for hidden, _ in grid.timer.timed]
+    assert hiddens.index(512) > max(i for i, h in enumerate(hiddens) if h in (256, 1024))
+    assert [r.spec.hidden for r in grid.results] == [256, 1024, 512]
+
+
+def test_a_neighbour_first_times_its_anchors_winners_mapped_into_its_space(grid):
+    assert grid.winner(256) == BlockConfig(128, 4, 2) and grid.winner(1024) == BlockConfig(512, 4, 2)
+    # block 512 is invalid at hidden 512 (at most 256): the nearest valid config is block 256, the rest kept
+    assert grid.timed(512)[:2] == [BlockConfig(128, 4, 2), BlockConfig(256, 4, 2)]
+
+
+def test_a_neighbour_stops_after_its_short_patience(grid):
+    # its seeds: the 2 anchors' winners and the 2 heuristics (fake, torch); no later candidate beats the
+    # mapped winner (the best of its space), so it stops NEIGHBOUR_PATIENCE candidates later, exhaustive space
+    # or not, where the anchors timed every candidate of theirs
+    assert len(grid.timed(512)) == 4 + transfer.NEIGHBOUR_PATIENCE
+    assert {r.spec.hidden: r.completeness for r in grid.results} == {256: "exhaustive", 1024: "exhaustive",
+                                                                     512: "converged"}
+    assert grid.winner(512) == BlockConfig(256, 4, 2)
+
+
+def test_the_plan_names_the_anchors_and_where_each_neighbour_takes_its_seeds_from(grid):
+    lines = {line.split()[3]: line for line in grid.shown[0].splitlines() if line.startswith("rmsnorm")}
+    assert "anchor" in lines["N=256"] and "anchor" in lines["N=1024"]
+    assert "from N=256 R=64, N=1024 R=64" in lines["N=512"] and "anchor" not in lines["N=512"]
+    assert "heuristic x2" in lines["N=512"]
+
+
+def test_each_study_stores_where_its_seeds_came_from(grid):
+    import optuna
+
+    storage = make_storage(None, grid.folder / "j.journal")
+    sources = {s.user_attrs["spec"]["hidden"]: [seed["source"] for seed in s.user_attrs["seed_sources"]]
+               for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    assert sources[512][:4] == ["anchor N=256 R=64", "anchor N=1024 R=64 (nearest valid)", "heuristic", "heuristic"]
+    assert sources[256][:2] == ["heuristic", "heuristic"]
+
+
+def test_a_same_arch_record_seeds_the_search_and_is_measured_again(tmp_path, monkeypatch):
+    register_fake(monkeypatch)
+    stored = BlockConfig(64, 2, 1)
+    table = _table("gpu-b", "9.0", _record(512, ROWS, stored, median_us=0.001))
+    monkeypatch.setattr(db_sources, "same_architecture", lambda device: [table])
+    timer = BlockTimer()
+    record = tune(tmp_path, [512], timer, [], trials=6)[0].record
+    assert timer.timed[0] == (512, stored)  # its first candidate (no earlier winner here)
+    entries = [record.winner, *record.runners_up]
+    assert all(e.median_us >= 10.0 for e in entries)  # the stored 0.001 us never enters the record
+    assert all(e.median_us == pytest.approx(cost_us(e.config)) for e in entries if e.backend == "fake")
+
+
+def test_a_bad_patience_after_is_refused_by_name():
+    from autonorm.errors import TuneOptionError
+
+    for bad in (-1, 2.5, True):
+        with pytest.raises(TuneOptionError, match="patience_after"):
+            StudyOptions(patience_after=bad)
+    assert StudyOptions(patience_after=0).patience_after == 0

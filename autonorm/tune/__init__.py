@@ -14,6 +14,7 @@
     run.py       native backends, `tune_grid` (what `autonorm tune` runs) and `tune_one`
     plan.py      `--budget`: the plan that divides one time budget across a grid's studies
     rank.py      the static cost model that orders each study's candidates before any timing
+    transfer.py  `--budget` across shapes: anchors first, neighbours seeded from their winners
 
 Needs Optuna (`pip install "autonorm[tune]"`); importing this package imports it
 only when a study starts.

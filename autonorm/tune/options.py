@@ -29,6 +29,10 @@ class StudyOptions:
     trials: int = DEFAULTS["trials"]  # distinct candidates evaluated per study (a space this small is exhaustive)
     time_budget: float = DEFAULTS["time_budget"]  # seconds one study may search (its finish comes on top)
     patience: int | None = None  # TPE trials without a 0.5% gain that end a study; None: max(10, trials // 3)
+    # Candidates evaluated before patience counts; None: the seeds and STARTUP_TRIALS more, and no patience in an
+    # exhaustive space. A study seeded from its neighbours' winners sets it to its seeds (`transfer.py`): it
+    # stops when they stop improving, whatever its space.
+    patience_after: int | None = None
     compile_workers: int = field(default_factory=default_compile_workers)
     finalists: int = 3  # the best candidates re-timed, interleaved with the torch baselines
     compile_baseline: bool = True  # time torch.compile beside the finalists (torch eager always is)
@@ -46,6 +50,9 @@ class StudyOptions:
                      "a whole number >= 1")
         _require("patience", self.patience, self.patience is None or (_is_int(self.patience) and self.patience >= 1),
                  "a whole number >= 1, or None for the default")
+        _require("patience_after", self.patience_after,
+                 self.patience_after is None or (_is_int(self.patience_after) and self.patience_after >= 0),
+                 "a whole number >= 0, or None for the default")
         budget = self.time_budget
         _require("time_budget", budget, isinstance(budget, (int, float)) and not isinstance(budget, bool)
                  and not math.isnan(budget) and budget >= 0, "seconds >= 0")

@@ -78,6 +78,8 @@ class StudyPlan:
     status: str = "run"         # "run", "complete" (done by an earlier run) or "left out"
     why: str = ""
     search_s: float = 0.0       # seconds of search the study gets
+    role: str = ""              # "anchor", or the studies whose winners seed it (`transfer.py`)
+    seeds_from: str = ""        # where its seeds known before the run come from
     stored: dict | None = field(default=None, repr=False)  # the record of a complete study, as stored
 
     @property
@@ -174,13 +176,14 @@ def format_plan(plan: Plan) -> str:
              f"{len(run)} studies to run, "
              f"{sum(s.status == 'complete' for s in plan.studies)} complete from an earlier run, "
              f"{sum(s.status == 'left out' for s in plan.studies)} left out"]
-    header = ("spec", "rows", "space", "seeds", "planned", "seconds", "status")
+    header = ("spec", "rows", "space", "seeds", "planned", "seconds", "role", "seeds from", "status")
     rows = [header]
     for s in plan.studies:
         seconds = f"{s.search_s + s.finish_s:.0f}" if s.status == "run" else "-"
         planned = str(s.planned) if s.status == "run" else "-"
         status = s.status if s.status == "run" else f"{s.status}: {s.why}" if s.why else s.status
-        rows.append((s.spec.short(), str(s.rows), str(s.space), str(s.seeds), planned, seconds, status))
+        rows.append((s.spec.short(), str(s.rows), str(s.space), str(s.seeds), planned, seconds, s.role or "-",
+                     s.seeds_from or "-", status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
     compile_s = sum(s.planned * s.compile_s for s in run)

@@ -21,7 +21,7 @@ from ..db import Record, RecordKey, TuningDB
 from ..device import identity, software_versions
 from ..errors import BackendUnavailableError, UnknownBackendError
 from ..spec import NormSpec, rows_bucket
-from . import fleet, quality, race, rank
+from . import fleet, quality, race, rank, transfer
 from . import plan as planner
 from .compile_pool import CompilePool
 from .finalize import StudyResult
@@ -78,20 +78,21 @@ def protocol(timer, options: StudyOptions) -> dict:
                        f"re-timing and search differ by > {quality.AGREEMENT_LIMIT}x"}
 
 
-def _seeds(spec: NormSpec, rows: int, backends: dict, earlier: TuningDB | None) -> list[Candidate]:
-    """The database's earlier winner for the same key (first), then each backend's heuristic."""
-    seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
+def _seeds(spec: NormSpec, rows: int, space: SearchSpace, earlier: TuningDB | None, tables: list) -> list:
+    """The database's earlier winner for the same key, a record of each database of other GPUs in `tables`
+    (`transfer.seed_tables`), then each backend's heuristic: `transfer.Seed`s mapped into `space`."""
     prior = earlier.records.get(RecordKey.of(spec, rows_bucket(rows))) if earlier else None
-    if prior is not None and prior.winner.backend in backends:
-        seeds.insert(0, Candidate(prior.winner.backend, prior.winner.config))
-    return seeds
+    seeds = [transfer.Seed(Candidate(prior.winner.backend, prior.winner.config), "earlier winner")] if prior else []
+    seeds += transfer.from_tables(spec, rows, tables)
+    seeds += [transfer.Seed(Candidate(name, b.heuristic(spec)), "heuristic") for name, b in space.backends.items()]
+    return transfer.study_seeds(space, seeds)
 
 
-def _with_ranked(seeds: list[Candidate], space: SearchSpace, rows: int, facts: rank.DeviceFacts) -> list[Candidate]:
+def _with_ranked(seeds: list, space: SearchSpace, rows: int, facts: rank.DeviceFacts) -> list:
     """The seeds, then the cost model's RANKED_SEEDS best candidates not among them."""
-    keys = {c.key for c in seeds}
+    keys = {s.candidate.key for s in seeds}
     best = [c for c in rank.ranked(space, rows, facts) if c.key not in keys][:RANKED_SEEDS]
-    return seeds + best
+    return seeds + [transfer.Seed(c, "cost model") for c in best]
 
 
 def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, device: torch.device,
@@ -105,9 +106,11 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     bar per study (tqdm-like), or None for none. With `budget_s`, the grid is planned
     to end `budget_s` seconds after `elapsed()` was 0 (default: the process start;
     `autonorm.tune.plan`): the plan goes to `show_plan(text)`, each study's
-    `time_budget` is its share, and the cost model's best candidates are timed right
-    after the seeds. `costs` replaces the plan's estimates (`Costs.estimate` from the
-    timer's protocol); `clock` is the seconds the deadline and studies count in.
+    `time_budget` is its share, the cost model's best candidates are timed right
+    after the seeds, and shapes transfer (`transfer.py`: anchors first, their
+    neighbours seeded from their winners; records of other GPUs as seeds). `costs`
+    replaces the plan's estimates (`Costs.estimate` from the timer's protocol);
+    `clock` is the seconds the deadline and studies count in.
     """
     ident = identity(device)
     timer = timer if timer is not None else measure.timer_for(device)
@@ -117,14 +120,21 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     earlier = TuningDB.load(db_path) if db_path.exists() else None
     db = TuningDB(device_info, software_versions(), protocol(timer, options))
     study_attrs = {"device": device_info, "versions": db.versions, "protocol": db.protocol}
-    jobs = [(spec, rows, study_name(ident["slug"], spec, rows, backends), SearchSpace(spec, backends, device),
-             _seeds(spec, rows, backends, earlier)) for spec in specs for rows in row_counts]
-    plans = None
+    tables = transfer.seed_tables(device_info) if budget_s is not None else []
+    spaces = [(spec, rows, SearchSpace(spec, backends, device)) for spec in specs for rows in row_counts]
+    jobs = [(spec, rows, study_name(ident["slug"], spec, rows, backends), space,
+             _seeds(spec, rows, space, earlier, tables)) for spec, rows, space in spaces]
+    roles = [transfer.Role(0)] * len(jobs)
+    plans, winners = None, {}
     if budget_s is not None:
+        roles = transfer.roles([(spec, rows) for spec, rows, *_ in jobs])
+        order = transfer.run_order(roles)
+        jobs, roles = [jobs[i] for i in order], [roles[i] for i in order]
         elapsed = elapsed or planner.process_age_s
         costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline)
-        plans = planner.split(planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage)),
-                              budget_s, elapsed()).studies
+        plans = planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage))
+        transfer.shape_plans(plans, roles, [seeds for *_, seeds in jobs])
+        plans = planner.split(plans, budget_s, elapsed()).studies
         if show_plan is not None:
             show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans)))
         deadline = clock() + budget_s - elapsed()
@@ -141,22 +151,26 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
                 results.append(StudyResult(spec, rows, record, record.trials, record.trials - record.failed,
                                            space_size=plan.space, completeness=record.completeness))
                 db.upsert(record)
+                transfer.remember(winners, spec, rows, record)
                 continue
             share = _share(plans, i, deadline - clock())
             if plan.status != "run" or share is None:
                 if plan.status == "run" and show_plan is not None:
                     show_plan(f"left out {spec.short()} rows={rows}: the budget was spent before it started")
                 continue
-            study_options = dataclasses.replace(options, time_budget=share)
+            seeds = transfer.study_seeds(space, transfer.transferred(roles[i], spec, winners) + seeds)
+            study_options = transfer.options_for(roles[i], dataclasses.replace(options, time_budget=share), len(seeds))
             seeds = _with_ranked(seeds, space, rows, facts)
         bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,
-                             seeds=seeds, copy_gbps=copy_gbps, lock_path=lock_path, study_attrs=study_attrs,
-                             progress=bar, clock=clock, compile_pool=pool)
+                             seeds=[s.candidate for s in seeds], copy_gbps=copy_gbps, lock_path=lock_path,
+                             study_attrs=study_attrs, progress=bar, clock=clock, compile_pool=pool,
+                             seed_sources=transfer.provenance(seeds))
         result = runner.run()
         if bar is not None:
             bar.close()
         results.append(result)
+        transfer.remember(winners, spec, rows, result.record)
         if result.record is not None:
             db.upsert(result.record)
             db.save(db_path)  # after every study: a killed run keeps what it finished

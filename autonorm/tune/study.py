@@ -20,7 +20,8 @@ exhaustively (every config enqueued); a larger one by TPE after the seeds. A stu
 stops on its trial budget, its time budget, or `patience` trials without a 0.5%
 gain, counted only after the seeds and STARTUP_TRIALS more candidates: TPE samples
 at random until then, and patience counted over that phase could end a study
-before TPE had a model.
+before TPE had a model. A study seeded from its neighbours' winners (`transfer.py`,
+`StudyOptions.patience_after`) counts from the end of its seeds, exhaustive or not.
 
 Every candidate is compiled ahead of the timer, a batch at a time (`compile_pool.py`:
 worker processes filling the compilers' disk caches where a backend has one, else
@@ -77,13 +78,14 @@ class StudyRunner:
     own: its spec, rows and backends, the timer and device, where it is stored (`storage`, `name`, and
     `lock_path` beside a journal file), its seeds, the device's copy bandwidth (for a record's %copy),
     `study_attrs` (device, versions, protocol: kept in the study, `fleet.describe_study`), a tqdm-like
-    `progress` bar or None, and `clock`, the seconds its time budget counts in (tests script it)."""
+    `progress` bar or None, `clock`, the seconds its time budget counts in (tests script it), and
+    `seed_sources`, where each seed came from (`transfer.provenance`), kept in the study as `seed_sources`."""
 
     def __init__(self, spec: NormSpec, rows: int, backends: dict, timer, options: StudyOptions | None = None, *,
                  storage, name: str, device="cpu", seeds: list[Candidate] = (), copy_gbps: float | None = None,
                  lock_path: Path | None = None, study_attrs: dict | None = None, progress=None,
                  compile_pool: CompilePool | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, seed_sources: list | None = None):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.options = options if options is not None else StudyOptions()
         self.device = torch.device(device)
@@ -93,7 +95,11 @@ class StudyRunner:
         self.space = SearchSpace(spec, backends, self.device)
         n_trials = self.options.trials
         self.exhaustive = len(self.space) <= n_trials
-        self.patience = None if self.exhaustive else (self.options.patience or max(10, n_trials // 3))
+        transferred = self.options.patience_after is not None  # patience even in an exhaustive space
+        self.patience = (None if self.exhaustive and not transferred
+                         else self.options.patience or max(10, n_trials // 3))
+        self.patience_after = self.options.patience_after if transferred else len(self.seeds) + STARTUP_TRIALS
+        self.seed_sources = seed_sources  # [{"candidate": key, "source": where it came from}] (`transfer.py`)
         self._beats = fleet.Heartbeats(None)
         self.compile_pool = compile_pool  # a grid's pool, shared by its studies (None: the study makes its own)
         self.timing_s = 0.0  # seconds inside the timer, search and finish (`timed`)
@@ -113,6 +119,8 @@ class StudyRunner:
         study = trials.open_study(self.storage, self.name, sampler)
         if self.study_attrs is not None:
             fleet.describe_study(study, self.spec, self.rows, **self.study_attrs)
+        if self.seed_sources is not None:
+            study.set_user_attr("seed_sources", self.seed_sources)  # this run's seeds (a resume may add some)
         return study
 
     def run(self) -> StudyResult:
@@ -204,7 +212,7 @@ class StudyRunner:
                     value = self._evaluate(study, trial, cand, state, compiled)
                     if value is not None and value < best * (1 - IMPROVEMENT):
                         best, since_best = value, 0
-                    elif is_new and state.done > len(self.seeds) + STARTUP_TRIALS:
+                    elif is_new and state.done > self.patience_after:
                         since_best += 1
                     if self.progress is not None and is_new:
                         self.progress.update(1)

@@ -23,6 +23,7 @@ its stored time is never used. Each seed keeps where it came from; the study sto
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -141,12 +142,32 @@ def study_seeds(space: SearchSpace, seeds: list[Seed]) -> list[Seed]:
     return list(merged.values())
 
 
+def remember(winners: dict, spec: NormSpec, rows: int, record) -> None:
+    """Keep a finished study's winner (its Record; None when it has none) for the studies that transfer from it."""
+    if record is not None:
+        winners[(problem(spec), spec.hidden, rows_bucket(rows))] = Candidate(record.winner.backend,
+                                                                            record.winner.config)
+
+
 def transferred(role: Role, spec: NormSpec, winners: dict) -> list[Seed]:
-    """The winners of `role`'s sources that have one by now (`winners`: (problem, hidden, rows bucket) ->
-    Candidate, filled as studies end), nearest source first (along hidden, then along rows)."""
+    """The winners of `role`'s sources that have one by now (`winners`, filled by `remember`), nearest source
+    first (along hidden, then along rows)."""
     kind = "anchor" if role.tier == 1 else "neighbour"  # a tier-2 study's sources are tier-1 studies
     return [Seed(winners[(problem(spec), h, r)], f"{kind} N={h} R={r}")
             for h, r in role.sources if (problem(spec), h, r) in winners]
+
+
+def options_for(role: Role, options, seeds: int):
+    """The StudyOptions of a study: a neighbour's stops after NEIGHBOUR_PATIENCE candidates past its `seeds`
+    without a gain."""
+    if role.anchor:
+        return options
+    return dataclasses.replace(options, patience=NEIGHBOUR_PATIENCE, patience_after=seeds)
+
+
+def provenance(seeds: list[Seed]) -> list[dict]:
+    """Where each seed came from, as the study stores it (user attribute `seed_sources`)."""
+    return [{"candidate": s.candidate.key, "source": s.source} for s in seeds]
 
 
 def sources_summary(seeds: list[Seed]) -> str:
@@ -202,11 +223,12 @@ def previous_generation(device: dict) -> list:
 
 
 # -- the plan --------------------------------------------------------------------------------------------
-def shape_plans(plans: list, found: list[Role]) -> None:
-    """Mark each StudyPlan with its role; a neighbour counts its sources among its seeds and wants no more
-    than NEIGHBOUR_SEARCH candidates past them, which leaves the rest of the budget to the anchors."""
-    for plan, role in zip(plans, found):
-        plan.role = role.describe()
+def shape_plans(plans: list, found: list[Role], seeds: list) -> None:
+    """Mark each StudyPlan with its role and where its `seeds` (a list of Seed per plan) come from; a neighbour
+    counts its sources among its seeds and wants no more than NEIGHBOUR_SEARCH candidates past them, which
+    leaves the rest of the budget to the anchors."""
+    for plan, role, known in zip(plans, found, seeds):
+        plan.role, plan.seeds_from = role.describe(), sources_summary(known)
         if role.anchor or plan.status != "run":
             continue
         plan.seeds += len(role.sources)
