@@ -70,9 +70,26 @@ def grid_flags(grid: dict) -> list[str]:
 
 # -- the load gate --------------------------------------------------------------------------------------
 
+def _family(root: int) -> set[int]:
+    """`root` and every process descended from it (the tune runs and their compile workers)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # a process that ended meanwhile
+    family, new = set(), {root}
+    while new:
+        family |= new
+        new = {pid for pid, parent in parents.items() if parent in new} - family
+    return family
+
+
 def _runnable_threads(pids) -> int:
     count = 0
-    for pid in list(pids):
+    for pid in pids:
         try:
             tasks = os.listdir(f"/proc/{pid}/task")
         except OSError:
@@ -87,12 +104,12 @@ def _runnable_threads(pids) -> int:
     return count
 
 
-def read_load(own_pids) -> tuple[float, float]:
-    """(1-minute load average, runnable threads of processes other than `own_pids` now)."""
+def read_load() -> tuple[float, float]:
+    """(1-minute load average, runnable threads of processes outside this one and its descendants, now)."""
     with open("/proc/loadavg") as f:
         fields = f.read().split()
     running = int(fields[3].split("/")[0])
-    return float(fields[0]), max(0, running - _runnable_threads(own_pids))
+    return float(fields[0]), max(0, running - _runnable_threads(_family(os.getpid())))
 
 
 class LoadWatch:
@@ -101,13 +118,12 @@ class LoadWatch:
     def __init__(self, read=read_load, interval_s: float = 2.0, window_s: float = 60.0, limit: float = MAX_LOAD,
                  clock=time.monotonic):
         self.read, self.interval_s, self.window_s, self.limit, self.clock = read, interval_s, window_s, limit, clock
-        self.own_pids = {os.getpid()}
         self.samples: list[tuple[float, float, float]] = []  # (time, 1-minute load average, others' runnable)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> None:
-        load1, others = self.read(self.own_pids)
+        load1, others = self.read()
         self.samples.append((self.clock(), load1, others))
 
     def _loop(self) -> None:
@@ -151,18 +167,15 @@ class LoadWatch:
 
 # -- the two tuning runs --------------------------------------------------------------------------------
 
-def tune_phase(folder: Path, flags: list[str], watch: LoadWatch) -> dict:
+def tune_phase(folder: Path, flags: list[str]) -> dict:
     """`autonorm tune FLAGS --out folder` in a subprocess with its own Numba cache: its wall time and command."""
     folder.mkdir(parents=True)
     cmd = [sys.executable, "-m", "autonorm", "tune", *flags, "--out", str(folder)]
     env = {**os.environ, "AUTONORM_CACHE_DIR": str(folder / "cache")}
     with open(folder / "tune.log", "w") as log:
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        watch.own_pids.add(proc.pid)
-        returncode = proc.wait()
+        returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
         wall_s = time.monotonic() - started
-        watch.own_pids.discard(proc.pid)
     if returncode not in (0, 1):  # 1: a study recorded nothing (every candidate failed); the table says which
         tail = (folder / "tune.log").read_text().splitlines()[-15:]
         raise SystemExit(f"autonorm tune failed (exit {returncode}); {folder / 'tune.log'} ends:\n" + "\n".join(tail))
@@ -180,7 +193,7 @@ def records(folder: Path) -> dict:
     return TuningDB.load(found[0]).records if found else {}
 
 
-def exhaustive_phase(work: Path, grid: dict, reuse: Path | None, watch: LoadWatch, run_phase=tune_phase) -> dict:
+def exhaustive_phase(work: Path, grid: dict, reuse: Path | None, run_phase=tune_phase) -> dict:
     """Run the exhaustive half into work/exhaustive, or take `reuse`'s (refused when its grid differs)."""
     if reuse is not None:
         meta_path = reuse / "phase.json"
@@ -191,8 +204,8 @@ def exhaustive_phase(work: Path, grid: dict, reuse: Path | None, watch: LoadWatc
             raise SystemExit(f"--reuse-exhaustive {reuse}: tuned another grid ({meta.get('grid')}), not {grid}")
         return {**meta, "folder": str(reuse), "reused": True}
     folder = work / "exhaustive"
-    meta = {**run_phase(folder, grid_flags(grid) + ["--trials", str(EXHAUSTIVE_TRIALS), "--time-budget", "1e6"],
-                        watch), "grid": grid, "date": _now()}
+    meta = {**run_phase(folder, grid_flags(grid) + ["--trials", str(EXHAUSTIVE_TRIALS), "--time-budget", "1e6"]),
+            "grid": grid, "date": _now()}
     (folder / "phase.json").write_text(json.dumps(meta, indent=1) + "\n")
     return {**meta, "folder": str(folder), "reused": False}
 
@@ -262,10 +275,10 @@ def evidence(grid: dict, work: Path, *, share: float = 0.2, budget_s: float | No
     started, cache_before = _now(), os.environ.get("AUTONORM_CACHE_DIR")
     watch.start()
     try:
-        exhaustive = exhaustive_phase(work, grid, reuse, watch, run_phase)
+        exhaustive = exhaustive_phase(work, grid, reuse, run_phase)
         watch.sample()
         budget_s = budget_s or round(share * exhaustive["wall_s"], 1)
-        budget = run_phase(work / "budget", grid_flags(grid) + ["--budget", f"{budget_s}s"], watch)
+        budget = run_phase(work / "budget", grid_flags(grid) + ["--budget", f"{budget_s}s"])
         watch.sample()
         os.environ["AUTONORM_CACHE_DIR"] = str(Path(exhaustive["folder"]) / "cache")  # its kernels, compiled
         studies = compare(grid, records(Path(exhaustive["folder"])), records(work / "budget"), retime)
@@ -383,7 +396,7 @@ def main(argv=None) -> int:
         p.error(f"--share {args.share}: a share of the exhaustive time, between 0 and 1")
     grid = {**GRID, **{k: getattr(args, k) for k in ("ops", "directions", "dtypes", "hidden", "rows")}}
     watch = LoadWatch(limit=args.max_load)
-    load1 = read_load(watch.own_pids)[0]
+    load1 = read_load()[0]
     if load1 > args.max_load and not args.write_invalid:
         print(f"budget_evidence: the 1-minute load average is {load1:.2f} (> {args.max_load}): the run would not "
               f"be valid; wait for a quiet machine (or give --write-invalid for a run marked NOT VALID)",

@@ -54,7 +54,7 @@ class FakePhases:
         self.walls = dict(zip(("exhaustive", "budget"), walls))
         self.calls = []
 
-    def __call__(self, folder: Path, flags: list, watch) -> dict:
+    def __call__(self, folder: Path, flags: list) -> dict:
         self.calls.append((folder.name, flags))
         folder.mkdir(parents=True)
         db = TuningDB(DEVICE, VERSIONS, {"timer": "fake"})
@@ -62,7 +62,6 @@ class FakePhases:
             db.upsert(_record(hidden, backend, config, us, "exhaustive" if folder.name == "exhaustive" else "budget"))
         if db.records:  # as `autonorm tune`: no database when the budget fitted no study
             db.save(folder / "test-cpu.json")
-        watch.sample()
         return {"command": "autonorm tune " + " ".join(flags), "wall_s": self.walls[folder.name], "exit": 0}
 
 
@@ -71,7 +70,7 @@ def _watch(be, loads):
     readings = iter(loads)
     last = [loads[-1]]
 
-    def read(own_pids):
+    def read():
         last[0] = next(readings, last[0])
         return last[0]
     ticks = iter(range(0, 10_000, 10))
@@ -154,6 +153,29 @@ def test_the_load_gate_averages_other_processes_over_a_minute_and_checks_the_sta
     assert "other processes kept 2.00 threads" in watch.summary()["why_not_valid"][0]
     watch.samples = [(0.0, 1.9, 0.0), (10.0, 2.0, 0.0)]  # a run shorter than a minute: its own mean
     assert watch.others_max() == 0.0 and "at the start" in watch.summary()["why_not_valid"][0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_the_runs_own_processes_are_its_descendants_grandchildren_included(be, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    ready = tmp_path / "grandchild.pid"
+    child = subprocess.Popen(["sh", "-c", f"sleep 30 & echo $! > {ready}.tmp; mv {ready}.tmp {ready}; wait"])
+    try:
+        while not ready.exists():
+            time.sleep(0.01)
+        grandchild = int(ready.read_text())
+        family = be._family(os.getpid())
+        assert {os.getpid(), child.pid, grandchild} <= family
+        assert os.getppid() not in family
+    finally:
+        if ready.exists():
+            os.kill(int(ready.read_text()), signal.SIGKILL)
+        child.kill()
+        child.wait()
 
 
 def test_an_earlier_exhaustive_run_is_reused_only_for_the_same_grid(be, tmp_path):
