@@ -10,6 +10,7 @@ from autonorm.backends import get_backend
 from autonorm.grids import STANDARD
 from autonorm.tune import dry_run as dr
 from autonorm.tune import plan as planner
+from autonorm.tune import transfer
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "compile-times.json"
 SLICE = [(spec, rows) for spec in STANDARD.specs() if spec.hidden == 256 and spec.x_dtype == "float32"
@@ -35,7 +36,9 @@ def _studies_s(plan):
 @pytest.mark.parametrize("which", ["plan", "unburdened"])
 def test_the_plan_stays_in_the_budget_and_accounts_for_every_study(budget_s, which, built):
     plan = getattr(_run(budget_s, built), which)
-    assert [(p.spec, p.rows) for p in plan.studies] == SLICE  # each study once, in grid order
+    # each study once, in the order tune_grid runs them: anchors first, each neighbour after its sources
+    assert [(p.spec, p.rows) for p in plan.studies] == [SLICE[i] for i in transfer.run_order(transfer.roles(SLICE))]
+    assert all(p.role for p in plan.studies)
     # What runs fits what the start-up left; a start-up that spent the whole budget leaves nothing to run.
     assert _studies_s(plan) <= max(0.0, budget_s - plan.spent_s) + 1e-6
     if plan.spent_s >= budget_s:

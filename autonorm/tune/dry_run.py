@@ -31,7 +31,7 @@ from pathlib import Path
 from ..hardware import ARCHS
 from ..spec import NormSpec
 from . import plan as planner
-from . import rank
+from . import rank, transfer
 from .space import Candidate, SearchSpace
 
 AUDITED = ("triton", "cupy", "numba")  # the backends the audit compiles (autonorm.audit.BACKENDS)
@@ -160,7 +160,8 @@ def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfi
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = True, audit_cached: bool = False,
             built: dict | None = None) -> DryRun:
-    """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`.
+    """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
+    order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
 
     `tune_grid` builds every study's space before the plan and each study builds it again when it runs: each
     build enumerates the backends' spaces (CPU seconds measured here, once per spec) and renders every config
@@ -175,10 +176,16 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
             space = SearchSpace(spec, backends)  # unpruned: the audit drops 1-9% of it on sm_90
             built[spec] = (space, time.process_time() - started)
         space = built[spec][0]
-        seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()]
+        seeds = transfer.study_seeds(space, [transfer.Seed(Candidate(name, b.heuristic(spec)), "heuristic")
+                                             for name, b in backends.items()])
         jobs.append((spec, rows, f"{spec.short()} rows={rows}", space, seeds))
         costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline))
+    # As tune_grid plans with a budget: anchors first, each neighbour after its sources, seeded by their winners.
+    found = transfer.roles(studies)
+    order = transfer.run_order(found)
+    jobs, costs, found = [jobs[i] for i in order], [costs[i] for i in order], [found[i] for i in order]
     plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
+    transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs])
     spaces = {spec: built[spec][0] for spec, _ in studies}
     build = {spec: built[spec][1] + sum(figures.render_s.get(b, 0.0) * len(cs) for b, cs in space.configs.items())
              for spec, space in spaces.items()}
