@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -173,13 +174,17 @@ def tune_phase(folder: Path, flags: list[str]) -> dict:
     cmd = [sys.executable, "-m", "autonorm", "tune", *flags, "--out", str(folder)]
     env = {**os.environ, "AUTONORM_CACHE_DIR": str(folder / "cache")}
     with open(folder / "tune.log", "w") as log:
-        started = time.monotonic()
+        started, used = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
         returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
         wall_s = time.monotonic() - started
+        now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the run and its compile workers: on a loaded machine, what sizes the next run
+    cpu_s = (now.ru_utime - used.ru_utime) + (now.ru_stime - used.ru_stime)
     if returncode not in (0, 1):  # 1: a study recorded nothing (every candidate failed); the table says which
         tail = (folder / "tune.log").read_text().splitlines()[-15:]
         raise SystemExit(f"autonorm tune failed (exit {returncode}); {folder / 'tune.log'} ends:\n" + "\n".join(tail))
-    return {"command": "autonorm tune " + shlex.join(flags), "wall_s": round(wall_s, 1), "exit": returncode}
+    return {"command": "autonorm tune " + shlex.join(flags), "wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1),
+            "exit": returncode}
 
 
 def records(folder: Path) -> dict:
@@ -327,11 +332,11 @@ def markdown(r: dict) -> str:
         f"{', '.join(r['grid']['dtypes'])}; N={', '.join(map(str, r['grid']['hidden']))}; "
         f"rows {', '.join(map(str, r['grid']['rows']))}; backends {', '.join(r['grid']['backends'])} "
         f"({r['studies_compared']} studies)", "",
-        "| run | command | wall time |", "|---|---|---|",
+        "| run | command | wall time | CPU time |", "|---|---|---|---|",
         f"| exhaustive{' (reused, ' + ex['date'] + ')' if ex['reused'] else ''} | `{ex['command']}` | "
-        f"{ex['wall_s']:.0f} s |",
+        f"{ex['wall_s']:.0f} s | {_cpu(ex)} |",
         f"| budgeted ({r['share']:.0%} of the exhaustive time) | `{bu['command']}` | {bu['wall_s']:.0f} s "
-        f"({r['wall_ratio']:.0%}) |", "",
+        f"({r['wall_ratio']:.0%}) | {_cpu(bu)} |", "",
         f"**Within 2% of the exhaustive best: {r['within_2pct']} of {r['studies_compared']} studies "
         f"({r['share_within_2pct']:.0%}; goal {GOAL_SHARE:.0%}) in {r['wall_ratio']:.0%} of the exhaustive wall "
         f"time (goal {GOAL_WALL:.0%}): {'goals met' if goal_met else 'goals not met'}.**", "",
@@ -355,6 +360,10 @@ def markdown(r: dict) -> str:
               "## Reproduce", "", "```bash", "python scripts/budget_evidence.py"
               + ("" if r["grid"] == GRID else " " + shlex.join(_grid_args(r["grid"]))), "```", ""]
     return "\n".join(lines)
+
+
+def _cpu(phase: dict) -> str:
+    return f"{phase['cpu_s']:.0f} s" if phase.get("cpu_s") is not None else "-"
 
 
 def _grid_args(grid: dict) -> list[str]:
