@@ -127,9 +127,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     roles = [transfer.Role(0)] * len(jobs)
     plans, winners = None, {}
     if budget_s is not None:
-        roles = transfer.roles([(spec, rows) for spec, rows, *_ in jobs])
-        order = transfer.run_order(roles)
-        jobs, roles = [jobs[i] for i in order], [roles[i] for i in order]
+        jobs, roles = transfer.arrange(jobs)  # anchors first: each study runs after those it takes seeds from
         elapsed = elapsed or planner.process_age_s
         costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline)
         plans = planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage))

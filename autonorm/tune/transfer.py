@@ -102,6 +102,13 @@ def run_order(found: list[Role]) -> list[int]:
     return sorted(range(len(found)), key=lambda i: found[i].tier)
 
 
+def arrange(jobs: list) -> tuple[list, list[Role]]:
+    """A grid's jobs (tuples that start with spec and rows) in the order they run, and their roles."""
+    found = roles([(job[0], job[1]) for job in jobs])
+    order = run_order(found)
+    return [jobs[i] for i in order], [found[i] for i in order]
+
+
 # -- seeds -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Seed:
