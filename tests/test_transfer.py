@@ -281,3 +281,15 @@ def test_a_bad_patience_after_is_refused_by_name():
         with pytest.raises(TuneOptionError, match="patience_after"):
             StudyOptions(patience_after=bad)
     assert StudyOptions(patience_after=0).patience_after == 0
+
+
+def test_only_a_study_that_starts_from_its_sources_winners_is_cut_short():
+    role = transfer.Role(1, ((256, 64), (1024, 64)))
+    options = StudyOptions(trials=40)
+    assert transfer.options_for(options, transfer.transferred(role, spec(512), {}), 2) is options  # no winner yet
+    winners = {}
+    transfer.remember(winners, spec(256), 64, _record(256, 64, BlockConfig(128, 4, 2)))
+    moved = transfer.transferred(role, spec(512), winners)
+    assert moved == [transfer.Seed(Candidate("fake", BlockConfig(128, 4, 2)), "anchor N=256 R=64")]
+    short = transfer.options_for(options, moved, 3)
+    assert (short.patience, short.patience_after, short.trials) == (transfer.NEIGHBOUR_PATIENCE, 3, 40)

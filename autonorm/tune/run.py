@@ -156,8 +156,9 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
                 if plan.status == "run" and show_plan is not None:
                     show_plan(f"left out {spec.short()} rows={rows}: the budget was spent before it started")
                 continue
-            seeds = transfer.study_seeds(space, transfer.transferred(roles[i], spec, winners) + seeds)
-            study_options = transfer.options_for(roles[i], dataclasses.replace(options, time_budget=share), len(seeds))
+            moved = transfer.transferred(roles[i], spec, winners)
+            seeds = transfer.study_seeds(space, moved + seeds)
+            study_options = transfer.options_for(dataclasses.replace(options, time_budget=share), moved, len(seeds))
             seeds = _with_ranked(seeds, space, rows, facts)
         bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,

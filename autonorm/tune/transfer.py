@@ -166,10 +166,12 @@ def transferred(role: Role, spec: NormSpec, winners: dict) -> list[Seed]:
             for h, r in role.sources if (problem(spec), h, r) in winners]
 
 
-def options_for(role: Role, options, seeds: int):
-    """The StudyOptions of a study: a neighbour's stops after NEIGHBOUR_PATIENCE candidates past its `seeds`
-    without a gain."""
-    if role.anchor:
+def options_for(options, moved: list[Seed], seeds: int):
+    """The StudyOptions of a study: one that starts from its sources' winners (`moved`, from `transferred`)
+    stops after NEIGHBOUR_PATIENCE candidates past its `seeds` without a gain; any other (an anchor, or a
+    neighbour whose sources have no winner: left out by the budget, or every candidate failed) keeps the
+    full search."""
+    if not moved:
         return options
     return dataclasses.replace(options, patience=NEIGHBOUR_PATIENCE, patience_after=seeds)
 
