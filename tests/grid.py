@@ -73,6 +73,18 @@ def _plain(spec: NormSpec) -> NormSpec:
     return NormSpec(spec.op, spec.direction, spec.x_dtype, spec.w_dtype, spec.hidden)
 
 
+def latin_square(rows: list[tuple], columns: list[tuple]) -> list:
+    """pytest params of rows x columns (each a tuple of argument values), all but a Latin square marked `slow`.
+
+    Cell (i, j) runs in the default test command when (i + j) % min(len(rows), len(columns)) == 0: every row
+    and every column keeps at least one case there, the other cells wait for the slow tier.
+    """
+    k = min(len(rows), len(columns))
+    return [pytest.param(*row, *column, id="-".join(map(str, (*row, *column))),
+                         marks=() if (i + j) % k == 0 else pytest.mark.slow)
+            for i, row in enumerate(rows) for j, column in enumerate(columns)]
+
+
 def params(**kwargs):
     return [pytest.param(spec, rows, strided, id=cid,
                          marks=() if in_quick_tier(spec, strided) else pytest.mark.slow)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from grid import check_case, params, public_api_3d
+from grid import check_case, latin_square, params, public_api_3d
 
 from autonorm import InvalidConfigError, verify
 from autonorm.backends import get_backend
@@ -35,9 +35,12 @@ def test_grid(triton_backend, spec, rows, strided, device):
     check_case(triton_backend, spec, rows, strided, device)
 
 
-@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
-@pytest.mark.parametrize("direction", ["fwd", "bwd"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+OPS_DIRECTIONS = [(op, direction) for op in ("rmsnorm", "layernorm") for direction in ("fwd", "bwd")]
+
+
+# Every op and direction in the default tier, the dtypes alternating; the rest is slow (the interpreter takes
+# 3-9 s a case).
+@pytest.mark.parametrize("op,direction,dtype", latin_square(OPS_DIRECTIONS, [("float32",), ("bfloat16",)]))
 def test_largest_hidden(triton_backend, op, direction, dtype, device):
     """N = 262144, the contract's upper size: the heuristic loops over chunks."""
     spec = NormSpec(op, direction, dtype, "float32", 262144, bias=op == "layernorm", residual=True)
@@ -50,9 +53,9 @@ def test_largest_hidden(triton_backend, op, direction, dtype, device):
 CHUNKED = [(1128, 1024), (5120, 1024), (4096, 2048), (65537, 8192)]
 
 
-@pytest.mark.parametrize("n,block", CHUNKED)
-@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
-@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+# Every op and direction meets one chunking in the default tier, every chunking one op and direction (the
+# interpreter takes 3-15 s a case); the rest of the square is slow.
+@pytest.mark.parametrize("op,direction,n,block", latin_square(OPS_DIRECTIONS, CHUNKED))
 def test_chunked_path(triton_backend, n, block, op, direction, device):
     feats = {"bias": True} if op == "layernorm" else {"offset": True}
     spec = NormSpec(op, direction, "float16", "float32", n, residual=True, **feats)
@@ -64,8 +67,8 @@ def test_chunked_path(triton_backend, n, block, op, direction, device):
     check_case(triton_backend, spec, 3 if n > 10_000 else 37, True, device, config)
 
 
-@pytest.mark.parametrize("n,block", CHUNKED)
-@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+# Every chunking in the default tier, the ops alternating; the rest is slow.
+@pytest.mark.parametrize("op,n,block", latin_square([("rmsnorm",), ("layernorm",)], CHUNKED))
 def test_chunked_backward_with_partials_on_chip(triton_backend, n, block, op, device):
     """Column chunks outside the rows: dW/dB summed on chip per program and written once."""
     feats = {"bias": True} if op == "layernorm" else {"offset": True}
