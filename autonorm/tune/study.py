@@ -295,11 +295,11 @@ class StudyRunner:
                 reason = f"timing failed: {type(exc).__name__}: {exc}"
         if reason is not None:
             log.info("candidate %s failed: %s", cand.short(), reason)
-            if trials.close(study, trial, self._beats, "failed", reason, state=TrialState.FAIL):
+            if trials.close(study, trial, self._beats, {"failed": reason}, state=TrialState.FAIL):
                 state.failed[cand.key] = reason
             return None
-        trial.set_user_attr("race", raced.to_json())
-        if not trials.close(study, trial, self._beats, "timing", timing.to_json(), values=timing.median_us):
+        if not trials.close(study, trial, self._beats, {"race": raced.to_json(), "timing": timing.to_json()},
+                            values=timing.median_us):
             return None
         state.measured[cand.key] = timing.to_json()
         return timing.median_us

@@ -152,15 +152,16 @@ def others_running(study, storage) -> bool:
     return any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
-def close(study, trial, beats, attr: str, value, **tell) -> bool:
-    """Set the trial's result attribute and tell Optuna; False when other workers had already failed the
+def close(study, trial, beats, attrs: dict, **tell) -> bool:
+    """Set the trial's result attributes and tell Optuna; False when other workers had already failed the
     trial by heartbeat while this one still held it (its beats stopped: a storage outage longer than the
     grace period, a starved process). Its candidate was re-queued then, so this result is dropped, not
     an error that ends the worker."""
     import optuna
 
     try:
-        trial.set_user_attr(attr, value)
+        for attr, value in attrs.items():  # each raises once the trial was failed: all are the result
+            trial.set_user_attr(attr, value)
         study.tell(trial, skip_if_finished=True, **tell)  # failed in between: Optuna logs it
         return True
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -175,4 +176,4 @@ def close_duplicate(study, trial, beats) -> None:
     """A trial that drew an evaluated candidate: PRUNED (no timing), so FAIL means a broken candidate."""
     from optuna.trial import TrialState
 
-    close(study, trial, beats, "duplicate", True, state=TrialState.PRUNED)
+    close(study, trial, beats, {"duplicate": True}, state=TrialState.PRUNED)
