@@ -27,6 +27,18 @@ from autonorm.backends import base  # noqa: E402  (after the environment above)
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without the plugin, pytest never calls it
+def pytest_xdist_auto_num_workers(config):
+    """How many workers `-n auto` (pyproject's addopts) starts: one per CPU this process may run on, at most 8
+    (each holds torch, Triton and Numba: about 1.7 GB), for a run of a folder (README's command). None where
+    only test files or ids are named (starting workers would take longer than most files) or on a machine with
+    a GPU, whose tests time kernels and must not share it; `-n N` on the command line still says how many."""
+    if HAS_GPU or all(os.path.isfile(arg.split("::")[0]) for arg in config.args):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, 8)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_tests.sh on a GPU machine)")
     for item in items:
