@@ -69,7 +69,13 @@ class CompilePool:
     """Compiles a study's candidates ahead of its timer; `compile` hands each one over, compiled.
 
     `compile_s` holds the seconds spent compiling per backend: the workers' (compile and check)
-    plus the timing process's own compiles (cache loads, or the whole compile where not warmed).
+    plus the timing process's own compiles (cache loads, or the whole compile where not warmed). Numba
+    and Triton compile at a kernel's first launch: compiled in threads, that is in the reference check,
+    which is not counted here.
+
+    Workers start with `spawn`, which imports the main script again: a script that tunes must keep its
+    work under `if __name__ == "__main__":`, else its workers die at start and the tuning process
+    compiles alone (with a warning).
     """
 
     def __init__(self, backends: dict, device, workers: int, *, processes: bool = True, context: str = "spawn"):

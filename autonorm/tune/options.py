@@ -41,7 +41,8 @@ class StudyOptions:
     sampler: Callable | None = None  # seed -> an Optuna sampler; None: the tuner's own (study.make_sampler)
     verify: bool = True  # check each candidate against the reference before timing it; off only for a replay
     race: bool = True  # clear losers get a few repetitions, close ones more (tune/race.py); off: every one the same
-    # compile in worker processes that fill the backends' disk caches (tune/compile_pool.py); off: threads
+    # a grid (`tune_grid`) compiles in worker processes that fill the backends' disk caches (tune/compile_pool.py);
+    # off, and for a StudyRunner run on its own: threads
     compile_processes: bool = True
 
     def __post_init__(self):

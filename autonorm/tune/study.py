@@ -179,8 +179,10 @@ class StudyRunner:
         n_trials, time_budget = self.options.trials, self.options.time_budget
         started, best, since_best = self.clock(), float("inf"), 0
         batch_s = 0.0  # the last batch's compile and timing: a batch that would end past the budget is not begun
+        # Without a grid's pool, threads: worker processes pay an interpreter start each, worth it once per grid
+        # (`tune_grid`), not once per study.
         pool = self.compile_pool or CompilePool(self.backends, self.device, self.options.compile_workers,
-                                                processes=self.options.compile_processes)
+                                                processes=False)
         compiled_before = dict(pool.compile_s)
         self._racer = Racer(self.timer, out_of_time=lambda: self.clock() - started > time_budget)
         try:
