@@ -59,8 +59,10 @@ def test_ci_runs_readme_test_command():
     command = next(line for line in ci.splitlines() if line.startswith("pip install") and "pytest" in line)
     assert command in readme
     assert "set -euo pipefail" in ci
-    # The default run leaves the slow tier out; CI runs it after, with the command README gives for it.
-    assert PYPROJECT["tool"]["pytest"]["ini_options"]["addopts"] == ["-m", "not slow"]
+    # The default run leaves the slow tier out; CI runs it after, with the command README gives for it. Both
+    # spread their tests over the CPUs with pytest-xdist, which the dev extra (CI's install) brings.
+    addopts = PYPROJECT["tool"]["pytest"]["ini_options"]["addopts"]
+    assert addopts == ["-m", "not slow", "-n", "auto"] and "pytest-xdist" in _names(EXTRAS["dev"])
     slow_tier = next(line for line in ci.splitlines() if line.startswith("python -m pytest") and "-m slow" in line)
     assert slow_tier in readme
 
