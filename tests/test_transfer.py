@@ -161,6 +161,24 @@ def test_a_neighbour_is_planned_short_with_its_sources_among_its_seeds():
     assert math.isclose(planner.split(plans, 100.0, 0.0).studies[1].search_s, plans[1].wanted * 0.05)
 
 
+def test_the_time_a_neighbour_does_not_want_goes_to_the_anchors():
+    from autonorm.tune import plan as planner
+
+    shapes = [(spec(h), 64) for h in (256, 512, 1024)]
+    found = transfer.roles(shapes)
+
+    def planned(shaped: bool) -> list:
+        # spaces of 200 with a trial budget of 60, as numba-cpu's on the default grid: every study wants 60
+        plans = [planner.StudyPlan(s, r, f"study-{s.hidden}", 200, 2, 60, 0.0, 0.05, 0.2) for s, r in shapes]
+        if shaped:
+            transfer.shape_plans(plans, found, [[]] * 3)
+        return planner.split(plans, 4.0, 0.0).studies
+    plain, shaped = planned(False), planned(True)
+    assert sum(p.search_s for p in plain) == pytest.approx(sum(p.search_s for p in shaped))  # the whole budget
+    assert shaped[1].search_s <= (4 + transfer.NEIGHBOUR_SEARCH) * 0.05 < plain[1].search_s
+    assert shaped[0].search_s > plain[0].search_s and shaped[2].search_s > plain[2].search_s
+
+
 # --- a grid run: anchors, then a neighbour seeded from them -----------------------------------------
 def cost_us(config) -> float:
     """Lowest at the largest block a shape allows (block 512 needs hidden 1024), rows 4 and unroll 2."""
