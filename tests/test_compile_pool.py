@@ -136,3 +136,15 @@ def test_the_tune_summary_adds_compile_seconds_per_backend_and_the_share_spent_t
     stored = StudyResult(SPEC, 32, None, 4, 4)  # taken from the storage: nothing ran
     assert time_summary(ran + [stored]) == "compiling: numba-cpu 4.0 s, torch 0.5 s; timing: 50% of 30 s in 2 studies"
     assert time_summary([stored]) == "no study ran: nothing compiled or timed"
+
+
+def test_a_pool_shared_by_a_grids_studies_hands_each_spec_its_own_kernel():
+    class ByHidden(FakeBackend):
+        def build(self, source, spec, config, device):
+            return lambda *args: spec.hidden
+
+    cand, other = Candidate("fake", Knob(k=1)), NormSpec("rmsnorm", "fwd", "float32", "float32", 128)
+    with CompilePool({"fake": ByHidden()}, "cpu", workers=1) as pool:
+        pool.prepare(SPEC, 8, [cand])  # a study that stopped before it timed this candidate
+        kernel, reason = pool.compile(other, 8, cand)
+        assert reason is None and kernel() == 128

@@ -85,9 +85,10 @@ class CompilePool:
         self._count_lock = threading.Lock()  # the thread pool's compiles count their seconds too
         self._threads = ThreadPoolExecutor(max_workers=max(1, workers))
         self._processes: ProcessPoolExecutor | None = None
-        self._jobs: dict[tuple, Future] = {}  # (backend, source sha256) -> the worker's warm job
+        # Keyed by spec too: a grid's studies share the pool, and a candidate key names no spec.
+        self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, rows) -> the worker's warm job
         self._counted: set[tuple] = set()  # the jobs whose seconds are in compile_s
-        self._compiles: dict[str, Future] = {}  # candidate key -> the thread pool's compile
+        self._compiles: dict[tuple, Future] = {}  # (spec, candidate key) -> the thread pool's compile
 
     def warmed(self, backend_name: str) -> bool:
         """Whether `backend_name`'s candidates compile in worker processes on this device."""
@@ -100,16 +101,16 @@ class CompilePool:
         for cand in cands:
             if self.warmed(cand.backend):
                 started.append(self._warm_job(spec, rows, cand))
-            elif cand.key not in self._compiles:
-                self._compiles[cand.key] = self._threads.submit(self._compile_here, spec, cand)
+            elif (spec, cand.key) not in self._compiles:
+                self._compiles[spec, cand.key] = self._threads.submit(self._compile_here, spec, cand)
         if self.device.type == "cpu":
             for job in started:
                 self._wait(job)
-            wait([self._compiles[c.key] for c in cands if c.key in self._compiles])
+            wait([self._compiles[spec, c.key] for c in cands if (spec, c.key) in self._compiles])
 
     def compile(self, spec, rows: int, cand: Candidate):
         """(kernel, None), or (None, why it failed to compile); waits for the candidate's compile."""
-        future = self._compiles.pop(cand.key, None)
+        future = self._compiles.pop((spec, cand.key), None)
         if future is not None:
             return future.result()
         if self.warmed(cand.backend):
@@ -146,10 +147,11 @@ class CompilePool:
             self.compile_s[backend_name] = self.compile_s.get(backend_name, 0.0) + seconds
 
     def _warm_job(self, spec, rows: int, cand: Candidate) -> tuple | None:
-        """The key of the worker job that warms `cand`'s source (one per source: configs that differ only in
-        launch knobs share it), started now if it is not yet; None when none runs (the parent compiles alone)."""
+        """The key of the worker job that warms `cand`'s source at this shape (one per source and shape: configs
+        that differ only in launch knobs share it; a compiler may specialize on the shape), started now if it is
+        not yet; None when none runs (the parent compiles alone)."""
         try:
-            key = (cand.backend, self.backends[cand.backend].render(spec, cand.config).sha256)
+            key = (cand.backend, self.backends[cand.backend].render(spec, cand.config).sha256, spec, rows)
         except Exception:
             return None  # an invalid config: the parent's compile reports it
         if key not in self._jobs:
