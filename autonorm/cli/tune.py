@@ -64,7 +64,8 @@ def add_arguments(p) -> None:
                         "low-confidence, with a warning)")
     p.add_argument("--no-compile-baseline", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--compile-workers", type=positive_int,
-                   help=f"threads compiling candidates while timing stays serial (default {default_compile_workers()})")
+                   help=f"processes compiling candidates ahead of the serial timer, into the compilers' disk caches "
+                        f"(threads for a backend without one; default {default_compile_workers()})")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are off when stderr is not a terminal)")
 
