@@ -3,7 +3,7 @@ separate, the cap and the study's time bound every candidate; scripted samples, 
 import pytest
 
 from autonorm import measure
-from autonorm.errors import AutonormError
+from autonorm.errors import TuneOptionError
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
 from autonorm.tune.race import FIRST_REPS, RacePolicy, Racer, race
@@ -103,8 +103,17 @@ def test_racer_starts_the_timers_run_and_races_it():
 @pytest.mark.parametrize("bad, field", [({"first_reps": 0}, "first_reps"), ({"margin": -0.1}, "margin"),
                                         ({"max_reps": 0}, "max_reps")])
 def test_a_bad_policy_is_refused_by_name(bad, field):
-    with pytest.raises(AutonormError, match=field):
+    with pytest.raises(TuneOptionError, match=field):
         RacePolicy(**bad)
+
+
+@pytest.mark.parametrize("option", ["race", "compile_processes"])
+def test_the_race_and_compile_process_options_are_true_or_false(option):
+    from autonorm.tune import StudyOptions
+
+    assert getattr(StudyOptions(), option) is True
+    with pytest.raises(TuneOptionError, match=f"tuner option {option}='yes': must be True or False"):
+        StudyOptions(**{option: "yes"})
 
 
 def test_the_cpu_timers_run_rotates_input_sets_on_across_extensions(monkeypatch):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import AutonormError
+from ..errors import TuneOptionError
 from ..measure import Timing
 
 FIRST_REPS = 5  # the first look: enough for a p20 and a p80 that one stray sample does not set
@@ -41,11 +41,11 @@ class RacePolicy:
 
     def __post_init__(self):
         if not (isinstance(self.first_reps, int) and self.first_reps >= 1):
-            raise AutonormError(f"race first_reps={self.first_reps!r}: must be a whole number >= 1")
+            raise TuneOptionError(f"race first_reps={self.first_reps!r}: must be a whole number >= 1")
         if not (isinstance(self.margin, (int, float)) and self.margin >= 0):
-            raise AutonormError(f"race margin={self.margin!r}: must be a fraction >= 0")
+            raise TuneOptionError(f"race margin={self.margin!r}: must be a fraction >= 0")
         if self.max_reps is not None and not (isinstance(self.max_reps, int) and self.max_reps >= 1):
-            raise AutonormError(f"race max_reps={self.max_reps!r}: must be a whole number >= 1, or None")
+            raise TuneOptionError(f"race max_reps={self.max_reps!r}: must be a whole number >= 1, or None")
 
 
 @dataclass(frozen=True)
