@@ -331,7 +331,8 @@ def markdown(r: dict) -> str:
         f"- Grid: {', '.join(r['grid']['ops'])}; {', '.join(r['grid']['directions'])}; "
         f"{', '.join(r['grid']['dtypes'])}; N={', '.join(map(str, r['grid']['hidden']))}; "
         f"rows {', '.join(map(str, r['grid']['rows']))}; backends {', '.join(r['grid']['backends'])} "
-        f"({r['studies_compared']} studies)", "",
+        f"({r['studies_compared']} {'study' if r['studies_compared'] == 1 else 'studies'}); the budgeted run "
+        f"with the default --trials, as a user runs it", "",
         "| run | command | wall time | CPU time |", "|---|---|---|---|",
         f"| exhaustive{' (reused, ' + ex['date'] + ')' if ex['reused'] else ''} | `{ex['command']}` | "
         f"{ex['wall_s']:.0f} s | {_cpu(ex)} |",
@@ -355,7 +356,10 @@ def markdown(r: dict) -> str:
     ranks = [rank_correlation.SpecRho(**x) for x in r["rank_correlation"]]
     lines += ["", "## Rank correlation of the cost model", "",
               "Spearman's rho of every median the exhaustive run measured against the cost model's order and "
-              "against the distance from the heuristic alone (`scripts/rank_correlation.py --storage`).", "",
+              "against the distance from the heuristic alone (`scripts/rank_correlation.py --storage`). A clear "
+              "loser's median is its race's first look (a few repetitions); the run timed the space in its "
+              "enumeration order, so drift during the run would correlate with both columns: the load gate keeps "
+              "that small.", "",
               rank_correlation.markdown(ranks), "", r["rank_verdict"], "",
               "## Reproduce", "", "```bash", "python scripts/budget_evidence.py"
               + ("" if r["grid"] == GRID else " " + shlex.join(_grid_args(r["grid"]))), "```", ""]
