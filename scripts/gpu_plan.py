@@ -33,10 +33,24 @@ def studies(hidden: list[int] | None, dtypes: list[str] | None) -> list[tuple]:
             for rows in STANDARD.tune_rows_for(spec.hidden)]
 
 
-def counts(plan: planner.Plan) -> dict:
-    run = plan.running()
+def counts(plan: planner.Plan, studies=None) -> dict:
+    studies = plan.studies if studies is None else studies
+    run = [p for p in studies if p.status == "run"]
     return {"searched": sum(p.planned > p.seeds for p in run), "seeds only": sum(p.planned <= p.seeds for p in run),
-            "left out": sum(p.status == "left out" for p in plan.studies)}
+            "left out": sum(p.status == "left out" for p in studies)}
+
+
+def coverage(plan: planner.Plan) -> list[str]:
+    """Per problem (op, direction, dtype): how many anchors and neighbours are searched, seeds-only, left out."""
+    groups: dict[tuple, dict] = {}
+    for p in plan.studies:
+        role = "anchors" if p.role == "anchor" else "neighbours"
+        groups.setdefault((p.spec.op, p.spec.direction, p.spec.x_dtype), {}).setdefault(role, []).append(p)
+    lines = ["| problem | anchors: searched / seeds only / left out | neighbours: same |", "|---|---|---|"]
+    for (op, direction, dtype), roles in groups.items():
+        cells = [" / ".join(str(v) for v in counts(plan, roles.get(r, [])).values()) for r in ("anchors", "neighbours")]
+        lines.append(f"| {op} {direction} {dtype} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def section(run: dr.DryRun, title: str, made: str, full: bool) -> list[str]:
@@ -66,7 +80,7 @@ def section(run: dr.DryRun, title: str, made: str, full: bool) -> list[str]:
     u = counts(run.unburdened)
     lines += [f"With only the start-up spent before the plan (nothing compiled or built ahead of it), the same "
               f"studies would be planned as: {u['searched']} searched, {u['seeds only']} with their seeds only, "
-              f"{u['left out']} left out.", ""]
+              f"{u['left out']} left out:", "", *coverage(run.unburdened), ""]
     left = [p for p in plan.studies if p.status == "left out"]
     if left:
         lines += [f"First left out: {left[0].spec.short()} rows={left[0].rows}: {left[0].why}.", ""]
