@@ -66,16 +66,18 @@ def section(run: dr.DryRun, title: str, made: str, full: bool) -> list[str]:
     finish = sum(p.finish_s for p in plan.studies)
     lines += [f"Every study's floor (seeds compiled and timed, then the finish) sums to {floors:,.0f} s, "
               f"{finish:,.0f} s of it the finishes.", ""]
-    if run.by_backend:
-        lines += ["What the plan expects of the studies it runs (compile seconds over "
-                  f"{run.cores} cores; timing on the one GPU):", "",
-                  "| backend | compile s | timing s |", "|---|---|---|"]
-        lines += [f"| {b} | {c:,.1f} | {t:,.1f} |" for b, (c, t) in sorted(run.by_backend.items())]
-        running = plan.running()
+    shown, which = (plan, "the studies it runs") if plan.running() else (run.unburdened, "the studies it would "
+                                                                         "run with only the start-up spent")
+    if shown.running():
+        lines += [f"What the plan expects of {which} (compile seconds over {run.cores} cores; timing on the "
+                  "one GPU):", "", "| backend | compile s | timing s |", "|---|---|---|"]
+        lines += [f"| {b} | {c:,.1f} | {t:,.1f} |" for b, (c, t) in sorted(run.by_backend(shown).items())]
+        running = shown.running()
         lines += [f"| finishes | | {sum(p.finish_s for p in running):,.1f} |",
-                  f"| **planned total** | | **{plan.spent_s + sum(p.search_s + p.finish_s for p in running):,.1f}** "
-                  f"of {plan.budget_s:,.0f} |", "",
-                  f"Not in the plan's estimate: each study it runs builds its space again ({run.rebuild_s:,.0f} s "
+                  f"| **planned total** | | **{shown.spent_s + sum(p.search_s + p.finish_s for p in running):,.1f}** "
+                  f"of {shown.budget_s:,.0f} (start-up included) |", ""]
+    if plan.running():
+        lines += [f"Not in the plan's estimate: each study it runs builds its space again ({run.rebuild_s:,.0f} s "
                   "in all).", ""]
     u = counts(run.unburdened)
     lines += [f"With only the start-up spent before the plan (nothing compiled or built ahead of it), the same "

@@ -81,6 +81,17 @@ def test_compile_seconds_are_the_recorded_figures_over_the_cores(built):
             assert p.compile_s == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("which", ["plan", "unburdened"])
+def test_the_seconds_by_backend_add_up_to_the_plans_own(which, built):
+    run = _run(120.0, built)
+    plan = getattr(run, which)
+    by_backend = run.by_backend(plan)
+    assert plan.running() and set(by_backend) == {"triton", "cupy", "numba", "torch"}
+    assert sum(c for c, _ in by_backend.values()) == pytest.approx(sum(p.planned * p.compile_s for p in plan.running()))
+    assert sum(t for _, t in by_backend.values()) == pytest.approx(sum(p.planned * p.time_s for p in plan.running()))
+    assert by_backend["torch"][0] == 0.0  # nothing to compile
+
+
 def test_the_audit_compiles_before_the_plan_count_in_the_budget_unless_cached(built):
     cold, warm = _run(480.0, built), _run(480.0, built, audit_cached=True)
     assert cold.spent["audit compiles of every space"] > 0 == warm.spent["audit compiles of every space"]

@@ -140,9 +140,24 @@ class DryRun:
     profile: GpuProfile
     cores: int
     spent: dict             # seconds before the plan, by what spends them
-    by_backend: dict        # backend -> (compile seconds, timing seconds) the plan expects
     rebuild_s: float        # each study rebuilding its space (not in the plan's estimate), summed
     unburdened: planner.Plan  # the same studies planned with only the start-up spent before them
+    spaces: dict            # spec -> its SearchSpace
+    figures: CompileFigures
+
+    def by_backend(self, plan: planner.Plan | None = None) -> dict:
+        """backend -> (compile seconds, timing seconds) that `plan` (default: the dry run's) expects of the
+        studies it runs, each study's planned candidates shared among its backends by their space sizes (as
+        the plan's per-candidate compile seconds are averaged)."""
+        out = {}
+        for p in (plan or self.plan).running():
+            sizes = {b: len(cs) for b, cs in self.spaces[p.spec].configs.items()}
+            total = sum(sizes.values())
+            for b, n in sizes.items():
+                share = p.planned * n / total
+                compile_s, timing_s = out.get(b, (0.0, 0.0))
+                out[b] = (compile_s + share * self.figures.candidate_s(b) / self.cores, timing_s + share * p.time_s)
+        return out
 
 
 def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfile, figures: CompileFigures,
@@ -197,15 +212,5 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))
-    by_backend = {}
-    for (spec, *_), p in zip(jobs, plan.studies):
-        if p.status != "run":
-            continue
-        sizes = spaces[spec].configs
-        total = sum(len(cs) for cs in sizes.values())
-        for b, cs in sizes.items():
-            share = p.planned * len(cs) / total
-            c, t = by_backend.get(b, (0.0, 0.0))
-            by_backend[b] = (c + share * figures.candidate_s(b) / cores, t + share * p.time_s)
     rebuild = sum(build[p.spec] for p in plan.running())
-    return DryRun(plan, profile, cores, spent, by_backend, rebuild, unburdened)
+    return DryRun(plan, profile, cores, spent, rebuild, unburdened, spaces, figures)
