@@ -1,6 +1,6 @@
 """Evidence for `autonorm tune --budget` on the CPU: one grid tuned exhaustively, then within a fifth of that time.
 
-    python scripts/budget_evidence.py                        # the whole run, ~20 min on 2 idle cores (below)
+    python scripts/budget_evidence.py                        # the whole run, 16-26 min on 2 idle cores (below)
     python scripts/budget_evidence.py --reuse-exhaustive WORK/run-<time>/exhaustive   # the budgeted half alone
 
 1. The exhaustive run: `autonorm tune --trials 1000` (more than any study's space, so every
@@ -25,14 +25,17 @@ the machine" is measured as the runnable threads of other processes (/proc/loada
 count less this run's own), averaged over each minute. An invalid run writes no doc unless
 --write-invalid, which marks it NOT VALID at the top.
 
-The default grid (8 studies): rmsnorm and layernorm, fwd and bwd, fp32 and bf16, N=1024,
-1024 rows. Its cost on 2 idle cores of the AMD EPYC VM, estimated (not yet measured at this
-grid): 217 candidates per forward study and 169 per backward one, 1,544 in all, at about
-0.6 s each (compile, reference check, timing; 0.83 s per candidate was measured at N=2048,
-1.7 s at N=4096, docs/benchmarks/search-efficiency.md), so about 16 min exhaustive, about
-3 min budgeted, and under a minute of re-timing: about 20 min. Adding N=4096
-(--hidden 1024,4096) doubles the studies at about 3x the cost each: over an hour.
-results.json records the wall times, so the next run can be sized from them.
+The default grid (4 studies): rmsnorm and layernorm, fwd and bwd, bf16, N=1024, 1024 rows:
+217 candidates per forward study and 169 per backward one, 772 in all. What a study cost on
+the shared 2-core AMD EPYC VM on 2026-12-07, at a load average of 7 to 12: the exhaustive bf16
+RMSNorm forward 1,242 s wall (5.7 s per candidate), the fp32 LayerNorm backward 533 s wall
+(3.2 s) and 416 CPU seconds (2.5 per candidate, compile workers included); the tuner's summary
+put timing at 4-6% of the wall and compiling (worker processes) at 1.1 s per candidate; the
+rest (reference checks, Optuna, waiting on compiles) was not broken down. A rough estimate
+for 2 idle cores, a third to a half of the loaded cost: 1-1.6 s per candidate, so 13-21 min
+exhaustive, a fifth of that budgeted and a minute of re-timing: 16-26 min. Both dtypes
+(--dtypes float32,bfloat16, 8 studies) would take 32-50 min. results.json records each run's
+wall and CPU seconds, so the next run can be sized from a quiet one.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rank_correlation  # noqa: E402  (the script beside this one)
 
 REPO = Path(__file__).resolve().parent.parent
-GRID = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtypes": ["float32", "bfloat16"],
+GRID = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtypes": ["bfloat16"],
         "hidden": [1024], "rows": [1024], "backends": ["numba-cpu", "torch"]}
 EXHAUSTIVE_TRIALS = 1000  # above every study's space (217 numba-cpu + torch configs on 2 cores)
 MAX_LOAD = 1.5
