@@ -340,9 +340,9 @@ def markdown(r: dict) -> str:
         f"| exhaustive{' (reused, ' + ex['date'] + ')' if ex['reused'] else ''} | `{ex['command']}` | "
         f"{ex['wall_s']:.0f} s | {_cpu(ex)} |",
         f"| budgeted ({r['share']:.0%} of the exhaustive time) | `{bu['command']}` | {bu['wall_s']:.0f} s "
-        f"({r['wall_ratio']:.0%}) | {_cpu(bu)} |", "",
+        f"({r['wall_ratio']:.1%} of the exhaustive; budget {bu['budget_s']:.0f} s) | {_cpu(bu)} |", "",
         f"**Within 2% of the exhaustive best: {r['within_2pct']} of {r['studies_compared']} studies "
-        f"({r['share_within_2pct']:.0%}; goal {GOAL_SHARE:.0%}) in {r['wall_ratio']:.0%} of the exhaustive wall "
+        f"({r['share_within_2pct']:.0%}; goal {GOAL_SHARE:.0%}) in {r['wall_ratio']:.1%} of the exhaustive wall "
         f"time (goal {GOAL_WALL:.0%}): {'goals met' if goal_met else 'goals not met'}.**", "",
         "Both winners re-timed interleaved in one process at the end (median µs); `ratio` is budget / best.", "",
         "| study | rows | exhaustive best (search µs, trials) | budget winner (search µs, trials, completeness) "
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
                        watch=watch)
     written = write(results, args.out, args.write_invalid)
     print(f"within 2%: {results['within_2pct']} of {results['studies_compared']}; budget wall "
-          f"{results['wall_ratio']:.0%} of exhaustive; {results['rank_verdict']}")
+          f"{results['wall_ratio']:.1%} of exhaustive; {results['rank_verdict']}")
     if not written:
         print(f"budget_evidence: NOT VALID ({'; '.join(results['load']['why_not_valid'])}): no doc written; the "
               f"results are in {work / 'results.json'}", file=sys.stderr)
