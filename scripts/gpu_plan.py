@@ -76,9 +76,6 @@ def section(run: dr.DryRun, title: str, made: str, full: bool) -> list[str]:
         lines += [f"| finishes | | {sum(p.finish_s for p in running):,.1f} |",
                   f"| **planned total** | | **{shown.spent_s + sum(p.search_s + p.finish_s for p in running):,.1f}** "
                   f"of {shown.budget_s:,.0f} (start-up included) |", ""]
-    if plan.running():
-        lines += [f"Not in the plan's estimate: each study it runs builds its space again ({run.rebuild_s:,.0f} s "
-                  "in all).", ""]
     u = counts(run.unburdened)
     lines += [f"With only the start-up spent before the plan (nothing compiled or built ahead of it), the same "
               f"studies would be planned as: {u['searched']} searched, {u['seeds only']} with their seeds only, "

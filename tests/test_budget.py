@@ -273,3 +273,24 @@ def test_the_rank_correlation_script_computes_spearmans_rho_with_ties():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [9, 7, 5, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(3 ** 0.5 / 2)  # tied ranks are averaged
+
+
+def test_a_specs_row_count_studies_share_one_search_space(tmp_path, monkeypatch):
+    from autonorm.tune import run, study
+
+    built = []
+
+    class CountedSpace(SearchSpace):
+        def __init__(self, spec, *args, **kwargs):
+            built.append(spec)
+            super().__init__(spec, *args, **kwargs)
+
+    monkeypatch.setattr(run, "SearchSpace", CountedSpace)
+    monkeypatch.setattr(study, "SearchSpace", CountedSpace)
+    options = StudyOptions(trials=4, time_budget=600, compile_workers=1, compile_baseline=False)
+    timer, results = ScriptedClockTimer(), []
+    tune_grid(SPECS, [ROWS, 4 * ROWS], backends(), torch.device("cpu"), options, db_path=tmp_path / "db.json",
+              storage=make_storage(None, tmp_path / "j.journal"), lock_path=None, results=results, copy_gbps=10.0,
+              timer=timer, budget_s=60.0, elapsed=lambda: 0.0, costs=COSTS, clock=timer.clock)
+    assert len(results) == 4 and all(r.record is not None for r in results)
+    assert sorted(s.hidden for s in built) == [s.hidden for s in SPECS]  # each spec's space built once

@@ -125,3 +125,13 @@ def test_a_file_that_is_not_compile_times_is_refused_by_name(tmp_path):
     bad.write_text(json.dumps({"backends": {"triton": {"alone_s": 1, "marginal_s": 1, "render_s": 0}}}))
     with pytest.raises(ValueError, match="ct.json: not a compile-times file.*cupy, numba"):
         dr.CompileFigures.load(bad)
+
+
+def test_each_specs_space_is_built_once_for_its_row_counts_as_tune_grid_does(built):
+    run = _run(480.0, built)
+    figures = dr.CompileFigures.load(FIGURES)
+    specs = {spec for spec, _ in SLICE}
+    assert len(specs) == 2 < len(SLICE)  # fwd and bwd, 6 row counts each
+    once = sum(built[spec][1] + sum(figures.render_s.get(b, 0.0) * len(cs) for b, cs in built[spec][0].configs.items())
+               for spec in specs)
+    assert run.spent["building each spec's space (serial, shared by its row counts)"] == pytest.approx(once)

@@ -140,7 +140,6 @@ class DryRun:
     profile: GpuProfile
     cores: int
     spent: dict             # seconds before the plan, by what spends them
-    rebuild_s: float        # each study rebuilding its space (not in the plan's estimate), summed
     unburdened: planner.Plan  # the same studies planned with only the start-up spent before them
     spaces: dict            # spec -> its SearchSpace
     figures: CompileFigures
@@ -178,9 +177,9 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
 
-    `tune_grid` builds every study's space before the plan and each study builds it again when it runs: each
-    build enumerates the backends' spaces (CPU seconds measured here, once per spec) and renders every config
-    to find its audit profile in the cache. `audit_cached`: the audit's cache already holds every config
+    `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
+    build enumerates the backends' spaces (CPU seconds measured here) and renders every config to find its
+    audit profile in the cache. `audit_cached`: the audit's cache already holds every config
     (compiled earlier with the device machine's toolchain), so nothing is compiled before the plan. `built`
     (spec -> (space, CPU seconds)) keeps the spaces for another call over the same backends."""
     built = {} if built is None else built
@@ -208,9 +207,8 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
                       for b, cs in space.configs.items())
     spent = {"start-up and copy probe (assumed)": STARTUP_S,
              "audit compiles of every space": 0.0 if audit_cached else audit_cpu_s / cores,
-             "building each study's space (serial)": sum(build[spec] for spec, _ in studies)}
+             "building each spec's space (serial, shared by its row counts)": sum(build.values())}
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))
-    rebuild = sum(build[p.spec] for p in plan.running())
-    return DryRun(plan, profile, cores, spent, rebuild, unburdened, spaces, figures)
+    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures)

@@ -121,9 +121,9 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     db = TuningDB(device_info, software_versions(), protocol(timer, options))
     study_attrs = {"device": device_info, "versions": db.versions, "protocol": db.protocol}
     tables = transfer.seed_tables(device_info) if budget_s is not None else []
-    spaces = [(spec, rows, SearchSpace(spec, backends, device)) for spec in specs for rows in row_counts]
-    jobs = [(spec, rows, study_name(ident["slug"], spec, rows, backends), space,
-             _seeds(spec, rows, space, earlier, tables)) for spec, rows, space in spaces]
+    spaces = {spec: SearchSpace(spec, backends, device) for spec in specs}  # one a spec: its row counts share it
+    jobs = [(spec, rows, study_name(ident["slug"], spec, rows, backends), spaces[spec],
+             _seeds(spec, rows, spaces[spec], earlier, tables)) for spec in specs for rows in row_counts]
     roles = [transfer.Role(0)] * len(jobs)
     plans, winners = None, {}
     if budget_s is not None:
@@ -163,7 +163,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,
                              seeds=[s.candidate for s in seeds], copy_gbps=copy_gbps, lock_path=lock_path,
-                             study_attrs=study_attrs, progress=bar, clock=clock, compile_pool=pool,
+                             study_attrs=study_attrs, progress=bar, clock=clock, compile_pool=pool, space=space,
                              seed_sources=transfer.provenance(seeds))
         result = runner.run()
         if bar is not None:

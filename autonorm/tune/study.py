@@ -84,7 +84,7 @@ class StudyRunner:
     def __init__(self, spec: NormSpec, rows: int, backends: dict, timer, options: StudyOptions | None = None, *,
                  storage, name: str, device="cpu", seeds: list[Candidate] = (), copy_gbps: float | None = None,
                  lock_path: Path | None = None, study_attrs: dict | None = None, progress=None,
-                 compile_pool: CompilePool | None = None,
+                 compile_pool: CompilePool | None = None, space: SearchSpace | None = None,
                  clock=time.monotonic, seed_sources: list | None = None):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.options = options if options is not None else StudyOptions()
@@ -92,7 +92,7 @@ class StudyRunner:
         self.storage, self.name, self.lock_path = storage, name, lock_path
         self.seeds, self.copy_gbps, self.study_attrs = list(seeds), copy_gbps, study_attrs
         self.progress, self.clock = progress, clock
-        self.space = SearchSpace(spec, backends, self.device)
+        self.space = space if space is not None else SearchSpace(spec, backends, self.device)  # a grid's: one a spec
         n_trials = self.options.trials
         self.exhaustive = len(self.space) <= n_trials
         transferred = self.options.patience_after is not None  # patience even in an exhaustive space
