@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=60, help="`autonorm tune`'s default trial budget")
     parser.add_argument("--no-compile-baseline", action="store_true")
     parser.add_argument("--audit-cached", action="store_true",
-                        help="what if the audit's cache already held every config (nothing compiled before the plan)")
+                        help="what if the audit's cache already held every config (no audit compile per candidate)")
     parser.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], help="slice: hidden sizes")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), help="slice: dtypes")
     parser.add_argument("--compile-times", type=Path, default=FIGURES)

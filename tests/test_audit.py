@@ -163,10 +163,11 @@ def test_search_space_on_cpu_is_not_audited(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the audit runs only for CUDA devices")
 
-    monkeypatch.setattr(audit, "prune_space", fail)
+    monkeypatch.setattr(audit, "unfit", fail)
     spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 4096)
     space = SearchSpace(spec, {"triton": get_backend("triton")}, torch.device("cpu"))
     assert len(space) == len(get_backend("triton").space(spec))
+    assert space.unfit(space.candidates()) == {}
 
 
 def test_a_gpu_winner_records_its_profile(monkeypatch):
@@ -202,10 +203,9 @@ def test_a_gpu_winner_records_its_profile(monkeypatch):
     assert finalize._winner_profile(gpu, Entry("torch", NoConfig(), 10.0, 9.0, 11.0, 1.0, 1.0)) is None
 
 
-def test_search_space_on_cuda_drops_what_does_not_fit(monkeypatch):
-    """The tuner's hook: configs whose profile spills are gone before any timing; others stay."""
-    from autonorm.tune import SearchSpace
-
+def test_prune_space_drops_what_does_not_fit(monkeypatch):
+    """A whole space judged: configs whose profile spills are gone; others stay (the tuner audits each
+    candidate before it compiles it instead: tests/test_space_audit.py)."""
     spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 4096)
     triton = get_backend("triton")
     full = triton.space(spec)
@@ -225,8 +225,7 @@ def test_search_space_on_cuda_drops_what_does_not_fit(monkeypatch):
         return out
 
     monkeypatch.setattr(audit.run, "audit", fake_audit)
-    space = SearchSpace(spec, {"triton": triton}, torch.device("cuda", 0))
-    kept = space.configs["triton"]
+    kept = audit.prune_space(spec, {"triton": full}, torch.device("cuda", 0))["triton"]
     assert kept and len(kept) < len(full)
     assert all(c.num_warps != 8 for c in kept)
     assert len(kept) == sum(c.num_warps != 8 for c in full)

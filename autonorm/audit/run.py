@@ -1,5 +1,5 @@
 """Auditing a list of jobs: profiles from the cache (by source hash and toolchain) or compiled in
-batches, `workers` at a time; and the tuner's hook that prunes a search space by them."""
+batches, `workers` at a time; and the verdicts on candidates that the tuner and `prune_space` take from them."""
 from __future__ import annotations
 
 import dataclasses
@@ -108,7 +108,7 @@ def _device_arch(device):
 def winner_profile(spec: NormSpec, backend: str, config, device) -> dict | None:
     """What the compiler says of one kernel on `device`'s architecture (`Profile.summary()`), for the
     database record of a winner; None for a backend without a GPU compiler or a missing toolchain.
-    After `prune_space` audited the space, this is a cache hit."""
+    After the tuner audited the winner before timing it (`unfit`), this is a cache hit."""
     if backend not in BACKENDS:
         return None
     arch = _device_arch(device)
@@ -119,25 +119,50 @@ def winner_profile(spec: NormSpec, backend: str, config, device) -> dict | None:
     return audit([Job(backend, spec, config, arch.name)], workers=1)[0].summary()
 
 
-def prune_space(spec: NormSpec, configs: dict, device, workers: int | None = None) -> dict:
-    """The tuner's hook: `configs` ({backend: [config]}) without the configs that spill or cannot
-    launch on `device` (a CUDA device), judged by compiling them for its architecture.
+def _why_unfit(p: Profile) -> str | None:
+    """Why a compiled kernel cannot be a candidate on its architecture, or None when it fits."""
+    if p.spill_bytes:
+        return f"audit: spills {p.spill_bytes} bytes on {p.arch}"
+    if not p.launchable:
+        return f"audit: a block cannot be resident on an SM of {p.arch}"
+    return None
 
-    Backends without a GPU compiler here (torch, numba-cpu) keep their configs. A missing
-    toolchain piece prunes nothing more than what the architecture cannot run (a thread-block cluster
-    before sm_90) and says so once: the tuner then times every candidate.
+
+_unaudited: set = set()  # backends whose missing toolchain was reported: said once a process, not each batch
+
+
+def unfit(spec: NormSpec, candidates: list[tuple], device, workers: int | None = None) -> dict:
+    """{(backend, config): why} for the candidates ([(backend, config)]) that cannot run on `device` (a CUDA
+    device): a thread-block cluster before sm_90 is judged uncompiled; a spill or a block that cannot be
+    resident, by compiling just these candidates for its architecture (a cache hit when audited before).
+
+    Backends without a GPU compiler here (torch, numba-cpu) always fit. A missing toolchain piece judges
+    nothing by compiling and says so once: the tuner then times the candidate.
     """
     import logging
 
     arch = _device_arch(device)
-    # A config this architecture cannot run (a thread-block cluster before sm_90) is dropped uncompiled.
-    runnable = {name: [c for c in cs if c.min_compute_capability() <= arch.cc] for name, cs in configs.items()}
-    auditable = [name for name in configs if name in BACKENDS]
+    out = {(name, c): f"needs compute capability {c.min_compute_capability()}, {arch.name} is {arch.cc}"
+           for name, c in candidates if c.min_compute_capability() > arch.cc}
+    auditable = sorted({name for name, c in candidates if name in BACKENDS and (name, c) not in out})
     try:
         check_backends(auditable)
     except AuditToolError as exc:
-        logging.getLogger("autonorm.audit").warning("search space not pruned: %s", exc)
-        return runnable
-    jobs = [Job(name, spec, c, arch.name) for name in auditable for c in runnable[name]]
-    fits = {(j.backend, j.config): p.fits() for j, p in zip(jobs, audit(jobs, workers=workers or os.cpu_count()))}
-    return {name: [c for c in cs if fits.get((name, c), True)] for name, cs in runnable.items()}
+        if not set(auditable) <= _unaudited:
+            logging.getLogger("autonorm.audit").warning("candidates not audited: %s", exc)
+            _unaudited.update(auditable)
+        return out
+    jobs = [Job(name, spec, c, arch.name) for name, c in candidates if name in auditable and (name, c) not in out]
+    for job, p in zip(jobs, audit(jobs, workers=workers or os.cpu_count())):
+        why = _why_unfit(p)
+        if why is not None:
+            out[(job.backend, job.config)] = why
+    return out
+
+
+def prune_space(spec: NormSpec, configs: dict, device, workers: int | None = None) -> dict:
+    """`configs` ({backend: [config]}) without the configs that cannot run on `device` (`unfit`): every
+    config of the space is compiled for its architecture. The tuner audits only the candidates it is
+    about to time (`SearchSpace.unfit`); this is for callers that want a whole space judged."""
+    verdicts = unfit(spec, [(name, c) for name, cs in configs.items() for c in cs], device, workers)
+    return {name: [c for c in cs if (name, c) not in verdicts] for name, cs in configs.items()}

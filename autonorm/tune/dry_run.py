@@ -13,16 +13,18 @@ grid as it would on the device, from costs that stand in for the ones it would m
 - compile seconds per candidate measured here for sm_90 (`docs/benchmarks/compile-times.json`, made
   by `scripts/compile_times.py`), divided over the device machine's cores: the assumption is that
   candidates compile in parallel across all of them (a process pool, not the tuner's default threads);
-- what is spent before the plan (counted in the budget): start-up and the copy probe, and the audit's
-  compiles of every config of every spec's space (`SearchSpace` prunes a GPU space by compiling it for
-  the device; `CompileFigures.audit_s`).
+- the audit's compile of each candidate the tuner is about to compile (`SearchSpace.unfit`: a study asks
+  the audit about a claimed batch of `DEVICE_COMPILE_WORKERS` candidates, each one compiled alone, the
+  batch in parallel), added to its compile seconds (`CompileFigures.per_candidate_s`); nothing of the
+  space is audited before the plan;
+- what is spent before the plan (counted in the budget): start-up and the copy probe, and building each
+  spec's space once.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,7 +37,9 @@ from . import rank, transfer
 from .space import Candidate, SearchSpace
 
 AUDITED = ("triton", "cupy", "numba")  # the backends the audit compiles (autonorm.audit.BACKENDS)
-AUDIT_BATCH = 16         # configs per audit worker call (autonorm/audit/run.py: `_batches(todo, 16, workers)`)
+# Candidates a study claims, audits and compiles together: StudyOptions' default compile_workers on a machine
+# of 4 cores or more (options.default_compile_workers).
+DEVICE_COMPILE_WORKERS = 4
 ESTIMATE_CALLS = 5       # CudaTimer._reps times 5 calls to size its windows before the warm-up
 # Host time per timed repetition beyond the GPU's: launching the flush and the kernel, two events and the
 # synchronize round trip; and the shortest a warm-up call can take (a launch). Assumed, not measured (no GPU
@@ -124,14 +128,12 @@ class CompileFigures:
             return 0.0  # torch eager: nothing to compile
         return self.alone_s[backend] if backend == "cupy" else self.marginal_s[backend]
 
-    def audit_s(self, backend: str, configs: int, cores: int) -> float:
-        """One core's seconds for the audit to compile `configs` configs of a spec: in batches of at most
-        AUDIT_BATCH, at least one a core (autonorm/audit/run.py), each batch paying one start-up."""
-        if backend not in AUDITED or not configs:
-            return 0.0
-        per = max(1, min(AUDIT_BATCH, math.ceil(configs / cores)))
-        start = max(0.0, self.alone_s[backend] - self.marginal_s[backend])
-        return math.ceil(configs / per) * start + configs * self.marginal_s[backend]
+    def per_candidate_s(self, backend: str, cores: int, audited: bool = True) -> float:
+        """Wall seconds the tuner spends compiling one candidate of `backend`: its compile over `cores`, and
+        (`audited`: the audit's cache does not hold it) the audit's compile of it, alone (a batch of a few
+        new candidates is one per audit worker), `DEVICE_COMPILE_WORKERS` of them side by side."""
+        audit_s = self.alone_s[backend] / min(cores, DEVICE_COMPILE_WORKERS) if audited and backend in AUDITED else 0.0
+        return self.candidate_s(backend) / cores + audit_s
 
 
 @dataclass
@@ -143,6 +145,7 @@ class DryRun:
     unburdened: planner.Plan  # the same studies planned with only the start-up spent before them
     spaces: dict            # spec -> its SearchSpace
     figures: CompileFigures
+    audited: bool           # each candidate's compile seconds include the audit's compile of it
 
     def by_backend(self, plan: planner.Plan | None = None) -> dict:
         """backend -> (compile seconds, timing seconds) that `plan` (default: the dry run's) expects of the
@@ -155,20 +158,21 @@ class DryRun:
             for b, n in sizes.items():
                 share = p.planned * n / total
                 compile_s, timing_s = out.get(b, (0.0, 0.0))
-                out[b] = (compile_s + share * self.figures.candidate_s(b) / self.cores, timing_s + share * p.time_s)
+                out[b] = (compile_s + share * self.figures.per_candidate_s(b, self.cores, self.audited),
+                          timing_s + share * p.time_s)
         return out
 
 
 def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfile, figures: CompileFigures,
-                cores: int, compile_baseline: bool) -> planner.Costs:
+                cores: int, compile_baseline: bool, audited: bool = True) -> planner.Costs:
     """The planner's `Costs` for one study: the timer's seconds at the model's median kernel time over the
     space (through `Costs.estimate`, which adds the reference check and sizes the finish), and each
-    backend's compile seconds over `cores`."""
+    backend's seconds to compile one candidate (`CompileFigures.per_candidate_s`)."""
     facts = rank.DeviceFacts.of(profile.identity(), profile.copy_gbps)
     kernel_us = statistics.median(rank.predict_us(spec, rows, c, facts) for c in space.candidates())
     costs = planner.Costs.estimate({"warmup_s": 0.0, "rep_s": measure_s(kernel_us, profile, timer_defaults())},
                                    compile_baseline)
-    return dataclasses.replace(costs, compile_s={b: figures.candidate_s(b) / cores for b in space.configs})
+    return dataclasses.replace(costs, compile_s={b: figures.per_candidate_s(b, cores, audited) for b in space.configs})
 
 
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
@@ -178,22 +182,22 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
-    build enumerates the backends' spaces (CPU seconds measured here) and renders every config to find its
-    audit profile in the cache. `audit_cached`: the audit's cache already holds every config
-    (compiled earlier with the device machine's toolchain), so nothing is compiled before the plan. `built`
+    build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
+    when it is about to be compiled. `audit_cached`: the audit's cache already holds every config (compiled
+    earlier with the device machine's toolchain), so a candidate costs no audit compile. `built`
     (spec -> (space, CPU seconds)) keeps the spaces for another call over the same backends."""
     built = {} if built is None else built
     jobs, costs = [], []
     for spec, rows in studies:
         if spec not in built:
             started = time.process_time()
-            space = SearchSpace(spec, backends)  # unpruned: the audit drops 1-9% of it on sm_90
+            space = SearchSpace(spec, backends)  # as on the GPU: every valid config (the audit rejects 1-9% on sm_90)
             built[spec] = (space, time.process_time() - started)
         space = built[spec][0]
         seeds = transfer.study_seeds(space, [transfer.Seed(Candidate(name, b.heuristic(spec)), "heuristic")
                                              for name, b in backends.items()])
         jobs.append((spec, rows, f"{spec.short()} rows={rows}", space, seeds))
-        costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline))
+        costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline, not audit_cached))
     # As tune_grid plans with a budget: anchors first, each neighbour after its sources, seeded by their winners.
     found = transfer.roles(studies)
     order = transfer.run_order(found)
@@ -201,14 +205,9 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
     transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs])
     spaces = {spec: built[spec][0] for spec, _ in studies}
-    build = {spec: built[spec][1] + sum(figures.render_s.get(b, 0.0) * len(cs) for b, cs in space.configs.items())
-             for spec, space in spaces.items()}
-    audit_cpu_s = sum(figures.audit_s(b, len(cs), cores) for space in spaces.values()
-                      for b, cs in space.configs.items())
     spent = {"start-up and copy probe (assumed)": STARTUP_S,
-             "audit compiles of every space": 0.0 if audit_cached else audit_cpu_s / cores,
-             "building each spec's space (serial, shared by its row counts)": sum(build.values())}
+             "building each spec's space (serial, shared by its row counts)": sum(built[s][1] for s in spaces)}
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))
-    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures)
+    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, not audit_cached)

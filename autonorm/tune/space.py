@@ -3,9 +3,10 @@
 `backend` is a categorical; each knob of a backend that takes more than one value
 in the valid space is an ordinal parameter named `<backend>.<knob>` over exactly
 those values. A sampled combination that is not in the valid space (knobs are
-sampled independently) is snapped to the nearest valid config. On a GPU, configs
-that spill or cannot launch there are pruned before anything is timed
-(`autonorm.audit.prune_space`).
+sampled independently) is snapped to the nearest valid config. On a GPU, the space
+keeps every valid config and a candidate is audited only when it is about to be
+compiled (`SearchSpace.unfit`): compiling the whole space for the audit up front
+would cost more than the search times.
 """
 from __future__ import annotations
 
@@ -37,12 +38,10 @@ class SearchSpace:
     def __init__(self, spec: NormSpec, backends: dict, device=None):
         self.spec = spec
         self.backends = backends
+        self.device = torch.device(device) if device is not None else None
         self.configs = {name: list(b.space(spec)) for name, b in backends.items()}
-        if device is not None and torch.device(device).type == "cuda":
-            # Candidates that spill or cannot launch on this GPU are dropped before any timing.
-            from ..audit import prune_space
-            self.configs = prune_space(spec, self.configs, torch.device(device))
         self.configs = {name: cs for name, cs in self.configs.items() if cs}
+        self._unfit: dict = {}  # candidate key -> the audit's reason, or None: the verdicts given so far
         self.knobs = {}
         for name, configs in self.configs.items():
             values = {}
@@ -64,6 +63,20 @@ class SearchSpace:
 
     def candidates(self) -> list[Candidate]:
         return [Candidate(name, c) for name, cs in self.configs.items() for c in cs]
+
+    def unfit(self, cands: list[Candidate]) -> dict:
+        """{key: why} for the candidates of `cands` that spill or cannot launch on this space's GPU, by the
+        audit (`autonorm.audit.unfit`: it compiles those not in its cache); nothing on any other device.
+        Each verdict is kept, so the studies sharing this space ask the audit once per candidate."""
+        if self.device is None or self.device.type != "cuda":
+            return {}
+        todo = list({c.key: c for c in cands if c.key not in self._unfit}.values())
+        if todo:
+            from ..audit import unfit
+
+            verdicts = unfit(self.spec, [(c.backend, c.config) for c in todo], self.device)
+            self._unfit.update({c.key: verdicts.get((c.backend, c.config)) for c in todo})
+        return {c.key: self._unfit[c.key] for c in cands if self._unfit[c.key] is not None}
 
     def named(self, key: str) -> Candidate | None:
         """The candidate whose `Candidate.key` is `key` (None when it is not in this space)."""

@@ -207,10 +207,10 @@ class StudyRunner:
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
                 batch_started = self.clock()
-                pool.prepare(self.spec, self.rows, [c for _, c in batch if c.key not in state.evaluated])
+                compiled_new = self._compiler(pool, batch, state)
                 for trial, cand in batch:  # timing stays serial
                     is_new = cand.key not in state.evaluated
-                    compiled = pool.compile(self.spec, self.rows, cand) if is_new else None
+                    compiled = compiled_new(cand) if is_new else None
                     value = self._evaluate(study, trial, cand, state, compiled)
                     if value is not None and value < best * (1 - IMPROVEMENT):
                         best, since_best = value, 0
@@ -226,6 +226,15 @@ class StudyRunner:
                 pool.close()
             self._compile_s = {name: seconds - compiled_before.get(name, 0.0) for name, seconds
                                in pool.compile_s.items() if seconds > compiled_before.get(name, 0.0)}
+
+    def _compiler(self, pool, batch: list, state: StudyState):
+        """Starts compiling the batch's new candidates ahead of the timer; returns the function that waits for
+        one's (kernel, failure). On a GPU the audit judges them first (`SearchSpace.unfit`): one it rejects is a
+        failure with the audit's reason, never compiled or timed."""
+        new = [c for _, c in batch if c.key not in state.evaluated]
+        unfit = self.space.unfit(new)
+        pool.prepare(self.spec, self.rows, [c for c in new if c.key not in unfit])
+        return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
 
     def _claim_batch(self, study, done: int) -> tuple[list, StudyState]:
         """Up to `compile_workers` new (trial, candidate) pairs, with the study's state as read under the
