@@ -1,7 +1,7 @@
 """The dry-run plan of `autonorm tune --budget` for the standard GPU grid on an H100 or H200, without a GPU.
 
     python scripts/gpu_plan.py > docs/benchmarks/gpu-plan.md                  # H100 and H200, 8 minutes
-    python scripts/gpu_plan.py --profiles h100-sxm --budget 480 --no-compile-baseline --full
+    python scripts/gpu_plan.py --profiles h100-sxm --budget 480 --compile-baseline --full
     python scripts/gpu_plan.py --hidden 4096 --dtypes bfloat16                # a slice of the grid
 
 The real planner (`autonorm.tune.plan`) with scripted costs (`autonorm.tune.dry_run`): compile seconds
@@ -83,9 +83,10 @@ def section(run: dr.DryRun, title: str, made: str, full: bool) -> list[str]:
     left = [p for p in plan.studies if p.status == "left out"]
     if left:
         lines += [f"First left out: {left[0].spec.short()} rows={left[0].rows}: {left[0].why}.", ""]
-    text = planner.format_plan(plan).splitlines()
-    if not full and len(text) > 43:
-        text = text[:42] + [f"... ({len(text) - 43} more studies: --full prints them)", text[-1]]
+    text = planner.format_plan(plan, run.compile_baseline).splitlines()
+    tail = 1 if run.compile_baseline else 2  # the expected seconds, and the line saying the baseline is left out
+    if not full and len(text) > 42 + tail:
+        text = text[:42] + [f"... ({len(text) - 42 - tail} more studies: --full prints them)", *text[-tail:]]
     return lines + ["The plan as `autonorm tune --budget` prints it:", "", "```", *text, "```", ""]
 
 
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds (default 480: 8 minutes)")
     parser.add_argument("--cores", type=int, default=16, help="the device machine's cores compiling in parallel")
     parser.add_argument("--trials", type=int, default=60, help="`autonorm tune`'s default trial budget")
-    parser.add_argument("--no-compile-baseline", action="store_true")
+    parser.add_argument("--compile-baseline", action="store_true",
+                        help="as `tune --budget --compile-baseline`: every study's finish times torch.compile")
     parser.add_argument("--audit-cached", action="store_true",
                         help="what if the audit's cache already held every config (no audit compile per candidate)")
     parser.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], help="slice: hidden sizes")
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     backends = {name: get_backend(name) for name in GPU_BACKENDS}
     built = {}  # the spaces, built once for every profile
     load = os.getloadavg()[0]
-    what = [label for flag, label in ((args.no_compile_baseline, "no torch.compile baseline"),
+    what = [label for flag, label in ((args.compile_baseline, "with the torch.compile baseline"),
                                       (args.audit_cached, "audit cache warm"),
                                       (args.hidden or args.dtypes, f"{len(grid)} studies of the grid")) if flag]
     command = " ".join(["python scripts/gpu_plan.py", *(argv if argv is not None else sys.argv[1:])])
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     for name in names:
         profile = dr.PROFILES[name]
         run = dr.dry_run(grid, backends, profile, figures, args.budget, cores=args.cores, n_trials=args.trials,
-                         compile_baseline=not args.no_compile_baseline, audit_cached=args.audit_cached,
+                         compile_baseline=args.compile_baseline, audit_cached=args.audit_cached,
                          built=built)
         out += section(run, f"{profile.name}, {args.budget:.0f} s" + "".join(f", {w}" for w in what), made, args.full)
         out += [f"Device profile: {profile.sm_count} SMs, {profile.copy_gbps / 1e3:.2f} TB/s, "

@@ -294,3 +294,26 @@ def test_a_specs_row_count_studies_share_one_search_space(tmp_path, monkeypatch)
               timer=timer, budget_s=60.0, elapsed=lambda: 0.0, costs=COSTS, clock=timer.clock)
     assert len(results) == 4 and all(r.record is not None for r in results)
     assert sorted(s.hidden for s in built) == [s.hidden for s in SPECS]  # each spec's space built once
+
+
+def test_under_a_budget_the_torch_compile_baseline_is_left_out_unless_asked_and_the_plan_says_so():
+    import argparse
+
+    from autonorm.cli import tune as tune_cli
+    from autonorm.cli.args import UsageError
+
+    parser = argparse.ArgumentParser()
+    tune_cli.add_arguments(parser)
+
+    def baseline(*argv):
+        return tune_cli.options_from_args(parser.parse_args(list(argv))).compile_baseline
+
+    assert [baseline("--budget", "8m"), baseline("--budget", "8m", "--compile-baseline")] == [False, True]
+    assert [baseline(), baseline("--no-compile-baseline")] == [True, False]  # without --budget: on unless refused
+    with pytest.raises(UsageError, match="not both"):
+        baseline("--compile-baseline", "--no-compile-baseline")
+    # The plan says the baseline is left out and how to ask for it; a plan with it says nothing of the kind.
+    plan = planner.split(_plans(), 60.0, 0.0)
+    assert planner.format_plan(plan, compile_baseline=False).splitlines()[-1] == planner.BASELINE_LEFT_OUT
+    assert "--compile-baseline" in planner.BASELINE_LEFT_OUT
+    assert planner.BASELINE_LEFT_OUT not in planner.format_plan(plan)

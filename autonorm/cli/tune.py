@@ -63,6 +63,9 @@ def add_arguments(p) -> None:
                    help="refuse to record a study whose measurements stay noisy (default: record it flagged "
                         "low-confidence, with a warning)")
     p.add_argument("--no-compile-baseline", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile-baseline", action="store_true",
+                   help="with --budget: time the torch.compile baseline too (left out by default: a reference "
+                        "figure that costs about 10 s a study)")
     p.add_argument("--compile-workers", type=positive_int,
                    help=f"processes compiling candidates ahead of the serial timer, into the compilers' disk caches "
                         f"(threads for a backend without one; default {default_compile_workers()})")
@@ -165,9 +168,13 @@ def options_from_args(args) -> StudyOptions:
     given = {"trials": args.trials, "time_budget": args.time_budget, "patience": args.patience,
              "compile_workers": args.compile_workers}
     make = StudyOptions.quick if args.quick else StudyOptions  # a flag left out keeps its default there
+    if args.compile_baseline and args.no_compile_baseline:
+        raise UsageError("give --compile-baseline or --no-compile-baseline, not both")
+    # Under --budget the baseline is asked for (docs/benchmarks/planner.md); otherwise it is left out on request.
+    baseline = args.compile_baseline if args.budget is not None else not args.no_compile_baseline
     try:
         return make(**{k: v for k, v in given.items() if v is not None},
-                    compile_baseline=not args.no_compile_baseline, strict=args.strict)
+                    compile_baseline=baseline, strict=args.strict)
     except TuneOptionError as exc:
         raise UsageError(f"--{exc.option.replace('_', '-')} {given.get(exc.option)}: must be {exc.meaning}") from None
 

@@ -146,6 +146,7 @@ class DryRun:
     spaces: dict            # spec -> its SearchSpace
     figures: CompileFigures
     audited: bool           # each candidate's compile seconds include the audit's compile of it
+    compile_baseline: bool  # every study's finish times the torch.compile baseline (--compile-baseline)
 
     def by_backend(self, plan: planner.Plan | None = None) -> dict:
         """backend -> (compile seconds, timing seconds) that `plan` (default: the dry run's) expects of the
@@ -176,10 +177,11 @@ def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfi
 
 
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
-            cores: int = 16, n_trials: int = 60, compile_baseline: bool = True, audit_cached: bool = False,
+            cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
             built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
+    `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget).
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -210,4 +212,4 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))
-    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, not audit_cached)
+    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, not audit_cached, compile_baseline)

@@ -134,7 +134,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         transfer.shape_plans(plans, roles, [seeds for *_, seeds in jobs])
         plans = planner.split(plans, budget_s, elapsed()).studies
         if show_plan is not None:
-            show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans)))
+            show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans), options.compile_baseline))
         deadline = clock() + budget_s - elapsed()
         facts = rank.DeviceFacts.of(ident, copy_gbps)
     # One pool for the grid, so its worker processes start once. Closed after the loop; an exception leaves
