@@ -145,7 +145,7 @@ class DryRun:
     unburdened: planner.Plan  # the same studies planned with only the start-up spent before them
     spaces: dict            # spec -> its SearchSpace
     figures: CompileFigures
-    audited: bool           # each candidate's compile seconds include the audit's compile of it
+    audited: set            # (spec, rows) of the studies whose candidates' compile seconds include the audit's
     compile_baseline: bool  # every study's finish times the torch.compile baseline (--compile-baseline)
 
     def by_backend(self, plan: planner.Plan | None = None) -> dict:
@@ -159,7 +159,8 @@ class DryRun:
             for b, n in sizes.items():
                 share = p.planned * n / total
                 compile_s, timing_s = out.get(b, (0.0, 0.0))
-                out[b] = (compile_s + share * self.figures.per_candidate_s(b, self.cores, self.audited),
+                audited = (p.spec, p.rows) in self.audited
+                out[b] = (compile_s + share * self.figures.per_candidate_s(b, self.cores, audited),
                           timing_s + share * p.time_s)
         return out
 
@@ -199,11 +200,19 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
         seeds = transfer.study_seeds(space, [transfer.Seed(Candidate(name, b.heuristic(spec)), "heuristic")
                                              for name, b in backends.items()])
         jobs.append((spec, rows, f"{spec.short()} rows={rows}", space, seeds))
-        costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline, not audit_cached))
     # As tune_grid plans with a budget: anchors first, each neighbour after its sources, seeded by their winners.
     found = transfer.roles(studies)
     order = transfer.run_order(found)
-    jobs, costs, found = [jobs[i] for i in order], [costs[i] for i in order], [found[i] for i in order]
+    jobs, found = [jobs[i] for i in order], [found[i] for i in order]
+    # The audit's verdicts are kept in the spec's space (and its cache): the first study of a spec to run pays
+    # the audit of its candidates; the spec's later row counts find their seeds' verdicts there. (Their search
+    # candidates new to the spec are not charged: an underestimate only where such a study searches.)
+    audited, costs = set(), []
+    for spec, rows, _, space, _ in jobs:
+        if not audit_cached and all(s != spec for s, _ in audited):
+            audited.add((spec, rows))
+        costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline,
+                                 (spec, rows) in audited))
     plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
     transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs])
     spaces = {spec: built[spec][0] for spec, _ in studies}
@@ -212,4 +221,4 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))
-    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, not audit_cached, compile_baseline)
+    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, audited, compile_baseline)
