@@ -5,8 +5,8 @@
 
 Each backend's configs are drawn at random from its search space over the standard grid (a random spec,
 then a random config of the spec's space: the candidates the tuner would compile). They go through the
-audit's own compilers (`autonorm.audit.audit`, one worker, an empty cache), the compiles `prune_space`
-runs on the GPU machine before any timing:
+audit's own compilers (`autonorm.audit.audit`, one worker, an empty cache), the compiles the tuner's
+audit check (`SearchSpace.unfit`) runs on the GPU machine for each candidate before it is timed:
 
 - Triton: `triton.compile` to a cubin for sm_90 in a worker process, then `ptxas -v` and `cuobjdump`;
 - CuPy: the rendered CUDA C++ through `nvcc -cubin` (CuPy itself compiles with NVRTC, the same front end);

@@ -15,8 +15,8 @@ winners. The model uses only facts known without a measurement:
   the backend's heuristic, which encodes what was measured when it was written.
 
 What it does not know: vector width, fastmath, unrolling, registers. Those are left
-to the measurement (TPE), and where a saved audit profile exists the GPU search space is
-already pruned of spilling or unlaunchable configs (`autonorm.audit.prune_space`).
+to the measurement (TPE); on a GPU a candidate that spills or cannot launch is failed by
+the audit before it is compiled for timing (`SearchSpace.unfit`).
 """
 from __future__ import annotations
 
