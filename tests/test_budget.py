@@ -317,3 +317,19 @@ def test_under_a_budget_the_torch_compile_baseline_is_left_out_unless_asked_and_
     assert planner.format_plan(plan, compile_baseline=False).splitlines()[-1] == planner.BASELINE_LEFT_OUT
     assert "--compile-baseline" in planner.BASELINE_LEFT_OUT
     assert planner.BASELINE_LEFT_OUT not in planner.format_plan(plan)
+
+
+class SlowFinishTimer(ScriptedClockTimer):
+    """A finish that takes three times what the plan expects (a loaded machine, a slow storage)."""
+
+    def interleaved(self, spec, kernels, rows):
+        self.now += 2 * COSTS.finish_s
+        return super().interleaved(spec, kernels, rows)
+
+
+def test_a_finish_slower_than_planned_shrinks_the_later_studies_not_the_budget(tmp_path):
+    timer = SlowFinishTimer()
+    _, results = tune(tmp_path, 1.8, timer)
+    assert len(results) == 2 and all(r.record is not None for r in results)
+    assert results[0].outside_search_s >= 3 * COSTS.finish_s  # the first study learns it
+    assert timer.now <= 1.8  # the last study's share leaves room for a finish as slow as the first one's

@@ -39,6 +39,7 @@ class StudyResult:
     compile_s: dict = field(default_factory=dict)  # backend -> seconds compiling its candidates (compile_pool.py)
     timing_s: float = 0.0  # seconds the timer ran: the search's candidates and the finish's re-timing
     wall_s: float = 0.0  # the study's seconds from start to record
+    outside_search_s: float = 0.0  # of wall_s, what the search's share does not cover: set-up and the finish
 
     @property
     def timing_share(self) -> float | None:

@@ -126,6 +126,10 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
              _seeds(spec, rows, spaces[spec], earlier, tables)) for spec in specs for rows in row_counts]
     roles = [transfer.Role(0)] * len(jobs)
     plans, winners = None, {}
+    # Set-up and finish seconds the studies run so far took and were planned to take: a machine slower than
+    # the plan's estimates there (a loaded CPU, a slow storage) shrinks the later studies' search shares
+    # instead of overrunning the budget in the last one.
+    outside_spent = outside_planned = 0.0
     if budget_s is not None:
         jobs, roles = transfer.arrange(jobs)  # anchors first: each study runs after those it takes seeds from
         elapsed = elapsed or planner.process_age_s
@@ -151,7 +155,8 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
                 db.upsert(record)
                 transfer.remember(winners, spec, rows, record)
                 continue
-            share = _share(plans, i, deadline - clock())
+            finish_scale = max(1.0, outside_spent / outside_planned) if outside_planned > 0 else 1.0
+            share = _share(plans, i, deadline - clock(), finish_scale)
             if plan.status != "run" or share is None:
                 if plan.status == "run" and show_plan is not None:
                     show_plan(f"left out {spec.short()} rows={rows}: the budget was spent before it started")
@@ -169,6 +174,9 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         if bar is not None:
             bar.close()
         results.append(result)
+        if plans is not None:
+            outside_spent += result.outside_search_s
+            outside_planned += plans[i].finish_s
         transfer.remember(winners, spec, rows, result.record)
         if result.record is not None:
             db.upsert(result.record)
@@ -179,14 +187,16 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     return db
 
 
-def _share(plans: list, i: int, left_s: float) -> float | None:
+def _share(plans: list, i: int, left_s: float, finish_scale: float = 1.0) -> float | None:
     """Search seconds for study `i` now: its planned share rescaled by the time left over the time planned
-    for it and the studies after it; None when what is left cannot time one candidate and finish."""
+    for it and the studies after it; None when what is left cannot time one candidate and finish.
+    `finish_scale` (>= 1) is how much longer than planned the earlier studies' set-up and finish took."""
     plan = plans[i]
-    to_come = sum(p.search_s + p.finish_s for p in plans[i:] if p.status == "run")
-    if left_s < plan.finish_s + plan.candidate_s:
+    finish_s = plan.finish_s * finish_scale
+    to_come = sum(p.search_s + p.finish_s * finish_scale for p in plans[i:] if p.status == "run")
+    if left_s < finish_s + plan.candidate_s:
         return None
-    return max(0.0, left_s * (plan.search_s + plan.finish_s) / to_come - plan.finish_s)
+    return max(0.0, left_s * (plan.search_s + finish_s) / to_come - finish_s)
 
 
 def tune_one(spec: NormSpec, rows: int, device: torch.device, db_path: Path,

@@ -131,12 +131,15 @@ class StudyRunner:
         with self.claim():
             self._prepare(study)
         with fleet.Heartbeats(self.storage) as self._beats:
+            search_started = self.clock()
             stopped_by = self._search(study)
+            search_s = self.clock() - search_started
             with self.claim():
                 if self.state(study).done >= self.options.trials:  # else the same command resumes and pops them
                     trials.close_waiting(study)
             result = finalize.finish(self, study)
         result.compile_s, result.timing_s, result.wall_s = self._compile_s, self.timing_s, self.clock() - started
+        result.outside_search_s = result.wall_s - search_s
         state = self.state(study)
         result.completeness = "exhaustive" if state.done >= len(self.space) else stopped_by
         study.set_user_attr("completeness", result.completeness)  # a rerun leaves a complete study alone
