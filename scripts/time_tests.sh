@@ -8,8 +8,9 @@
 #   scripts/time_tests.sh default      # one tier: default or slow
 # PY: an interpreter with the test dependencies (`pip install -e ".[all,dev]"`; default python3).
 # CLONE: where the clone goes (default /tmp/autonorm-time-tests, replaced); each tier's log is $CLONE/<tier>.log.
-# The clone gets a venv of its own, $CLONE/.venv, that sees PY's packages and installs the clone editable on
-# top: PY's editable install of another checkout would lend the clone its backends/ and templates/.
+# The clone gets a venv of its own, $CLONE/.venv, holding links to PY's packages and the clone installed
+# editable: PY's editable install of another checkout would lend the clone its backends/ and templates/, and
+# CUDA's library finder (NVRTC, NVVM) looks in the venv's own site-packages only.
 # The PostgreSQL fleet test runs only where AUTONORM_TEST_POSTGRES_URL names a server.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,8 +26,13 @@ rm -rf "$CLONE"
 git clone -q "$REPO" "$CLONE"
 cd "$CLONE"
 "$PY" -m venv --without-pip .venv
-deps=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "import site; site.addsitedir('$deps')" >"$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_deps.pth"
+purelib='import sysconfig; print(sysconfig.get_paths()["purelib"])'
+deps=$("$PY" -c "$purelib")
+site_dir=$(.venv/bin/python -c "$purelib")
+for entry in "$deps"/*; do
+  case ${entry##*/} in *autonorm*) continue ;; esac  # its editable install: the clone's comes next
+  ln -s "$entry" "$site_dir/"
+done
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >install.log 2>&1 \
   || { cat install.log >&2; exit 1; }
 # As in .ci/run: the compile cache starts empty, inside the clone's venv.
