@@ -35,6 +35,9 @@ for entry in "$deps"/*; do
 done
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >install.log 2>&1 \
   || { cat install.log >&2; exit 1; }
+# PY's command-line tools (ruff for the lint test), after the install so the clone's own `autonorm` stays.
+tools=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["scripts"])')
+for tool in "$tools"/*; do [ -e ".venv/bin/${tool##*/}" ] || ln -s "$tool" .venv/bin/; done
 # As in .ci/run: the compile cache starts empty, inside the clone's venv.
 export PATH=$CLONE/.venv/bin:$PATH AUTONORM_CACHE_DIR=$CLONE/.venv/autonorm-cache
 PY=$CLONE/.venv/bin/python
