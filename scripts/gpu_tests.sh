@@ -16,7 +16,7 @@ PY=${PY:-python3}
 PER_TEST_TIMEOUT=${PER_TEST_TIMEOUT:-300}
 mkdir -p "$OUT"
 marker=(-m gpu)
-if [ "${1:-}" = --all ]; then marker=(); shift; fi
+if [ "${1:-}" = --all ]; then marker=(-m "not slow"); shift; fi
 "$PY" -P -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'" \
   || { echo "gpu_tests: no CUDA GPU here: the gpu tier would skip every test" | tee "$OUT/gpu_tests.log"; exit 75; }
 # Files named in this order run in this order (a folder argument would sort them by name).
@@ -32,6 +32,8 @@ fi
 # Compiled-kernel caches stay out of the tree and the home folder.
 export AUTONORM_CACHE_DIR=${AUTONORM_CACHE_DIR:-/tmp/autonorm-cache}
 export PYTHONUNBUFFERED=1
-"$PY" -P -m pytest -v -p no:cacheprovider -rfEs "${marker[@]}" "${limit[@]}" --junitxml "$OUT/junit-gpu.xml" \
+# -o addopts= drops pyproject's `-n auto`: the GPU machines may lack pytest-xdist, and kernel timings must not
+# share the GPU with another worker anyway (the marker is given here instead).
+"$PY" -P -m pytest -o addopts= -v -p no:cacheprovider -rfEs "${marker[@]}" "${limit[@]}" --junitxml "$OUT/junit-gpu.xml" \
   "${first[@]}" "${rest[@]}" "$@" 2>&1 | tee -a "$OUT/gpu_tests.log"
 exit "${PIPESTATUS[0]}"

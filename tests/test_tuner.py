@@ -345,7 +345,7 @@ def test_tune_quick_end_to_end_writes_a_valid_database(tmp_path, capsys):
 
     out = tmp_path / "db"
     rc = main(["tune", "--quick", "--ops", "rmsnorm", "--directions", "fwd", "--hidden", "128", "--rows", "32",
-               "--trials", "4", "--no-compile-baseline", "--no-progress", "--out", str(out)])
+               "--trials", "4", "--time-budget", "600", "--no-compile-baseline", "--no-progress", "--out", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
     assert "rmsnorm.fwd x=float32 w=float32 N=128" in table and "x eager" in table
