@@ -17,7 +17,7 @@ from autonorm.config import Config, knob
 from autonorm.db import TuningDB
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
-from autonorm.tune import SearchSpace, StudyOptions, make_storage, rank, tune_grid
+from autonorm.tune import Candidate, SearchSpace, StudyOptions, make_storage, rank, tune_grid
 from autonorm.tune import plan as planner
 
 pytest.importorskip("optuna")
@@ -198,8 +198,7 @@ def test_a_complete_study_is_taken_from_the_storage_without_timing(tmp_path):
     assert [r.record.winner.config for r in again] == [r.record.winner.config for r in done]
 
 
-def test_the_cost_models_best_are_timed_right_after_the_seeds(tmp_path):
-    from autonorm.device import identity
+def test_on_a_cpu_the_candidates_nearest_the_heuristic_are_timed_right_after_the_seeds(tmp_path):
     from autonorm.tune.run import RANKED_SEEDS
 
     timer = ScriptedClockTimer()
@@ -207,11 +206,26 @@ def test_the_cost_models_best_are_timed_right_after_the_seeds(tmp_path):
     spec = SPECS[0]
     space = SearchSpace(spec, backends())
     seeds = [RowsConfig.heuristic(spec), "torch"]
-    best = [c.config for c in rank.ranked(space, ROWS, rank.DeviceFacts.of(identity("cpu"), 10.0))
-            if c.config not in (RowsConfig.heuristic(spec),) and c.backend == "fake"][:RANKED_SEEDS]
+    nearest = [c.config for c in rank.nearest_to_heuristics(space)
+               if c.config not in (RowsConfig.heuristic(spec),) and c.backend == "fake"][:RANKED_SEEDS]
     timed = [config for hidden, config in timer.timed if hidden == spec.hidden]
     assert timed[:2] == seeds
-    assert len(best) == 7 and timed[2:] == best  # the 7 candidates left after the seeds, best-ranked first
+    assert len(nearest) == 7 and timed[2:] == nearest  # the 7 candidates left after the seeds, nearest first
+    steps = [rank.heuristic_distance(space, Candidate("fake", c), RowsConfig.heuristic(spec)) for c in nearest]
+    assert steps == sorted(steps) and steps[0] == 1
+
+
+def test_on_a_gpu_the_cost_models_best_follow_the_seeds():
+    from autonorm.tune.run import RANKED_SEEDS, _with_ranked
+    from autonorm.tune.transfer import Seed
+
+    spec = SPECS[0]
+    space = SearchSpace(spec, backends())
+    facts = rank.DeviceFacts("cuda", workers=4 * 132, copy_gbps=3000.0)
+    seed = Seed(space.candidates()[0], "heuristic")
+    chosen = _with_ranked([seed], space, ROWS, facts)
+    model = [c for c in rank.ranked(space, ROWS, facts) if c.key != seed.candidate.key][:RANKED_SEEDS]
+    assert [s.candidate for s in chosen[1:]] == model and {s.source for s in chosen[1:]} == {"cost model"}
 
 
 def test_db_show_prints_completeness_and_databases_without_it_still_load(tmp_path, capsys):

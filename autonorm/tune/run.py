@@ -30,7 +30,7 @@ from .space import Candidate, SearchSpace
 from .study import StudyRunner, study_name
 
 DEVICE_FIELDS = ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")
-RANKED_SEEDS = 8  # with --budget: the cost model's best candidates, timed after the seeds and before TPE
+RANKED_SEEDS = 8  # with --budget: rank.first_to_time's first candidates, timed after the seeds, before TPE
 
 
 def _print_note(text: str) -> None:
@@ -89,10 +89,10 @@ def _seeds(spec: NormSpec, rows: int, space: SearchSpace, earlier: TuningDB | No
 
 
 def _with_ranked(seeds: list, space: SearchSpace, rows: int, facts: rank.DeviceFacts) -> list:
-    """The seeds, then the cost model's RANKED_SEEDS best candidates not among them."""
+    """The seeds, then the RANKED_SEEDS first candidates not among them in `rank.first_to_time`'s order."""
     keys = {s.candidate.key for s in seeds}
-    best = [c for c in rank.ranked(space, rows, facts) if c.key not in keys][:RANKED_SEEDS]
-    return seeds + [transfer.Seed(c, "cost model") for c in best]
+    order, source = rank.first_to_time(space, rows, facts)
+    return seeds + [transfer.Seed(c, source) for c in [c for c in order if c.key not in keys][:RANKED_SEEDS]]
 
 
 def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, device: torch.device,
@@ -106,8 +106,8 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     bar per study (tqdm-like), or None for none. With `budget_s`, the grid is planned
     to end `budget_s` seconds after `elapsed()` was 0 (default: the process start;
     `autonorm.tune.plan`): the plan goes to `show_plan(text)`, each study's
-    `time_budget` is its share, the cost model's best candidates are timed right
-    after the seeds, and shapes transfer (`transfer.py`: anchors first, their
+    `time_budget` is its share, `rank.first_to_time`'s first candidates are timed
+    right after the seeds, and shapes transfer (`transfer.py`: anchors first, their
     neighbours seeded from their winners; records of other GPUs as seeds). `costs`
     replaces the plan's estimates (`Costs.estimate` from the timer's protocol);
     `clock` is the seconds the deadline and studies count in.

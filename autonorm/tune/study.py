@@ -15,7 +15,7 @@ is known by its `Candidate.key` alone, and a config is timed at most once per st
 
 How it searches is one frozen `StudyOptions` (`options.py`). Seeds first: each
 backend's heuristic config, the database's earlier winner and, with `--budget`, the
-cost model's best. A space no larger than the trial budget is searched
+first of `rank.first_to_time`'s order. A space no larger than the trial budget is searched
 exhaustively (every config enqueued); a larger one by TPE after the seeds. A study
 stops on its trial budget, its time budget, or `patience` trials without a 0.5%
 gain, counted only after the seeds and STARTUP_TRIALS more candidates: TPE samples

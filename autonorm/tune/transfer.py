@@ -115,7 +115,8 @@ def arrange(jobs: list) -> tuple[list, list[Role]]:
 @dataclass(frozen=True)
 class Seed:
     """A first candidate to time and where it came from ("heuristic", "earlier winner", "anchor N=.. R=..",
-    "same-arch <device>", "previous-gen <device>"; "(nearest valid)" when mapped into the study's space)."""
+    "same-arch <device>", "previous-gen <device>", "cost model" or "near the heuristic" (`rank.first_to_time`);
+    "(nearest valid)" when mapped into the study's space)."""
 
     candidate: Candidate
     source: str
