@@ -51,3 +51,15 @@ class ScriptedTimer:
 
     def describe(self):
         return {"timer": "scripted"}
+
+
+def audited(job, *, registers=32, spill_stores=0, threads=256, global_loads=1):
+    """The audit's answer for `job` (an audit job) as a fake audit gives it: a profile with these figures, the
+    rest zero or one, and its occupancy on the job's architecture."""
+    from autonorm import audit
+
+    profile = audit.Profile(job.backend, "", "", job.arch, "k", registers=registers, spill_stores=spill_stores,
+                            spill_loads=0, stack=0, smem_static=0, smem_dynamic=0, threads=threads,
+                            global_loads=global_loads, global_loads_128=global_loads, global_loads_64=0,
+                            global_stores=1, global_stores_128=1, cp_async=0, sass_sha256="")
+    return audit.occupancy(profile, audit.ARCHS[job.arch])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import audited
 
 from autonorm import audit
 from autonorm.backends import get_backend
@@ -181,21 +182,17 @@ def test_a_gpu_winner_records_its_profile(monkeypatch):
     props = types.SimpleNamespace(major=8, minor=0, multi_processor_count=108)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(audit.run, "check_backends", lambda names: None)
-    audited = []
+    jobs_seen = []
 
     def fake_audit(jobs, progress=None, workers=2):
-        audited.extend(jobs)
-        p = audit.Profile(jobs[0].backend, "", "", jobs[0].arch, "k", registers=40, spill_stores=0, spill_loads=0,
-                          stack=0, smem_static=0, smem_dynamic=0, threads=256, global_loads=4, global_loads_128=4,
-                          global_loads_64=0,
-                          global_stores=1, global_stores_128=1, cp_async=0, sass_sha256="")
-        return [audit.occupancy(p, audit.ARCHS[jobs[0].arch])]
+        jobs_seen.extend(jobs)
+        return [audited(jobs[0], registers=40, global_loads=4)]
 
     monkeypatch.setattr(audit.run, "audit", fake_audit)
     gpu = types.SimpleNamespace(device=torch.device("cuda", 0), spec=spec)
     winner = Entry("triton", config, 10.0, 9.0, 11.0, 100.0, 50.0)
     profile = finalize._winner_profile(gpu, winner)
-    assert [(j.backend, j.config, j.arch) for j in audited] == [("triton", config, "sm_80")]
+    assert [(j.backend, j.config, j.arch) for j in jobs_seen] == [("triton", config, "sm_80")]
     assert profile["arch"] == "sm_80" and profile["registers"] == 40 and profile["spill_bytes"] == 0
     assert 0 < profile["occupancy"] <= 1 and profile["load_share_128"] == 1.0
     assert finalize._winner_profile(types.SimpleNamespace(device=torch.device("cpu"), spec=spec), winner) is None
@@ -214,15 +211,8 @@ def test_prune_space_drops_what_does_not_fit(monkeypatch):
     monkeypatch.setattr(audit.run, "check_backends", lambda names: None)
 
     def fake_audit(jobs, progress=None, workers=2):
-        out = []
-        for j in jobs:  # pretend every 8-warp config spills
-            p = audit.Profile(j.backend, "", "", j.arch, "k", registers=32, spill_stores=4 * (j.config.num_warps == 8),
-                              spill_loads=0, stack=0, smem_static=0, smem_dynamic=0, threads=32 * j.config.num_warps,
-                              global_loads=1, global_loads_128=1,
-                              global_loads_64=0, global_stores=1, global_stores_128=1, cp_async=0,
-                              sass_sha256="")
-            out.append(audit.occupancy(p, audit.ARCHS[j.arch]))
-        return out
+        # pretend every 8-warp config spills
+        return [audited(j, spill_stores=4 * (j.config.num_warps == 8), threads=32 * j.config.num_warps) for j in jobs]
 
     monkeypatch.setattr(audit.run, "audit", fake_audit)
     kept = audit.prune_space(spec, {"triton": full}, torch.device("cuda", 0))["triton"]

@@ -6,6 +6,7 @@ import types
 import optuna
 import pytest
 import torch
+from fakes import audited
 from test_budget import ROWS, SPECS, RowsBackend, ScriptedClockTimer, fake_is_a_backend  # noqa: F401 (fixture)
 
 from autonorm import audit
@@ -28,11 +29,7 @@ def fake_gpu_audit(monkeypatch):
 
     def fake_audit(jobs, progress=None, workers=2):
         compiled.extend(jobs)
-        return [audit.occupancy(audit.Profile(
-            j.backend, "", "", j.arch, "k", registers=32, spill_stores=8 * (j.config.num_warps == 8), spill_loads=0,
-            stack=0, smem_static=0, smem_dynamic=0, threads=32 * j.config.num_warps, global_loads=1,
-            global_loads_128=1, global_loads_64=0, global_stores=1, global_stores_128=1, cp_async=0, sass_sha256=""),
-            audit.ARCHS[j.arch]) for j in jobs]
+        return [audited(j, spill_stores=8 * (j.config.num_warps == 8), threads=32 * j.config.num_warps) for j in jobs]
 
     monkeypatch.setattr(audit.run, "audit", fake_audit)
     return compiled
