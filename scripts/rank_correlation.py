@@ -91,8 +91,9 @@ def timed(spec, rows: int, backend_name: str, sample: int, seed: int) -> SpecRho
     return spec_rho(space, rows, facts, measured)
 
 
-def from_storage(journal: Path) -> list[SpecRho]:
-    """One SpecRho per study in an `autonorm tune` journal, from the medians its trials recorded."""
+def measured_studies(journal: Path):
+    """(SearchSpace, rows, DeviceFacts, candidate key -> median µs) for each study in an `autonorm tune` journal,
+    from the medians its trials recorded."""
     import optuna
     import torch
     from optuna.trial import TrialState
@@ -106,7 +107,6 @@ def from_storage(journal: Path) -> list[SpecRho]:
                          f"OUT/.autonorm-journal/<device-slug>.optuna.journal)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(None, journal)
-    out = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         attrs = summary.user_attrs
         if "spec" not in attrs:
@@ -118,9 +118,12 @@ def from_storage(journal: Path) -> list[SpecRho]:
         names = sorted({json.loads(k)[0] for k in measured})  # a candidate key is JSON [backend, config]
         device = torch.device("cpu" if attrs["device"]["kind"] == "cpu" else "cuda")
         space = SearchSpace(NormSpec(**attrs["spec"]), {n: get_backend(n) for n in names}, device)
-        facts = rank.DeviceFacts.of(attrs["device"], attrs["device"].get("copy_gbps"))
-        out.append(spec_rho(space, attrs["rows"], facts, measured))
-    return out
+        yield space, attrs["rows"], rank.DeviceFacts.of(attrs["device"], attrs["device"].get("copy_gbps")), measured
+
+
+def from_storage(journal: Path) -> list[SpecRho]:
+    """One SpecRho per study in an `autonorm tune` journal, from the medians its trials recorded."""
+    return [spec_rho(space, rows, facts, measured) for space, rows, facts, measured in measured_studies(journal)]
 
 
 def verdict(rows: list[SpecRho]) -> str:

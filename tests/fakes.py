@@ -1,4 +1,4 @@
-"""The parts of a fake backend every test's fake shares; each test adds its config, hash and build."""
+"""Shared test helpers: the parts of a fake backend every test's fake shares, and loading a script of scripts/."""
 from autonorm.backends.base import Backend
 from autonorm.render import Source
 
@@ -63,3 +63,20 @@ def audited(job, *, registers=32, spill_stores=0, threads=256, global_loads=1):
                             global_loads=global_loads, global_loads_128=global_loads, global_loads_64=0,
                             global_stores=1, global_stores_128=1, cp_async=0, sass_sha256="")
     return audit.occupancy(profile, audit.ARCHS[job.arch])
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, with scripts/ on the path while it loads (it imports the scripts beside it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "scripts"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module

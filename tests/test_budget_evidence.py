@@ -5,9 +5,7 @@ real command runs in the slow test); the re-timing is real where the winners are
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,14 +26,9 @@ GRID = {"ops": ["rmsnorm"], "directions": ["fwd"], "dtypes": ["float32"], "hidde
 
 @pytest.fixture(scope="module")
 def be():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        spec = importlib.util.spec_from_file_location("budget_evidence", ROOT / "scripts" / "budget_evidence.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return module
+    from fakes import load_script
+
+    return load_script("budget_evidence")
 
 
 def _record(hidden: int, backend: str, config, us: float, completeness: str) -> Record:

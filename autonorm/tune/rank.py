@@ -20,6 +20,7 @@ the audit before it is compiled for timing (`SearchSpace.unfit`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ ROWS_KNOBS = ("rows_per_task", "ROWS_PER_PROGRAM", "rows")
 BLOCKS_PER_SM = 4   # resident blocks a GPU SM needs to hide memory latency (a rule of thumb, not measured here)
 TASK_US = 1.0       # a Numba CPU task's scheduling cost (workqueue), per task
 TIE = 1.05          # predictions within 5% are a tie, broken by the distance from the heuristic
+RANKED = 8          # candidates that need a compile, timed after the seeds before TPE takes over (--budget)
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,37 @@ def nearest_to_heuristics(space: SearchSpace) -> list[Candidate]:
     return sorted(space.candidates(), key=lambda c: heuristic_distance(space, c, heuristics[c.backend]))
 
 
-def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts) -> tuple[list[Candidate], str]:
-    """The order a budgeted study times candidates in after its seeds, and its name. On a CPU the model ranked
-    worse than the distance from the heuristic alone (Spearman's rho +0.06 against +0.31 over four bf16 specs
-    measured on a quiet VM: docs/benchmarks/budget-vs-exhaustive.md), so there the distance orders; on a GPU,
-    where it is unmeasured, the model does."""
+@functools.lru_cache(maxsize=65536)
+def _source_sha(backend, spec: NormSpec, config) -> str | None:
+    try:
+        return backend.render(spec, config).sha256
+    except Exception:  # a backend that renders nothing: every config is its own compile
+        return None
+
+
+def compile_key(space: SearchSpace, cand: Candidate) -> str:
+    """What one compile serves: the rendered source's hash, which keys every backend's compile cache. Knobs a
+    template leaves out (numba-cpu's rows per task and threads: 27 configs share each of its 8 sources) change
+    only the launch, so a candidate whose source is already compiled costs its timing alone."""
+    sha = _source_sha(space.backends[cand.backend], space.spec, cand.config)
+    return f"{cand.backend}:{sha}" if sha is not None else cand.key
+
+
+def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list | None = None) -> tuple[list[Candidate], str]:
+    """The candidates a budgeted study times right after its `seeds` (Candidates), and the name of their order.
+
+    First every candidate that shares a seed's compiled source (no compile to pay), then RANKED more, each
+    list in the order of its device: on a CPU the distance from the heuristic, since the model ranked worse
+    than it there (Spearman's rho +0.06 against +0.31 over four bf16 specs measured on a quiet VM:
+    docs/benchmarks/budget-vs-exhaustive.md); on a GPU, where it is unmeasured, the model."""
     if facts.kind == "cpu":
-        return nearest_to_heuristics(space), "near the heuristic"
-    return ranked(space, rows, facts), "cost model"
+        order, name = nearest_to_heuristics(space), "near the heuristic"
+    else:
+        order, name = ranked(space, rows, facts), "cost model"
+    if seeds is None:
+        return order, name
+    seeded = {c.key for c in seeds}
+    compiled = {compile_key(space, c) for c in seeds if c.backend in space.backends}
+    order = [c for c in order if c.key not in seeded]
+    free = [c for c in order if compile_key(space, c) in compiled]
+    return free + [c for c in order if compile_key(space, c) not in compiled][:RANKED], name

@@ -1,0 +1,49 @@
+"""The order a budgeted study times its first candidates in (autonorm/tune/rank.py): compiles paid once."""
+import pytest
+import torch
+
+from autonorm.spec import NormSpec
+from autonorm.tune import SearchSpace, rank
+
+numba = pytest.importorskip("numba")
+
+
+@pytest.fixture(scope="module")
+def cpu_space():
+    from backends.numba_cpu import NumbaCpuBackend
+    from backends.torch_eager import TorchBackend
+
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 1024)
+    return SearchSpace(spec, {"numba-cpu": NumbaCpuBackend(), "torch": TorchBackend()}, torch.device("cpu"))
+
+
+def _heuristic_seeds(space):
+    return [c for c in space.candidates() if c.config == space.backends[c.backend].heuristic(space.spec)]
+
+
+def test_candidates_sharing_a_seeds_compiled_source_come_first_then_ranked_more(cpu_space):
+    facts = rank.DeviceFacts("cpu", workers=2, copy_gbps=20.0)
+    seeds = _heuristic_seeds(cpu_space)
+    chosen, name = rank.first_to_time(cpu_space, 1024, facts, seeds)
+    compiled = {rank.compile_key(cpu_space, s) for s in seeds}
+    shared = [c for c in cpu_space.candidates() if rank.compile_key(cpu_space, c) in compiled
+              and c.key not in {s.key for s in seeds}]
+    assert name == "near the heuristic"
+    # numba-cpu renders one source per (vector_width, fastmath): 27 launch variants share the heuristic's
+    assert len(shared) == 26
+    assert {c.key for c in chosen[:26]} == {c.key for c in shared}
+    assert all(rank.compile_key(cpu_space, c) not in compiled for c in chosen[26:])
+    assert len(chosen) == 26 + rank.RANKED
+    assert not {c.key for c in chosen} & {s.key for s in seeds}
+    # within each group the distance from the heuristic still orders
+    heuristic = cpu_space.backends["numba-cpu"].heuristic(cpu_space.spec)
+    steps = [rank.heuristic_distance(cpu_space, c, heuristic) for c in chosen[:26]]
+    assert steps == sorted(steps)
+
+
+def test_compile_key_is_the_rendered_source_not_the_config(cpu_space):
+    a, b = (c for c in cpu_space.candidates() if c.backend == "numba-cpu" and c.config.vector_width == 1
+            and c.config.fastmath and c.config.threads == 0 and c.config.rows_per_task in (8, 64))
+    other = next(c for c in cpu_space.candidates() if c.backend == "numba-cpu" and c.config.vector_width == 4)
+    assert a.key != b.key and rank.compile_key(cpu_space, a) == rank.compile_key(cpu_space, b)
+    assert rank.compile_key(cpu_space, other) != rank.compile_key(cpu_space, a)
