@@ -188,11 +188,21 @@ class CpuTimer:
         return list(self.time_calls(calls, len(sets)).values())
 
 
+# CudaTimer's warm-up and repetition windows by name (`StudyOptions.windows`). "full": every timing's default.
+# "short": `autonorm tune --budget`'s. A short window is enough there because the tuner races (tune/race.py):
+# a candidate's first look is a few repetitions and a close contender's repetitions are doubled until its
+# p20-p80 interval separates from the best one's, up to `max_reps`; 200 flushed samples give a median and
+# quantiles that one stray sample does not move, and the GPU's clocks are already up from the candidates
+# before (the warm-up only has to reach the kernel's steady state, not the device's).
+CUDA_WINDOWS = {"full": {"warmup_ms": 25, "rep_ms": 100, "min_reps": 10, "max_reps": 1000},
+                "short": {"warmup_ms": 3, "rep_ms": 15, "min_reps": 20, "max_reps": 200}}
+
+
 class CudaTimer:
     """CUDA-event timing, L2 flushed before every repetition (Triton do_bench style)."""
 
     def __init__(self, device="cuda", warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 10,
-                 max_reps: int = 1000):
+                 max_reps: int = 1000):  # CUDA_WINDOWS["full"]
         from .device import identity
 
         self.device = torch.device(device)
@@ -268,9 +278,14 @@ class CudaTimer:
         return list(self.time_calls(calls, 1).values())
 
 
-def timer_for(device) -> Timer:
+def timer_for(device, windows: str = "full") -> Timer:
+    """The device's timer with the named windows (`CUDA_WINDOWS`). The CPU timer keeps its own windows under
+    either name: its repetitions are milliseconds of a loaded, shared CPU, whose noise racing cannot
+    separate in fewer samples (the budgeted CPU search is measured with them, docs/benchmarks/planner.md)."""
+    if windows not in CUDA_WINDOWS:
+        raise ValueError(f"timer windows {windows!r}: must be one of {', '.join(CUDA_WINDOWS)}")
     device = torch.device(device)
-    return CudaTimer(device) if device.type == "cuda" else CpuTimer()
+    return CudaTimer(device, **CUDA_WINDOWS[windows]) if device.type == "cuda" else CpuTimer()
 
 
 # The CPU copy probe's buffers: big enough to leave the last-level cache (4x it), never more than this

@@ -6,7 +6,8 @@
 
 The real planner (`autonorm.tune.plan`) with scripted costs (`autonorm.tune.dry_run`): compile seconds
 measured here (`docs/benchmarks/compile-times.json`), timing seconds from the cost model and CudaTimer's
-windows, the device machine's cores compiling in parallel. Nothing is compiled for or run on a GPU.
+windows as --budget picks them (short; `--before`: the full ones, and the full finish), the device machine's
+cores compiling in parallel. Nothing is compiled for or run on a GPU.
 """
 from __future__ import annotations
 
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
                         help="as `tune --budget --compile-baseline`: every study's finish times torch.compile")
     parser.add_argument("--audit-cached", action="store_true",
                         help="what if the audit's cache already held every config (no audit compile per candidate)")
+    parser.add_argument("--before", action="store_true",
+                        help="as --budget ran before its short timer windows and light finish: the full ones")
     parser.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], help="slice: hidden sizes")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), help="slice: dtypes")
     parser.add_argument("--compile-times", type=Path, default=FIGURES)
@@ -123,6 +126,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     what = [label for flag, label in ((args.compile_baseline, "with the torch.compile baseline"),
                                       (args.audit_cached, "audit cache warm"),
+                                      (args.before, "full timer windows and finish"),
                                       (args.hidden or args.dtypes, f"{len(grid)} studies of the grid")) if flag]
     command = " ".join(["python scripts/gpu_plan.py", *(argv if argv is not None else sys.argv[1:])])
     made = (f"Made by `{command}` on "
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
         profile = dr.PROFILES[name]
         run = dr.dry_run(grid, backends, profile, figures, args.budget, cores=args.cores, n_trials=args.trials,
                          compile_baseline=args.compile_baseline, audit_cached=args.audit_cached,
-                         built=built)
+                         windows="full" if args.before else "short", light_finish=not args.before, built=built)
         out += section(run, f"{profile.name}, {args.budget:.0f} s" + "".join(f", {w}" for w in what), made, args.full)
         out += [f"Device profile: {profile.sm_count} SMs, {profile.copy_gbps / 1e3:.2f} TB/s, "
                 f"{profile.l2_bytes >> 20} MiB L2, {profile.smem_per_sm >> 10} KiB shared memory per SM, "

@@ -54,7 +54,7 @@ def test_the_plan_stays_in_the_budget_and_accounts_for_every_study(budget_s, whi
 
 
 def test_a_tight_budget_leaves_studies_out_and_a_loose_one_runs_them_all(built):
-    loose, tight = _run(3600.0, built).plan, _run(30.0, built).plan
+    loose, tight = _run(3600.0, built).plan, _run(20.0, built).plan
     assert all(p.status == "run" for p in loose.studies)
     assert any(p.status == "left out" for p in tight.studies) and tight.running()
 
@@ -109,8 +109,14 @@ def test_nothing_is_audited_before_the_plan_and_each_candidate_pays_its_own_audi
 
 
 def test_the_scripted_timer_spends_cudatimers_windows():
-    windows = dr.timer_defaults()
-    assert windows == {"warmup_ms": 25, "rep_ms": 100, "min_reps": 10, "max_reps": 1000}
+    import inspect
+
+    from autonorm.measure import CudaTimer
+
+    windows = dr.timer_windows("full")
+    params = inspect.signature(CudaTimer.__init__).parameters
+    assert windows == {k: params[k].default for k in windows} == {"warmup_ms": 25, "rep_ms": 100, "min_reps": 10,
+                                                                  "max_reps": 1000}
     flush_us = 2 * H100.l2_bytes / (H100.copy_gbps * 1e3)
     # A 1 ms kernel: 25 warm-up calls fill the 25 ms window, 100 timed repetitions the 100 ms one, each after
     # an L2 flush, plus the 5 calls that size the windows.
@@ -119,6 +125,14 @@ def test_the_scripted_timer_spends_cudatimers_windows():
     # A 1 us kernel hits the 1,000 repetition cap on both windows.
     rep_us = flush_us + 1.0 + dr.HOST_US_PER_REP
     assert dr.measure_s(1.0, H100, windows) == pytest.approx(((5 + 1000) * rep_us + 1000 * dr.LAUNCH_US) / 1e6)
+    # --budget's short windows: the same arithmetic, capped at 200 repetitions and warm-up calls
+    short = dr.timer_windows("short")
+    assert dr.measure_s(1.0, H100, short) == pytest.approx(((5 + 200) * rep_us + 200 * dr.LAUNCH_US) / 1e6)
+
+
+def test_the_plan_times_each_candidate_with_the_windows_the_budgeted_run_uses(built):
+    short, full = _run(480.0, built).plan.studies[0], _run(480.0, built, windows="full").plan.studies[0]
+    assert planner.VERIFY_S < short.time_s < full.time_s
 
 
 def test_the_finish_and_timing_come_from_the_planners_own_estimate(built):
@@ -126,7 +140,9 @@ def test_the_finish_and_timing_come_from_the_planners_own_estimate(built):
     without = _run(480.0, built).plan.studies[0]  # as tune --budget: the torch.compile baseline left out
     assert with_baseline.time_s > planner.VERIFY_S
     assert with_baseline.finish_s - without.finish_s == pytest.approx(planner.COMPILE_BASELINE_S)
-    assert without.finish_s == pytest.approx(planner.FINISH_TIMINGS * without.time_s)
+    assert without.finish_s == pytest.approx(planner.LIGHT_FINISH_TIMINGS * without.time_s)  # --budget's finish
+    full = _run(480.0, built, light_finish=False).plan.studies[0]
+    assert full.finish_s == pytest.approx(planner.FINISH_TIMINGS * full.time_s)
 
 
 def test_a_file_that_is_not_compile_times_is_refused_by_name(tmp_path):

@@ -76,7 +76,7 @@ def test_strict_refuses_to_record_persistent_noise(tmp_path, caplog):
 
 
 def test_tune_strict_exits_1_and_writes_nothing_noisy(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(measure, "timer_for", lambda device: ScriptedTimer(retimes=[WIDE]))
+    monkeypatch.setattr(measure, "timer_for", lambda device, *windows: ScriptedTimer(retimes=[WIDE]))
     monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 10.0)
     argv = ["tune", "--ops", "rmsnorm", "--directions", "fwd", "--dtypes", "fp32", "--hidden", "64", "--rows", "8",
             "--trials", "2", "--backends", "torch", "--no-compile-baseline", "--out", str(tmp_path)]

@@ -173,8 +173,11 @@ def options_from_args(args) -> StudyOptions:
     # Under --budget the baseline is asked for (docs/benchmarks/planner.md); otherwise it is left out on request.
     baseline = args.compile_baseline if args.budget is not None else not args.no_compile_baseline
     try:
+        # Under --budget: the timer's short windows and the light finish (racing and the interleaved re-check
+        # of close finalists keep the protocol; docs/benchmarks/gpu-plan.md).
+        budgeted = {"windows": "short", "light_finish": True} if args.budget is not None else {}
         return make(**{k: v for k, v in given.items() if v is not None},
-                    compile_baseline=baseline, strict=args.strict)
+                    compile_baseline=baseline, strict=args.strict, **budgeted)
     except TuneOptionError as exc:
         raise UsageError(f"--{exc.option.replace('_', '-')} {given.get(exc.option)}: must be {exc.meaning}") from None
 
@@ -266,7 +269,7 @@ def main(args) -> int:
     estimate = _estimate(studies, options)
     if args.budget is None and studies * options.time_budget > LONG_RUN_S:
         print(f"autonorm tune: {estimate}; Ctrl-C stops it and the same command resumes", file=sys.stderr)
-    timer = measure.timer_for(device)
+    timer = measure.timer_for(device, options.windows)
     copy_gbps = measure.copy_bandwidth(device)
     lock_path = None if fleet.is_url(args.storage) else Path(str(args.storage or journal) + ".autonorm-lock")
     print(f"autonorm tune: {studies} studies on {ident['name']} ({device}); backends: {', '.join(backends)}; "

@@ -7,7 +7,8 @@ grid as it would on the device, from costs that stand in for the ones it would m
   source is stated with it);
 - a scripted timer: each candidate's kernel time from the static cost model (`rank.predict_us`: the
   bytes one call moves over the device's bandwidth, stretched by the idle share of its SMs), turned into
-  the seconds `measure.CudaTimer` spends on it with its own default windows (read from its signature):
+  the seconds `measure.CudaTimer` spends on it with the windows the run uses (`measure.CUDA_WINDOWS`:
+  "short" under --budget):
   5 calls to size the windows, the warm-up calls, then the timed repetitions, each after an L2 flush of
   twice the L2;
 - compile seconds per candidate measured here for sm_90 (`docs/benchmarks/compile-times.json`, made
@@ -23,7 +24,6 @@ grid as it would on the device, from costs that stand in for the ones it would m
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import statistics
 import time
@@ -77,12 +77,12 @@ PROFILES = {
 }
 
 
-def timer_defaults() -> dict:
-    """CudaTimer's default warm-up and repetition windows (ms) and repetition bounds: the real protocol's."""
-    from ..measure import CudaTimer
+def timer_windows(name: str) -> dict:
+    """The warm-up and repetition windows (ms) and repetition bounds `measure.timer_for` gives CudaTimer under
+    `name` (`StudyOptions.windows`: "short" under --budget, "full" otherwise): the real protocol's."""
+    from ..measure import CUDA_WINDOWS
 
-    params = inspect.signature(CudaTimer.__init__).parameters
-    return {k: params[k].default for k in ("warmup_ms", "rep_ms", "min_reps", "max_reps")}
+    return dict(CUDA_WINDOWS[name])
 
 
 def measure_s(kernel_us: float, profile: GpuProfile, windows: dict) -> float:
@@ -166,23 +166,25 @@ class DryRun:
 
 
 def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfile, figures: CompileFigures,
-                cores: int, compile_baseline: bool, audited: bool = True) -> planner.Costs:
-    """The planner's `Costs` for one study: the timer's seconds at the model's median kernel time over the
-    space (through `Costs.estimate`, which adds the reference check and sizes the finish), and each
-    backend's seconds to compile one candidate (`CompileFigures.per_candidate_s`)."""
+                cores: int, compile_baseline: bool, audited: bool = True, windows: str = "short",
+                light_finish: bool = True) -> planner.Costs:
+    """The planner's `Costs` for one study: the timer's seconds with `windows` at the model's median kernel
+    time over the space (through `Costs.estimate`, which adds the reference check and sizes the finish, light
+    or full), and each backend's seconds to compile one candidate (`CompileFigures.per_candidate_s`)."""
     facts = rank.DeviceFacts.of(profile.identity(), profile.copy_gbps)
     kernel_us = statistics.median(rank.predict_us(spec, rows, c, facts) for c in space.candidates())
-    costs = planner.Costs.estimate({"warmup_s": 0.0, "rep_s": measure_s(kernel_us, profile, timer_defaults())},
-                                   compile_baseline)
+    costs = planner.Costs.estimate({"warmup_s": 0.0, "rep_s": measure_s(kernel_us, profile, timer_windows(windows))},
+                                   compile_baseline, light_finish)
     return dataclasses.replace(costs, compile_s={b: figures.per_candidate_s(b, cores, audited) for b in space.configs})
 
 
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
-            built: dict | None = None) -> DryRun:
+            windows: str = "short", light_finish: bool = True, built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
-    `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget).
+    `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
+    `windows` and `light_finish`: the timer's windows and the finish, as --budget picks them by default.
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -212,7 +214,7 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
         if not audit_cached and all(s != spec for s, _ in audited):
             audited.add((spec, rows))
         costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline,
-                                 (spec, rows) in audited))
+                                 (spec, rows) in audited, windows, light_finish))
     plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
     transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs])
     spaces = {spec: built[spec][0] for spec, _ in studies}

@@ -107,17 +107,29 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, trials) ->
     n_finalists = run.options.finalists
     finalists = [c for _, c in ranked[:n_finalists]]
     torch_cand = Candidate("torch", run.space.configs["torch"][0]) if "torch" in run.space.configs else None
-    if torch_cand is not None and torch_cand.key in measured and not any(c.backend == "torch" for c in finalists):
+    eager_searched = None  # torch eager's search timing, where the light finish keeps it as the baseline
+    light = _light(run, torch_cand, measured)
+    if light:
+        finalists, eager_searched = _close_finalists(finalists, torch_cand, measured)
+    elif torch_cand is not None and torch_cand.key in measured and not any(c.backend == "torch" for c in finalists):
         finalists.append(torch_cand)  # so that the winner is never slower than torch
     torch_finalist = next((i for i, c in enumerate(finalists) if c.backend == "torch"), None)
-    baselines = _baselines(run, need_eager=torch_finalist is None)
-    kernels = [run.backends[c.backend].compile(run.spec, c.config, run.device) for c in finalists]
-    def retime():  # its seconds count as timing (the study's share of wall time spent timing)
-        return run.timed(lambda: run.timer.interleaved(run.spec, kernels + list(baselines.values()), run.rows))
+    baselines = _baselines(run, need_eager=torch_finalist is None and eager_searched is None)
+    search_t = [measured[c.key] for c in finalists]
+    names = [c.short() for c in finalists] + list(baselines)
+    clear = quality.judge(names, [_timing(t) for t in search_t], [None] * len(names)) if light else None
+    if light and len(names) == 1 and clear.ok:
+        # A clear winner (the light finish): no other candidate's interval reaches its own, torch eager's
+        # search timing included, and its search timing passes the noise gate's spread test; a re-timing
+        # would only repeat it.
+        outcome = quality.Outcome([_timing(search_t[0])], clear, attempts=0)
+    else:
+        kernels = [run.backends[c.backend].compile(run.spec, c.config, run.device) for c in finalists]
 
-    outcome = quality.gate(retime,
-                           [c.short() for c in finalists] + list(baselines),
-                           [measured[c.key] for c in finalists] + [None] * len(baselines))
+        def retime():  # its seconds count as timing (the study's share of wall time spent timing)
+            return run.timed(lambda: run.timer.interleaved(run.spec, kernels + list(baselines.values()), run.rows))
+
+        outcome = quality.gate(retime, names, search_t + [None] * len(baselines))
     if not outcome.verdict.ok:
         why = (f"{run.spec.short()} rows={run.rows}: measurements stay noisy after {outcome.attempts} timings "
                f"({outcome.verdict.summary()}); {quality.load_average()}")
@@ -127,22 +139,65 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, trials) ->
             return
         log.warning("%s; recorded as low-confidence: re-tune on a quieter machine, or use --strict", why)
     timings = outcome.timings
-    base_t = dict(zip(baselines, timings[len(kernels):]))
+    base_t = dict(zip(baselines, timings[len(finalists):]))
     if torch_finalist is not None:  # the torch candidate is the eager baseline: never time it twice
         base_t["torch_eager"] = timings[torch_finalist]
+    elif eager_searched is not None:
+        base_t["torch_eager"] = eager_searched
     entries = sorted((_entry(run, c, t) for c, t in zip(finalists, timings)), key=lambda e: e.median_us)
     seen = {Candidate(e.backend, e.config).key for e in entries}
-    for _, cand in ranked[n_finalists:n_finalists + 3]:  # a few more runners-up, not re-timed
+    # A few more runners-up, not re-timed: the next of the ranking (after the light finish's fewer
+    # finalists, the ones it left out too).
+    for _, cand in ranked[:n_finalists + 3]:
         if cand.key not in seen:
-            t = measured[cand.key]
-            entries.append(_entry(run, cand, measure.Timing(t["median_us"], t["p20_us"], t["p80_us"], 0)))
+            entries.append(_entry(run, cand, _timing(measured[cand.key])))
     winner = entries[0]
     result.record = Record(
         key=RecordKey.of(run.spec, rows_bucket(run.rows)), winner=winner, runners_up=entries[1:],
         baselines={"torch_eager": base_t["torch_eager"].to_json(),
                    "torch_compile": base_t["torch_compile"].to_json() if "torch_compile" in base_t else None},
         template_hash=run.backends[winner.backend].template_hash(), trials=trials,
-        failed=len(failed), date=now_iso(), quality=outcome.to_json(), profile=_winner_profile(run, winner))
+        failed=len(failed), date=now_iso(), quality=_quality(outcome), profile=_winner_profile(run, winner))
+
+
+def _quality(outcome: quality.Outcome) -> dict:
+    """The record's `quality`; a clear winner of the light finish, judged on its search timing, says it was
+    not re-timed instead of counting re-timings (the database schema counts them from 1)."""
+    doc = outcome.to_json()
+    if outcome.attempts == 0:
+        del doc["attempts"]
+        doc["retimed"] = False
+    return doc
+
+
+def _timing(t: dict) -> measure.Timing:
+    """A search timing as stored in the study (its repetitions not kept)."""
+    return measure.Timing(t["median_us"], t["p20_us"], t["p80_us"], 0)
+
+
+def _light(run, torch_cand: Candidate | None, measured: dict) -> bool:
+    """Whether this study's finish may be the light one: asked for, no torch.compile baseline to time (it has
+    no search timing), and torch eager measured in the search (its timing is the eager baseline's)."""
+    return (run.options.light_finish and not run.options.compile_baseline
+            and torch_cand is not None and torch_cand.key in measured)
+
+
+def _within_noise(t: dict, best: dict) -> bool:
+    """Whether a search timing's p20-p80 interval reaches the best one's: the two are not yet told apart."""
+    return t["p20_us"] <= best["p80_us"]
+
+
+def _close_finalists(finalists: list, torch_cand: Candidate, measured: dict) -> tuple[list, measure.Timing | None]:
+    """The light finish's finalists: the winner and those within noise of it (torch eager among them when it
+    is, so that the winner is never slower than torch), and torch eager's search timing as the baseline when
+    it is not re-timed."""
+    best = measured[finalists[0].key]
+    close = [c for c in finalists if _within_noise(measured[c.key], best)]
+    if any(c.backend == "torch" for c in close):
+        return close, None
+    if _within_noise(measured[torch_cand.key], best):
+        return close + [torch_cand], None
+    return close, _timing(measured[torch_cand.key])
 
 
 def _winner_profile(run, winner: Entry) -> dict | None:

@@ -16,6 +16,8 @@ from typing import Callable
 from ..errors import TuneOptionError
 from .presets import DEFAULTS, QUICK
 
+WINDOWS = ("full", "short")  # the names of measure.CUDA_WINDOWS (this module imports no torch)
+
 
 def default_compile_workers() -> int:
     """Workers compiling candidates ahead of the (serial) timer: up to 4, never more than the cores."""
@@ -41,6 +43,10 @@ class StudyOptions:
     sampler: Callable | None = None  # seed -> an Optuna sampler; None: the tuner's own (study.make_sampler)
     verify: bool = True  # check each candidate against the reference before timing it; off only for a replay
     race: bool = True  # clear losers get a few repetitions, close ones more (tune/race.py); off: every one the same
+    windows: str = "full"  # the timer's warm-up and repetition windows (measure.CUDA_WINDOWS); --budget: "short"
+    # The finish re-times only finalists within noise of the winner, and none when the winner is clear
+    # (finalize.py); --budget turns it on. Off: every study re-times its finalists with the torch baselines.
+    light_finish: bool = False
     # a grid (`tune_grid`) compiles in worker processes that fill the backends' disk caches (tune/compile_pool.py);
     # off, and for a StudyRunner run on its own: threads
     compile_processes: bool = True
@@ -58,7 +64,8 @@ class StudyOptions:
         _require("time_budget", budget, isinstance(budget, (int, float)) and not isinstance(budget, bool)
                  and not math.isnan(budget) and budget >= 0, "seconds >= 0")
         _require("seed", self.seed, _is_int(self.seed), "a whole number")
-        for name in ("compile_baseline", "strict", "verify", "race", "compile_processes"):
+        _require("windows", self.windows, self.windows in WINDOWS, f"one of {', '.join(WINDOWS)}")
+        for name in ("compile_baseline", "strict", "verify", "race", "compile_processes", "light_finish"):
             _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "True or False")
         _require("sampler", self.sampler, self.sampler is None or callable(self.sampler),
                  "a function of the seed that returns an Optuna sampler, or None")

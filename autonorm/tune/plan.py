@@ -34,6 +34,10 @@ from ..spec import NormSpec
 COMPILE_S = {"numba-cpu": 2.0, "numba-cuda": 1.5, "triton": 1.5, "cupy": 1.5, "torch": 0.0}
 VERIFY_S = 0.05         # the reference check of one candidate before it is timed
 FINISH_TIMINGS = 6      # the finish's interleaved timing: 3 finalists, torch, eager and compile, in one round
+# The light finish (`StudyOptions.light_finish`, under --budget) re-times only the finalists within noise of the
+# winner, and nothing when the winner is clear (finalize.py). Planned as the usual close case: the winner and
+# its runner-up, interleaved; a study that re-times more takes it from the later studies (run._share).
+LIGHT_FINISH_TIMINGS = 2
 COMPILE_BASELINE_S = 10.0  # torch.compile of the baseline (Dynamo + Inductor), once per study
 # Under --budget the torch.compile baseline is left out unless asked for: a reference figure, not a candidate.
 BASELINE_LEFT_OUT = ("torch.compile baseline: left out (a reference figure, not a candidate: torch eager is one, so "
@@ -50,8 +54,9 @@ class Costs:
     finish_s: float
 
     @classmethod
-    def estimate(cls, timer_protocol: dict, compile_baseline: bool) -> "Costs":
-        """From the timer's protocol: its warm-up and repetition windows are most of a timing's cost."""
+    def estimate(cls, timer_protocol: dict, compile_baseline: bool, light_finish: bool = False) -> "Costs":
+        """From the timer's protocol: its warm-up and repetition windows (the ones the run uses) are most of a
+        timing's cost; `light_finish`: the study's finish re-times only its close finalists."""
         if "rep_s" in timer_protocol:
             time_s = timer_protocol["warmup_s"] + timer_protocol["rep_s"]
         elif "rep_ms" in timer_protocol:
@@ -59,8 +64,8 @@ class Costs:
         else:
             time_s = 0.3
         time_s += VERIFY_S
-        return cls(dict(COMPILE_S), time_s,
-                   FINISH_TIMINGS * time_s + (COMPILE_BASELINE_S if compile_baseline else 0.0))
+        timings = LIGHT_FINISH_TIMINGS if light_finish else FINISH_TIMINGS
+        return cls(dict(COMPILE_S), time_s, timings * time_s + (COMPILE_BASELINE_S if compile_baseline else 0.0))
 
     def mean_compile_s(self, space_sizes: dict) -> float:
         """One candidate's compile, averaged over the space's backends by their number of configs."""

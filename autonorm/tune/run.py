@@ -70,7 +70,10 @@ def protocol(timer, options: StudyOptions) -> dict:
     baselines = "torch eager and torch.compile" if options.compile_baseline else "torch eager"
     return {**timer.describe(),
             "verify": "reference check before timing" if options.verify else "none: a replay of verified timings",
-            "finalists": options.finalists, "finalists_retimed": f"interleaved, with {baselines}",
+            "finalists": options.finalists,
+            "finalists_retimed": (f"interleaved, only those within noise of the winner (none when it is clear), with "
+                                  f"{baselines} (eager's search timing when it is clear of the winner)"
+                                  if options.light_finish else f"interleaved, with {baselines}"),
             "repetitions": (f"raced: {race.FIRST_REPS} first, a clear loser (p20 > best p80 x {1 + race.MARGIN}) no "
                             f"more, a contender doubled until it separates, to the timer's count" if options.race
                             else "the timer's count for every candidate"),
@@ -113,7 +116,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     `clock` is the seconds the deadline and studies count in.
     """
     ident = identity(device)
-    timer = timer if timer is not None else measure.timer_for(device)
+    timer = timer if timer is not None else measure.timer_for(device, options.windows)
     copy_gbps = copy_gbps if copy_gbps is not None else measure.copy_bandwidth(device)
     device_info = {k: ident[k] for k in DEVICE_FIELDS}
     device_info["copy_gbps"] = round(copy_gbps, 2)
@@ -133,7 +136,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     if budget_s is not None:
         jobs, roles = transfer.arrange(jobs)  # anchors first: each study runs after those it takes seeds from
         elapsed = elapsed or planner.process_age_s
-        costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline)
+        costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline, options.light_finish)
         plans = planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage))
         transfer.shape_plans(plans, roles, [seeds for *_, seeds in jobs])
         plans = planner.split(plans, budget_s, elapsed()).studies
