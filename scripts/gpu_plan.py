@@ -66,7 +66,9 @@ def section(run: dr.DryRun, title: str, made: str, full: bool) -> list[str]:
     floors = sum(p.floor_s for p in plan.studies)
     finish = sum(p.finish_s for p in plan.studies)
     lines += [f"Every study's floor (seeds compiled and timed, then the finish) sums to {floors:,.0f} s, "
-              f"{finish:,.0f} s of it the finishes.", ""]
+              f"{finish:,.0f} s of it the finishes:", "", "| part of the floors | seconds |", "|---|---|"]
+    lines += [f"| {what} | {s:,.0f} |" for what, s in run.floor_parts().items()]
+    lines += [f"| **total** | **{floors:,.0f}** |", ""]
     shown, which = (plan, "the studies it runs") if plan.running() else (run.unburdened, "the studies it would "
                                                                          "run with only the start-up spent")
     if shown.running():

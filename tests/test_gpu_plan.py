@@ -158,3 +158,12 @@ def test_each_specs_space_is_built_once_for_its_row_counts_as_tune_grid_does(bui
     assert len(specs) == 2 < len(SLICE)  # fwd and bwd, 6 row counts each
     once = sum(built[spec][1] for spec in specs)
     assert run.spent["building each spec's space (serial, shared by its row counts)"] == pytest.approx(once)
+
+
+def test_the_floors_parts_add_up_and_only_the_first_study_of_a_spec_pays_the_audit(built):
+    cold, warm = _run(480.0, built), _run(480.0, built, audit_cached=True)
+    for run in (cold, warm):
+        assert sum(run.floor_parts().values()) == pytest.approx(sum(p.floor_s for p in run.plan.studies))
+    assert warm.floor_parts()["audit of the seeds"] == pytest.approx(0.0, abs=1e-9)
+    assert cold.floor_parts()["audit of the seeds"] > 0
+    assert cold.floor_parts()["compiling the seeds"] == pytest.approx(warm.floor_parts()["compiling the seeds"])

@@ -148,6 +148,21 @@ class DryRun:
     audited: set            # (spec, rows) of the studies whose candidates' compile seconds include the audit's
     compile_baseline: bool  # every study's finish times the torch.compile baseline (--compile-baseline)
 
+    def floor_parts(self) -> dict:
+        """The studies' floors (every study, run or left out) split by what spends them: the seeds' audit
+        compiles, their own compiles, their reference checks and timings, and the finishes."""
+        parts = dict.fromkeys(("audit of the seeds", "compiling the seeds", "checking and timing the seeds",
+                               "finishes"), 0.0)
+        for p in self.plan.studies:
+            sizes = {b: len(cs) for b, cs in self.spaces[p.spec].configs.items()}
+            unaudited = sum(self.figures.per_candidate_s(b, self.cores, False) * n for b, n in sizes.items())
+            compile_s = unaudited / sum(sizes.values())
+            parts["audit of the seeds"] += p.seeds * (p.compile_s - compile_s)
+            parts["compiling the seeds"] += p.seeds * compile_s
+            parts["checking and timing the seeds"] += p.seeds * p.time_s
+            parts["finishes"] += p.finish_s
+        return parts
+
     def by_backend(self, plan: planner.Plan | None = None) -> dict:
         """backend -> (compile seconds, timing seconds) that `plan` (default: the dry run's) expects of the
         studies it runs, each study's planned candidates shared among its backends by their space sizes (as
