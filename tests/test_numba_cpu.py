@@ -72,6 +72,20 @@ def _all_bit_patterns(dtype):
     return torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype)
 
 
+def _njit_narrow(from32):
+    """An njit wrapper narrowing an fp32 array with the generated helper `from32` (uint16 bits out)."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def down(f):
+        out = np.empty(f.size, np.uint16)
+        for i in range(f.size):
+            out[i] = from32(f[i])
+        return out
+    return down
+
+
 def _njit_roundtrip(source_module, dtype_name):
     """Compile small njit wrappers around the generated conversion helpers."""
     import numba
@@ -89,14 +103,7 @@ def _njit_roundtrip(source_module, dtype_name):
             out[i] = to32(u[i])
         return out
 
-    @numba.njit
-    def down(f):
-        out = np.empty(f.size, np.uint16)
-        for i in range(f.size):
-            out[i] = from32(f[i])
-        return out
-
-    return up, down
+    return up, _njit_narrow(from32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -131,6 +138,9 @@ def test_bit_conversions_exhaustive(backend, dtype):
     if dtype is torch.bfloat16:  # the bf16 contract: a NaN stays a quiet NaN with its sign
         nan_bits = f[fnan].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         assert torch.equal(got[fnan].view(torch.uint16).to(torch.int64), (nan_bits >> 16) | 0x40)
+        # the store of rows known NaN-free: the same rounding for every other value, Inf included
+        finite = _njit_narrow(module.finite_f32_to_bf16)(f[~fnan].numpy())
+        assert torch.equal(torch.from_numpy(finite), want[~fnan].view(torch.uint16))
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
@@ -155,6 +165,38 @@ def test_specials_through_forward(backend, dtype_name):
     assert torch.equal(y[2].view(torch.uint16), ref[2].view(torch.uint16))  # subnormal inputs are exact
     assert torch.allclose(y[3].float(), ref[3].float(), rtol=1e-2, atol=0)
     assert torch.isfinite(rstd[2:]).all()
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_bf16_forward_rounds_finite_rows_and_keeps_nan_bits(backend, op):
+    """Rows with finite statistics and parameters take the store without a NaN test: their ties round to
+    even and overflow gives a signed Inf; a NaN weight sends every row to the checked store."""
+    feat = "weight+offset" if op == "rmsnorm" else "weight+bias"
+    spec = NormSpec(op, "fwd", "bfloat16", "bfloat16", 4, **NormSpec.feature_kwargs(feat))
+    kernel = backend.compile(spec, backend.heuristic(spec))
+    big = torch.finfo(torch.bfloat16).max
+    # rows whose x_hat is exact (eps 0); products and sums that are bf16 ties (1 + 2**-8 -> 1,
+    # 1 + 3 * 2**-8 -> 1 + 2**-6) or overflow (big * 2, big + big)
+    if op == "rmsnorm":  # the scale is w + offset, in fp32
+        x = [[2.0, 2.0, -2.0, 2.0], [-0.5, 0.5, 0.5, -0.5], [0.0, 0.0, 0.0, -2.0]]
+        w, b, offset = [2.0 ** -8, 3 * 2.0 ** -8, -3.0, big], None, 1.0
+    else:  # mean 0, variance 1: x_hat = x
+        x = [[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, -1.0, 1.0], [1.0, 1.0, -1.0, -1.0]]
+        w, b, offset = [1.0, 1.0, -1.0, big], [2.0 ** -8, 3 * 2.0 ** -8, 0.5, big], 0.0
+    x, w = torch.tensor(x).to(torch.bfloat16), torch.tensor(w).to(torch.bfloat16)
+    b = torch.tensor(b).to(torch.bfloat16) if b is not None else None
+    y = kernel(x, w, b, None, 0.0, offset)[0]
+    xf = x.float()
+    x_hat = (xf - xf.mean(1, keepdim=True)) * (xf.var(1, unbiased=False, keepdim=True)).rsqrt() \
+        if op == "layernorm" else xf * xf.pow(2).mean(1, keepdim=True).rsqrt()
+    ref = x_hat * (w.float() + offset) + (b.float() if b is not None else 0.0)
+    assert torch.equal(y.float(), ref.to(torch.bfloat16).float())  # a zero's sign is free (fastmath nsz)
+    assert torch.isinf(y).any()  # the rows did overflow
+    # a NaN weight: the checked store, whose NaN keeps its sign and is quiet
+    w[1] = float("nan")
+    y = kernel(x, w, b, None, 0.0, offset)[0]
+    assert torch.isnan(y[:, 1]).all()
+    assert ((y[:, 1].view(torch.uint16).to(torch.int64) & 0x7FC0) == 0x7FC0).all()
 
 
 # --- threads, determinism ------------------------------------------------------------------
