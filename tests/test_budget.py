@@ -199,15 +199,13 @@ def test_a_complete_study_is_taken_from_the_storage_without_timing(tmp_path):
 
 
 def test_on_a_cpu_the_candidates_nearest_the_heuristic_are_timed_right_after_the_seeds(tmp_path):
-    from autonorm.tune.run import RANKED_SEEDS
-
     timer = ScriptedClockTimer()
     tune(tmp_path, 5.0, timer)  # room for every candidate: the whole order is seen
     spec = SPECS[0]
     space = SearchSpace(spec, backends())
     seeds = [RowsConfig.heuristic(spec), "torch"]
     nearest = [c.config for c in rank.nearest_to_heuristics(space)
-               if c.config not in (RowsConfig.heuristic(spec),) and c.backend == "fake"][:RANKED_SEEDS]
+               if c.config not in (RowsConfig.heuristic(spec),) and c.backend == "fake"][:rank.RANKED]
     timed = [config for hidden, config in timer.timed if hidden == spec.hidden]
     assert timed[:2] == seeds
     assert len(nearest) == 7 and timed[2:] == nearest  # the 7 candidates left after the seeds, nearest first
@@ -216,7 +214,7 @@ def test_on_a_cpu_the_candidates_nearest_the_heuristic_are_timed_right_after_the
 
 
 def test_on_a_gpu_the_cost_models_best_follow_the_seeds():
-    from autonorm.tune.run import RANKED_SEEDS, _with_ranked
+    from autonorm.tune.run import _with_ranked
     from autonorm.tune.transfer import Seed
 
     spec = SPECS[0]
@@ -224,7 +222,7 @@ def test_on_a_gpu_the_cost_models_best_follow_the_seeds():
     facts = rank.DeviceFacts("cuda", workers=4 * 132, copy_gbps=3000.0)
     seed = Seed(space.candidates()[0], "heuristic")
     chosen = _with_ranked([seed], space, ROWS, facts)
-    model = [c for c in rank.ranked(space, ROWS, facts) if c.key != seed.candidate.key][:RANKED_SEEDS]
+    model = [c for c in rank.ranked(space, ROWS, facts) if c.key != seed.candidate.key][:rank.RANKED]
     assert [s.candidate for s in chosen[1:]] == model and {s.source for s in chosen[1:]} == {"cost model"}
 
 

@@ -47,3 +47,16 @@ def test_compile_key_is_the_rendered_source_not_the_config(cpu_space):
     other = next(c for c in cpu_space.candidates() if c.backend == "numba-cpu" and c.config.vector_width == 4)
     assert a.key != b.key and rank.compile_key(cpu_space, a) == rank.compile_key(cpu_space, b)
     assert rank.compile_key(cpu_space, other) != rank.compile_key(cpu_space, a)
+
+
+def test_a_budgeted_study_is_seeded_with_the_shared_source_candidates_then_the_ranked(cpu_space):
+    from autonorm.tune.run import _with_ranked
+    from autonorm.tune.transfer import Seed
+
+    facts = rank.DeviceFacts("cpu", workers=2, copy_gbps=20.0)
+    seeds = [Seed(c, "heuristic") for c in _heuristic_seeds(cpu_space)]
+    chosen = _with_ranked(seeds, cpu_space, 1024, facts)
+    compiled = {rank.compile_key(cpu_space, s.candidate) for s in seeds}
+    assert chosen[:2] == seeds and len(chosen) == 2 + 26 + rank.RANKED
+    assert all(rank.compile_key(cpu_space, s.candidate) in compiled for s in chosen[2:28])
+    assert {s.source for s in chosen[2:]} == {"near the heuristic"}

@@ -122,7 +122,7 @@ def compile_key(space: SearchSpace, cand: Candidate) -> str:
     return f"{cand.backend}:{sha}" if sha is not None else cand.key
 
 
-def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list | None = None) -> tuple[list[Candidate], str]:
+def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list) -> tuple[list[Candidate], str]:
     """The candidates a budgeted study times right after its `seeds` (Candidates), and the name of their order.
 
     First every candidate that shares a seed's compiled source (no compile to pay), then RANKED more, each
@@ -133,8 +133,6 @@ def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list
         order, name = nearest_to_heuristics(space), "near the heuristic"
     else:
         order, name = ranked(space, rows, facts), "cost model"
-    if seeds is None:
-        return order, name
     seeded = {c.key for c in seeds}
     compiled = {compile_key(space, c) for c in seeds if c.backend in space.backends}
     order = [c for c in order if c.key not in seeded]

@@ -30,7 +30,6 @@ from .space import Candidate, SearchSpace
 from .study import StudyRunner, study_name
 
 DEVICE_FIELDS = ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")
-RANKED_SEEDS = 8  # with --budget: rank.first_to_time's first candidates, timed after the seeds, before TPE
 
 
 def _print_note(text: str) -> None:
@@ -92,10 +91,9 @@ def _seeds(spec: NormSpec, rows: int, space: SearchSpace, earlier: TuningDB | No
 
 
 def _with_ranked(seeds: list, space: SearchSpace, rows: int, facts: rank.DeviceFacts) -> list:
-    """The seeds, then the RANKED_SEEDS first candidates not among them in `rank.first_to_time`'s order."""
-    keys = {s.candidate.key for s in seeds}
-    order, source = rank.first_to_time(space, rows, facts)
-    return seeds + [transfer.Seed(c, source) for c in [c for c in order if c.key not in keys][:RANKED_SEEDS]]
+    """The seeds, then `rank.first_to_time`'s candidates: those sharing a seed's compiled source, then ranked ones."""
+    first, source = rank.first_to_time(space, rows, facts, [s.candidate for s in seeds])
+    return seeds + [transfer.Seed(c, source) for c in first]
 
 
 def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, device: torch.device,
