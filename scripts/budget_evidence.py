@@ -1,6 +1,6 @@
 """Evidence for `autonorm tune --budget` on the CPU: one grid tuned exhaustively, then within a fifth of that time.
 
-    python scripts/budget_evidence.py                        # the whole run, 16-26 min on 2 idle cores (below)
+    python scripts/budget_evidence.py                        # the whole run, about 40 min on 2 idle cores
     python scripts/budget_evidence.py --reuse-exhaustive WORK/run-<time>/exhaustive   # the budgeted half alone
 
 1. The exhaustive run: `autonorm tune --trials 1000` (more than any study's space, so every
@@ -13,7 +13,9 @@
    and re-timed interleaved (the same timer, the same inputs, the same minutes), and the
    budget winner counts when it is within 2% of the exhaustive best (the same config always is).
 4. The cost model's rank correlation per study, from every median the exhaustive run measured
-   (scripts/rank_correlation.py; nothing is timed again), with its keep-or-drop verdict.
+   (scripts/rank_correlation.py; nothing is timed again), with its keep-or-drop verdict, and the
+   search-efficiency tables: the planner, TPE, random search and a transferred seed replayed on each
+   study's exhaustive medians (scripts/planner_tables.py).
 5. docs/benchmarks/budget-vs-exhaustive.md and .json: wall times, per-study table, the share
    within 2%, the load, date, CPU and versions, and the commands. Raw results always go to
    WORK/run-<time>/results.json first, so nothing measured is lost.
@@ -25,17 +27,12 @@ the machine" is measured as the runnable threads of other processes (/proc/loada
 count less this run's own), averaged over each minute. An invalid run writes no doc unless
 --write-invalid, which marks it NOT VALID at the top.
 
-The default grid (4 studies): rmsnorm and layernorm, fwd and bwd, bf16, N=1024, 1024 rows:
-217 candidates per forward study and 169 per backward one, 772 in all. What a study cost on
-the shared 2-core AMD EPYC VM on 2026-12-07, at a load average of 7 to 12: the exhaustive bf16
-RMSNorm forward 1,242 s wall (5.7 s per candidate), the fp32 LayerNorm backward 533 s wall
-(3.2 s) and 416 CPU seconds (2.5 per candidate, compile workers included); the tuner's summary
-put timing at 4-6% of the wall and compiling (worker processes) at 1.1 s per candidate; the
-rest (reference checks, Optuna, waiting on compiles) was not broken down. A rough estimate
-for 2 idle cores, a third to a half of the loaded cost: 1-1.6 s per candidate, so 13-21 min
-exhaustive, a fifth of that budgeted and a minute of re-timing: 16-26 min. Both dtypes
-(--dtypes float32,bfloat16, 8 studies) would take 32-50 min. results.json records each run's
-wall and CPU seconds, so the next run can be sized from a quiet one.
+The default grid (16 studies): rmsnorm and layernorm, fwd and bwd, fp32 and bf16, N=1024 and 4096,
+1024 rows: 217 candidates per forward study and 169 per backward one, 3,088 in all. On 2 idle
+cores of the AMD EPYC VM (2026-12-07, 4 bf16 N=1024 studies) the exhaustive run cost 0.54 s of
+wall time per candidate, so about 28 minutes here, a fifth of that budgeted and a few minutes of
+re-timing and table replays: about 40 minutes. `--dtypes bfloat16 --hidden 1024` (4 studies) is
+the 10-minute version.
 """
 from __future__ import annotations
 
@@ -56,8 +53,8 @@ import planner_tables  # noqa: E402  (the scripts beside this one)
 import rank_correlation  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-GRID = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtypes": ["bfloat16"],
-        "hidden": [1024], "rows": [1024], "backends": ["numba-cpu", "torch"]}
+GRID = {"ops": ["rmsnorm", "layernorm"], "directions": ["fwd", "bwd"], "dtypes": ["float32", "bfloat16"],
+        "hidden": [1024, 4096], "rows": [1024], "backends": ["numba-cpu", "torch"]}
 EXHAUSTIVE_TRIALS = 1000  # above every study's space (217 numba-cpu + torch configs on 2 cores)
 MAX_LOAD = 1.5
 WITHIN = 1.02
