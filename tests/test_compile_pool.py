@@ -98,8 +98,8 @@ def test_a_backend_not_warmed_out_of_process_compiles_in_threads_and_failures_sa
 
 def test_which_backends_are_warmed_depends_on_the_device():
     cpu, cuda = CompilePool({}, "cpu", workers=2), CompilePool({}, "cuda", workers=2)
-    assert cpu.warmed("numba-cpu") and not cpu.warmed("triton") and not cpu.warmed("numba-cuda")
-    assert cuda.warmed("triton") and cuda.warmed("cupy") and cuda.warmed("numba-cuda")
+    assert cpu.warmed("numba-cpu") and not cpu.warmed("triton") and not cpu.warmed("numba")
+    assert cuda.warmed("triton") and cuda.warmed("cupy") and cuda.warmed("numba")  # "numba": Numba CUDA
     assert not cuda.warmed("numba-cpu") and not cuda.warmed("torch")
     assert not CompilePool({}, "cpu", workers=0).warmed("numba-cpu")
     assert not CompilePool({}, "cpu", workers=2, processes=False).warmed("numba-cpu")

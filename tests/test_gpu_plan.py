@@ -82,7 +82,9 @@ def test_compile_seconds_are_the_recorded_figures_over_the_cores(built):
             # each candidate's own audit compile (a config alone), a study's batch of candidates side by side
             audited = not audit_cached and first[p.spec] is p
             audit_s = {b: recorded[b]["alone_s"] / min(cores, 4) if audited and b != "torch" else 0.0 for b in sizes}
-            expected = sum((figures.candidate_s(b) / cores + audit_s[b]) * n for b, n in sizes.items())
+            # and the reference check the compile worker runs on it, over the cores like its compile
+            check_s = {b: planner.VERIFY_S / cores if b != "torch" else 0.0 for b in sizes}
+            expected = sum((figures.candidate_s(b) / cores + audit_s[b] + check_s[b]) * n for b, n in sizes.items())
             assert p.compile_s == pytest.approx(expected / sum(sizes.values()))
 
 
@@ -131,17 +133,19 @@ def test_the_scripted_timer_spends_cudatimers_windows():
 
 
 def test_the_plan_times_each_candidate_with_the_windows_the_budgeted_run_uses(built):
-    short, full = _run(480.0, built).plan.studies[0], _run(480.0, built, windows="full").plan.studies[0]
+    short = _run(480.0, built, worker_checks=False).plan.studies[0]
+    full = _run(480.0, built, windows="full", worker_checks=False).plan.studies[0]
     assert planner.VERIFY_S < short.time_s < full.time_s
 
 
 def test_the_finish_and_timing_come_from_the_planners_own_estimate(built):
-    with_baseline = _run(480.0, built, compile_baseline=True).plan.studies[0]
-    without = _run(480.0, built).plan.studies[0]  # as tune --budget: the torch.compile baseline left out
+    # every check in the tuning process: a timing's seconds are the plan's own (Costs.estimate)
+    with_baseline = _run(480.0, built, compile_baseline=True, worker_checks=False).plan.studies[0]
+    without = _run(480.0, built, worker_checks=False).plan.studies[0]  # as tune --budget: no torch.compile
     assert with_baseline.time_s > planner.VERIFY_S
     assert with_baseline.finish_s - without.finish_s == pytest.approx(planner.COMPILE_BASELINE_S)
     assert without.finish_s == pytest.approx(planner.LIGHT_FINISH_TIMINGS * without.time_s)  # --budget's finish
-    full = _run(480.0, built, light_finish=False).plan.studies[0]
+    full = _run(480.0, built, light_finish=False, worker_checks=False).plan.studies[0]
     assert full.finish_s == pytest.approx(planner.FINISH_TIMINGS * full.time_s)
 
 
@@ -166,4 +170,12 @@ def test_the_floors_parts_add_up_and_only_the_first_study_of_a_spec_pays_the_aud
         assert sum(run.floor_parts().values()) == pytest.approx(sum(p.floor_s for p in run.plan.studies))
     assert warm.floor_parts()["audit of the seeds"] == pytest.approx(0.0, abs=1e-9)
     assert cold.floor_parts()["audit of the seeds"] > 0
-    assert cold.floor_parts()["compiling the seeds"] == pytest.approx(warm.floor_parts()["compiling the seeds"])
+    compiling = "compiling the seeds (and checking them, in the workers)"
+    assert cold.floor_parts()[compiling] == pytest.approx(warm.floor_parts()[compiling])
+
+
+def test_the_workers_reference_checks_leave_the_timers_path_all_but_torch_eagers(built):
+    moved, here = _run(480.0, built).plan.studies[0], _run(480.0, built, worker_checks=False).plan.studies[0]
+    # one of the 4 heuristic seeds is torch eager's, checked in the tuning process; the others in the workers
+    assert here.time_s - moved.time_s == pytest.approx(planner.VERIFY_S * 3 / 4)
+    assert moved.compile_s > here.compile_s

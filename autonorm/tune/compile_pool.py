@@ -10,7 +10,7 @@ and finds each piece on disk. What persists, per backend:
   `*.nbc` (machine code), keyed by the generated source file (path, mtime, size) and the argument
   types, which the launcher keeps independent of the shape. Tested: the parent's dispatchers
   report cache hits and no misses.
-- numba-cuda (GPU only): `cache=True` on the `@cuda.jit` kernel writes the same files, keyed by
+- numba, Numba CUDA (GPU only): `cache=True` on the `@cuda.jit` kernel writes the same files, keyed by
   signature and compute capability.
 - triton (GPU only): Triton's cache (`TRITON_CACHE_DIR`, default `~/.triton/cache`) holds the
   compiled cubin keyed by source, constexprs and argument specialization; the parent still runs
@@ -45,7 +45,8 @@ from .space import Candidate
 log = logging.getLogger("autonorm.tune")
 
 # The device type each backend's compile is warmed out of process for (the module docstring says why).
-WARMED_ON = {"numba-cpu": "cpu", "numba-cuda": "cuda", "triton": "cuda", "cupy": "cuda"}
+# By backend name (`autonorm.backends.BACKENDS`: "numba" is Numba CUDA).
+WARMED_ON = {"numba-cpu": "cpu", "numba": "cuda", "triton": "cuda", "cupy": "cuda"}
 
 
 def _start_worker(cache_dir: str) -> None:
@@ -54,15 +55,16 @@ def _start_worker(cache_dir: str) -> None:
     torch.set_num_threads(1)  # a worker's reference checks are small; the cores are the compilers'
 
 
-def _warm(backend_name: str, spec, config, device: str, rows: int) -> float:
-    """Compile one candidate and check it (each variant launched, so each is compiled); its seconds."""
+def _warm(backend_name: str, spec, config, device: str, rows: int) -> tuple[float, str | None]:
+    """Compile one candidate and check it (each variant launched, so each is compiled): its seconds and the
+    reference check's verdict (None: correct), which the tuning process takes for this very config."""
     from ..backends import get_backend
     from ..verify import check_candidate
 
     started = time.perf_counter()
     backend = get_backend(backend_name)
-    check_candidate(spec, backend.compile(spec, config, device), rows, device)  # a wrong one: the parent says so
-    return time.perf_counter() - started
+    reason = check_candidate(spec, backend.compile(spec, config, device), rows, device)
+    return time.perf_counter() - started, reason
 
 
 class CompilePool:
@@ -88,6 +90,8 @@ class CompilePool:
         # Keyed by spec too: a grid's studies share the pool, and a candidate key names no spec.
         self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, rows) -> the worker's warm job
         self._counted: set[tuple] = set()  # the jobs whose seconds are in compile_s
+        self._started_for: dict[tuple, tuple] = {}  # (spec, rows, candidate key) -> the warm job started for it
+        self._checks: dict[tuple, str | None] = {}  # warm job -> its reference check's verdict
         self._compiles: dict[tuple, Future] = {}  # (spec, candidate key) -> the thread pool's compile
 
     def warmed(self, backend_name: str) -> bool:
@@ -116,6 +120,16 @@ class CompilePool:
         if self.warmed(cand.backend):
             self._wait(self._warm_job(spec, rows, cand))
         return self._compile_here(spec, cand)
+
+    def checked(self, spec, rows: int, cand: Candidate) -> tuple[bool, str | None]:
+        """(True, the verdict) when a worker compiled exactly `cand` and ran the reference check on it at `rows`
+        (the check the tuning process would run: the same call, on the same source from the same compiler
+        cache), so the tuning process need not run it again; (False, None) otherwise: a config that shares
+        another's source was warmed as that one, whose launch knobs differ."""
+        key = self._started_for.get((spec, rows, cand.key))
+        if key is None or key not in self._checks:
+            return False, None
+        return True, self._checks[key]
 
     def close(self) -> None:
         """Stop the workers; jobs not begun are dropped, the finished ones' seconds counted."""
@@ -163,6 +177,7 @@ class CompilePool:
             except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: submitted after a shutdown
                 self._give_up(exc)
                 return None
+            self._started_for[spec, rows, cand.key] = key
         return key
 
     def _process_pool(self) -> ProcessPoolExecutor | None:
@@ -177,7 +192,8 @@ class CompilePool:
             return
         self._counted.add(key)
         try:
-            self._count(key[0], self._jobs[key].result())
+            seconds, self._checks[key] = self._jobs[key].result()
+            self._count(key[0], seconds)
         except BrokenProcessPool as exc:
             self._give_up(exc)
         except Exception as exc:  # the parent's own compile meets the same error and reports it

@@ -136,6 +136,13 @@ class CompileFigures:
         return self.candidate_s(backend) / cores + audit_s
 
 
+    def worker_s(self, backend: str, cores: int, audited: bool, checks: bool) -> float:
+        """`per_candidate_s`, and with `checks` the reference check the compile worker runs after compiling a
+        candidate of a backend it compiles (`compile_pool._warm`), over the cores like the compile."""
+        check_s = planner.VERIFY_S / cores if checks and backend in AUDITED else 0.0
+        return self.per_candidate_s(backend, cores, audited) + check_s
+
+
 @dataclass
 class DryRun:
     plan: planner.Plan
@@ -147,19 +154,23 @@ class DryRun:
     figures: CompileFigures
     audited: set            # (spec, rows) of the studies whose candidates' compile seconds include the audit's
     compile_baseline: bool  # every study's finish times the torch.compile baseline (--compile-baseline)
+    worker_checks: bool = True  # the compile workers' reference checks count for the studies'
 
     def floor_parts(self) -> dict:
         """The studies' floors (every study, run or left out) split by what spends them: the seeds' audit
         compiles, their own compiles, their reference checks and timings, and the finishes."""
-        parts = dict.fromkeys(("audit of the seeds", "compiling the seeds", "checking and timing the seeds",
-                               "finishes"), 0.0)
+        parts = dict.fromkeys(("audit of the seeds", "compiling the seeds (and checking them, in the workers)",
+                               "checking (in the tuning process) and timing the seeds", "finishes"), 0.0)
         for p in self.plan.studies:
             sizes = {b: len(cs) for b, cs in self.spaces[p.spec].configs.items()}
-            unaudited = sum(self.figures.per_candidate_s(b, self.cores, False) * n for b, n in sizes.items())
-            compile_s = unaudited / sum(sizes.values())
-            parts["audit of the seeds"] += p.seeds * (p.compile_s - compile_s)
-            parts["compiling the seeds"] += p.seeds * compile_s
-            parts["checking and timing the seeds"] += p.seeds * p.time_s
+            audit_s = 0.0
+            if (p.spec, p.rows) in self.audited:
+                audit_s = sum((self.figures.worker_s(b, self.cores, True, self.worker_checks)
+                               - self.figures.worker_s(b, self.cores, False, self.worker_checks)) * n
+                              for b, n in sizes.items()) / sum(sizes.values())
+            parts["audit of the seeds"] += p.seeds * audit_s
+            parts["compiling the seeds (and checking them, in the workers)"] += p.seeds * (p.compile_s - audit_s)
+            parts["checking (in the tuning process) and timing the seeds"] += p.seeds * p.time_s
             parts["finishes"] += p.finish_s
         return parts
 
@@ -175,31 +186,41 @@ class DryRun:
                 share = p.planned * n / total
                 compile_s, timing_s = out.get(b, (0.0, 0.0))
                 audited = (p.spec, p.rows) in self.audited
-                out[b] = (compile_s + share * self.figures.per_candidate_s(b, self.cores, audited),
+                out[b] = (compile_s + share * self.figures.worker_s(b, self.cores, audited, self.worker_checks),
                           timing_s + share * p.time_s)
         return out
 
 
 def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfile, figures: CompileFigures,
                 cores: int, compile_baseline: bool, audited: bool = True, windows: str = "short",
-                light_finish: bool = True) -> planner.Costs:
+                light_finish: bool = True, parent_checks: float | None = None) -> planner.Costs:
     """The planner's `Costs` for one study: the timer's seconds with `windows` at the model's median kernel
     time over the space (through `Costs.estimate`, which adds the reference check and sizes the finish, light
-    or full), and each backend's seconds to compile one candidate (`CompileFigures.per_candidate_s`)."""
+    or full), and each backend's seconds to compile one candidate (`CompileFigures.per_candidate_s`).
+
+    `parent_checks` (a fraction): the compile workers check the candidates of the backends they compile
+    (`AUDITED`, `compile_pool.WARMED_ON` on a GPU) and the study takes their verdict (`StudyRunner._check`), so
+    only this share of a timing keeps its reference check (torch eager's, one seed of a study's 4 to 6); the
+    workers' checks go with their compiles, over the cores. None: every check in the tuning process."""
     facts = rank.DeviceFacts.of(profile.identity(), profile.copy_gbps)
     kernel_us = statistics.median(rank.predict_us(spec, rows, c, facts) for c in space.candidates())
     costs = planner.Costs.estimate({"warmup_s": 0.0, "rep_s": measure_s(kernel_us, profile, timer_windows(windows))},
                                    compile_baseline, light_finish)
-    return dataclasses.replace(costs, compile_s={b: figures.per_candidate_s(b, cores, audited) for b in space.configs})
+    compile_s = {b: figures.worker_s(b, cores, audited, parent_checks is not None) for b in space.configs}
+    if parent_checks is None:
+        return dataclasses.replace(costs, compile_s=compile_s)
+    return dataclasses.replace(costs, compile_s=compile_s, time_s=costs.time_s - planner.VERIFY_S * (1 - parent_checks))
 
 
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
-            windows: str = "short", light_finish: bool = True, built: dict | None = None) -> DryRun:
+            windows: str = "short", light_finish: bool = True, worker_checks: bool = True,
+            built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
     `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
-    `windows` and `light_finish`: the timer's windows and the finish, as --budget picks them by default.
+    `windows` and `light_finish`: the timer's windows and the finish, as --budget picks them by default;
+    `worker_checks`: the compile workers' reference checks count for the studies' (False: as before).
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -225,11 +246,12 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     # the audit of its candidates; the spec's later row counts find their seeds' verdicts there. (Their search
     # candidates new to the spec are not charged: an underestimate only where such a study searches.)
     audited, costs = set(), []
-    for spec, rows, _, space, _ in jobs:
+    for spec, rows, _, space, seeds in jobs:
         if not audit_cached and all(s != spec for s, _ in audited):
             audited.add((spec, rows))
+        unwarmed = sum(s.candidate.backend not in AUDITED for s in seeds) / len(seeds) if worker_checks else None
         costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline,
-                                 (spec, rows) in audited, windows, light_finish))
+                                 (spec, rows) in audited, windows, light_finish, unwarmed))
     plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
     transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs])
     spaces = {spec: built[spec][0] for spec, _ in studies}
@@ -238,4 +260,4 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))
-    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, audited, compile_baseline)
+    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, audited, compile_baseline, worker_checks)

@@ -31,7 +31,7 @@ from ..spec import NormSpec
 
 # Rough per-candidate compile seconds of each backend on one core (Numba's LLVM passes, Triton's
 # MLIR pipeline, nvcc): they size the plan, never a decision about a measured candidate.
-COMPILE_S = {"numba-cpu": 2.0, "numba-cuda": 1.5, "triton": 1.5, "cupy": 1.5, "torch": 0.0}
+COMPILE_S = {"numba-cpu": 2.0, "numba": 1.5, "triton": 1.5, "cupy": 1.5, "torch": 0.0}
 VERIFY_S = 0.05         # the reference check of one candidate before it is timed
 FINISH_TIMINGS = 6      # the finish's interleaved timing: 3 finalists, torch, eager and compile, in one round
 # The light finish (`StudyOptions.light_finish`, under --budget) re-times only the finalists within noise of the

@@ -102,6 +102,7 @@ class StudyRunner:
         self.seed_sources = seed_sources  # [{"candidate": key, "source": where it came from}] (`transfer.py`)
         self._beats = fleet.Heartbeats(None)
         self.compile_pool = compile_pool  # a grid's pool, shared by its studies (None: the study makes its own)
+        self._pool = compile_pool  # the pool the search compiles in (`_search`)
         self.timing_s = 0.0  # seconds inside the timer, search and finish (`timed`)
         self._compile_s: dict = {}  # backend -> seconds compiling this study's candidates
 
@@ -187,6 +188,7 @@ class StudyRunner:
         pool = self.compile_pool or CompilePool(self.backends, self.device, self.options.compile_workers,
                                                 processes=False)
         compiled_before = dict(pool.compile_s)
+        self._pool = pool  # its workers' reference checks count for this study's (`_check`)
         self._racer = Racer(self.timer, out_of_time=lambda: self.clock() - started > time_budget)
         try:
             while True:
@@ -300,7 +302,7 @@ class StudyRunner:
             return state.measured[cand.key]["median_us"] if cand.key in state.measured else None
         kernel, reason = compiled if compiled is not None else (None, "not compiled")
         if reason is None and self.options.verify:
-            reason = check_candidate(self.spec, kernel, self.rows, self.device)
+            reason = self._check(kernel, cand)
         if reason is None:
             try:
                 raced = self.timed(lambda: self._time(kernel, state))
@@ -317,6 +319,12 @@ class StudyRunner:
             return None
         state.measured[cand.key] = timing.to_json()
         return timing.median_us
+
+    def _check(self, kernel, cand: Candidate) -> str | None:
+        """The reference check's verdict on `cand`: the compile worker's where it checked this very config at
+        this row count (off the timer's path: on a GPU the worker checks while the timer runs), else run here."""
+        checked, reason = self._pool.checked(self.spec, self.rows, cand) if self._pool else (False, None)
+        return reason if checked else check_candidate(self.spec, kernel, self.rows, self.device)
 
     def _time(self, kernel, state: StudyState):
         """A verified kernel's timing: raced against the best so far, or (race off) the timer's full count."""
