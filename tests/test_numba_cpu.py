@@ -199,6 +199,24 @@ def test_bf16_forward_rounds_finite_rows_and_keeps_nan_bits(backend, op):
     assert ((y[:, 1].view(torch.uint16).to(torch.int64) & 0x7FC0) == 0x7FC0).all()
 
 
+@pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
+def test_bf16_backward_row_with_a_nan_keeps_the_nan_contract(backend, op):
+    """A NaN in dy makes its row's dx NaN (quiet, from the checked store); the other rows, stored
+    without the NaN test, match the fp64 reference."""
+    from autonorm import reference
+
+    spec = NormSpec(op, "bwd", "bfloat16", "bfloat16", 64, **NormSpec.feature_kwargs("weight"))
+    kernel = backend.compile(spec, backend.heuristic(spec))
+    inputs = verify.make_inputs(spec, 3, "cpu", seed=0)
+    dy = inputs.dy.clone()
+    dy[0, 5] = float("nan")
+    dx = kernel(dy, inputs.x, inputs.weight, inputs.mean, inputs.rstd, None, 0.0)[0]
+    assert torch.isnan(dx[0]).all()
+    assert ((dx[0].view(torch.uint16).to(torch.int64) & 0x7FC0) == 0x7FC0).all()
+    want = reference.backward(op, dy[1:], inputs.x[1:], inputs.weight, eps=verify.EPS)[0]
+    assert reference.rel_l2(dx[1:], want) <= reference.TOLERANCES[torch.bfloat16]
+
+
 # --- threads, determinism ------------------------------------------------------------------
 
 def _recording_set_num_threads(monkeypatch):
