@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--audit-cached", action="store_true",
                         help="what if the audit's cache already held every config (no audit compile per candidate)")
     parser.add_argument("--before", action="store_true",
-                        help="as --budget ran before its short timer windows, light finish and the "
-                             "compile workers' reference checks")
+                        help="as --budget ran before its short timer windows, light finish, the compile "
+                             "workers' reference checks and one warm-up per spec of row-free backends")
     parser.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], help="slice: hidden sizes")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), help="slice: dtypes")
     parser.add_argument("--compile-times", type=Path, default=FIGURES)
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         run = dr.dry_run(grid, backends, profile, figures, args.budget, cores=args.cores, n_trials=args.trials,
                          compile_baseline=args.compile_baseline, audit_cached=args.audit_cached,
                          windows="full" if args.before else "short", light_finish=not args.before,
-                         worker_checks=not args.before, built=built)
+                         worker_checks=not args.before, shape_free=not args.before, built=built)
         out += section(run, f"{profile.name}, {args.budget:.0f} s" + "".join(f", {w}" for w in what), made, args.full)
         out += [f"Device profile: {profile.sm_count} SMs, {profile.copy_gbps / 1e3:.2f} TB/s, "
                 f"{profile.l2_bytes >> 20} MiB L2, {profile.smem_per_sm >> 10} KiB shared memory per SM, "

@@ -11,6 +11,7 @@ from autonorm.grids import STANDARD
 from autonorm.tune import dry_run as dr
 from autonorm.tune import plan as planner
 from autonorm.tune import transfer
+from autonorm.tune.compile_pool import SHAPE_FREE
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "compile-times.json"
 SLICE = [(spec, rows) for spec in STANDARD.specs() if spec.hidden == 256 and spec.x_dtype == "float32"
@@ -84,7 +85,10 @@ def test_compile_seconds_are_the_recorded_figures_over_the_cores(built):
             audit_s = {b: recorded[b]["alone_s"] / min(cores, 4) if audited and b != "torch" else 0.0 for b in sizes}
             # and the reference check the compile worker runs on it, over the cores like its compile
             check_s = {b: planner.VERIFY_S / cores if b != "torch" else 0.0 for b in sizes}
-            expected = sum((figures.candidate_s(b) / cores + audit_s[b] + check_s[b]) * n for b, n in sizes.items())
+            # a spec's later studies: its seeds of row-free backends were compiled by its first
+            again = {b: first[p.spec] is not p and b in SHAPE_FREE for b in sizes}
+            expected = sum((0.0 if again[b] else figures.candidate_s(b) / cores + audit_s[b] + check_s[b]) * n
+                           for b, n in sizes.items())
             assert p.compile_s == pytest.approx(expected / sum(sizes.values()))
 
 
@@ -179,3 +183,16 @@ def test_the_workers_reference_checks_leave_the_timers_path_all_but_torch_eagers
     # one of the 4 heuristic seeds is torch eager's, checked in the tuning process; the others in the workers
     assert here.time_s - moved.time_s == pytest.approx(planner.VERIFY_S * 3 / 4)
     assert moved.compile_s > here.compile_s
+
+
+def test_a_specs_later_studies_compile_no_row_free_seeds_again_and_check_them_in_the_tuning_process(built):
+    once, every = _run(480.0, built), _run(480.0, built, shape_free=False)
+    firsts = set()
+    for a, b in zip(once.plan.studies, every.plan.studies):
+        if a.spec not in firsts:  # the first study of its spec compiles every seed, as before
+            firsts.add(a.spec)
+            assert (a.compile_s, a.time_s) == (b.compile_s, b.time_s)
+        else:  # Numba CUDA's and CuPy's seeds: nothing compiled, their checks (2 of 4 seeds) in the tuning process
+            assert a.compile_s < b.compile_s
+            assert a.time_s - b.time_s == pytest.approx(planner.VERIFY_S * 2 / 4)
+    assert once.compiled_again and not every.compiled_again

@@ -119,3 +119,18 @@ def test_the_pool_and_the_plan_name_backends_as_the_registry_does():
 
     # a misspelt name silently compiled Numba CUDA in the tuning process's threads, on the timer's path
     assert set(compile_pool.WARMED_ON) <= set(BACKENDS) and set(planner.COMPILE_S) <= set(BACKENDS)
+
+
+@pytest.mark.parametrize("shape_free", [True, False])
+def test_a_backend_that_does_not_specialize_on_rows_is_warmed_once_for_all_of_a_specs_row_counts(
+        checks, monkeypatch, shape_free):
+    monkeypatch.setattr(compile_pool, "SHAPE_FREE", frozenset({"fake"} if shape_free else ()))
+    cand = Candidate("fake", Launch(1, 1))
+    with pool() as p:
+        for rows in (8, 16):
+            p.prepare(SPEC, rows, [cand])
+            p.compile(SPEC, rows, cand)
+        # the second row count: warmed again only where the compiler may specialize on it; else the
+        # tuning process checks the kernel it compiled before
+        assert p.checked(SPEC, 16, cand) == ((False, None) if shape_free else (True, None))
+    assert len([c for where, c in checks if where == "worker"]) == (1 if shape_free else 2)

@@ -47,6 +47,11 @@ log = logging.getLogger("autonorm.tune")
 # The device type each backend's compile is warmed out of process for (the module docstring says why).
 # By backend name (`autonorm.backends.BACKENDS`: "numba" is Numba CUDA).
 WARMED_ON = {"numba-cpu": "cpu", "numba": "cuda", "triton": "cuda", "cupy": "cuda"}
+# Backends whose compiled kernel does not depend on the row count: Numba CUDA specializes on the argument types
+# (the row count is an int64 whatever its value), CuPy compiles the source as it is. One warm job per source and
+# spec serves all of a spec's row counts (its later studies find the kernel compiled in the tuning process and
+# check it there). Triton specializes integer arguments (equal to 1, divisible by 16): a job per row count.
+SHAPE_FREE = frozenset({"numba", "cupy"})
 
 
 def _start_worker(cache_dir: str) -> None:
@@ -88,7 +93,7 @@ class CompilePool:
         self._threads = ThreadPoolExecutor(max_workers=max(1, workers))
         self._processes: ProcessPoolExecutor | None = None
         # Keyed by spec too: a grid's studies share the pool, and a candidate key names no spec.
-        self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, rows) -> the worker's warm job
+        self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, rows or None) -> the worker's warm job
         self._counted: set[tuple] = set()  # the jobs whose seconds are in compile_s
         self._started_for: dict[tuple, tuple] = {}  # (spec, rows, candidate key) -> the warm job started for it
         self._checks: dict[tuple, str | None] = {}  # warm job -> its reference check's verdict
@@ -162,10 +167,11 @@ class CompilePool:
 
     def _warm_job(self, spec, rows: int, cand: Candidate) -> tuple | None:
         """The key of the worker job that warms `cand`'s source at this shape (one per source and shape: configs
-        that differ only in launch knobs share it; a compiler may specialize on the shape), started now if it is
-        not yet; None when none runs (the parent compiles alone)."""
+        that differ only in launch knobs share it; a compiler may specialize on the shape, SHAPE_FREE's do not),
+        started now if it is not yet; None when none runs (the parent compiles alone)."""
         try:
-            key = (cand.backend, self.backends[cand.backend].render(spec, cand.config).sha256, spec, rows)
+            source = self.backends[cand.backend].render(spec, cand.config).sha256
+            key = (cand.backend, source, spec, None if cand.backend in SHAPE_FREE else rows)
         except Exception:
             return None  # an invalid config: the parent's compile reports it
         if key not in self._jobs:

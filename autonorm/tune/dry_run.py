@@ -34,6 +34,7 @@ from ..hardware import ARCHS
 from ..spec import NormSpec
 from . import plan as planner
 from . import rank, transfer
+from .compile_pool import SHAPE_FREE
 from .space import Candidate, SearchSpace
 
 AUDITED = ("triton", "cupy", "numba")  # the backends the audit compiles (autonorm.audit.BACKENDS)
@@ -155,6 +156,8 @@ class DryRun:
     audited: set            # (spec, rows) of the studies whose candidates' compile seconds include the audit's
     compile_baseline: bool  # every study's finish times the torch.compile baseline (--compile-baseline)
     worker_checks: bool = True  # the compile workers' reference checks count for the studies'
+    # (spec, rows) of the studies whose SHAPE_FREE backends' seeds an earlier study of the spec compiled
+    compiled_again: set = dataclasses.field(default_factory=set)
 
     def floor_parts(self) -> dict:
         """The studies' floors (every study, run or left out) split by what spends them: the seeds' audit
@@ -186,14 +189,17 @@ class DryRun:
                 share = p.planned * n / total
                 compile_s, timing_s = out.get(b, (0.0, 0.0))
                 audited = (p.spec, p.rows) in self.audited
-                out[b] = (compile_s + share * self.figures.worker_s(b, self.cores, audited, self.worker_checks),
+                again = b in SHAPE_FREE and (p.spec, p.rows) in self.compiled_again
+                per_candidate = 0.0 if again else self.figures.worker_s(b, self.cores, audited, self.worker_checks)
+                out[b] = (compile_s + share * per_candidate,
                           timing_s + share * p.time_s)
         return out
 
 
 def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfile, figures: CompileFigures,
                 cores: int, compile_baseline: bool, audited: bool = True, windows: str = "short",
-                light_finish: bool = True, parent_checks: float | None = None) -> planner.Costs:
+                light_finish: bool = True, parent_checks: float | None = None,
+                compiled_before: bool = False) -> planner.Costs:
     """The planner's `Costs` for one study: the timer's seconds with `windows` at the model's median kernel
     time over the space (through `Costs.estimate`, which adds the reference check and sizes the finish, light
     or full), and each backend's seconds to compile one candidate (`CompileFigures.per_candidate_s`).
@@ -201,12 +207,16 @@ def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfi
     `parent_checks` (a fraction): the compile workers check the candidates of the backends they compile
     (`AUDITED`, `compile_pool.WARMED_ON` on a GPU) and the study takes their verdict (`StudyRunner._check`), so
     only this share of a timing keeps its reference check (torch eager's, one seed of a study's 4 to 6); the
-    workers' checks go with their compiles, over the cores. None: every check in the tuning process."""
+    workers' checks go with their compiles, over the cores. None: every check in the tuning process.
+    `compiled_before`: an earlier study of the spec compiled its seeds, so the backends whose kernels do not
+    depend on the row count (`compile_pool.SHAPE_FREE`) compile nothing (the caller counts their checks in
+    `parent_checks`). An underestimate only for the search candidates new to the spec, as for the audit."""
     facts = rank.DeviceFacts.of(profile.identity(), profile.copy_gbps)
     kernel_us = statistics.median(rank.predict_us(spec, rows, c, facts) for c in space.candidates())
     costs = planner.Costs.estimate({"warmup_s": 0.0, "rep_s": measure_s(kernel_us, profile, timer_windows(windows))},
                                    compile_baseline, light_finish)
-    compile_s = {b: figures.worker_s(b, cores, audited, parent_checks is not None) for b in space.configs}
+    compile_s = {b: 0.0 if compiled_before and b in SHAPE_FREE else
+                 figures.worker_s(b, cores, audited, parent_checks is not None) for b in space.configs}
     if parent_checks is None:
         return dataclasses.replace(costs, compile_s=compile_s)
     return dataclasses.replace(costs, compile_s=compile_s, time_s=costs.time_s - planner.VERIFY_S * (1 - parent_checks))
@@ -214,13 +224,14 @@ def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfi
 
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
-            windows: str = "short", light_finish: bool = True, worker_checks: bool = True,
+            windows: str = "short", light_finish: bool = True, worker_checks: bool = True, shape_free: bool = True,
             built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
     `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
     `windows` and `light_finish`: the timer's windows and the finish, as --budget picks them by default;
-    `worker_checks`: the compile workers' reference checks count for the studies' (False: as before).
+    `worker_checks`: the compile workers' reference checks count for the studies' (False: as before);
+    `shape_free`: a spec's later studies do not compile again the seeds of `compile_pool.SHAPE_FREE`'s backends.
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -246,12 +257,20 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     # the audit of its candidates; the spec's later row counts find their seeds' verdicts there. (Their search
     # candidates new to the spec are not charged: an underestimate only where such a study searches.)
     audited, costs = set(), []
+    compiled, compiled_again = set(), set()  # the specs whose seeds an earlier study compiled; those studies
     for spec, rows, _, space, seeds in jobs:
         if not audit_cached and all(s != spec for s, _ in audited):
             audited.add((spec, rows))
-        unwarmed = sum(s.candidate.backend not in AUDITED for s in seeds) / len(seeds) if worker_checks else None
+        # the seeds the tuning process checks itself: torch eager's, and on a spec's later studies the ones whose
+        # kernels the pool does not warm again (SHAPE_FREE); the workers check the others
+        again = shape_free and spec in compiled
+        here = {b for b in space.configs if b not in AUDITED or (again and b in SHAPE_FREE)}
+        unwarmed = sum(s.candidate.backend in here for s in seeds) / len(seeds) if worker_checks else None
         costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline,
-                                 (spec, rows) in audited, windows, light_finish, unwarmed))
+                                 (spec, rows) in audited, windows, light_finish, unwarmed, again))
+        compiled.add(spec)
+        if again:
+            compiled_again.add((spec, rows))
     plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
     transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs])
     spaces = {spec: built[spec][0] for spec, _ in studies}
@@ -260,4 +279,5 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))
-    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, audited, compile_baseline, worker_checks)
+    return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, audited, compile_baseline, worker_checks,
+                  compiled_again)
