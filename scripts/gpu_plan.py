@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     what = [label for flag, label in ((args.compile_baseline, "with the torch.compile baseline"),
                                       (args.audit_cached, "audit cache warm"),
-                                      (args.before, "full timer windows and finish"),
+                                      (args.before,
+                                       "before: full windows and finish, checks and row-free warm-ups per study"),
                                       (args.hidden or args.dtypes, f"{len(grid)} studies of the grid")) if flag]
     command = " ".join(["python scripts/gpu_plan.py", *(argv if argv is not None else sys.argv[1:])])
     made = (f"Made by `{command}` on "
