@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -182,7 +183,11 @@ class StudyRunner:
         "exhaustive"."""
         n_trials, time_budget = self.options.trials, self.options.time_budget
         started, best, since_best = self.clock(), float("inf"), 0
-        batch_s = 0.0  # the last batch's compile and timing: a batch that would end past the budget is not begun
+        # Each new candidate's seconds (its compile's wait, check and timing): a batch predicted to end past the
+        # budget is not begun. The median, not the last batch's wall, predicts it: the first batch also pays the
+        # pool's start and its sources' first compiles, and on a CPU most later candidates share a compiled
+        # source (rank.compile_key), so the last batch's wall would end the study after one batch.
+        spent: list[float] = []
         # Without a grid's pool, threads: worker processes pay an interpreter start each, worth it once per grid
         # (`tune_grid`), not once per study.
         pool = self.compile_pool or CompilePool(self.backends, self.device, self.options.compile_workers,
@@ -195,7 +200,7 @@ class StudyRunner:
                 done = self.state(study).done
                 # The budget counts distinct candidates evaluated; a sampled duplicate costs no timing,
                 # but Optuna trials are capped too so that a converged sampler cannot loop forever.
-                if done >= n_trials or self.clock() - started + batch_s > time_budget:
+                if done >= n_trials or self.clock() - started + self._next_batch_s(spent) > time_budget:
                     return "budget"
                 if len(trials.finished(study)) >= MAX_TRIALS_FACTOR * n_trials:
                     return "converged"
@@ -211,26 +216,36 @@ class StudyRunner:
                 batch, state = self._claim_batch(study, done)
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
-                batch_started = self.clock()
                 compiled_new = self._compiler(pool, batch, state)
                 for trial, cand in batch:  # timing stays serial
+                    cand_started = self.clock()
                     is_new = cand.key not in state.evaluated
                     compiled = compiled_new(cand) if is_new else None
                     value = self._evaluate(study, trial, cand, state, compiled)
+                    if is_new:
+                        spent.append(self.clock() - cand_started)
                     if value is not None and value < best * (1 - IMPROVEMENT):
                         best, since_best = value, 0
                     elif is_new and state.done > self.patience_after:
                         since_best += 1
-                    if self.progress is not None and is_new:
-                        self.progress.update(1)
-                        if best < float("inf"):
-                            self.progress.set_postfix_str(f"best {best:.1f} us")
-                batch_s = self.clock() - batch_started
+                    if is_new:
+                        self._show_progress(best)
         finally:
             if pool is not self.compile_pool:
                 pool.close()
             self._compile_s = {name: seconds - compiled_before.get(name, 0.0) for name, seconds
                                in pool.compile_s.items() if seconds > compiled_before.get(name, 0.0)}
+
+    def _show_progress(self, best: float) -> None:
+        """One more candidate evaluated, on the progress bar (if any), with the best time so far."""
+        if self.progress is not None:
+            self.progress.update(1)
+            if best < float("inf"):
+                self.progress.set_postfix_str(f"best {best:.1f} us")
+
+    def _next_batch_s(self, spent: list[float]) -> float:
+        """A batch's predicted seconds: `compile_workers` candidates at the median of those so far (0: none yet)."""
+        return statistics.median(spent) * self.options.compile_workers if spent else 0.0
 
     def _compiler(self, pool, batch: list, state: StudyState):
         """Starts compiling the batch's new candidates ahead of the timer; returns the function that waits for
