@@ -105,7 +105,8 @@ def main(argv=None) -> int:
                         help="what if the audit's cache already held every config (no audit compile per candidate)")
     parser.add_argument("--before", action="store_true",
                         help="as --budget ran before its short timer windows, light finish, the compile "
-                             "workers' reference checks and one warm-up per spec of row-free backends")
+                             "workers' reference checks, one warm-up per spec of row-free backends and the "
+                             "seeds audited together")
     parser.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], help="slice: hidden sizes")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), help="slice: dtypes")
     parser.add_argument("--compile-times", type=Path, default=FIGURES)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     what = [label for flag, label in ((args.compile_baseline, "with the torch.compile baseline"),
                                       (args.audit_cached, "audit cache warm"),
                                       (args.before,
-                                       "before: full windows and finish, checks and row-free warm-ups per study"),
+                                       "before: full windows and finish, checks, warm-ups and audits per study"),
                                       (args.hidden or args.dtypes, f"{len(grid)} studies of the grid")) if flag]
     command = " ".join(["python scripts/gpu_plan.py", *(argv if argv is not None else sys.argv[1:])])
     made = (f"Made by `{command}` on "
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
         run = dr.dry_run(grid, backends, profile, figures, args.budget, cores=args.cores, n_trials=args.trials,
                          compile_baseline=args.compile_baseline, audit_cached=args.audit_cached,
                          windows="full" if args.before else "short", light_finish=not args.before,
-                         worker_checks=not args.before, shape_free=not args.before, built=built)
+                         worker_checks=not args.before, shape_free=not args.before, audit_ahead=not args.before,
+                         built=built)
         out += section(run, f"{profile.name}, {args.budget:.0f} s" + "".join(f", {w}" for w in what), made, args.full)
         out += [f"Device profile: {profile.sm_count} SMs, {profile.copy_gbps / 1e3:.2f} TB/s, "
                 f"{profile.l2_bytes >> 20} MiB L2, {profile.smem_per_sm >> 10} KiB shared memory per SM, "

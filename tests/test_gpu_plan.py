@@ -75,7 +75,7 @@ def test_compile_seconds_are_the_recorded_figures_over_the_cores(built):
     assert [figures.candidate_s(b) for b in ("triton", "numba", "cupy", "torch")] == [
         recorded["triton"]["marginal_s"], recorded["numba"]["marginal_s"], recorded["cupy"]["alone_s"], 0.0]
     for cores, audit_cached in ((16, False), (4, False), (16, True)):
-        run = _run(480.0, built, cores=cores, audit_cached=audit_cached)
+        run = _run(480.0, built, cores=cores, audit_cached=audit_cached, audit_ahead=False)  # audited per study
         first = {}  # spec -> its first study to run: the one that pays the audit of the spec's seeds
         for p in run.plan.studies:
             first.setdefault(p.spec, p)
@@ -103,15 +103,26 @@ def test_the_seconds_by_backend_add_up_to_the_plans_own(which, built):
     assert by_backend["torch"][0] == 0.0  # nothing to compile
 
 
-def test_nothing_is_audited_before_the_plan_and_each_candidate_pays_its_own_audit_unless_cached(built):
-    cold, warm = _run(480.0, built), _run(480.0, built, audit_cached=True)
-    assert cold.spent == warm.spent and not any("audit" in what for what in cold.spent)
-    assert cold.plan.spent_s == pytest.approx(sum(cold.spent.values()))
+def test_the_seeds_are_audited_together_before_the_plan_and_no_study_audits_them_again(built):
+    ahead, per_study, warm = _run(480.0, built), _run(480.0, built, audit_ahead=False), _run(480.0, built,
+                                                                                         audit_cached=True)
+    together = "auditing every spec's seeds together (16 cores)"
+    assert not any("audit" in what for what in per_study.spent) and warm.spent.keys() == per_study.spent.keys()
+    # the slice's 2 specs: one Triton, one CuPy and one Numba CUDA heuristic each; 2 candidates of a backend
+    # over 16 workers are 2 batches of one (audit.run's batches), each a compiler start
+    figures = dr.CompileFigures.load(FIGURES)
+    batches = [figures.alone_s[b] for b in ("triton", "cupy", "numba")] * 2
+    assert figures.together_s({"numba": 40}, 16) == pytest.approx(  # 40 over 16 workers: 3 to a batch
+        max((13 * (figures.alone_s["numba"] + 2 * figures.marginal_s["numba"]) + figures.alone_s["numba"]) / 16,
+            figures.alone_s["numba"] + 2 * figures.marginal_s["numba"]))
+    assert ahead.spent[together] == pytest.approx(max(sum(batches) / 16, max(batches)))
     firsts = {}
-    for c, w in zip(cold.plan.studies, warm.plan.studies):
-        firsts.setdefault(c.spec, (c, w))
-    assert len(firsts) == 2 and all(c.compile_s > w.compile_s for c, w in firsts.values())
-    assert len(cold.audited) == 2 and warm.audited == set()  # a spec's later studies find its verdicts kept
+    for a, p, w in zip(ahead.plan.studies, per_study.plan.studies, warm.plan.studies):
+        firsts.setdefault(a.spec, (a, p, w))
+    # the first study of a spec: its seeds' audit is paid in it (per study) or before the plan (ahead); the
+    # slice's first studies are anchors, with no seed transferred from another spec to audit
+    assert all(p.compile_s > a.compile_s == pytest.approx(w.compile_s) for a, p, w in firsts.values())
+    assert set(ahead.audited.values()) == {0.0} and set(per_study.audited.values()) == {1.0} and not warm.audited
 
 
 def test_the_scripted_timer_spends_cudatimers_windows():
@@ -169,7 +180,7 @@ def test_each_specs_space_is_built_once_for_its_row_counts_as_tune_grid_does(bui
 
 
 def test_the_floors_parts_add_up_and_only_the_first_study_of_a_spec_pays_the_audit(built):
-    cold, warm = _run(480.0, built), _run(480.0, built, audit_cached=True)
+    cold, warm = _run(480.0, built, audit_ahead=False), _run(480.0, built, audit_cached=True)
     for run in (cold, warm):
         assert sum(run.floor_parts().values()) == pytest.approx(sum(p.floor_s for p in run.plan.studies))
     assert warm.floor_parts()["audit of the seeds"] == pytest.approx(0.0, abs=1e-9)

@@ -20,11 +20,11 @@ from .compilers import cupy_translation_unit, triton_signature
 from .jobs import Job, database_jobs, heuristic_jobs, space_jobs
 from .profile import Profile, gate_failures, occupancy
 from .report import ReportError, compare, doc, load_report, save_report, saved_toolchain, table
-from .run import WORKERS, audit, cached, prune_space, unfit, winner_profile
+from .run import WORKERS, audit, cached, prune_space, unfit, unfit_specs, winner_profile
 from .tools import BACKENDS, AuditToolError, check_backends, parse_ptxas_log, sass_counts, tool, toolchain
 
 __all__ = ["ARCHS", "Arch", "AuditToolError", "BACKENDS", "Job", "MAX_REGS_PER_THREAD", "Profile", "ReportError",
            "WORKERS", "audit", "cached", "check_backends", "compare", "cupy_translation_unit", "database_jobs",
            "doc", "gate_failures", "heuristic_jobs", "load_report", "occupancy", "parse_ptxas_log", "prune_space",
            "register_cap", "resident_blocks", "save_report", "saved_toolchain", "sass_counts", "space_jobs",
-           "table", "tool", "toolchain", "triton_signature", "unfit", "winner_profile"]
+           "table", "tool", "toolchain", "triton_signature", "unfit", "unfit_specs", "winner_profile"]

@@ -139,12 +139,20 @@ def unfit(spec: NormSpec, candidates: list[tuple], device, workers: int | None =
     Backends without a GPU compiler here (torch, numba-cpu) always fit. A missing toolchain piece judges
     nothing by compiling and says so once: the tuner then times the candidate.
     """
+    return unfit_specs({spec: candidates}, device, workers)[spec]
+
+
+def unfit_specs(requests: dict, device, workers: int | None = None) -> dict:
+    """`unfit` of several specs in one audit ({spec: [(backend, config)]} -> {spec: {(backend, config): why}}):
+    each backend's compiler then starts once per batch of candidates across the specs, not once per spec."""
     import logging
 
     arch = _device_arch(device)
-    out = {(name, c): f"needs compute capability {c.min_compute_capability()}, {arch.name} is {arch.cc}"
-           for name, c in candidates if c.min_compute_capability() > arch.cc}
-    auditable = sorted({name for name, c in candidates if name in BACKENDS and (name, c) not in out})
+    out = {spec: {(name, c): f"needs compute capability {c.min_compute_capability()}, {arch.name} is {arch.cc}"
+                  for name, c in candidates if c.min_compute_capability() > arch.cc}
+           for spec, candidates in requests.items()}
+    auditable = sorted({name for spec, candidates in requests.items() for name, c in candidates
+                        if name in BACKENDS and (name, c) not in out[spec]})
     try:
         check_backends(auditable)
     except AuditToolError as exc:
@@ -152,11 +160,12 @@ def unfit(spec: NormSpec, candidates: list[tuple], device, workers: int | None =
             logging.getLogger("autonorm.audit").warning("candidates not audited: %s", exc)
             _unaudited.update(auditable)
         return out
-    jobs = [Job(name, spec, c, arch.name) for name, c in candidates if name in auditable and (name, c) not in out]
+    jobs = [Job(name, spec, c, arch.name) for spec, candidates in requests.items() for name, c in candidates
+            if name in auditable and (name, c) not in out[spec]]
     for job, p in zip(jobs, audit(jobs, workers=workers or os.cpu_count())):
         why = _why_unfit(p)
         if why is not None:
-            out[(job.backend, job.config)] = why
+            out[job.spec][(job.backend, job.config)] = why
     return out
 
 

@@ -38,6 +38,7 @@ from .compile_pool import SHAPE_FREE
 from .space import Candidate, SearchSpace
 
 AUDITED = ("triton", "cupy", "numba")  # the backends the audit compiles (autonorm.audit.BACKENDS)
+AUDIT_BATCH = 16  # the most candidates `autonorm.audit.audit` compiles in one batch (one compiler start)
 # Candidates a study claims, audits and compiles together: StudyOptions' default compile_workers on a machine
 # of 4 cores or more (options.default_compile_workers).
 DEVICE_COMPILE_WORKERS = 4
@@ -137,6 +138,19 @@ class CompileFigures:
         return self.candidate_s(backend) / cores + audit_s
 
 
+    def together_s(self, counts: dict, cores: int) -> float:
+        """Seconds to audit `counts` ({backend: candidates}) in one `autonorm.audit.unfit_specs` call on `cores`:
+        its batches are as `audit.run.audit` makes them (one backend each, up to AUDIT_BATCH, spread so every
+        worker has one), each a compiler started once (a config alone) and its further configs (marginal);
+        the batches side by side on the cores, and never shorter than the longest one."""
+        batches = []
+        for backend, n in counts.items():
+            if backend in AUDITED and n:
+                per = max(1, min(AUDIT_BATCH, -(-n // cores)))
+                sizes = [min(per, n - i) for i in range(0, n, per)]
+                batches += [self.alone_s[backend] + (k - 1) * self.marginal_s[backend] for k in sizes]
+        return max(sum(batches) / cores, max(batches, default=0.0))
+
     def worker_s(self, backend: str, cores: int, audited: bool, checks: bool) -> float:
         """`per_candidate_s`, and with `checks` the reference check the compile worker runs after compiling a
         candidate of a backend it compiles (`compile_pool._warm`), over the cores like the compile."""
@@ -153,7 +167,8 @@ class DryRun:
     unburdened: planner.Plan  # the same studies planned with only the start-up spent before them
     spaces: dict            # spec -> its SearchSpace
     figures: CompileFigures
-    audited: set            # (spec, rows) of the studies whose candidates' compile seconds include the audit's
+    # (spec, rows) -> the share of the study's seeds it audits itself (the rest: audited before, or cached)
+    audited: dict
     compile_baseline: bool  # every study's finish times the torch.compile baseline (--compile-baseline)
     worker_checks: bool = True  # the compile workers' reference checks count for the studies'
     # (spec, rows) of the studies whose SHAPE_FREE backends' seeds an earlier study of the spec compiled
@@ -166,11 +181,10 @@ class DryRun:
                                "checking (in the tuning process) and timing the seeds", "finishes"), 0.0)
         for p in self.plan.studies:
             sizes = {b: len(cs) for b, cs in self.spaces[p.spec].configs.items()}
-            audit_s = 0.0
-            if (p.spec, p.rows) in self.audited:
-                audit_s = sum((self.figures.worker_s(b, self.cores, True, self.worker_checks)
-                               - self.figures.worker_s(b, self.cores, False, self.worker_checks)) * n
-                              for b, n in sizes.items()) / sum(sizes.values())
+            audit_s = self.audited.get((p.spec, p.rows), 0.0) * sum(
+                (self.figures.worker_s(b, self.cores, True, self.worker_checks)
+                 - self.figures.worker_s(b, self.cores, False, self.worker_checks)) * n
+                for b, n in sizes.items()) / sum(sizes.values())
             parts["audit of the seeds"] += p.seeds * audit_s
             parts["compiling the seeds (and checking them, in the workers)"] += p.seeds * (p.compile_s - audit_s)
             parts["checking (in the tuning process) and timing the seeds"] += p.seeds * p.time_s
@@ -188,9 +202,11 @@ class DryRun:
             for b, n in sizes.items():
                 share = p.planned * n / total
                 compile_s, timing_s = out.get(b, (0.0, 0.0))
-                audited = (p.spec, p.rows) in self.audited
+                own = self.audited.get((p.spec, p.rows), 0.0)  # the share of its seeds the study audits
                 again = b in SHAPE_FREE and (p.spec, p.rows) in self.compiled_again
-                per_candidate = 0.0 if again else self.figures.worker_s(b, self.cores, audited, self.worker_checks)
+                unaudited = self.figures.worker_s(b, self.cores, False, self.worker_checks)
+                audit_s = self.figures.worker_s(b, self.cores, True, self.worker_checks) - unaudited
+                per_candidate = 0.0 if again else unaudited + own * audit_s
                 out[b] = (compile_s + share * per_candidate,
                           timing_s + share * p.time_s)
         return out
@@ -225,13 +241,16 @@ def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfi
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
             windows: str = "short", light_finish: bool = True, worker_checks: bool = True, shape_free: bool = True,
-            built: dict | None = None) -> DryRun:
+            audit_ahead: bool = True, built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
     `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
     `windows` and `light_finish`: the timer's windows and the finish, as --budget picks them by default;
     `worker_checks`: the compile workers' reference checks count for the studies' (False: as before);
-    `shape_free`: a spec's later studies do not compile again the seeds of `compile_pool.SHAPE_FREE`'s backends.
+    `shape_free`: a spec's later studies do not compile again the seeds of `compile_pool.SHAPE_FREE`'s backends;
+    `audit_ahead`: every study's seeds known before the plan are audited together before it (`tune_grid`,
+    `space.audit_together`), and a study audits only its seeds transferred from other specs' winners (False:
+    the first study of a spec audits all its seeds, as before).
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -254,20 +273,20 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     order = transfer.run_order(found)
     jobs, found = [jobs[i] for i in order], [found[i] for i in order]
     # The audit's verdicts are kept in the spec's space (and its cache): the first study of a spec to run pays
-    # the audit of its candidates; the spec's later row counts find their seeds' verdicts there. (Their search
-    # candidates new to the spec are not charged: an underestimate only where such a study searches.)
-    audited, costs = set(), []
+    # the audit of its candidates not audited before the plan; the spec's later row counts find their seeds'
+    # verdicts there. (Search candidates new to the spec are not charged: an underestimate where a study searches.)
+    audited, costs = {}, []
     compiled, compiled_again = set(), set()  # the specs whose seeds an earlier study compiled; those studies
     for spec, rows, _, space, seeds in jobs:
         if not audit_cached and all(s != spec for s, _ in audited):
-            audited.add((spec, rows))
+            audited[spec, rows] = 1.0  # its own seeds' share, set below once its transferred seeds are known
         # the seeds the tuning process checks itself: torch eager's, and on a spec's later studies the ones whose
         # kernels the pool does not warm again (SHAPE_FREE); the workers check the others
         again = shape_free and spec in compiled
         here = {b for b in space.configs if b not in AUDITED or (again and b in SHAPE_FREE)}
         unwarmed = sum(s.candidate.backend in here for s in seeds) / len(seeds) if worker_checks else None
         costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline,
-                                 (spec, rows) in audited, windows, light_finish, unwarmed, again))
+                                 False, windows, light_finish, unwarmed, again))
         compiled.add(spec)
         if again:
             compiled_again.add((spec, rows))
@@ -276,6 +295,19 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     spaces = {spec: built[spec][0] for spec, _ in studies}
     spent = {"start-up and copy probe (assumed)": STARTUP_S,
              "building each spec's space (serial, shared by its row counts)": sum(built[s][1] for s in spaces)}
+    if audit_ahead and not audit_cached:
+        known = {(spec, s.candidate) for spec, _, _, _, seeds in jobs for s in seeds}  # one audit per spec's config
+        counts = {b: sum(c.backend == b for _, c in known) for b in AUDITED}
+        spent[f"auditing every spec's seeds together ({cores} cores)"] = figures.together_s(counts, cores)
+    for p, (spec, rows, _, space, seeds) in zip(plans, jobs):
+        if (spec, rows) not in audited:
+            continue
+        if audit_ahead:  # only the seeds transferred from other specs' winners are new to the audit
+            audited[spec, rows] = (p.seeds - len(seeds)) / p.seeds
+        sizes = {b: len(cs) for b, cs in space.configs.items()}  # a spec's first study: nothing compiled before it
+        audit_s = sum((figures.worker_s(b, cores, True, worker_checks)
+                       - figures.worker_s(b, cores, False, worker_checks)) * n for b, n in sizes.items())
+        p.compile_s += audited[spec, rows] * audit_s / sum(sizes.values())
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))

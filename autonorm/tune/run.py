@@ -26,7 +26,7 @@ from . import plan as planner
 from .compile_pool import CompilePool
 from .finalize import StudyResult
 from .options import StudyOptions
-from .space import Candidate, SearchSpace
+from .space import Candidate, SearchSpace, audit_together
 from .study import StudyRunner, study_name
 
 DEVICE_FIELDS = ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")
@@ -132,6 +132,9 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     # instead of overrunning the budget in the last one.
     outside_spent = outside_planned = 0.0
     if budget_s is not None:
+        # On a GPU, every study's seeds known now are audited together before the plan (the plan counts the
+        # seconds): each compiler starts once per batch of candidates, not once per study.
+        audit_together([(space, [s.candidate for s in seeds]) for _, _, _, space, seeds in jobs])
         jobs, roles = transfer.arrange(jobs)  # anchors first: each study runs after those it takes seeds from
         elapsed = elapsed or planner.process_age_s
         costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline, options.light_finish)

@@ -135,3 +135,25 @@ class SearchSpace:
 
 def _frozen(params: dict) -> tuple:
     return tuple(sorted(params.items()))
+
+
+def audit_together(requests: list) -> None:
+    """Audit the candidates of several spaces not judged yet in one call ([(SearchSpace, [Candidate])], one spec
+    each; `autonorm.audit.unfit_specs`): each backend's compiler starts once per batch of candidates across the
+    specs, not once per study. The verdicts are kept in each space, where `SearchSpace.unfit` finds them.
+    Nothing for a space on a device other than CUDA."""
+    todo = {}
+    for space, cands in requests:
+        if space.device is not None and space.device.type == "cuda":
+            new = {c.key: c for c in cands if c.key not in space._unfit}
+            if new:
+                todo.setdefault(id(space), (space, {}))[1].update(new)
+    if not todo:
+        return
+    from ..audit import unfit_specs
+
+    device = next(iter(todo.values()))[0].device
+    verdicts = unfit_specs({space.spec: [(c.backend, c.config) for c in new.values()] for space, new in todo.values()},
+                           device)
+    for space, new in todo.values():
+        space._unfit.update({c.key: verdicts[space.spec].get((c.backend, c.config)) for c in new.values()})
