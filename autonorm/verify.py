@@ -97,14 +97,21 @@ def expected_outputs(spec: NormSpec, inputs: Inputs) -> dict:
     return {"dx": rdx, "dweight": rdw, "dbias": rdb}
 
 
-def compare(spec: NormSpec, inputs: Inputs, outputs: tuple, expected: dict | None = None) -> CheckResult:
-    """Relative L2 error of each kernel output against the fp64 reference (`expected`, when computed before)."""
+def error_scales(spec: NormSpec, inputs: Inputs) -> dict:
+    """The size each output's error is measured against, beyond the output's own (`reference.backward_scales`)."""
+    return {} if spec.direction == "fwd" else reference.backward_scales(
+        spec.op, inputs.dy, inputs.x, inputs.weight, inputs.bias, inputs.eps, inputs.offset)
+
+
+def compare(spec: NormSpec, inputs: Inputs, outputs: tuple, expected: dict | None = None,
+            scales: dict | None = None) -> CheckResult:
+    """Relative L2 error of each kernel output against the fp64 reference (`expected` and `scales`, when
+    computed before)."""
     result = CheckResult(tolerance=reference.tolerance(spec.torch_x_dtype))
     expected = expected_outputs(spec, inputs) if expected is None else expected
     names = ("y", "h", "mean", "rstd") if spec.direction == "fwd" else ("dx", "dweight", "dbias")
     actual = dict(zip(names, outputs))
-    scales = {} if spec.direction == "fwd" else reference.backward_scales(
-        spec.op, inputs.dy, inputs.x, inputs.weight, inputs.bias, inputs.eps, inputs.offset)
+    scales = error_scales(spec, inputs) if scales is None else scales
     for name, exp in expected.items():
         act = actual[name]
         if exp is None:
@@ -152,9 +159,25 @@ def verify_rows(rows: int, hidden: int) -> int:
 
 
 @functools.lru_cache(maxsize=3)  # one study's three cases; up to ~130 MB each
-def _expected(spec: NormSpec, rows: int, device: str, seed: int, strided: bool, eps: float) -> dict:
-    """The reference of one verification case: the same for every candidate of a study, so computed once."""
-    return expected_outputs(spec, make_inputs(spec, rows, device, seed=seed, strided=strided, eps=eps))
+def _case(spec: NormSpec, rows: int, device: str, strided: bool, eps: float) -> tuple[Inputs, dict, dict]:
+    """One verification case's inputs, reference and error scales: the same for every candidate of a study,
+    so drawn and computed once (the inputs are copied for each call: `_fresh`)."""
+    inputs = make_inputs(spec, rows, device, strided=strided, eps=eps)
+    return inputs, expected_outputs(spec, inputs), error_scales(spec, inputs)
+
+
+def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy with the same strides (a row-strided view stays row-strided; `clone` would make it contiguous)."""
+    if t is None:
+        return None
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+def _fresh(inputs: Inputs) -> Inputs:
+    """A copy of `inputs` for one kernel call: a kernel that writes into its inputs must not spoil the next."""
+    return Inputs(*(_copy(getattr(inputs, name)) for name in ("x", "weight", "bias", "residual", "dy", "dh",
+                                                               "mean", "rstd")), eps=inputs.eps, offset=inputs.offset)
 
 
 def _variants(kernel) -> list[tuple[str, object, bool]]:
@@ -188,15 +211,14 @@ def _first_wrong_case(spec: NormSpec, kernel, rows: int, device, full: bool) -> 
         cases += [(rows_v, True, SECOND_EPS), (FEW_ROWS, False, EPS)]
     with poisoned_outputs():
         for n_rows, strided, eps in cases:
-            expected = _expected(spec, n_rows, device, 0, strided, eps)
+            drawn, expected, scales = _case(spec, n_rows, device, strided, eps)
             for name, k, y_only in (_variants(kernel) if full else [("kernel", kernel, False)]):
-                # fresh inputs per call: a kernel that writes into its inputs must not spoil the next check
-                inputs = make_inputs(spec, n_rows, device, strided=strided, eps=eps)
+                inputs = _fresh(drawn)
                 if y_only:
                     y = k(inputs.x, inputs.weight, inputs.bias, inputs.eps, inputs.offset)
-                    result = compare(spec, inputs, (y,), {"y": expected["y"]})
+                    result = compare(spec, inputs, (y,), {"y": expected["y"]}, scales)
                 else:
-                    result = compare(spec, inputs, k(*inputs.args(spec)), expected)
+                    result = compare(spec, inputs, k(*inputs.args(spec)), expected, scales)
                 if not result.ok:
                     worst = max(result.errors, key=result.errors.get)
                     return (f"wrong result: {worst} rel. error {result.errors[worst]:.3g} > tolerance "

@@ -70,3 +70,35 @@ def test_well_conditioned_outputs_are_held_as_tightly_as_before(op):
         noise = torch.randn(exp.shape, generator=gen, dtype=torch.float64)
         off = exp + noise * (2 * tol * exp.norm() / noise.norm())
         assert reference.rel_l2(off, exp, scales[name]) > 1.9 * tol, name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_element_is_an_infinite_error(bad):
+    expected = torch.randn(64, 32, dtype=torch.float64)
+    actual = expected.float().clone()
+    actual[17, 5] = bad
+    assert reference.rel_l2(actual, expected) == float("inf")
+    assert reference.rel_l2(expected.float(), expected) < 1e-6
+
+
+def test_each_call_gets_a_copy_of_the_cases_inputs_with_their_strides():
+    spec = NormSpec("layernorm", "bwd", "float32", "float32", 48, **NormSpec.feature_kwargs("weight+bias"))
+    drawn = verify.make_inputs(spec, 9, strided=True)
+    fresh = verify._fresh(drawn)
+    for name in ("x", "weight", "bias", "dy", "mean", "rstd"):
+        a, b = getattr(drawn, name), getattr(fresh, name)
+        assert torch.equal(a, b) and a.stride() == b.stride() and a.data_ptr() != b.data_ptr(), name
+    assert fresh.x.stride(0) > spec.hidden  # still row-strided
+
+
+def test_a_kernel_that_writes_into_its_inputs_spoils_no_later_candidates_check():
+    spec = NormSpec("rmsnorm", "bwd", "float32", "float32", 32, **NormSpec.feature_kwargs("weight"))
+    right = plain_fp32_backward(spec)
+
+    def scribbler(dy, x, w, mean, rstd, dh, offset):
+        out = right(dy, x, w, mean, rstd, dh, offset)
+        for t in (dy, x, w, rstd):
+            t.fill_(7.0)  # after computing: this candidate is right, its inputs are ruined
+        return out
+    assert verify.check_candidate(spec, scribbler, 8) is None
+    assert verify.check_candidate(spec, right, 8) is None
