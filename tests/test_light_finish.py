@@ -52,8 +52,9 @@ class IntervalTimer:
     """Search timings of median `us` (config knob; torch eager: `torch_us`) and p20-p80 of +-`width`; records
     each interleaved re-timing's kernels."""
 
-    def __init__(self, torch_us=50.0, width=0.03):
+    def __init__(self, torch_us=50.0, width=0.03, torch_width=None):
         self.torch_us, self.width, self.retimed = torch_us, width, []
+        self.torch_width = width if torch_width is None else torch_width
 
     def _us(self, kernel):
         config = getattr(kernel, "config", None)
@@ -61,7 +62,8 @@ class IntervalTimer:
 
     def measure(self, spec, kernel, rows):
         us = self._us(kernel)
-        return Timing(us, us * (1 - self.width), us * (1 + self.width), 10)
+        width = self.width if getattr(kernel, "config", None) is not None else self.torch_width
+        return Timing(us, us * (1 - width), us * (1 + width), 10)
 
     def interleaved(self, spec, kernels, rows):
         self.retimed.append(sorted(self._us(k) for k in kernels))
@@ -107,6 +109,14 @@ def test_torch_eager_within_noise_of_the_winner_is_retimed_with_it(tmp_path):
     record = study(tmp_path, timer).record
     assert timer.retimed == [[10.0, 10.1]]
     assert record.baselines["torch_eager"]["median_us"] == 10.1
+
+
+def test_a_noisy_torch_eager_search_timing_is_retimed_not_kept_as_the_baseline(tmp_path):
+    # eager at 50 us +-60% (p80/p20 = 4) is far from the winner, but its search timing fails the spread test
+    timer = IntervalTimer(width=0.01, torch_width=0.6)
+    record = study(tmp_path, timer).record
+    assert timer.retimed == [[10.0, 50.0]]
+    assert record.baselines["torch_eager"]["p80_us"] == pytest.approx(50.0 * 1.01)  # the re-timing's
 
 
 def test_a_noisy_clear_winner_still_goes_through_the_noise_gate(tmp_path):

@@ -189,13 +189,15 @@ def _within_noise(t: dict, best: dict) -> bool:
 
 def _close_finalists(finalists: list, torch_cand: Candidate, measured: dict) -> tuple[list, measure.Timing | None]:
     """The light finish's finalists: the winner and those within noise of it (torch eager among them when it
-    is, so that the winner is never slower than torch), and torch eager's search timing as the baseline when
-    it is not re-timed."""
+    is, so that the winner is never slower than torch, or when its search timing fails the noise gate's spread
+    test, so that the record's baseline is not a noisy one), and torch eager's search timing as the baseline
+    when it is not re-timed."""
     best = measured[finalists[0].key]
     close = [c for c in finalists if _within_noise(measured[c.key], best)]
     if any(c.backend == "torch" for c in close):
         return close, None
-    if _within_noise(measured[torch_cand.key], best):
+    eager = measured[torch_cand.key]
+    if _within_noise(eager, best) or quality.spread(eager) > quality.SPREAD_LIMIT:
         return close + [torch_cand], None
     return close, _timing(measured[torch_cand.key])
 
