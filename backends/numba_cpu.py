@@ -13,7 +13,9 @@ process loads it instead of compiling again.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import ClassVar
@@ -121,6 +123,38 @@ def _with_threads(fn, threads: int):
     return call
 
 
+def _tbb_pool_loads() -> bool:
+    """Whether Numba's TBB pool imports, finding a TBB that pip installed into this environment.
+
+    Numba loads TBB by name (`libtbb.so.12`); PyPI's `tbb` wheel puts that library in `<prefix>/lib`,
+    which the loader does not search in a virtual environment, so the import fails there. Loading
+    the library by its full path first lets the name resolve to it. Nothing else changes: TBB is
+    fork-safe and thread-safe (unlike GNU OpenMP), and `LD_LIBRARY_PATH` is left alone.
+    """
+    def loads():
+        try:
+            import numba.np.ufunc.tbbpool  # noqa: F401  (fails without the TBB library)
+
+            # Numba refuses a TBB older than 2021.6 only when its pool starts, where a layer chosen
+            # as "tbb" would then fail instead of falling back: check the version here.
+            from numba.np.ufunc import parallel
+            getattr(parallel, "_check_tbb_version_compatible", lambda: None)()
+            return True
+        except ImportError:
+            return False
+
+    if loads():
+        return True
+    lib = os.path.join(sys.prefix, "lib", "libtbb.so.12")
+    if not os.path.isfile(lib):
+        return False
+    try:
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    return loads()
+
+
 class _Pool:
     """Numba's thread pool (its threading layer): which one runs, and what this process may do with it.
 
@@ -148,11 +182,7 @@ class _Pool:
 
         if cls.started or os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
             return
-        try:
-            import numba.np.ufunc.tbbpool  # noqa: F401  (fails without the TBB library)
-            numba.config.THREADING_LAYER = "tbb"
-        except ImportError:
-            numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER = "tbb" if _tbb_pool_loads() else "workqueue"
 
     @classmethod
     def after_fork_in_child(cls):

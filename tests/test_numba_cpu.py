@@ -408,6 +408,28 @@ def test_forked_child_runs_after_the_parent_used_the_pool(use_backend):
     assert queue.get(timeout=5) < 1e-5
 
 
+def test_tbb_is_looked_for_in_the_environment_prefix(tmp_path, monkeypatch):
+    """pip's `tbb` wheel puts libtbb.so.12 in <prefix>/lib, off the loader's path: the backend loads it
+    from there by full path; a missing or broken file there means `workqueue`, never a crash."""
+    from autonorm.backends import numba_cpu
+
+    if os.path.isfile(os.path.join(sys.prefix, "lib", "libtbb.so.12")):  # TBB in this environment
+        assert numba_cpu._tbb_pool_loads()
+        return
+    tried = []
+
+    def broken_library(path, mode=0):
+        tried.append(path)
+        raise OSError(f"{path}: invalid ELF header")
+    monkeypatch.setattr(numba_cpu.ctypes, "CDLL", broken_library)
+    monkeypatch.setattr(numba_cpu.sys, "prefix", str(tmp_path))
+    assert not numba_cpu._tbb_pool_loads() and tried == []  # no library there: not even tried
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libtbb.so.12").write_bytes(b"not a library")
+    assert not numba_cpu._tbb_pool_loads()
+    assert tried == [str(tmp_path / "lib" / "libtbb.so.12")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layer", ["workqueue", "default"])
 def test_concurrent_calls_under_each_threading_layer(tmp_path, layer):
