@@ -207,3 +207,16 @@ def test_a_specs_later_studies_compile_no_row_free_seeds_again_and_check_them_in
             assert a.compile_s < b.compile_s
             assert a.time_s - b.time_s == pytest.approx(planner.VERIFY_S * 2 / 4)
     assert once.compiled_again and not every.compiled_again
+
+
+def test_a_neighbour_plans_its_sources_winners_torch_eager_and_one_heuristic_a_source(built):
+    lean, full = _run(480.0, built), _run(480.0, built, lean_neighbours=False)
+    neighbours = 0
+    for a, b in zip(lean.plan.studies, full.plan.studies):
+        sources = a.role.count("N=")  # "anchor", or "from N=.. R=.., N=.. R=.."
+        assert a.seeds == (4 if a.role == "anchor" else sources + 1 + min(sources, 3))
+        assert b.seeds == 4 + sources
+        neighbours += a.role != "anchor"
+    assert neighbours and sum(p.floor_s for p in lean.plan.studies) < sum(p.floor_s for p in full.plan.studies)
+    # its transferred seeds are the only ones its study audits: the same seeds, a larger share of fewer
+    assert all(lean.audited[k] >= full.audited[k] for k in full.audited)

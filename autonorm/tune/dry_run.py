@@ -241,7 +241,7 @@ def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfi
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
             windows: str = "short", light_finish: bool = True, worker_checks: bool = True, shape_free: bool = True,
-            audit_ahead: bool = True, built: dict | None = None) -> DryRun:
+            audit_ahead: bool = True, lean_neighbours: bool = True, built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
     `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
@@ -250,7 +250,9 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     `shape_free`: a spec's later studies do not compile again the seeds of `compile_pool.SHAPE_FREE`'s backends;
     `audit_ahead`: every study's seeds known before the plan are audited together before it (`tune_grid`,
     `space.audit_together`), and a study audits only its seeds transferred from other specs' winners (False:
-    the first study of a spec audits all its seeds, as before).
+    the first study of a spec audits all its seeds, as before); `lean_neighbours`: a neighbour times its
+    sources' winners, torch eager and the heuristics of its sources' winners' backends (`transfer.lean_seeds`,
+    counted as the plan bounds them), not every backend's heuristic.
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -291,7 +293,7 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
         if again:
             compiled_again.add((spec, rows))
     plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
-    transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs])
+    transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs], lean_neighbours)
     spaces = {spec: built[spec][0] for spec, _ in studies}
     spent = {"start-up and copy probe (assumed)": STARTUP_S,
              "building each spec's space (serial, shared by its row counts)": sum(built[s][1] for s in spaces)}
@@ -299,11 +301,11 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
         known = {(spec, s.candidate) for spec, _, _, _, seeds in jobs for s in seeds}  # one audit per spec's config
         counts = {b: sum(c.backend == b for _, c in known) for b in AUDITED}
         spent[f"auditing every spec's seeds together ({cores} cores)"] = figures.together_s(counts, cores)
-    for p, (spec, rows, _, space, seeds) in zip(plans, jobs):
+    for p, role, (spec, rows, _, space, seeds) in zip(plans, found, jobs):
         if (spec, rows) not in audited:
             continue
         if audit_ahead:  # only the seeds transferred from other specs' winners are new to the audit
-            audited[spec, rows] = (p.seeds - len(seeds)) / p.seeds
+            audited[spec, rows] = (0 if role.anchor or p.status != "run" else len(role.sources)) / p.seeds
         sizes = {b: len(cs) for b, cs in space.configs.items()}  # a spec's first study: nothing compiled before it
         audit_s = sum((figures.worker_s(b, cores, True, worker_checks)
                        - figures.worker_s(b, cores, False, worker_checks)) * n for b, n in sizes.items())

@@ -90,6 +90,19 @@ def _seeds(spec: NormSpec, rows: int, space: SearchSpace, earlier: TuningDB | No
     return transfer.study_seeds(space, seeds)
 
 
+def _lean(device: torch.device) -> bool:
+    """Whether a neighbour leaves the heuristics of backends none of its sources won with to the search
+    (`transfer.lean_seeds`): on a GPU, where each seed costs a compile and an audit; on the CPU every seed is
+    cheap and the budgeted CPU search keeps them all."""
+    return device.type == "cuda"
+
+
+def neighbour_seeds(device: torch.device, space: SearchSpace, moved: list, seeds: list) -> list:
+    """A study's seeds under a budget: its sources' winners (`moved`, from `transfer.transferred`) first, then
+    its own `seeds` (`_seeds`), lean on a GPU (`_lean`), mapped into `space`."""
+    return transfer.study_seeds(space, moved + (transfer.lean_seeds(seeds, moved) if _lean(device) else seeds))
+
+
 def _with_ranked(seeds: list, space: SearchSpace, rows: int, facts: rank.DeviceFacts) -> list:
     """The seeds, then `rank.first_to_time`'s candidates: those sharing a seed's compiled source, then ranked ones."""
     first, source = rank.first_to_time(space, rows, facts, [s.candidate for s in seeds])
@@ -139,7 +152,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         elapsed = elapsed or planner.process_age_s
         costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline, options.light_finish)
         plans = planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage))
-        transfer.shape_plans(plans, roles, [seeds for *_, seeds in jobs])
+        transfer.shape_plans(plans, roles, [seeds for *_, seeds in jobs], _lean(device))
         plans = planner.split(plans, budget_s, elapsed()).studies
         if show_plan is not None:
             show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans), options.compile_baseline))
@@ -166,7 +179,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
                     show_plan(f"left out {spec.short()} rows={rows}: the budget was spent before it started")
                 continue
             moved = transfer.transferred(roles[i], spec, winners)
-            seeds = transfer.study_seeds(space, moved + seeds)
+            seeds = neighbour_seeds(device, space, moved, seeds)
             study_options = transfer.options_for(dataclasses.replace(options, time_budget=share), moved, len(seeds))
             seeds = _with_ranked(seeds, space, rows, facts)
         bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None

@@ -167,6 +167,34 @@ def transferred(role: Role, spec: NormSpec, winners: dict) -> list[Seed]:
             for h, r in role.sources if (problem(spec), h, r) in winners]
 
 
+# Seeds a GPU neighbour keeps whatever its sources' winners: torch eager, whose search timing is the light
+# finish's baseline (`finalize.py`).
+ALWAYS_KEPT = ("torch",)
+
+
+def _heuristic_only(seed: Seed) -> bool:
+    return {part.removesuffix(" (nearest valid)") for part in seed.source.split(" + ")} == {"heuristic"}
+
+
+def lean_seeds(seeds: list[Seed], moved: list[Seed]) -> list[Seed]:
+    """A GPU neighbour's own seeds beside its sources' winners (`moved`): every seed that is not only a
+    heuristic (an earlier winner, another GPU's record), torch eager's heuristic (ALWAYS_KEPT), and the
+    heuristics of the backends a source's winner belongs to; the other backends' heuristics are left to the
+    search (on a GPU each seed costs a compile and an audit). Without `moved` (its sources left out or failed)
+    all of `seeds`."""
+    if not moved:
+        return seeds
+    kept = {s.candidate.backend for s in moved} | set(ALWAYS_KEPT)
+    return [s for s in seeds if not _heuristic_only(s) or s.candidate.backend in kept]
+
+
+def lean_count(seeds: list[Seed], sources: int) -> int:
+    """The most seeds `lean_seeds` leaves a neighbour with `sources` sources, their winners included, known
+    before any winner is: each source's winner and at most one more backend's heuristic a source."""
+    kept = sum(not _heuristic_only(s) or s.candidate.backend in ALWAYS_KEPT for s in seeds)
+    return kept + sources + min(sources, len(seeds) - kept)
+
+
 def options_for(options, moved: list[Seed], seeds: int):
     """The StudyOptions of a study: one that starts from its sources' winners (`moved`, from `transferred`)
     stops after NEIGHBOUR_PATIENCE candidates past its `seeds` without a gain; any other (an anchor, or a
@@ -235,13 +263,14 @@ def previous_generation(device: dict) -> list:
 
 
 # -- the plan --------------------------------------------------------------------------------------------
-def shape_plans(plans: list, found: list[Role], seeds: list) -> None:
+def shape_plans(plans: list, found: list[Role], seeds: list, lean: bool = False) -> None:
     """Mark each StudyPlan with its role and where its `seeds` (a list of Seed per plan) come from; a neighbour
     counts its sources among its seeds and wants no more than NEIGHBOUR_SEARCH candidates past them, which
-    leaves the rest of the budget to the anchors."""
+    leaves the rest of the budget to the anchors. `lean` (on a GPU): a neighbour's seeds are `lean_seeds`',
+    counted as `lean_count` bounds them."""
     for plan, role, known in zip(plans, found, seeds):
         plan.role, plan.seeds_from = role.describe(), sources_summary(known)
         if role.anchor or plan.status != "run":
             continue
-        plan.seeds += len(role.sources)
+        plan.seeds = lean_count(known, len(role.sources)) if lean else plan.seeds + len(role.sources)
         plan.wanted = min(plan.wanted, plan.seeds + NEIGHBOUR_SEARCH)
