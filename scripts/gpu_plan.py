@@ -105,8 +105,9 @@ def main(argv=None) -> int:
                         help="what if the audit's cache already held every config (no audit compile per candidate)")
     parser.add_argument("--before", action="store_true",
                         help="as --budget ran before its short timer windows, light finish, the compile "
-                             "workers' reference checks, one warm-up per spec of row-free backends and the "
-                             "seeds audited together")
+                             "workers' reference checks, one warm-up per spec of row-free backends, the "
+                             "seeds audited together, a neighbour's lean seeds and each tier's seeds audited "
+                             "together")
     parser.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], help="slice: hidden sizes")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), help="slice: dtypes")
     parser.add_argument("--compile-times", type=Path, default=FIGURES)
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
                          compile_baseline=args.compile_baseline, audit_cached=args.audit_cached,
                          windows="full" if args.before else "short", light_finish=not args.before,
                          worker_checks=not args.before, shape_free=not args.before, audit_ahead=not args.before,
-                         lean_neighbours=not args.before,
+                         lean_neighbours=not args.before, audit_tiers=not args.before,
                          built=built)
         out += section(run, f"{profile.name}, {args.budget:.0f} s" + "".join(f", {w}" for w in what), made, args.full)
         out += [f"Device profile: {profile.sm_count} SMs, {profile.copy_gbps / 1e3:.2f} TB/s, "

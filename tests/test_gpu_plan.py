@@ -2,6 +2,7 @@
 the real planner with the recorded compile figures and the scripted CudaTimer protocol; nothing compiled or launched.
 """
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,28 @@ def test_the_seeds_are_audited_together_before_the_plan_and_no_study_audits_them
     # the first study of a spec: its seeds' audit is paid in it (per study) or before the plan (ahead); the
     # slice's first studies are anchors, with no seed transferred from another spec to audit
     assert all(p.compile_s > a.compile_s == pytest.approx(w.compile_s) for a, p, w in firsts.values())
-    assert set(ahead.audited.values()) == {0.0} and set(per_study.audited.values()) == {1.0} and not warm.audited
+    assert not any(ahead.audited.get((a.spec, a.rows)) for a, _, _ in firsts.values())
+    assert all(per_study.audited[p.spec, p.rows] > 0 for _, p, _ in firsts.values()) and not warm.audited
+
+
+def test_a_tiers_transferred_seeds_are_audited_together_and_every_neighbour_pays_its_share(built):
+    tiers, first_only = _run(480.0, built), _run(480.0, built, audit_tiers=False)
+    figures = dr.CompileFigures.load(FIGURES)
+    # the slice's neighbours are its rows buckets off the anchors: one tier, each winner from 1 or 2 sources
+    neighbours = [p for p in tiers.plan.studies if p.role != "anchor"]
+    moved = {(p.spec, p.rows): p.role.count("N=") for p in neighbours}
+    counts = {}
+    for p in neighbours:
+        sizes = {b: len(cs) for b, cs in tiers.spaces[p.spec].configs.items()}
+        for b, n in sizes.items():
+            counts[b] = counts.get(b, 0.0) + moved[p.spec, p.rows] * n / sum(sizes.values())
+    tier_s = figures.together_s({b: math.ceil(n) for b, n in counts.items()}, 16)
+    assert tiers.floor_parts()["audit of the seeds"] == pytest.approx(tier_s)
+    for p in neighbours:  # each pays its transferred seeds' share, the spec's later studies too
+        assert p.seeds * tiers.audited[p.spec, p.rows] == pytest.approx(tier_s * moved[p.spec, p.rows]
+                                                                        / sum(moved.values()))
+    # the first study of a spec auditing alone: the slice's are anchors, with nothing transferred
+    assert first_only.floor_parts()["audit of the seeds"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_the_scripted_timer_spends_cudatimers_windows():

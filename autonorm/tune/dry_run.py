@@ -16,8 +16,9 @@ grid as it would on the device, from costs that stand in for the ones it would m
   candidates compile in parallel across all of them (a process pool, not the tuner's default threads);
 - the audit's compile of each candidate the tuner is about to compile (`SearchSpace.unfit`: a study asks
   the audit about a claimed batch of `DEVICE_COMPILE_WORKERS` candidates, each one compiled alone, the
-  batch in parallel), added to its compile seconds (`CompileFigures.per_candidate_s`); nothing of the
-  space is audited before the plan;
+  batch in parallel), added to its compile seconds (`CompileFigures.per_candidate_s`); under --budget
+  every study's seeds known before the plan are audited together before it, and each transfer tier's
+  winners moved to its studies together when the tier starts (`CompileFigures.together_s`);
 - what is spent before the plan (counted in the budget): start-up and the copy probe, and building each
   spec's space once.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -158,6 +160,51 @@ class CompileFigures:
         return self.per_candidate_s(backend, cores, audited) + check_s
 
 
+def _moved(plan: planner.StudyPlan, role: transfer.Role) -> int:
+    """The seeds of a study transferred from other specs' winners: one a source of a neighbour the plan runs."""
+    return 0 if role.anchor or plan.status != "run" else len(role.sources)
+
+
+def _mean_audit_s(space: SearchSpace, figures: CompileFigures, cores: int, checks: bool) -> float:
+    """One candidate's audit alone in its study (`CompileFigures.per_candidate_s`), averaged over the space's
+    backends by their number of configs (which backend a transferred winner is of is not known ahead)."""
+    sizes = {b: len(cs) for b, cs in space.configs.items()}
+    return sum((figures.worker_s(b, cores, True, checks) - figures.worker_s(b, cores, False, checks)) * n
+               for b, n in sizes.items()) / sum(sizes.values())
+
+
+def _audit_charges(plans: list, found: list, jobs: list, figures: CompileFigures, cores: int, checks: bool,
+                   firsts: set, ahead: bool, tiers: bool) -> dict:
+    """(spec, rows) -> the audit's seconds per candidate a study pays for its seeds not audited before the plan.
+    `ahead` and `tiers`: each tier's transferred seeds audited together when it starts (`run.audit_tier`): the
+    backends of the winners counted by the space's shares (rounded up), one `together_s` a tier, each study
+    paying its seeds' share of it; a winner mapped to the same config in two studies of a spec is counted
+    twice (the tuner audits it once). Otherwise the first study of a spec audits alone its transferred seeds
+    (`ahead`) or all its seeds, and the spec's later studies find their verdicts in its space."""
+    charges = {}
+    if ahead and tiers:
+        counts, moved_by_tier = {}, {}
+        for p, role, (spec, rows, _, space, _) in zip(plans, found, jobs):
+            moved = _moved(p, role)
+            if moved:
+                sizes = {b: len(cs) for b, cs in space.configs.items()}
+                tier = counts.setdefault(role.tier, {})
+                for b, n in sizes.items():
+                    tier[b] = tier.get(b, 0.0) + moved * n / sum(sizes.values())
+                moved_by_tier[role.tier] = moved_by_tier.get(role.tier, 0) + moved
+        tier_s = {t: figures.together_s({b: math.ceil(n - 1e-9) for b, n in c.items()}, cores)
+                  for t, c in counts.items()}
+        for p, role in zip(plans, found):
+            if _moved(p, role):
+                charges[p.spec, p.rows] = tier_s[role.tier] * _moved(p, role) / moved_by_tier[role.tier] / p.seeds
+        return charges
+    for p, role, (spec, rows, _, space, _) in zip(plans, found, jobs):
+        if (spec, rows) in firsts:
+            share = _moved(p, role) / p.seeds if ahead else 1.0
+            charges[spec, rows] = share * _mean_audit_s(space, figures, cores, checks)
+    return charges
+
+
 @dataclass
 class DryRun:
     plan: planner.Plan
@@ -167,7 +214,8 @@ class DryRun:
     unburdened: planner.Plan  # the same studies planned with only the start-up spent before them
     spaces: dict            # spec -> its SearchSpace
     figures: CompileFigures
-    # (spec, rows) -> the share of the study's seeds it audits itself (the rest: audited before, or cached)
+    # (spec, rows) -> the audit's seconds per candidate the study pays (its seeds not audited before the plan:
+    # its own audit of them, or its share of its tier's audit; none when cached)
     audited: dict
     compile_baseline: bool  # every study's finish times the torch.compile baseline (--compile-baseline)
     worker_checks: bool = True  # the compile workers' reference checks count for the studies'
@@ -180,11 +228,7 @@ class DryRun:
         parts = dict.fromkeys(("audit of the seeds", "compiling the seeds (and checking them, in the workers)",
                                "checking (in the tuning process) and timing the seeds", "finishes"), 0.0)
         for p in self.plan.studies:
-            sizes = {b: len(cs) for b, cs in self.spaces[p.spec].configs.items()}
-            audit_s = self.audited.get((p.spec, p.rows), 0.0) * sum(
-                (self.figures.worker_s(b, self.cores, True, self.worker_checks)
-                 - self.figures.worker_s(b, self.cores, False, self.worker_checks)) * n
-                for b, n in sizes.items()) / sum(sizes.values())
+            audit_s = self.audited.get((p.spec, p.rows), 0.0)
             parts["audit of the seeds"] += p.seeds * audit_s
             parts["compiling the seeds (and checking them, in the workers)"] += p.seeds * (p.compile_s - audit_s)
             parts["checking (in the tuning process) and timing the seeds"] += p.seeds * p.time_s
@@ -194,19 +238,19 @@ class DryRun:
     def by_backend(self, plan: planner.Plan | None = None) -> dict:
         """backend -> (compile seconds, timing seconds) that `plan` (default: the dry run's) expects of the
         studies it runs, each study's planned candidates shared among its backends by their space sizes (as
-        the plan's per-candidate compile seconds are averaged)."""
+        the plan's per-candidate compile seconds are averaged; a study's audit seconds go to the audited
+        backends, by the same shares)."""
         out = {}
         for p in (plan or self.plan).running():
             sizes = {b: len(cs) for b, cs in self.spaces[p.spec].configs.items()}
             total = sum(sizes.values())
+            audit_s = self.audited.get((p.spec, p.rows), 0.0) * total / (sum(sizes.get(b, 0) for b in AUDITED) or 1)
             for b, n in sizes.items():
                 share = p.planned * n / total
                 compile_s, timing_s = out.get(b, (0.0, 0.0))
-                own = self.audited.get((p.spec, p.rows), 0.0)  # the share of its seeds the study audits
                 again = b in SHAPE_FREE and (p.spec, p.rows) in self.compiled_again
                 unaudited = self.figures.worker_s(b, self.cores, False, self.worker_checks)
-                audit_s = self.figures.worker_s(b, self.cores, True, self.worker_checks) - unaudited
-                per_candidate = 0.0 if again else unaudited + own * audit_s
+                per_candidate = (0.0 if again else unaudited) + (audit_s if b in AUDITED else 0.0)
                 out[b] = (compile_s + share * per_candidate,
                           timing_s + share * p.time_s)
         return out
@@ -241,7 +285,8 @@ def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfi
 def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: CompileFigures, budget_s: float, *,
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
             windows: str = "short", light_finish: bool = True, worker_checks: bool = True, shape_free: bool = True,
-            audit_ahead: bool = True, lean_neighbours: bool = True, built: dict | None = None) -> DryRun:
+            audit_ahead: bool = True, lean_neighbours: bool = True, audit_tiers: bool = True,
+            built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
     `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
@@ -252,7 +297,9 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     `space.audit_together`), and a study audits only its seeds transferred from other specs' winners (False:
     the first study of a spec audits all its seeds, as before); `lean_neighbours`: a neighbour times its
     sources' winners, torch eager and the heuristics of its sources' winners' backends (`transfer.lean_seeds`,
-    counted as the plan bounds them), not every backend's heuristic.
+    counted as the plan bounds them), not every backend's heuristic; `audit_tiers` (with `audit_ahead`): the
+    seeds transferred to a tier's studies are audited together when the tier starts (`run.audit_tier`), each
+    study paying its seeds' share of that audit (False: each study's first of a spec audits them itself).
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -274,14 +321,12 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     found = transfer.roles(studies)
     order = transfer.run_order(found)
     jobs, found = [jobs[i] for i in order], [found[i] for i in order]
-    # The audit's verdicts are kept in the spec's space (and its cache): the first study of a spec to run pays
-    # the audit of its candidates not audited before the plan; the spec's later row counts find their seeds'
-    # verdicts there. (Search candidates new to the spec are not charged: an underestimate where a study searches.)
-    audited, costs = {}, []
+    # The audit's verdicts are kept in the spec's space (and its cache); what each study pays of it:
+    # `_audit_charges`. (Search candidates new to the spec are not charged: an underestimate where a study searches.)
+    costs, firsts = [], {}  # spec -> (spec, rows) of its first study
     compiled, compiled_again = set(), set()  # the specs whose seeds an earlier study compiled; those studies
     for spec, rows, _, space, seeds in jobs:
-        if not audit_cached and all(s != spec for s, _ in audited):
-            audited[spec, rows] = 1.0  # its own seeds' share, set below once its transferred seeds are known
+        firsts.setdefault(spec, (spec, rows))
         # the seeds the tuning process checks itself: torch eager's, and on a spec's later studies the ones whose
         # kernels the pool does not warm again (SHAPE_FREE); the workers check the others
         again = shape_free and spec in compiled
@@ -301,15 +346,10 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
         known = {(spec, s.candidate) for spec, _, _, _, seeds in jobs for s in seeds}  # one audit per spec's config
         counts = {b: sum(c.backend == b for _, c in known) for b in AUDITED}
         spent[f"auditing every spec's seeds together ({cores} cores)"] = figures.together_s(counts, cores)
-    for p, role, (spec, rows, _, space, seeds) in zip(plans, found, jobs):
-        if (spec, rows) not in audited:
-            continue
-        if audit_ahead:  # only the seeds transferred from other specs' winners are new to the audit
-            audited[spec, rows] = (0 if role.anchor or p.status != "run" else len(role.sources)) / p.seeds
-        sizes = {b: len(cs) for b, cs in space.configs.items()}  # a spec's first study: nothing compiled before it
-        audit_s = sum((figures.worker_s(b, cores, True, worker_checks)
-                       - figures.worker_s(b, cores, False, worker_checks)) * n for b, n in sizes.items())
-        p.compile_s += audited[spec, rows] * audit_s / sum(sizes.values())
+    audited = {} if audit_cached else _audit_charges(plans, found, jobs, figures, cores, worker_checks,
+                                                       set(firsts.values()), audit_ahead, audit_tiers)
+    for p in plans:
+        p.compile_s += audited.get((p.spec, p.rows), 0.0)
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))

@@ -103,6 +103,19 @@ def neighbour_seeds(device: torch.device, space: SearchSpace, moved: list, seeds
     return transfer.study_seeds(space, moved + (transfer.lean_seeds(seeds, moved) if _lean(device) else seeds))
 
 
+def audit_tier(jobs: list, roles: list, plans: list, first: int, winners: dict) -> None:
+    """At the first study (`first`) of a transfer tier, audit together the winners transferred to every study
+    of that tier the plan runs (`space.audit_together`, mapped as each study maps them): their sources are of
+    lower tiers and have all run, so each compiler starts once per batch across the tier, not once per study.
+    The studies then find the verdicts in their spaces. Nothing on a device other than CUDA."""
+    tier = roles[first].tier
+    moved = [(space, transfer.study_seeds(space, transfer.transferred(role, spec, winners)))
+             for (spec, _, _, space, _), role, plan in zip(jobs[first:], roles[first:], plans[first:])
+             if role.tier == tier and plan.status == "run"]
+    if any(seeds for _, seeds in moved):  # anchors (tier 0) have none
+        audit_together([(space, [s.candidate for s in seeds]) for space, seeds in moved if seeds])
+
+
 def _with_ranked(seeds: list, space: SearchSpace, rows: int, facts: rank.DeviceFacts) -> list:
     """The seeds, then `rank.first_to_time`'s candidates: those sharing a seed's compiled source, then ranked ones."""
     first, source = rank.first_to_time(space, rows, facts, [s.candidate for s in seeds])
@@ -165,6 +178,8 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         study_options = options
         if plans is not None:
             plan = plans[i]
+            if i == 0 or roles[i].tier != roles[i - 1].tier:  # a tier starts: its sources have all run
+                audit_tier(jobs, roles, plans, i, winners)
             if plan.status == "complete":  # taken from the storage as it is: nothing re-timed
                 record = Record.from_json(plan.stored, f"study {name}")
                 results.append(StudyResult(spec, rows, record, record.trials, record.trials - record.failed,
