@@ -147,6 +147,7 @@ def main(argv=None) -> int:
                          windows="full" if args.before else "short", light_finish=not args.before,
                          worker_checks=not args.before, shape_free=not args.before, audit_ahead=not args.before,
                          lean_neighbours=not args.before, audit_tiers=not args.before,
+                         shared_checks=not args.before,
                          built=built)
         out += section(run, f"{profile.name}, {args.budget:.0f} s" + "".join(f", {w}" for w in what), made, args.full)
         out += [f"Device profile: {profile.sm_count} SMs, {profile.copy_gbps / 1e3:.2f} TB/s, "

@@ -219,7 +219,8 @@ def test_the_workers_reference_checks_leave_the_timers_path_all_but_torch_eagers
 
 
 def test_a_specs_later_studies_compile_no_row_free_seeds_again_and_check_them_in_the_tuning_process(built):
-    once, every = _run(480.0, built), _run(480.0, built, shape_free=False)
+    # each study checking its seeds (not taking the verdicts of an earlier study verified at the same rows)
+    once, every = _run(480.0, built, shared_checks=False), _run(480.0, built, shape_free=False, shared_checks=False)
     firsts = set()
     for a, b in zip(once.plan.studies, every.plan.studies):
         if a.spec not in firsts:  # the first study of its spec compiles every seed, as before
@@ -242,3 +243,20 @@ def test_a_neighbour_plans_its_sources_winners_torch_eager_and_one_heuristic_a_s
     assert neighbours and sum(p.floor_s for p in lean.plan.studies) < sum(p.floor_s for p in full.plan.studies)
     # its transferred seeds are the only ones its study audits: the same seeds, a larger share of fewer
     assert all(lean.audited[k] >= full.audited[k] for k in full.audited)
+
+
+def test_a_study_verified_at_the_rows_an_earlier_study_of_its_spec_was_checks_nothing_in_the_tuning_process(built):
+    from autonorm.verify import verify_rows
+
+    shared, each = _run(480.0, built), _run(480.0, built, shared_checks=False)
+    seen, sharing = {}, 0
+    for a, b in zip(shared.plan.studies, each.plan.studies):  # in run order
+        at = verify_rows(a.rows, a.spec.hidden)
+        if at in seen.setdefault(a.spec, set()):  # its seeds' checks: none in the tuning process
+            sharing += 1
+            assert a.time_s < b.time_s
+            assert b.time_s - a.time_s == pytest.approx(planner.VERIFY_S * 3 / 4)  # Numba CUDA's, CuPy's, eager's
+        else:
+            assert a.time_s == b.time_s
+        seen[a.spec].add(at)
+    assert sharing  # the slice's rows 1 to 256 are all verified at the same rows

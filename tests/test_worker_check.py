@@ -134,3 +134,46 @@ def test_a_backend_that_does_not_specialize_on_rows_is_warmed_once_for_all_of_a_
         # tuning process checks the kernel it compiled before
         assert p.checked(SPEC, 16, cand) == ((False, None) if shape_free else (True, None))
     assert len([c for where, c in checks if where == "worker"]) == (1 if shape_free else 2)
+
+
+def test_on_a_gpu_a_specs_studies_checked_at_the_same_rows_share_each_candidates_verdict(checks, monkeypatch):
+    from autonorm.verify import VERIFY_MIN_ROWS
+
+    class GpuWorkers(InlineWorkers):  # no GPU here: a worker's compile and check, done, found right
+        def submit(self, fn, *args):
+            submitted.append(args)
+            return super().submit(lambda *a: (0.0, None))
+
+    monkeypatch.setitem(compile_pool.WARMED_ON, "fake", "cuda")
+    cand, torch_eager = Candidate("fake", Launch(1, 1)), Candidate("torch", TorchBackend().heuristic(SPEC))
+    p, submitted = CompilePool({"fake": LaunchBackend(), "torch": TorchBackend()}, "cuda", workers=1), []
+    p._processes = GpuWorkers()
+    with p:
+        p.prepare(SPEC, 8, [cand])
+        p.compile(SPEC, 8, cand)  # waits for the worker (the tuning process's own compile fails without a GPU)
+        p.remember(SPEC, 8, torch_eager, None)  # the tuning process's own check of torch eager
+        # 8 and 16 rows are both verified at VERIFY_MIN_ROWS: the worker's and the tuning process's verdicts hold
+        assert p.checked(SPEC, 16, cand) == (True, None) and p.checked(SPEC, 16, torch_eager) == (True, None)
+        # verified at its own row count: checked again
+        assert p.checked(SPEC, 2 * VERIFY_MIN_ROWS, cand) == (False, None)
+        assert p.checked(SPEC, 2 * VERIFY_MIN_ROWS, torch_eager) == (False, None)
+    assert [(config, rows) for _, _, config, _, rows in submitted] == [(cand.config, 8)]
+
+
+def test_on_the_cpu_each_row_count_is_checked_as_before(checks):
+    torch_eager = Candidate("torch", TorchBackend().heuristic(SPEC))
+    with pool() as p:
+        p.remember(SPEC, 8, torch_eager, None)
+        assert p.checked(SPEC, 8, torch_eager) == (False, None)
+
+
+def test_a_study_hands_the_checks_it_ran_itself_to_the_pool(checks, tmp_path, monkeypatch):
+    options = StudyOptions(trials=8, time_budget=60, compile_workers=4, compile_baseline=False)
+    kept = []
+    with pool() as p:
+        monkeypatch.setattr(p, "remember", lambda spec, rows, cand, verdict: kept.append((cand.backend, verdict)))
+        StudyRunner(SPEC, 8, {"fake": LaunchBackend(), "torch": TorchBackend()}, ScriptedTimer(), options,
+                    storage=make_storage(None, tmp_path / "j.journal"), name="s", copy_gbps=10.0,
+                    compile_pool=p).run()
+    # the three checked here (test_a_study_does_not_check_again_what_a_worker_checked), not the workers' two
+    assert len(kept) == 3 and ("torch", None) in kept and ("fake", "wrong output") in kept

@@ -95,8 +95,10 @@ class CompilePool:
         # Keyed by spec too: a grid's studies share the pool, and a candidate key names no spec.
         self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, rows or None) -> the worker's warm job
         self._counted: set[tuple] = set()  # the jobs whose seconds are in compile_s
-        self._started_for: dict[tuple, tuple] = {}  # (spec, rows, candidate key) -> the warm job started for it
+        self._started_for: dict[tuple, tuple] = {}  # (spec, check rows, candidate key) -> the warm job started for it
         self._checks: dict[tuple, str | None] = {}  # warm job -> its reference check's verdict
+        self._verdicts: dict[tuple, str | None] = {}  # (spec, check rows, candidate key) -> the tuning process's
+        # own verdict (`remember`), on a GPU
         self._compiles: dict[tuple, Future] = {}  # (spec, candidate key) -> the thread pool's compile
 
     def warmed(self, backend_name: str) -> bool:
@@ -129,12 +131,32 @@ class CompilePool:
     def checked(self, spec, rows: int, cand: Candidate) -> tuple[bool, str | None]:
         """(True, the verdict) when a worker compiled exactly `cand` and ran the reference check on it at `rows`
         (the check the tuning process would run: the same call, on the same source from the same compiler
-        cache), so the tuning process need not run it again; (False, None) otherwise: a config that shares
-        another's source was warmed as that one, whose launch knobs differ."""
-        key = self._started_for.get((spec, rows, cand.key))
-        if key is None or key not in self._checks:
-            return False, None
-        return True, self._checks[key]
+        cache), so the tuning process need not run it again, or (on a GPU) the tuning process checked it before
+        (`remember`); at `rows` means, on a GPU, at the same rows checked (`_check_rows`). (False, None) otherwise:
+        a config that shares another's source was warmed as that one, whose launch knobs differ."""
+        at = (spec, self._check_rows(spec, rows), cand.key)
+        key = self._started_for.get(at)
+        if key is not None and key in self._checks:
+            return True, self._checks[key]
+        if at in self._verdicts:
+            return True, self._verdicts[at]
+        return False, None
+
+    def remember(self, spec, rows: int, cand: Candidate, verdict: str | None) -> None:
+        """Keep the tuning process's own check of `cand` at `rows`, for the spec's later studies (`checked`)."""
+        if self.device.type == "cuda":
+            self._verdicts[spec, self._check_rows(spec, rows), cand.key] = verdict
+
+    def _check_rows(self, spec, rows: int):
+        """What a candidate's reference check depends on besides it: on a GPU the rows it is verified at
+        (`verify.verify_rows`: a row count below VERIFY_MIN_ROWS is checked at that minimum, the same launches
+        and inputs), so a spec's studies at such row counts share each candidate's verdict; on the CPU, whose
+        budgeted search is measured as it is, the study's row count."""
+        if self.device.type != "cuda":
+            return rows
+        from ..verify import verify_rows
+
+        return verify_rows(rows, spec.hidden)
 
     def close(self) -> None:
         """Stop the workers; jobs not begun are dropped, the finished ones' seconds counted."""
@@ -183,7 +205,7 @@ class CompilePool:
             except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: submitted after a shutdown
                 self._give_up(exc)
                 return None
-            self._started_for[spec, rows, cand.key] = key
+            self._started_for.setdefault((spec, self._check_rows(spec, rows), cand.key), key)
         return key
 
     def _process_pool(self) -> ProcessPoolExecutor | None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..hardware import ARCHS
 from ..spec import NormSpec
+from ..verify import verify_rows
 from . import plan as planner
 from . import rank, transfer
 from .compile_pool import SHAPE_FREE
@@ -286,7 +287,7 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
             windows: str = "short", light_finish: bool = True, worker_checks: bool = True, shape_free: bool = True,
             audit_ahead: bool = True, lean_neighbours: bool = True, audit_tiers: bool = True,
-            built: dict | None = None) -> DryRun:
+            shared_checks: bool = True, built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
     `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
@@ -299,7 +300,10 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     sources' winners, torch eager and the heuristics of its sources' winners' backends (`transfer.lean_seeds`,
     counted as the plan bounds them), not every backend's heuristic; `audit_tiers` (with `audit_ahead`): the
     seeds transferred to a tier's studies are audited together when the tier starts (`run.audit_tier`), each
-    study paying its seeds' share of that audit (False: each study's first of a spec audits them itself).
+    study paying its seeds' share of that audit (False: each study's first of a spec audits them itself);
+    `shared_checks` (with `worker_checks`): a study verified at the rows an earlier study of its spec was
+    (`verify.verify_rows`) checks none of its seeds in the tuning process (`CompilePool.checked`): the
+    heuristics were checked there, and each seed new to the spec is checked by the worker compiling it.
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -325,13 +329,18 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     # `_audit_charges`. (Search candidates new to the spec are not charged: an underestimate where a study searches.)
     costs, firsts = [], {}  # spec -> (spec, rows) of its first study
     compiled, compiled_again = set(), set()  # the specs whose seeds an earlier study compiled; those studies
+    checked_at = {}  # spec -> the rows its studies so far were verified at
     for spec, rows, _, space, seeds in jobs:
         firsts.setdefault(spec, (spec, rows))
+        verified = checked_at.setdefault(spec, set())
+        known = shared_checks and verify_rows(rows, spec.hidden) in verified
+        verified.add(verify_rows(rows, spec.hidden))
         # the seeds the tuning process checks itself: torch eager's, and on a spec's later studies the ones whose
         # kernels the pool does not warm again (SHAPE_FREE); the workers check the others
         again = shape_free and spec in compiled
         here = {b for b in space.configs if b not in AUDITED or (again and b in SHAPE_FREE)}
-        unwarmed = sum(s.candidate.backend in here for s in seeds) / len(seeds) if worker_checks else None
+        unwarmed = (0.0 if known else sum(s.candidate.backend in here for s in seeds) / len(seeds)
+                    if worker_checks else None)
         costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline,
                                  False, windows, light_finish, unwarmed, again))
         compiled.add(spec)

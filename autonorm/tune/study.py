@@ -337,9 +337,15 @@ class StudyRunner:
 
     def _check(self, kernel, cand: Candidate) -> str | None:
         """The reference check's verdict on `cand`: the compile worker's where it checked this very config at
-        this row count (off the timer's path: on a GPU the worker checks while the timer runs), else run here."""
+        this row count (off the timer's path: on a GPU the worker checks while the timer runs), or on a GPU an
+        earlier check of the spec's at the same rows checked (`CompilePool.checked`), else run here and kept."""
         checked, reason = self._pool.checked(self.spec, self.rows, cand) if self._pool else (False, None)
-        return reason if checked else check_candidate(self.spec, kernel, self.rows, self.device)
+        if checked:
+            return reason
+        reason = check_candidate(self.spec, kernel, self.rows, self.device)
+        if self._pool:
+            self._pool.remember(self.spec, self.rows, cand, reason)
+        return reason
 
     def _time(self, kernel, state: StudyState):
         """A verified kernel's timing: raced against the best so far, or (race off) the timer's full count."""
