@@ -137,13 +137,16 @@ def test_the_plan_sizes_the_light_finish_as_two_timings_of_the_windows_in_use():
     assert heavy.time_s > light.time_s
 
 
-def test_budget_picks_the_short_windows_and_the_light_finish_on_the_command_line():
+def test_budget_picks_the_short_windows_and_on_a_gpu_the_light_finish_on_the_command_line():
     args = SimpleNamespace(trials=None, time_budget=None, patience=None, compile_workers=None, quick=False,
                            compile_baseline=False, no_compile_baseline=False, strict=False, budget=None)
     plain = tune_cli.options_from_args(args)
-    budgeted = tune_cli.options_from_args(SimpleNamespace(**{**vars(args), "budget": 480.0}))
+    budgeted = tune_cli.options_from_args(SimpleNamespace(**{**vars(args), "budget": 480.0}), "cuda")
+    on_cpu = tune_cli.options_from_args(SimpleNamespace(**{**vars(args), "budget": 480.0}), "cpu")
     assert (plain.windows, plain.light_finish) == ("full", False)
     assert (budgeted.windows, budgeted.light_finish) == ("short", True)
+    # a CPU's compile workers share the timed cores: its finalists are always re-timed interleaved
+    assert on_cpu.light_finish is False
 
 
 def test_the_grid_builds_its_timer_with_the_options_windows(tmp_path, monkeypatch):

@@ -163,8 +163,9 @@ def _pct_copy(pct: float | None) -> str:
     return "-" if pct is None else "cache" if pct > 100 else f"{pct:.0f}"
 
 
-def options_from_args(args) -> StudyOptions:
-    """How every study of this run searches; a value no study can use is a UsageError naming its flag."""
+def options_from_args(args, device_type: str = "cuda") -> StudyOptions:
+    """How every study of this run searches on a `device_type` device; a value no study can use is a UsageError
+    naming its flag."""
     given = {"trials": args.trials, "time_budget": args.time_budget, "patience": args.patience,
              "compile_workers": args.compile_workers}
     make = StudyOptions.quick if args.quick else StudyOptions  # a flag left out keeps its default there
@@ -173,9 +174,13 @@ def options_from_args(args) -> StudyOptions:
     # Under --budget the baseline is asked for (docs/benchmarks/planner.md); otherwise it is left out on request.
     baseline = args.compile_baseline if args.budget is not None else not args.no_compile_baseline
     try:
-        # Under --budget: the timer's short windows and the light finish (racing and the interleaved re-check
-        # of close finalists keep the protocol; docs/benchmarks/gpu-plan.md).
-        budgeted = {"windows": "short", "light_finish": True} if args.budget is not None else {}
+        # Under --budget: the timer's short windows and, on a GPU, the light finish (racing and the interleaved
+        # re-check of close finalists keep the protocol; docs/benchmarks/gpu-plan.md). Not on a CPU: its compile
+        # workers share the cores the kernels are timed on, so a search timing can be off by more than its
+        # interval shows (a budgeted run recorded numba-cpu's 534 us search timing over torch eager, which
+        # re-timed interleaved at 581 us against numba-cpu's 883: docs/benchmarks/budget-vs-exhaustive.md).
+        budgeted = ({"windows": "short", "light_finish": device_type == "cuda"} if args.budget is not None
+                    else {})
         return make(**{k: v for k, v in given.items() if v is not None},
                     compile_baseline=baseline, strict=args.strict, **budgeted)
     except TuneOptionError as exc:
@@ -245,7 +250,7 @@ def main(args) -> int:
     device = device_arg(args.device)
     specs = specs_from_args(args)
     row_counts = args.rows or preset["rows"]
-    options = options_from_args(args)
+    options = options_from_args(args, device.type)
     if args.budget is not None and args.time_budget is not None:
         raise UsageError("--budget divides the run's time across the studies itself; give it or --time-budget")
     try:
