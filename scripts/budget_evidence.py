@@ -1,6 +1,6 @@
 """Evidence for `autonorm tune --budget` on the CPU: one grid tuned exhaustively, then within a fifth of that time.
 
-    python scripts/budget_evidence.py                        # the whole run, about 40 min on 2 idle cores
+    python scripts/budget_evidence.py                        # the whole run, 38 min on 2 idle cores
     python scripts/budget_evidence.py --reuse-exhaustive WORK/run-<time>/exhaustive   # the budgeted half alone
 
 1. The exhaustive run: `autonorm tune --trials 1000` (more than any study's space, so every
@@ -29,9 +29,8 @@ count less this run's own), averaged over each minute. An invalid run writes no 
 
 The default grid (16 studies): rmsnorm and layernorm, fwd and bwd, fp32 and bf16, N=1024 and 4096,
 1024 rows: 217 candidates per forward study and 169 per backward one, 3,088 in all. On 2 idle
-cores of the AMD EPYC VM (2026-12-07, 4 bf16 N=1024 studies) the exhaustive run cost 0.54 s of
-wall time per candidate, so about 28 minutes here, a fifth of that budgeted and a few minutes of
-re-timing and table replays: about 40 minutes. `--dtypes bfloat16 --hidden 1024` (4 studies) is
+cores of the AMD EPYC VM (2026-12-07) the exhaustive run took 1,800 s and the whole script 38
+minutes. `--dtypes bfloat16 --hidden 1024` (4 studies) is
 the 10-minute version.
 """
 from __future__ import annotations
