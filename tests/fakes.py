@@ -30,6 +30,21 @@ class FakeBackendBase(Backend):
         return Source.of(f"fake {spec!r} {config!r}", "")
 
 
+class TorchBackedFake(FakeBackendBase):
+    """A fake whose kernels compute with torch eager (always right) and carry their config, for a scripted
+    timer to read."""
+
+    def build(self, source, spec, config, device):
+        from autonorm.backends.torch_eager import TorchBackend
+
+        inner = TorchBackend().build(None, spec, None, device)
+
+        def kernel(*args):
+            return inner(*args)
+        kernel.config = config
+        return kernel
+
+
 class ScriptedTimer:
     """A timer for the tuner whose search timings are steady (`search_us`, p80/p20 1.1) and whose interleaved
     re-timings follow a script: each call takes the next (median, p20, p80) and repeats the last one after."""

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from fakes import FakeBackendBase
+from fakes import TorchBackedFake
 
 from autonorm.backends.torch_eager import TorchBackend
 from autonorm.config import Config, knob
@@ -35,16 +35,8 @@ class RowsConfig(Config):
     b: int = knob((1, 2))
 
 
-class RowsBackend(FakeBackendBase):
+class RowsBackend(TorchBackedFake):
     config_cls = RowsConfig
-
-    def build(self, source, spec, config, device):
-        inner = TorchBackend().build(None, spec, None, device)
-
-        def kernel(*args):
-            return inner(*args)
-        kernel.config = config
-        return kernel
 
 
 class ScriptedClockTimer:

@@ -3,9 +3,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-from fakes import FakeBackendBase
+from fakes import TorchBackedFake
 
-from autonorm.backends.torch_eager import TorchBackend
 from autonorm.config import Config, knob
 from autonorm.measure import Timing
 from autonorm.spec import NormSpec
@@ -22,16 +21,8 @@ class GridConfig(Config):
     b: int = knob((1, 2, 3, 4, 5, 6))
 
 
-class GridBackend(FakeBackendBase):
+class GridBackend(TorchBackedFake):
     config_cls = GridConfig
-
-    def build(self, source, spec, config, device):
-        inner = TorchBackend().build(None, spec, None, device)
-
-        def kernel(*args):
-            return inner(*args)
-        kernel.config = config
-        return kernel
 
 
 class FirstIsSlowTimer:
