@@ -148,3 +148,107 @@ def test_a_pool_shared_by_a_grids_studies_hands_each_spec_its_own_kernel():
         pool.prepare(SPEC, 8, [cand])  # a study that stopped before it timed this candidate
         kernel, reason = pool.compile(other, 8, cand)
         assert reason is None and kernel() == 128
+
+
+# -- Triton: one warm job per specialization class of the row count, not per row count --
+
+def test_tritons_integer_classes_are_tritons_own():
+    pytest.importorskip("triton")
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from autonorm.tune.compile_pool import triton_int_class
+
+    classes = {}
+    for value in (1, 2, 3, 15, 16, 17, 32, 1031, 2048, 2**31 - 16, 2**31, 2**31 + 3):
+        tritons = native_specialize_impl(BaseBackend, value, False, True, True)  # (type, specialization)
+        classes.setdefault(triton_int_class(value), set()).add(tritons)
+    # the same class here is one specialization there, and different classes are different ones
+    assert all(len(ts) == 1 for ts in classes.values())
+    assert len({t for ts in classes.values() for t in ts}) == len(classes)
+
+
+class _SpyKernel:
+    """Stands in for a rendered module's @triton.jit kernel: records the integer arguments of each launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(
+            tuple(a for a in args if isinstance(a, int) and not isinstance(a, bool)))
+
+
+@pytest.mark.parametrize("spec", [NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096),
+                                  NormSpec("layernorm", "bwd", "float16", "float32", 1024, bias=True)])
+def test_the_triton_signature_follows_the_integers_the_launcher_passes(tmp_path, monkeypatch, spec):
+    pytest.importorskip("triton")
+    from autonorm.backends.base import import_generated
+    from autonorm.backends.triton import TritonBackend
+    from autonorm.tune.compile_pool import triton_int_class, triton_row_args
+    from autonorm.verify import make_inputs
+
+    monkeypatch.setenv("AUTONORM_CACHE_DIR", str(tmp_path))
+    backend = TritonBackend()
+    for config in (backend.heuristic(spec), *backend.space(spec)[:: max(1, len(backend.space(spec)) // 6)]):
+        module = import_generated(backend.render(spec, config), "triton")
+        spy = _SpyKernel()
+        monkeypatch.setattr(module, f"_{spec.op}_{spec.direction}", spy)
+        for rows in (1, 2, 3, 16, 17, 48, 256, 1031, 4096):
+            module.launch(*make_inputs(spec, rows, "cpu").args(spec))
+            passed = spy.launches[-1]
+            # the row strides come first and are the spec's; what follows is what triton_row_args says
+            assert passed[-len(triton_row_args(spec, config, rows)):] == triton_row_args(spec, config, rows)
+            assert all(triton_int_class(v) == triton_int_class(spec.hidden) for v in passed[:-2])
+
+
+class _SpyWorkers:
+    """The worker pool on a GPU that is not here: records each warm job's row count, each one done at once."""
+
+    def __init__(self):
+        self.rows = []
+
+    def submit(self, fn, backend_name, spec, config, device, rows):
+        from concurrent.futures import Future
+
+        self.rows.append(rows)
+        future = Future()
+        future.set_result((0.0, None))
+        return future
+
+    def shutdown(self, **kwargs):
+        pass
+
+
+def test_a_triton_seed_is_warmed_once_per_specialization_class_and_a_warm_class_submits_nothing():
+    pytest.importorskip("triton")
+    from autonorm.backends.triton import TritonBackend
+
+    spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096)  # verified at 1,031 rows below it, 2,048 above
+    backend = TritonBackend()
+    cand = Candidate("triton", backend.heuristic(spec))
+    pool = CompilePool({"triton": backend}, "cuda", workers=1)
+    pool._processes = workers = _SpyWorkers()
+    with pool:
+        for rows in (16, 256, 1, 4096, 32768, 64):
+            pool.prepare(spec, rows, [cand])
+    # 16: the timer's class (divisible by 16) and the check's (1,031 and 3 rows: neither, contiguous and strided);
+    # 256 and 64: nothing new; 1: a constant; 4096: verified at 2,048 rows, row-strided and divisible by 16, new;
+    # 32768: the same classes as 4096
+    assert workers.rows == [16, 1, 4096]
+    assert pool.checked(spec, 256, cand) == (True, None)  # verified at 1,031 rows, as 16 was
+
+
+def test_the_worker_launches_the_timers_class_when_the_check_does_not():
+    from autonorm.tune.compile_pool import _launch_timed_class, timed_rows_to_warm
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    config = None  # the forward's row arguments do not depend on the config
+    assert timed_rows_to_warm(spec, config, 256) == 16  # the smallest of 256's class: small inputs
+    assert timed_rows_to_warm(spec, config, 1) == 1
+    assert timed_rows_to_warm(spec, config, 5) is None  # the check's 3 rows are of its class
+    assert timed_rows_to_warm(spec, config, 4096) is None  # checked at 4,096 rows itself
+    launched = []
+    _launch_timed_class(spec, config, lambda *args: launched.append(args[0].shape[0]), 256, "cpu")
+    _launch_timed_class(spec, config, lambda *args: launched.append(args[0].shape[0]), 4096, "cpu")
+    assert launched == [16]

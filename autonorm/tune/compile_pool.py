@@ -50,8 +50,64 @@ WARMED_ON = {"numba-cpu": "cpu", "numba": "cuda", "triton": "cuda", "cupy": "cud
 # Backends whose compiled kernel does not depend on the row count: Numba CUDA specializes on the argument types
 # (the row count is an int64 whatever its value), CuPy compiles the source as it is. One warm job per source and
 # spec serves all of a spec's row counts (its later studies find the kernel compiled in the tuning process and
-# check it there). Triton specializes integer arguments (equal to 1, divisible by 16): a job per row count.
+# check it there). Triton specializes integer arguments (`triton_int_class`): a job per specialization class of
+# the row count (`triton_launches`), not per row count. Any other backend (numba-cpu): a job per row count.
 SHAPE_FREE = frozenset({"numba", "cupy"})
+ROW_CLASSED = frozenset({"triton"})
+# The backward launcher sizes its persistent grid from the row count: the smallest row count of a class is looked
+# for up to this many rows (a larger one is launched as the study's own).
+SMALLEST_ROWS_SEARCHED = 4096
+
+
+def triton_int_class(value: int) -> str:
+    """What Triton's launcher specializes an integer kernel argument on (`native_specialize_impl`, Triton 3.x): 1 is a
+    compile-time constant; any other value by its width (i32 or i64) and whether it is divisible by 16. Kernels
+    launched with arguments of different classes are compiled separately; of the same class, compiled once."""
+    if value == 1:
+        return "1"
+    return ("i32" if -2**31 <= value < 2**31 else "i64") + ("D" if value % 16 == 0 else "")
+
+
+def triton_row_args(spec, config, rows: int) -> tuple:
+    """The integer arguments the Triton launcher (templates/triton/*.py.j2, `_launch`) passes that depend on the
+    row count: the forward's row count `M`; the backward's `M` and the rows per program of its persistent grid
+    (at most DW_PARTIALS programs). Every other integer argument (the row strides) is the spec's."""
+    if spec.direction == "fwd":
+        return (rows,)
+    programs = min(config.DW_PARTIALS, -(-rows // config.ROWS_PER_PROGRAM))
+    per_program = -(-(-(-rows // programs)) // config.ROWS_PER_PROGRAM) * config.ROWS_PER_PROGRAM
+    return (rows, per_program)
+
+
+def triton_signature(spec, config, rows: int, strided: bool = False) -> tuple:
+    """The specialization a Triton launch at `rows` compiles: row-strided inputs or not (their strides and the
+    ROW_ALIGN constant differ), and the class of each row-dependent integer argument."""
+    return strided, tuple(triton_int_class(v) for v in triton_row_args(spec, config, rows))
+
+
+def triton_launches(spec, config, rows: int) -> tuple[tuple, set]:
+    """(the timer's signature, every signature a study at `rows` compiles): the timer's launch at `rows`, and the
+    reference check's (`verify.check_candidate`: at `verify_rows`, contiguous and row-strided, and at FEW_ROWS)."""
+    from ..verify import FEW_ROWS, verify_rows
+
+    checked = verify_rows(rows, spec.hidden)
+    timed = triton_signature(spec, config, rows)
+    return timed, {timed, triton_signature(spec, config, checked), triton_signature(spec, config, checked, True),
+                   triton_signature(spec, config, FEW_ROWS)}
+
+
+def timed_rows_to_warm(spec, config, rows: int) -> int | None:
+    """The row count a worker launches a Triton kernel at so that the timer's specialization is compiled off its
+    path: None when the reference check already launches one of its class (`rows` at or above VERIFY_MIN_ROWS,
+    mostly), else the smallest row count of that class (16 for 256 rows: the inputs stay small)."""
+    from ..verify import FEW_ROWS, verify_rows
+
+    timed = triton_signature(spec, config, rows)
+    checked = verify_rows(rows, spec.hidden)
+    if timed in (triton_signature(spec, config, checked), triton_signature(spec, config, FEW_ROWS)):
+        return None
+    return next((m for m in range(1, min(rows, SMALLEST_ROWS_SEARCHED) + 1)
+                 if triton_signature(spec, config, m) == timed), rows)
 
 
 def _start_worker(cache_dir: str) -> None:
@@ -68,8 +124,25 @@ def _warm(backend_name: str, spec, config, device: str, rows: int) -> tuple[floa
 
     started = time.perf_counter()
     backend = get_backend(backend_name)
-    reason = check_candidate(spec, backend.compile(spec, config, device), rows, device)
+    kernel = backend.compile(spec, config, device)
+    reason = check_candidate(spec, kernel, rows, device)
+    if backend_name in ROW_CLASSED:
+        _launch_timed_class(spec, config, kernel, rows, device)
     return time.perf_counter() - started, reason
+
+
+def _launch_timed_class(spec, config, kernel, rows: int, device: str) -> None:
+    """Launch `kernel` once at a row count of the timer's specialization class, when the check did not: Triton
+    compiles it now, in the worker, and the timer's first launch finds it in Triton's cache."""
+    from ..verify import make_inputs
+
+    launch_rows = timed_rows_to_warm(spec, config, rows)
+    if launch_rows is None:
+        return
+    try:
+        kernel(*make_inputs(spec, launch_rows, device, on_device=True).args(spec))
+    except Exception as exc:  # the check's verdict stands; the timer's own launch meets the same error
+        log.debug("launching a %s candidate at %d rows failed in a worker: %s", spec.short(), launch_rows, exc)
 
 
 class CompilePool:
@@ -93,7 +166,8 @@ class CompilePool:
         self._threads = ThreadPoolExecutor(max_workers=max(1, workers))
         self._processes: ProcessPoolExecutor | None = None
         # Keyed by spec too: a grid's studies share the pool, and a candidate key names no spec.
-        self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, rows or None) -> the worker's warm job
+        self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, what it compiled for) -> the warm job
+        self._warming: dict[tuple, tuple] = {}  # (backend, source sha256, spec, one of `_compiled_for`) -> its job
         self._counted: set[tuple] = set()  # the jobs whose seconds are in compile_s
         self._started_for: dict[tuple, tuple] = {}  # (spec, check rows, candidate key) -> the warm job started for it
         self._checks: dict[tuple, str | None] = {}  # warm job -> its reference check's verdict
@@ -187,16 +261,29 @@ class CompilePool:
         with self._count_lock:
             self.compile_s[backend_name] = self.compile_s.get(backend_name, 0.0) + seconds
 
+    @staticmethod
+    def _compiled_for(spec, rows: int, cand: Candidate) -> tuple:
+        """(what the timer's kernel is compiled for, everything a study at `rows` compiles of `cand`): nothing of the
+        row count for SHAPE_FREE's backends, Triton's specialization classes (`triton_launches`), else the row
+        count."""
+        if cand.backend in SHAPE_FREE:
+            return None, {None}
+        if cand.backend in ROW_CLASSED:
+            return triton_launches(spec, cand.config, rows)
+        return rows, {rows}
+
     def _warm_job(self, spec, rows: int, cand: Candidate) -> tuple | None:
-        """The key of the worker job that warms `cand`'s source at this shape (one per source and shape: configs
-        that differ only in launch knobs share it; a compiler may specialize on the shape, SHAPE_FREE's do not),
-        started now if it is not yet; None when none runs (the parent compiles alone)."""
+        """The key of the worker job that warms `cand`'s source for the timer's launch at `rows` (configs that
+        differ only in launch knobs share a source), started now when the spec's earlier jobs did not compile
+        all a study at `rows` compiles (`_compiled_for`); None when none runs (the parent compiles alone)."""
         try:
             source = self.backends[cand.backend].render(spec, cand.config).sha256
-            key = (cand.backend, source, spec, None if cand.backend in SHAPE_FREE else rows)
+            timed, needs = self._compiled_for(spec, rows, cand)
         except Exception:
             return None  # an invalid config: the parent's compile reports it
-        if key not in self._jobs:
+        base = (cand.backend, source, spec)
+        if any((*base, need) not in self._warming for need in needs):
+            key = (*base, frozenset(needs) if len(needs) > 1 else next(iter(needs)))
             pool = self._process_pool()
             if pool is None:
                 return None
@@ -205,8 +292,10 @@ class CompilePool:
             except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: submitted after a shutdown
                 self._give_up(exc)
                 return None
+            for need in needs:
+                self._warming.setdefault((*base, need), key)
             self._started_for.setdefault((spec, self._check_rows(spec, rows), cand.key), key)
-        return key
+        return self._warming[(*base, timed)]
 
     def _process_pool(self) -> ProcessPoolExecutor | None:
         if self._processes is None and self.processes:
