@@ -225,3 +225,45 @@ def test_the_rank_correlation_follows_each_measured_candidate_to_its_place_in_th
     assert row.candidates == len(order) and row.model == pytest.approx(1.0)
     reversed_times = {c.key: 10.0 - i for i, c in enumerate(order)}
     assert be.rank_correlation.spec_rho(space, 1024, facts, reversed_times).model == pytest.approx(-1.0)
+
+
+class OrderedTimer:
+    """A scripted interleaved timer: kernel `k` takes times[k] µs, the one timed first in a round `first_cost`
+    times that, and each round's times are multiplied by the next of `bursts` (other load)."""
+
+    def __init__(self, times: dict, first_cost: float, bursts: list):
+        self.times, self.first_cost, self.bursts, self.orders = times, first_cost, iter(bursts), []
+
+    def interleaved(self, spec, kernels, rows):
+        from autonorm.measure import Timing
+
+        burst = next(self.bursts)
+        self.orders.append([k.name for k in kernels])
+        medians = [self.times[k.name] * burst * (self.first_cost if i == 0 else 1.0) for i, k in enumerate(kernels)]
+        return [Timing(m, m, m, 10) for m in medians]
+
+
+def test_the_winners_are_retimed_in_both_orders_and_a_burst_of_load_does_not_decide(be, monkeypatch):
+    import autonorm.backends as registry
+
+    class Named:
+        def __init__(self, config):
+            self.name = config
+
+    monkeypatch.setattr(registry, "get_backend", lambda name: type("B", (), {
+        "compile": staticmethod(lambda spec, config, device: Named(config))}))
+    budget, best = Entry("fake", "budget", 1, 1, 1, 1, None), Entry("fake", "best", 1, 1, 1, 1, None)
+    # Equal kernels; going first costs 30%; the second pair's rounds ran under a 5x burst on the budget's side.
+    timer = OrderedTimer({"budget": 100.0, "best": 100.0}, first_cost=1.3, bursts=[1, 1, 1, 1, 1, 1])
+    b_us, e_us = be.retime_pair(None, 8, budget, best, timer=timer)
+    assert timer.orders == [["budget", "best"], ["best", "budget"]] * be.RETIME_PAIRS
+    assert b_us / e_us == pytest.approx(1.0)  # one round would say 1.3 (or 1/1.3)
+
+    times = {"budget": 100.0, "best": 100.0}
+    skewed = OrderedTimer(times, first_cost=1.0, bursts=[1, 1, 1, 1, 1, 1])
+    # A burst of other load while the budget's kernel ran, in one pair only: the median pair is unaffected.
+    skewed.interleaved = (lambda orig: lambda spec, kernels, rows: (
+        [t if k.name == "best" or len(skewed.orders) not in (3, 4) else type(t)(t.median_us * 5, 0, 0, 1)
+         for k, t in zip(kernels, orig(spec, kernels, rows))]))(skewed.interleaved)
+    b_us, e_us = be.retime_pair(None, 8, budget, best, timer=skewed)
+    assert b_us / e_us == pytest.approx(1.0)
