@@ -11,7 +11,8 @@
    Numba cache folder, so both pay their compiles as on a fresh machine.
 3. Per study, the budget winner and the exhaustive best are compiled again in this process
    and re-timed interleaved (the same timer, the same inputs, the same minutes), in 3 pairs
-   of rounds, each pair in both orders (retime_pair), and the budget winner counts when it is within 2% of the exhaustive best (the same config always is).
+   of rounds, each pair in both orders (retime_pair), and the budget winner counts when it is
+   within 2% of the exhaustive best (the same config always is).
 4. The cost model's rank correlation per study, from every median the exhaustive run measured
    (scripts/rank_correlation.py; nothing is timed again), with its keep-or-drop verdict, and the
    search-efficiency tables: the planner, TPE, random search and a transferred seed replayed on each
@@ -218,7 +219,8 @@ def exhaustive_phase(work: Path, grid: dict, reuse: Path | None, run_phase=tune_
 
 # -- comparing the winners ------------------------------------------------------------------------------
 
-def retime_pair(spec, rows: int, budget_entry, best_entry, timer=None, pairs: int = RETIME_PAIRS) -> tuple[float, float]:
+def retime_pair(spec, rows: int, budget_entry, best_entry, timer=None,
+                pairs: int = RETIME_PAIRS) -> tuple[float, float]:
     """The budget winner's and the exhaustive best's times (µs), re-timed interleaved in this process.
 
     One re-timing left a 2% verdict to the machine's minute (two launch variants of one kernel came out 0.81 to
