@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--before", action="store_true",
                         help="as --budget ran before its short timer windows, light finish, the compile "
                              "workers' reference checks, one warm-up per spec of row-free backends, the "
-                             "seeds audited together, a neighbour's lean seeds and each tier's seeds audited "
-                             "together")
+                             "seeds audited together, a neighbour's lean seeds, each tier's seeds audited "
+                             "together, shared check verdicts and Triton warmed per specialization class")
     parser.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], help="slice: hidden sizes")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), help="slice: dtypes")
     parser.add_argument("--compile-times", type=Path, default=FIGURES)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                          windows="full" if args.before else "short", light_finish=not args.before,
                          worker_checks=not args.before, shape_free=not args.before, audit_ahead=not args.before,
                          lean_neighbours=not args.before, audit_tiers=not args.before,
-                         shared_checks=not args.before,
+                         shared_checks=not args.before, triton_classes=not args.before,
                          built=built)
         out += section(run, f"{profile.name}, {args.budget:.0f} s" + "".join(f", {w}" for w in what), made, args.full)
         out += [f"Device profile: {profile.sm_count} SMs, {profile.copy_gbps / 1e3:.2f} TB/s, "

@@ -88,8 +88,12 @@ def test_compile_seconds_are_the_recorded_figures_over_the_cores(built):
             check_s = {b: planner.VERIFY_S / cores if b != "torch" else 0.0 for b in sizes}
             # a spec's later studies: its seeds of row-free backends were compiled by its first
             again = {b: first[p.spec] is not p and b in SHAPE_FREE for b in sizes}
-            expected = sum((0.0 if again[b] else figures.candidate_s(b) / cores + audit_s[b] + check_s[b]) * n
-                           for b, n in sizes.items())
+            # Triton: each specialization new to the spec, in a worker (which checks it, when a job runs)
+            compiles = {b: 1 for b in sizes}
+            compiles["triton"] = run.triton[p.spec, p.rows].workers
+            check_s["triton"] *= bool(compiles["triton"])
+            expected = sum((0.0 if again[b] else compiles[b] * figures.candidate_s(b) / cores + audit_s[b] + check_s[b])
+                           * n for b, n in sizes.items())
             assert p.compile_s == pytest.approx(expected / sum(sizes.values()))
 
 
@@ -256,8 +260,33 @@ def test_a_study_verified_at_the_rows_an_earlier_study_of_its_spec_was_checks_no
         if at in seen.setdefault(a.spec, set()):  # its seeds' checks: none in the tuning process
             sharing += 1
             assert a.time_s < b.time_s
-            assert b.time_s - a.time_s == pytest.approx(planner.VERIFY_S * 3 / 4)  # Numba CUDA's, CuPy's, eager's
+            # Numba CUDA's, CuPy's, eager's, and Triton's where its classes were warm (no worker job checked it)
+            here = 3 + (not shared.triton[a.spec, a.rows].job)
+            assert b.time_s - a.time_s == pytest.approx(planner.VERIFY_S * here / 4)
         else:
             assert a.time_s == b.time_s
         seen[a.spec].add(at)
     assert sharing  # the slice's rows 1 to 256 are all verified at the same rows
+
+
+def test_triton_compiles_each_specialization_class_of_a_spec_once_and_off_the_timers_path(built):
+    from autonorm.tune.compile_pool import triton_launches
+
+    by_class, per_rows = _run(480.0, built), _run(480.0, built, triton_classes=False)
+    for spec in {spec for spec, _ in SLICE}:
+        config = BACKENDS["triton"].heuristic(spec)
+        classes = set().union(*(triton_launches(spec, config, rows)[1] for s, rows in SLICE if s == spec))
+        ran = [p for p in by_class.plan.studies if p.spec == spec]
+        # every specialization compiled once over the spec's studies, all in the workers
+        assert sum(by_class.triton[p.spec, p.rows].workers for p in ran) == len(classes)
+        assert all(by_class.triton[p.spec, p.rows].here == 0 for p in ran)
+        # a study whose classes are all warm submits no job: its Triton seed compiles nothing and is checked in
+        # the tuning process (the slice's 16 and 256 rows share 16's classes)
+        warm = [p for p in ran if not by_class.triton[p.spec, p.rows].job]
+        assert warm and all(by_class.triton[p.spec, p.rows].workers == 0 for p in warm)
+        # as before: the same specializations, the timer's classes below 1,031 rows compiled on the timer's path
+        before = [per_rows.triton[p.spec, p.rows] for p in per_rows.plan.studies if p.spec == spec]
+        assert sum(t.workers + t.here for t in before) == len(classes) and any(t.here for t in before)
+        assert all(t.job for t in before)
+    floors = [sum(p.floor_s for p in run.plan.studies) for run in (by_class, per_rows)]
+    assert floors[0] < floors[1]

@@ -37,7 +37,7 @@ from ..spec import NormSpec
 from ..verify import verify_rows
 from . import plan as planner
 from . import rank, transfer
-from .compile_pool import SHAPE_FREE
+from .compile_pool import SHAPE_FREE, timed_rows_to_warm, triton_launches
 from .space import Candidate, SearchSpace
 
 AUDITED = ("triton", "cupy", "numba")  # the backends the audit compiles (autonorm.audit.BACKENDS)
@@ -154,11 +154,41 @@ class CompileFigures:
                 batches += [self.alone_s[backend] + (k - 1) * self.marginal_s[backend] for k in sizes]
         return max(sum(batches) / cores, max(batches, default=0.0))
 
-    def worker_s(self, backend: str, cores: int, audited: bool, checks: bool) -> float:
+    def worker_s(self, backend: str, cores: int, audited: bool, checks: bool, compiles: "TritonCompiles" = None) -> float:
         """`per_candidate_s`, and with `checks` the reference check the compile worker runs after compiling a
-        candidate of a backend it compiles (`compile_pool._warm`), over the cores like the compile."""
-        check_s = planner.VERIFY_S / cores if checks and backend in AUDITED else 0.0
-        return self.per_candidate_s(backend, cores, audited) + check_s
+        candidate of a backend it compiles (`compile_pool._warm`), over the cores like the compile. `compiles`:
+        the specializations a study compiles of a Triton candidate, in the workers (over the cores) and in the
+        tuning process (on the timer's path, one core); None: one, in a worker."""
+        compiles = compiles or TritonCompiles(1, 0, True)
+        audit_s = self.per_candidate_s(backend, cores, audited) - self.candidate_s(backend) / cores
+        check_s = planner.VERIFY_S / cores if checks and backend in AUDITED and compiles.job else 0.0
+        return (compiles.workers / cores + compiles.here) * self.candidate_s(backend) + audit_s + check_s
+
+
+@dataclass(frozen=True)
+class TritonCompiles:
+    """What a study compiles of its spec's Triton heuristic that the spec's earlier studies did not: specializations
+    (`compile_pool.triton_launches`) compiled by the compile workers, and by the tuning process on the timer's
+    path; and whether a worker job runs at all (it checks the candidate)."""
+
+    workers: int
+    here: int
+    job: bool
+
+
+def triton_compiles(spec: NormSpec, config, rows: int, warm: set, by_class: bool = True) -> TritonCompiles:
+    """The Triton specializations a study at `rows` compiles of `config` beyond `warm` (those of the spec's earlier
+    studies; updated). `by_class`: as the compile pool warms Triton, a job only for a class not yet warm, which
+    also launches the timer's class (`compile_pool.timed_rows_to_warm`); False: as before, a job per row count
+    whose reference check compiles the check's classes, the timer's compiled at its first launch, in the tuning
+    process. A specialization warm in Triton's cache costs nothing more (its binding is not counted)."""
+    timed, needs = triton_launches(spec, config, rows)
+    checks = needs - {timed} if timed_rows_to_warm(spec, config, rows) is not None else needs
+    new = needs - warm
+    warm |= needs
+    if by_class:
+        return TritonCompiles(len(new), 0, bool(new))
+    return TritonCompiles(len(new & checks), int(timed in new - checks), True)
 
 
 def _moved(plan: planner.StudyPlan, role: transfer.Role) -> int:
@@ -222,6 +252,8 @@ class DryRun:
     worker_checks: bool = True  # the compile workers' reference checks count for the studies'
     # (spec, rows) of the studies whose SHAPE_FREE backends' seeds an earlier study of the spec compiled
     compiled_again: set = dataclasses.field(default_factory=set)
+    # (spec, rows) -> the Triton specializations the study compiles (`triton_compiles`)
+    triton: dict = dataclasses.field(default_factory=dict)
 
     def floor_parts(self) -> dict:
         """The studies' floors (every study, run or left out) split by what spends them: the seeds' audit
@@ -250,7 +282,8 @@ class DryRun:
                 share = p.planned * n / total
                 compile_s, timing_s = out.get(b, (0.0, 0.0))
                 again = b in SHAPE_FREE and (p.spec, p.rows) in self.compiled_again
-                unaudited = self.figures.worker_s(b, self.cores, False, self.worker_checks)
+                unaudited = self.figures.worker_s(b, self.cores, False, self.worker_checks,
+                                                  self.triton.get((p.spec, p.rows)) if b == "triton" else None)
                 per_candidate = (0.0 if again else unaudited) + (audit_s if b in AUDITED else 0.0)
                 out[b] = (compile_s + share * per_candidate,
                           timing_s + share * p.time_s)
@@ -260,7 +293,7 @@ class DryRun:
 def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfile, figures: CompileFigures,
                 cores: int, compile_baseline: bool, audited: bool = True, windows: str = "short",
                 light_finish: bool = True, parent_checks: float | None = None,
-                compiled_before: bool = False) -> planner.Costs:
+                compiled_before: bool = False, triton: TritonCompiles | None = None) -> planner.Costs:
     """The planner's `Costs` for one study: the timer's seconds with `windows` at the model's median kernel
     time over the space (through `Costs.estimate`, which adds the reference check and sizes the finish, light
     or full), and each backend's seconds to compile one candidate (`CompileFigures.per_candidate_s`).
@@ -271,13 +304,15 @@ def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfi
     workers' checks go with their compiles, over the cores. None: every check in the tuning process.
     `compiled_before`: an earlier study of the spec compiled its seeds, so the backends whose kernels do not
     depend on the row count (`compile_pool.SHAPE_FREE`) compile nothing (the caller counts their checks in
-    `parent_checks`). An underestimate only for the search candidates new to the spec, as for the audit."""
+    `parent_checks`). An underestimate only for the search candidates new to the spec, as for the audit.
+    `triton`: the Triton specializations the study compiles (`triton_compiles`; None: one, in a worker)."""
     facts = rank.DeviceFacts.of(profile.identity(), profile.copy_gbps)
     kernel_us = statistics.median(rank.predict_us(spec, rows, c, facts) for c in space.candidates())
     costs = planner.Costs.estimate({"warmup_s": 0.0, "rep_s": measure_s(kernel_us, profile, timer_windows(windows))},
                                    compile_baseline, light_finish)
     compile_s = {b: 0.0 if compiled_before and b in SHAPE_FREE else
-                 figures.worker_s(b, cores, audited, parent_checks is not None) for b in space.configs}
+                 figures.worker_s(b, cores, audited, parent_checks is not None, triton if b == "triton" else None)
+                 for b in space.configs}
     if parent_checks is None:
         return dataclasses.replace(costs, compile_s=compile_s)
     return dataclasses.replace(costs, compile_s=compile_s, time_s=costs.time_s - planner.VERIFY_S * (1 - parent_checks))
@@ -287,7 +322,7 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
             windows: str = "short", light_finish: bool = True, worker_checks: bool = True, shape_free: bool = True,
             audit_ahead: bool = True, lean_neighbours: bool = True, audit_tiers: bool = True,
-            shared_checks: bool = True, built: dict | None = None) -> DryRun:
+            shared_checks: bool = True, triton_classes: bool = True, built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
     `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
@@ -304,6 +339,9 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     `shared_checks` (with `worker_checks`): a study verified at the rows an earlier study of its spec was
     (`verify.verify_rows`) checks none of its seeds in the tuning process (`CompilePool.checked`): the
     heuristics were checked there, and each seed new to the spec is checked by the worker compiling it.
+    `triton_classes`: a Triton seed is warmed once per specialization class of the row count (`triton_compiles`:
+    counted for the spec's Triton heuristic, and so for every Triton seed); False: a job per row count, the
+    timer's class compiled in the tuning process.
 
     `tune_grid` builds each spec's space once, before the plan, and its row counts' studies share it: each
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
@@ -330,6 +368,7 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     costs, firsts = [], {}  # spec -> (spec, rows) of its first study
     compiled, compiled_again = set(), set()  # the specs whose seeds an earlier study compiled; those studies
     checked_at = {}  # spec -> the rows its studies so far were verified at
+    triton_warm, triton = {}, {}  # spec -> the Triton specializations compiled so far; (spec, rows) -> the study's
     for spec, rows, _, space, seeds in jobs:
         firsts.setdefault(spec, (spec, rows))
         verified = checked_at.setdefault(spec, set())
@@ -338,11 +377,15 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
         # the seeds the tuning process checks itself: torch eager's, and on a spec's later studies the ones whose
         # kernels the pool does not warm again (SHAPE_FREE); the workers check the others
         again = shape_free and spec in compiled
-        here = {b for b in space.configs if b not in AUDITED or (again and b in SHAPE_FREE)}
+        if "triton" in space.configs:
+            triton[spec, rows] = triton_compiles(spec, backends["triton"].heuristic(spec), rows,
+                                                 triton_warm.setdefault(spec, set()), triton_classes)
+        here = {b for b in space.configs if b not in AUDITED or (again and b in SHAPE_FREE)
+                or (b == "triton" and not triton[spec, rows].job)}
         unwarmed = (0.0 if known else sum(s.candidate.backend in here for s in seeds) / len(seeds)
                     if worker_checks else None)
         costs.append(study_costs(spec, rows, space, profile, figures, cores, compile_baseline,
-                                 False, windows, light_finish, unwarmed, again))
+                                 False, windows, light_finish, unwarmed, again, triton.get((spec, rows))))
         compiled.add(spec)
         if again:
             compiled_again.add((spec, rows))
@@ -363,4 +406,4 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
     plan = planner.split(plans, budget_s, sum(spent.values()))
     return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, audited, compile_baseline, worker_checks,
-                  compiled_again)
+                  compiled_again, triton)
