@@ -3,8 +3,9 @@
 The search ranks candidates by their own timings; before a winner is declared the
 best few (and the torch candidate, so that a winner is never slower than torch)
 are re-timed together, interleaved with torch eager and torch.compile, so that
-drift hits all alike. `quality.gate` checks that re-timing (spread, agreement with
-the search) and re-times a noisy study. One worker per study finalizes it; the
+drift hits all alike: in rounds that drop the clearly slower ones (tournament.py),
+or under --budget on a GPU in one round of the close ones (the light finish).
+`quality` judges each re-timing (spread, agreement with the search). One worker per study finalizes it; the
 others take its record from the study.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .. import measure
 from ..db import Entry, Record, RecordKey, now_iso
 from ..spec import NormSpec, rows_bucket
 from ..verify import check_candidate
-from . import fleet, quality
+from . import fleet, quality, tournament
 from .space import Candidate
 
 log = logging.getLogger("autonorm.tune")
@@ -122,14 +123,21 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, trials) ->
         # A clear winner (the light finish): no other candidate's interval reaches its own, torch eager's
         # search timing included, and its search timing passes the noise gate's spread test; a re-timing
         # would only repeat it.
-        outcome = quality.Outcome([_timing(search_t[0])], clear, attempts=0)
+        outcome, order = quality.Outcome([_timing(search_t[0])], clear, attempts=0), [0]
     else:
         kernels = [run.backends[c.backend].compile(run.spec, c.config, run.device) for c in finalists]
+        kernels += list(baselines.values())
 
-        def retime():  # its seconds count as timing (the study's share of wall time spent timing)
-            return run.timed(lambda: run.timer.interleaved(run.spec, kernels + list(baselines.values()), run.rows))
+        def retime(indices):  # its seconds count as timing (the study's share of wall time spent timing)
+            return run.timed(lambda: run.timer.interleaved(run.spec, [kernels[i] for i in indices], run.rows))
 
-        outcome = quality.gate(retime, names, search_t + [None] * len(baselines))
+        searched = search_t + [None] * len(baselines)
+        if light:  # the close finalists only: one round, again while it is noisy
+            outcome = quality.gate(lambda: retime(range(len(kernels))), names, searched)
+            order = sorted(range(len(finalists)), key=lambda i: outcome.timings[i].median_us)
+        else:
+            rounds = tournament.run(retime, names, searched, len(finalists))
+            outcome, order = rounds.outcome, rounds.order
     if not outcome.verdict.ok:
         why = (f"{run.spec.short()} rows={run.rows}: measurements stay noisy after {outcome.attempts} timings "
                f"({outcome.verdict.summary()}); {quality.load_average()}")
@@ -144,7 +152,7 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, trials) ->
         base_t["torch_eager"] = timings[torch_finalist]
     elif eager_searched is not None:
         base_t["torch_eager"] = eager_searched
-    entries = sorted((_entry(run, c, t) for c, t in zip(finalists, timings)), key=lambda e: e.median_us)
+    entries = [_entry(run, finalists[i], timings[i]) for i in order]
     seen = {Candidate(e.backend, e.config).key for e in entries}
     # A few more runners-up, not re-timed: the next of the ranking (after the light finish's fewer
     # finalists, the ones it left out too).

@@ -1,0 +1,71 @@
+"""The full finish's rounds: a study's finalists re-timed interleaved until the close ones have had `ROUNDS` looks.
+
+The search times candidates one after another, so a minute of other load can move a candidate's
+timing by half (a 2-core VM measured one launch variant at 743 µs in one run and 1,408 µs in the
+next). An interleaved re-timing is fair between the kernels it holds, but one round still leaves a
+few percent to chance between launch variants of one kernel. So the finish runs rounds:
+
+1. Every finalist and the torch baselines, interleaved (the baselines' timings are this round's).
+2. A finalist whose p20 is above the round's best one's p80 is clearly slower: it leaves, keeping
+   its timing from the round it left. The rest are re-timed together, the order rotated each round
+   so that no kernel always runs first after another library's threads.
+3. After `ROUNDS` rounds, or when one finalist is left, the survivors are ranked by the median of
+   their round medians, each recorded with the round that gave its median. Rounds go on, up to
+   `quality.RETRIES` more, while the last one fails the noise gate (`quality.judge`): the same
+   re-timings as a single round's gate when one finalist is left.
+
+The result is deterministic given the timings, so a scripted timer tests it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from . import quality
+
+ROUNDS = 3  # interleaved rounds a close finalist gets; the first one also times the baselines
+
+
+@dataclass
+class Result:
+    order: list          # the finalists' indices, best first: survivors by their median, then the ones that left
+    timings: dict        # index -> the Timing recorded for it (finalists and baselines)
+    outcome: quality.Outcome  # the last round's verdict and the number of rounds
+
+
+def _median_round(timings: list):
+    """The round whose median is the median of the rounds' (the lower one of an even count)."""
+    ranked = sorted(timings, key=lambda t: t.median_us)
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def run(retime: Callable[[list], list], names: Sequence[str], search: Sequence[dict | None], finalists: int,
+        rounds: int = ROUNDS, retries: int = quality.RETRIES) -> Result:
+    """`retime(indices)` times those kernels interleaved, in that order, and returns their Timings. Indices below
+    `finalists` are the finalists, the others the baselines; `names` and `search` (each one's search timing, or
+    None) are by index, for the noise gate."""
+    baselines = list(range(finalists, len(names)))
+    alive, left = list(range(finalists)), []  # left: (round it left, index), in the order they left
+    looks: dict[int, list] = {i: [] for i in range(len(names))}
+    done = 0
+    while True:
+        timed = alive + (baselines if done == 0 else [])
+        shift = done % len(timed)
+        timed = timed[shift:] + timed[:shift]
+        timings = retime(timed)
+        done += 1
+        for i, t in zip(timed, timings):
+            looks[i].append(t)
+        verdict = quality.judge([names[i] for i in timed], timings, [search[i] for i in timed])
+        best = min(alive, key=lambda i: looks[i][-1].median_us)
+        slower = [i for i in alive if looks[i][-1].p20_us > looks[best][-1].p80_us]
+        left += [(done, i) for i in sorted(slower, key=lambda i: looks[i][-1].median_us)]
+        alive = [i for i in alive if i not in slower]
+        needed = 1 if len(alive) == 1 else rounds  # a finalist left alone needs no more looks
+        if (done >= needed and verdict.ok) or done >= needed + retries:
+            break
+    recorded = {i: _median_round(looks[i]) for i in alive}
+    recorded.update({i: looks[i][-1] for _, i in left})
+    recorded.update({i: looks[i][0] for i in baselines})
+    order = sorted(alive, key=lambda i: recorded[i].median_us) + [i for _, i in sorted(left, key=lambda p: -p[0])]
+    return Result(order, recorded, quality.Outcome([recorded[i] for i in range(len(names))], verdict, done))

@@ -1,0 +1,74 @@
+"""The full finish's rounds (autonorm/tune/tournament.py), with scripted re-timings."""
+from __future__ import annotations
+
+import pytest
+
+from autonorm.measure import Timing
+from autonorm.tune import quality, tournament
+
+
+class Rounds:
+    """Scripted interleaved re-timings: round r gives kernel i the median script[r][i] (p20/p80 +-2%); a kernel
+    missing from a round's script keeps its last median. Records each round's order."""
+
+    def __init__(self, script):
+        self.script, self.orders = script, []
+
+    def __call__(self, indices):
+        row = self.script[min(len(self.orders), len(self.script) - 1)]
+        self.orders.append(list(indices))
+        return [Timing(row[i], row[i] * 0.98, row[i] * 1.02, 10) for i in indices]
+
+
+def _run(script, finalists, baselines=1, **kw):
+    names = [f"k{i}" for i in range(finalists)] + [f"base{i}" for i in range(baselines)]
+    search = [{"median_us": 100.0, "p20_us": 98.0, "p80_us": 102.0}] * finalists + [None] * baselines
+    timer = Rounds(script)
+    return tournament.run(timer, names, search, finalists, **kw), timer
+
+
+def test_clear_losers_leave_after_the_first_round_and_close_ones_get_every_round():
+    # k0 and k1 within noise of each other every round; k2 clearly slower; the baseline timed once.
+    result, timer = _run([[100, 101, 150, 300], [103, 100, 150, 300], [101, 100, 150, 300]], finalists=3)
+    assert timer.orders[0] == [0, 1, 2, 3]  # every finalist and the baseline, in the first round
+    assert sorted(timer.orders[1]) == [0, 1] and sorted(timer.orders[2]) == [0, 1]  # then the close ones only
+    assert len(timer.orders) == tournament.ROUNDS
+    assert timer.orders[1] != timer.orders[2]  # the order rotates between rounds
+    # ranked by the median of their round medians: k1 (101, 100, 100) before k0 (100, 103, 101), though k0 was
+    # the faster in the first round
+    assert result.order == [1, 0, 2]
+    assert result.timings[1].median_us == 100 and result.timings[0].median_us == 101
+    assert result.timings[2].median_us == 150 and result.timings[3].median_us == 300
+    assert result.outcome.attempts == tournament.ROUNDS and result.outcome.verdict.ok
+
+
+def test_one_round_does_not_decide_between_close_finalists():
+    # k1 looks 3% faster in the first round only; over three rounds k0 is the faster one.
+    result, _ = _run([[103, 100, 300], [100, 104, 300], [100, 103, 300]], finalists=2)
+    assert result.order == [0, 1]
+
+
+def test_a_finalist_left_alone_stops_the_rounds():
+    result, timer = _run([[100, 200, 300]], finalists=2)
+    assert len(timer.orders) == 1 and result.order == [0, 1]
+
+
+def test_noisy_rounds_go_on_up_to_the_retries_and_keep_the_verdict():
+    names, search = ["a", "b"], [None, None]
+    calls = []
+
+    def wide(indices):
+        calls.append(indices)
+        return [Timing(100.0, 40.0, 400.0, 10) for _ in indices]
+    result = tournament.run(wide, names, search, finalists=2)
+    assert len(calls) == tournament.ROUNDS + quality.RETRIES
+    assert not result.outcome.verdict.ok and result.outcome.attempts == len(calls)
+
+
+@pytest.mark.parametrize("finalists", [1, 4])
+def test_every_finalist_and_baseline_gets_a_recorded_timing(finalists):
+    row = [100 + 10 * i for i in range(finalists)] + [500]
+    result, _ = _run([row], finalists=finalists)
+    assert sorted(result.order) == list(range(finalists))
+    assert set(result.timings) == set(range(finalists + 1))
+    assert [t.median_us for t in result.outcome.timings] == row
