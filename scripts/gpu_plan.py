@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                         help="as --budget ran before its short timer windows, light finish, the compile "
                              "workers' reference checks, one warm-up per spec of row-free backends, the "
                              "seeds audited together, a neighbour's lean seeds, each tier's seeds audited "
-                             "together, shared check verdicts and Triton warmed per specialization class")
+                             "together, shared check verdicts, Triton warmed per specialization class and the "
+                             "spaces built over the workers")
     parser.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], help="slice: hidden sizes")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), help="slice: dtypes")
     parser.add_argument("--compile-times", type=Path, default=FIGURES)
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
         parser.error("the slice holds no study of the standard grid")
     backends = {name: get_backend(name) for name in GPU_BACKENDS}
     built = {}  # the spaces, built once for every profile
+    worker_start_s = None if args.before else dr.measure_worker_start()  # once for every profile
     load = os.getloadavg()[0]
     what = [label for flag, label in ((args.compile_baseline, "with the torch.compile baseline"),
                                       (args.audit_cached, "audit cache warm"),
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
                          worker_checks=not args.before, shape_free=not args.before, audit_ahead=not args.before,
                          lean_neighbours=not args.before, audit_tiers=not args.before,
                          shared_checks=not args.before, triton_classes=not args.before,
+                         parallel_spaces=not args.before, worker_start_s=worker_start_s,
                          built=built)
         out += section(run, f"{profile.name}, {args.budget:.0f} s" + "".join(f", {w}" for w in what), made, args.full)
         out += [f"Device profile: {profile.sm_count} SMs, {profile.copy_gbps / 1e3:.2f} TB/s, "

@@ -203,7 +203,25 @@ def test_each_specs_space_is_built_once_for_its_row_counts_as_tune_grid_does(bui
     specs = {spec for spec, _ in SLICE}
     assert len(specs) == 2 < len(SLICE)  # fwd and bwd, 6 row counts each
     once = sum(built[spec][1] for spec in specs)
-    assert run.spent["building each spec's space (serial, shared by its row counts)"] == pytest.approx(once)
+    # two specs: fewer than space.build_spaces sends to the workers, built one after another
+    assert run.spent["building each spec's space (one after another, shared by its row counts)"] == pytest.approx(once)
+
+
+def test_a_grids_spaces_built_over_the_workers_cost_their_cpu_seconds_over_the_cores_and_their_transfer(built):
+    from autonorm.tune.space import PARALLEL_MIN_SPECS
+
+    grid = [(spec, rows) for spec in STANDARD.specs()[:PARALLEL_MIN_SPECS] for rows in (1, 4096)]
+    kw = dict(built=built, worker_start_s=2.5)
+    over, serial = (dr.dry_run(grid, BACKENDS, H100, dr.CompileFigures.load(FIGURES), 480.0, parallel_spaces=p, **kw)
+                    for p in (True, False))
+    specs = {spec for spec, _ in grid}
+    cpu_s, sent_s = sum(built[s][1] for s in specs), sum(built[s][2] for s in specs)
+    assert sent_s > 0 and serial.spent["building each spec's space (one after another, shared by its row counts)"] \
+        == pytest.approx(cpu_s)
+    assert over.spent["building each spec's space (16 workers, shared by its row counts)"] == pytest.approx(cpu_s / 16)
+    assert over.spent["sending the spaces back from the workers"] == pytest.approx(sent_s)
+    assert over.spent["starting the compile workers (measured here)"] == 2.5
+    assert over.plan.spent_s == pytest.approx(serial.plan.spent_s - cpu_s + cpu_s / 16 + sent_s + 2.5)
 
 
 def test_the_floors_parts_add_up_and_only_the_first_study_of_a_spec_pays_the_audit(built):

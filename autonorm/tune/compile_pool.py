@@ -232,6 +232,11 @@ class CompilePool:
 
         return verify_rows(rows, spec.hidden)
 
+    def executor(self) -> ProcessPoolExecutor | None:
+        """The worker processes (started now), for other work of the tuning process to spread over them before
+        the studies compile (`space.build_spaces`); None when candidates compile in threads."""
+        return self._process_pool()
+
     def close(self) -> None:
         """Stop the workers; jobs not begun are dropped, the finished ones' seconds counted."""
         self._threads.shutdown(wait=True, cancel_futures=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import statistics
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from ..verify import verify_rows
 from . import plan as planner
 from . import rank, transfer
 from .compile_pool import SHAPE_FREE, timed_rows_to_warm, triton_launches
-from .space import Candidate, SearchSpace
+from .space import PARALLEL_MIN_SPECS, Candidate, SearchSpace, enumerate_space
 
 AUDITED = ("triton", "cupy", "numba")  # the backends the audit compiles (autonorm.audit.BACKENDS)
 AUDIT_BATCH = 16  # the most candidates `autonorm.audit.audit` compiles in one batch (one compiler start)
@@ -290,6 +291,29 @@ class DryRun:
         return out
 
 
+def measure_worker_start() -> float:
+    """Seconds until a compile pool's first worker process (started as the tuner starts them: `spawn`, autonorm
+    and torch imported) returns its first result, measured here."""
+    from .compile_pool import CompilePool
+
+    started = time.perf_counter()
+    with CompilePool({}, "cpu", workers=1) as pool:
+        pool.executor().submit(int).result()
+    return time.perf_counter() - started
+
+
+def space_builds_s(built: list, cores: int, worker_start_s: float | None) -> dict:
+    """What building the spaces (`built`: (space, CPU seconds, transfer seconds) each) costs before the plan: with
+    `worker_start_s`, their enumeration's CPU seconds over `cores` workers, each result's transfer one after
+    another, and the workers' start; None: the CPU seconds one after another."""
+    cpu_s = sum(b[1] for b in built)
+    if worker_start_s is None:
+        return {"building each spec's space (one after another, shared by its row counts)": cpu_s}
+    return {f"building each spec's space ({cores} workers, shared by its row counts)": cpu_s / cores,
+            "sending the spaces back from the workers": sum(b[2] for b in built),
+            "starting the compile workers (measured here)": worker_start_s}
+
+
 def study_costs(spec: NormSpec, rows: int, space: SearchSpace, profile: GpuProfile, figures: CompileFigures,
                 cores: int, compile_baseline: bool, audited: bool = True, windows: str = "short",
                 light_finish: bool = True, parent_checks: float | None = None,
@@ -322,7 +346,8 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
             cores: int = 16, n_trials: int = 60, compile_baseline: bool = False, audit_cached: bool = False,
             windows: str = "short", light_finish: bool = True, worker_checks: bool = True, shape_free: bool = True,
             audit_ahead: bool = True, lean_neighbours: bool = True, audit_tiers: bool = True,
-            shared_checks: bool = True, triton_classes: bool = True, built: dict | None = None) -> DryRun:
+            shared_checks: bool = True, triton_classes: bool = True, parallel_spaces: bool = True,
+            worker_start_s: float | None = None, built: dict | None = None) -> DryRun:
     """Plan `studies` ((spec, rows) pairs, in grid order) over `backends` on `profile` in `budget_s`, in the
     order `tune_grid` runs them (`transfer.run_order`: anchors first), each backend's heuristic a seed.
     `compile_baseline`: as `tune --budget --compile-baseline` (left out by default under --budget);
@@ -347,14 +372,23 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     build enumerates the backends' spaces (CPU seconds measured here); the audit judges a candidate only
     when it is about to be compiled. `audit_cached`: the audit's cache already holds every config (compiled
     earlier with the device machine's toolchain), so a candidate costs no audit compile. `built`
-    (spec -> (space, CPU seconds)) keeps the spaces for another call over the same backends."""
+    (spec -> (space, CPU seconds, transfer seconds)) keeps the spaces for another call over the same backends.
+
+    `parallel_spaces`: the spaces are enumerated over the compile pool's `cores` workers (`space.build_spaces`,
+    from PARALLEL_MIN_SPECS specs): charged their CPU seconds over the cores, plus each spec's result sent back
+    (pickled and unpickled, measured here, charged one after another) and the workers' start (`worker_start_s`;
+    None: `measure_worker_start`; the workers start before the plan to build them). False: one after another."""
     built = {} if built is None else built
     jobs, costs = [], []
     for spec, rows in studies:
         if spec not in built:
             started = time.process_time()
-            space = SearchSpace(spec, backends)  # as on the GPU: every valid config (the audit rejects 1-9% on sm_90)
-            built[spec] = (space, time.process_time() - started)
+            parts = enumerate_space(spec, backends)  # as on the GPU: every valid config (the audit rejects 1-9%)
+            built_s = time.process_time() - started
+            started = time.process_time()
+            pickle.loads(pickle.dumps((spec, tuple(backends))))  # to the worker: the spec and the backends' names
+            pickle.loads(pickle.dumps(parts))  # and back: the enumeration
+            built[spec] = (SearchSpace(spec, backends, parts=parts), built_s, time.process_time() - started)
         space = built[spec][0]
         seeds = transfer.study_seeds(space, [transfer.Seed(Candidate(name, b.heuristic(spec)), "heuristic")
                                              for name, b in backends.items()])
@@ -392,8 +426,10 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     plans = [p for job, c in zip(jobs, costs) for p in planner.study_plans([job], c, n_trials, {})]
     transfer.shape_plans(plans, found, [seeds for *_, seeds in jobs], lean_neighbours)
     spaces = {spec: built[spec][0] for spec, _ in studies}
-    spent = {"start-up and copy probe (assumed)": STARTUP_S,
-             "building each spec's space (serial, shared by its row counts)": sum(built[s][1] for s in spaces)}
+    # as `space.build_spaces` decides: over the workers from PARALLEL_MIN_SPECS specs
+    parallel = parallel_spaces and len(spaces) >= PARALLEL_MIN_SPECS
+    start_s = (measure_worker_start() if worker_start_s is None else worker_start_s) if parallel else None
+    spent = {"start-up and copy probe (assumed)": STARTUP_S, **space_builds_s([built[s] for s in spaces], cores, start_s)}
     if audit_ahead and not audit_cached:
         known = {(spec, s.candidate) for spec, _, _, _, seeds in jobs for s in seeds}  # one audit per spec's config
         counts = {b: sum(c.backend == b for _, c in known) for b in AUDITED}

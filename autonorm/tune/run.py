@@ -26,7 +26,7 @@ from . import plan as planner
 from .compile_pool import CompilePool
 from .finalize import StudyResult
 from .options import StudyOptions
-from .space import Candidate, SearchSpace, audit_together
+from .space import Candidate, SearchSpace, audit_together, build_spaces
 from .study import StudyRunner, study_name
 
 DEVICE_FIELDS = ("name", "slug", "kind", "compute_capability", "sm_count", "l2_bytes")
@@ -148,7 +148,10 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     db = TuningDB(device_info, software_versions(), protocol(timer, options))
     study_attrs = {"device": device_info, "versions": db.versions, "protocol": db.protocol}
     tables = transfer.seed_tables(device_info) if budget_s is not None else []
-    spaces = {spec: SearchSpace(spec, backends, device) for spec in specs}  # one a spec: its row counts share it
+    # One pool for the grid, so its worker processes start once; they build the spaces first (one a spec: its row
+    # counts share it). Closed after the loop; an exception leaves its idle workers to the executor's own exit hook.
+    pool = CompilePool(backends, device, options.compile_workers, processes=options.compile_processes)
+    spaces = build_spaces(specs, backends, device, pool.executor(), SearchSpace)
     jobs = [(spec, rows, study_name(ident["slug"], spec, rows, backends), spaces[spec],
              _seeds(spec, rows, spaces[spec], earlier, tables)) for spec in specs for rows in row_counts]
     roles = [transfer.Role(0)] * len(jobs)
@@ -171,9 +174,6 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
             show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans), options.compile_baseline))
         deadline = clock() + budget_s - elapsed()
         facts = rank.DeviceFacts.of(ident, copy_gbps)
-    # One pool for the grid, so its worker processes start once. Closed after the loop; an exception leaves
-    # its idle workers to the executor's own exit hook.
-    pool = CompilePool(backends, device, options.compile_workers, processes=options.compile_processes)
     for i, (spec, rows, name, space, seeds) in enumerate(jobs):
         study_options = options
         if plans is not None:

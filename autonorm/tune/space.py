@@ -11,12 +11,15 @@ would cost more than the search times.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..config import Config
 from ..spec import NormSpec
+
+log = logging.getLogger("autonorm.tune")
 
 
 @dataclass(frozen=True)
@@ -35,27 +38,13 @@ class Candidate:
 class SearchSpace:
     """The valid configs of every candidate backend for one spec, and their Optuna parameters."""
 
-    def __init__(self, spec: NormSpec, backends: dict, device=None):
+    def __init__(self, spec: NormSpec, backends: dict, device=None, parts: tuple | None = None):
+        """`parts`: (configs, knobs) as `enumerate_space` returns them, enumerated elsewhere (`build_spaces`)."""
         self.spec = spec
         self.backends = backends
         self.device = torch.device(device) if device is not None else None
-        self.configs = {name: list(b.space(spec)) for name, b in backends.items()}
-        self.configs = {name: cs for name, cs in self.configs.items() if cs}
+        self.configs, self.knobs = parts if parts is not None else enumerate_space(spec, backends)
         self._unfit: dict = {}  # candidate key -> the audit's reason, or None: the verdicts given so far
-        self.knobs = {}
-        for name, configs in self.configs.items():
-            values = {}
-            for knob in configs[0].domain():
-                seen = []
-                for c in configs:
-                    v = getattr(c, knob)
-                    if v not in seen:
-                        seen.append(v)
-                if len(seen) > 1:
-                    # In declared-domain order, so "nearest" means neighbouring domain values.
-                    order = list(type(configs[0]).domain()[knob])
-                    values[knob] = sorted(seen, key=order.index)
-            self.knobs[name] = values
         self._by_key = self._by_params = None  # key -> candidate, params -> candidate: made on first use
 
     def __len__(self) -> int:
@@ -131,6 +120,67 @@ class SearchSpace:
             if Candidate(cand.backend, c).key not in exclude:
                 return Candidate(cand.backend, c)
         return next((c for c in self.candidates() if c.key not in exclude), None)
+
+
+def enumerate_space(spec: NormSpec, backends: dict) -> tuple[dict, dict]:
+    """(backend -> its valid configs, backend -> {knob: the values it takes, more than one}) for `spec`: the
+    enumeration a space is made of, all of its cost."""
+    configs = {name: list(b.space(spec)) for name, b in backends.items()}
+    configs = {name: cs for name, cs in configs.items() if cs}
+    knobs = {}
+    for name, cs in configs.items():
+        values = {}
+        for knob in cs[0].domain():
+            seen = []
+            for c in cs:
+                v = getattr(c, knob)
+                if v not in seen:
+                    seen.append(v)
+            if len(seen) > 1:
+                # In declared-domain order, so "nearest" means neighbouring domain values.
+                order = list(type(cs[0]).domain()[knob])
+                values[knob] = sorted(seen, key=order.index)
+        knobs[name] = values
+    return configs, knobs
+
+
+# Fewer specs than this are enumerated in the tuning process, one after another: a worker process started with
+# `spawn` imports torch and autonorm first (a few seconds on a loaded 2-core machine), more than a few spaces'
+# enumeration (0.2 to 0.3 s each), and on a 2-core CPU two workers would halve at most that. A grid of many specs
+# (the standard GPU grid's 168) is enumerated over the workers, whose start the compile pool pays anyway.
+PARALLEL_MIN_SPECS = 16
+
+
+def _enumerate_registered(spec: NormSpec, names: tuple) -> tuple[dict, dict]:
+    """`enumerate_space` in a worker process, for the registry's backends named `names` (a backend object holds
+    locks and cannot be sent; the registry makes the same one there)."""
+    from ..backends import get_backend
+
+    return enumerate_space(spec, {name: get_backend(name) for name in names})
+
+
+def build_spaces(specs: list, backends: dict, device=None, executor=None, space_cls=None) -> dict:
+    """spec -> its space, the same as `space_cls(spec, backends, device)` for each (default SearchSpace, or a
+    subclass of it): enumerated over `executor`'s worker processes (a `concurrent.futures` executor, e.g. the
+    compile pool's) when there are PARALLEL_MIN_SPECS specs or more and every backend is the registry's (a worker
+    makes its own by name), else here, one after another."""
+    from ..backends import get_backend
+
+    space_cls = space_cls or SearchSpace
+    names = tuple(backends)
+    try:
+        registered = all(type(get_backend(name)) is type(b) for name, b in backends.items())
+    except Exception:  # a backend the registry does not know (a test's fake): enumerated here
+        registered = False
+    if executor is None or len(specs) < PARALLEL_MIN_SPECS or not registered:
+        return {spec: space_cls(spec, backends, device) for spec in specs}
+    try:
+        parts = list(executor.map(_enumerate_registered, specs, [names] * len(specs)))
+    except Exception as exc:  # workers that died or could not start: the same spaces, built here
+        log.warning("building the spaces in worker processes failed (%s: %s); building them here",
+                    type(exc).__name__, exc)
+        return {spec: space_cls(spec, backends, device) for spec in specs}
+    return {spec: space_cls(spec, backends, device, part) for spec, part in zip(specs, parts)}
 
 
 def _frozen(params: dict) -> tuple:
