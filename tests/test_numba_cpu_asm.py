@@ -67,3 +67,13 @@ def test_bf16_forward_store_loop_is_packed_and_runs_the_next_rows_sum(tmp_path):
     assert any(re.search(r"vpmovzxwd\s.*%ymm", body) for body in loops), "no loop widens bf16 with ymm registers"
     fused = [body for body in loops if all(re.search(p, body) for p in (NARROW, STORE, r"vfmadd\d+ps\s.*%ymm"))]
     assert fused, "no loop both narrows and stores y packed and accumulates a sum of squares with packed FMAs"
+
+
+def test_bf16_backward_dx_loop_is_packed_and_runs_the_next_rows_partials(tmp_path):
+    """RMSNorm bf16 backward: one loop narrows and stores dx packed and adds the next row's dy * xhat to the
+    task's fp32 dW partial row with packed ymm stores: the next row's loads overlap this row's arithmetic."""
+    spec = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 4096, **NormSpec.feature_kwargs("weight"))
+    loops = _loops(_serial_asm(spec, tmp_path))
+    assert any(re.search(r"vpmovzxwd\s.*%ymm", body) for body in loops), "no loop widens bf16 with ymm registers"
+    fused = [body for body in loops if all(re.search(p, body) for p in (NARROW, STORE, r"vmov[au]ps\s+%ymm\d+, .*\("))]
+    assert fused, "no loop both narrows and stores dx packed and stores fp32 dW partials from ymm registers"
