@@ -82,12 +82,12 @@ def fake_is_a_backend(monkeypatch):
     monkeypatch.setitem(registry._instances, "fake", RowsBackend())
 
 
-def tune(tmp_path, budget_s, timer, shown=None, n_trials=40):
+def tune(tmp_path, budget_s, timer, shown=None, n_trials=40, costs=COSTS):
     results = []
     options = StudyOptions(trials=n_trials, time_budget=600, compile_workers=1, compile_baseline=False)
     db = tune_grid(SPECS, [ROWS], backends(), torch.device("cpu"), options, db_path=tmp_path / "db.json",
                    storage=make_storage(None, tmp_path / "j.journal"), lock_path=None, results=results,
-                   copy_gbps=10.0, timer=timer, budget_s=budget_s, elapsed=lambda: 0.0, costs=COSTS,
+                   copy_gbps=10.0, timer=timer, budget_s=budget_s, elapsed=lambda: 0.0, costs=costs,
                    show_plan=(shown.append if shown is not None else None), clock=timer.clock)
     return db, results
 
@@ -125,6 +125,23 @@ def test_studies_whose_floor_does_not_fit_are_left_out_with_the_reason():
     assert plan.studies[1].why == "its seeds and finish need 0.3 s, 0.1 s of the budget were left"
     text = planner.format_plan(plan)
     assert "1 studies to run" in text and "1 left out" in text and "left out: its seeds and finish need" in text
+
+
+def test_the_seconds_kept_for_the_end_are_given_to_no_study():
+    fits = planner.split(_plans(), budget_s=0.65, spent_s=0.0)
+    assert [p.status for p in fits.studies] == ["run", "run"]
+    kept = planner.split(_plans(), budget_s=0.65, spent_s=0.0, end_s=0.1)
+    assert [p.status for p in kept.studies] == ["run", "left out"]  # 0.55 s left: one floor of 0.3 s fits
+    assert "0.2 s of the budget were left" in kept.studies[1].why
+    assert planner.Costs.estimate({"warmup_s": 0.05, "rep_s": 0.25}, False).end_s == planner.END_S > 0
+
+
+def test_the_grid_ends_the_seconds_kept_for_the_end_before_the_budget(tmp_path):
+    shown, timer = [], ScriptedClockTimer()
+    costs = planner.Costs(COSTS.compile_s, COSTS.time_s, COSTS.finish_s, end_s=0.5)
+    tune(tmp_path, 1.3, timer, shown, costs=costs)
+    assert "kept for the end" in shown[0]
+    assert 0.6 < timer.now <= 1.3 - 0.5  # the studies' deadline is the budget less what the end needs
 
 
 def test_a_study_complete_in_the_storage_is_planned_as_complete_and_costs_nothing():
@@ -251,7 +268,8 @@ def test_tune_budget_on_the_command_line_prints_the_plan_and_refuses_bad_duratio
             "--out", str(tmp_path / "db")]
     assert main([*tiny, "--budget", "10m"]) == 0
     out, err = capsys.readouterr()
-    assert "plan: budget 600 s, 5 s spent on start-up and the bandwidth probe; 1 studies to run" in err
+    assert ("plan: budget 600 s, 5 s spent on start-up and the bandwidth probe, 3 s kept for the end; "
+            "1 studies to run") in err
     assert "1 (0 failed) exhaustive" in out  # torch alone: a space of one
     for bad in ("0", "10x", "-5m", "inf"):
         assert main([*tiny, f"--budget={bad}"]) == 2

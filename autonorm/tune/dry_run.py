@@ -327,7 +327,7 @@ def dry_run(studies: list, backends: dict, profile: GpuProfile, figures: Compile
     for p in plans:
         p.compile_s += audited.get((p.spec, p.rows), 0.0)
     # The same studies with only the start-up spent before them: what the plan itself covers in the budget.
-    unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S)
-    plan = planner.split(plans, budget_s, sum(spent.values()))
+    unburdened = planner.split([dataclasses.replace(p) for p in plans], budget_s, STARTUP_S, planner.END_S)
+    plan = planner.split(plans, budget_s, sum(spent.values()), planner.END_S)
     return DryRun(plan, profile, cores, spent, unburdened, spaces, figures, audited, compile_baseline, worker_checks,
                   compiled_again, triton)

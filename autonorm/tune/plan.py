@@ -17,8 +17,9 @@ The rule that divides the budget:
    up to the trial budget, less its seeds, in seconds): larger spaces get more, and
    no study gets more than it can use (the excess goes to the others).
 
-While the grid runs, each study's share is rescaled by the time actually left over
-the time planned for the studies still to run, so time saved by a study that
+The last seconds (END_S) are kept for closing the compile workers and exiting. While the
+grid runs, each study's share is rescaled by the time actually left over the time
+planned for the studies still to run, so time saved by a study that
 converged early goes to the later ones, and an overrun is taken from them.
 """
 from __future__ import annotations
@@ -41,6 +42,9 @@ FINISH_TIMINGS = 7 + 2 * 2
 # its runner-up, interleaved; a study that re-times more takes it from the later studies (run._share).
 LIGHT_FINISH_TIMINGS = 2
 COMPILE_BASELINE_S = 10.0  # torch.compile of the baseline (Dynamo + Inductor), once per study
+# Kept back from the studies for what runs after the last one: closing the compile workers and the interpreter's
+# exit, 1.4 s each on a loaded 2-core VM (a 360 s budget on the CPU ended 5 s late without it).
+END_S = 3.0
 # Under --budget the torch.compile baseline is left out unless asked for: a reference figure, not a candidate.
 BASELINE_LEFT_OUT = ("torch.compile baseline: left out (a reference figure, not a candidate: torch eager is one, so "
                      f"a winner is never slower than torch); --compile-baseline times it in every study's finish "
@@ -54,6 +58,7 @@ class Costs:
     compile_s: dict
     time_s: float
     finish_s: float
+    end_s: float = 0.0  # kept back for the run's end (END_S)
 
     @classmethod
     def estimate(cls, timer_protocol: dict, compile_baseline: bool, light_finish: bool = False) -> "Costs":
@@ -69,7 +74,7 @@ class Costs:
         # A search candidate is checked, then timed; the finish re-times candidates the search checked (and torch
         # eager), with no reference check (the torch.compile baseline's is in COMPILE_BASELINE_S).
         return cls(dict(COMPILE_S), timing_s + VERIFY_S,
-                   timings * timing_s + (COMPILE_BASELINE_S if compile_baseline else 0.0))
+                   timings * timing_s + (COMPILE_BASELINE_S if compile_baseline else 0.0), END_S)
 
     def mean_compile_s(self, space_sizes: dict) -> float:
         """One candidate's compile, averaged over the space's backends by their number of configs."""
@@ -114,6 +119,7 @@ class Plan:
     budget_s: float
     spent_s: float              # start-up and probe before the plan, counted in the budget
     studies: list
+    end_s: float = 0.0          # kept back for the run's end, after the last study
 
     def running(self) -> list:
         return [s for s in self.studies if s.status == "run"]
@@ -152,9 +158,10 @@ def study_plans(studies: list, costs: Costs, n_trials: int, recorded: dict) -> l
     return plans
 
 
-def split(studies: list, budget_s: float, spent_s: float) -> Plan:
-    """Admit studies and share the budget among them (the rule in this module's docstring)."""
-    available = budget_s - spent_s
+def split(studies: list, budget_s: float, spent_s: float, end_s: float = 0.0) -> Plan:
+    """Admit studies and share the budget among them (the rule in this module's docstring), `end_s` kept back
+    for the run's end (`Costs.end_s`)."""
+    available = budget_s - spent_s - end_s
     for s in studies:
         if s.status != "run":
             continue
@@ -179,13 +186,14 @@ def split(studies: list, budget_s: float, spent_s: float) -> Plan:
         hungry = [s for s in hungry if s.wanted * s.candidate_s - s.search_s > 1e-6]
         if given <= 1e-9:
             break
-    return Plan(budget_s, spent_s, studies)
+    return Plan(budget_s, spent_s, studies, end_s)
 
 
 def format_plan(plan: Plan, compile_baseline: bool = True) -> str:
     """The plan as printed before the grid runs; without `compile_baseline`, a line saying it is left out."""
     run = plan.running()
-    lines = [f"plan: budget {plan.budget_s:.0f} s, {plan.spent_s:.0f} s spent on start-up and the bandwidth probe; "
+    lines = [f"plan: budget {plan.budget_s:.0f} s, {plan.spent_s:.0f} s spent on start-up and the bandwidth probe, "
+             f"{plan.end_s:.0f} s kept for the end; "
              f"{len(run)} studies to run, "
              f"{sum(s.status == 'complete' for s in plan.studies)} complete from an earlier run, "
              f"{sum(s.status == 'left out' for s in plan.studies)} left out"]

@@ -169,10 +169,11 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline, options.light_finish)
         plans = planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage))
         transfer.shape_plans(plans, roles, [seeds for *_, seeds in jobs], _lean(device))
-        plans = planner.split(plans, budget_s, elapsed()).studies
+        plans = planner.split(plans, budget_s, elapsed(), costs.end_s).studies
         if show_plan is not None:
-            show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans), options.compile_baseline))
-        deadline = clock() + budget_s - elapsed()
+            show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans, costs.end_s),
+                                          options.compile_baseline))
+        deadline = clock() + budget_s - elapsed() - costs.end_s
         facts = rank.DeviceFacts.of(ident, copy_gbps)
     for i, (spec, rows, name, space, seeds) in enumerate(jobs):
         study_options = options
