@@ -1,6 +1,8 @@
 """Machine-code facts of the numba-cpu kernels on an AVX2 host: their hot loops are packed 256-bit code.
 
-Timing thresholds would be noise on a shared machine; what the compiler emitted is not. Each kernel source
+A kernel that stops vectorizing (a call left in a loop, a bounds or negative-index check, a reduction LLVM may
+not reorder) loses several times its speed; timing thresholds would be noise on a shared machine, what the
+compiler emitted is not. Each kernel source
 is imported from a fresh folder, so Numba compiles it here (it refuses to disassemble cached code).
 """
 import importlib.util
@@ -44,6 +46,7 @@ def _serial_asm(spec: NormSpec, tmp_path) -> str:
     return module.kernel_serial.inspect_asm(signature)
 
 
+WIDEN = r"vpmovzxwd\s.*%ymm"  # 16-bit lanes zero-extended to 32 (bf16 -> fp32 is that and a shift)
 NARROW = r"vpackusdw\s"  # fp32 lanes packed to 16 bits
 STORE = r"vmovdq[ua]\s+%[xy]mm\d+, .*\("  # a packed store to memory
 
@@ -58,22 +61,24 @@ def _loops(asm: str) -> list[str]:
     return loops
 
 
-def test_bf16_forward_store_loop_is_packed_and_runs_the_next_rows_sum(tmp_path):
-    """RMSNorm bf16 forward: one loop widens bf16 to fp32 in ymm registers (vpmovzxwd), narrows packed
-    (vpackusdw) and stores y, and accumulates the next row's sum of squares with packed FMAs: the next row's
-    loads overlap this row's arithmetic."""
+def _packed_loop(loops: list[str], *patterns: str) -> bool:
+    """Whether one of the loops contains every pattern."""
+    return any(all(re.search(p, body) for p in patterns) for body in loops)
+
+
+def test_bf16_forward_hot_loops_are_packed(tmp_path):
+    """RMSNorm bf16 forward: the sum of squares widens bf16 to fp32 in ymm registers and accumulates with packed
+    FMAs; the last pass widens, scales, narrows packed and stores y, 8 or 16 elements an iteration."""
     spec = NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 4096, **NormSpec.feature_kwargs("weight"))
     loops = _loops(_serial_asm(spec, tmp_path))
-    assert any(re.search(r"vpmovzxwd\s.*%ymm", body) for body in loops), "no loop widens bf16 with ymm registers"
-    fused = [body for body in loops if all(re.search(p, body) for p in (NARROW, STORE, r"vfmadd\d+ps\s.*%ymm"))]
-    assert fused, "no loop both narrows and stores y packed and accumulates a sum of squares with packed FMAs"
+    assert _packed_loop(loops, WIDEN, r"vfmadd\d+ps\s.*%ymm"), "the sum of squares is not packed ymm code"
+    assert _packed_loop(loops, WIDEN, r"vmulps\s.*%ymm", NARROW, STORE), "the last pass is not packed ymm code"
 
 
-def test_bf16_backward_dx_loop_is_packed_and_runs_the_next_rows_partials(tmp_path):
-    """RMSNorm bf16 backward: one loop narrows and stores dx packed and adds the next row's dy * xhat to the
-    task's fp32 dW partial row with packed ymm stores: the next row's loads overlap this row's arithmetic."""
+def test_bf16_backward_hot_loops_are_packed(tmp_path):
+    """RMSNorm bf16 backward: pass 1 widens x and dy in ymm registers and updates the task's fp32 dW partial row
+    with packed stores; pass 2 computes dx packed, narrows it packed and stores it."""
     spec = NormSpec("rmsnorm", "bwd", "bfloat16", "bfloat16", 4096, **NormSpec.feature_kwargs("weight"))
     loops = _loops(_serial_asm(spec, tmp_path))
-    assert any(re.search(r"vpmovzxwd\s.*%ymm", body) for body in loops), "no loop widens bf16 with ymm registers"
-    fused = [body for body in loops if all(re.search(p, body) for p in (NARROW, STORE, r"vmov[au]ps\s+%ymm\d+, .*\("))]
-    assert fused, "no loop both narrows and stores dx packed and stores fp32 dW partials from ymm registers"
+    assert _packed_loop(loops, WIDEN, r"vmov[au]ps\s+%ymm\d+, .*\("), "pass 1 (dW partials) is not packed ymm code"
+    assert _packed_loop(loops, WIDEN, r"vsubps\s.*%ymm", NARROW, STORE), "the dx pass is not packed ymm code"
