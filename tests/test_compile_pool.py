@@ -196,10 +196,10 @@ def test_the_triton_signature_follows_the_integers_the_launcher_passes(tmp_path,
         monkeypatch.setattr(module, f"_{spec.op}_{spec.direction}", spy)
         for rows in (1, 2, 3, 16, 17, 48, 256, 1031, 4096):
             module.launch(*make_inputs(spec, rows, "cpu").args(spec))
-            passed = spy.launches[-1]
+            passed, row_args = spy.launches[-1], triton_row_args(spec, config, rows)
             # the row strides come first and are the spec's; what follows is what triton_row_args says
-            assert passed[-len(triton_row_args(spec, config, rows)):] == triton_row_args(spec, config, rows)
-            assert all(triton_int_class(v) == triton_int_class(spec.hidden) for v in passed[:-2])
+            assert passed[-len(row_args):] == row_args
+            assert all(triton_int_class(v) == triton_int_class(spec.hidden) for v in passed[:-len(row_args)])
 
 
 class _SpyWorkers:
