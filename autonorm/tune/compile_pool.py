@@ -14,7 +14,8 @@ and finds each piece on disk. What persists, per backend:
   signature and compute capability.
 - triton (GPU only): Triton's cache (`TRITON_CACHE_DIR`, default `~/.triton/cache`) holds the
   compiled cubin keyed by source, constexprs and argument specialization; the parent still runs
-  Triton's Python-side binding, not its MLIR passes or ptxas.
+  Triton's Python-side binding, not its MLIR passes or ptxas. The worker also launches the kernel
+  at the timer's specialization class when the check did not (`timed_rows_to_warm`).
 - cupy (GPU only): CuPy's kernel cache (`CUPY_CACHE_DIR`, default `~/.cupy/kernel_cache`) holds
   NVRTC's cubin keyed by source, options, architecture and NVRTC version.
 - the rendered sources (`<cache dir>/<backend>/<sha256>.py`, backends/base.py) are written by the
