@@ -1,6 +1,7 @@
 """The numba-cpu kernels against torch eager, torch.compile and the fresh-output floor, in one process.
 
     THP_MEM_ALLOC_ENABLE=1 python scripts/cpu_floor.py [--reps 10] [--warmup 2] [--json PATH] [--ops ...]
+        [--dtypes ...] [--directions ...] [--shapes 8192x4096 ...]
 
 For each cell (RMSNorm / LayerNorm with a weight, fwd / bwd, fp32 / bf16, 8192x4096 and 65536x512:
 16 cells by default) it times, interleaved round-robin on the same rotated input sets as
@@ -34,6 +35,17 @@ from autonorm.spec import NormSpec  # noqa: E402
 SHAPES = ((8192, 4096), (65536, 512))
 
 
+def _shape(text: str) -> tuple[int, int]:
+    """'8192x4096' -> (8192, 4096)."""
+    try:
+        rows, hidden = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected ROWSxHIDDEN, e.g. 8192x4096") from None
+    if rows < 1 or hidden < 1:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: rows and hidden size must be positive")
+    return rows, hidden
+
+
 def floor_call(spec, sets):
     """The fresh-output floor of `spec`: a callable taking an input-set index."""
     if spec.direction == "fwd":
@@ -61,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", default=["rmsnorm", "layernorm"])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--directions", nargs="+", default=["fwd", "bwd"])
+    ap.add_argument("--shapes", nargs="+", type=_shape, default=list(SHAPES), help="ROWSxHIDDEN cells")
     ap.add_argument("--reps", type=int, default=10, help="timed calls per implementation and cell")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation and cell")
     ap.add_argument("--json", help="also write the cells as JSON here")
@@ -76,7 +89,7 @@ def main(argv=None) -> int:
     for op in args.ops:
         for direction in args.directions:
             for dtype in args.dtypes:
-                for rows, hidden in SHAPES:
+                for rows, hidden in args.shapes:
                     spec = NormSpec(op, direction, dtype, dtype, hidden, **NormSpec.feature_kwargs("weight"))
                     t = {name.split("[")[0]: v for name, v in cell(spec, rows, timer, device).items()}
                     mine = t["autonorm"].median_us
