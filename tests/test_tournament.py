@@ -61,7 +61,7 @@ def test_noisy_rounds_go_on_up_to_the_retries_and_keep_the_verdict():
         calls.append(indices)
         return [Timing(100.0, 40.0, 400.0, 10) for _ in indices]
     result = tournament.run(wide, names, search, finalists=2)
-    assert len(calls) == tournament.ROUNDS + quality.RETRIES
+    assert len(calls) == max(tournament.ROUNDS, 1 + quality.RETRIES)  # no more than a single round's gate
     assert not result.outcome.verdict.ok and result.outcome.attempts == len(calls)
 
 

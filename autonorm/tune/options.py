@@ -36,7 +36,7 @@ class StudyOptions:
     # stops when they stop improving, whatever its space.
     patience_after: int | None = None
     compile_workers: int = field(default_factory=default_compile_workers)
-    finalists: int = 5  # the best candidates re-timed, interleaved with the torch baselines (finalize.py)
+    finalists: int = 3  # the best candidates re-timed, interleaved with the torch baselines (finalize.py)
     compile_baseline: bool = True  # time torch.compile beside the finalists (torch eager always is)
     strict: bool = False  # refuse to record a study whose measurements stay noisy (else: flagged low-confidence)
     seed: int = 0  # the sampler's seed
