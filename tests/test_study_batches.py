@@ -59,3 +59,47 @@ def test_one_slow_first_candidate_does_not_end_the_study_after_its_first_batch(t
     # batch 1 (4 candidates) ends at 1.15 s; the median candidate, 0.05 s, predicts 0.2 s for the next
     # batch, so two more batches fit (1.35 s, 1.55 s predicted past 1.5 s after the second)
     assert result.measured == 8
+
+
+class LaunchKnobBackend(GridBackend):
+    """A fake whose source depends on knob `a` only (`b` changes the launch, as numba-cpu's rows per task): configs
+    sharing `a` share one compile. Compiling a new source costs `compile_s` of the timer's clock."""
+
+    def __init__(self, timer, compile_s):
+        self.timer, self.compile_s, self.sources = timer, compile_s, set()
+
+    def render(self, spec, config):
+        from autonorm.render import Source
+
+        self.validate(spec, config)
+        return Source.of(f"fake {spec!r} a={config.a}", "")
+
+    def compile(self, spec, config, device):
+        if config.a not in self.sources:
+            self.sources.add(config.a)
+            self.timer.now += self.compile_s
+        return super().compile(spec, config, device)
+
+
+class SteadyTimer(FirstIsSlowTimer):
+    def measure(self, spec, kernel, rows):
+        self.count = 1  # every timing 0.05 s
+        return super().measure(spec, kernel, rows)
+
+
+def test_a_batch_that_needs_a_new_sources_compile_is_not_begun_past_the_share(tmp_path):
+    from autonorm.tune import Candidate
+
+    timer = SteadyTimer()
+    backend = LaunchKnobBackend(timer, compile_s=1.0)
+    cfg = GridConfig
+    # the seeds: source a=1 (compiled once, 1 s), its launch variants, then source a=2 (another 1 s)
+    seeds = [Candidate("fake", cfg(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)] + [Candidate("fake", cfg(a=2, b=1))]
+    options = StudyOptions(trials=30, time_budget=1.6, compile_workers=2, compile_baseline=False, verify=False,
+                           race=False)
+    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
+    runner.run()
+    # 1 s of compile and 6 launch variants (0.3 s) fit; the a=2 batch would end at 2.4 s, past 1.6 s: not begun
+    assert backend.sources == {1}
+    assert timer.now <= 1.6 + 0.2  # the finish's re-timing on top

@@ -167,6 +167,9 @@ class CompilePool:
         self._threads = ThreadPoolExecutor(max_workers=max(1, workers))
         self._processes: ProcessPoolExecutor | None = None
         # Keyed by spec too: a grid's studies share the pool, and a candidate key names no spec.
+        # Compile keys (`rank.compile_key`) of the sources the studies compiled so far: what a batch still has to
+        # compile, for a study's estimate of it.
+        self.compiled_sources: set[str] = set()
         self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, what it compiled for) -> the warm job
         self._warming: dict[tuple, tuple] = {}  # (backend, source sha256, spec, one of `_compiled_for`) -> its job
         self._counted: set[tuple] = set()  # the jobs whose seconds are in compile_s

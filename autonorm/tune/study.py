@@ -53,7 +53,7 @@ from ..errors import AutonormError
 from ..measure import Timing
 from ..spec import NormSpec, rows_bucket
 from ..verify import check_candidate
-from . import finalize, fleet, trials
+from . import finalize, fleet, rank, trials
 from .compile_pool import CompilePool
 from .finalize import StudyResult
 from .options import StudyOptions
@@ -188,6 +188,10 @@ class StudyRunner:
         # pool's start and its sources' first compiles, and on a CPU most later candidates share a compiled
         # source (rank.compile_key), so the last batch's wall would end the study after one batch.
         spent: list[float] = []
+        # Seconds waited for a batch's compile when it held a source not compiled before in this run (on a CPU the
+        # timer waits for the compile workers before the batch, so `spent` does not hold them): a batch predicted
+        # to need one is charged their median, so a study does not begin a compile its share cannot pay for.
+        compile_waits: list[float] = []
         # Without a grid's pool, threads: worker processes pay an interpreter start each, worth it once per grid
         # (`tune_grid`), not once per study.
         pool = self.compile_pool or CompilePool(self.backends, self.device, self.options.compile_workers,
@@ -197,10 +201,12 @@ class StudyRunner:
         self._racer = Racer(self.timer, out_of_time=lambda: self.clock() - started > time_budget)
         try:
             while True:
-                done = self.state(study).done
+                before = self.state(study)
+                done = before.done
                 # The budget counts distinct candidates evaluated; a sampled duplicate costs no timing,
                 # but Optuna trials are capped too so that a converged sampler cannot loop forever.
-                if done >= n_trials or self.clock() - started + self._next_batch_s(spent) > time_budget:
+                upcoming = self._next_batch_s(spent, compile_waits if self._needs_compile(pool, before) else [])
+                if done >= n_trials or self.clock() - started + upcoming > time_budget:
                     return "budget"
                 if len(trials.finished(study)) >= MAX_TRIALS_FACTOR * n_trials:
                     return "converged"
@@ -216,7 +222,12 @@ class StudyRunner:
                 batch, state = self._claim_batch(study, done)
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
+                waited = self.clock()
                 compiled_new = self._compiler(pool, batch, state)
+                sources = {rank.compile_key(self.space, c) for _, c in batch if c.key not in state.evaluated}
+                if sources - pool.compiled_sources:
+                    compile_waits.append(self.clock() - waited)
+                    pool.compiled_sources |= sources
                 for trial, cand in batch:  # timing stays serial
                     cand_started = self.clock()
                     is_new = cand.key not in state.evaluated
@@ -243,9 +254,19 @@ class StudyRunner:
             if best < float("inf"):
                 self.progress.set_postfix_str(f"best {best:.1f} us")
 
-    def _next_batch_s(self, spent: list[float]) -> float:
-        """A batch's predicted seconds: `compile_workers` candidates at the median of those so far (0: none yet)."""
-        return statistics.median(spent) * self.options.compile_workers if spent else 0.0
+    def _next_batch_s(self, spent: list[float], compile_waits: list[float] = ()) -> float:
+        """A batch's predicted seconds: `compile_workers` candidates at the median of those so far (0: none yet),
+        and the median wait for a new source's compile, where `compile_waits` holds any."""
+        candidates = statistics.median(spent) * self.options.compile_workers if spent else 0.0
+        return candidates + (statistics.median(compile_waits) if compile_waits else 0.0)
+
+    def _needs_compile(self, pool, state: StudyState) -> bool:
+        """Whether the next batch holds a source not compiled before in this run: known for the study's queued
+        candidates (its seeds and ranked ones, in order); past them the sampler's are assumed to."""
+        queued = [c for c in self.seeds if c.key not in state.taken][:self.options.compile_workers]
+        if len(queued) < self.options.compile_workers:
+            return True
+        return any(rank.compile_key(self.space, c) not in pool.compiled_sources for c in queued)
 
     def _compiler(self, pool, batch: list, state: StudyState):
         """Starts compiling the batch's new candidates ahead of the timer; returns the function that waits for
