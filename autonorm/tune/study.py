@@ -222,12 +222,7 @@ class StudyRunner:
                 batch, state = self._claim_batch(study, done)
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
-                waited = self.clock()
-                compiled_new = self._compiler(pool, batch, state)
-                sources = {rank.compile_key(self.space, c) for _, c in batch if c.key not in state.evaluated}
-                if sources - pool.compiled_sources:
-                    compile_waits.append(self.clock() - waited)
-                    pool.compiled_sources |= sources
+                compiled_new = self._compiler(pool, batch, state, compile_waits)
                 for trial, cand in batch:  # timing stays serial
                     cand_started = self.clock()
                     is_new = cand.key not in state.evaluated
@@ -268,13 +263,19 @@ class StudyRunner:
             return True
         return any(rank.compile_key(self.space, c) not in pool.compiled_sources for c in queued)
 
-    def _compiler(self, pool, batch: list, state: StudyState):
+    def _compiler(self, pool, batch: list, state: StudyState, compile_waits: list):
         """Starts compiling the batch's new candidates ahead of the timer; returns the function that waits for
         one's (kernel, failure). On a GPU the audit judges them first (`SearchSpace.unfit`): one it rejects is a
-        failure with the audit's reason, never compiled or timed."""
+        failure with the audit's reason, never compiled or timed. The wait, when the batch holds a source new to
+        the run, goes to `compile_waits`."""
+        started = self.clock()
         new = [c for _, c in batch if c.key not in state.evaluated]
         unfit = self.space.unfit(new)
         pool.prepare(self.spec, self.rows, [c for c in new if c.key not in unfit])
+        sources = {rank.compile_key(self.space, c) for c in new}
+        if sources - pool.compiled_sources:
+            compile_waits.append(self.clock() - started)
+            pool.compiled_sources |= sources
         return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
 
     def _claim_batch(self, study, done: int) -> tuple[list, StudyState]:
