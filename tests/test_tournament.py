@@ -72,3 +72,18 @@ def test_every_finalist_and_baseline_gets_a_recorded_timing(finalists):
     assert sorted(result.order) == list(range(finalists))
     assert set(result.timings) == set(range(finalists + 1))
     assert [t.median_us for t in result.outcome.timings] == row
+
+
+def test_a_round_that_would_end_past_the_deadline_is_not_begun():
+    clock = {"now": 0.0}
+    script = [[100, 101, 300], [101, 100, 300], [100, 101, 300]]
+
+    def retime(indices):  # one second a kernel
+        clock["now"] += len(indices)
+        return Rounds(script)(indices)
+    names, search = ["a", "b", "base"], [None, None, None]
+    # round 1 (3 kernels) ends at 3 s; the next round of the 2 close ones would end at 5 s, past 4.5
+    result = tournament.run(retime, names, search, 2, time_left=lambda: 4.5 - clock["now"])
+    assert clock["now"] == 3 and result.outcome.attempts == 1 and sorted(result.order) == [0, 1]
+    unbounded = tournament.run(retime, names, search, 2)
+    assert unbounded.outcome.attempts == tournament.ROUNDS

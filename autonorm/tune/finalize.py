@@ -136,7 +136,7 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, trials) ->
             outcome = quality.gate(lambda: retime(range(len(kernels))), names, searched)
             order = sorted(range(len(finalists)), key=lambda i: outcome.timings[i].median_us)
         else:
-            rounds = tournament.run(retime, names, searched, len(finalists))
+            rounds = tournament.run(retime, names, searched, len(finalists), time_left=run.time_left)
             outcome, order = rounds.outcome, rounds.order
     if not outcome.verdict.ok:
         why = (f"{run.spec.short()} rows={run.rows}: measurements stay noisy after {outcome.attempts} timings "

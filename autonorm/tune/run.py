@@ -202,7 +202,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,
                              seeds=[s.candidate for s in seeds], copy_gbps=copy_gbps, lock_path=lock_path,
                              study_attrs=study_attrs, progress=bar, clock=clock, compile_pool=pool, space=space,
-                             seed_sources=transfer.provenance(seeds))
+                             seed_sources=transfer.provenance(seeds), deadline=deadline if plans is not None else None)
         result = runner.run()
         if bar is not None:
             bar.close()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import statistics
 import time
 import warnings
@@ -79,20 +80,22 @@ class StudyRunner:
     own: its spec, rows and backends, the timer and device, where it is stored (`storage`, `name`, and
     `lock_path` beside a journal file), its seeds, the device's copy bandwidth (for a record's %copy),
     `study_attrs` (device, versions, protocol: kept in the study, `fleet.describe_study`), a tqdm-like
-    `progress` bar or None, `clock`, the seconds its time budget counts in (tests script it), and
-    `seed_sources`, where each seed came from (`transfer.provenance`), kept in the study as `seed_sources`."""
+    `progress` bar or None, `clock`, the seconds its time budget counts in (tests script it),
+    `seed_sources`, where each seed came from (`transfer.provenance`), kept in the study as `seed_sources`, and
+    `deadline`, when the whole run must end on `clock` (`--budget`; the finish's rounds respect it)."""
 
     def __init__(self, spec: NormSpec, rows: int, backends: dict, timer, options: StudyOptions | None = None, *,
                  storage, name: str, device="cpu", seeds: list[Candidate] = (), copy_gbps: float | None = None,
                  lock_path: Path | None = None, study_attrs: dict | None = None, progress=None,
                  compile_pool: CompilePool | None = None, space: SearchSpace | None = None,
-                 clock=time.monotonic, seed_sources: list | None = None):
+                 clock=time.monotonic, seed_sources: list | None = None, deadline: float | None = None):
         self.spec, self.rows, self.backends, self.timer = spec, rows, backends, timer
         self.options = options if options is not None else StudyOptions()
         self.device = torch.device(device)
         self.storage, self.name, self.lock_path = storage, name, lock_path
         self.seeds, self.copy_gbps, self.study_attrs = list(seeds), copy_gbps, study_attrs
         self.progress, self.clock = progress, clock
+        self.deadline = deadline  # on `clock`, when the whole run must end (`--budget`): the finish's rounds stop
         self.space = space if space is not None else SearchSpace(spec, backends, self.device)  # a grid's: one a spec
         n_trials = self.options.trials
         self.exhaustive = len(self.space) <= n_trials
@@ -111,6 +114,10 @@ class StudyRunner:
     def claim(self):
         """The study's critical section (`fleet.claim_lock`): one worker at a time claims or finalizes."""
         return fleet.claim_lock(self.storage, self.name, self.lock_path)
+
+    def time_left(self) -> float:
+        """Seconds to the run's deadline (infinite without one)."""
+        return math.inf if self.deadline is None else self.deadline - self.clock()
 
     def state(self, study) -> StudyState:
         """What the study's storage holds now, by candidate key."""

@@ -9,7 +9,8 @@ few percent to chance between launch variants of one kernel. So the finish runs 
 2. A finalist whose p20 is above the round's best one's p80 is clearly slower: it leaves, keeping
    its timing from the round it left. The rest are re-timed together, the order rotated each round
    so that no kernel always runs first after another library's threads.
-3. After `ROUNDS` rounds, or when one finalist is left, the survivors are ranked by the median of
+3. After `ROUNDS` rounds, when one finalist is left, or when the next round would end past the run's
+   deadline (`--budget`), the survivors are ranked by the median of
    their round medians, each recorded with the round that gave its median. A finalist left alone
    is re-timed while its round fails the noise gate (`quality.judge`), up to `quality.RETRIES`
    more times, as a single round's gate would; the rounds never exceed that count or `ROUNDS`.
@@ -18,6 +19,7 @@ The result is deterministic given the timings, so a scripted timer tests it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -40,10 +42,12 @@ def _median_round(timings: list):
 
 
 def run(retime: Callable[[list], list], names: Sequence[str], search: Sequence[dict | None], finalists: int,
-        rounds: int = ROUNDS, retries: int = quality.RETRIES) -> Result:
+        rounds: int = ROUNDS, retries: int = quality.RETRIES,
+        time_left: Callable[[], float] = lambda: math.inf) -> Result:
     """`retime(indices)` times those kernels interleaved, in that order, and returns their Timings. Indices below
     `finalists` are the finalists, the others the baselines; `names` and `search` (each one's search timing, or
-    None) are by index, for the noise gate."""
+    None) are by index, for the noise gate. `time_left()`: seconds to the run's deadline (`--budget`); a round
+    after the first that would end past it is not begun, and the rounds so far decide."""
     baselines = list(range(finalists, len(names)))
     alive, left = list(range(finalists)), []  # left: (round it left, index), in the order they left
     looks: dict[int, list] = {i: [] for i in range(len(names))}
@@ -52,7 +56,9 @@ def run(retime: Callable[[list], list], names: Sequence[str], search: Sequence[d
         timed = alive + (baselines if done == 0 else [])
         shift = done % len(timed)
         timed = timed[shift:] + timed[:shift]
+        before = time_left()
         timings = retime(timed)
+        per_kernel_s = (before - time_left()) / len(timed)
         done += 1
         for i, t in zip(timed, timings):
             looks[i].append(t)
@@ -66,6 +72,8 @@ def run(retime: Callable[[list], list], names: Sequence[str], search: Sequence[d
         # machine whose noise persists (9 of 16 studies of a quiet 2-core run did), more rounds only spend the
         # later studies' time.
         if (done >= needed and verdict.ok) or done >= max(rounds, 1 + retries):
+            break
+        if time_left() < per_kernel_s * len(alive):  # the budget says stop
             break
     recorded = {i: _median_round(looks[i]) for i in alive}
     recorded.update({i: looks[i][-1] for _, i in left})
