@@ -5,8 +5,8 @@ best few (and the torch candidate, so that a winner is never slower than torch)
 are re-timed together, interleaved with torch eager and torch.compile, so that
 drift hits all alike: in rounds that drop the clearly slower ones (tournament.py),
 or under --budget on a GPU in one round of the close ones (the light finish).
-`quality` judges each re-timing (spread, agreement with the search). One worker per study finalizes it; the
-others take its record from the study.
+`quality` judges each re-timing (spread, agreement with the search). One worker
+per study finalizes it; the others take its record from the study.
 """
 from __future__ import annotations
 

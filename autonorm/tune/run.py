@@ -155,7 +155,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     jobs = [(spec, rows, study_name(ident["slug"], spec, rows, backends), spaces[spec],
              _seeds(spec, rows, spaces[spec], earlier, tables)) for spec in specs for rows in row_counts]
     roles = [transfer.Role(0)] * len(jobs)
-    plans, winners = None, {}
+    plans, winners, deadline = None, {}, None  # deadline: when the run must end, with --budget
     # Set-up and finish seconds the studies run so far took and were planned to take: a machine slower than
     # the plan's estimates there (a loaded CPU, a slow storage) shrinks the later studies' search shares
     # instead of overrunning the budget in the last one.
@@ -169,10 +169,10 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline, options.light_finish)
         plans = planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage))
         transfer.shape_plans(plans, roles, [seeds for *_, seeds in jobs], _lean(device))
-        plans = planner.split(plans, budget_s, elapsed(), costs.end_s).studies
+        plan = planner.split(plans, budget_s, elapsed(), costs.end_s)
+        plans = plan.studies
         if show_plan is not None:
-            show_plan(planner.format_plan(planner.Plan(budget_s, elapsed(), plans, costs.end_s),
-                                          options.compile_baseline))
+            show_plan(planner.format_plan(plan, options.compile_baseline))
         deadline = clock() + budget_s - elapsed() - costs.end_s
         facts = rank.DeviceFacts.of(ident, copy_gbps)
     for i, (spec, rows, name, space, seeds) in enumerate(jobs):
@@ -202,7 +202,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,
                              seeds=[s.candidate for s in seeds], copy_gbps=copy_gbps, lock_path=lock_path,
                              study_attrs=study_attrs, progress=bar, clock=clock, compile_pool=pool, space=space,
-                             seed_sources=transfer.provenance(seeds), deadline=deadline if plans is not None else None)
+                             seed_sources=transfer.provenance(seeds), deadline=deadline)
         result = runner.run()
         if bar is not None:
             bar.close()
