@@ -36,6 +36,11 @@ def _max_threads() -> int:
         return os.cpu_count() or 1
 
 
+# The one rows_per_task of a forward on one thread: its tasks only group rows run in order, and with a residual
+# each task allocates a row buffer, so the fewest tasks.
+SERIAL_ROWS_PER_TASK = 256
+
+
 @dataclass(frozen=True)
 class NumbaCpuConfig(Config):
     """Launch knobs of the numba-cpu kernels (rows_per_task and threads are runtime, not in the source)."""
@@ -53,6 +58,15 @@ class NumbaCpuConfig(Config):
     def is_valid(cls, spec: NormSpec, config: "NumbaCpuConfig") -> str | None:
         if config.threads > _max_threads():
             return f"threads {config.threads} exceeds this machine's Numba thread pool ({_max_threads()})"
+        # Two configs that launch the same work are one candidate timed twice: a search that keeps both spends
+        # its time on the noise between them. (With a single-thread pool, threads=0 is the parallel variant
+        # on one thread and threads=1 the serial one: not the same launch.)
+        if 1 < config.threads == _max_threads():
+            return (f"threads {config.threads} is this machine's whole Numba thread pool: the launch threads=0 "
+                    "makes (the caller's setting, all of the pool unless lowered)")
+        if spec.direction == "fwd" and config.threads == 1 and config.rows_per_task != SERIAL_ROWS_PER_TASK:
+            return (f"a forward on one thread runs its rows in order whatever rows_per_task is: "
+                    f"rows_per_task={SERIAL_ROWS_PER_TASK} stands for all of them")
         if spec.direction == "bwd" and spec.weight and config.rows_per_task < 4:
             # one fp32 dW partial row per task: fewer than 4 rows per task costs more partial
             # traffic than the row itself for bf16 inputs

@@ -50,7 +50,7 @@ def test_a_candidate_compiled_in_a_worker_is_a_cache_hit_in_the_tuning_process(t
     # threads=1: only the serial variant exists, the cheapest compile that shows the mechanism
     spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 80, weight=False)
     kernel = _warmed_in_a_worker_then_compiled_here(
-        tmp_path, monkeypatch, spec, NumbaCpuConfig(rows_per_task=2, vector_width=16, threads=1, fastmath=False))
+        tmp_path, monkeypatch, spec, NumbaCpuConfig(rows_per_task=256, vector_width=16, threads=1, fastmath=False))
     hits, misses = _cache_counts(kernel.dispatchers[1])
     assert hits >= 1 and misses == 0
 

@@ -36,11 +36,13 @@ def test_grid(backend, spec, rows, strided):
 
 def test_non_default_configs(backend):
     """Every knob value renders and computes correctly (fastmath included: it keeps NaN/Inf semantics)."""
-    from autonorm.backends.numba_cpu import NumbaCpuConfig
+    from autonorm.backends.numba_cpu import SERIAL_ROWS_PER_TASK, NumbaCpuConfig
 
     for direction in ("fwd", "bwd"):
         spec = NormSpec("layernorm", direction, "bfloat16", "float32", 1128, bias=True, residual=True)
-        for config in (NumbaCpuConfig(rows_per_task=4, vector_width=16, threads=1, fastmath=True),
+        # one thread: a forward's rows_per_task is fixed (its tasks only group rows), a backward's is not
+        serial_rpt = SERIAL_ROWS_PER_TASK if direction == "fwd" else 4
+        for config in (NumbaCpuConfig(rows_per_task=serial_rpt, vector_width=16, threads=1, fastmath=True),
                        NumbaCpuConfig(rows_per_task=128, vector_width=1, threads=0, fastmath=False)):
             check_case(backend, spec, 37, True, "cpu", config)
 
@@ -57,6 +59,25 @@ def test_config_domain_and_validity(backend):
         NumbaCpuConfig.from_dict({"rows_per_task": 3, "vector_width": 8, "threads": 0, "fastmath": False})
     for s in (spec, NormSpec("layernorm", "bwd", "bfloat16", "bfloat16", 65537, bias=True)):
         assert NumbaCpuConfig.is_valid(s, backend.heuristic(s)) is None
+
+
+def test_the_space_holds_no_two_configs_that_launch_the_same_work(backend, monkeypatch):
+    """threads equal to the whole pool is threads=0's launch, and a forward on one thread ignores rows_per_task:
+    the space keeps one of each such set (a search timing both only measures noise between them)."""
+    import autonorm.backends.numba_cpu as numba_cpu
+    from autonorm.backends.numba_cpu import SERIAL_ROWS_PER_TASK, NumbaCpuConfig
+
+    assert SERIAL_ROWS_PER_TASK == max(NumbaCpuConfig.domain()["rows_per_task"])
+    monkeypatch.setattr(numba_cpu, "_max_threads", lambda: 4)
+    fwd, bwd = (NormSpec("rmsnorm", d, "float32", "float32", 1024) for d in ("fwd", "bwd"))
+    for spec in (fwd, bwd):
+        assert {c.threads for c in backend.space(spec)} == {0, 1, 2}
+    serial = [c for c in backend.space(fwd) if c.threads == 1]
+    assert serial and {c.rows_per_task for c in serial} == {SERIAL_ROWS_PER_TASK}
+    assert len({c.rows_per_task for c in backend.space(bwd) if c.threads == 1}) > 1  # the dW partials differ
+    assert "whole Numba thread pool" in NumbaCpuConfig.is_valid(fwd, NumbaCpuConfig(16, 1, 4, True))
+    monkeypatch.setattr(numba_cpu, "_max_threads", lambda: 1)  # one thread: the parallel and serial variants
+    assert {c.threads for c in backend.space(fwd)} == {0, 1}
 
 
 # --- bit handling -------------------------------------------------------------------------

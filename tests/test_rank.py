@@ -21,6 +21,12 @@ def _heuristic_seeds(space):
     return [c for c in space.candidates() if c.config == space.backends[c.backend].heuristic(space.spec)]
 
 
+def _launch_variants_of_the_heuristic(space) -> int:
+    """The numba-cpu configs other than the heuristic that render its source (its vector_width and fastmath)."""
+    h = space.backends["numba-cpu"].heuristic(space.spec)
+    return sum((c.vector_width, c.fastmath) == (h.vector_width, h.fastmath) for c in space.configs["numba-cpu"]) - 1
+
+
 def test_candidates_sharing_a_seeds_compiled_source_come_first_then_ranked_more(cpu_space):
     facts = rank.DeviceFacts("cpu", workers=2, copy_gbps=20.0)
     seeds = _heuristic_seeds(cpu_space)
@@ -29,15 +35,16 @@ def test_candidates_sharing_a_seeds_compiled_source_come_first_then_ranked_more(
     shared = [c for c in cpu_space.candidates() if rank.compile_key(cpu_space, c) in compiled
               and c.key not in {s.key for s in seeds}]
     assert name == "near the heuristic"
-    # numba-cpu renders one source per (vector_width, fastmath): 27 launch variants share the heuristic's
-    assert len(shared) == 26
-    assert {c.key for c in chosen[:26]} == {c.key for c in shared}
-    assert all(rank.compile_key(cpu_space, c) not in compiled for c in chosen[26:])
-    assert len(chosen) == 26 + rank.RANKED
+    # numba-cpu renders one source per (vector_width, fastmath): its launch variants share the heuristic's
+    n_shared = _launch_variants_of_the_heuristic(cpu_space)
+    assert len(shared) == n_shared
+    assert {c.key for c in chosen[:n_shared]} == {c.key for c in shared}
+    assert all(rank.compile_key(cpu_space, c) not in compiled for c in chosen[n_shared:])
+    assert len(chosen) == n_shared + rank.RANKED
     assert not {c.key for c in chosen} & {s.key for s in seeds}
     # within each group the distance from the heuristic still orders
     heuristic = cpu_space.backends["numba-cpu"].heuristic(cpu_space.spec)
-    steps = [rank.heuristic_distance(cpu_space, c, heuristic) for c in chosen[:26]]
+    steps = [rank.heuristic_distance(cpu_space, c, heuristic) for c in chosen[:n_shared]]
     assert steps == sorted(steps)
 
 
@@ -57,6 +64,7 @@ def test_a_budgeted_study_is_seeded_with_the_shared_source_candidates_then_the_r
     seeds = [Seed(c, "heuristic") for c in _heuristic_seeds(cpu_space)]
     chosen = _with_ranked(seeds, cpu_space, 1024, facts)
     compiled = {rank.compile_key(cpu_space, s.candidate) for s in seeds}
-    assert chosen[:2] == seeds and len(chosen) == 2 + 26 + rank.RANKED
-    assert all(rank.compile_key(cpu_space, s.candidate) in compiled for s in chosen[2:28])
+    n_shared = _launch_variants_of_the_heuristic(cpu_space)
+    assert chosen[:2] == seeds and len(chosen) == 2 + n_shared + rank.RANKED
+    assert all(rank.compile_key(cpu_space, s.candidate) in compiled for s in chosen[2:2 + n_shared])
     assert {s.source for s in chosen[2:]} == {"near the heuristic"}
