@@ -355,3 +355,18 @@ def test_a_finish_slower_than_planned_shrinks_the_later_studies_not_the_budget(t
     assert len(results) == 2 and all(r.record is not None for r in results)
     assert results[0].outside_search_s >= 3 * COSTS.finish_s  # the first study learns it
     assert timer.now <= 1.8  # the last study's share leaves room for a finish as slow as the first one's
+
+
+def test_only_the_last_study_the_plan_runs_predicts_its_batches_by_the_slowest(tmp_path, monkeypatch):
+    from autonorm.tune import run, study
+
+    flags = []
+
+    class Spy(study.StudyRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            flags.append(self.options.ends_run)
+
+    monkeypatch.setattr(run, "StudyRunner", Spy)
+    tune(tmp_path, 1.8, ScriptedClockTimer())
+    assert flags == [False, True]

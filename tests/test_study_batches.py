@@ -66,6 +66,7 @@ class LaunchKnobBackend(GridBackend):
     sharing `a` share one compile. Compiling a new source costs `compile_s` of the timer's clock."""
 
     def __init__(self, timer, compile_s):
+        super().__init__()
         self.timer, self.compile_s, self.sources = timer, compile_s, set()
 
     def render(self, spec, config):
@@ -99,7 +100,41 @@ def test_a_batch_that_needs_a_new_sources_compile_is_not_begun_past_the_share(tm
                            race=False)
     runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds,
                          storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
-    runner.run()
+    assert runner.run().failed == {}
     # 1 s of compile and 6 launch variants (0.3 s) fit; the a=2 batch would end at 2.4 s, past 1.6 s: not begun
     assert backend.sources == {1}
     assert timer.now <= 1.6 + 0.2  # the finish's re-timing on top
+
+
+def test_the_runs_last_study_predicts_its_next_batch_by_its_slowest_candidate(tmp_path):
+    # Nothing after the run's last study can absorb its overrun: the 1 s candidate stands for the next batch
+    # (4 s), where the median one (0.05 s) would let two more batches begin, as in the test above.
+    timer = FirstIsSlowTimer()
+    options = StudyOptions(trials=30, time_budget=1.5, compile_workers=4, compile_baseline=False, verify=False,
+                           race=False, ends_run=True)
+    runner = StudyRunner(SPEC, 8, {"fake": GridBackend()}, timer, options,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
+    assert runner.run().measured == 4
+
+
+def test_a_study_charges_a_new_source_the_compile_waits_of_the_studies_before_it(tmp_path):
+    # The first sources of a study are often an earlier study's (numba-cpu renders no hidden size), so the study
+    # has waited for no compile of its own when its first new source comes: the run's waits price it.
+    from autonorm.tune import Candidate
+    from autonorm.tune.compile_pool import CompilePool
+
+    timer = SteadyTimer()
+    backend = LaunchKnobBackend(timer, compile_s=1.0)
+    pool = CompilePool({"fake": backend}, "cpu", 2, processes=False)
+    storage = make_storage(None, tmp_path / "j.journal")
+    variants = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)]
+    for rows, seeds, budget in ((8, variants, 10.0), (16, variants + [Candidate("fake", GridConfig(a=2, b=1))], 1.0)):
+        options = StudyOptions(trials=len(seeds), time_budget=budget, compile_workers=2, compile_baseline=False,
+                               verify=False, race=False)
+        result = StudyRunner(SPEC, rows, {"fake": backend}, timer, options, seeds=seeds, storage=storage,
+                             name=f"s{rows}", clock=timer.clock, compile_pool=pool).run()
+        assert result.failed == {}
+    assert pool.compile_waits == [1.0]  # the first study's compile of a=1
+    # the second study's launch variants of a=1 take 0.3 s; a=2 with a 1 s compile would end past its 1 s
+    assert backend.sources == {1}
+    pool.close()

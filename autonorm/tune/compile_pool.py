@@ -170,6 +170,11 @@ class CompilePool:
         # Compile keys (`rank.compile_key`) of the sources the studies compiled so far: what a batch still has to
         # compile, for a study's estimate of it.
         self.compiled_sources: set[str] = set()
+        # Seconds the timer waited for a batch that held a source new to the run (on a CPU it waits for the
+        # workers before the batch, outside the candidates' seconds): a study charges a batch predicted to need
+        # one their median, so it does not begin a compile its share cannot pay for. The run's, not a study's:
+        # a study whose first sources an earlier study compiled has no wait of its own to go by.
+        self.compile_waits: list[float] = []
         self._jobs: dict[tuple, Future] = {}  # (backend, source sha256, spec, what it compiled for) -> the warm job
         self._warming: dict[tuple, tuple] = {}  # (backend, source sha256, spec, one of `_compiled_for`) -> its job
         self._counted: set[tuple] = set()  # the jobs whose seconds are in compile_s

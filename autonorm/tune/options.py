@@ -50,6 +50,9 @@ class StudyOptions:
     # a grid (`tune_grid`) compiles in worker processes that fill the backends' disk caches (tune/compile_pool.py);
     # off, and for a StudyRunner run on its own: threads
     compile_processes: bool = True
+    # The last study a --budget run plans: nothing after it can absorb an overrun, so it predicts its next batch
+    # by its slowest candidate and the run's slowest compile so far, not their medians (study.py).
+    ends_run: bool = False
 
     def __post_init__(self):
         for name in ("trials", "compile_workers", "finalists"):
@@ -65,7 +68,7 @@ class StudyOptions:
                  and not math.isnan(budget) and budget >= 0, "seconds >= 0")
         _require("seed", self.seed, _is_int(self.seed), "a whole number")
         _require("windows", self.windows, self.windows in WINDOWS, f"one of {', '.join(WINDOWS)}")
-        for name in ("compile_baseline", "strict", "verify", "race", "compile_processes", "light_finish"):
+        for name in ("compile_baseline", "strict", "verify", "race", "compile_processes", "light_finish", "ends_run"):
             _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "True or False")
         _require("sampler", self.sampler, self.sampler is None or callable(self.sampler),
                  "a function of the seed that returns an Optuna sampler, or None")

@@ -196,7 +196,9 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
                 continue
             moved = transfer.transferred(roles[i], spec, winners)
             seeds = neighbour_seeds(device, space, moved, seeds)
-            study_options = transfer.options_for(dataclasses.replace(options, time_budget=share), moved, len(seeds))
+            last = not any(p.status == "run" for p in plans[i + 1:])
+            study_options = transfer.options_for(dataclasses.replace(options, time_budget=share, ends_run=last),
+                                                 moved, len(seeds))
             seeds = _with_ranked(seeds, space, rows, facts)
         bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,

@@ -195,10 +195,6 @@ class StudyRunner:
         # pool's start and its sources' first compiles, and on a CPU most later candidates share a compiled
         # source (rank.compile_key), so the last batch's wall would end the study after one batch.
         spent: list[float] = []
-        # Seconds waited for a batch's compile when it held a source not compiled before in this run (on a CPU the
-        # timer waits for the compile workers before the batch, so `spent` does not hold them): a batch predicted
-        # to need one is charged their median, so a study does not begin a compile its share cannot pay for.
-        compile_waits: list[float] = []
         # Without a grid's pool, threads: worker processes pay an interpreter start each, worth it once per grid
         # (`tune_grid`), not once per study.
         pool = self.compile_pool or CompilePool(self.backends, self.device, self.options.compile_workers,
@@ -212,7 +208,7 @@ class StudyRunner:
                 done = before.done
                 # The budget counts distinct candidates evaluated; a sampled duplicate costs no timing,
                 # but Optuna trials are capped too so that a converged sampler cannot loop forever.
-                upcoming = self._next_batch_s(spent, compile_waits if self._needs_compile(pool, before) else [])
+                upcoming = self._next_batch_s(spent, pool.compile_waits if self._needs_compile(pool, before) else [])
                 if done >= n_trials or self.clock() - started + upcoming > time_budget:
                     return "budget"
                 if len(trials.finished(study)) >= MAX_TRIALS_FACTOR * n_trials:
@@ -229,7 +225,7 @@ class StudyRunner:
                 batch, state = self._claim_batch(study, done)
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
-                compiled_new = self._compiler(pool, batch, state, compile_waits)
+                compiled_new = self._compiler(pool, batch, state)
                 for trial, cand in batch:  # timing stays serial
                     cand_started = self.clock()
                     is_new = cand.key not in state.evaluated
@@ -258,9 +254,11 @@ class StudyRunner:
 
     def _next_batch_s(self, spent: list[float], compile_waits: list[float] = ()) -> float:
         """A batch's predicted seconds: `compile_workers` candidates at the median of those so far (0: none yet),
-        and the median wait for a new source's compile, where `compile_waits` holds any."""
-        candidates = statistics.median(spent) * self.options.compile_workers if spent else 0.0
-        return candidates + (statistics.median(compile_waits) if compile_waits else 0.0)
+        and the median wait for a new source's compile, where `compile_waits` holds any. The run's last study
+        (`ends_run`) takes the slowest of each instead: its overrun is the run's."""
+        typical = max if self.options.ends_run else statistics.median
+        candidates = typical(spent) * self.options.compile_workers if spent else 0.0
+        return candidates + (typical(compile_waits) if compile_waits else 0.0)
 
     def _needs_compile(self, pool, state: StudyState) -> bool:
         """Whether the next batch holds a source not compiled before in this run: known for the study's queued
@@ -270,18 +268,18 @@ class StudyRunner:
             return True
         return any(rank.compile_key(self.space, c) not in pool.compiled_sources for c in queued)
 
-    def _compiler(self, pool, batch: list, state: StudyState, compile_waits: list):
+    def _compiler(self, pool, batch: list, state: StudyState):
         """Starts compiling the batch's new candidates ahead of the timer; returns the function that waits for
         one's (kernel, failure). On a GPU the audit judges them first (`SearchSpace.unfit`): one it rejects is a
         failure with the audit's reason, never compiled or timed. The wait, when the batch holds a source new to
-        the run, goes to `compile_waits`."""
+        the run, goes to the pool's `compile_waits`."""
         started = self.clock()
         new = [c for _, c in batch if c.key not in state.evaluated]
         unfit = self.space.unfit(new)
         pool.prepare(self.spec, self.rows, [c for c in new if c.key not in unfit])
         sources = {rank.compile_key(self.space, c) for c in new}
         if sources - pool.compiled_sources:
-            compile_waits.append(self.clock() - started)
+            pool.compile_waits.append(self.clock() - started)
             pool.compiled_sources |= sources
         return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
 
