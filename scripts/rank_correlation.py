@@ -23,51 +23,11 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rho of two equally long lists (average ranks for ties)."""
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else 0.0
-
-
-@dataclass
-class SpecRho:
-    spec: str
-    rows: int
-    candidates: int
-    model: float      # rho(model's order, measured median)
-    distance: float   # rho(distance from the heuristic, measured median)
-
-
-def spec_rho(space, rows: int, facts, measured: dict) -> SpecRho:
-    """Both correlations over the candidates of `space` that `measured` (candidate key -> median µs) holds."""
-    from autonorm.tune import rank
-
-    order = {c.key: i for i, c in enumerate(rank.ranked(space, rows, facts))}
-    heuristics = {name: backend.heuristic(space.spec) for name, backend in space.backends.items()}
-    cands = [space.named(k) for k in measured if space.named(k) is not None]
-    times = [measured[c.key] for c in cands]
-    distance = [rank.heuristic_distance(space, c, heuristics[c.backend]) for c in cands]
-    return SpecRho(space.spec.short(), rows, len(cands), spearman([order[c.key] for c in cands], times),
-                   spearman(distance, times))
+# spearman is used by the tests and scripts beside this one through this module.
+from autonorm.tune.rank import SpecRho, spearman, spec_rho, verdict  # noqa: F401
 
 
 def timed(spec, rows: int, backend_name: str, sample: int, seed: int) -> SpecRho:
@@ -124,20 +84,6 @@ def measured_studies(journal: Path):
 def from_storage(journal: Path) -> list[SpecRho]:
     """One SpecRho per study in an `autonorm tune` journal, from the medians its trials recorded."""
     return [spec_rho(space, rows, facts, measured) for space, rows, facts, measured in measured_studies(journal)]
-
-
-def verdict(rows: list[SpecRho]) -> str:
-    """Keep or drop the model: it must rank better than the heuristic distance alone on most specs and on average."""
-    if not rows:
-        return "verdict: none (no spec measured)"
-    better = sum(r.model > r.distance for r in rows)
-    mean_model = sum(r.model for r in rows) / len(rows)
-    mean_distance = sum(r.distance for r in rows) / len(rows)
-    keep = better * 2 > len(rows) and mean_model > mean_distance
-    head = ("keep the cost model: it ranks better than the heuristic distance alone" if keep else
-            "drop the cost model: it does not rank better than the heuristic distance alone")
-    return (f"verdict: {head} (higher rho on {better} of {len(rows)} specs; mean rho {mean_model:+.2f} "
-            f"vs {mean_distance:+.2f})")
 
 
 def markdown(rows: list[SpecRho]) -> str:

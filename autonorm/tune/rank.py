@@ -17,6 +17,10 @@ winners. The model uses only facts known without a measurement:
 What it does not know: vector width, fastmath, unrolling, registers. Those are left
 to the measurement (TPE); on a GPU a candidate that spills or cannot launch is failed by
 the audit before it is compiled for timing (`SearchSpace.unfit`).
+
+How well it ranks is measured by Spearman's rho of measured medians against its order and
+against the distance from the heuristic alone (`spec_rho`); a model that does not rank
+better than the heuristic is dropped (`verdict`).
 """
 from __future__ import annotations
 
@@ -138,3 +142,58 @@ def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list
     order = [c for c in order if c.key not in seeded]
     free = [c for c in order if compile_key(space, c) in compiled]
     return free + [c for c in order if compile_key(space, c) not in compiled][:RANKED], name
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho of two equally long lists (average ranks for ties)."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else 0.0
+
+
+@dataclass
+class SpecRho:
+    spec: str
+    rows: int
+    candidates: int
+    model: float      # rho(model's order, measured median)
+    distance: float   # rho(distance from the heuristic, measured median)
+
+
+def spec_rho(space: SearchSpace, rows: int, facts: DeviceFacts, measured: dict) -> SpecRho:
+    """Both correlations over the candidates of `space` that `measured` (candidate key -> median µs) holds."""
+    order = {c.key: i for i, c in enumerate(ranked(space, rows, facts))}
+    heuristics = _heuristics(space)
+    cands = [space.named(k) for k in measured if space.named(k) is not None]
+    times = [measured[c.key] for c in cands]
+    distance = [heuristic_distance(space, c, heuristics[c.backend]) for c in cands]
+    return SpecRho(space.spec.short(), rows, len(cands), spearman([order[c.key] for c in cands], times),
+                   spearman(distance, times))
+
+
+def verdict(rows: list[SpecRho]) -> str:
+    """Keep or drop the model: it must rank better than the heuristic distance alone on most specs and on average."""
+    if not rows:
+        return "verdict: none (no spec measured)"
+    better = sum(r.model > r.distance for r in rows)
+    mean_model = sum(r.model for r in rows) / len(rows)
+    mean_distance = sum(r.distance for r in rows) / len(rows)
+    keep = better * 2 > len(rows) and mean_model > mean_distance
+    head = ("keep the cost model: it ranks better than the heuristic distance alone" if keep else
+            "drop the cost model: it does not rank better than the heuristic distance alone")
+    return (f"verdict: {head} (higher rho on {better} of {len(rows)} specs; mean rho {mean_model:+.2f} "
+            f"vs {mean_distance:+.2f})")
