@@ -78,6 +78,8 @@ def test_dry_run_walks_every_phase(dry_run):
 
     tune = lines(out / "tune.jsonl")
     assert len(tune) == 4 and all(t["status"] == "ok" and t["record"]["winner"] for t in tune)
+    assert all(t["completeness"] in ("exhaustive", "converged", "budget") for t in tune)
+    assert "plan: budget" in (out / "session.log").read_text()  # the budgeted tuner planned the phase
     sweep = lines(out / "sweep.jsonl")
     assert len(sweep) == 3 and all(s["status"] == "ok" and s["median_us"] > 0 for s in sweep)
     assert sweep[0]["space"] > len(sweep)  # the whole space's size, though the dry run measures three
@@ -211,6 +213,35 @@ def test_a_phase_that_dies_is_restarted_and_its_case_recorded_as_crashed(tmp_pat
     assert "exit status -11" in crashed[0]["error"]
     event = lines(tmp_path / "session.jsonl")[-1]
     assert (event["phase"], event["status"], event["restarts"]) == ("smoke-triton", "done", 1)
+
+
+def test_the_tune_phase_is_the_budgeted_tuner_given_the_phases_share(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from autonorm import tune
+    from autonorm.session import phases
+    from autonorm.session.phase import Phase
+
+    calls = []
+
+    def tune_grid(specs, row_counts, backends, device, options, **kw):  # the first study ends, the rest are left out
+        calls.append((specs, options, kw))
+        case = f"{specs[0].short()} rows={row_counts[0]}"
+        kw["progress"](options.trials, case)
+        kw["results"].append(SimpleNamespace(spec=specs[0], rows=row_counts[0], record=None, completeness="budget",
+                                             trials=2, measured=0, failed={}, space_size=5, wall_s=0.5))
+
+    monkeypatch.setattr(tune, "tune_grid", tune_grid)
+    share = 100.0
+    assert phases.phase_tune(Phase("tune", tmp_path, time.time() + share, True))
+    (specs, options, kw), = calls
+    assert len(specs) == 4 and options.windows == "short" and not options.light_finish  # --budget's, on a CPU
+    assert share - phases.BUDGET_MARGIN_S - 1 < kw["budget_s"] <= share - phases.BUDGET_MARGIN_S
+    assert kw["elapsed"]() < 1  # the budget counts from the phase's start, not the process's
+    written = lines(tmp_path / "tune.jsonl")
+    assert [(t["status"], t.get("completeness")) for t in written] == [
+        ("no valid candidate", "budget")] + [("left out by the budget", None)] * 3
+    assert phases.phase_tune(Phase("tune", tmp_path, time.time() + share, True)) and len(calls) == 1  # all done
 
 
 def test_a_phase_that_keeps_dying_is_given_up_after_its_restarts(tmp_path, monkeypatch):

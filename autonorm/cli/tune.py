@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import TuneOptionError
 from ..spec import NormSpec
 from ..tune import fleet, quality
-from ..tune.options import StudyOptions, default_compile_workers
+from ..tune.options import StudyOptions, budgeted, default_compile_workers
 from ..tune.presets import DEFAULT_FEATURES, DEFAULTS, QUICK
 from .args import UsageError, add_device, add_list, device_arg, dtype_names, positive_int
 
@@ -174,15 +174,9 @@ def options_from_args(args, device_type: str = "cuda") -> StudyOptions:
     # Under --budget the baseline is asked for (docs/benchmarks/planner.md); otherwise it is left out on request.
     baseline = args.compile_baseline if args.budget is not None else not args.no_compile_baseline
     try:
-        # Under --budget: the timer's short windows and, on a GPU, the light finish (racing and the interleaved
-        # re-check of close finalists keep the protocol; docs/benchmarks/gpu-plan.md). Not on a CPU: its compile
-        # workers share the cores the kernels are timed on, so a search timing can be off by more than its
-        # interval shows (a budgeted run recorded numba-cpu's 534 us search timing over torch eager, which
-        # re-timed interleaved at 581 us against numba-cpu's 883: docs/benchmarks/budget-vs-exhaustive.md).
-        budgeted = ({"windows": "short", "light_finish": device_type == "cuda"} if args.budget is not None
-                    else {})
+        changes = budgeted(device_type) if args.budget is not None else {}
         return make(**{k: v for k, v in given.items() if v is not None},
-                    compile_baseline=baseline, strict=args.strict, **budgeted)
+                    compile_baseline=baseline, strict=args.strict, **changes)
     except TuneOptionError as exc:
         raise UsageError(f"--{exc.option.replace('_', '-')} {given.get(exc.option)}: must be {exc.meaning}") from None
 

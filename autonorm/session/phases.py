@@ -2,13 +2,13 @@
 in the phase's file at once; a phase returns False when it stopped for lack of time with cases left."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -17,9 +17,14 @@ from .. import bench, dispatch, measure, settings, tune
 from ..backends import base, get_backend
 from ..device import software_versions
 from ..spec import NormSpec
+from ..tune.options import budgeted
 from .cases import bench_cases, smoke_cases, variant_cases
 from .phase import Phase
 from .records import EXIT_OUT_OF_SHARE, now_iso
+
+# Seconds of the tune phase's share kept from the tuner's budget: the phase process's exit and the last line's
+# write, after the run's own end (the budget already keeps what closing its compile workers takes).
+BUDGET_MARGIN_S = 2.0
 
 
 def phase_env(ph: Phase) -> bool:
@@ -202,6 +207,9 @@ def phase_variants(ph: Phase) -> bool:
 
 
 def phase_tune(ph: Phase) -> bool:
+    """`autonorm tune --budget` on a small grid, its budget this phase's share: the planner divides it across the
+    studies (anchors first, their neighbours seeded from their winners), prints its plan, and each study's line is
+    written as the study ends, with how complete its search was."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -211,39 +219,55 @@ def phase_tune(ph: Phase) -> bool:
     else:
         backends = tune.native_backends(ph.device, None)
         rows, trials, hidden = 16384, 12, (4096, 8192)
-    timer = ph.timer()
-    copy_gbps = ph.copy_gbps()
-    options = tune.StudyOptions(trials=trials, compile_workers=1 if ph.dry_run else 4, compile_baseline=False)
+    specs = [s for s in (NormSpec(op, d, "bfloat16", "bfloat16", n) for n in hidden for op in ("rmsnorm", "layernorm")
+                         for d in ("fwd", "bwd")) if _study_case(s, rows) not in ph.done]
+    if not specs:
+        return True
+    if not ph.can_start(10.0):
+        return False
+    options = tune.StudyOptions(trials=trials, compile_workers=1 if ph.dry_run else 4, compile_baseline=False,
+                                compile_processes=not ph.dry_run, **budgeted(ph.device.type))
+    timer = ph.timer() if ph.dry_run else measure.timer_for(ph.device, options.windows)
     protocol = {**tune.protocol(timer, options), "trials": trials}
-    studies = [NormSpec(op, d, "bfloat16", "bfloat16", n) for n in hidden for op in ("rmsnorm", "layernorm")
-               for d in ("fwd", "bwd")]
+    began, started = time.monotonic(), {}
+
+    def study_starts(total, case):  # tune_grid's progress hook: a study begins
+        started[case] = ph.start(case)
+
+    class Written(list):  # tune_grid's results: each study's line is on disk as soon as the study ends
+        def append(self, result):
+            super().append(result)
+            case, record = _study_case(result.spec, result.rows), result.record
+            ph.finish(case, started.get(case, time.monotonic() - result.wall_s),
+                      status="ok" if record else "no valid candidate", spec=result.spec.to_dict(), rows=result.rows,
+                      record=record.to_json() if record else None, completeness=result.completeness,
+                      trials=result.trials, measured=result.measured, failed_count=len(result.failed),
+                      failed=dict(list(result.failed.items())[:20]), space_size=result.space_size,
+                      protocol=protocol)
+
+    results = Written()
+    budget = ph.left() - BUDGET_MARGIN_S
     with tempfile.TemporaryDirectory() as tmp:
-        storage = tune.make_storage(None, Path(tmp) / "session.optuna.journal")
-        for i, spec in enumerate(studies):
-            case = f"{spec.short()} rows={rows}"
-            if case in ph.done:
-                continue
-            if not ph.can_start(5.0):
-                return False
-            # This N's studies share what is left evenly; the next N gets only what they leave.
-            left_in_round = sum(1 for s in studies[i:] if s.hidden == spec.hidden)
-            budget = max(3.0, 0.8 * ph.left() / left_in_round)
-            t0 = ph.start(case)
-            runner = tune.StudyRunner(
-                spec, rows, backends, timer, dataclasses.replace(options, time_budget=budget), storage=storage,
-                name=tune.study_name(ph.ident["slug"], spec, rows, backends), device=ph.device,
-                seeds=[tune.Candidate(n, b.heuristic(spec)) for n, b in backends.items()], copy_gbps=copy_gbps)
-            try:
-                result = runner.run()
-            except Exception as exc:
-                ph.fail(case, t0, exc, spec=spec.to_dict(), rows=rows)
-                continue
-            failed = dict(list(result.failed.items())[:20])
-            ph.finish(case, t0, status="ok" if result.record else "no valid candidate", spec=spec.to_dict(),
-                      rows=rows, record=result.record.to_json() if result.record else None, trials=result.trials,
-                      measured=result.measured, failed_count=len(result.failed), failed=failed,
-                      space_size=result.space_size, time_budget_s=round(budget, 1), protocol=protocol)
+        try:
+            tune.tune_grid(specs, [rows], backends, ph.device, options, db_path=Path(tmp) / "db.json",
+                           storage=tune.make_storage(None, Path(tmp) / "session.optuna.journal"), lock_path=None,
+                           results=results, copy_gbps=ph.copy_gbps(), timer=timer, progress=study_starts,
+                           budget_s=budget, elapsed=lambda: time.monotonic() - began,
+                           show_plan=lambda text: print(text, flush=True))
+        except Exception as exc:  # a study that raised: recorded, the studies that ended before it are on disk
+            running = next((c for c in reversed(started) if c not in ph.done), "budgeted grid")
+            ph.fail(running, started.get(running, began), exc)
+            return True
+    for spec in specs:  # the plan left these out (it printed why): a line each, so the summary counts them
+        if _study_case(spec, rows) not in ph.done:
+            ph.finish(_study_case(spec, rows), time.monotonic(), status="left out by the budget",
+                      spec=spec.to_dict(), rows=rows, record=None, trials=0, failed_count=0)
     return True
+
+
+def _study_case(spec: NormSpec, rows: int) -> str:
+    """A tune line's case: the progress label `tune_grid` gives the study."""
+    return f"{spec.short()} rows={rows}"
 
 
 def phase_sweep(ph: Phase) -> bool:

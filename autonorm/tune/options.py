@@ -79,6 +79,16 @@ class StudyOptions:
         return cls(**{"trials": QUICK["trials"], "time_budget": QUICK["time_budget"], **changes})
 
 
+def budgeted(device_type: str) -> dict:
+    """What a run under a budget (`autonorm tune --budget`, the GPU session's tune phase) changes in its options:
+    the timer's short windows and, on a GPU, the light finish (racing and the interleaved re-check of close
+    finalists keep the protocol; docs/benchmarks/gpu-plan.md). Not the light finish on a CPU: its compile workers
+    share the cores the kernels are timed on, so a search timing can be off by more than its interval shows (a
+    budgeted run recorded numba-cpu's 534 us search timing over torch eager, which re-timed interleaved at 581 us
+    against numba-cpu's 883: docs/benchmarks/budget-vs-exhaustive.md)."""
+    return {"windows": "short", "light_finish": device_type == "cuda"}
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
