@@ -1,6 +1,7 @@
 """The session's summary, printed last by the parent and embedded in the imported report: pure JSON reading."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .records import FILES, env_facts, read_lines
@@ -90,8 +91,35 @@ def _tune(out: Path) -> list[str]:
         w = (t.get("record") or {}).get("winner")
         lines.append(f"  {t['case']}: " + (f"{w['backend']} {w['median_us']:.1f} us {w['gbps']:.0f} GB/s, "
                                            f"{t['trials']} trials ({t['failed_count']} failed)"
+                                           + (f", {completeness(t)}" if completeness(t) else "")
                                            if w else t["status"]))
     return lines
+
+
+def completeness(tuned: dict) -> str | None:
+    """How complete a tune line's search was (exhaustive, converged, budget), from the line or its record."""
+    return tuned.get("completeness") or (tuned.get("record") or {}).get("completeness")
+
+
+def tuned_vs_sweep(out: Path) -> dict | None:
+    """The recorded study of the sweep's spec and rows against the sweep's best (the least median of its ok
+    lines: an exhaustive measure of Triton's space); None unless both ran. `ratio` is the tuned winner's
+    median over the sweep's best; `winner_swept_us` the sweep's median of the same config, if it swept it."""
+    sweep = [s for s in read_lines(out / "sweep.jsonl") if s.get("candidate")]
+    ok = [s for s in sweep if s["status"] == "ok"]
+    if not ok:
+        return None
+    tuned = [t for t in read_lines(out / "tune.jsonl")
+             if t.get("record") and t.get("spec") == ok[0]["spec"] and t.get("rows") == ok[0]["rows"]]
+    if not tuned:
+        return None
+    winner = tuned[-1]["record"]["winner"]
+    key = json.dumps([winner["backend"], winner["config"]], sort_keys=True)  # a tuner candidate's key
+    best = min(s["median_us"] for s in ok)
+    return {"case": tuned[-1]["case"], "completeness": completeness(tuned[-1]), "winner": key,
+            "winner_us": winner["median_us"], "sweep_best_us": best, "ratio": round(winner["median_us"] / best, 3),
+            "winner_in_sweep": any(s["candidate"] == key for s in sweep),
+            "winner_swept_us": next((s["median_us"] for s in ok if s["candidate"] == key), None)}
 
 
 def _sweep(out: Path) -> list[str]:
@@ -103,7 +131,8 @@ def _sweep(out: Path) -> list[str]:
     about = next((s for s in sweep if "space" in s), {})
     return [f"sweep {about.get('spec_short', '?')} rows={about.get('rows', '?')}: {len(sweep)}/"
             f"{about.get('space', '?')} configs, {len(ok)} measured, {len(sweep) - len(ok)} failed"
-            + (f"; best {best['median_us']:.1f} us {best['candidate']}" if best else "")]
+            + (f"; best {best['median_us']:.1f} us {best['candidate']}" if best else "")
+            + (f"; tuned winner {vs['ratio']:.2f}x the best" if (vs := tuned_vs_sweep(out)) else "")]
 
 
 def summary(out: Path) -> str:
