@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 from .errors import InvalidConfigError
 from .spec import NormSpec
+
+
+def candidate_key(backend: str, config: dict) -> str:
+    """The one name of a tuning candidate (a backend and its config as a dict): the tuner's trials, search tables
+    and session files all key candidates by it."""
+    return json.dumps([backend, config], sort_keys=True)
 
 
 def knob(domain: tuple, doc: str = "") -> Any:

@@ -1,9 +1,9 @@
 """The session's summary, printed last by the parent and embedded in the imported report: pure JSON reading."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..config import candidate_key
 from .records import FILES, env_facts, read_lines
 
 
@@ -114,7 +114,7 @@ def tuned_vs_sweep(out: Path) -> dict | None:
     if not tuned:
         return None
     winner = tuned[-1]["record"]["winner"]
-    key = json.dumps([winner["backend"], winner["config"]], sort_keys=True)  # a tuner candidate's key
+    key = candidate_key(winner["backend"], winner["config"])
     best = min(s["median_us"] for s in ok)
     return {"case": tuned[-1]["case"], "completeness": completeness(tuned[-1]), "winner": key,
             "winner_us": winner["median_us"], "sweep_best_us": best, "ratio": round(winner["median_us"] / best, 3),

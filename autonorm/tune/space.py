@@ -10,13 +10,12 @@ would cost more than the search times.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 import torch
 
-from ..config import Config
+from ..config import Config, candidate_key
 from ..spec import NormSpec
 
 log = logging.getLogger("autonorm.tune")
@@ -29,7 +28,7 @@ class Candidate:
 
     @property
     def key(self) -> str:
-        return json.dumps([self.backend, self.config.to_dict()], sort_keys=True)
+        return candidate_key(self.backend, self.config.to_dict())
 
     def short(self) -> str:
         return f"{self.backend}[{self.config.short()}]"

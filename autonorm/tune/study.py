@@ -277,10 +277,7 @@ class StudyRunner:
         new = [c for _, c in batch if c.key not in state.evaluated]
         unfit = self.space.unfit(new)
         pool.prepare(self.spec, self.rows, [c for c in new if c.key not in unfit])
-        sources = {rank.compile_key(self.space, c) for c in new}
-        if sources - pool.compiled_sources:
-            pool.compile_waits.append(self.clock() - started)
-            pool.compiled_sources |= sources
+        pool.note_batch({rank.compile_key(self.space, c) for c in new}, self.clock() - started)
         return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
 
     def _claim_batch(self, study, done: int) -> tuple[list, StudyState]:
