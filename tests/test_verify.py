@@ -81,6 +81,18 @@ def test_one_non_finite_element_is_an_infinite_error(bad):
     assert reference.rel_l2(expected.float(), expected) < 1e-6
 
 
+@pytest.mark.parametrize("relative", [2e-6, 1e-5, 2e-5])
+def test_rel_l2_in_fp32_measures_errors_at_the_fp32_tolerance(relative):
+    """The fp32 arithmetic of rel_l2 reads an fp32 output's error to within 2% even at a tenth of fp32's
+    tolerance, so a kernel just past the tolerance fails and one under it passes, as in fp64."""
+    gen = torch.Generator().manual_seed(3)
+    expected = torch.randn(1031, 512, generator=gen, dtype=torch.float64) * 3 + 1
+    noise = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    actual = (expected + noise * (relative * expected.norm() / noise.norm())).float()
+    exact = float((actual.double() - expected).norm() / expected.norm())  # fp64, as a reference
+    assert reference.rel_l2(actual, expected) == pytest.approx(exact, rel=0.02)
+
+
 def test_each_call_gets_a_copy_of_the_cases_inputs_with_their_strides():
     spec = NormSpec("layernorm", "bwd", "float32", "float32", 48, **NormSpec.feature_kwargs("weight+bias"))
     drawn = verify.make_inputs(spec, 9, strided=True)
