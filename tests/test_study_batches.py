@@ -138,3 +138,37 @@ def test_a_study_charges_a_new_source_the_compile_waits_of_the_studies_before_it
     # the second study's launch variants of a=1 take 0.3 s; a=2 with a 1 s compile would end past its 1 s
     assert backend.sources == {1}
     pool.close()
+
+
+@pytest.mark.parametrize("ends_run", [False, True])
+def test_under_a_deadline_a_sources_first_compile_is_the_runs_not_the_studys(tmp_path, ends_run):
+    # Every later study that shares the source gets it compiled, so its 1 s compile does not come out of the 0.5 s
+    # share of the study that happens to need it first: all 6 launch variants (0.3 s) are timed. The run's last
+    # study has no later one to absorb it: its compile counts in its share, and it stops after the first batch.
+    from autonorm.tune import Candidate
+
+    timer = SteadyTimer()
+    backend = LaunchKnobBackend(timer, compile_s=1.0)
+    seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)]
+    options = StudyOptions(trials=len(seeds), time_budget=0.5, compile_workers=2, compile_baseline=False,
+                           verify=False, race=False, ends_run=ends_run)
+    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds, deadline=timer.now + 10.0,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
+    result = runner.run()
+    assert result.failed == {} and backend.sources == {1}
+    assert result.measured == (2 if ends_run else 6)
+
+
+def test_a_compile_the_run_pays_must_still_fit_the_deadline(tmp_path):
+    # A second source's batch, predicted at the run's 1 s compile wait, would end past the deadline: not begun.
+    from autonorm.tune import Candidate
+
+    timer = SteadyTimer()
+    backend = LaunchKnobBackend(timer, compile_s=1.0)
+    seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2)] + [Candidate("fake", GridConfig(a=2, b=1))]
+    options = StudyOptions(trials=30, time_budget=5.0, compile_workers=2, compile_baseline=False, verify=False,
+                           race=False)
+    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds, deadline=timer.now + 1.8,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
+    runner.run()
+    assert backend.sources == {1}

@@ -1,9 +1,17 @@
-"""The full finish's rounds (autonorm/tune/tournament.py), with scripted re-timings."""
+"""The full finish's rounds (autonorm/tune/tournament.py) and its contenders (finalize.py), with scripted re-timings."""
 from __future__ import annotations
 
-import pytest
+import time
+from dataclasses import dataclass
+from typing import ClassVar
 
+import pytest
+from fakes import TorchBackedFake
+
+from autonorm.backends.torch_eager import TorchBackend
+from autonorm.config import Config, knob
 from autonorm.measure import Timing
+from autonorm.spec import NormSpec
 from autonorm.tune import quality, tournament
 
 
@@ -87,3 +95,75 @@ def test_a_round_that_would_end_past_the_deadline_is_not_begun():
     assert clock["now"] == 3 and result.outcome.attempts == 1 and sorted(result.order) == [0, 1]
     unbounded = tournament.run(retime, names, search, 2)
     assert unbounded.outcome.attempts == tournament.ROUNDS
+
+
+def test_the_first_round_may_hold_more_finalists_than_go_on():
+    # Five in the first round, three kept: k3 and k4 are within noise of the best but the slowest of the close
+    # ones, so they leave (before k2, which is clearly slower); the three fastest go on together.
+    result, timer = _run([[100, 101, 130, 102, 103, 300]] * 3, finalists=5, keep=3)
+    assert timer.orders[0] == [0, 1, 2, 3, 4, 5]
+    assert sorted(timer.orders[1]) == [0, 1, 3]
+    assert result.order == [0, 1, 3, 4, 2]
+    assert set(result.timings) == set(range(6))  # every finalist and the baseline still has a timing
+
+
+# --- the contenders of a study's full finish (finalize.py) ------------------------------------------------
+@dataclass(frozen=True)
+class _UsConfig(Config):
+    backend: ClassVar[str] = "fake"
+    us: int = knob((100, 104, 108, 112, 300))  # the config's search median, µs
+
+
+class _UsBackend(TorchBackedFake):
+    config_cls = _UsConfig
+
+    def heuristic(self, spec):
+        return _UsConfig(300)
+
+
+class _DriftTimer:
+    """The search saw each config at its `us`; an interleaved re-timing shows the 112 µs one at 80 µs (it was timed
+    in a slow minute of the search) and the others as the search saw them; torch eager at 500 µs."""
+
+    def __init__(self):
+        self.retimed = []
+
+    def _us(self, kernel, interleaved):
+        config = getattr(kernel, "config", None)
+        if config is None:
+            return 500.0
+        return 80.0 if interleaved and config.us == 112 else float(config.us)
+
+    def measure(self, spec, kernel, rows):
+        us = self._us(kernel, False)
+        return Timing(us, us * 0.99, us * 1.01, 10)
+
+    def interleaved(self, spec, kernels, rows):
+        self.retimed.append(sorted(self._us(k, False) for k in kernels))
+        return [Timing(self._us(k, True), self._us(k, True) * 0.99, self._us(k, True) * 1.01, 10) for k in kernels]
+
+    def describe(self):
+        return {"timer": "drift"}
+
+
+def test_the_full_finish_retimes_every_close_contender_not_only_the_search_top_three(tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    from autonorm import backends as registry
+    from autonorm.tune import StudyOptions, StudyRunner, finalize, make_storage
+
+    monkeypatch.setitem(registry.BACKENDS, "fake", "tests:_UsBackend")
+    monkeypatch.setitem(registry._instances, "fake", _UsBackend())
+    timer = _DriftTimer()
+    options = StudyOptions(trials=10, time_budget=600, compile_workers=1, compile_baseline=False)
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    result = StudyRunner(spec, 16, {"fake": _UsBackend(), "torch": TorchBackend()}, timer, options,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s").run()
+    # 100, 104, 108 and 112 are within 1.25x of the best search median, 300 is not; torch eager joins them.
+    assert timer.retimed[0] == [100, 104, 108, 112, 500]
+    assert result.record.winner.config == _UsConfig(112)  # the fastest when timed side by side
+    assert finalize.CONTENDERS >= 4 and 108 <= 100 * finalize.CONTENDER_WITHIN < 300
+    # Under --budget's deadline the first round holds the search's three best and torch eager only.
+    budgeted = _DriftTimer()
+    StudyRunner(spec, 16, {"fake": _UsBackend(), "torch": TorchBackend()}, budgeted, options,
+                storage=make_storage(None, tmp_path / "b.journal"), name="b", deadline=time.monotonic() + 600).run()
+    assert budgeted.retimed[0] == [100, 104, 108, 500]

@@ -24,6 +24,13 @@ from .space import Candidate
 
 log = logging.getLogger("autonorm.tune")
 
+# Without --budget, the full finish's first round also takes every candidate whose search median is within
+# CONTENDER_WITHIN of the best one's, up to CONTENDERS in all: the search timed them one after another, so its
+# order among close ones is partly the machine's drift (on a 2-core VM one launch variant measured 2,041 us in
+# one run's search and 2,639 us in the next).
+CONTENDERS = 6
+CONTENDER_WITHIN = 1.25
+
 
 @dataclass
 class StudyResult:
@@ -110,10 +117,15 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, trials) ->
     torch_cand = Candidate("torch", run.space.configs["torch"][0]) if "torch" in run.space.configs else None
     eager_searched = None  # torch eager's search timing, where the light finish keeps it as the baseline
     light = _light(run, torch_cand, measured)
+    keep = n_finalists  # the finalists the full finish's first round lets go on
     if light:
         finalists, eager_searched = _close_finalists(finalists, torch_cand, measured)
-    elif torch_cand is not None and torch_cand.key in measured and not any(c.backend == "torch" for c in finalists):
-        finalists.append(torch_cand)  # so that the winner is never slower than torch
+    else:
+        # Under a deadline (--budget) the extra contenders' timings would come out of the later studies' search.
+        finalists = _contenders(ranked, n_finalists) if run.deadline is None else finalists
+        if torch_cand is not None and torch_cand.key in measured and not any(c.backend == "torch" for c in finalists):
+            finalists.append(torch_cand)  # so that the winner is never slower than torch
+            keep += 1
     torch_finalist = next((i for i, c in enumerate(finalists) if c.backend == "torch"), None)
     baselines = _baselines(run, need_eager=torch_finalist is None and eager_searched is None)
     search_t = [measured[c.key] for c in finalists]
@@ -136,7 +148,8 @@ def _final_record(run, result: StudyResult, measured, failed, ranked, trials) ->
             outcome = quality.gate(lambda: retime(range(len(kernels))), names, searched)
             order = sorted(range(len(finalists)), key=lambda i: outcome.timings[i].median_us)
         else:
-            rounds = tournament.run(retime, names, searched, len(finalists), time_left=run.time_left)
+            rounds = tournament.run(retime, names, searched, len(finalists), time_left=run.time_left,
+                                    keep=keep)
             outcome, order = rounds.outcome, rounds.order
     if not outcome.verdict.ok:
         why = (f"{run.spec.short()} rows={run.rows}: measurements stay noisy after {outcome.attempts} timings "
@@ -176,6 +189,13 @@ def _quality(outcome: quality.Outcome) -> dict:
         del doc["attempts"]
         doc["retimed"] = False
     return doc
+
+
+def _contenders(ranked: list, n_finalists: int) -> list:
+    """The full finish's first-round finalists: the search's `n_finalists` best, and any more within
+    CONTENDER_WITHIN of the best search median, up to CONTENDERS. `ranked`: (median, candidate), fastest first."""
+    close = [c for median, c in ranked[:CONTENDERS] if median <= ranked[0][0] * CONTENDER_WITHIN]
+    return close if len(close) > n_finalists else [c for _, c in ranked[:n_finalists]]
 
 
 def _timing(t: dict) -> measure.Timing:

@@ -37,7 +37,8 @@ from ..spec import NormSpec
 COMPILE_S = {"numba-cpu": 2.0, "numba": 1.5, "triton": 1.5, "cupy": 1.5, "torch": 0.0}
 VERIFY_S = 0.05         # the reference check of one candidate before it is timed
 # The full finish's interleaved rounds (tournament.py): 3 finalists, torch and torch.compile (torch eager is the
-# torch finalist), then the close ones twice more, planned as the usual 2.
+# torch finalist), then the close ones twice more, planned as the usual 2 (under --budget, the only run this plans,
+# the first round takes no further contenders: finalize.CONTENDERS).
 FINISH_TIMINGS = 5 + 2 * 2
 # The light finish (`StudyOptions.light_finish`, under --budget) re-times only the finalists within noise of the
 # winner, and nothing when the winner is clear (finalize.py). Planned as the usual close case: the winner and

@@ -21,7 +21,7 @@ from ..db import Record, RecordKey, TuningDB
 from ..device import identity, software_versions
 from ..errors import BackendUnavailableError, UnknownBackendError
 from ..spec import NormSpec, rows_bucket
-from . import fleet, quality, race, rank, transfer
+from . import finalize, fleet, quality, race, rank, transfer
 from . import plan as planner
 from .compile_pool import CompilePool
 from .finalize import StudyResult
@@ -72,7 +72,10 @@ def protocol(timer, options: StudyOptions) -> dict:
             "finalists": options.finalists,
             "finalists_retimed": (f"interleaved, only those within noise of the winner (none when it is clear), with "
                                   f"{baselines} (eager's search timing when it is clear of the winner)"
-                                  if options.light_finish else f"interleaved, with {baselines}"),
+                                  if options.light_finish else
+                                  f"interleaved in rounds, with {baselines}: a first round of every candidate "
+                                  f"within {finalize.CONTENDER_WITHIN}x of the best search median (up to "
+                                  f"{finalize.CONTENDERS}), then its fastest {options.finalists} while within noise"),
             "repetitions": (f"raced: {race.FIRST_REPS} first, a clear loser (p20 > best p80 x {1 + race.MARGIN}) no "
                             f"more, a contender doubled until it separates, to the timer's count" if options.race
                             else "the timer's count for every candidate"),

@@ -5,7 +5,10 @@ timing by half (a 2-core VM measured one launch variant at 743 µs in one run an
 next). An interleaved re-timing is fair between the kernels it holds, but one round still leaves a
 few percent to chance between launch variants of one kernel. So the finish runs rounds:
 
-1. Every finalist and the torch baselines, interleaved (the baselines' timings are this round's).
+1. Every finalist and the torch baselines, interleaved (the baselines' timings are this round's). The first
+   round may hold more finalists than carry on (`keep`): those the search could not tell from its best, whose
+   order it took minutes apart; one interleaved round reorders them fairly, and only the `keep` fastest of it
+   go on (the others leave as below, before the clearly slower ones).
 2. A finalist whose p20 is above the round's best one's p80 is clearly slower: it leaves, keeping
    its timing from the round it left. The rest are re-timed together, the order rotated each round
    so that no kernel always runs first after another library's threads.
@@ -43,11 +46,12 @@ def _median_round(timings: list):
 
 def run(retime: Callable[[list], list], names: Sequence[str], search: Sequence[dict | None], finalists: int,
         rounds: int = ROUNDS, retries: int = quality.RETRIES,
-        time_left: Callable[[], float] = lambda: math.inf) -> Result:
+        time_left: Callable[[], float] = lambda: math.inf, keep: int | None = None) -> Result:
     """`retime(indices)` times those kernels interleaved, in that order, and returns their Timings. Indices below
     `finalists` are the finalists, the others the baselines; `names` and `search` (each one's search timing, or
     None) are by index, for the noise gate. `time_left()`: seconds to the run's deadline (`--budget`); a round
-    after the first that would end past it is not begun, and the rounds so far decide."""
+    after the first that would end past it is not begun, and the rounds so far decide. `keep`: at most this many
+    finalists go on after the first round, its fastest (None: every one not clearly slower)."""
     baselines = list(range(finalists, len(names)))
     alive, left = list(range(finalists)), []  # left: (round it left, index), in the order they left
     looks: dict[int, list] = {i: [] for i in range(len(names))}
@@ -65,8 +69,10 @@ def run(retime: Callable[[list], list], names: Sequence[str], search: Sequence[d
         verdict = quality.judge([names[i] for i in timed], timings, [search[i] for i in timed])
         best = min(alive, key=lambda i: looks[i][-1].median_us)
         slower = [i for i in alive if looks[i][-1].p20_us > looks[best][-1].p80_us]
-        left += [(done, i) for i in sorted(slower, key=lambda i: looks[i][-1].median_us)]
-        alive = [i for i in alive if i not in slower]
+        close = sorted((i for i in alive if i not in slower), key=lambda i: looks[i][-1].median_us)
+        cut = close[keep:] if done == 1 and keep is not None else []
+        left += [(done, i) for i in cut + sorted(slower, key=lambda i: looks[i][-1].median_us)]
+        alive = [i for i in alive if i not in slower and i not in cut]
         needed = 1 if len(alive) == 1 else rounds  # a finalist left alone needs no more looks
         # Noise is retried within the same number of rounds a single round's gate would take (1 + retries): on a
         # machine whose noise persists (9 of 16 studies of a quiet 2-core run did), more rounds only spend the
