@@ -370,3 +370,21 @@ def test_only_the_last_study_the_plan_runs_predicts_its_batches_by_the_slowest(t
     monkeypatch.setattr(run, "StudyRunner", Spy)
     tune(tmp_path, 1.8, ScriptedClockTimer())
     assert flags == [False, True]
+
+
+def test_on_a_cpu_each_study_is_charged_the_plans_figure_for_its_seeds_compile(tmp_path, monkeypatch):
+    from autonorm.tune import run, study
+
+    charged = []
+
+    class Spy(study.StudyRunner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            charged.append(self.options.seed_compile_s)
+
+    monkeypatch.setattr(run, "StudyRunner", Spy)
+    costs = planner.Costs({"fake": 0.01, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
+    plans = planner.study_plans([(spec, ROWS, f"s{spec.hidden}", SearchSpace(spec, backends()), ["a", "b"])
+                                 for spec in SPECS], costs, 40, {})
+    tune(tmp_path, 1.8, ScriptedClockTimer(), costs=costs)
+    assert charged == pytest.approx([2 * p.compile_s for p in plans]) and all(c > 0 for c in charged)

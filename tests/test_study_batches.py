@@ -140,27 +140,43 @@ def test_a_study_charges_a_new_source_the_compile_waits_of_the_studies_before_it
     pool.close()
 
 
-@pytest.mark.parametrize("ends_run", [False, True])
-def test_under_a_deadline_a_sources_first_compile_is_the_runs_not_the_studys(tmp_path, ends_run):
-    # Every later study that shares the source gets it compiled, so its 1 s compile does not come out of the 0.5 s
-    # share of the study that happens to need it first: all 6 launch variants (0.3 s) are timed. The run's last
-    # study has no later one to absorb it: its compile counts in its share, and it stops after the first batch.
+@pytest.mark.parametrize("charge, ends_run, measured", [(0.2, False, 6), (0.2, True, 2), (None, False, 2)])
+def test_the_seeds_compile_is_charged_the_plans_figure_and_the_run_pays_the_rest(tmp_path, charge, ends_run, measured):
+    # Every later study that shares the source finds it compiled, so the first study's 1 s compile is charged at
+    # the plan's 0.2 s, and all 6 launch variants (0.3 s) fit its 0.55 s share. The run's last study has no later
+    # one to absorb the rest: it is charged its wait and stops after the first batch, as without a charge.
     from autonorm.tune import Candidate
 
     timer = SteadyTimer()
     backend = LaunchKnobBackend(timer, compile_s=1.0)
     seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)]
-    options = StudyOptions(trials=len(seeds), time_budget=0.5, compile_workers=2, compile_baseline=False,
-                           verify=False, race=False, ends_run=ends_run)
+    options = StudyOptions(trials=len(seeds), time_budget=0.55, compile_workers=2, compile_baseline=False,
+                           verify=False, race=False, ends_run=ends_run, seed_compile_s=charge)
     runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds, deadline=timer.now + 10.0,
                          storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
     result = runner.run()
     assert result.failed == {} and backend.sources == {1}
-    assert result.measured == (2 if ends_run else 6)
+    assert result.measured == measured
 
 
-def test_a_compile_the_run_pays_must_still_fit_the_deadline(tmp_path):
-    # A second source's batch, predicted at the run's 1 s compile wait, would end past the deadline: not begun.
+def test_a_study_whose_seeds_need_no_compile_is_still_charged_the_plans_figure(tmp_path):
+    # Its source was compiled by an earlier study: it pays its share of that compile (0.3 s), so of the 0.55 s
+    # share 0.25 s remain for timing, 4 of the 6 variants, not all 6 (0.3 s) as if the compile were free.
+    from autonorm.tune import Candidate
+
+    timer = SteadyTimer()
+    backend = LaunchKnobBackend(timer, compile_s=0.0)
+    seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)]
+    options = StudyOptions(trials=len(seeds), time_budget=0.55, compile_workers=2, compile_baseline=False,
+                           verify=False, race=False, seed_compile_s=0.3)
+    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds, deadline=timer.now + 10.0,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
+    assert runner.run().measured == 4
+
+
+def test_a_batch_must_fit_the_runs_deadline_as_well_as_the_share(tmp_path):
+    # A second source's batch, predicted at the run's 1 s compile wait, would end past the deadline: not begun,
+    # though the share (5 s) has room for it.
     from autonorm.tune import Candidate
 
     timer = SteadyTimer()

@@ -184,14 +184,12 @@ class CompilePool:
         # own verdict (`remember`), on a GPU
         self._compiles: dict[tuple, Future] = {}  # (spec, candidate key) -> the thread pool's compile
 
-    def note_batch(self, sources: set[str], waited_s: float) -> bool:
+    def note_batch(self, sources: set[str], waited_s: float) -> None:
         """A batch of compile keys (`rank.compile_key`) is compiled, after the timer waited `waited_s` for it: a wait
-        counts in `compile_waits` only when the batch held a source new to the run; returns whether it did."""
+        counts in `compile_waits` only when the batch held a source new to the run."""
         if sources - self.compiled_sources:
             self.compile_waits.append(waited_s)
             self.compiled_sources |= sources
-            return True
-        return False
 
     def warmed(self, backend_name: str) -> bool:
         """Whether `backend_name`'s candidates compile in worker processes on this device."""

@@ -53,6 +53,10 @@ class StudyOptions:
     # The last study a --budget run plans: nothing after it can absorb an overrun, so it predicts its next batch
     # by its slowest candidate and the run's slowest compile so far, not their medians (study.py).
     ends_run: bool = False
+    # Under --budget on a CPU: what a study's first batch (its seeds) is charged for compiling, the plan's figure,
+    # whatever the timer waited. A source's first compile serves every later study that shares it, so the run
+    # pays the difference (study.py). None: the wait itself.
+    seed_compile_s: float | None = None
 
     def __post_init__(self):
         for name in ("trials", "compile_workers", "finalists"):
@@ -66,6 +70,9 @@ class StudyOptions:
         budget = self.time_budget
         _require("time_budget", budget, isinstance(budget, (int, float)) and not isinstance(budget, bool)
                  and not math.isnan(budget) and budget >= 0, "seconds >= 0")
+        charge = self.seed_compile_s
+        _require("seed_compile_s", charge, charge is None or (isinstance(charge, (int, float))
+                 and not isinstance(charge, bool) and not math.isnan(charge) and charge >= 0), "seconds >= 0, or None")
         _require("seed", self.seed, _is_int(self.seed), "a whole number")
         _require("windows", self.windows, self.windows in WINDOWS, f"one of {', '.join(WINDOWS)}")
         for name in ("compile_baseline", "strict", "verify", "race", "compile_processes", "light_finish", "ends_run"):

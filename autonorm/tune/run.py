@@ -200,8 +200,10 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
             moved = transfer.transferred(roles[i], spec, winners)
             seeds = neighbour_seeds(device, space, moved, seeds)
             last = not any(p.status == "run" for p in plans[i + 1:])
-            study_options = transfer.options_for(dataclasses.replace(options, time_budget=share, ends_run=last),
-                                                 moved, len(seeds))
+            # On a CPU the timer waits for the seeds' compile: charged at the plan's figure (StudyOptions).
+            seed_compile_s = plan.seeds * plan.compile_s if device.type == "cpu" else None
+            study_options = transfer.options_for(dataclasses.replace(options, time_budget=share, ends_run=last,
+                                                                     seed_compile_s=seed_compile_s), moved, len(seeds))
             seeds = _with_ranked(seeds, space, rows, facts)
         bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,

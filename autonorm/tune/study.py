@@ -201,16 +201,16 @@ class StudyRunner:
                                                 processes=False)
         compiled_before = dict(pool.compile_s)
         self._pool = pool  # its workers' reference checks count for this study's (`_check`)
-        # The waits for sources new to the run are the run's cost, not this study's: every later study that shares
-        # a source gets it compiled (numba-cpu renders no hidden size, so one forward source serves every N of its
-        # dtype). Charged to the study's share, they starved the first study of each source: in a 150 s budget on
-        # 2 cores it timed its 2 seeds where the next study of the source timed 12, and missed the serial launch
-        # that was 1.2-1.4x faster. The run's deadline still counts them (`_share` rescales the later studies by
-        # the time left), and the run's last study counts them in its share, as nothing comes after it. Without a
-        # deadline (no --budget) a study's --time-budget is its own wall time, compiles included.
-        self._run_compile_s = 0.0
-        run_pays = self.deadline is not None and not self.options.ends_run
+        # A CPU's timer waits for its compiles (`CompilePool.prepare`), and the first study of a numba-cpu source
+        # waits for the compile that every later study of it (each hidden size of its dtype) then finds done.
+        # Charged at its wait, that starved the first study of each source: in a 149 s budget on 2 cores it timed
+        # its 2 seeds while the next study of the source timed 12, and missed a serial backward launch 1.2-1.4x
+        # faster. So the seeds' batch is charged the plan's figure (`seed_compile_s`) and the run pays the
+        # difference: `_share` rescales the later studies by the time left, and the deadline must still fit the
+        # next batch. The run's last study, with nothing after it, is charged its waits.
+        self._run_compile_s = 0.0  # seconds of this study's wall time the run pays, not its share (may be < 0)
         share_spent = lambda: self.clock() - started - self._run_compile_s  # noqa: E731
+        first_batch = True
         self._racer = Racer(self.timer, out_of_time=lambda: share_spent() > time_budget)
         try:
             while True:
@@ -218,7 +218,7 @@ class StudyRunner:
                 done = before.done
                 # The budget counts distinct candidates evaluated; a sampled duplicate costs no timing,
                 # but Optuna trials are capped too so that a converged sampler cannot loop forever.
-                if done >= n_trials or self._share_is_spent(pool, before, spent, share_spent, run_pays):
+                if done >= n_trials or self._share_is_spent(pool, before, spent, share_spent):
                     return "budget"
                 if len(trials.finished(study)) >= MAX_TRIALS_FACTOR * n_trials:
                     return "converged"
@@ -234,7 +234,8 @@ class StudyRunner:
                 batch, state = self._claim_batch(study, done)
                 if not batch:
                     continue  # the trial cap above ends this if it keeps happening
-                compiled_new = self._compiler(pool, batch, state, run_pays)
+                compiled_new = self._compiler(pool, batch, state, seeds_batch=first_batch)
+                first_batch = False
                 for trial, cand in batch:  # timing stays serial
                     cand_started = self.clock()
                     is_new = cand.key not in state.evaluated
@@ -261,13 +262,11 @@ class StudyRunner:
             if best < float("inf"):
                 self.progress.set_postfix_str(f"best {best:.1f} us")
 
-    def _share_is_spent(self, pool, state: StudyState, spent: list[float], share_spent, run_pays: bool) -> bool:
+    def _share_is_spent(self, pool, state: StudyState, spent: list[float], share_spent) -> bool:
         """Whether the next batch, as predicted, would end past the study's share (`share_spent()`: its seconds so
-        far, less the compile waits the run pays where `run_pays`) or, where the run pays them, past the deadline."""
+        far, less what the run pays) or past the run's deadline."""
         upcoming = self._next_batch_s(spent, pool.compile_waits if self._needs_compile(pool, state) else [])
-        if run_pays:
-            return share_spent() + self._next_batch_s(spent) > self.options.time_budget or upcoming > self.time_left()
-        return share_spent() + upcoming > self.options.time_budget
+        return share_spent() + upcoming > self.options.time_budget or upcoming > self.time_left()
 
     def _next_batch_s(self, spent: list[float], compile_waits: list[float] = ()) -> float:
         """A batch's predicted seconds: `compile_workers` candidates at the median of those so far (0: none yet),
@@ -285,18 +284,20 @@ class StudyRunner:
             return True
         return any(rank.compile_key(self.space, c) not in pool.compiled_sources for c in queued)
 
-    def _compiler(self, pool, batch: list, state: StudyState, run_pays: bool = False):
+    def _compiler(self, pool, batch: list, state: StudyState, seeds_batch: bool = False):
         """Starts compiling the batch's new candidates ahead of the timer; returns the function that waits for
         one's (kernel, failure). On a GPU the audit judges them first (`SearchSpace.unfit`): one it rejects is a
         failure with the audit's reason, never compiled or timed. The wait, when the batch holds a source new to
-        the run, goes to the pool's `compile_waits`, and where `run_pays`, out of the study's share."""
+        the run, goes to the pool's `compile_waits`; the study's first batch (`seeds_batch`) is charged
+        `seed_compile_s` for it where that is set (`_search`)."""
         started = self.clock()
         new = [c for _, c in batch if c.key not in state.evaluated]
         unfit = self.space.unfit(new)
         pool.prepare(self.spec, self.rows, [c for c in new if c.key not in unfit])
         waited = self.clock() - started
-        if pool.note_batch({rank.compile_key(self.space, c) for c in new}, waited) and run_pays:
-            self._run_compile_s += waited
+        pool.note_batch({rank.compile_key(self.space, c) for c in new}, waited)
+        if seeds_batch and self.options.seed_compile_s is not None and not self.options.ends_run:
+            self._run_compile_s += waited - self.options.seed_compile_s
         return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
 
     def _claim_batch(self, study, done: int) -> tuple[list, StudyState]:
