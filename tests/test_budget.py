@@ -357,34 +357,32 @@ def test_a_finish_slower_than_planned_shrinks_the_later_studies_not_the_budget(t
     assert timer.now <= 1.8  # the last study's share leaves room for a finish as slow as the first one's
 
 
-def test_only_the_last_study_the_plan_runs_predicts_its_batches_by_the_slowest(tmp_path, monkeypatch):
+def _options_of_each_study(monkeypatch) -> list:
+    """The StudyOptions each study of the next `tune` runs with, in run order."""
     from autonorm.tune import run, study
 
-    flags = []
+    seen = []
 
     class Spy(study.StudyRunner):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            flags.append(self.options.ends_run)
+            seen.append(self.options)
 
     monkeypatch.setattr(run, "StudyRunner", Spy)
+    return seen
+
+
+def test_only_the_last_study_the_plan_runs_predicts_its_batches_by_the_slowest(tmp_path, monkeypatch):
+    seen = _options_of_each_study(monkeypatch)
     tune(tmp_path, 1.8, ScriptedClockTimer())
-    assert flags == [False, True]
+    assert [o.ends_run for o in seen] == [False, True]
 
 
 def test_on_a_cpu_each_study_is_charged_the_plans_figure_for_its_seeds_compile(tmp_path, monkeypatch):
-    from autonorm.tune import run, study
-
-    charged = []
-
-    class Spy(study.StudyRunner):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            charged.append(self.options.seed_compile_s)
-
-    monkeypatch.setattr(run, "StudyRunner", Spy)
+    seen = _options_of_each_study(monkeypatch)
     costs = planner.Costs({"fake": 0.01, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
     plans = planner.study_plans([(spec, ROWS, f"s{spec.hidden}", SearchSpace(spec, backends()), ["a", "b"])
                                  for spec in SPECS], costs, 40, {})
     tune(tmp_path, 1.8, ScriptedClockTimer(), costs=costs)
+    charged = [o.seed_compile_s for o in seen]
     assert charged == pytest.approx([2 * p.compile_s for p in plans]) and all(c > 0 for c in charged)
