@@ -48,6 +48,26 @@ def test_candidates_sharing_a_seeds_compiled_source_come_first_then_ranked_more(
     assert steps == sorted(steps)
 
 
+def test_a_knob_the_other_knobs_pin_counts_no_steps_from_the_heuristic(cpu_space):
+    # A one-thread forward takes one rows_per_task: it is one step (the thread count) from the parallel heuristic,
+    # among the first launch variants a budgeted study times, not six steps away behind them.
+    from autonorm.tune import Candidate
+    from backends.numba_cpu import SERIAL_ROWS_PER_TASK
+
+    heuristic = cpu_space.backends["numba-cpu"].heuristic(cpu_space.spec)
+    serial = Candidate("numba-cpu", type(heuristic)(rows_per_task=SERIAL_ROWS_PER_TASK, vector_width=1, threads=1,
+                                                    fastmath=True))
+    assert heuristic.threads == 0 and heuristic.rows_per_task != SERIAL_ROWS_PER_TASK
+    assert cpu_space.named(serial.key) is not None
+    assert rank.heuristic_distance(cpu_space, serial, heuristic) == 1
+    parallel = Candidate("numba-cpu", type(heuristic)(rows_per_task=SERIAL_ROWS_PER_TASK, vector_width=1, threads=0,
+                                                      fastmath=True))
+    assert rank.heuristic_distance(cpu_space, parallel, heuristic) > 1  # a parallel launch's rows_per_task counts
+    chosen, _ = rank.first_to_time(cpu_space, 1024, rank.DeviceFacts("cpu", workers=2, copy_gbps=20.0),
+                                   _heuristic_seeds(cpu_space))
+    assert serial.key in {c.key for c in chosen[:3]}
+
+
 def test_compile_key_is_the_rendered_source_not_the_config(cpu_space):
     a, b = (c for c in cpu_space.candidates() if c.backend == "numba-cpu" and c.config.vector_width == 1
             and c.config.fastmath and c.config.threads == 0 and c.config.rows_per_task in (8, 64))

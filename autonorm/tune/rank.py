@@ -76,11 +76,18 @@ def predict_us(spec: NormSpec, rows: int, cand: Candidate, facts: DeviceFacts) -
 
 
 def heuristic_distance(space: SearchSpace, cand: Candidate, heuristic) -> int:
-    """Steps between `cand` and its backend's heuristic config over the ordinal knobs (0: it is the heuristic)."""
+    """Steps between `cand` and its backend's heuristic config over the ordinal knobs (0: it is the heuristic).
+
+    A knob `cand`'s other knobs pin (no other value of it is valid with them) is no choice and counts no steps:
+    numba-cpu's one-thread forward takes one rows_per_task, so it is a step from a parallel heuristic (its
+    thread count), not six; counted by value, a budgeted study never reached it, though it was the best launch
+    of a 1024 x 1024 forward on 2 cores by 1.2x."""
     if heuristic is None or heuristic not in space.configs.get(cand.backend, ()):
         return 0
+    knobs, choices = space.knobs[cand.backend], space.choices(cand.backend)
     return sum(abs(values.index(getattr(cand.config, k)) - values.index(getattr(heuristic, k)))
-               for k, values in space.knobs[cand.backend].items())
+               for k, values in knobs.items()
+               if (k, tuple(getattr(cand.config, o) for o in knobs if o != k)) in choices)
 
 
 def _heuristics(space: SearchSpace) -> dict:

@@ -45,6 +45,19 @@ class SearchSpace:
         self.configs, self.knobs = parts if parts is not None else enumerate_space(spec, backends)
         self._unfit: dict = {}  # candidate key -> the audit's reason, or None: the verdicts given so far
         self._by_key = self._by_params = None  # key -> candidate, params -> candidate: made on first use
+        self._choices: dict = {}  # backend -> `choices`' set, made on first use
+
+    def choices(self, backend: str) -> frozenset:
+        """{(knob, the other knobs' values)} of `backend` where that knob takes more than one valid value: a knob
+        the others pin (numba-cpu's one-thread forward takes one rows_per_task) is no choice there."""
+        if backend not in self._choices:
+            names, counts = tuple(self.knobs[backend]), {}
+            for config in self.configs[backend]:
+                for knob in names:
+                    key = (knob, tuple(getattr(config, k) for k in names if k != knob))
+                    counts[key] = counts.get(key, 0) + 1
+            self._choices[backend] = frozenset(key for key, n in counts.items() if n > 1)
+        return self._choices[backend]
 
     def __len__(self) -> int:
         return sum(len(cs) for cs in self.configs.values())
