@@ -84,10 +84,8 @@ def heuristic_distance(space: SearchSpace, cand: Candidate, heuristic) -> int:
     of a 1024 x 1024 forward on 2 cores by 1.2x."""
     if heuristic is None or heuristic not in space.configs.get(cand.backend, ()):
         return 0
-    knobs, choices = space.knobs[cand.backend], space.choices(cand.backend)
     return sum(abs(values.index(getattr(cand.config, k)) - values.index(getattr(heuristic, k)))
-               for k, values in knobs.items()
-               if (k, tuple(getattr(cand.config, o) for o in knobs if o != k)) in choices)
+               for k, values in space.knobs[cand.backend].items() if space.is_choice(cand.backend, cand.config, k))
 
 
 def _heuristics(space: SearchSpace) -> dict:

@@ -34,6 +34,11 @@ class Candidate:
         return f"{self.backend}[{self.config.short()}]"
 
 
+def _others(config: Config, names: tuple, knob: str) -> tuple:
+    """`config`'s values of the knobs `names` other than `knob`."""
+    return tuple(getattr(config, k) for k in names if k != knob)
+
+
 class SearchSpace:
     """The valid configs of every candidate backend for one spec, and their Optuna parameters."""
 
@@ -45,19 +50,20 @@ class SearchSpace:
         self.configs, self.knobs = parts if parts is not None else enumerate_space(spec, backends)
         self._unfit: dict = {}  # candidate key -> the audit's reason, or None: the verdicts given so far
         self._by_key = self._by_params = None  # key -> candidate, params -> candidate: made on first use
-        self._choices: dict = {}  # backend -> `choices`' set, made on first use
+        self._choices: dict = {}  # backend -> {(knob, the other knobs' values)} where the knob has a choice
 
-    def choices(self, backend: str) -> frozenset:
-        """{(knob, the other knobs' values)} of `backend` where that knob takes more than one valid value: a knob
-        the others pin (numba-cpu's one-thread forward takes one rows_per_task) is no choice there."""
+    def is_choice(self, backend: str, config: Config, knob: str) -> bool:
+        """Whether `knob` takes more than one valid value beside `config`'s other knobs: one they pin (numba-cpu's
+        one-thread forward takes one rows_per_task) is no choice there."""
+        names = tuple(self.knobs[backend])
         if backend not in self._choices:
-            names, counts = tuple(self.knobs[backend]), {}
-            for config in self.configs[backend]:
-                for knob in names:
-                    key = (knob, tuple(getattr(config, k) for k in names if k != knob))
+            counts: dict = {}
+            for other in self.configs[backend]:
+                for name in names:
+                    key = (name, _others(other, names, name))
                     counts[key] = counts.get(key, 0) + 1
             self._choices[backend] = frozenset(key for key, n in counts.items() if n > 1)
-        return self._choices[backend]
+        return (knob, _others(config, names, knob)) in self._choices[backend]
 
     def __len__(self) -> int:
         return sum(len(cs) for cs in self.configs.values())
