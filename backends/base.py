@@ -237,6 +237,8 @@ class Backend(abc.ABC):
     config_cls: ClassVar[type[Config]]
     # Folder under templates/ holding this backend's Jinja sources (None: no templates).
     template_dir: ClassVar[str | None] = None
+    # False for a backend whose kernels call ops compiled ahead (torch's): the tuner plans no compile for them.
+    compiles: ClassVar[bool] = True
 
     def __init__(self):
         self._cache: dict[tuple, Kernel] = {}

@@ -122,6 +122,7 @@ def _backward(spec):
 class TorchBackend(Backend):
     name = "torch"
     config_cls = NoConfig
+    compiles = False
 
     def unavailable_reason(self):
         return None

@@ -73,7 +73,8 @@ def study_row(space, rows: int, facts, table: dict, tpe_seeds: int = 2, transfer
     table = {k: v for k, v in table.items() if k in by_key}
 
     def keys_of(key):
-        return rank.compile_key(space, by_key[key]) if key in by_key else key
+        # torch, with nothing to compile, counts as one "compile" of its own, as it always has in these tables
+        return (rank.compile_key(space, by_key[key]) or key) if key in by_key else key
 
     planner = planner_to_target(space, rows, facts, table, keys_of)
     moved = planner_to_target(space, rows, facts, table, keys_of, transferred) if transferred else None

@@ -92,3 +92,14 @@ def test_the_warning_lists_the_first_problems_and_counts_the_rest():
     verdict = quality.Verdict([f"p{i}" for i in range(5)])
     assert verdict.summary() == "p0; p1; p2; and 2 more"
     assert quality.Verdict(["p0"]).summary() == "p0"
+
+
+def test_the_summary_tells_a_study_the_budget_left_out_from_one_whose_candidates_failed():
+    from autonorm.tune.finalize import StudyResult
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 64)
+    left_out = StudyResult(spec, 8, None, trials=0, measured=0, completeness="budget")
+    failed = StudyResult(spec, 8, None, trials=2, measured=0, failed={"a": "compile failed"}, completeness="budget")
+    assert "budget ran out before its first candidate" in tune_cli.format_table([left_out])
+    assert "every candidate failed" not in tune_cli.format_table([left_out])
+    assert "every candidate failed" in tune_cli.format_table([failed])

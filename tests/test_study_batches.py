@@ -188,3 +188,56 @@ def test_a_batch_must_fit_the_runs_deadline_as_well_as_the_share(tmp_path):
                          storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
     runner.run()
     assert backend.sources == {1}
+
+
+def test_a_torch_seed_is_no_source_to_compile_and_the_runs_last_study_begins(tmp_path):
+    # torch compiles nothing, but renders a "source" per spec: counted as one new to the run, it priced every
+    # study's seeds as a compile, and the run's last study, charged the slowest wait (5 s) against 2 s left, was
+    # left out though its one real source was compiled.
+    from autonorm.backends.torch_eager import TorchBackend
+    from autonorm.config import NoConfig
+    from autonorm.tune import Candidate, rank
+    from autonorm.tune.compile_pool import CompilePool
+    from autonorm.tune.space import SearchSpace
+
+    timer = SteadyTimer()
+    backends = {"fake": LaunchKnobBackend(timer, compile_s=0.0), "torch": TorchBackend()}
+    seeds = [Candidate("fake", GridConfig(a=1, b=1)), Candidate("torch", NoConfig())]
+    space = SearchSpace(SPEC, backends)
+    assert rank.compile_key(space, seeds[1]) is None
+    pool = CompilePool(backends, "cpu", 2, processes=False)
+    pool.note_batch({rank.compile_key(space, seeds[0])}, 5.0)  # an earlier study compiled a=1, waiting 5 s
+    options = StudyOptions(trials=4, time_budget=2.0, compile_workers=2, compile_baseline=False, verify=False,
+                           race=False, ends_run=True)
+    runner = StudyRunner(SPEC, 8, backends, timer, options, seeds=seeds, deadline=timer.now + 2.0,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock,
+                         compile_pool=pool)
+    assert runner.run().measured >= 2
+    pool.close()
+
+
+def test_the_studys_check_cases_are_drawn_with_its_seeds_compile_not_in_a_candidates_seconds(tmp_path, monkeypatch):
+    # Drawing the cases (inputs and the fp64 reference) costs 1 s of the scripted clock. Paid by the first candidate
+    # checked, it made the median of the first batch 0.55 s, a predicted 1.1 s batch past the 1.6 s share after one
+    # batch; drawn with the seeds' compile, every candidate takes 0.05 s and all 6 variants fit.
+    from autonorm import verify
+    from autonorm.tune import Candidate
+
+    timer = SteadyTimer()
+    reference = verify.expected_outputs
+
+    def slow_reference(spec, inputs):
+        timer.now += 1.0 / 3  # three cases
+        return reference(spec, inputs)
+
+    monkeypatch.setattr(verify, "expected_outputs", slow_reference)
+    verify._case.cache_clear()
+    backend = LaunchKnobBackend(timer, compile_s=0.0)
+    seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)]
+    options = StudyOptions(trials=len(seeds), time_budget=1.6, compile_workers=2, compile_baseline=False,
+                           verify=True, race=False)
+    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
+    result = runner.run()
+    verify._case.cache_clear()
+    assert result.failed == {} and result.measured == 6

@@ -139,7 +139,9 @@ def format_table(results: list[StudyResult]) -> str:
         rec = r.record
         if rec is None:
             why = ("(refused: noisy measurements)" if r.refused else f"(finalized by {r.finalized_by})"
-                   if r.finalized_by else "(none: every candidate failed)")
+                   if r.finalized_by else "(none: every candidate failed)" if r.failed
+                   else "(none: the budget ran out before its first candidate)" if r.completeness == "budget"
+                   else "(none: no candidate timed)")
             rows.append((r.spec.short(), str(r.rows), why, "", "", "", "", "", "", "", str(r.trials)))
             continue
         w = rec.winner

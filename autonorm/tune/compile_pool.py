@@ -195,15 +195,18 @@ class CompilePool:
         """Whether `backend_name`'s candidates compile in worker processes on this device."""
         return self.processes and WARMED_ON.get(backend_name) == self.device.type
 
-    def prepare(self, spec, rows: int, cands: list[Candidate]) -> None:
-        """Start compiling `cands`. Returns at once on a GPU (workers compile while the timer runs), after the
-        workers finished on a CPU (they would share the timer's cores)."""
+    def prepare(self, spec, rows: int, cands: list[Candidate], meanwhile=None) -> None:
+        """Start compiling `cands`, then call `meanwhile()` (work of the tuning process that is not timing). Returns
+        at once on a GPU (workers compile while the timer runs), after the workers finished on a CPU (they would
+        share the timer's cores)."""
         started = []
         for cand in cands:
             if self.warmed(cand.backend):
                 started.append(self._warm_job(spec, rows, cand))
             elif (spec, cand.key) not in self._compiles:
                 self._compiles[spec, cand.key] = self._threads.submit(self._compile_here, spec, cand)
+        if meanwhile is not None:
+            meanwhile()
         if self.device.type == "cpu":
             for job in started:
                 self._wait(job)

@@ -123,11 +123,16 @@ def _source_sha(backend, spec: NormSpec, config) -> str | None:
         return None
 
 
-def compile_key(space: SearchSpace, cand: Candidate) -> str:
+def compile_key(space: SearchSpace, cand: Candidate) -> str | None:
     """What one compile serves: the rendered source's hash, which keys every backend's compile cache. Knobs a
     template leaves out (numba-cpu's rows per task and threads: 27 configs share each of its 8 sources) change
-    only the launch, so a candidate whose source is already compiled costs its timing alone."""
-    sha = _source_sha(space.backends[cand.backend], space.spec, cand.config)
+    only the launch, so a candidate whose source is already compiled costs its timing alone. None for a backend
+    with nothing to compile (`Backend.compiles`: torch), whose "source" names its spec: were it a source, every
+    study's torch seed would be one new to the run, priced as a compile it never waits for."""
+    backend = space.backends[cand.backend]
+    if not getattr(backend, "compiles", True):
+        return None
+    sha = _source_sha(backend, space.spec, cand.config)
     return f"{cand.backend}:{sha}" if sha is not None else cand.key
 
 
@@ -143,7 +148,7 @@ def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list
     else:
         order, name = ranked(space, rows, facts), "cost model"
     seeded = {c.key for c in seeds}
-    compiled = {compile_key(space, c) for c in seeds if c.backend in space.backends}
+    compiled = {compile_key(space, c) for c in seeds if c.backend in space.backends} - {None}
     order = [c for c in order if c.key not in seeded]
     free = [c for c in order if compile_key(space, c) in compiled]
     return free + [c for c in order if compile_key(space, c) not in compiled][:RANKED], name
