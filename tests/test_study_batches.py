@@ -241,3 +241,23 @@ def test_the_studys_check_cases_are_drawn_with_its_seeds_compile_not_in_a_candid
     result = runner.run()
     verify._case.cache_clear()
     assert result.failed == {} and result.measured == 6
+
+
+def test_a_seeds_batch_charged_the_plans_figure_asks_its_share_for_that_figure(tmp_path):
+    # An earlier study's compile took 5 s; this study's share is 1 s and its seeds' batch, whatever it waits, is
+    # charged the plan's 0.5 s. Asked the 5 s, the share refused the batch: the study was left out unspent.
+    from autonorm.tune import Candidate
+    from autonorm.tune.compile_pool import CompilePool
+
+    timer = SteadyTimer()
+    backend = LaunchKnobBackend(timer, compile_s=2.0)
+    pool = CompilePool({"fake": backend}, "cpu", 2, processes=False)
+    pool.note_batch({"fake:another source"}, 5.0)
+    seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4)]
+    options = StudyOptions(trials=len(seeds), time_budget=1.0, compile_workers=2, compile_baseline=False,
+                           verify=False, race=False, seed_compile_s=0.5)
+    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds, deadline=timer.now + 10.0,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock,
+                         compile_pool=pool)
+    assert runner.run().measured == 4  # 0.5 s charged, 4 variants at 0.05 s
+    pool.close()
