@@ -92,7 +92,7 @@ def test_a_quiet_run_writes_the_doc_with_both_winners_retimed_interleaved(be, tm
     doc = written[0].read_text()
     assert "NOT VALID" not in doc and "Within 2% of the exhaustive best: 2 of 2 studies (100%" in doc
     assert "autonorm tune --ops rmsnorm" in doc and "| 100 s | - |" in doc
-    assert "| 18 s (18.0% of the exhaustive; budget 20 s) | - |" in doc
+    assert "| 18 s (18.00% of the exhaustive; budget 20.0 s) | - |" in doc
     assert json.loads(written[1].read_text())["load"]["before"] == 0.4
 
 
@@ -267,3 +267,15 @@ def test_the_winners_are_retimed_in_both_orders_and_a_burst_of_load_does_not_dec
          for k, t in zip(kernels, orig(spec, kernels, rows))]))(skewed.interleaved)
     b_us, e_us = be.retime_pair(None, 8, budget, best, timer=skewed)
     assert b_us / e_us == pytest.approx(1.0)
+
+
+def test_a_budgeted_run_a_fraction_of_a_second_past_a_fifth_does_not_meet_the_time_goal(be, tmp_path):
+    # 176.6 s of 881.3 s is 20.04%: rounded to 0.2 before the comparison, it read as met.
+    winner = ("torch", NoConfig(), 50.0)
+    phases = FakePhases({64: winner, 128: winner}, {64: winner, 128: winner}, walls=(881.3, 176.6))
+
+    def retime(spec, rows, budget_entry, best_entry):
+        return 50.0, 50.0
+    results = be.evidence(GRID, tmp_path / "work", watch=_watch(be, [(0.3, 0.0)]), run_phase=phases, retime=retime)
+    doc = be.markdown(results)
+    assert results["within_2pct"] == 2 and "in 20.04% of the exhaustive wall time" in doc and "goals not met" in doc

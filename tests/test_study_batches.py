@@ -261,3 +261,33 @@ def test_a_seeds_batch_charged_the_plans_figure_asks_its_share_for_that_figure(t
                          compile_pool=pool)
     assert runner.run().measured == 4  # 0.5 s charged, 4 variants at 0.05 s
     pool.close()
+
+
+class FirstLaunchIsSlowTimer(SteadyTimer):
+    """A source's first timing in the tuning process costs 1 s (its load from the compile cache), any other 0.05 s."""
+
+    def __init__(self):
+        super().__init__()
+        self.launched = set()
+
+    def measure(self, spec, kernel, rows):
+        source = getattr(getattr(kernel, "config", None), "a", None)  # None: the finish's torch baseline
+        if source is not None and source not in self.launched:
+            self.launched.add(source)
+            self.now += 0.95
+        return super().measure(spec, kernel, rows)
+
+
+def test_a_sources_first_launch_does_not_predict_the_candidates_that_share_it(tmp_path):
+    # Batch 1: the source's first launch (1 s) and a variant (0.05 s). Their median predicted a 1.05 s batch, past the
+    # 1.6 s share after one batch; the variants' own 0.05 s predict 0.1 s, and all 6 fit.
+    from autonorm.tune import Candidate
+
+    timer = FirstLaunchIsSlowTimer()
+    backend = LaunchKnobBackend(timer, compile_s=0.0)
+    seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)]
+    options = StudyOptions(trials=len(seeds), time_budget=1.6, compile_workers=2, compile_baseline=False,
+                           verify=False, race=False)
+    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds,
+                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
+    assert runner.run().measured == 6

@@ -195,6 +195,9 @@ class StudyRunner:
         # pool's start and its sources' first compiles, and on a CPU most later candidates share a compiled
         # source (rank.compile_key), so the last batch's wall would end the study after one batch.
         spent: list[float] = []
+        # A source's first launch in this process (`CompilePool.launched_sources`) predicts no later candidate of it;
+        # it stands for the next batch only while no other candidate was timed.
+        first_launches: list[float] = []
         # Without a grid's pool, threads: worker processes pay an interpreter start each, worth it once per grid
         # (`tune_grid`), not once per study.
         pool = self.compile_pool or CompilePool(self.backends, self.device, self.options.compile_workers,
@@ -218,7 +221,8 @@ class StudyRunner:
                 done = before.done
                 # The budget counts distinct candidates evaluated; a sampled duplicate costs no timing,
                 # but Optuna trials are capped too so that a converged sampler cannot loop forever.
-                if done >= n_trials or self._share_is_spent(pool, before, spent, share_spent, first_batch):
+                if done >= n_trials or self._share_is_spent(pool, before, spent or first_launches, share_spent,
+                                                            first_batch):
                     return "budget"
                 if len(trials.finished(study)) >= MAX_TRIALS_FACTOR * n_trials:
                     return "converged"
@@ -242,7 +246,10 @@ class StudyRunner:
                     compiled = compiled_new(cand) if is_new else None
                     value = self._evaluate(study, trial, cand, state, compiled)
                     if is_new:
-                        spent.append(self.clock() - cand_started)
+                        source = rank.compile_key(self.space, cand)
+                        loads = source is not None and source not in pool.launched_sources
+                        (first_launches if loads else spent).append(self.clock() - cand_started)
+                        pool.launched_sources.add(source)
                     if value is not None and value < best * (1 - IMPROVEMENT):
                         best, since_best = value, 0
                     elif is_new and state.done > self.patience_after:
