@@ -221,7 +221,6 @@ def test_the_studys_check_cases_are_drawn_with_its_seeds_compile_not_in_a_candid
     # checked, it made the median of the first batch 0.55 s, a predicted 1.1 s batch past the 1.6 s share after one
     # batch; drawn with the seeds' compile, every candidate takes 0.05 s and all 6 variants fit.
     from autonorm import verify
-    from autonorm.tune import Candidate
 
     timer = SteadyTimer()
     reference = verify.expected_outputs
@@ -232,13 +231,7 @@ def test_the_studys_check_cases_are_drawn_with_its_seeds_compile_not_in_a_candid
 
     monkeypatch.setattr(verify, "expected_outputs", slow_reference)
     verify._case.cache_clear()
-    backend = LaunchKnobBackend(timer, compile_s=0.0)
-    seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)]
-    options = StudyOptions(trials=len(seeds), time_budget=1.6, compile_workers=2, compile_baseline=False,
-                           verify=True, race=False)
-    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds,
-                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
-    result = runner.run()
+    result = _six_launch_variants(tmp_path, timer, verify=True)
     verify._case.cache_clear()
     assert result.failed == {} and result.measured == 6
 
@@ -281,13 +274,16 @@ class FirstLaunchIsSlowTimer(SteadyTimer):
 def test_a_sources_first_launch_does_not_predict_the_candidates_that_share_it(tmp_path):
     # Batch 1: the source's first launch (1 s) and a variant (0.05 s). Their median predicted a 1.05 s batch, past the
     # 1.6 s share after one batch; the variants' own 0.05 s predict 0.1 s, and all 6 fit.
+
+    assert _six_launch_variants(tmp_path, FirstLaunchIsSlowTimer()).measured == 6
+
+
+def _six_launch_variants(tmp_path, timer, verify: bool = False):
+    """A study of 6 launch variants of one source, 2 a batch, in a 1.6 s share; its result."""
     from autonorm.tune import Candidate
 
-    timer = FirstLaunchIsSlowTimer()
-    backend = LaunchKnobBackend(timer, compile_s=0.0)
     seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4, 5, 6)]
     options = StudyOptions(trials=len(seeds), time_budget=1.6, compile_workers=2, compile_baseline=False,
-                           verify=False, race=False)
-    runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds,
-                         storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock)
-    assert runner.run().measured == 6
+                           verify=verify, race=False)
+    return StudyRunner(SPEC, 8, {"fake": LaunchKnobBackend(timer, compile_s=0.0)}, timer, options, seeds=seeds,
+                       storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock).run()
