@@ -1,6 +1,7 @@
 """The compile pool: a Numba CPU candidate compiled in a worker process is loaded from Numba's on-disk cache by
 the tuning process (its dispatchers count cache hits, no misses); backends that cannot be warmed out of process
 compile in a thread pool; a pool whose workers die leaves the tuning process to compile alone."""
+import os
 import sys
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -252,3 +253,22 @@ def test_the_worker_launches_the_timers_class_when_the_check_does_not():
     _launch_timed_class(spec, config, lambda *args: launched.append(args[0].shape[0]), 256, "cpu")
     _launch_timed_class(spec, config, lambda *args: launched.append(args[0].shape[0]), 4096, "cpu")
     assert launched == [16]
+
+
+def test_a_compile_worker_exits_without_the_teardown_registered_before_it_started(tmp_path):
+    # A worker's interpreter teardown (torch's and Numba's atexit work, registered at their import) kept the tuning
+    # process waiting at the run's end: the worker's own handler ends it first, after flushing what it printed.
+    import subprocess
+
+    marker = tmp_path / "teardown-ran"
+    code = (
+        "import atexit, pathlib\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'ran')  # stands for an import's teardown\n"
+        "from autonorm.tune.compile_pool import _start_worker\n"
+        f"_start_worker({str(tmp_path)!r})\n"
+        "print('compiled', end='')  # buffered: stdout is a pipe\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "compiled" and not marker.exists()

@@ -30,8 +30,10 @@ cores, so the timer waits until the batch is compiled (`prepare`).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -115,6 +117,18 @@ def _start_worker(cache_dir: str) -> None:
     # The parent's cache folder, whatever the environment the worker inherited: the caches must be shared.
     os.environ["AUTONORM_CACHE_DIR"] = cache_dir
     torch.set_num_threads(1)  # a worker's reference checks are small; the cores are the compilers'
+    # A worker exits when the pool closes, with every job done: what it compiled is in the caches on disk. Its
+    # interpreter's teardown (torch's, Numba's) frees nothing the machine needs back, and the tuning process waits
+    # for it at the run's end, inside the budget: 1.9 s of the 4.1 s after a 176 s CPU run's last study. atexit
+    # runs its handlers last-registered first, so this one, registered after the imports', ends the process first.
+    atexit.register(_exit_now)
+
+
+def _exit_now() -> None:
+    for stream in (sys.stdout, sys.stderr):  # os._exit drops what is still buffered
+        if stream is not None:
+            stream.flush()
+    os._exit(0)
 
 
 def _warm(backend_name: str, spec, config, device: str, rows: int) -> tuple[float, str | None]:
