@@ -46,7 +46,8 @@ FINISH_TIMINGS = 5 + 2 * 2
 LIGHT_FINISH_TIMINGS = 2
 COMPILE_BASELINE_S = 10.0  # torch.compile of the baseline (Dynamo + Inductor), once per study
 # Kept back from the studies for what runs after the last one: closing the compile workers and the interpreter's
-# exit, 1.4 s each on a loaded 2-core VM (a 360 s budget on the CPU ended 5 s late without it).
+# exit (a 360 s budget on the CPU ended 5 s late without it). On the 2-core VM: 0.13 s and 2.1 s, since a worker
+# skips its interpreter's teardown (compile_pool._start_worker); 1.9 s and 2.1 s before.
 END_S = 3.0
 # Under --budget the torch.compile baseline is left out unless asked for: a reference figure, not a candidate.
 BASELINE_LEFT_OUT = ("torch.compile baseline: left out (a reference figure, not a candidate: torch eager is one, so "
