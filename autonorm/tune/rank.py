@@ -136,6 +136,11 @@ def compile_key(space: SearchSpace, cand: Candidate) -> str | None:
     return f"{cand.backend}:{sha}" if sha is not None else cand.key
 
 
+def compile_keys(space: SearchSpace, cands) -> set[str]:
+    """The compile keys of `cands` that name a compile (`compile_key`; torch's none)."""
+    return {compile_key(space, c) for c in cands} - {None}
+
+
 def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list) -> tuple[list[Candidate], str]:
     """The candidates a budgeted study times right after its `seeds` (Candidates), and the name of their order.
 
@@ -148,7 +153,7 @@ def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list
     else:
         order, name = ranked(space, rows, facts), "cost model"
     seeded = {c.key for c in seeds}
-    compiled = {compile_key(space, c) for c in seeds if c.backend in space.backends} - {None}
+    compiled = compile_keys(space, [c for c in seeds if c.backend in space.backends])
     order = [c for c in order if c.key not in seeded]
     free = [c for c in order if compile_key(space, c) in compiled]
     return free + [c for c in order if compile_key(space, c) not in compiled][:RANKED], name

@@ -246,10 +246,9 @@ class StudyRunner:
                     compiled = compiled_new(cand) if is_new else None
                     value = self._evaluate(study, trial, cand, state, compiled)
                     if is_new:
-                        source = rank.compile_key(self.space, cand)
-                        loads = source is not None and source not in pool.launched_sources
+                        loads = rank.compile_keys(self.space, [cand]) - pool.launched_sources
                         (first_launches if loads else spent).append(self.clock() - cand_started)
-                        pool.launched_sources.add(source)
+                        pool.launched_sources |= loads
                     if value is not None and value < best * (1 - IMPROVEMENT):
                         best, since_best = value, 0
                     elif is_new and state.done > self.patience_after:
@@ -298,7 +297,7 @@ class StudyRunner:
         queued = [c for c in self.seeds if c.key not in state.taken][:self.options.compile_workers]
         if len(queued) < self.options.compile_workers:
             return True
-        return bool({rank.compile_key(self.space, c) for c in queued} - {None} - pool.compiled_sources)
+        return bool(rank.compile_keys(self.space, queued) - pool.compiled_sources)
 
     def _compiler(self, pool, batch: list, state: StudyState, seeds_batch: bool = False):
         """Starts compiling the batch's new candidates ahead of the timer; returns the function that waits for
@@ -316,7 +315,7 @@ class StudyRunner:
         pool.prepare(self.spec, self.rows, [c for c in new if c.key not in unfit],
                      meanwhile=(lambda: draw_cases(self.spec, self.rows, self.device)) if draw else None)
         waited = self.clock() - started
-        pool.note_batch({rank.compile_key(self.space, c) for c in new} - {None}, waited)
+        pool.note_batch(rank.compile_keys(self.space, new), waited)
         if self._charges_plan(seeds_batch):
             self._run_compile_s += waited - self.options.seed_compile_s
         return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
