@@ -35,6 +35,41 @@ def test_cpu_timer_rotates_random_inputs_and_reports_quantiles(monkeypatch):
     both = timer.interleaved(SPEC, [kernel, eager], 64)
     assert len(both) == 2 and all(x.reps >= 1 for x in both)
 
+def test_cpu_timer_times_every_call_after_a_torch_op_outside_the_window(monkeypatch):
+    """Each call is timed as in a torch program (after a torch op), in the search's sampling and the interleaved
+    re-timing alike, and the op's time is not the kernel's."""
+    events, now = [], [0]
+
+    def fake_ns():
+        events.append("clock")
+        return now[0]
+
+    def context():
+        events.append("context")
+        now[0] += 1_000_000  # 1 ms of context: counted, it would show in every sample
+
+    def kernel(*args):
+        events.append("kernel")
+        now[0] += 2_000  # 2 µs
+
+    timer = measure.CpuTimer(warmup_s=0.0, rep_s=0.0, min_reps=4, max_reps=4, context=context)
+    monkeypatch.setattr(measure.time, "perf_counter_ns", fake_ns)
+    samples = [timer.measure(SPEC, kernel, 8), *timer.interleaved(SPEC, [kernel, kernel], 8)]
+    assert all(t.median_us == t.p80_us == 2.0 for t in samples)
+    timed = [i for i, e in enumerate(events) if e == "kernel" and events[i - 1] == events[i + 1] == "clock"]
+    assert len(timed) == 4 + 2 * 4 and all(events[i - 2] == "context" for i in timed)
+
+
+def test_the_default_context_op_splits_over_every_torch_thread():
+    """The context op must run on all of torch's intra-op threads (those are the ones that spin afterwards): an
+    op of fewer than TORCH_GRAIN elements per thread runs on fewer of them."""
+    op = measure.CpuTimer().context
+    assert isinstance(op, measure.AfterTorchOp) and op.buffer.numel() >= measure.TORCH_GRAIN * torch.get_num_threads()
+    before = op.buffer.clone()
+    op()
+    assert torch.equal(op.buffer, before + 1)
+
+
 
 def test_verify_before_time():
     eager = TorchBackend().build(None, SPEC, None, "cpu")
