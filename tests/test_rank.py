@@ -65,7 +65,28 @@ def test_a_knob_the_other_knobs_pin_counts_no_steps_from_the_heuristic(cpu_space
     assert rank.heuristic_distance(cpu_space, parallel, heuristic) > 1  # a parallel launch's rows_per_task counts
     chosen, _ = rank.first_to_time(cpu_space, 1024, rank.DeviceFacts("cpu", workers=2, copy_gbps=20.0),
                                    _heuristic_seeds(cpu_space))
-    assert serial.key in {c.key for c in chosen[:3]}
+    # the first batch after the seeds (two candidates, one per compile worker): one moves rows_per_task, one the
+    # thread count, instead of both rows_per_task neighbours
+    assert serial.key in {c.key for c in chosen[:2]}
+    assert {c.config.threads for c in chosen[:2]} == {0, 1}
+
+
+def test_at_equal_steps_every_set_of_knobs_moved_is_tried_before_a_second_of_any():
+    from autonorm.tune import Candidate
+
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 4096)
+    from backends.numba_cpu import NumbaCpuBackend
+    space = SearchSpace(spec, {"numba-cpu": NumbaCpuBackend()}, torch.device("cpu"))
+    heuristic = space.backends["numba-cpu"].heuristic(spec)
+    order = rank.nearest_to_heuristics(space)
+    steps = [rank.heuristic_distance(space, c, heuristic) for c in order]
+    assert steps == sorted(steps)
+    for d in set(steps):
+        moved = [rank._moved_knobs(space, c, heuristic) for c, s in zip(order, steps) if s == d]
+        groups = list(dict.fromkeys(moved))
+        assert moved[:len(groups)] == groups  # each set of moved knobs once, first
+    one_step = {rank._moved_knobs(space, c, heuristic) for c, s in zip(order, steps) if s == 1}
+    assert {("rows_per_task",), ("threads",)} <= one_step and Candidate("numba-cpu", heuristic).key == order[0].key
 
 
 def test_compile_key_is_the_rendered_source_not_the_config(cpu_space):

@@ -109,10 +109,32 @@ def ranked(space: SearchSpace, rows: int, facts: DeviceFacts) -> list[Candidate]
     return sorted(space.candidates(), key=score)
 
 
+def _moved_knobs(space: SearchSpace, cand: Candidate, heuristic) -> tuple[str, ...]:
+    """The knobs (choices, as `heuristic_distance` counts them) in which `cand` differs from its heuristic."""
+    if heuristic is None or heuristic not in space.configs.get(cand.backend, ()):
+        return ()
+    return tuple(k for k in space.knobs[cand.backend] if getattr(cand.config, k) != getattr(heuristic, k)
+                 and space.is_choice(cand.backend, cand.config, k))
+
+
 def nearest_to_heuristics(space: SearchSpace) -> list[Candidate]:
-    """Every candidate of `space`, the ones fewest knob steps from their backend's heuristic first."""
+    """Every candidate of `space`, the ones fewest knob steps from their backend's heuristic first; at equal steps,
+    one candidate of each set of knobs moved before a second of any, so that a few candidates try every knob.
+
+    In enumeration order alone the two rows_per_task neighbours of numba-cpu's parallel heuristic came before its
+    serial launch (also one step, the thread count), and a budgeted forward study on two cores that timed two
+    candidates after its seeds never timed the launch that was the best of all four such studies' spaces
+    (docs/benchmarks/budget-vs-exhaustive.md)."""
     heuristics = _heuristics(space)
-    return sorted(space.candidates(), key=lambda c: heuristic_distance(space, c, heuristics[c.backend]))
+    seen: dict[tuple, int] = {}
+
+    def order(cand):
+        h = heuristics[cand.backend]
+        steps = heuristic_distance(space, cand, h)
+        group = (steps, cand.backend, _moved_knobs(space, cand, h))
+        seen[group] = seen.get(group, -1) + 1  # the candidate's place among its group's, in enumeration order
+        return steps, seen[group]
+    return sorted(space.candidates(), key=order)
 
 
 @functools.lru_cache(maxsize=65536)
