@@ -378,11 +378,36 @@ def test_only_the_last_study_the_plan_runs_predicts_its_batches_by_the_slowest(t
     assert [o.ends_run for o in seen] == [False, True]
 
 
-def test_on_a_cpu_each_study_is_charged_the_plans_figure_for_its_seeds_compile(tmp_path, monkeypatch):
+def test_on_a_cpu_each_study_is_charged_the_runs_seed_sources_spread_over_its_studies(tmp_path, monkeypatch):
+    # Each spec's fake heuristic renders its own source and torch compiles nothing: two sources over two studies,
+    # one compile's figure each (a compile per seed, torch's too, would be two each).
     seen = _options_of_each_study(monkeypatch)
     costs = planner.Costs({"fake": 0.01, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
     plans = planner.study_plans([(spec, ROWS, f"s{spec.hidden}", SearchSpace(spec, backends()), ["a", "b"])
                                  for spec in SPECS], costs, 40, {})
     tune(tmp_path, 1.8, ScriptedClockTimer(), costs=costs)
     charged = [o.seed_compile_s for o in seen]
-    assert charged == pytest.approx([2 * p.compile_s for p in plans]) and all(c > 0 for c in charged)
+    assert charged == pytest.approx([p.compile_s for p in plans]) and all(c > 0 for c in charged)
+
+
+def test_a_source_that_serves_several_studies_is_charged_once_over_the_run():
+    from autonorm.render import Source
+    from autonorm.tune import run
+    from autonorm.tune.transfer import Seed
+
+    class OneSourceBackend(RowsBackend):  # renders no hidden size, as numba-cpu
+        def render(self, spec, config):
+            return Source.of(f"fake {config!r}", "")
+
+    costs = planner.Costs({"fake": 1.0, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
+    jobs = []
+    for spec in SPECS:
+        space = SearchSpace(spec, {"fake": OneSourceBackend(), "torch": TorchBackend()})
+        seeds = [Seed(Candidate("fake", RowsConfig.heuristic(spec)), "heuristic"),
+                 Seed(Candidate("torch", space.configs["torch"][0]), "heuristic")]
+        jobs.append((spec, ROWS, f"s{spec.hidden}", space, seeds))
+    plans = planner.study_plans(jobs, costs, 40, {})
+    shared = run.seed_compile_charge(jobs, plans)
+    assert shared == pytest.approx(plans[0].compile_s / 2)
+    plans[1].status = "left out"
+    assert run.seed_compile_charge(jobs, plans) == pytest.approx(plans[0].compile_s)
