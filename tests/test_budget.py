@@ -380,14 +380,15 @@ def test_only_the_last_study_the_plan_runs_predicts_its_batches_by_the_slowest(t
 
 def test_on_a_cpu_each_study_is_charged_the_runs_seed_sources_spread_over_its_studies(tmp_path, monkeypatch):
     # Each spec's fake heuristic renders its own source and torch compiles nothing: two sources over two studies,
-    # one compile's figure each (a compile per seed, torch's too, would be two each).
+    # one compile each (a compile per seed, torch's too, would be two each), at the plan's figure before the run
+    # has waited for a compile, then at the median wait (the fake compiles in a thread at once: next to none).
     seen = _options_of_each_study(monkeypatch)
-    costs = planner.Costs({"fake": 0.01, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
+    costs = planner.Costs({"fake": 0.1, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
     plans = planner.study_plans([(spec, ROWS, f"s{spec.hidden}", SearchSpace(spec, backends()), ["a", "b"])
                                  for spec in SPECS], costs, 40, {})
     tune(tmp_path, 1.8, ScriptedClockTimer(), costs=costs)
     charged = [o.seed_compile_s for o in seen]
-    assert charged == pytest.approx([p.compile_s for p in plans]) and all(c > 0 for c in charged)
+    assert charged[0] == pytest.approx(plans[0].compile_s) and 0 <= charged[1] < charged[0] / 2
 
 
 def test_a_source_that_serves_several_studies_is_charged_once_over_the_run():
@@ -409,5 +410,7 @@ def test_a_source_that_serves_several_studies_is_charged_once_over_the_run():
     plans = planner.study_plans(jobs, costs, 40, {})
     shared = run.seed_compile_charge(jobs, plans)
     assert shared == pytest.approx(plans[0].compile_s / 2)
+    # once the run has waited for new sources, their median is the figure, not the plan's
+    assert run.seed_compile_charge(jobs, plans, [2.0, 9.0, 4.0]) == pytest.approx(4.0 / 2)
     plans[1].status = "left out"
     assert run.seed_compile_charge(jobs, plans) == pytest.approx(plans[0].compile_s)

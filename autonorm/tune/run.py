@@ -10,6 +10,7 @@ tune-on-miss, is `tune_grid` of one spec: the same protocol, the same record.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -178,7 +179,6 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
             show_plan(planner.format_plan(plan, options.compile_baseline))
         deadline = clock() + budget_s - elapsed() - costs.end_s
         facts = rank.DeviceFacts.of(ident, copy_gbps)
-        seed_charge = seed_compile_charge(jobs, plans)
     for i, (spec, rows, name, space, seeds) in enumerate(jobs):
         study_options = options
         if plans is not None:
@@ -201,8 +201,8 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
             moved = transfer.transferred(roles[i], spec, winners)
             seeds = neighbour_seeds(device, space, moved, seeds)
             last = not any(p.status == "run" for p in plans[i + 1:])
-            # On a CPU the timer waits for the seeds' compile: charged at the plan's figure (StudyOptions).
-            seed_compile_s = seed_charge if device.type == "cpu" else None
+            # On a CPU the timer waits for the seeds' compile: each study charged the same (StudyOptions).
+            seed_compile_s = seed_compile_charge(jobs, plans, pool.compile_waits) if device.type == "cpu" else None
             study_options = transfer.options_for(dataclasses.replace(options, time_budget=share, ends_run=last,
                                                                      seed_compile_s=seed_compile_s), moved, len(seeds))
             seeds = _with_ranked(seeds, space, rows, facts)
@@ -228,19 +228,22 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     return db
 
 
-def seed_compile_charge(jobs: list, plans: list) -> float:
+def seed_compile_charge(jobs: list, plans: list, waits=()) -> float:
     """What each study a CPU run plans is charged for its seeds' compile (`StudyOptions.seed_compile_s`): the run's
-    distinct seed sources (`rank.compile_keys`) at the plan's figure, spread evenly over its studies.
+    distinct seed sources (`rank.compile_keys`) at the median of the run's `waits` for a batch holding a new source
+    (`CompilePool.compile_waits`), or before any at the plan's figure, spread evenly over the studies it runs.
 
     A source compiled once serves every later study of it (numba-cpu renders no hidden size), so most studies'
     seeds compile nothing. Charged a compile per seed each (3.9 s), every study of a 134 s CPU run had spent 4.3
     to 5 s of its 5 to 6 s share when its seeds were timed; the first one stopped there and missed its best
-    launch by 1.47x, while the surplus went to the run's last studies, which left 9 s of the budget unspent."""
+    launch by 1.47x, while the surplus went to the run's last studies, which left 9 s unspent. Charged at the
+    plan's figure alone (2 s a source, where the waits were 2.4 to 8 s, median 4.7), the run's first studies took
+    what its last two needed, and those were left out."""
     running = [(space, seeds, plan) for (*_, space, seeds), plan in zip(jobs, plans) if plan.status == "run"]
     per_source: dict[str, float] = {}
     for space, seeds, plan in running:
         for key in rank.compile_keys(space, [s.candidate for s in seeds]):
-            per_source.setdefault(key, plan.compile_s)
+            per_source.setdefault(key, statistics.median(waits) if waits else plan.compile_s)
     return sum(per_source.values()) / len(running) if running else 0.0
 
 
