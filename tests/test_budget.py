@@ -391,22 +391,30 @@ def test_on_a_cpu_each_study_is_charged_the_runs_seed_sources_spread_over_its_st
     assert charged[0] == pytest.approx(plans[0].compile_s) and 0 <= charged[1] < charged[0] / 2
 
 
-def test_a_source_that_serves_several_studies_is_charged_once_over_the_run():
+def _one_source_jobs() -> list:
+    """Jobs of SPECS whose fake heuristic renders one source for both (no hidden size, as numba-cpu), with a torch
+    seed each, as `tune_grid` plans them."""
     from autonorm.render import Source
-    from autonorm.tune import run
     from autonorm.tune.transfer import Seed
 
-    class OneSourceBackend(RowsBackend):  # renders no hidden size, as numba-cpu
+    class OneSourceBackend(RowsBackend):
         def render(self, spec, config):
             return Source.of(f"fake {config!r}", "")
 
-    costs = planner.Costs({"fake": 1.0, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
     jobs = []
     for spec in SPECS:
         space = SearchSpace(spec, {"fake": OneSourceBackend(), "torch": TorchBackend()})
-        seeds = [Seed(Candidate("fake", RowsConfig.heuristic(spec)), "heuristic"),
-                 Seed(Candidate("torch", space.configs["torch"][0]), "heuristic")]
-        jobs.append((spec, ROWS, f"s{spec.hidden}", space, seeds))
+        jobs.append((spec, ROWS, f"s{spec.hidden}", space,
+                     [Seed(Candidate("fake", RowsConfig.heuristic(spec)), "heuristic"),
+                      Seed(Candidate("torch", space.configs["torch"][0]), "heuristic")]))
+    return jobs
+
+
+def test_a_source_that_serves_several_studies_is_charged_once_over_the_run():
+    from autonorm.tune import run
+
+    costs = planner.Costs({"fake": 1.0, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
+    jobs = _one_source_jobs()
     plans = planner.study_plans(jobs, costs, 40, {})
     shared = run.seed_compile_charge(jobs, plans)
     assert shared == pytest.approx(plans[0].compile_s / 2)
@@ -414,3 +422,19 @@ def test_a_source_that_serves_several_studies_is_charged_once_over_the_run():
     assert run.seed_compile_charge(jobs, plans, [2.0, 9.0, 4.0]) == pytest.approx(4.0 / 2)
     plans[1].status = "left out"
     assert run.seed_compile_charge(jobs, plans) == pytest.approx(plans[0].compile_s)
+
+
+def test_a_cpu_plan_counts_a_seed_compile_only_for_a_source_no_earlier_study_compiles():
+    costs = planner.Costs({"fake": 1.0, "torch": 0.0}, time_s=SLEEP_S, finish_s=0.2)
+    jobs = _one_source_jobs()
+    shared = planner.study_plans(jobs, costs, 40, {}, shared_sources=True)
+    # the first study compiles the one source, the second none; torch's seed never: timings only besides
+    assert [p.seed_compiles for p in shared] == [1, 0]
+    assert [p.floor_s for p in shared] == pytest.approx([2 * SLEEP_S + p.compile_s * c + 0.2
+                                                         for p, c in zip(shared, (1, 0))])
+    each = planner.study_plans(jobs, costs, 40, {})  # a GPU run's plan: a compile per seed
+    assert all(p.seed_compiles is None and p.floor_s == pytest.approx(2 * p.candidate_s + 0.2) for p in each)
+    # a budget that fits both floors counted once, not both counted per seed
+    budget = sum(p.floor_s for p in shared) + 0.01
+    assert [p.status for p in planner.split(shared, budget, 0.0).studies] == ["run", "run"]
+    assert "left out" in [p.status for p in planner.split(each, budget, 0.0).studies]

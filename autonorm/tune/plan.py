@@ -103,14 +103,22 @@ class StudyPlan:
     role: str = ""              # "anchor", or the studies whose winners seed it (`transfer.py`)
     seeds_from: str = ""        # where its seeds known before the run come from
     stored: dict | None = field(default=None, repr=False)  # the record of a complete study, as stored
+    seed_compiles: int | None = None  # seeds the study compiles (`study_plans(shared_sources=)`); None: every seed
 
     @property
     def candidate_s(self) -> float:
         return self.compile_s + self.time_s
 
     @property
+    def seeds_s(self) -> float:
+        """The seeds' compiles and timings."""
+        if self.seed_compiles is None:
+            return self.seeds * self.candidate_s
+        return self.seeds * self.time_s + self.seed_compiles * self.compile_s
+
+    @property
     def floor_s(self) -> float:
-        return self.seeds * self.candidate_s + self.finish_s
+        return self.seeds_s + self.finish_s
 
     @property
     def planned(self) -> int:
@@ -144,14 +152,26 @@ def recorded_studies(storage) -> dict:
     return done
 
 
-def study_plans(studies: list, costs: Costs, n_trials: int, recorded: dict) -> list:
+def study_plans(studies: list, costs: Costs, n_trials: int, recorded: dict, shared_sources: bool = False) -> list:
     """A StudyPlan per (spec, rows, name, SearchSpace, seeds) in `studies`, marked complete where `recorded`
-    (from `recorded_studies`) holds its name with a search that was exhaustive, converged or spent `n_trials`."""
-    plans = []
+    (from `recorded_studies`) holds its name with a search that was exhaustive, converged or spent `n_trials`.
+
+    `shared_sources` (a CPU run, whose timer waits for its compiles; `studies` in run order, seeds as
+    `transfer.Seed`s): a study's seeds are planned a compile only for sources no study before it compiles
+    (`rank.compile_keys`: torch's seed none, numba-cpu's none at a second hidden size). Planned a compile per
+    seed, the 16 studies of a 125 s CPU run needed 32 compiles (62 s) where they met 8, and the plan left the
+    last study out."""
+    from . import rank
+
+    plans, compiled = [], set()
     for spec, rows, name, space, seeds in studies:
         sizes = {backend: len(configs) for backend, configs in space.configs.items()}
         plan = StudyPlan(spec, rows, name, len(space), len(seeds), min(len(space), n_trials),
                          costs.mean_compile_s(sizes), costs.time_s, costs.finish_s)
+        if shared_sources:
+            sources = rank.compile_keys(space, [s.candidate for s in seeds])
+            plan.seed_compiles = len(sources - compiled)
+            compiled |= sources
         completeness, record = recorded.get(name, (None, None))
         if completeness in COMPLETE:
             plan.status, plan.why, plan.stored = "complete", f"{completeness} in an earlier run", record
@@ -174,7 +194,7 @@ def split(studies: list, budget_s: float, spent_s: float, end_s: float = 0.0) ->
                                            f"{max(available, 0):.1f} s of the budget were left")
             continue
         available -= s.floor_s
-        s.search_s = s.seeds * s.candidate_s
+        s.search_s = s.seeds_s
     # Water-filling: shares in proportion to the search each study wants, none above what it can use.
     hungry = [s for s in studies if s.status == "run" and s.wanted > s.seeds]
     while available > 1e-6 and hungry:

@@ -171,7 +171,8 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
         jobs, roles = transfer.arrange(jobs)  # anchors first: each study runs after those it takes seeds from
         elapsed = elapsed or planner.process_age_s
         costs = costs or planner.Costs.estimate(db.protocol, options.compile_baseline, options.light_finish)
-        plans = planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage))
+        plans = planner.study_plans(jobs, costs, options.trials, planner.recorded_studies(storage),
+                                    shared_sources=device.type == "cpu")
         transfer.shape_plans(plans, roles, [seeds for *_, seeds in jobs], _lean(device))
         plan = planner.split(plans, budget_s, elapsed(), costs.end_s)
         plans = plan.studies
