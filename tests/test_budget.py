@@ -418,8 +418,10 @@ def test_a_source_that_serves_several_studies_is_charged_once_over_the_run():
     plans = planner.study_plans(jobs, costs, 40, {})
     shared = run.seed_compile_charge(jobs, plans)
     assert shared == pytest.approx(plans[0].compile_s / 2)
-    # once the run has waited for new sources, their median is the figure, not the plan's
-    assert run.seed_compile_charge(jobs, plans, [2.0, 9.0, 4.0]) == pytest.approx(4.0 / 2)
+    # once the run has waited for seeds, the medians of its waits are the figures, not the plan's: one study of the
+    # two compiles the source, the other waits for the checks of a known one
+    waits = [(True, 2.0), (True, 9.0), (True, 4.0), (False, 0.5), (False, 1.5), (False, 1.0)]
+    assert run.seed_compile_charge(jobs, plans, waits) == pytest.approx((4.0 + 1.0) / 2)
     plans[1].status = "left out"
     assert run.seed_compile_charge(jobs, plans) == pytest.approx(plans[0].compile_s)
 

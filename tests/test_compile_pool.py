@@ -272,3 +272,13 @@ def test_a_compile_worker_exits_without_the_teardown_registered_before_it_starte
                           env={**os.environ, "PYTHONUNBUFFERED": ""})
     assert done.returncode == 0, done.stderr
     assert done.stdout == "compiled" and not marker.exists()
+
+
+def test_a_seeds_batch_wait_is_kept_with_whether_it_compiled_a_new_source():
+    pool = CompilePool({}, "cpu", workers=1, processes=False)
+    pool.note_batch({"numba-cpu:a"}, 4.0, seeds=True)  # the first study of source a: compiles it
+    pool.note_batch({"numba-cpu:a"}, 1.0, seeds=True)  # a later study of a: the checks alone
+    pool.note_batch({"numba-cpu:b"}, 6.0)  # a search batch with a new source: not a seeds' wait
+    pool.close()
+    assert pool.seed_waits == [(True, 4.0), (False, 1.0)]
+    assert pool.compile_waits == [4.0, 6.0]

@@ -189,6 +189,10 @@ class CompilePool:
         # one their median, so it does not begin a compile its share cannot pay for. The run's, not a study's:
         # a study whose first sources an earlier study compiled has no wait of its own to go by.
         self.compile_waits: list[float] = []
+        # Each study's seeds' batch: (whether it held a source new to the run, seconds the timer waited for it). A
+        # batch of known sources still waits for the workers' reference checks (about 2 s at 1031 x 4096 on two
+        # cores); what a CPU run charges every study for its seeds comes from both kinds (`run.seed_compile_charge`).
+        self.seed_waits: list[tuple[bool, float]] = []
         # Compile keys of the sources the tuning process has launched. A source's first launch here loads what the
         # workers compiled from the compile cache, a cost of its compile that no later candidate sharing the source
         # pays (numba-cpu at 1024 x 1024 on two cores: its first candidate 0.35-0.6 s, the later ones 0.1-0.3 s).
@@ -202,10 +206,14 @@ class CompilePool:
         # own verdict (`remember`), on a GPU
         self._compiles: dict[tuple, Future] = {}  # (spec, candidate key) -> the thread pool's compile
 
-    def note_batch(self, sources: set[str], waited_s: float) -> None:
+    def note_batch(self, sources: set[str], waited_s: float, seeds: bool = False) -> None:
         """A batch of compile keys (`rank.compile_key`) is compiled, after the timer waited `waited_s` for it: a wait
-        counts in `compile_waits` only when the batch held a source new to the run."""
-        if sources - self.compiled_sources:
+        counts in `compile_waits` only when the batch held a source new to the run; a study's `seeds` batch's in
+        `seed_waits` either way."""
+        new = bool(sources - self.compiled_sources)
+        if seeds:
+            self.seed_waits.append((new, waited_s))
+        if new:
             self.compile_waits.append(waited_s)
             self.compiled_sources |= sources
 

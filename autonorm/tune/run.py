@@ -203,7 +203,7 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
             seeds = neighbour_seeds(device, space, moved, seeds)
             last = not any(p.status == "run" for p in plans[i + 1:])
             # On a CPU the timer waits for the seeds' compile: each study charged the same (StudyOptions).
-            seed_compile_s = seed_compile_charge(jobs, plans, pool.compile_waits) if device.type == "cpu" else None
+            seed_compile_s = seed_compile_charge(jobs, plans, pool.seed_waits) if device.type == "cpu" else None
             study_options = transfer.options_for(dataclasses.replace(options, time_budget=share, ends_run=last,
                                                                      seed_compile_s=seed_compile_s), moved, len(seeds))
             seeds = _with_ranked(seeds, space, rows, facts)
@@ -229,23 +229,31 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
     return db
 
 
-def seed_compile_charge(jobs: list, plans: list, waits=()) -> float:
-    """What each study a CPU run plans is charged for its seeds' compile (`StudyOptions.seed_compile_s`): the run's
-    distinct seed sources (`rank.compile_keys`) at the median of the run's `waits` for a batch holding a new source
-    (`CompilePool.compile_waits`), or before any at the plan's figure, spread evenly over the studies it runs.
+def seed_compile_charge(jobs: list, plans: list, seed_waits=()) -> float:
+    """What each study a CPU run plans is charged for its seeds' batch (`StudyOptions.seed_compile_s`): the run's
+    expected waits for its studies' seeds, spread evenly over them. A study whose seeds hold a source no earlier
+    study compiles waits for that compile and the checks; any other for the workers' reference checks alone. Each
+    kind at the median of the run's own `seed_waits` (`CompilePool.seed_waits`), or before any at the plan's
+    compile figure a source and nothing.
 
     A source compiled once serves every later study of it (numba-cpu renders no hidden size), so most studies'
     seeds compile nothing. Charged a compile per seed each (3.9 s), every study of a 134 s CPU run had spent 4.3
     to 5 s of its 5 to 6 s share when its seeds were timed; the first one stopped there and missed its best
-    launch by 1.47x, while the surplus went to the run's last studies, which left 9 s unspent. Charged at the
-    plan's figure alone (2 s a source, where the waits were 2.4 to 8 s, median 4.7), the run's first studies took
-    what its last two needed, and those were left out."""
+    launch by 1.47x, while the surplus went to the run's last studies, which left 9 s unspent. Charged the new
+    sources alone (2 s a source at the plan's figure, where the waits were 2.4 to 8 s, median 4.7), the first
+    studies spent what the last two needed."""
     running = [(space, seeds, plan) for (*_, space, seeds), plan in zip(jobs, plans) if plan.status == "run"]
-    per_source: dict[str, float] = {}
-    for space, seeds, plan in running:
-        for key in rank.compile_keys(space, [s.candidate for s in seeds]):
-            per_source.setdefault(key, statistics.median(waits) if waits else plan.compile_s)
-    return sum(per_source.values()) / len(running) if running else 0.0
+    if not running:
+        return 0.0
+    sources = set()
+    for space, seeds, _ in running:
+        sources |= rank.compile_keys(space, [s.candidate for s in seeds])
+    new_waits = [w for new, w in seed_waits if new]
+    known_waits = [w for new, w in seed_waits if not new]
+    per_source = statistics.median(new_waits) if new_waits else statistics.mean(p.compile_s for *_, p in running)
+    per_other = statistics.median(known_waits) if known_waits else 0.0
+    others = max(len(running) - len(sources), 0)
+    return (len(sources) * per_source + others * per_other) / len(running)
 
 
 def _share(plans: list, i: int, left_s: float, finish_scale: float = 1.0) -> float | None:

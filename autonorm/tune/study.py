@@ -315,7 +315,7 @@ class StudyRunner:
         pool.prepare(self.spec, self.rows, [c for c in new if c.key not in unfit],
                      meanwhile=(lambda: draw_cases(self.spec, self.rows, self.device)) if draw else None)
         waited = self.clock() - started
-        pool.note_batch(rank.compile_keys(self.space, new), waited)
+        pool.note_batch(rank.compile_keys(self.space, new), waited, seeds=seeds_batch)
         if self._charges_plan(seeds_batch):
             self._run_compile_s += waited - self.options.seed_compile_s
         return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
