@@ -281,6 +281,11 @@ class Backend(abc.ABC):
     def heuristic(self, spec: NormSpec) -> Config:
         return self.config_cls.heuristic(spec)
 
+    def seed_configs(self, spec: NormSpec) -> list[Config]:
+        """The configs a study times first for this backend: its heuristic, and any launch of it whose merit
+        depends on the machine more than the heuristic can know."""
+        return [self.heuristic(spec)]
+
     def space(self, spec: NormSpec) -> list[Config]:
         return self.config_cls.space(spec)
 

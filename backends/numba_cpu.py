@@ -14,6 +14,7 @@ process loads it instead of compiling again.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import sys
 import threading
@@ -325,6 +326,17 @@ class NumbaCpuBackend(Backend):
 
     def template_name(self, spec):
         return f"numba_cpu/{spec.direction}.py.j2"
+
+    def seed_configs(self, spec):
+        """The heuristic and its launch on one thread: one source, so the second costs a timing, not a compile.
+        Whether the thread pool pays depends on the machine more than on the shape: after a torch op, as a norm
+        runs in a torch program, the serial launch won every numba-cpu study of a 16-study grid at 1024 rows on 2
+        cores (docs/benchmarks/cpu-numba.md); a budget that times a study's seeds alone still asks it."""
+        heuristic = self.heuristic(spec)
+        serial = dataclasses.replace(heuristic, threads=1,
+                                     rows_per_task=SERIAL_ROWS_PER_TASK if spec.direction == "fwd"
+                                     else heuristic.rows_per_task)
+        return [heuristic] if NumbaCpuConfig.is_valid(spec, serial) else [heuristic, serial]
 
     def build(self, source, spec, config, device):
         # The file is never rewritten: Numba's cache index is keyed by the file's mtime and size.

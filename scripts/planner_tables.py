@@ -52,13 +52,13 @@ def planner_to_target(space, rows: int, facts, table: dict, keys_of, transferred
     from autonorm.tune import rank
     from autonorm.tune.replay import replay
 
-    seeds = [c for c in space.candidates() if c.config == space.backends[c.backend].heuristic(space.spec)]
-    seeds += [c for c in transferred if c.key not in {s.key for s in seeds}]
+    own = [c for c in space.candidates() if c.config in space.backends[c.backend].seed_configs(space.spec)]
+    seeds = own + [c for c in transferred if c.key not in {s.key for s in own}]
     first, _ = rank.first_to_time(space, rows, facts, seeds)
     order = [c.key for c in seeds + first]
     found = to_target(order, table, keys_of)
     if found is None:  # not reached by the planner's own order: TPE continues from it
-        tail = replay(space.spec, rows, space.backends, table, 0, extra_seeds=seeds[len(space.backends):] + first,
+        tail = replay(space.spec, rows, space.backends, table, 0, extra_seeds=seeds[len(own):] + first,
                       n_trials=len(order) + TPE_TRIALS)
         found = to_target(order + [k for k in tail if k not in set(order)], table, keys_of)
     return found

@@ -109,3 +109,19 @@ def test_a_budgeted_study_is_seeded_with_the_shared_source_candidates_then_the_r
     assert chosen[:2] == seeds and len(chosen) == 2 + n_shared + rank.RANKED
     assert all(rank.compile_key(cpu_space, s.candidate) in compiled for s in chosen[2:2 + n_shared])
     assert {s.source for s in chosen[2:]} == {"near the heuristic"}
+
+
+def test_numba_cpu_seeds_its_heuristic_and_that_launch_on_one_thread(cpu_space):
+    from autonorm.tune.run import _seeds
+    from backends.numba_cpu import SERIAL_ROWS_PER_TASK, NumbaCpuBackend
+
+    backend = NumbaCpuBackend()
+    for spec in (cpu_space.spec, NormSpec("layernorm", "bwd", "float32", "float32", 4096, bias=True)):
+        heuristic, serial = backend.seed_configs(spec)
+        assert heuristic == backend.heuristic(spec) and heuristic.threads == 0 and serial.threads == 1
+        assert (serial.vector_width, serial.fastmath) == (heuristic.vector_width, heuristic.fastmath)
+        assert serial.rows_per_task == (SERIAL_ROWS_PER_TASK if spec.direction == "fwd" else heuristic.rows_per_task)
+        assert backend.render(spec, serial).sha256 == backend.render(spec, heuristic).sha256  # a timing, no compile
+    seeds = [s.candidate for s in _seeds(cpu_space.spec, 1024, cpu_space, None, [])]
+    assert [(c.backend, getattr(c.config, "threads", None)) for c in seeds] == [("numba-cpu", 0), ("numba-cpu", 1),
+                                                                               ("torch", None)]

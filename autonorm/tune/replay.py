@@ -31,6 +31,9 @@ class ReplayBackend:
     def heuristic(self, spec):
         return self.real.heuristic(spec)
 
+    def seed_configs(self, spec):
+        return self.real.seed_configs(spec)
+
     def template_hash(self):
         return "replay"
 
@@ -78,7 +81,7 @@ def replay(spec, rows, backends, table, seed, extra_seeds=(), n_trials=None, sam
     timer = ReplayTimer(table)
     with tempfile.TemporaryDirectory() as tmp:
         storage = make_storage(None, Path(tmp) / "j")
-        seeds = [Candidate(name, b.heuristic(spec)) for name, b in backends.items()] + list(extra_seeds)
+        seeds = [Candidate(name, c) for name, b in backends.items() for c in b.seed_configs(spec)] + list(extra_seeds)
         # The table holds only candidates verified when they were measured: nothing to verify again.
         options = StudyOptions(trials=n_trials or size - 1, time_budget=3600, patience=None if n_trials else size,
                                compile_workers=1, compile_baseline=False, seed=seed, sampler=sampler, verify=False)

@@ -86,11 +86,13 @@ def protocol(timer, options: StudyOptions) -> dict:
 
 def _seeds(spec: NormSpec, rows: int, space: SearchSpace, earlier: TuningDB | None, tables: list) -> list:
     """The database's earlier winner for the same key, a record of each database of other GPUs in `tables`
-    (`transfer.seed_tables`), then each backend's heuristic: `transfer.Seed`s mapped into `space`."""
+    (`transfer.seed_tables`), then each backend's heuristic seeds (`Backend.seed_configs`): `transfer.Seed`s mapped
+    into `space`."""
     prior = earlier.records.get(RecordKey.of(spec, rows_bucket(rows))) if earlier else None
     seeds = [transfer.Seed(Candidate(prior.winner.backend, prior.winner.config), "earlier winner")] if prior else []
     seeds += transfer.from_tables(spec, rows, tables)
-    seeds += [transfer.Seed(Candidate(name, b.heuristic(spec)), "heuristic") for name, b in space.backends.items()]
+    seeds += [transfer.Seed(Candidate(name, config), "heuristic") for name, b in space.backends.items()
+              for config in b.seed_configs(spec)]
     return transfer.study_seeds(space, seeds)
 
 
