@@ -51,8 +51,9 @@ def planner_to_target(space, rows: int, facts, table: dict, keys_of, transferred
     then TPE replayed from there for `--trials`' default more (None: not reached by then)."""
     from autonorm.tune import rank
     from autonorm.tune.replay import replay
+    from autonorm.tune.run import heuristic_seeds
 
-    own = [c for c in space.candidates() if c.config in space.backends[c.backend].seed_configs(space.spec)]
+    own = [c for c in heuristic_seeds(space.backends, space.spec) if space.named(c.key) is not None]
     seeds = own + [c for c in transferred if c.key not in {s.key for s in own}]
     first, _ = rank.first_to_time(space, rows, facts, seeds)
     order = [c.key for c in seeds + first]

@@ -123,5 +123,6 @@ def test_numba_cpu_seeds_its_heuristic_and_that_launch_on_one_thread(cpu_space):
         assert serial.rows_per_task == (SERIAL_ROWS_PER_TASK if spec.direction == "fwd" else heuristic.rows_per_task)
         assert backend.render(spec, serial).sha256 == backend.render(spec, heuristic).sha256  # a timing, no compile
     seeds = [s.candidate for s in _seeds(cpu_space.spec, 1024, cpu_space, None, [])]
-    assert [(c.backend, getattr(c.config, "threads", None)) for c in seeds] == [("numba-cpu", 0), ("numba-cpu", 1),
-                                                                               ("torch", None)]
+    # every backend's heuristic first: a study cut to its first batch of two has timed torch eager
+    assert [(c.backend, getattr(c.config, "threads", None)) for c in seeds] == [("numba-cpu", 0), ("torch", None),
+                                                                               ("numba-cpu", 1)]

@@ -14,6 +14,7 @@ from .. import measure
 from ..backends.torch_eager import TorchBackend
 from .fleet import make_storage
 from .options import StudyOptions
+from .run import heuristic_seeds
 from .space import Candidate, SearchSpace
 from .study import StudyRunner
 
@@ -81,7 +82,7 @@ def replay(spec, rows, backends, table, seed, extra_seeds=(), n_trials=None, sam
     timer = ReplayTimer(table)
     with tempfile.TemporaryDirectory() as tmp:
         storage = make_storage(None, Path(tmp) / "j")
-        seeds = [Candidate(name, c) for name, b in backends.items() for c in b.seed_configs(spec)] + list(extra_seeds)
+        seeds = heuristic_seeds(backends, spec) + list(extra_seeds)
         # The table holds only candidates verified when they were measured: nothing to verify again.
         options = StudyOptions(trials=n_trials or size - 1, time_budget=3600, patience=None if n_trials else size,
                                compile_workers=1, compile_baseline=False, seed=seed, sampler=sampler, verify=False)

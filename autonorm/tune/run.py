@@ -91,9 +91,17 @@ def _seeds(spec: NormSpec, rows: int, space: SearchSpace, earlier: TuningDB | No
     prior = earlier.records.get(RecordKey.of(spec, rows_bucket(rows))) if earlier else None
     seeds = [transfer.Seed(Candidate(prior.winner.backend, prior.winner.config), "earlier winner")] if prior else []
     seeds += transfer.from_tables(spec, rows, tables)
-    seeds += [transfer.Seed(Candidate(name, config), "heuristic") for name, b in space.backends.items()
-              for config in b.seed_configs(spec)]
+    seeds += [transfer.Seed(cand, "heuristic") for cand in heuristic_seeds(space.backends, spec)]
     return transfer.study_seeds(space, seeds)
+
+
+def heuristic_seeds(backends: dict, spec: NormSpec) -> list[Candidate]:
+    """Every backend's seed configs (`Backend.seed_configs`), by rank: each backend's heuristic, then each one's
+    second seed, and so on. A study cut to its first batch (two candidates on two workers) has then timed torch
+    eager beside the heuristic: with numba-cpu's two seeds first, one recorded numba-cpu's serial launch 1.58x
+    slower than the torch eager it never timed."""
+    ranked = [[Candidate(name, c) for c in b.seed_configs(spec)] for name, b in backends.items()]
+    return [seeds[i] for i in range(max(map(len, ranked), default=0)) for seeds in ranked if i < len(seeds)]
 
 
 def _lean(device: torch.device) -> bool:
