@@ -53,10 +53,10 @@ class StudyOptions:
     # The last study a --budget run plans: nothing after it can absorb an overrun, so it predicts its next batch
     # by its slowest candidate and the run's slowest compile so far, not their medians (study.py).
     ends_run: bool = False
-    # Under --budget on a CPU: what a study's first batch (its seeds) is charged for compiling, whatever the timer
-    # waited: the run's seed sources at the plan's figure, spread over its studies (`run.seed_compile_charge`). A
-    # source's first compile serves every later study that shares it, so the run pays the difference (study.py).
-    # None: the wait itself.
+    # Under --budget on a CPU: what a study's first batch (its seeds) is charged for its wait, whatever the timer
+    # waited: the run's expected seeds' waits spread evenly over its studies (`run.seed_compile_charge`). A source's
+    # first compile serves every later study that shares it, so the run pays the difference (study.py). None: the
+    # wait itself.
     seed_compile_s: float | None = None
 
     def __post_init__(self):

@@ -82,10 +82,9 @@ def heuristic_distance(space: SearchSpace, cand: Candidate, heuristic) -> int:
     numba-cpu's one-thread forward takes one rows_per_task, so it is a step from a parallel heuristic (its
     thread count), not six; counted by value, a budgeted study never reached it, though it was the best launch
     of a 1024 x 1024 forward on 2 cores by 1.2x."""
-    if heuristic is None or heuristic not in space.configs.get(cand.backend, ()):
-        return 0
-    return sum(abs(values.index(getattr(cand.config, k)) - values.index(getattr(heuristic, k)))
-               for k, values in space.knobs[cand.backend].items() if space.is_choice(cand.backend, cand.config, k))
+    knobs = space.knobs.get(cand.backend, {})
+    return sum(abs(knobs[k].index(getattr(cand.config, k)) - knobs[k].index(getattr(heuristic, k)))
+               for k in _moved_knobs(space, cand, heuristic))
 
 
 def _heuristics(space: SearchSpace) -> dict:

@@ -208,9 +208,9 @@ class StudyRunner:
         # waits for the compile that every later study of it (each hidden size of its dtype) then finds done.
         # Charged at its wait, that starved the first study of each source: in a 149 s budget on 2 cores it timed
         # its 2 seeds while the next study of the source timed 12, and missed a serial backward launch 1.2-1.4x
-        # faster. So the seeds' batch is charged the plan's figure (`seed_compile_s`) and the run pays the
-        # difference: `_share` rescales the later studies by the time left, and the deadline must still fit the
-        # next batch. The run's last study, with nothing after it, is charged its waits.
+        # faster. So the seeds' batch is charged the run's figure (`seed_compile_s`, the same for every study) and
+        # the run pays the difference: `_share` rescales the later studies by the time left, and the deadline must
+        # still fit the next batch. The run's last study, with nothing after it, is charged its waits.
         self._run_compile_s = 0.0  # seconds of this study's wall time the run pays, not its share (may be < 0)
         share_spent = lambda: self.clock() - started - self._run_compile_s  # noqa: E731
         first_batch = True
@@ -270,17 +270,17 @@ class StudyRunner:
 
     def _share_is_spent(self, pool, state: StudyState, spent: list[float], share_spent, seeds_batch: bool) -> bool:
         """Whether the next batch, as predicted, would end past the study's share (`share_spent()`: its seconds so
-        far, less what the run pays) or past the run's deadline. The seeds' batch, where it is charged the plan's
-        compile figure (`_charges_plan`), asks the share for that figure and the deadline for the run's waits: asked
+        far, less what the run pays) or past the run's deadline. The seeds' batch, where it is charged the run's
+        figure (`_charged_seed_figure`), asks the share for that figure and the deadline for the run's waits: asked
         the median compile wait (6.1 s against a 3.9 s figure in a 149 s CPU run), a study of a new source was left
         out with its share unspent."""
         upcoming = self._next_batch_s(spent, pool.compile_waits if self._needs_compile(pool, state) else [])
-        charged = self._next_batch_s(spent, [self.options.seed_compile_s]) if self._charges_plan(seeds_batch) \
+        charged = self._next_batch_s(spent, [self.options.seed_compile_s]) if self._charged_seed_figure(seeds_batch) \
             else upcoming
         return share_spent() + charged > self.options.time_budget or upcoming > self.time_left()
 
-    def _charges_plan(self, seeds_batch: bool) -> bool:
-        """Whether this batch's compile wait is charged the plan's figure (`seed_compile_s`, `_search`)."""
+    def _charged_seed_figure(self, seeds_batch: bool) -> bool:
+        """Whether this batch's compile wait is charged the run's figure (`seed_compile_s`, `_search`)."""
         return seeds_batch and self.options.seed_compile_s is not None and not self.options.ends_run
 
     def _next_batch_s(self, spent: list[float], compile_waits: list[float] = ()) -> float:
@@ -316,7 +316,7 @@ class StudyRunner:
                      meanwhile=(lambda: draw_cases(self.spec, self.rows, self.device)) if draw else None)
         waited = self.clock() - started
         pool.note_batch(rank.compile_keys(self.space, new), waited, seeds=seeds_batch)
-        if self._charges_plan(seeds_batch):
+        if self._charged_seed_figure(seeds_batch):
             self._run_compile_s += waited - self.options.seed_compile_s
         return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
 
