@@ -37,8 +37,10 @@ def _max_threads() -> int:
         return os.cpu_count() or 1
 
 
-# The one rows_per_task of a forward on one thread: its tasks only group rows run in order, and with a residual
-# each task allocates a row buffer, so the fewest tasks.
+# The rows_per_task of a launch on one thread: the fewest tasks. A forward's tasks only group rows run in order
+# (with a residual each allocates a row buffer), so this one stands for all; a backward's tasks each zero, fill
+# and sum one fp32 dW (dB) partial row, so fewer is less traffic (one thread, after a torch op, 2-core Zen 3:
+# 256 or 128 best in all 8 backward specs at 1024 rows, 32 1.4 to 6.6% slower; docs/benchmarks/cpu-numba.md).
 SERIAL_ROWS_PER_TASK = 256
 
 
@@ -333,9 +335,7 @@ class NumbaCpuBackend(Backend):
         runs in a torch program, the serial launch won every numba-cpu study of a 16-study grid at 1024 rows on 2
         cores (docs/benchmarks/cpu-numba.md); a budget that times a study's seeds alone still asks it."""
         heuristic = self.heuristic(spec)
-        serial = dataclasses.replace(heuristic, threads=1,
-                                     rows_per_task=SERIAL_ROWS_PER_TASK if spec.direction == "fwd"
-                                     else heuristic.rows_per_task)
+        serial = dataclasses.replace(heuristic, threads=1, rows_per_task=SERIAL_ROWS_PER_TASK)
         return [heuristic] if NumbaCpuConfig.is_valid(spec, serial) else [heuristic, serial]
 
     def build(self, source, spec, config, device):
