@@ -378,6 +378,13 @@ def test_only_the_last_study_the_plan_runs_predicts_its_batches_by_the_slowest(t
     assert [o.ends_run for o in seen] == [False, True]
 
 
+def test_each_study_times_its_seeds_whatever_its_share(tmp_path, monkeypatch):
+    # The plan's floor pays for a study's seeds (every backend's heuristic here); the share pays for the rest.
+    seen = _options_of_each_study(monkeypatch)
+    tune(tmp_path, 1.8, ScriptedClockTimer())
+    assert [o.floor_trials for o in seen] == [len(backends())] * 2
+
+
 def test_on_a_cpu_each_study_is_charged_the_runs_seed_sources_spread_over_its_studies(tmp_path, monkeypatch):
     # Each spec's fake heuristic renders its own source and torch compiles nothing: two sources over two studies,
     # one compile each (a compile per seed, torch's too, would be two each), at the plan's figure before the run

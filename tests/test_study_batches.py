@@ -256,6 +256,28 @@ def test_a_seeds_batch_charged_the_plans_figure_asks_its_share_for_that_figure(t
     pool.close()
 
 
+@pytest.mark.parametrize("floor, deadline_s, measured", [(0, 10.0, 2), (5, 10.0, 6), (5, 1.2, 2)])
+def test_a_studys_floor_is_timed_whatever_its_share_until_the_deadline(tmp_path, floor, deadline_s, measured):
+    # Each timing costs 0.5 s of the scripted clock; the share, 0.6 s, pays for one batch of two. The plan's floor
+    # (`floor_trials`, its seeds) is timed whatever the share: 5 seeds are three batches of two. The run's deadline
+    # still stops it: at 1 s spent, a batch predicted at 1 s more would end past 1.2 s.
+    from autonorm.tune import Candidate
+
+    class HalfSecondTimer(SteadyTimer):
+        def measure(self, spec, kernel, rows):
+            self.now += 0.45  # and 0.05 s in SteadyTimer
+            return super().measure(spec, kernel, rows)
+
+    timer = HalfSecondTimer()
+    seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in range(1, 7)]
+    options = StudyOptions(trials=30, time_budget=0.6, compile_workers=2, compile_baseline=False, verify=False,
+                           race=False, floor_trials=floor)
+    runner = StudyRunner(SPEC, 8, {"fake": GridBackend()}, timer, options, seeds=seeds,
+                         deadline=timer.now + deadline_s, storage=make_storage(None, tmp_path / "j.journal"),
+                         name="s", clock=timer.clock)
+    assert runner.run().measured == measured
+
+
 class FirstLaunchIsSlowTimer(SteadyTimer):
     """A source's first timing in the tuning process costs 1 s (its load from the compile cache), any other 0.05 s."""
 

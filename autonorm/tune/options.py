@@ -58,6 +58,11 @@ class StudyOptions:
     # first compile serves every later study that shares it, so the run pays the difference (study.py). None: the
     # wait itself.
     seed_compile_s: float | None = None
+    # Under --budget: the study's first candidates that its plan's floor pays for (its seeds). They are timed
+    # whatever the share says, stopped only by the run's deadline; an overrun is taken from the later studies
+    # (run._share). Cut to its share, a 4096-wide backward whose seeds' checks cost twice the plan's estimate
+    # timed two of its three seeds and recorded a launch 1.12x slower than the third.
+    floor_trials: int = 0
 
     def __post_init__(self):
         for name in ("trials", "compile_workers", "finalists"):
@@ -75,6 +80,8 @@ class StudyOptions:
         _require("seed_compile_s", charge, charge is None or (isinstance(charge, (int, float))
                  and not isinstance(charge, bool) and not math.isnan(charge) and charge >= 0), "seconds >= 0, or None")
         _require("seed", self.seed, _is_int(self.seed), "a whole number")
+        _require("floor_trials", self.floor_trials, _is_int(self.floor_trials) and self.floor_trials >= 0,
+                 "a whole number >= 0")
         _require("windows", self.windows, self.windows in WINDOWS, f"one of {', '.join(WINDOWS)}")
         for name in ("compile_baseline", "strict", "verify", "race", "compile_processes", "light_finish", "ends_run"):
             _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "True or False")

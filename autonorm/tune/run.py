@@ -215,7 +215,8 @@ def tune_grid(specs: list[NormSpec], row_counts: list[int], backends: dict, devi
             # On a CPU the timer waits for the seeds' compile: each study charged the same (StudyOptions).
             seed_compile_s = seed_compile_charge(jobs, plans, pool.seed_waits) if device.type == "cpu" else None
             study_options = transfer.options_for(dataclasses.replace(options, time_budget=share, ends_run=last,
-                                                                     seed_compile_s=seed_compile_s), moved, len(seeds))
+                                                                     seed_compile_s=seed_compile_s,
+                                                                     floor_trials=len(seeds)), moved, len(seeds))
             seeds = _with_ranked(seeds, space, rows, facts)
         bar = progress(options.trials, f"{spec.short()} rows={rows}") if progress else None
         runner = StudyRunner(spec, rows, backends, timer, study_options, storage=storage, name=name, device=device,
