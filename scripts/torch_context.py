@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 import torch
 
 from autonorm.backends import get_backend
-from autonorm.backends.numba_cpu import NumbaCpuConfig
 from autonorm.measure import CpuTimer
 from autonorm.spec import NormSpec
 
@@ -28,9 +27,7 @@ from autonorm.spec import NormSpec
 def kernels(spec: NormSpec) -> dict:
     """The 2-thread heuristic numba-cpu kernel, its serial launch, and torch eager."""
     numba, eager = get_backend("numba-cpu"), get_backend("torch")
-    heuristic = NumbaCpuConfig.heuristic(spec)
-    serial = NumbaCpuConfig(rows_per_task=256 if spec.direction == "fwd" else heuristic.rows_per_task,
-                            vector_width=heuristic.vector_width, threads=1, fastmath=heuristic.fastmath)
+    heuristic, serial = numba.seed_configs(spec)
     return {f"numba-cpu[{heuristic.short()}]": numba.compile(spec, heuristic, "cpu"),
             f"numba-cpu[{serial.short()}]": numba.compile(spec, serial, "cpu"),
             "torch eager": eager.compile(spec, eager.heuristic(spec), "cpu")}

@@ -20,7 +20,8 @@ The rule that divides the budget:
 The last seconds (END_S) are kept for closing the compile workers and exiting. While the
 grid runs, each study's share is rescaled by the time actually left over the time
 planned for the studies still to run, so time saved by a study that
-converged early goes to the later ones, and an overrun is taken from them. The last
+converged early goes to the later ones, and an overrun is taken from them. A study times its seeds whatever
+its share (`StudyOptions.floor_trials`): the floor paid for them; only the run's deadline stops them. The last
 study has no later ones to take it from: it begins a batch only if its slowest candidate
 and the run's slowest compile so far would fit (`StudyOptions.ends_run`).
 """
