@@ -236,9 +236,10 @@ def test_the_studys_check_cases_are_drawn_with_its_seeds_compile_not_in_a_candid
     assert result.failed == {} and result.measured == 6
 
 
-def test_a_seeds_batch_charged_the_plans_figure_asks_its_share_for_that_figure(tmp_path):
+def test_a_study_times_its_seeds_though_an_earlier_compile_wait_predicts_them_past_its_share(tmp_path):
     # An earlier study's compile took 5 s; this study's share is 1 s and its seeds' batch, whatever it waits, is
-    # charged the plan's 0.5 s. Asked the 5 s, the share refused the batch: the study was left out unspent.
+    # charged the run's 0.5 s. Asked the 5 s wait, the share refused the batch: the study was left out unspent. The
+    # seeds are the plan's floor (`floor_trials`), which the share does not stop.
     from autonorm.tune import Candidate
     from autonorm.tune.compile_pool import CompilePool
 
@@ -248,7 +249,7 @@ def test_a_seeds_batch_charged_the_plans_figure_asks_its_share_for_that_figure(t
     pool.note_batch({"fake:another source"}, 5.0)
     seeds = [Candidate("fake", GridConfig(a=1, b=b)) for b in (1, 2, 3, 4)]
     options = StudyOptions(trials=len(seeds), time_budget=1.0, compile_workers=2, compile_baseline=False,
-                           verify=False, race=False, seed_compile_s=0.5)
+                           verify=False, race=False, seed_compile_s=0.5, floor_trials=len(seeds))
     runner = StudyRunner(SPEC, 8, {"fake": backend}, timer, options, seeds=seeds, deadline=timer.now + 10.0,
                          storage=make_storage(None, tmp_path / "j.journal"), name="s", clock=timer.clock,
                          compile_pool=pool)

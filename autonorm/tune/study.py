@@ -221,8 +221,7 @@ class StudyRunner:
                 done = before.done
                 # The budget counts distinct candidates evaluated; a sampled duplicate costs no timing,
                 # but Optuna trials are capped too so that a converged sampler cannot loop forever.
-                if done >= n_trials or self._share_is_spent(pool, before, spent or first_launches, share_spent,
-                                                            first_batch):
+                if done >= n_trials or self._share_is_spent(pool, before, spent or first_launches, share_spent):
                     return "budget"
                 if len(trials.finished(study)) >= MAX_TRIALS_FACTOR * n_trials:
                     return "converged"
@@ -268,23 +267,14 @@ class StudyRunner:
             if best < float("inf"):
                 self.progress.set_postfix_str(f"best {best:.1f} us")
 
-    def _share_is_spent(self, pool, state: StudyState, spent: list[float], share_spent, seeds_batch: bool) -> bool:
+    def _share_is_spent(self, pool, state: StudyState, spent: list[float], share_spent) -> bool:
         """Whether the next batch, as predicted, would end past the study's share (`share_spent()`: its seconds so
-        far, less what the run pays) or past the run's deadline; before `floor_trials` candidates, past the deadline
-        alone. The seeds' batch, where it is charged the run's
-        figure (`_charged_seed_figure`), asks the share for that figure and the deadline for the run's waits: asked
-        the median compile wait (6.1 s against a 3.9 s figure in a 149 s CPU run), a study of a new source was left
-        out with its share unspent."""
+        far, less what the run pays) or past the run's deadline; before `floor_trials` candidates (the seeds the
+        plan's floor paid for), past the deadline alone."""
         upcoming = self._next_batch_s(spent, pool.compile_waits if self._needs_compile(pool, state) else [])
-        if state.done < self.options.floor_trials:  # the plan's floor: its seeds, whatever the share
+        if state.done < self.options.floor_trials:
             return upcoming > self.time_left()
-        charged = self._next_batch_s(spent, [self.options.seed_compile_s]) if self._charged_seed_figure(seeds_batch) \
-            else upcoming
-        return share_spent() + charged > self.options.time_budget or upcoming > self.time_left()
-
-    def _charged_seed_figure(self, seeds_batch: bool) -> bool:
-        """Whether this batch's compile wait is charged the run's figure (`seed_compile_s`, `_search`)."""
-        return seeds_batch and self.options.seed_compile_s is not None and not self.options.ends_run
+        return share_spent() + upcoming > self.options.time_budget or upcoming > self.time_left()
 
     def _next_batch_s(self, spent: list[float], compile_waits: list[float] = ()) -> float:
         """A batch's predicted seconds: `compile_workers` candidates at the median of those so far (0: none yet),
@@ -319,7 +309,8 @@ class StudyRunner:
                      meanwhile=(lambda: draw_cases(self.spec, self.rows, self.device)) if draw else None)
         waited = self.clock() - started
         pool.note_batch(rank.compile_keys(self.space, new), waited, seeds=seeds_batch)
-        if self._charged_seed_figure(seeds_batch):
+        # The run's last study has nothing after it to pay for its wait: it is charged the wait itself.
+        if seeds_batch and self.options.seed_compile_s is not None and not self.options.ends_run:
             self._run_compile_s += waited - self.options.seed_compile_s
         return lambda cand: (None, unfit[cand.key]) if cand.key in unfit else pool.compile(self.spec, self.rows, cand)
 
