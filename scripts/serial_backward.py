@@ -11,6 +11,7 @@ interleaved, in rounds; each cell is the median of the rounds' medians over the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -19,7 +20,6 @@ from datetime import datetime, timezone
 import torch
 
 from autonorm.backends import get_backend
-from autonorm.backends.numba_cpu import NumbaCpuConfig
 from autonorm.measure import CpuTimer
 from autonorm.spec import NormSpec
 
@@ -42,8 +42,9 @@ def main(argv=None) -> int:
         for dtype in args.dtypes.split(","):
             for hidden in map(int, args.hidden.split(",")):
                 spec = NormSpec(op, "bwd", dtype, dtype, hidden, bias=op == "layernorm")
-                kernels = [numba.compile(spec, NumbaCpuConfig(rows_per_task=rpt, vector_width=1, threads=threads,
-                                                              fastmath=True), "cpu") for threads, rpt in launches]
+                heuristic = numba.heuristic(spec)  # its launches: the same source, other threads and rows per task
+                configs = [dataclasses.replace(heuristic, threads=t, rows_per_task=r) for t, r in launches]
+                kernels = [numba.compile(spec, config, "cpu") for config in configs]
                 medians = [[] for _ in launches]
                 for _ in range(args.rounds):
                     for m, timing in zip(medians, timer.interleaved(spec, kernels, args.rows)):
