@@ -6,7 +6,9 @@ kernel rebuilds a 1-D array spanning its rows (`numba.carray`, fp16/bf16 as
 uint16 bits) and converts bit patterns to fp32 per element. Addresses instead of
 numpy views because building a view costs more than a small norm (scripts/overhead.py).
 Each source holds a parallel and a serial variant of the kernel; calls on fewer
-than SERIAL_BELOW elements take the serial one (no thread-pool wake-up).
+than SERIAL_BELOW elements take the serial one (no thread-pool wake-up). The parallel
+variant runs on torch's own OpenMP threads where torch runs on GNU OpenMP (`_TorchTeam`),
+else on Numba's thread pool (`_Pool`).
 Generated source is written once to `<cache_dir>/numba_cpu/<sha256>.py` and imported from there, so Numba's
 `cache=True` keeps the machine code in that folder's `__pycache__` and a second
 process loads it instead of compiling again.
@@ -54,7 +56,8 @@ class NumbaCpuConfig(Config):
                               doc="rows per parallel task (also the dW/dB partial granularity)")
     vector_width: int = knob((1, 4, 8, 16), doc="lane accumulators of the row reductions (inner blocking)")
     threads: int = knob((0, 1, 2, 4, 8, 16, 32, 64),
-                        doc="Numba threads for the call; 0 = the caller's setting (all, unless lowered)")
+                        doc="threads for the call (of torch's OpenMP team, else of Numba's pool); 0 = the "
+                            "caller's setting (torch.get_num_threads(), else Numba's)")
     fastmath: bool = knob((False, True), doc="reassoc/contract/nsz (never nnan/ninf/arcp)")
 
     @classmethod
@@ -173,7 +176,8 @@ def _tbb_pool_loads() -> bool:
 
 
 class _Pool:
-    """Numba's thread pool (its threading layer): which one runs, and what this process may do with it.
+    """Numba's thread pool (its threading layer), where the parallel kernels run when torch has no GNU OpenMP
+    team (`_TorchTeam`): which layer runs, and what this process may do with it.
 
     - Layer: TBB when it loads, else `workqueue`, unless the user chose one (NUMBA_THREADING_LAYER)
       or the pool already started. Numba's own default would take GNU OpenMP before workqueue, and
@@ -217,6 +221,115 @@ class _Pool:
 os.register_at_fork(after_in_child=_Pool.after_fork_in_child)
 
 
+def _loaded_libgomp() -> str | None:
+    """The path of the GNU OpenMP runtime this process loaded (torch's, when torch runs on it), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+    except OSError:
+        return None
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    ranked = sorted(paths, key=lambda p: not p.startswith(torch_lib))  # torch's own first
+    return ranked[0] if ranked else None
+
+
+class _TorchTeam:
+    """torch's OpenMP thread team, where the parallel kernels run when torch runs on GNU OpenMP.
+
+    After each op torch's OpenMP threads keep spinning for a while (libgomp's default wait policy), so a
+    torch program holds its cores hot for its own team: Numba's pool, started after a torch op, competes
+    with those threads (its 2-thread kernels ran up to 1.5 times slower after a torch op than timed alone on
+    a 2-core VM). `GOMP_parallel` of the runtime torch loaded hands the work to that same team (the calling thread
+    is its thread 0, as in torch's own ops), whose threads pick it up at once (docs/benchmarks/cpu-numba.md).
+    Each thread runs one of the module's team workers, which claim tasks and run the serial kernel's code on
+    them.
+
+    A forked child runs the serial variants: it inherits libgomp's record of a team whose threads it does not
+    have, and a parallel region there waits for them forever (torch's own parallel ops hang in such a child;
+    its DataLoader workers run on one thread for that reason).
+    """
+
+    parallel = None  # GOMP_parallel(fn, data, num_threads, flags) of torch's runtime, once found
+    looked = False
+    forked = False
+
+    @classmethod
+    def entry(cls):
+        """GOMP_parallel of torch's OpenMP runtime, or None (torch on another thread pool, not found, or a forked
+        child)."""
+        if cls.forked:
+            return None
+        if not cls.looked:
+            cls.looked = True
+            path = _loaded_libgomp() if "parallel backend: OpenMP" in torch.__config__.parallel_info() else None
+            if path is not None:
+                try:
+                    fn = ctypes.CDLL(path).GOMP_parallel
+                except (OSError, AttributeError):
+                    fn = None
+                if fn is not None:
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                    fn.restype = None
+                    cls.parallel = fn
+        return cls.parallel
+
+    @classmethod
+    def after_fork_in_child(cls):
+        cls.forked = True
+
+
+os.register_at_fork(after_in_child=_TorchTeam.after_fork_in_child)
+
+
+def parallel_pool() -> str | None:
+    """Where this process's parallel numba-cpu kernels run: "torch OpenMP team", Numba's threading layer once
+    its pool started, or None (none has run). For benchmark records."""
+    if _TorchTeam.entry() is not None:
+        return "torch OpenMP team"
+    try:
+        import numba
+        return f"numba {numba.threading_layer()}"
+    except (ImportError, ValueError):  # ValueError: Numba's pool has not started
+        return None
+
+
+def _team_launches(module, spec: NormSpec, threads: int, serial):
+    """The kernel launched on torch's OpenMP team (`threads` of it, or torch's count when 0): each of the
+    module's team workers on every thread of the team in turn, given the kernel's arguments as int64 words
+    after the counter its threads claim tasks from. The serial kernel where there is no team to run on."""
+    import numpy as np
+
+    def words(ints, reals=(), tail=()):
+        packed = np.zeros(1 + len(ints) + len(reals) + len(tail), np.int64)  # word 0: the next task
+        packed[1:1 + len(ints)] = ints
+        packed[1 + len(ints):1 + len(ints) + len(reals)].view(np.float64)[:] = reals
+        packed[1 + len(ints) + len(reals):] = tail
+        return packed
+
+    def launch(worker, packed, team):
+        _TorchTeam.entry()(worker.address, packed.ctypes.data, team, 0)
+
+    def forward(*args):
+        team = threads or torch.get_num_threads()
+        if _TorchTeam.entry() is None or team == 1:
+            return serial(*args)
+        launch(module.team_rows, words(args[:12], args[12:14], args[14:]), team)  # reals: eps, offset
+
+    def backward(dya, dys, xa, xs, wa, ma, rsa, dha, dhs, dxa, dwa, dba, m, n, offset, rpt):
+        team = threads or torch.get_num_threads()
+        if _TorchTeam.entry() is None or team == 1:
+            return serial(dya, dys, xa, xs, wa, ma, rsa, dha, dhs, dxa, dwa, dba, m, n, offset, rpt)
+        # each task's fp32 dW (dB) partial row, as kernel_serial keeps them, summed in task order at the end
+        ntasks = (m + rpt - 1) // rpt
+        dwp, dbp = (torch.empty(ntasks * n, dtype=torch.float32) if a else None for a in (dwa, dba))
+        launch(module.team_tasks, words((dya, dys, xa, xs, wa, ma, rsa, dha, dhs, dxa, _addr(dwp), _addr(dbp), m, n),
+                                        (offset,), (rpt,)), team)
+        if dwa:
+            launch(module.team_sums, words((_addr(dwp), _addr(dbp), dwa, dba, ntasks, n)), team)
+
+    return forward if spec.direction == "fwd" else backward
+
+
 def _pool_guarded(parallel, serial):
     """`parallel`, run only when this process's thread pool can run it safely, else `serial`."""
     def call(*args):
@@ -236,12 +349,21 @@ def _pool_guarded(parallel, serial):
     return call
 
 
-def _variants(module, config: NumbaCpuConfig):
+def _on_team(config: NumbaCpuConfig) -> bool:
+    """Whether the kernel's parallel variant runs on torch's OpenMP team (else on Numba's pool)."""
+    return config.threads != 1 and _TorchTeam.entry() is not None
+
+
+def _variants(module, spec: NormSpec, config: NumbaCpuConfig):
     """(parallel kernel, serial kernel); with threads=1 both are the serial one (the pool would only
-    add its wake-up)."""
+    add its wake-up). The parallel kernel runs on torch's OpenMP team where there is one, else on
+    Numba's pool."""
+    serial = module.kernel_serial
     if config.threads == 1:
-        return module.kernel_serial, module.kernel_serial
-    return _pool_guarded(_with_threads(module.kernel, config.threads), module.kernel_serial), module.kernel_serial
+        return serial, serial
+    if _on_team(config):
+        return _team_launches(module, spec, config.threads, serial), serial
+    return _pool_guarded(_with_threads(module.kernel, config.threads), serial), serial
 
 
 # `parallel_from` of a launcher that always takes the serial variant
@@ -251,7 +373,7 @@ SERIAL_ALWAYS = 1 << 62
 def _forward_launcher(spec: NormSpec, config: NumbaCpuConfig, module, parallel_from: int = SERIAL_BELOW):
     """The forward kernel: calls on at least `parallel_from` elements take the parallel variant."""
     residual_, rpt = spec.residual, config.rows_per_task
-    parallel, serial = _variants(module, config)
+    parallel, serial = _variants(module, spec, config)
 
     def kernel(x, weight, bias, residual, eps, offset):
         m, n = x.shape
@@ -285,7 +407,7 @@ def _forward_launcher(spec: NormSpec, config: NumbaCpuConfig, module, parallel_f
 def _backward_launcher(spec: NormSpec, config: NumbaCpuConfig, module, parallel_from: int = SERIAL_BELOW // 2):
     """The backward kernel; it reads ~2x the forward's bytes per element: the same time threshold."""
     rpt = config.rows_per_task
-    parallel, serial = _variants(module, config)
+    parallel, serial = _variants(module, spec, config)
 
     def kernel(dy, x, weight, mean, rstd, dh, offset):
         m, n = x.shape
@@ -331,9 +453,10 @@ class NumbaCpuBackend(Backend):
 
     def seed_configs(self, spec):
         """The heuristic and its launch on one thread: one source, so the second costs a timing, not a compile.
-        Whether the thread pool pays depends on the machine more than on the shape: after a torch op, as a norm
-        runs in a torch program, the serial launch won every numba-cpu study of a 16-study grid at 1024 rows on 2
-        cores (docs/benchmarks/cpu-numba.md); a budget that times a study's seeds alone still asks it."""
+        Whether more threads pay depends on the machine more than on the shape: after a torch op, as a norm runs
+        in a torch program, the serial launch won every numba-cpu study of a 16-study grid at 1024 rows on 2 cores
+        when the parallel kernels ran on Numba's pool (docs/benchmarks/cpu-numba.md); a budget that times a
+        study's seeds alone still asks it."""
         heuristic = self.heuristic(spec)
         serial = dataclasses.replace(heuristic, threads=1, rows_per_task=SERIAL_ROWS_PER_TASK)
         return [heuristic] if NumbaCpuConfig.is_valid(spec, serial) else [heuristic, serial]
@@ -346,6 +469,8 @@ class NumbaCpuBackend(Backend):
         kernel = launcher(spec, config, module)
         # Which variant runs depends on the call's size: verifiers run each one on every case.
         kernel.variants = (launcher(spec, config, module, 0), launcher(spec, config, module, SERIAL_ALWAYS))
-        # the Numba dispatchers (compile stats, cache hits): parallel, then serial
-        kernel.dispatchers = (module.kernel, module.kernel_serial)
+        # what Numba compiled for the parallel variant, then the serial one (compile stats, cache hits): the
+        # team's worker (a cfunc, `cache_hits` only) or the prange kernel, then the serial kernel
+        team_worker = module.team_rows if spec.direction == "fwd" else module.team_tasks
+        kernel.dispatchers = (team_worker if _on_team(config) else module.kernel, module.kernel_serial)
         return kernel

@@ -245,15 +245,6 @@ def retime_pair(spec, rows: int, budget_entry, best_entry, timer=None,
     return results[len(results) // 2]
 
 
-def threading_layer() -> str | None:
-    """The Numba threading layer this process's re-timed kernels ran on (the tune runs choose it the same way:
-    backends/numba_cpu.py), or None when no parallel kernel ran."""
-    try:
-        import numba
-
-        return numba.threading_layer()
-    except (ImportError, ValueError):  # ValueError: no parallel launch yet
-        return None
 
 
 def _entry_json(record) -> dict:
@@ -292,6 +283,7 @@ def evidence(grid: dict, work: Path, *, share: float = 0.2, budget_s: float | No
              reuse: Path | None = None, watch: LoadWatch, run_phase=tune_phase, retime=retime_pair) -> dict:
     """Steps 1-4 of the module docstring; the results as a JSON-ready dict, also saved to work/results.json.
     `budget_s` replaces `share` of the exhaustive wall time as the budget."""
+    from autonorm.backends.numba_cpu import parallel_pool
     from autonorm.device import identity, software_versions
 
     started, cache_before = _now(), os.environ.get("AUTONORM_CACHE_DIR")
@@ -318,7 +310,7 @@ def evidence(grid: dict, work: Path, *, share: float = 0.2, budget_s: float | No
     results = {
         "started": started, "ended": _now(), "cpu": {"name": ident["name"], "slug": ident["slug"],
                                                       "cores": os.cpu_count()},
-        "versions": software_versions(), "numba_threading_layer": threading_layer(), "grid": grid,
+        "versions": software_versions(), "parallel_pool": parallel_pool(), "grid": grid,
         "share": round(budget_s / exhaustive["wall_s"], 3),
         "exhaustive": exhaustive, "budget": {**budget, "budget_s": budget_s},
         "wall_ratio": round(budget["wall_s"] / exhaustive["wall_s"], 4),
@@ -330,6 +322,13 @@ def evidence(grid: dict, work: Path, *, share: float = 0.2, budget_s: float | No
     }
     (work / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def _pool(r: dict) -> str:
+    """Where the run's parallel numba-cpu kernels ran (runs before the torch team record Numba's layer)."""
+    if "parallel_pool" in r:
+        return r["parallel_pool"] or "none (no parallel kernel ran)"
+    return f"numba {r['numba_threading_layer']}" if r.get("numba_threading_layer") else "none (no parallel kernel ran)"
 
 
 def markdown(r: dict) -> str:
@@ -345,7 +344,7 @@ def markdown(r: dict) -> str:
         f"Produced by `scripts/budget_evidence.py`, {r['started']} to {r['ended']}.", "",
         f"- CPU: {r['cpu']['name']} (`{r['cpu']['slug']}`), {r['cpu']['cores']} cores",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
-        + f"; Numba threading layer {r['numba_threading_layer'] or 'not started'}",
+        + f"; numba-cpu's parallel kernels on {_pool(r)}",
         f"- Load: 1-minute load average {load['before']:.2f} before, {load['after']:.2f} after, at most "
         f"{load['max_load_average']:.2f} (this run's own two busy threads included); other processes' runnable "
         f"threads at most {load['others_max_1min']:.2f} over a minute; limit {load['limit']}",

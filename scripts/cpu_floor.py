@@ -105,11 +105,11 @@ def main(argv=None) -> int:
                     print(f"| {row['case']} | {mine:.0f} ({row['p20_us']:.0f}–{row['p80_us']:.0f}) | "
                           f"{other['torch']:.0f} | {other['torch.compile'] or 0:.0f} | {other['floor']:.0f} | "
                           f"{row['x_eager']:.2f} | {cmp} | {row['x_floor']:.2f} |", flush=True)
-    import numba
+    from autonorm.backends.numba_cpu import parallel_pool
 
     meta = {"start": started.isoformat(timespec="seconds"),
             "end": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_1m": [load_before[0], os.getloadavg()[0]], "threading_layer": numba.threading_layer(),
+            "load_1m": [load_before[0], os.getloadavg()[0]], "parallel_pool": parallel_pool(),
             "versions": {k: v for k, v in device_mod.software_versions().items() if v},
             "reps": args.reps, "warmup": args.warmup, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     print(f"\n{json.dumps(meta)}")

@@ -253,6 +253,76 @@ def _recording_set_num_threads(monkeypatch):
     return calls
 
 
+def _on_numbas_pool(monkeypatch):
+    """Parallel kernels compiled after this run on Numba's pool, as where torch runs on no OpenMP."""
+    from autonorm.backends.numba_cpu import _TorchTeam
+
+    monkeypatch.setattr(_TorchTeam, "looked", True)
+    monkeypatch.setattr(_TorchTeam, "parallel", None)
+
+
+def _torch_team():
+    """GOMP_parallel of torch's OpenMP runtime; skips where torch runs on another thread pool."""
+    from autonorm.backends.numba_cpu import _TorchTeam
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not run on OpenMP here")
+    entry = _TorchTeam.entry()
+    assert entry is not None, "torch runs on OpenMP, but its GNU OpenMP runtime was not found"
+    return entry
+
+
+def test_the_team_is_the_openmp_runtime_torch_runs_on():
+    """The runtime found is the one torch set its thread count in, not a second copy of libgomp (whose
+    threads would compete with torch's as Numba's pool did)."""
+    import ctypes
+
+    from autonorm.backends.numba_cpu import _loaded_libgomp
+
+    _torch_team()
+    runtime = ctypes.CDLL(_loaded_libgomp())
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert runtime.omp_get_max_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("spec", [
+    NormSpec("layernorm", "fwd", "float32", "float32", 700, bias=True, residual=True),
+    NormSpec("rmsnorm", "fwd", "bfloat16", "bfloat16", 520),
+    NormSpec("layernorm", "bwd", "bfloat16", "float32", 1100, bias=True, residual=True),
+    NormSpec("rmsnorm", "bwd", "float16", "float16", 600, weight=False),
+], ids=lambda s: s.short())
+def test_the_parallel_variant_runs_on_torchs_team_and_matches_the_serial_one_bit_for_bit(backend, spec,
+                                                                                         monkeypatch):
+    """Each GOMP_parallel call of a launch (a forward's rows; a backward's tasks, then its dW/dB column blocks
+    where it has a weight) runs the serial kernel's own code on claimed tasks: without fastmath the values are
+    the serial variant's, bit for bit, for rows that are not a multiple of rows_per_task and strided inputs.
+    (With fastmath each compile may contract and reassociate its own way: a team worker loaded from Numba's
+    cache gave one LayerNorm row's mean one ulp off the serial kernel's; the grid's tolerances cover that.)"""
+    from autonorm.backends.numba_cpu import _TorchTeam
+
+    entry = _torch_team()
+    teams = []
+
+    def recording(worker, words, team, flags):
+        teams.append(team)
+        entry(worker, words, team, flags)
+    monkeypatch.setattr(_TorchTeam, "parallel", recording)
+    kernel = backend.compile(spec, backend.heuristic(spec).replace(rows_per_task=4, fastmath=False))
+    parallel, serial = kernel.variants
+    inputs = verify.make_inputs(spec, 37, strided=True)
+    got, want = parallel(*inputs.args(spec)), serial(*inputs.args(spec))
+    assert teams == [torch.get_num_threads()] * (2 if spec.direction == "bwd" and spec.weight else 1)
+    for a, b in zip(got, want):
+        if b is not None:
+            assert torch.equal(a, b)
+    assert verify.check_kernel(spec, kernel, 37).ok
+
+
 @pytest.mark.slow  # a determinism property over thread counts, not a kernel variant: ~27 s of compiles
 @pytest.mark.parametrize("op", ["rmsnorm", "layernorm"])
 def test_threads_do_not_change_results(backend, op, monkeypatch):
@@ -266,6 +336,7 @@ def test_threads_do_not_change_results(backend, op, monkeypatch):
     pool = numba.config.NUMBA_NUM_THREADS
     if pool < 2:
         pytest.skip("needs a Numba thread pool of 2 or more")
+    _on_numbas_pool(monkeypatch)
     spec = NormSpec(op, "bwd", "bfloat16", "float32", 1000, bias=op == "layernorm", residual=True)
     inputs = verify.make_inputs(spec, 301, strided=True)  # 301 x 1000: the parallel variant runs
     # threads equal to the whole pool is threads=0's launch, so the space leaves it out; on a pool larger than 2,
@@ -329,9 +400,15 @@ def test_second_process_reuses_compile_cache(backend, tmp_path):
         spec = NormSpec("rmsnorm", "fwd", "bfloat16", "float32", 64, offset=True)
         kernel = b.compile(spec, b.heuristic(spec))
         assert verify.check_kernel(spec, kernel, 9).ok
-        stats = [d.stats for d in kernel.dispatchers]  # 9 rows: the serial variant runs
-        print(json.dumps({"hits": sum(sum(s.cache_hits.values()) for s in stats),
-                          "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
+        # 9 rows: the serial variant runs; the team's worker (a cfunc) compiles when its module is imported
+        hits = misses = 0
+        for d in kernel.dispatchers:
+            if hasattr(d, "stats"):
+                hits += sum(d.stats.cache_hits.values())
+                misses += sum(d.stats.cache_misses.values())
+            else:
+                hits += d.cache_hits
+        print(json.dumps({"hits": hits, "misses": misses}))
     """)
     env = dict(os.environ, AUTONORM_CACHE_DIR=str(tmp_path))
 
@@ -435,6 +512,49 @@ def test_forked_child_runs_after_the_parent_used_the_pool(use_backend):
     assert queue.get(timeout=5) < 1e-5
 
 
+def test_where_torch_has_no_openmp_team_the_parallel_variant_runs_on_numbas_pool(backend, monkeypatch):
+    """torch built on its native thread pool (or any runtime not found): the prange kernel, checked like any."""
+    _on_numbas_pool(monkeypatch)
+    spec = NormSpec("layernorm", "bwd", "float32", "float32", 300, bias=True)
+    kernel = backend.compile(spec, backend.heuristic(spec).replace(rows_per_task=4))
+    assert kernel.dispatchers[0].py_func.__name__ == "kernel"  # the prange kernel, not a team worker
+    assert verify.check_kernel(spec, kernel, 37).ok
+
+
+def _team_kernel_in_child(queue, kernel, x, expected):
+    # torch's thread count as the parent left it (2 or more): only the serial variant finishes here. No parallel
+    # torch op at all (the tests' NaN-filled outputs included): torch's own hang in this child.
+    from autonorm.backends.base import poison_outputs
+
+    poison_outputs(False)
+    y = kernel(x, None, None, None, 1e-6, 0.0)[0]
+    queue.put(bool((y.numpy() == expected.numpy()).all()))
+
+
+def test_a_forked_child_runs_serial_after_the_parent_launched_on_torchs_team(backend):
+    """A parallel region in a forked child waits forever for the parent's team threads; a launch there must
+    take the serial variant (same values, bit for bit)."""
+    import multiprocessing
+
+    _torch_team()
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs torch on 2 or more threads")
+    spec = NormSpec("rmsnorm", "fwd", "float32", "float32", 1024, weight=False)
+    kernel = backend.compile(spec, backend.heuristic(spec))
+    x = torch.randn(256, 1024, generator=torch.Generator().manual_seed(1))  # 256K elements: parallel-sized
+    expected = kernel.variants[1](x, None, None, None, 1e-6, 0.0)[0]
+    kernel(x, None, None, None, 1e-6, 0.0)  # the parent's team starts
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_team_kernel_in_child, args=(queue, kernel, x, expected))
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, f"forked child hung or died (exit code {child.exitcode})"
+    assert queue.get(timeout=5)
+
+
 def test_tbb_is_looked_for_in_the_environment_prefix(tmp_path, monkeypatch):
     """pip's `tbb` wheel puts libtbb.so.12 in <prefix>/lib, off the loader's path: the backend loads it
     from there by full path; a missing or broken file there means `workqueue`, never a crash."""
@@ -458,12 +578,16 @@ def test_tbb_is_looked_for_in_the_environment_prefix(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layer", ["workqueue", "default"])
+@pytest.mark.parametrize("layer", ["torch team", "workqueue", "default"])
 def test_concurrent_calls_under_each_threading_layer(tmp_path, layer):
-    """Threads calling parallel-sized norms at once: correct, and no abort under `workqueue`."""
+    """Threads calling parallel-sized norms at once: correct on torch's OpenMP team (each calling thread
+    leads a team of its own), and no abort under Numba's `workqueue`."""
     script = textwrap.dedent("""
         import threading, numba, torch, autonorm
         import torch.nn.functional as F
+        from autonorm.backends import numba_cpu
+        if NUMBAS_POOL:
+            numba_cpu._TorchTeam.looked = True  # as where torch runs on no OpenMP: Numba's pool
         x = torch.randn(64, 4096)
         expected = F.rms_norm(x, (4096,))
         errors = []
@@ -474,12 +598,16 @@ def test_concurrent_calls_under_each_threading_layer(tmp_path, layer):
         for t in threads: t.start()
         for t in threads: t.join()
         assert len(errors) == 80 and max(errors) < 1e-5, max(errors)
-        print(numba.threading_layer())
-    """)
+        print(numba_cpu.parallel_pool())
+    """).replace("NUMBAS_POOL", str(layer != "torch team"))
     env = dict(os.environ, AUTONORM_BACKEND=BACKEND)
-    if layer != "default":
+    if layer == "torch team" and "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not run on OpenMP here")
+    if layer in ("workqueue", "tbb"):
         env["NUMBA_THREADING_LAYER"] = layer
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    # left to autonorm, the layer is never GNU OpenMP (it makes forked children abort or hang)
-    assert out.stdout.strip().splitlines()[-1] in ({layer} if layer != "default" else {"tbb", "workqueue"})
+    # left to autonorm, Numba's layer is never GNU OpenMP (it makes forked children abort or hang)
+    expected = {"default": {"numba tbb", "numba workqueue"}, "workqueue": {"numba workqueue"},
+                "torch team": {"torch OpenMP team"}}[layer]
+    assert out.stdout.strip().splitlines()[-1] in expected
