@@ -82,11 +82,14 @@ class NumbaCpuConfig(Config):
     @classmethod
     def heuristic(cls, spec: NormSpec) -> "NumbaCpuConfig":
         # fastmath with vector_width=1: reassociation lets LLVM vectorize the plain reduction loops, which
-        # beat hand-unrolled lanes and strict order alike; rows_per_task matters little, and ~32 KiB of
-        # input per task keeps tasks coarse (measurements: docs/benchmarks/cpu-numba.md, "Constants").
+        # beat hand-unrolled lanes and strict order alike (docs/benchmarks/cpu-numba.md, "Constants").
+        # Tasks of ~256 KiB of input: each is a call of the serial kernel on a thread of torch's team. At 1024
+        # rows on 2 cores this size was within 5% of the best rows_per_task in 15 of the 16 specs of the budget
+        # evidence's grid (at most 1.09), where ~32 KiB (what suited Numba's pool) left the forwards 1.04 to 1.28
+        # times the best (docs/benchmarks/cpu-numba.md, `scripts/rows_per_task.py`).
         row_bytes = spec.hidden * spec.x_itemsize
         rpt = 1
-        while rpt < 256 and rpt * row_bytes < 32 * 1024:
+        while rpt < 256 and rpt * row_bytes < 256 * 1024:
             rpt *= 2
         if spec.direction == "bwd" and spec.weight:
             # one fp32 dW (dB) partial row per task, zeroed, updated per row and summed at the end:

@@ -3,9 +3,12 @@
     python scripts/torch_context.py                       # 4096-wide LayerNorm fp32 forward, 1024 rows
     python scripts/torch_context.py --op rmsnorm --dtype bfloat16 --hidden 1024
 
+    python scripts/torch_context.py --pool numba          # the parallel kernel on Numba's pool instead
+
 After each op, torch's OpenMP threads spin for a while (libgomp's default wait policy) on the cores that
-Numba's thread pool then wants, so a parallel numba-cpu kernel that follows a torch op is slower than the
-same kernel timed back to back with itself. `autonorm.measure.CpuTimer` times every call after a torch op
+another thread pool then wants, so a parallel numba-cpu kernel on Numba's pool that follows a torch op is
+slower than the same kernel timed back to back with itself; on torch's own team (where torch runs on GNU
+OpenMP, the default) it is not. `autonorm.measure.CpuTimer` times every call after a torch op
 (`AfterTorchOp`); this script shows what that changes: each kernel timed both ways, in interleaved rounds
 (the two protocols alternate, so drift hits both), with the median of each.
 """
@@ -41,7 +44,14 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--pool", default="default", choices=("default", "numba"),
+                   help="where the parallel kernel runs: as autonorm chooses, or on Numba's pool")
     args = p.parse_args(argv)
+    if args.pool == "numba":
+        from autonorm.backends.numba_cpu import _TorchTeam
+
+        _TorchTeam.looked = True  # as where torch has no OpenMP team: Numba's pool
+    from autonorm.backends.numba_cpu import parallel_pool
     spec = NormSpec(args.op, args.direction, args.dtype, args.dtype, args.hidden,
                     bias=args.op == "layernorm")
     timers = {"alone": CpuTimer(context=lambda: None), "after a torch op": CpuTimer()}
@@ -53,7 +63,8 @@ def main(argv=None) -> int:
             for name, kernel in ks.items():
                 medians[name, how].append(timer.measure(spec, kernel, args.rows).median_us)
     print(f"{spec.short()} rows={args.rows}; {started:%Y-%m-%d %H:%M} UTC; load {os.getloadavg()[0]:.2f}; "
-          f"torch {torch.__version__} on {torch.get_num_threads()} threads; python {sys.version.split()[0]}")
+          f"torch {torch.__version__} on {torch.get_num_threads()} threads; python {sys.version.split()[0]}; "
+          f"parallel kernels on {parallel_pool()}")
     print(f"{'kernel':<60} {'alone us':>10} {'after torch us':>15} {'ratio':>6}")
     for name in ks:
         alone, after = (statistics.median(medians[name, how]) for how in timers)

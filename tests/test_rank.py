@@ -60,8 +60,8 @@ def test_a_knob_the_other_knobs_pin_counts_no_steps_from_the_heuristic(cpu_space
     assert heuristic.threads == 0 and heuristic.rows_per_task != SERIAL_ROWS_PER_TASK
     assert cpu_space.named(serial.key) is not None
     assert rank.heuristic_distance(cpu_space, serial, heuristic) == 1
-    parallel = Candidate("numba-cpu", type(heuristic)(rows_per_task=SERIAL_ROWS_PER_TASK, vector_width=1, threads=0,
-                                                      fastmath=True))
+    parallel = Candidate("numba-cpu", type(heuristic)(rows_per_task=heuristic.rows_per_task // 4, vector_width=1,
+                                                      threads=0, fastmath=True))
     assert rank.heuristic_distance(cpu_space, parallel, heuristic) > 1  # a parallel launch's rows_per_task counts
     chosen, _ = rank.first_to_time(cpu_space, 1024, rank.DeviceFacts("cpu", workers=2, copy_gbps=20.0),
                                    _heuristic_seeds(cpu_space))
