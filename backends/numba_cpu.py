@@ -85,7 +85,7 @@ class NumbaCpuConfig(Config):
         # beat hand-unrolled lanes and strict order alike (docs/benchmarks/cpu-numba.md, "Constants").
         # Tasks of ~256 KiB of input: each is a call of the serial kernel on a thread of torch's team. At 1024
         # rows on 2 cores this size was within 5% of the best rows_per_task in 15 of the 16 specs of the budget
-        # evidence's grid (at most 1.09), where ~32 KiB (what suited Numba's pool) left the forwards 1.04 to 1.28
+        # evidence's grid (at most 1.09), where ~32 KiB (what suited Numba's pool) left the forwards 1.06 to 1.28
         # times the best (docs/benchmarks/cpu-numba.md, `scripts/rows_per_task.py`).
         row_bytes = spec.hidden * spec.x_itemsize
         rpt = 1

@@ -167,8 +167,10 @@ def first_to_time(space: SearchSpace, rows: int, facts: DeviceFacts, seeds: list
 
     First every candidate that shares a seed's compiled source (no compile to pay), then RANKED more, each
     list in the order of its device: on a CPU the distance from the heuristic, since the model ranked worse
-    than it there (mean Spearman's rho -0.03 to +0.03 against +0.26 to +0.32 over 16 specs in five exhaustive
-    runs on a quiet VM: docs/benchmarks/budget-vs-exhaustive.md); on a GPU, where it is unmeasured, the model."""
+    than it there while numba-cpu's parallel kernels ran on Numba's pool (mean Spearman's rho -0.03 to +0.03
+    against +0.26 to +0.32 over 16 specs in five exhaustive runs on a quiet VM); on torch's OpenMP team it ranks
+    better (+0.53 and +0.54 against +0.36 and +0.24, two runs), and whether its order finds the best sooner there
+    is not measured yet (docs/benchmarks/budget-vs-exhaustive.md). On a GPU, where it is unmeasured, the model."""
     if facts.kind == "cpu":
         order, name = nearest_to_heuristics(space), "near the heuristic"
     else:
