@@ -455,14 +455,21 @@ class NumbaCpuBackend(Backend):
         return f"numba_cpu/{spec.direction}.py.j2"
 
     def seed_configs(self, spec):
-        """The heuristic and its launch on one thread: one source, so the second costs a timing, not a compile.
-        Whether more threads pay depends on the machine more than on the shape: after a torch op, as a norm runs
-        in a torch program, the serial launch won every numba-cpu study of a 16-study grid at 1024 rows on 2 cores
-        when the parallel kernels ran on Numba's pool (docs/benchmarks/cpu-numba.md); a budget that times a
-        study's seeds alone still asks it."""
+        """The heuristic and a second launch of its source (a timing, not a compile), where the best launches were.
+
+        - On torch's OpenMP team: the fewest tasks (256 rows each). At 1024 rows on 2 cores, after a torch op, that
+          launch was within 1.4% of the best rows_per_task in 13 of 16 specs, and 2-thread launches with 64 to 256
+          rows a task won most studies of two exhaustive runs, while the serial launch ran 1.2 to 2.3 times the best
+          (docs/benchmarks/cpu-numba.md, docs/benchmarks/budget-vs-exhaustive.md).
+        - On Numba's pool: the launch on one thread. After a torch op the serial launch won every numba-cpu study
+          of that grid on 2 cores (docs/benchmarks/cpu-numba.md).
+        A budget that times a study's seeds alone still asks the question."""
         heuristic = self.heuristic(spec)
         serial = dataclasses.replace(heuristic, threads=1, rows_per_task=SERIAL_ROWS_PER_TASK)
-        return [heuristic] if NumbaCpuConfig.is_valid(spec, serial) else [heuristic, serial]
+        fewest_tasks = dataclasses.replace(heuristic, rows_per_task=SERIAL_ROWS_PER_TASK)
+        seconds = ([fewest_tasks] if _on_team(heuristic) else []) + [serial]
+        second = next((c for c in seconds if c != heuristic and not NumbaCpuConfig.is_valid(spec, c)), None)
+        return [heuristic] if second is None else [heuristic, second]
 
     def build(self, source, spec, config, device):
         # The file is never rewritten: Numba's cache index is keyed by the file's mtime and size.

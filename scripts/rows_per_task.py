@@ -5,7 +5,7 @@
 
 A task is the unit a thread claims (a call of the serial kernel on its rows, on torch's OpenMP team), and a
 backward task also zeroes, fills and sums one fp32 dW (dB) partial row: rows_per_task trades the per-task cost
-against the balance of the threads' last tasks. numba-cpu's heuristic and its serial seed (`Backend.seed_configs`)
+against the balance of the threads' last tasks. numba-cpu's heuristic and its second seed (`Backend.seed_configs`)
 take their rows per task from these figures. Every launch of a spec shares one compiled source, and the CPU timer
 (`autonorm.measure.CpuTimer`, every call after a torch op) times them interleaved, in rounds; each cell is the median
 of the rounds' medians over the spec's best.

@@ -111,19 +111,29 @@ def test_a_budgeted_study_is_seeded_with_the_shared_source_candidates_then_the_r
     assert {s.source for s in chosen[2:]} == {"near the heuristic"}
 
 
-def test_numba_cpu_seeds_its_heuristic_and_that_launch_on_one_thread(cpu_space):
-    from autonorm.tune.run import _seeds
-    from backends.numba_cpu import SERIAL_ROWS_PER_TASK, NumbaCpuBackend
+@pytest.mark.parametrize("pool", ["torch team", "numba"])
+def test_numba_cpu_seeds_its_heuristic_and_a_second_launch_of_its_source(cpu_space, pool, monkeypatch):
+    """On torch's OpenMP team the second seed is the heuristic with the fewest tasks; on Numba's pool, the heuristic
+    on one thread. Either is a timing, not a compile."""
+    from backends.numba_cpu import SERIAL_ROWS_PER_TASK, NumbaCpuBackend, _TorchTeam
 
+    if pool == "numba":
+        monkeypatch.setattr(_TorchTeam, "looked", True)
+        monkeypatch.setattr(_TorchTeam, "parallel", None)
+    elif _TorchTeam.entry() is None:
+        pytest.skip("torch does not run on GNU OpenMP here")
     backend = NumbaCpuBackend()
     for spec in (cpu_space.spec, NormSpec("layernorm", "bwd", "float32", "float32", 4096, bias=True)):
-        heuristic, serial = backend.seed_configs(spec)
-        assert heuristic == backend.heuristic(spec) and heuristic.threads == 0 and serial.threads == 1
-        assert (serial.vector_width, serial.fastmath) == (heuristic.vector_width, heuristic.fastmath)
-        # one task's worth of rows at a time: a backward's fewest dW partials
-        assert serial.rows_per_task == SERIAL_ROWS_PER_TASK
-        assert backend.render(spec, serial).sha256 == backend.render(spec, heuristic).sha256  # a timing, no compile
+        heuristic, second = backend.seed_configs(spec)
+        assert heuristic == backend.heuristic(spec) and heuristic.threads == 0
+        assert second.threads == (0 if pool == "torch team" else 1)
+        assert (second.vector_width, second.fastmath) == (heuristic.vector_width, heuristic.fastmath)
+        # the fewest tasks: on one thread a backward's fewest dW partials, on the team the fewest serial calls
+        assert second.rows_per_task == SERIAL_ROWS_PER_TASK != heuristic.rows_per_task
+        assert backend.render(spec, second).sha256 == backend.render(spec, heuristic).sha256  # a timing, no compile
+    from autonorm.tune.run import _seeds
+
     seeds = [s.candidate for s in _seeds(cpu_space.spec, 1024, cpu_space, None, [])]
     # every backend's heuristic first: a study cut to its first batch of two has timed torch eager
     assert [(c.backend, getattr(c.config, "threads", None)) for c in seeds] == [("numba-cpu", 0), ("torch", None),
-                                                                               ("numba-cpu", 1)]
+                                                                               ("numba-cpu", second.threads)]
